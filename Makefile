@@ -1,0 +1,27 @@
+# The two commands a new user runs: `make demo` (only Python needed) and `make test` (the stack).
+.PHONY: venv demo stack test lint clean
+
+VENV := .venv
+BIN := $(VENV)/bin
+
+venv:
+	scripts/stack install-python
+
+demo: venv
+	$(BIN)/lethe demo
+
+stack:
+	scripts/stack install
+	scripts/stack up
+
+test: stack
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+clean:
+	scripts/stack down
+	rm -rf .stack .lethe

@@ -1,0 +1,1 @@
+"""Classification: the category taxonomy, the data map and regional routing."""

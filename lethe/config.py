@@ -1,0 +1,151 @@
+"""Lethe's settings, read from `LETHE_*` environment variables and validated once at start."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from lethe.errors import ConfigurationError
+
+ENV_PREFIX = "LETHE_"
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+_KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+CODEC_KEY_BYTES = 32
+
+HostPort = Annotated[str, Field(pattern=_HOST_PORT.pattern)]
+
+
+class Settings(BaseSettings):
+    """Everything Lethe reads from its environment. Secrets stay `SecretStr` and never print."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    temporal_address: HostPort = "127.0.0.1:7233"
+    temporal_namespace: str = Field(default="default", min_length=1)
+    temporal_tls: bool = False
+    temporal_tls_server_ca: Path | None = None
+    temporal_tls_client_cert: Path | None = None
+    temporal_tls_client_key: Path | None = None
+
+    store_url: SecretStr = SecretStr("sqlite+aiosqlite:///.lethe/lethe.db")
+    """SQLAlchemy URL of Lethe's own store (ledger, holds, forget-list)."""
+
+    codec_keys: SecretStr | None = None
+    """The payload codec's key ring: `id:base64key[,id:base64key...]`, 32-byte AES-256 keys."""
+    codec_key_id: str | None = None
+    """Which key of the ring encrypts new payloads; the first one when unset."""
+
+    metrics_bind: HostPort | None = None
+    """Where a worker serves Prometheus metrics, e.g. `127.0.0.1:9464`; off when unset."""
+    worker_shutdown_grace_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url_parses(cls, value: SecretStr) -> SecretStr:
+        try:
+            make_url(value.get_secret_value())
+        except ArgumentError:
+            raise ValueError("is not a SQLAlchemy database URL") from None
+        return value
+
+    @field_validator(
+        "temporal_tls_server_ca", "temporal_tls_client_cert", "temporal_tls_client_key"
+    )
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
+    @field_validator("codec_keys")
+    @classmethod
+    def _codec_keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_key_ring(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.temporal_tls_client_cert is None) != (self.temporal_tls_client_key is None):
+            raise ValueError(
+                "LETHE_TEMPORAL_TLS_CLIENT_CERT and LETHE_TEMPORAL_TLS_CLIENT_KEY go together"
+            )
+        if self.codec_key_id is not None and self.codec_key_id not in self.key_ring:
+            raise ValueError(f"LETHE_CODEC_KEY_ID {self.codec_key_id!r} is not in LETHE_CODEC_KEYS")
+        return self
+
+    @cached_property
+    def key_ring(self) -> dict[str, bytes]:
+        """The codec's keys by id, in the order given."""
+        if self.codec_keys is None:
+            return {}
+        return parse_key_ring(self.codec_keys.get_secret_value())
+
+    @property
+    def current_codec_key_id(self) -> str:
+        """The id of the key that encrypts new payloads."""
+        if not self.key_ring:
+            raise ConfigurationError(
+                "LETHE_CODEC_KEYS is not set: Lethe encrypts every workflow payload. "
+                "Create a key with `lethe codec new-key` and export what it prints."
+            )
+        return self.codec_key_id or next(iter(self.key_ring))
+
+
+def parse_key_ring(text: str) -> dict[str, bytes]:
+    """Parse `id:base64key,...` into keys by id; errors name the entry, never the key."""
+    ring: dict[str, bytes] = {}
+    for position, entry in enumerate(filter(None, (e.strip() for e in text.split(","))), 1):
+        key_id, sep, encoded = entry.partition(":")
+        if not sep or not _KEY_ID.fullmatch(key_id):
+            raise ValueError(f"entry {position} is not `id:base64key` with a plain id")
+        try:
+            key = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise ValueError(f"key {key_id!r} is not valid base64") from None
+        if len(key) != CODEC_KEY_BYTES:
+            raise ValueError(f"key {key_id!r} must be {CODEC_KEY_BYTES} bytes, not {len(key)}")
+        if key_id in ring:
+            raise ValueError(f"key id {key_id!r} appears twice")
+        ring[key_id] = key
+    if not ring:
+        raise ValueError("holds no key")
+    return ring
+
+
+def load_settings() -> Settings:
+    """Read the settings, or raise ConfigurationError naming each bad setting (never its value)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}")
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
+
+
+def connection(env_name: str) -> SecretStr:
+    """The connection string held by the environment variable a data map names."""
+    if not _ENV_NAME.fullmatch(env_name):
+        raise ConfigurationError(
+            "a connection must be the name of an environment variable (e.g. PATIENTS_DB_URL) "
+            "that holds it, never the connection string itself"
+        )
+    value = os.environ.get(env_name)
+    if not value:
+        raise ConfigurationError(f"environment variable {env_name} is not set")
+    return SecretStr(value)

@@ -1,0 +1,1 @@
+"""Policies: retention and erasure rules, and the engine that applies them."""

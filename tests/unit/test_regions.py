@@ -1,0 +1,19 @@
+"""Region names and task queues."""
+
+from __future__ import annotations
+
+import pytest
+
+from lethe.errors import UnknownRegion
+from lethe.regions import task_queue
+
+
+@pytest.mark.parametrize("region", ["eu", "us-east", "a", "apac2"])
+def test_task_queue_is_lethe_dash_region(region: str) -> None:
+    assert task_queue(region) == f"lethe-{region}"
+
+
+@pytest.mark.parametrize("region", ["", "EU", "eu!", "-eu", "eu-", "1eu", "x" * 40, "eu west"])
+def test_malformed_regions_are_refused(region: str) -> None:
+    with pytest.raises(UnknownRegion, match="not a valid region name"):
+        task_queue(region)
