@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     codec_key_id: str | None = None
     """Which key of the ring encrypts new payloads; the first one when unset."""
 
+    subject_key: SecretStr | None = None
+    """Base64 of the 32-byte HMAC key that turns (tenant, subject id) into a subject reference."""
+
+    datamap: Path | None = None
+    """The data map (YAML): which systems hold personal data and where."""
+    policy: Path | None = None
+    """The policy pack (YAML): retention and erasure rules."""
+
     metrics_bind: HostPort | None = None
     """Where a worker serves Prometheus metrics, e.g. `127.0.0.1:9464`; off when unset."""
     worker_shutdown_grace_seconds: float = Field(default=30.0, gt=0)
@@ -75,6 +83,20 @@ class Settings(BaseSettings):
             parse_key_ring(value.get_secret_value())
         return value
 
+    @field_validator("subject_key")
+    @classmethod
+    def _subject_key_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _decode_key(value.get_secret_value(), "the key")
+        return value
+
+    @field_validator("datamap", "policy")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
     @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:
         if (self.temporal_tls_client_cert is None) != (self.temporal_tls_client_key is None):
@@ -91,6 +113,17 @@ class Settings(BaseSettings):
         if self.codec_keys is None:
             return {}
         return parse_key_ring(self.codec_keys.get_secret_value())
+
+    @property
+    def subject_key_bytes(self) -> bytes:
+        """The HMAC key for subject references."""
+        if self.subject_key is None:
+            raise ConfigurationError(
+                "LETHE_SUBJECT_KEY is not set: Lethe needs it to make subject references. "
+                "Create one with `lethe codec new-key` (any 32 random bytes, base64) and keep it: "
+                "changing it changes every subject reference."
+            )
+        return _decode_key(self.subject_key.get_secret_value(), "the key")
 
     @property
     def current_codec_key_id(self) -> str:
@@ -110,18 +143,23 @@ def parse_key_ring(text: str) -> dict[str, bytes]:
         key_id, sep, encoded = entry.partition(":")
         if not sep or not _KEY_ID.fullmatch(key_id):
             raise ValueError(f"entry {position} is not `id:base64key` with a plain id")
-        try:
-            key = base64.b64decode(encoded, validate=True)
-        except binascii.Error:
-            raise ValueError(f"key {key_id!r} is not valid base64") from None
-        if len(key) != CODEC_KEY_BYTES:
-            raise ValueError(f"key {key_id!r} must be {CODEC_KEY_BYTES} bytes, not {len(key)}")
+        key = _decode_key(encoded, f"key {key_id!r}")
         if key_id in ring:
             raise ValueError(f"key id {key_id!r} appears twice")
         ring[key_id] = key
     if not ring:
         raise ValueError("holds no key")
     return ring
+
+
+def _decode_key(encoded: str, what: str) -> bytes:
+    try:
+        key = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        raise ValueError(f"{what} is not valid base64") from None
+    if len(key) != CODEC_KEY_BYTES:
+        raise ValueError(f"{what} must be {CODEC_KEY_BYTES} bytes, not {len(key)}")
+    return key
 
 
 def load_settings() -> Settings:

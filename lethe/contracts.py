@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from classification.datamap import (
+    BlobBackupLocator,
+    KafkaTopicLocator,
+    LogLocator,
+    RedisLocator,
+    SqlTableLocator,
+    SystemKind,
+)
 
 
 class Contract(BaseModel):
@@ -26,3 +37,109 @@ class HealthCheckReport(Contract):
     task_queue: str
     worker_identity: str
     answered_at: datetime
+
+
+# --- erasure ---------------------------------------------------------------------------------
+
+Action = Literal[
+    "delete", "soft_delete", "anonymize", "tombstone", "purge", "redact", "retain", "shred"
+]
+"""What a step does to the subject's data in one locator."""
+Phase = Literal["immediate", "deferred"]
+StepStatus = Literal[
+    "planned", "held", "running", "done", "pending_compaction", "at_risk", "retained", "failed"
+]
+"""`done` only when erased and verified; `pending_compaction` and `at_risk` are Kafka's honest
+answers when the topic's settings delay or cannot guarantee removal."""
+
+Locator = SqlTableLocator | KafkaTopicLocator | RedisLocator | BlobBackupLocator | LogLocator
+
+
+class Subject(Contract):
+    """The person to erase. Their id and identities never print (repr) and never leave payloads."""
+
+    tenant: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    subject_id: str = Field(min_length=1, max_length=256, repr=False)
+    identities: dict[str, str] = Field(default_factory=dict, repr=False)
+    """Other identifiers by name (`email`, `mrn`, ...), for locators that need them."""
+
+    @field_validator("identities")
+    @classmethod
+    def _identity_names(cls, identities: dict[str, str]) -> dict[str, str]:
+        for name, value in identities.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", name):
+                raise ValueError(
+                    f"identity name {name[:40]!r} must be lower-case letters, digits, _"
+                )
+            if not value or len(value) > 512:
+                raise ValueError(f"identity {name!r} must be 1 to 512 characters")
+        return identities
+
+    def template_values(self, subject_ref: str) -> dict[str, str]:
+        """What a locator template may use: subject id, tenant, reference and identities."""
+        values = {"subject_id": self.subject_id, "tenant": self.tenant, "subject_ref": subject_ref}
+        values.update({f"identity.{name}": value for name, value in self.identities.items()})
+        return values
+
+
+class Decision(Contract):
+    """Why a step does what it does: the rule that decided, on which category, and its law."""
+
+    rule: str
+    category: str | None = None
+    strategy: str
+    citation: str
+    exception: str | None = None
+    """For `retain`: the GDPR Art. 17(3) exception (or other law) that allows keeping the data."""
+
+
+class Step(Contract):
+    """One locator of one system and what erasure does there."""
+
+    id: str
+    """`<system>/<locator index>`, stable within a plan."""
+    system: str
+    kind: SystemKind
+    region: str
+    connection: str
+    """The name of the environment variable holding the system's connection."""
+    locator: Locator
+    action: Action
+    phase: Phase
+    keep_columns: list[str] = []
+    """SQL: personal columns a `retain` decision keeps while the rest are cleared."""
+    decisions: list[Decision]
+
+
+class StepRequest(Contract):
+    """An erase or verify call for one step, as a region's worker receives it."""
+
+    request_id: str
+    subject_ref: str
+    subject: Subject
+    step: Step
+    erasure_started_at: datetime
+    """When the erasure began: backups taken before it must be gone by the end of the window."""
+    window_ends_at: datetime
+    """The end of the erasure window: deferred deletions and compaction must finish by then."""
+
+
+class StepOutcome(Contract):
+    """What an erase or verify call found and did; evidence holds no personal data."""
+
+    step_id: str
+    status: StepStatus
+    affected: int = 0
+    """Rows, keys, tombstones, blobs or log records touched."""
+    verified: bool = False
+    evidence: dict[str, str | int | float | bool | None] = {}
+    detail: str = ""
+    gone_by: datetime | None = None
+    """When the data is provably gone, where that is later than now (Kafka compaction)."""
+
+
+class VerifyRequest(Contract):
+    """A verify call: the step as planned and what its erase call reported."""
+
+    request: StepRequest
+    erased: StepOutcome

@@ -1,0 +1,52 @@
+"""What every connector activity shares: the worker's region check, connections, typed errors."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from temporalio import activity
+
+from lethe.config import connection
+from lethe.contracts import StepRequest
+from lethe.errors import LetheError
+from lethe.regions import TASK_QUEUE_PREFIX
+
+T = TypeVar("T")
+
+
+class WrongRegion(LetheError):
+    """A worker was asked to touch a system outside its region."""
+
+
+class SchemaMismatch(LetheError):
+    """The data map names a table, column, topic or container that the live system lacks."""
+
+
+def worker_region() -> str:
+    """The region this activity's worker serves, from its task queue `lethe-<region>`."""
+    return activity.info().task_queue.removeprefix(TASK_QUEUE_PREFIX)
+
+
+def check_region(request: StepRequest) -> None:
+    """Refuse a step whose system lives in another region than this worker's."""
+    region = worker_region()
+    if request.step.region != region:
+        raise WrongRegion(
+            f"system {request.step.system!r} is in region {request.step.region!r}; "
+            f"this worker serves {region!r} and holds no credentials for it"
+        )
+
+
+def step_connection(request: StepRequest) -> str:
+    """The connection string of the step's system, read from the variable the data map names."""
+    return connection(request.step.connection).get_secret_value()
+
+
+async def guarded(request: StepRequest, work: Callable[[], Awaitable[T]]) -> T:
+    """Run a connector call for a step: region checked first, Lethe errors typed for Temporal."""
+    try:
+        check_region(request)
+        return await work()
+    except LetheError as exc:
+        raise exc.to_application_error() from None

@@ -1,0 +1,327 @@
+"""The data map: which systems hold personal data, in which region, and where inside them.
+
+A YAML file, validated by pydantic. Connections are given by the *name* of an environment
+variable, never the secret. Locators use templates such as `patient:{subject_id}` whose
+placeholders are `{subject_id}`, `{tenant}`, `{subject_ref}` and `{identity.NAME}`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from classification.taxonomy import UnknownCategory, category
+from lethe.errors import LetheError
+from lethe.regions import validate_region
+from lethe.yamlfile import load_model
+
+SQL_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+SQL_TABLE = r"^([A-Za-z_][A-Za-z0-9_]{0,62}\.)?[A-Za-z_][A-Za-z0-9_]{0,62}$"
+ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_PLACEHOLDER_NAME = re.compile(r"^(subject_id|tenant|subject_ref|identity\.[a-z][a-z0-9_]*)$")
+
+SqlName = Annotated[str, Field(pattern=SQL_NAME)]
+SqlTable = Annotated[str, Field(pattern=SQL_TABLE)]
+Region = Annotated[str, Field(min_length=1)]
+
+
+class MapModel(BaseModel):
+    """Base of data-map models: immutable, unknown keys are an error (typos do not pass)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def template_fields(template: str) -> list[str]:
+    """The placeholders of a locator template, validated."""
+    names = _PLACEHOLDER.findall(template)
+    for name in names:
+        if not _PLACEHOLDER_NAME.fullmatch(name):
+            raise ValueError(
+                f"placeholder {{{name}}} is unknown: use {{subject_id}}, {{tenant}}, "
+                "{subject_ref} or {identity.NAME}"
+            )
+    return names
+
+
+def _checked_template(template: str) -> str:
+    if not template_fields(template):
+        raise ValueError("template has no placeholder, so it would match every subject")
+    return template
+
+
+def _checked_categories(keys: list[str]) -> list[str]:
+    for key in keys:
+        try:
+            category(key)
+        except UnknownCategory as exc:
+            raise ValueError(str(exc)) from None
+    return keys
+
+
+def _checked_container(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", name) or "--" in name:
+        raise ValueError(
+            f"{name[:70]!r} is not a blob container name: 3-63 lower-case letters, digits and "
+            "single dashes, starting and ending with a letter or digit"
+        )
+    return name
+
+
+ContainerName = Annotated[str, AfterValidator(_checked_container)]
+Strategy = Literal["delete", "soft_delete", "anonymize", "tombstone", "purge", "retain", "shred"]
+
+
+class SqlJoin(MapModel):
+    """One hop of a join path: `column` of this table references `references` of `table`."""
+
+    column: SqlName
+    table: SqlTable
+    references: SqlName
+
+
+class SqlTableLocator(MapModel):
+    """A table holding personal data, found by the subject column (directly or through joins)."""
+
+    table: SqlTable
+    subject_column: SqlName
+    """The column holding the subject id: on this table, or on the last table of `via`."""
+    via: list[SqlJoin] = []
+    soft_delete_column: SqlName | None = None
+    columns: dict[SqlName, str] = Field(min_length=1)
+    """Personal columns and the category of each."""
+    strategy: Strategy | None = None
+    """Overrides what the policy decides for this table."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_categories(cls, columns: dict[str, str]) -> dict[str, str]:
+        _checked_categories(list(columns.values()))
+        return columns
+
+    @property
+    def categories(self) -> list[str]:
+        """The categories of the table's personal columns."""
+        return sorted(set(self.columns.values()))
+
+
+class SqlSystem(MapModel):
+    """A relational database (PostgreSQL or SQLite through SQLAlchemy)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    kind: Literal["sql"]
+    region: Region
+    connection: str = Field(pattern=ENV_NAME)
+    tables: list[SqlTableLocator] = Field(min_length=1)
+
+
+class KafkaTopicLocator(MapModel):
+    """A topic keyed by subject: erasure writes a tombstone for the rendered key."""
+
+    topic: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    key_template: str
+    categories: list[str] = Field(min_length=1)
+
+    _template = field_validator("key_template")(_checked_template)
+    _categories = field_validator("categories")(_checked_categories)
+
+
+class KafkaSystem(MapModel):
+    """An Apache Kafka cluster; `connection` names the variable holding bootstrap servers."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    kind: Literal["kafka"]
+    region: Region
+    connection: str = Field(pattern=ENV_NAME)
+    topics: list[KafkaTopicLocator] = Field(min_length=1)
+
+
+class RedisHashField(MapModel):
+    """A field of a shared hash that belongs to the subject."""
+
+    key: str
+    field: str
+
+    _field = field_validator("field")(_checked_template)
+
+
+class RedisLocator(MapModel):
+    """Keys (glob patterns after rendering) and hash fields holding the subject's data."""
+
+    patterns: list[str] = []
+    hash_fields: list[RedisHashField] = []
+    categories: list[str] = Field(min_length=1)
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        return [_checked_template(p) for p in patterns]
+
+    _categories = field_validator("categories")(_checked_categories)
+
+    @model_validator(mode="after")
+    def _something_to_purge(self) -> RedisLocator:
+        if not self.patterns and not self.hash_fields:
+            raise ValueError("give patterns, hash_fields or both")
+        return self
+
+
+class RedisSystem(MapModel):
+    """A Redis cache."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    kind: Literal["redis"]
+    region: Region
+    connection: str = Field(pattern=ENV_NAME)
+    keys: list[RedisLocator] = Field(min_length=1)
+
+
+class BlobBackupLocator(MapModel):
+    """Backups in a blob container.
+
+    Per-subject blobs are found by an index tag holding the subject reference, or by a prefix
+    template; whole-database backups by a prefix, dated by their creation time.
+    """
+
+    container: ContainerName
+    subject_tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/=+-]{1,128}$")
+    subject_prefix: str | None = None
+    whole_backup_prefix: str | None = None
+    categories: list[str] = Field(min_length=1)
+
+    _prefix = field_validator("subject_prefix")(
+        lambda v: _checked_template(v) if v is not None else v
+    )
+    _categories = field_validator("categories")(_checked_categories)
+
+    @model_validator(mode="after")
+    def _something_to_find(self) -> BlobBackupLocator:
+        if not (self.subject_tag or self.subject_prefix or self.whole_backup_prefix):
+            raise ValueError("give subject_tag, subject_prefix or whole_backup_prefix")
+        return self
+
+
+class BlobSystem(MapModel):
+    """An Azure Blob Storage account holding backups."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    kind: Literal["blob"]
+    region: Region
+    connection: str = Field(pattern=ENV_NAME)
+    backups: list[BlobBackupLocator] = Field(min_length=1)
+
+
+class LogLocator(MapModel):
+    """JSON-lines log blobs; a record is the subject's if one of `fields` holds their value."""
+
+    container: ContainerName
+    prefix: str = ""
+    fields: dict[str, str] = Field(min_length=1)
+    """Log field -> the subject value it carries: `subject_id` or `identity.NAME`."""
+    categories: list[str] = Field(min_length=1)
+
+    @field_validator("fields")
+    @classmethod
+    def _field_sources(cls, fields: dict[str, str]) -> dict[str, str]:
+        for source in fields.values():
+            if not re.fullmatch(r"subject_id|identity\.[a-z][a-z0-9_]*", source):
+                raise ValueError(f"{source!r} must be subject_id or identity.NAME")
+        return fields
+
+    _categories = field_validator("categories")(_checked_categories)
+
+
+class LogsSystem(MapModel):
+    """Application logs kept as JSON-lines blobs in Azure Blob Storage."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    kind: Literal["logs"]
+    region: Region
+    connection: str = Field(pattern=ENV_NAME)
+    logs: list[LogLocator] = Field(min_length=1)
+
+
+System = Annotated[
+    SqlSystem | KafkaSystem | RedisSystem | BlobSystem | LogsSystem, Field(discriminator="kind")
+]
+SystemKind = Literal["sql", "kafka", "redis", "blob", "logs"]
+
+
+class Tenant(MapModel):
+    """A tenant (an organisation) and the region its subjects' data belongs to."""
+
+    region: Region
+
+
+class DataMap(MapModel):
+    """The inventory of systems and where personal data lives in them."""
+
+    version: Literal[1] = 1
+    regions: list[str] = Field(min_length=1)
+    tenants: dict[str, Tenant] = Field(min_length=1)
+    systems: list[System] = Field(min_length=1)
+
+    @field_validator("regions")
+    @classmethod
+    def _valid_regions(cls, regions: list[str]) -> list[str]:
+        for region in regions:
+            validate_region(region)
+        if len(set(regions)) != len(regions):
+            raise ValueError("a region is listed twice")
+        return regions
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> DataMap:
+        names = [s.name for s in self.systems]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"system names must be unique; repeated: {', '.join(duplicates)}")
+        for system in self.systems:
+            if system.region not in self.regions:
+                raise ValueError(
+                    f"system {system.name!r} is in region {system.region!r}, "
+                    f"which is not one of the regions {self.regions}"
+                )
+        for name, tenant in self.tenants.items():
+            if tenant.region not in self.regions:
+                raise ValueError(
+                    f"tenant {name!r} is in region {tenant.region!r}, "
+                    f"which is not one of the regions {self.regions}"
+                )
+        return self
+
+    def system(self, name: str) -> System:
+        """The system called `name`."""
+        for system in self.systems:
+            if system.name == name:
+                return system
+        raise KeyError(name)
+
+
+def load_datamap(path: str | Path) -> DataMap:
+    """Read and validate a data map; errors name the file, the line and the path inside it."""
+    return load_model(path, DataMap)
+
+
+def render(template: str, values: dict[str, str], escape: Callable[[str], str] = str) -> str:
+    """Fill a locator template's placeholders; `escape` guards values (e.g. glob characters).
+
+    `values` holds `subject_id`, `tenant`, `subject_ref` and `identity.NAME` entries. A
+    placeholder without a value raises MissingIdentity, naming the placeholder only.
+    """
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise MissingIdentity(f"the template needs {{{name}}}, which the request does not give")
+        return escape(values[name])
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
+class MissingIdentity(LetheError):
+    """A locator needs an identity (e.g. an email) that the erasure request does not carry."""
