@@ -1,4 +1,4 @@
-"""Loading YAML files into pydantic models, with errors that name the file, the line and the path."""
+"""Loading YAML into pydantic models, with errors that name the file, the line and the path."""
 
 from __future__ import annotations
 
