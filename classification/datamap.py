@@ -54,13 +54,12 @@ def _checked_template(template: str) -> str:
     return template
 
 
-def _checked_categories(keys: list[str]) -> list[str]:
-    for key in keys:
-        try:
-            category(key)
-        except UnknownCategory as exc:
-            raise ValueError(str(exc)) from None
-    return keys
+def _known_category(key: str) -> str:
+    try:
+        category(key)
+    except UnknownCategory as exc:
+        raise ValueError(str(exc)) from None
+    return key
 
 
 def _checked_container(name: str) -> str:
@@ -73,6 +72,8 @@ def _checked_container(name: str) -> str:
 
 
 ContainerName = Annotated[str, AfterValidator(_checked_container)]
+CategoryKey = Annotated[str, AfterValidator(_known_category)]
+"""A key of the taxonomy, e.g. `user.contact.email`."""
 Strategy = Literal["delete", "soft_delete", "anonymize", "tombstone", "purge", "retain", "shred"]
 
 
@@ -92,16 +93,10 @@ class SqlTableLocator(MapModel):
     """The column holding the subject id: on this table, or on the last table of `via`."""
     via: list[SqlJoin] = []
     soft_delete_column: SqlName | None = None
-    columns: dict[SqlName, str] = Field(min_length=1)
+    columns: dict[SqlName, CategoryKey] = Field(min_length=1)
     """Personal columns and the category of each."""
     strategy: Strategy | None = None
     """Overrides what the policy decides for this table."""
-
-    @field_validator("columns")
-    @classmethod
-    def _known_categories(cls, columns: dict[str, str]) -> dict[str, str]:
-        _checked_categories(list(columns.values()))
-        return columns
 
     @property
     def categories(self) -> list[str]:
@@ -124,10 +119,9 @@ class KafkaTopicLocator(MapModel):
 
     topic: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")
     key_template: str
-    categories: list[str] = Field(min_length=1)
+    categories: list[CategoryKey] = Field(min_length=1)
 
     _template = field_validator("key_template")(_checked_template)
-    _categories = field_validator("categories")(_checked_categories)
 
 
 class KafkaSystem(MapModel):
@@ -154,14 +148,12 @@ class RedisLocator(MapModel):
 
     patterns: list[str] = []
     hash_fields: list[RedisHashField] = []
-    categories: list[str] = Field(min_length=1)
+    categories: list[CategoryKey] = Field(min_length=1)
 
     @field_validator("patterns")
     @classmethod
     def _patterns(cls, patterns: list[str]) -> list[str]:
         return [_checked_template(p) for p in patterns]
-
-    _categories = field_validator("categories")(_checked_categories)
 
     @model_validator(mode="after")
     def _something_to_purge(self) -> RedisLocator:
@@ -191,12 +183,11 @@ class BlobBackupLocator(MapModel):
     subject_tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/=+-]{1,128}$")
     subject_prefix: str | None = None
     whole_backup_prefix: str | None = None
-    categories: list[str] = Field(min_length=1)
+    categories: list[CategoryKey] = Field(min_length=1)
 
     _prefix = field_validator("subject_prefix")(
         lambda v: _checked_template(v) if v is not None else v
     )
-    _categories = field_validator("categories")(_checked_categories)
 
     @model_validator(mode="after")
     def _something_to_find(self) -> BlobBackupLocator:
@@ -222,7 +213,7 @@ class LogLocator(MapModel):
     prefix: str = ""
     fields: dict[str, str] = Field(min_length=1)
     """Log field -> the subject value it carries: `subject_id` or `identity.NAME`."""
-    categories: list[str] = Field(min_length=1)
+    categories: list[CategoryKey] = Field(min_length=1)
 
     @field_validator("fields")
     @classmethod
@@ -231,8 +222,6 @@ class LogLocator(MapModel):
             if not re.fullmatch(r"subject_id|identity\.[a-z][a-z0-9_]*", source):
                 raise ValueError(f"{source!r} must be subject_id or identity.NAME")
         return fields
-
-    _categories = field_validator("categories")(_checked_categories)
 
 
 class LogsSystem(MapModel):

@@ -143,3 +143,45 @@ class VerifyRequest(Contract):
 
     request: StepRequest
     erased: StepOutcome
+
+
+class ErasureRequest(Contract):
+    """A DPO's or a service's request to erase one subject."""
+
+    subject: Subject
+    region: str | None = None
+    """The subject's home region, when the tenant's region does not decide it."""
+    reason: str = Field(default="", max_length=500)
+    requested_by: str = Field(min_length=1, max_length=200)
+    dry_run: bool = False
+
+
+class RegionPlan(Contract):
+    """The steps one region's worker runs."""
+
+    region: str
+    steps: list[Step]
+
+
+class Plan(Contract):
+    """What classification and policy decide for one request, shown before anything is destroyed."""
+
+    request_id: str
+    subject_ref: str
+    tenant: str
+    home_region: str
+    policy: str
+    """The policy pack as `name@version`."""
+    datamap_digest: str
+    """SHA-256 of the data map the plan was made from."""
+    regions: list[RegionPlan]
+    approval_required: bool
+    approval_reason: str = ""
+    deadline_months: int
+    max_extension_months: int
+    window_days: int
+
+    @property
+    def steps(self) -> list[Step]:
+        """Every step of every region."""
+        return [step for region in self.regions for step in region.steps]

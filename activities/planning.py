@@ -1,0 +1,179 @@
+"""Planning: classification and policy turn an erasure request into a Plan, touching nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from temporalio import activity
+
+from classification import routing
+from classification.datamap import (
+    BlobBackupLocator,
+    BlobSystem,
+    DataMap,
+    KafkaSystem,
+    KafkaTopicLocator,
+    LogLocator,
+    LogsSystem,
+    RedisLocator,
+    RedisSystem,
+    SqlSystem,
+    System,
+    load_datamap,
+    template_fields,
+)
+from classification.taxonomy import category
+from lethe.config import load_settings
+from lethe.contracts import ErasureRequest, Plan, Step
+from lethe.errors import ConfigurationError, LetheError
+from policies.engine import decide, locator_action, sql_action
+from policies.model import PolicyPack, load_pack
+
+
+class PlanningFailed(LetheError):
+    """The request cannot be planned against this data map and policy."""
+
+
+class Planner:
+    """Makes plans from one data map and one policy pack."""
+
+    def __init__(self, datamap: DataMap, pack: PolicyPack, datamap_digest: str) -> None:
+        self.datamap = datamap
+        self.pack = pack
+        self.datamap_digest = datamap_digest
+
+    @classmethod
+    def from_files(cls, datamap_path: Path, pack_path: Path) -> Planner:
+        """A planner for the data map and policy pack in these files."""
+        digest = hashlib.sha256(datamap_path.read_bytes()).hexdigest()
+        return cls(load_datamap(datamap_path), load_pack(pack_path), digest)
+
+    def plan(self, request: ErasureRequest, request_id: str, subject_ref: str) -> Plan:
+        """The plan for one request: every locator of every system, its action and its basis."""
+        subject = request.subject
+        home = routing.home_region(self.datamap, subject.tenant, request.region)
+        steps = [step for system in self.datamap.systems for step in self._steps(system)]
+        self._check_identities(steps, subject.template_values(subject_ref))
+        special = sorted(
+            {
+                d.category
+                for step in steps
+                for d in step.decisions
+                if d.category and category(d.category).special and step.action != "retain"
+            }
+        )
+        approval = self.pack.erasure.approval
+        reason = ""
+        if approval.always:
+            reason = f"policy {self.pack.label} asks for approval of every erasure"
+        elif approval.special_category and special:
+            reason = f"the plan erases special-category data ({', '.join(special)})"
+        return Plan(
+            request_id=request_id,
+            subject_ref=subject_ref,
+            tenant=subject.tenant,
+            home_region=home,
+            policy=self.pack.label,
+            datamap_digest=self.datamap_digest,
+            regions=routing.by_region(steps),
+            approval_required=bool(reason),
+            approval_reason=reason,
+            deadline_months=self.pack.erasure.deadline_months,
+            max_extension_months=self.pack.erasure.max_extension_months,
+            window_days=self.pack.erasure.window_days,
+        )
+
+    def _steps(self, system: System) -> list[Step]:
+        region = system.region
+
+        def step(index: int, **fields: object) -> Step:
+            return Step(
+                id=f"{system.name}/{index}",
+                system=system.name,
+                kind=system.kind,
+                region=region,
+                connection=system.connection,
+                phase="deferred" if system.kind in ("blob", "logs") else "immediate",
+                **fields,
+            )
+
+        if isinstance(system, SqlSystem):
+            steps = []
+            for index, table in enumerate(system.tables):
+                by_column = {c: decide(self.pack, k, region) for c, k in table.columns.items()}
+                action, kept, used = sql_action(system.name, table, by_column)
+                steps.append(
+                    step(index, locator=table, action=action, keep_columns=kept, decisions=used)
+                )
+            return steps
+        steps = []
+        for index, locator in enumerate(_locators(system)):
+            decisions = [decide(self.pack, key, region) for key in locator.categories]
+            action, used = locator_action(system.kind, None, decisions)
+            steps.append(step(index, locator=locator, action=action, decisions=used))
+        return steps
+
+    @staticmethod
+    def _check_identities(steps: list[Step], values: dict[str, str]) -> None:
+        """Every template a destructive step uses must be fillable from the request."""
+        for step in steps:
+            if step.action == "retain":
+                continue
+            for template in _templates(step):
+                missing = [f for f in template_fields(template) if f not in values]
+                if missing:
+                    raise PlanningFailed(
+                        f"step {step.id} needs {', '.join('{' + m + '}' for m in missing)}: "
+                        "give it with --identity NAME=VALUE"
+                    )
+
+
+def _locators(
+    system: KafkaSystem | RedisSystem | BlobSystem | LogsSystem,
+) -> Sequence[KafkaTopicLocator | RedisLocator | BlobBackupLocator | LogLocator]:
+    if isinstance(system, KafkaSystem):
+        return system.topics
+    if isinstance(system, RedisSystem):
+        return system.keys
+    if isinstance(system, BlobSystem):
+        return system.backups
+    return system.logs
+
+
+def _templates(step: Step) -> list[str]:
+    locator = step.locator
+    found: list[str] = []
+    for name in ("key_template", "subject_prefix"):
+        value = getattr(locator, name, None)
+        if isinstance(value, str):
+            found.append(value)
+    found += list(getattr(locator, "patterns", []))
+    found += [h.field for h in getattr(locator, "hash_fields", [])]
+    found += [h.key for h in getattr(locator, "hash_fields", [])]
+    return found
+
+
+@lru_cache(maxsize=4)
+def _planner(datamap_path: Path, pack_path: Path, mtimes: tuple[float, float]) -> Planner:
+    return Planner.from_files(datamap_path, pack_path)
+
+
+def planner_from_settings() -> Planner:
+    """The planner for LETHE_DATAMAP and LETHE_POLICY, reloaded when either file changes."""
+    settings = load_settings()
+    if settings.datamap is None or settings.policy is None:
+        raise ConfigurationError("LETHE_DATAMAP and LETHE_POLICY must name the data map and pack")
+    mtimes = (settings.datamap.stat().st_mtime, settings.policy.stat().st_mtime)
+    return _planner(settings.datamap, settings.policy, mtimes)
+
+
+@activity.defn(name="planning.plan")
+async def plan_erasure(request: ErasureRequest, request_id: str, subject_ref: str) -> Plan:
+    """Plan an erasure; a request or map that cannot be planned fails without retrying."""
+    try:
+        return planner_from_settings().plan(request, request_id, subject_ref)
+    except LetheError as exc:
+        raise exc.to_application_error() from None

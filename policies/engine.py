@@ -1,0 +1,135 @@
+"""The policy engine: what erasure may do to each category, and to each locator, and why.
+
+Precedence: a legal hold (checked when a step runs) > a retention obligation > an erasure rule >
+the pack's default. Among retention obligations the longest wins; among erasure rules the most
+specific category wins. Every decision names the rule that made it.
+"""
+
+from __future__ import annotations
+
+from classification.datamap import SqlTableLocator, Strategy, SystemKind
+from classification.taxonomy import matches, specificity
+from lethe.contracts import Action, Decision
+from lethe.errors import LetheError
+from policies.model import PolicyPack
+
+# How much of the data a strategy keeps: when a locator's categories disagree, the one that
+# keeps the most wins, because a reason to keep (a law) outweighs a reason to erase.
+_KEEPS_MORE: dict[str, int] = {
+    "retain": 5,
+    "soft_delete": 4,
+    "anonymize": 3,
+    "shred": 2,
+    "tombstone": 1,
+    "purge": 1,
+    "delete": 0,
+}
+
+
+class PolicyConflict(LetheError):
+    """The policy asks for something the data map cannot do (e.g. soft delete with no column)."""
+
+
+def decide(pack: PolicyPack, category: str, region: str) -> Decision:
+    """The decision for one category of data held in `region`."""
+    obligations = [
+        rule
+        for rule in pack.retention
+        if rule.obligation
+        and matches(rule.category, category)
+        and (not rule.regions or region in rule.regions)
+    ]
+    if obligations:
+        longest = max(obligations, key=lambda rule: rule.period_days)
+        return Decision(
+            rule=longest.id,
+            category=category,
+            strategy="retain",
+            citation=longest.citation,
+            exception=f"retention obligation of {longest.period_days} days",
+        )
+    candidates = [rule for rule in pack.erasure.rules if matches(rule.category, category)]
+    if candidates:
+        rule = max(candidates, key=lambda r: specificity(r.category))
+        return Decision(
+            rule=rule.id,
+            category=category,
+            strategy=rule.strategy,
+            citation=rule.citation,
+            exception=rule.exception,
+        )
+    return Decision(
+        rule=f"{pack.name}.default",
+        category=category,
+        strategy=pack.erasure.default.strategy,
+        citation=pack.erasure.default.citation,
+    )
+
+
+def _strongest(decisions: list[Decision]) -> Decision:
+    return max(decisions, key=lambda d: _KEEPS_MORE[d.strategy])
+
+
+def _override(strategy: Strategy, decisions: list[Decision]) -> list[Decision]:
+    """A data-map override replaces erasure decisions, never retention obligations."""
+    return [
+        d
+        if d.exception and d.strategy == "retain"
+        else Decision(
+            rule="datamap.override",
+            category=d.category,
+            strategy=strategy,
+            citation=f"data map override of {d.rule} ({d.citation})",
+        )
+        for d in decisions
+    ]
+
+
+def sql_action(
+    system: str, locator: SqlTableLocator, decisions: dict[str, Decision]
+) -> tuple[Action, list[str], list[Decision]]:
+    """Action, kept columns and decisions for a table, from its columns' decisions."""
+    by_column = dict(decisions)
+    if locator.strategy is not None:
+        replaced = _override(locator.strategy, list(by_column.values()))
+        by_column = dict(zip(by_column, replaced, strict=True))
+    kept = sorted(c for c, d in by_column.items() if d.strategy == "retain")
+    rest = [d for c, d in by_column.items() if c not in kept]
+    used = sorted(set(by_column.values()), key=lambda d: (d.rule, d.category or ""))
+    if not rest:
+        return "retain", kept, used
+    strongest = _strongest(rest).strategy
+    if kept or strongest == "soft_delete":
+        # Keeping some columns means the row stays: restrict it (soft delete) where the table can
+        # mark it, otherwise clear the rest in place.
+        if locator.soft_delete_column is not None:
+            return "soft_delete", kept, used
+        if strongest == "soft_delete":
+            raise PolicyConflict(
+                f"policy asks to soft-delete rows of {system}/{locator.table}, but the data map "
+                "gives it no soft_delete_column"
+            )
+        return "anonymize", kept, used
+    if strongest == "anonymize":
+        return "anonymize", kept, used
+    return "delete", kept, used
+
+
+def locator_action(
+    kind: SystemKind, strategy_override: Strategy | None, decisions: list[Decision]
+) -> tuple[Action, list[Decision]]:
+    """Action and decisions for a non-SQL locator: any `retain` keeps it whole."""
+    if strategy_override is not None:
+        decisions = _override(strategy_override, decisions)
+    unique = sorted(set(decisions), key=lambda d: (d.rule, d.category or ""))
+    strongest = _strongest(decisions)
+    if strongest.strategy == "retain":
+        return "retain", unique
+    if kind == "kafka":
+        return "tombstone", unique
+    if kind == "redis":
+        return "purge", unique
+    if kind == "logs":
+        keeps_records = strongest.strategy in ("anonymize", "soft_delete")
+        return ("redact" if keeps_records else "delete"), unique
+    return "delete", unique
