@@ -1,9 +1,15 @@
-"""Lethe's worker: `python worker.py --region eu` polls the task queue `lethe-eu`."""
+"""Lethe's worker: `python worker.py --region eu` polls `lethe-eu`; `--control` adds control.
+
+A region's worker runs the connectors for that region's systems. The control worker runs the
+erasure workflow itself, planning, legal-hold checks, the ledger and certificates: it needs
+Lethe's store, the data map and the policy pack, and no data-system credentials.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -15,26 +21,55 @@ from temporalio.client import Client as TemporalClient
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
+from activities import blob, cache, kafka, logs, sql
+from activities import ledger as control
 from activities.healthcheck import report_worker
+from activities.planning import plan_erasure
 from lethe.client import connect
 from lethe.config import Settings, load_settings
+from lethe.contracts import CONTROL_QUEUE
 from lethe.errors import LetheError
 from lethe.regions import task_queue, validate_region
+from lethe.store import dispose_all
+from workflows.erasure import ErasureWorkflow
 from workflows.healthcheck import HealthCheckWorkflow
+from workflows.regional_erasure import RegionalErasureWorkflow
 
-WORKFLOWS: Sequence[type] = (HealthCheckWorkflow,)
-ACTIVITIES: Sequence[Callable[..., Any]] = (report_worker,)
+WORKFLOWS: Sequence[type] = (HealthCheckWorkflow, RegionalErasureWorkflow)
+ACTIVITIES: Sequence[Callable[..., Any]] = (
+    report_worker,
+    *(module.erase for module in (sql, kafka, cache, blob, logs)),
+    *(module.verify for module in (sql, kafka, cache, blob, logs)),
+)
+CONTROL_WORKFLOWS: Sequence[type] = (ErasureWorkflow,)
+CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
+    plan_erasure,
+    control.record,
+    control.blocking,
+    control.issue,
+)
 
 log = logging.getLogger("lethe.worker")
 
 
 def build_worker(client: TemporalClient, region: str, settings: Settings) -> Worker:
-    """A worker for one region's task queue with every Lethe workflow and activity."""
+    """A worker for one region's task queue: the regional workflow and every connector."""
     return Worker(
         client,
         task_queue=task_queue(region),
         workflows=list(WORKFLOWS),
         activities=list(ACTIVITIES),
+        graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_grace_seconds),
+    )
+
+
+def build_control_worker(client: TemporalClient, settings: Settings) -> Worker:
+    """The control plane's worker: the erasure workflow, planning, holds, ledger, certificates."""
+    return Worker(
+        client,
+        task_queue=CONTROL_QUEUE,
+        workflows=list(CONTROL_WORKFLOWS),
+        activities=list(CONTROL_ACTIVITIES),
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_grace_seconds),
     )
 
@@ -47,16 +82,23 @@ def _runtime(settings: Settings) -> Runtime | None:
     )
 
 
-async def serve(region: str, settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Poll the region's task queue until SIGTERM, SIGINT or `stop`, then finish running tasks."""
+async def serve(
+    region: str, settings: Settings, *, control: bool = False, stop: asyncio.Event | None = None
+) -> None:
+    """Poll the region's task queue (and the control queue) until SIGTERM, SIGINT or `stop`."""
     validate_region(region)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     client = await connect(settings, runtime=_runtime(settings))
-    async with build_worker(client, region, settings):
-        log.info("worker for region %s polling %s", region, task_queue(region))
+    workers = [build_worker(client, region, settings)]
+    if control:
+        workers.append(build_control_worker(client, settings))
+    async with contextlib.AsyncExitStack() as running:
+        for worker in workers:
+            await running.enter_async_context(worker)
+            log.info("worker polling %s", worker.task_queue)
         if settings.metrics_bind:
             log.info("Prometheus metrics on http://%s/metrics", settings.metrics_bind)
         await stop.wait()
@@ -64,22 +106,27 @@ async def serve(region: str, settings: Settings, stop: asyncio.Event | None = No
             "shutting down: finishing running tasks (up to %ss)",
             settings.worker_shutdown_grace_seconds,
         )
+    await sql.dispose_engines()
+    await dispose_all()
     log.info("worker stopped")
 
 
-def run(region: str) -> None:
-    """Load the settings and serve one region until a signal arrives."""
+def run(region: str, *, control: bool = False) -> None:
+    """Load the settings and serve one region (and the control plane) until a signal arrives."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(region, load_settings()))
+    asyncio.run(serve(region, load_settings(), control=control))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python worker.py --region R`."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--region", required=True, help="the region to serve, e.g. eu")
+    parser.add_argument(
+        "--control", action="store_true", help="also serve the control queue (lethe-control)"
+    )
     args = parser.parse_args(argv)
     try:
-        run(args.region)
+        run(args.region, control=args.control)
     except LetheError as exc:
         print(f"lethe worker: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from typing import TypeVar
 from temporalio import activity
 
 from lethe.config import connection
-from lethe.contracts import StepRequest
+from lethe.contracts import StepOutcome, StepRequest
 from lethe.errors import LetheError
 from lethe.regions import TASK_QUEUE_PREFIX
 
@@ -21,6 +21,19 @@ class WrongRegion(LetheError):
 
 class SchemaMismatch(LetheError):
     """The data map names a table, column, topic or container that the live system lacks."""
+
+
+def retained_outcome(request: StepRequest, why: str = "retained") -> StepOutcome:
+    """The outcome of a `retain` step: nothing touched, the decisions' citations in `detail`."""
+    reasons = [
+        f"{d.citation} ({d.exception})" if d.exception else d.citation
+        for d in request.step.decisions
+    ]
+    return StepOutcome(
+        step_id=request.step.id,
+        status="retained",
+        detail=f"{why}: " + ("; ".join(dict.fromkeys(reasons)) or "no decision given"),
+    )
 
 
 def worker_region() -> str:

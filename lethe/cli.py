@@ -57,12 +57,17 @@ def _run(coro: Coroutine[Any, Any, int]) -> None:
 
 
 @app.command()
-def worker(region: RegionOption) -> None:
+def worker(
+    region: RegionOption,
+    control: Annotated[
+        bool, typer.Option("--control", help="also serve the control queue (lethe-control)")
+    ] = False,
+) -> None:
     """Run a worker that polls the region's task queue until SIGTERM or SIGINT."""
     import worker as worker_module
 
     try:
-        worker_module.run(region)
+        worker_module.run(region, control=control)
     except LetheError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -185,3 +185,176 @@ class Plan(Contract):
     def steps(self) -> list[Step]:
         """Every step of every region."""
         return [step for region in self.regions for step in region.steps]
+
+
+# --- governance ------------------------------------------------------------------------------
+
+HoldScope = Literal["subject", "tenant", "system", "category"]
+
+
+class Hold(Contract):
+    """A legal hold: destructive steps in its scope wait until it is released."""
+
+    id: str
+    matter: str
+    scope: HoldScope
+    value: str
+    """Subject scope: the subject reference, never the id; else a tenant, system or category."""
+    reason: str = ""
+    placed_by: str
+    placed_at: datetime
+    released_by: str | None = None
+    released_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        """Not yet released."""
+        return self.released_at is None
+
+
+class LedgerEntry(Contract):
+    """One link of the hash-chained audit ledger; holds no personal data."""
+
+    seq: int
+    at: datetime
+    request_id: str
+    subject_ref: str
+    actor: str
+    action: str
+    system: str | None = None
+    details: dict[str, str | int | float | bool | None] = {}
+    prev_hash: str
+    hash: str
+
+
+# --- the erasure workflow ------------------------------------------------------------------------
+
+CONTROL_QUEUE = "lethe-control"
+"""The task queue of the control plane: planning, holds, ledger and the erasure workflow itself."""
+
+
+class ErasureStart(Contract):
+    """The erasure workflow's input."""
+
+    request_id: str
+    subject_ref: str
+    request: ErasureRequest
+    received_at: datetime
+
+
+class RegionJob(Contract):
+    """A regional child workflow's input: the steps of one region and one phase."""
+
+    parent_id: str
+    request_id: str
+    subject_ref: str
+    subject: Subject
+    steps: list[Step]
+    erasure_started_at: datetime
+    window_ends_at: datetime
+    erased: dict[str, StepOutcome] = {}
+    """Steps already erased whose verification is to be repeated (e.g. pending compaction)."""
+
+
+class StepProgress(Contract):
+    """Where one step stands, as the status query shows it."""
+
+    step_id: str
+    system: str
+    kind: SystemKind
+    region: str
+    action: Action
+    phase: Phase
+    status: StepStatus
+    detail: str = ""
+    holds: list[str] = []
+
+
+ErasureState = Literal[
+    "planning",
+    "awaiting_approval",
+    "on_hold",
+    "erasing",
+    "waiting_window",
+    "verifying",
+    "completed",
+    "rejected",
+    "failed",
+    "dry_run",
+]
+
+
+class ApprovalDecision(Contract):
+    """A DPO's approval or rejection."""
+
+    by: str = Field(min_length=1, max_length=200)
+    note: str = Field(default="", max_length=1000)
+
+
+class Extension(Contract):
+    """An Art. 12(3) extension of the deadline, with its recorded reason."""
+
+    months: int = Field(ge=1, le=2)
+    reason: str = Field(min_length=3, max_length=1000)
+    by: str = Field(min_length=1, max_length=200)
+
+
+class ErasureStatus(Contract):
+    """What the status query answers at any time."""
+
+    request_id: str
+    subject_ref: str
+    state: ErasureState
+    received_at: datetime
+    deadline: datetime
+    extension: Extension | None = None
+    overdue: bool = False
+    approval_required: bool = False
+    approval: ApprovalDecision | None = None
+    window_ends_at: datetime | None = None
+    steps: list[StepProgress] = []
+
+
+Outcome = Literal["erased", "erased_pending_compaction", "incomplete", "rejected", "dry_run"]
+
+
+class Certificate(Contract):
+    """The evidence of a finished request."""
+
+    request_id: str
+    subject_ref: str
+    tenant: str
+    outcome: Outcome
+    policy: str
+    datamap_digest: str
+    requested_by: str
+    reason: str
+    received_at: datetime
+    deadline: datetime
+    extension: Extension | None = None
+    approval: ApprovalDecision | None = None
+    started_at: datetime | None = None
+    completed_at: datetime
+    plan: Plan
+    steps: list[StepOutcome] = []
+    ledger_hashes: list[str] = []
+
+
+class LedgerRecord(Contract):
+    """A ledger entry to append, as the workflow asks for it."""
+
+    idempotency_key: str
+    request_id: str
+    subject_ref: str
+    actor: str
+    action: str
+    system: str | None = None
+    details: dict[str, str | int | float | bool | None] = {}
+
+
+class HoldQuery(Contract):
+    """Which of these steps does an active legal hold block?"""
+
+    subject_ref: str
+    tenant: str
+    steps: list[Step]

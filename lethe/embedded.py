@@ -6,6 +6,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 
@@ -41,8 +43,18 @@ async def start_dev_server(
 
 
 async def start_time_skipping(data_converter: DataConverter) -> WorkflowEnvironment:
-    """Start the time-skipping test server; never downloads."""
-    return await WorkflowEnvironment.start_time_skipping(
+    """Start the time-skipping test server with Lethe's search attributes; never downloads."""
+    env = await WorkflowEnvironment.start_time_skipping(
         data_converter=data_converter,
         test_server_existing_path=server_binary("temporal-test-server"),
     )
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                key.name: IndexedValueType.ValueType(key.indexed_value_type.value)
+                for key in search_attributes.ALL
+            },
+        )
+    )
+    return env

@@ -1,0 +1,562 @@
+"""The backup connector: deletes a subject's per-subject backups and expires whole-database ones.
+
+Backups live in Azure Blob Storage. Per-subject blobs (exports, archives) are found by an index
+tag holding the subject *reference* (never the raw id) or by a prefix rendered from the
+subject's values, and deleted with their snapshots. Whole-database backups cannot be edited, so
+they are deleted once they fall out of the erasure window (see `BackupEraser`). What the
+service cannot show (soft delete, versions, holds: Azurite answers 501 for most of them) is
+reported as not checked, never as done.
+
+The module also holds what the log connector (`activities.logs`) shares: the per-loop client
+cache and the translation of the SDK's errors into Lethe's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import weakref
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob.aio import BlobServiceClient, ContainerClient, LinearRetry
+from temporalio import activity
+
+from activities.common import SchemaMismatch, guarded, retained_outcome, step_connection
+from classification.datamap import BlobBackupLocator, render
+from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
+from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
+
+T = TypeVar("T")
+
+CONNECTION_TIMEOUT_SECONDS = 5
+READ_TIMEOUT_SECONDS = 60
+RETRY = LinearRetry(backoff=1, retry_total=2, random_jitter_range=1)
+"""The SDK's own retries per call, kept short: Temporal's retry policy does the rest."""
+CONCURRENCY = 16
+"""Deletions in flight at once."""
+HOLD_CODES = {
+    "BlobImmutableDueToLegalHold": "a legal hold",
+    "BlobImmutableDueToPolicy": "an immutability policy",
+    "ContainerHasLegalHold": "a legal hold on the container",
+    "ContainerImmutabilityPolicyLocked": "the container's locked immutability policy",
+    "LeaseIdMissing": "a lease another client holds",
+}
+"""Error codes that mean the service refuses to delete because the blob must be kept."""
+_TAG_VALUE = re.compile(r"[A-Za-z0-9 +\-./:=_]{1,256}")
+
+# aiohttp sessions belong to the event loop that opened them, so the cache is per loop.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BlobServiceClient]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+# --- shared with activities.logs ---------------------------------------------------------------
+
+
+class BlobServiceError(LetheError):
+    """The blob service refused a request for a reason that retrying will not change."""
+
+
+def blob_endpoint(connection_string: str) -> str:
+    """Where a connection string points (endpoint or account), without its key."""
+    fields = dict(part.split("=", 1) for part in connection_string.split(";") if "=" in part)
+    return fields.get("BlobEndpoint", f"account {fields.get('AccountName', '?')}")
+
+
+def blob_service(connection_string: str) -> BlobServiceClient:
+    """The shared client for a connection string on the running event loop."""
+    per_connection = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = per_connection.get(connection_string)
+    if client is None:
+        try:
+            client = BlobServiceClient.from_connection_string(
+                connection_string,
+                retry_policy=RETRY,
+                connection_timeout=CONNECTION_TIMEOUT_SECONDS,
+                read_timeout=READ_TIMEOUT_SECONDS,
+            )
+        except ValueError:
+            raise ConfigurationError(
+                "the blob connection string is malformed (expected an Azure Storage "
+                "connection string with AccountName, AccountKey and BlobEndpoint)"
+            ) from None
+        per_connection[connection_string] = client
+    return client
+
+
+def error_code(exc: HttpResponseError) -> str:
+    """The service's error code (`BlobNotFound`, ...), or `unknown`."""
+    headers = getattr(exc.response, "headers", None) or {}
+    code = headers.get("x-ms-error-code")
+    if not code:
+        raw = getattr(exc, "error_code", None)
+        code = getattr(raw, "value", raw)
+    return str(code or "unknown")
+
+
+def is_unsupported(exc: HttpResponseError) -> bool:
+    """The service does not implement the call (HTTP 501, Azurite's `APINotImplemented`)."""
+    return exc.status_code == 501 or error_code(exc) in {"APINotImplemented", "NotImplemented"}
+
+
+@contextmanager
+def blob_errors(endpoint: str, system: str, container: str) -> Iterator[None]:
+    """Translate SDK errors into Lethe's, keeping their text (which may hold names) out."""
+    try:
+        yield
+    except LetheError:
+        raise
+    except ResourceNotFoundError as exc:
+        if error_code(exc) == "ContainerNotFound":
+            raise SchemaMismatch(
+                f"blob system {system!r}: container {container!r} does not exist"
+            ) from None
+        raise BlobServiceError(
+            f"blob service at {endpoint}: HTTP 404 {error_code(exc)} in container {container!r}"
+        ) from None
+    except HttpResponseError as exc:
+        status, code = exc.status_code or 0, error_code(exc)
+        if (status >= 500 and status != 501) or status in (408, 429):
+            raise ServiceUnavailable(f"blob service at {endpoint}: HTTP {status} {code}") from None
+        raise BlobServiceError(
+            f"blob service at {endpoint} refused a request in container {container!r}: "
+            f"HTTP {status} {code}"
+        ) from None
+    except (ServiceRequestError, ServiceResponseError, TimeoutError) as exc:
+        raise ServiceUnavailable(f"blob service at {endpoint}: {type(exc).__name__}") from None
+    except AzureError as exc:
+        raise ServiceUnavailable(f"blob service at {endpoint}: {type(exc).__name__}") from None
+
+
+def aware(moment: datetime) -> datetime:
+    """`moment` with a time zone; a naive time is taken as UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def beat(progress: dict[str, Any]) -> None:
+    """Heartbeat when running inside an activity."""
+    if activity.in_activity():
+        activity.heartbeat(progress)
+
+
+# --- the backup connector ----------------------------------------------------------------------
+
+
+@dataclass
+class _Deletions:
+    deleted: int = 0
+    already_gone: int = 0
+    held: dict[str, int] = field(default_factory=dict)
+    """Why the service refused (a HOLD_CODES reason) -> how many blobs."""
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Backup:
+    name: str
+    created: datetime
+
+
+@dataclass(frozen=True)
+class _WholeBackups:
+    past: list[_Backup]
+    """Taken before the erasure, and past the window: must be gone now."""
+    inside: list[_Backup]
+    """Taken before the erasure, still inside the window: due at creation + window length."""
+    after: int
+    """Taken after the erasure began: they do not hold the subject."""
+    window: timedelta
+
+    def due(self, backup: _Backup) -> datetime:
+        return backup.created + self.window
+
+
+@dataclass(frozen=True)
+class _SoftDelete:
+    days: int | None
+    """Days deleted blobs stay recoverable; None when off or unknown."""
+    note: str
+
+
+class BackupEraser:
+    """Deletes a subject's backups in one blob container, within the erasure window.
+
+    Per-subject blobs (found by `subject_tag` = the subject reference, or under the rendered
+    `subject_prefix`) are deleted at once, snapshots included; a blob already gone counts as
+    done. Whole-database backups under `whole_backup_prefix` hold everyone, so they are dated:
+    a backup created before the erasure began holds the subject and must be gone by the end of
+    the window, i.e. at the latest `window` after its creation (`window` = window_ends_at -
+    erasure_started_at). Erase deletes those created at or before now - window and leaves the
+    rest; backups created after the erasure began are left alone (the forget-list guards
+    restores).
+
+    Verify returns `done` when nothing that must be gone by now remains. Pre-erasure backups
+    still inside the window are not a failure: verify reports their count as
+    `remaining_inside_window` in the evidence and sets `gone_by` to when the last one is due,
+    and the workflow's deferred phase runs erase and verify again at that time. A blob the
+    service refuses to delete (legal hold, immutability policy) makes the step `failed`.
+
+    Soft delete keeps deleted blobs recoverable for N days: erase reads the account's delete
+    retention policy and, when it is on, says so and moves `gone_by` N days later. Earlier
+    versions of deleted blobs are looked for and deleted where the service lists them. Holds
+    are never assumed absent: the service's refusal to delete is what reveals them. What the
+    service cannot answer (HTTP 501, as Azurite answers for versioning, immutability and legal
+    holds) is named as not checked in the evidence and the detail, never reported as done.
+    """
+
+    _instances: dict[str, BackupEraser] = {}  # noqa: RUF012 - a cache, not a field
+
+    def __init__(self, connection_string: str) -> None:
+        self._connection = connection_string
+        self._endpoint = blob_endpoint(connection_string)
+
+    @classmethod
+    def for_connection(cls, connection_string: str) -> BackupEraser:
+        """The shared eraser for a connection string."""
+        eraser = cls._instances.get(connection_string)
+        if eraser is None:
+            eraser = cls._instances[connection_string] = cls(connection_string)
+        return eraser
+
+    async def erase(self, request: StepRequest) -> StepOutcome:
+        """Delete the subject's blobs and the whole backups past the window; or retain."""
+        if request.step.action == "retain":
+            return retained_outcome(request)
+        locator = _locator(request)
+        now = datetime.now(UTC)
+        with self._errors(request, locator):
+            container, soft_delete = await asyncio.gather(
+                self._container(locator), self._soft_delete()
+            )
+            subject_names = await self._subject_blobs(container, request, locator)
+            subject = await self._delete(container, subject_names)
+            whole = await self._whole_backups(container, request, locator, now)
+            expired = await self._delete(container, [b.name for b in whole.past])
+            versions_note, versions_deleted = await self._delete_versions(
+                container, subject.names + expired.names
+            )
+
+        evidence: dict[str, str | int | float | bool | None] = {
+            "action": request.step.action,
+            "subject_blobs_deleted": subject.deleted,
+            "subject_blobs_already_gone": subject.already_gone,
+            "whole_backups_deleted": expired.deleted,
+            "whole_backups_already_gone": expired.already_gone,
+            "whole_backups_inside_window": len(whole.inside),
+            "whole_backups_next_due_at": _iso(
+                min((whole.due(b) for b in whole.inside), default=None)
+            ),
+            "whole_backups_after_erasure": whole.after,
+            "held": sum(subject.held.values()) + sum(expired.held.values()),
+            "soft_delete": soft_delete.note,
+            "soft_delete_days": soft_delete.days,
+            "versions": versions_note,
+            "versions_deleted": versions_deleted,
+        }
+        deleted_now = subject.deleted + expired.deleted + versions_deleted
+        lingering = (
+            now + timedelta(days=soft_delete.days) if soft_delete.days and deleted_now else None
+        )
+        last_due = max((whole.due(b) for b in whole.inside), default=None)
+        gone_by = _latest(lingering, last_due)
+        held = _merge(subject.held, expired.held)
+        if held:
+            return StepOutcome(
+                step_id=request.step.id,
+                status="failed",
+                affected=subject.deleted + expired.deleted,
+                evidence=evidence,
+                detail=_held_detail(held),
+                gone_by=gone_by,
+            )
+        return StepOutcome(
+            step_id=request.step.id,
+            status="running",
+            affected=subject.deleted + expired.deleted,
+            evidence=evidence,
+            detail=_window_detail(len(whole.inside), last_due, soft_delete),
+            gone_by=gone_by,
+        )
+
+    async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
+        """Check no subject blob and no pre-erasure backup past the window remains."""
+        if request.step.action == "retain" or erased.status == "retained":
+            return erased.model_copy(update={"verified": False})
+        locator = _locator(request)
+        now = datetime.now(UTC)
+        with self._errors(request, locator):
+            container = await self._container(locator)
+            remaining = len(await self._subject_blobs(container, request, locator))
+            whole = await self._whole_backups(container, request, locator, now)
+
+        last_due = max((whole.due(b) for b in whole.inside), default=None)
+        earlier = erased.gone_by if erased.gone_by and aware(erased.gone_by) > now else None
+        evidence: dict[str, str | int | float | bool | None] = {
+            "subject_blobs_remaining": remaining,
+            "whole_backups_past_window": len(whole.past),
+            "remaining_inside_window": len(whole.inside),
+            "whole_backups_after_erasure": whole.after,
+            "soft_delete": erased.evidence.get("soft_delete"),
+            "versions": erased.evidence.get("versions"),
+        }
+        problems: list[str] = []
+        if remaining:
+            problems.append(f"{remaining} of the subject's blob(s) remain")
+        if whole.past:
+            problems.append(
+                f"{len(whole.past)} whole backup(s) taken before the erasure are past the "
+                "window and still exist"
+            )
+        if problems:
+            if erased.status == "failed" and erased.detail:
+                problems.append(erased.detail)
+            return StepOutcome(
+                step_id=request.step.id,
+                status="failed",
+                affected=erased.affected,
+                verified=True,
+                evidence=evidence,
+                detail="; ".join(problems),
+                gone_by=_latest(last_due, earlier),
+            )
+        days = erased.evidence.get("soft_delete_days")
+        soft = _SoftDelete(
+            days if isinstance(days, int) else None, str(erased.evidence.get("soft_delete") or "")
+        )
+        return StepOutcome(
+            step_id=request.step.id,
+            status="done",
+            affected=erased.affected,
+            verified=True,
+            evidence=evidence,
+            detail=_window_detail(len(whole.inside), last_due, soft),
+            gone_by=_latest(last_due, earlier),
+        )
+
+    # --- the steps ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, request: StepRequest, locator: BlobBackupLocator) -> Iterator[None]:
+        with blob_errors(self._endpoint, request.step.system, locator.container):
+            yield
+
+    async def _container(self, locator: BlobBackupLocator) -> ContainerClient:
+        container = blob_service(self._connection).get_container_client(locator.container)
+        await container.get_container_properties()  # ContainerNotFound -> SchemaMismatch
+        return container
+
+    async def _soft_delete(self) -> _SoftDelete:
+        try:
+            properties = await blob_service(self._connection).get_service_properties()
+        except HttpResponseError as exc:
+            if is_unsupported(exc) or exc.status_code == 403:
+                return _SoftDelete(
+                    None,
+                    "not checked: the service does not report its delete retention policy "
+                    f"(HTTP {exc.status_code}); deleted blobs may stay recoverable",
+                )
+            raise
+        policy = properties.get("delete_retention_policy")
+        if policy is None or not policy.enabled:
+            return _SoftDelete(None, "off: deleted blobs are not kept")
+        days = int(policy.days or 0)
+        return _SoftDelete(days, f"on: deleted blobs stay recoverable for {days} day(s)")
+
+    async def _subject_blobs(
+        self, container: ContainerClient, request: StepRequest, locator: BlobBackupLocator
+    ) -> list[str]:
+        names: list[str] = []
+        if locator.subject_tag:
+            if not _TAG_VALUE.fullmatch(request.subject_ref):
+                raise BlobServiceError(
+                    "the subject reference is not a valid blob index tag value "
+                    "(letters, digits, space and + - . / : = _ only)"
+                )
+            query = f"\"{locator.subject_tag}\" = '{request.subject_ref}'"
+            names.extend([b.name async for b in container.find_blobs_by_tags(query)])
+        if locator.subject_prefix:
+            _check_prefix_ends_after_placeholder(request, locator.subject_prefix)
+            prefix = render(
+                locator.subject_prefix, request.subject.template_values(request.subject_ref)
+            )
+            names.extend([b.name async for b in container.list_blobs(name_starts_with=prefix)])
+        return list(dict.fromkeys(names))
+
+    async def _whole_backups(
+        self,
+        container: ContainerClient,
+        request: StepRequest,
+        locator: BlobBackupLocator,
+        now: datetime,
+    ) -> _WholeBackups:
+        started = aware(request.erasure_started_at)
+        window = aware(request.window_ends_at) - started
+        past: list[_Backup] = []
+        inside: list[_Backup] = []
+        after = 0
+        if locator.whole_backup_prefix is not None:
+            async for blob in container.list_blobs(name_starts_with=locator.whole_backup_prefix):
+                # Creation-Time has one-second precision: a backup stamped in the second the
+                # erasure began may have been taken before it, so it counts as holding the subject.
+                created = aware(blob.creation_time or blob.last_modified)
+                if created > started:
+                    after += 1
+                elif created <= now - window:
+                    past.append(_Backup(blob.name, created))
+                else:
+                    inside.append(_Backup(blob.name, created))
+        return _WholeBackups(past=past, inside=inside, after=after, window=window)
+
+    async def _delete(self, container: ContainerClient, names: list[str]) -> _Deletions:
+        result = _Deletions()
+
+        async def delete(name: str) -> None:
+            try:
+                await container.delete_blob(name, delete_snapshots="include")
+                result.deleted += 1
+                result.names.append(name)
+            except ResourceNotFoundError:
+                result.already_gone += 1
+                result.names.append(name)
+            except HttpResponseError as exc:
+                reason = HOLD_CODES.get(error_code(exc))
+                if reason is None:
+                    raise
+                result.held[reason] = result.held.get(reason, 0) + 1
+            beat({"blobs_deleted": result.deleted, "blobs_already_gone": result.already_gone})
+
+        await _bounded([delete(name) for name in names])
+        return result
+
+    async def _delete_versions(
+        self, container: ContainerClient, names: list[str]
+    ) -> tuple[str, int]:
+        """Delete the earlier versions of deleted blobs where the service lists them."""
+        if not names:
+            return "nothing deleted, so no versions to look for", 0
+
+        async def versions(name: str) -> int:
+            # Only items that carry a version id are versions; Azurite lists none and would
+            # apply a delete with a version id to the current blob, so nothing else is deleted.
+            found = [
+                item.version_id
+                async for item in container.list_blobs(name_starts_with=name, include=["versions"])
+                if item.name == name and item.version_id and not item.is_current_version
+            ]
+            for version_id in found:
+                with suppress(ResourceNotFoundError):
+                    await container.delete_blob(name, version_id=version_id)
+            return len(found)
+
+        try:
+            counts = await _bounded([versions(name) for name in names])
+        except HttpResponseError as exc:
+            if is_unsupported(exc) or exc.status_code == 400:
+                return (
+                    "not checked: the service does not support versioning "
+                    f"(HTTP {exc.status_code})",
+                    0,
+                )
+            raise
+        deleted = sum(counts)
+        if deleted:
+            return f"checked: {deleted} earlier version(s) deleted", deleted
+        return "checked: none listed (versioning is off, or the service keeps no versions)", 0
+
+
+async def _bounded(work: list[Awaitable[T]]) -> list[T]:
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(item: Awaitable[T]) -> T:
+        async with gate:
+            return await item
+
+    return await asyncio.gather(*(one(item) for item in work))
+
+
+def _locator(request: StepRequest) -> BlobBackupLocator:
+    locator = request.step.locator
+    if not isinstance(locator, BlobBackupLocator):
+        raise ConfigurationError(
+            f"step {request.step.id!r} is of kind {request.step.kind!r}, not a blob backup locator"
+        )
+    return locator
+
+
+def _check_prefix_ends_after_placeholder(request: StepRequest, template: str) -> None:
+    # `exports/{subject_id}` for subject 1 would also match `exports/10/...`: another
+    # subject's blobs. Only the subject reference, always 32 hex digits, may end a prefix.
+    if template.endswith("}") and not template.endswith("{subject_ref}"):
+        raise ConfigurationError(
+            f"step {request.step.id!r}: subject_prefix {template!r} ends with a placeholder, so "
+            "it would also match other subjects whose id starts the same way; end it with a "
+            "delimiter such as '/'"
+        )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _latest(*moments: datetime | None) -> datetime | None:
+    return max((aware(m) for m in moments if m is not None), default=None)
+
+
+def _merge(*counts: dict[str, int]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for count in counts:
+        for reason, n in count.items():
+            merged[reason] = merged.get(reason, 0) + n
+    return merged
+
+
+def _held_detail(held: dict[str, int]) -> str:
+    parts = [f"{n} blob(s) under {reason}" for reason, n in sorted(held.items())]
+    return (
+        "the service refused to delete "
+        + ", ".join(parts)
+        + ": the subject's data stays until the hold is released or the policy expires"
+    )
+
+
+def _window_detail(inside: int, last_due: datetime | None, soft: _SoftDelete) -> str:
+    parts = []
+    if inside and last_due is not None:
+        parts.append(
+            f"{inside} whole backup(s) taken before the erasure are inside the window; the last "
+            f"is due at {last_due.isoformat()}: run erase and verify again then"
+        )
+    if soft.days:
+        parts.append(f"soft delete keeps deleted blobs recoverable for {soft.days} day(s)")
+    elif soft.note.startswith("not checked"):
+        parts.append("soft delete " + soft.note)
+    return "; ".join(parts)
+
+
+@activity.defn(name="blob.erase")
+async def erase(request: StepRequest) -> StepOutcome:
+    """Delete a subject's backups in one container (activity `blob.erase`)."""
+    return await guarded(
+        request, lambda: BackupEraser.for_connection(step_connection(request)).erase(request)
+    )
+
+
+@activity.defn(name="blob.verify")
+async def verify(check: VerifyRequest) -> StepOutcome:
+    """Check a subject's backups are gone or due within the window (activity `blob.verify`)."""
+    request = check.request
+    return await guarded(
+        request,
+        lambda: BackupEraser.for_connection(step_connection(request)).verify(request, check.erased),
+    )

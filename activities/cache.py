@@ -1,0 +1,284 @@
+"""The Redis connector: purges a subject's keys, found by glob pattern, and shared-hash fields.
+
+Keys are found with SCAN (never KEYS, which blocks the server) and removed with UNLINK, which
+frees memory off the main thread. The subject's values are glob-escaped before they go into a
+pattern, so a subject id such as `*` matches only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from temporalio import activity
+
+from activities.common import SchemaMismatch, guarded, retained_outcome, step_connection
+from classification.datamap import RedisLocator, render
+from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
+from lethe.errors import ConfigurationError, ServiceUnavailable
+
+T = TypeVar("T")
+
+SCAN_COUNT = 1000
+"""How many slots one SCAN call walks: large enough to be quick, small enough not to block."""
+UNLINK_BATCH = 500
+TIMEOUT_SECONDS = 10.0
+_GLOB_CHARACTERS = re.compile(r"([*?\[\]\\])")
+
+# redis.asyncio connections belong to the event loop that opened them, so the cache is per loop.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Redis]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def glob_escape(value: str) -> str:
+    """`value` with Redis glob characters (`* ? [ ] \\`) escaped, so that it matches only itself."""
+    return _GLOB_CHARACTERS.sub(r"\\\1", value)
+
+
+def redis_client(url: str) -> Redis:
+    """The shared client for `url` on the running event loop, created on first use."""
+    per_url = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = per_url.get(url)
+    if client is None:
+        client = Redis.from_url(
+            url, socket_timeout=TIMEOUT_SECONDS, socket_connect_timeout=TIMEOUT_SECONDS
+        )
+        per_url[url] = client
+    return client
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    index: int
+    match: str
+    """The glob, with the subject's values escaped."""
+    key: str | None
+    """The one key the pattern names, when its template has no glob character of its own."""
+
+
+@dataclass(frozen=True)
+class _HashField:
+    index: int
+    key: str
+    field: str
+
+
+@dataclass(frozen=True)
+class _Targets:
+    patterns: list[_Pattern]
+    hash_fields: list[_HashField]
+
+
+def _targets(request: StepRequest) -> _Targets:
+    """Render every pattern and hash field first, so a missing identity destroys nothing."""
+    locator = request.step.locator
+    if not isinstance(locator, RedisLocator):
+        raise ConfigurationError(
+            f"step {request.step.id!r} is a Redis step but its locator is not a Redis locator"
+        )
+    values = request.subject.template_values(request.subject_ref)
+    patterns: list[_Pattern] = []
+    hash_fields: list[_HashField] = []
+    for index, template in enumerate(locator.patterns):
+        # Rendering every value as "" leaves the template's own text: if that holds no glob
+        # character, the pattern names exactly one key and needs no scan of the keyspace.
+        own_text = render(template, values, escape=lambda _: "")
+        literal = _GLOB_CHARACTERS.search(own_text) is None
+        patterns.append(
+            _Pattern(
+                index=index,
+                match=render(template, values, escape=glob_escape),
+                key=render(template, values) if literal else None,
+            )
+        )
+    for index, entry in enumerate(locator.hash_fields):
+        hash_fields.append(
+            _HashField(
+                index=index, key=render(entry.key, values), field=render(entry.field, values)
+            )
+        )
+    return _Targets(patterns=patterns, hash_fields=hash_fields)
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+
+
+class CacheEraser:
+    """Erases and verifies one Redis step: key patterns are unlinked, hash fields deleted."""
+
+    def __init__(self, client: Redis, where: str = "") -> None:
+        """Use `client`; `where` (host:port, no credentials) names the server in errors."""
+        self._client = client
+        self._where = where
+
+    @classmethod
+    def for_connection(cls, url: str) -> CacheEraser:
+        """An eraser on the shared client for the Redis at `url`."""
+        return cls(redis_client(url), _where(url))
+
+    async def erase(self, request: StepRequest) -> StepOutcome:
+        """Unlink the subject's keys and delete their hash fields; `running` until verified."""
+        step = request.step
+        if step.action == "retain":
+            return retained_outcome(request)
+        targets = _targets(request)
+        await self._call(lambda: self._check_hashes(targets.hash_fields))
+        keys_unlinked = await self._call(lambda: self._purge_keys(targets.patterns))
+        fields_removed = await self._call(lambda: self._purge_hash_fields(targets.hash_fields))
+        return StepOutcome(
+            step_id=step.id,
+            status="running",
+            affected=keys_unlinked + fields_removed,
+            evidence={
+                "patterns": len(targets.patterns),
+                "hash_fields": len(targets.hash_fields),
+                "keys_unlinked": keys_unlinked,
+                "hash_fields_removed": fields_removed,
+            },
+            detail=f"unlinked {keys_unlinked} key(s), removed {fields_removed} hash field(s)",
+        )
+
+    async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
+        """Scan again: `done` when no key matches any pattern and no hash field is left."""
+        step = request.step
+        if step.action == "retain":
+            return retained_outcome(request)
+        targets = _targets(request)
+        keys_left = await self._call(lambda: self._count_keys(targets.patterns))
+        fields_left = await self._call(lambda: self._count_hash_fields(targets.hash_fields))
+        evidence = {
+            **erased.evidence,
+            "keys_remaining": keys_left,
+            "hash_fields_remaining": fields_left,
+        }
+        if keys_left or fields_left:
+            return StepOutcome(
+                step_id=step.id,
+                status="failed",
+                affected=erased.affected,
+                verified=True,
+                evidence=evidence,
+                detail=(
+                    f"{keys_left} key(s) still match the patterns and {fields_left} hash "
+                    "field(s) remain after the purge"
+                ),
+            )
+        return StepOutcome(
+            step_id=step.id,
+            status="done",
+            affected=erased.affected,
+            verified=True,
+            evidence=evidence,
+            detail="no key matches the patterns and no hash field remains",
+        )
+
+    async def _purge_keys(self, patterns: list[_Pattern]) -> int:
+        unlinked = 0
+        for pattern in patterns:
+            if pattern.key is not None:
+                unlinked += await self._client.unlink(pattern.key)
+                continue
+            # Unlinking what one page found before asking for the next keeps memory flat; SCAN
+            # still returns every key that existed throughout the iteration.
+            async for keys in self._scan(pattern):
+                unlinked += await self._unlink(keys)
+        return unlinked
+
+    async def _unlink(self, keys: list[bytes | str]) -> int:
+        pipe = self._client.pipeline(transaction=False)
+        for start in range(0, len(keys), UNLINK_BATCH):
+            pipe.unlink(*keys[start : start + UNLINK_BATCH])
+        return sum(await pipe.execute())
+
+    async def _purge_hash_fields(self, hash_fields: list[_HashField]) -> int:
+        if not hash_fields:
+            return 0
+        pipe = self._client.pipeline(transaction=False)
+        for entry in hash_fields:
+            pipe.hdel(entry.key, entry.field)
+        return sum(await pipe.execute())
+
+    async def _check_hashes(self, hash_fields: list[_HashField]) -> None:
+        """Refuse, before anything is deleted, a hash-field key that holds something else."""
+        if not hash_fields:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for entry in hash_fields:
+            pipe.type(entry.key)
+        kinds = await pipe.execute()
+        wrong = [
+            e.index
+            for e, kind in zip(hash_fields, kinds, strict=True)
+            if kind not in (b"hash", b"none")
+        ]
+        if wrong:
+            raise SchemaMismatch(
+                f"Redis at {self._where}: the key of hash_fields {wrong} is not a hash"
+            )
+
+    async def _count_keys(self, patterns: list[_Pattern]) -> int:
+        left = 0
+        for pattern in patterns:
+            if pattern.key is not None:
+                left += await self._client.exists(pattern.key)
+                continue
+            async for keys in self._scan(pattern):
+                left += len(keys)
+        return left
+
+    async def _count_hash_fields(self, hash_fields: list[_HashField]) -> int:
+        if not hash_fields:
+            return 0
+        await self._check_hashes(hash_fields)
+        pipe = self._client.pipeline(transaction=False)
+        for entry in hash_fields:
+            pipe.hexists(entry.key, entry.field)
+        return sum(bool(found) for found in await pipe.execute())
+
+    async def _scan(self, pattern: _Pattern) -> AsyncIterator[list[bytes | str]]:
+        cursor, pages = 0, 0
+        while True:
+            cursor, keys = await self._client.scan(cursor, match=pattern.match, count=SCAN_COUNT)
+            pages += 1
+            if activity.in_activity():
+                activity.heartbeat(f"pattern {pattern.index}: {pages} scan page(s)")
+            if keys:
+                yield keys
+            if cursor == 0:
+                return
+
+    async def _call(self, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await work()
+        except (RedisError, OSError) as exc:
+            # Redis errors can quote keys, which hold subject ids: only the type leaves here.
+            raise ServiceUnavailable(f"Redis at {self._where}: {type(exc).__name__}") from None
+
+
+@activity.defn(name="redis.erase")
+async def erase(request: StepRequest) -> StepOutcome:
+    """Purge the subject's keys and hash fields from one Redis step."""
+    return await guarded(
+        request, lambda: CacheEraser.for_connection(step_connection(request)).erase(request)
+    )
+
+
+@activity.defn(name="redis.verify")
+async def verify(check: VerifyRequest) -> StepOutcome:
+    """Check that no key or hash field of the subject is left in one Redis step."""
+    return await guarded(
+        check.request,
+        lambda: CacheEraser.for_connection(step_connection(check.request)).verify(
+            check.request, check.erased
+        ),
+    )

@@ -1,0 +1,257 @@
+"""The Redis connector against the stack's Redis: purge, verify, glob-safe ids, bad input."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from redis.asyncio import Redis
+
+from activities.cache import CacheEraser, glob_escape
+from activities.common import SchemaMismatch
+from classification.datamap import MissingIdentity, RedisHashField, RedisLocator
+from lethe.contracts import Action, Decision, Step, StepRequest, Subject
+from lethe.errors import ServiceUnavailable
+
+REF = "0" * 32
+SUBJECTS = {"1": "one@example.org", "12": "twelve@example.org"}
+
+
+@pytest.fixture
+async def prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; its keys are removed afterwards."""
+    name = f"test-cache:{uuid.uuid4().hex[:10]}"
+    yield name
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{glob_escape(name)}:*")]
+        if keys:
+            await client.unlink(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    """A client of the stack's Redis for seeding and checking, apart from the connector's."""
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    yield redis
+    await redis.aclose()
+
+
+def _locator(prefix: str) -> RedisLocator:
+    return RedisLocator(
+        patterns=[f"{prefix}:patient:{{subject_id}}:*", f"{prefix}:session:{{subject_id}}"],
+        hash_fields=[RedisHashField(key=f"{prefix}:patients:by-email", field="{identity.email}")],
+        categories=["user.contact", "user.account"],
+    )
+
+
+def _request(
+    locator: RedisLocator, subject_id: str, email: str | None, action: Action = "purge"
+) -> StepRequest:
+    identities = {"email": email} if email is not None else {}
+    decision = Decision(
+        rule="hipaa.audit-trail" if action == "retain" else "gdpr.cache.purge",
+        strategy=action,
+        citation="45 CFR 164.316(b)(2)" if action == "retain" else "GDPR Art. 17(1)",
+        exception="Art. 17(3)(b) legal obligation" if action == "retain" else None,
+    )
+    now = datetime.now(UTC)
+    return StepRequest(
+        request_id="req-1",
+        subject_ref=REF,
+        subject=Subject(tenant="st-mary", subject_id=subject_id, identities=identities),
+        step=Step(
+            id="session-cache/0",
+            system="session-cache",
+            kind="redis",
+            region="eu",
+            connection="LETHE_STACK_REDIS_URL",
+            locator=locator,
+            action=action,
+            phase="immediate",
+            decisions=[decision],
+        ),
+        erasure_started_at=now,
+        window_ends_at=now + timedelta(days=30),
+    )
+
+
+async def _seed(client: Redis, prefix: str, subject_id: str, email: str) -> list[str]:
+    keys = [
+        f"{prefix}:patient:{subject_id}:profile",
+        f"{prefix}:patient:{subject_id}:visits",
+        f"{prefix}:session:{subject_id}",
+    ]
+    await client.set(keys[0], '{"name": "someone"}')
+    await client.rpush(keys[1], "2026-01-02", "2026-02-03")
+    await client.set(keys[2], "token")
+    await client.hset(f"{prefix}:patients:by-email", email, subject_id)
+    return keys
+
+
+async def _existing(client: Redis, keys: list[str]) -> list[str]:
+    return [key for key in keys if await client.exists(key)]
+
+
+async def test_purge_removes_one_subject_and_leaves_the_other(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    seeded = {sid: await _seed(client, prefix, sid, email) for sid, email in SUBJECTS.items()}
+    locator = _locator(prefix)
+    request = _request(locator, "1", SUBJECTS["1"])
+    eraser = CacheEraser.for_connection(redis_url)
+
+    erased = await eraser.erase(request)
+
+    assert erased.status == "running"
+    assert erased.affected == 4  # three keys and one hash field
+    assert erased.evidence == {
+        "patterns": 2,
+        "hash_fields": 1,
+        "keys_unlinked": 3,
+        "hash_fields_removed": 1,
+    }
+    assert await _existing(client, seeded["1"]) == []
+    # "12" starts with "1": the pattern's separator keeps subject 12's keys out of reach.
+    assert await _existing(client, seeded["12"]) == seeded["12"]
+    assert await client.hgetall(f"{prefix}:patients:by-email") == {SUBJECTS["12"]: "12"}
+
+    verified = await eraser.verify(request, erased)
+    assert verified.status == "done"
+    assert verified.verified
+    assert verified.evidence["keys_remaining"] == 0
+    assert verified.evidence["hash_fields_remaining"] == 0
+
+
+async def test_erasing_twice_is_harmless_and_reports_nothing_new(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    await _seed(client, prefix, "1", SUBJECTS["1"])
+    other = await _seed(client, prefix, "12", SUBJECTS["12"])
+    request = _request(_locator(prefix), "1", SUBJECTS["1"])
+    eraser = CacheEraser.for_connection(redis_url)
+
+    first = await eraser.erase(request)
+    second = await eraser.erase(request)
+
+    assert (first.status, first.affected) == ("running", 4)
+    assert (second.status, second.affected) == ("running", 0)
+    assert (await eraser.verify(request, second)).status == "done"
+    assert await _existing(client, other) == other
+
+
+@pytest.mark.parametrize("subject_id", ["*", "?", "[0-9]*", "1*", "\\*", "["])
+async def test_glob_characters_in_a_subject_id_match_only_that_subject(
+    redis_url: str, client: Redis, prefix: str, subject_id: str
+) -> None:
+    target = await _seed(client, prefix, subject_id, "glob@example.org")
+    others = {sid: await _seed(client, prefix, sid, email) for sid, email in SUBJECTS.items()}
+    request = _request(_locator(prefix), subject_id, "glob@example.org")
+    eraser = CacheEraser.for_connection(redis_url)
+
+    erased = await eraser.erase(request)
+
+    assert erased.affected == 4
+    assert await _existing(client, target) == []
+    for sid, keys in others.items():
+        assert await _existing(client, keys) == keys, sid
+    assert set(await client.hkeys(f"{prefix}:patients:by-email")) == set(SUBJECTS.values())
+    assert (await eraser.verify(request, erased)).status == "done"
+
+
+async def test_many_keys_are_scanned_and_unlinked_in_batches(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    pipe = client.pipeline(transaction=False)
+    for n in range(2500):
+        pipe.set(f"{prefix}:patient:1:visit:{n}", "x")
+        pipe.set(f"{prefix}:patient:12:visit:{n}", "y")
+    await pipe.execute()
+    request = _request(_locator(prefix), "1", SUBJECTS["1"])
+    eraser = CacheEraser.for_connection(redis_url)
+
+    erased = await eraser.erase(request)
+
+    assert erased.evidence["keys_unlinked"] == 2500
+    left = [k async for k in client.scan_iter(match=f"{prefix}:patient:1:*", count=1000)]
+    assert left == []
+    kept = [k async for k in client.scan_iter(match=f"{prefix}:patient:12:*", count=1000)]
+    assert len(kept) == 2500
+    assert (await eraser.verify(request, erased)).status == "done"
+
+
+async def test_retain_changes_nothing_and_cites_the_decision(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    keys = await _seed(client, prefix, "1", SUBJECTS["1"])
+    request = _request(_locator(prefix), "1", SUBJECTS["1"], action="retain")
+    eraser = CacheEraser.for_connection(redis_url)
+
+    erased = await eraser.erase(request)
+
+    assert erased.status == "retained"
+    assert erased.affected == 0
+    assert "45 CFR 164.316(b)(2)" in erased.detail
+    assert "Art. 17(3)(b)" in erased.detail
+    assert await _existing(client, keys) == keys
+    assert await client.hget(f"{prefix}:patients:by-email", SUBJECTS["1"]) == "1"
+    assert (await eraser.verify(request, erased)).status == "retained"
+
+
+async def test_verify_fails_while_the_subject_s_data_remains(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    await _seed(client, prefix, "1", SUBJECTS["1"])
+    request = _request(_locator(prefix), "1", SUBJECTS["1"])
+    eraser = CacheEraser.for_connection(redis_url)
+    not_erased = await eraser.erase(_request(_locator(prefix), "1", SUBJECTS["1"], "retain"))
+
+    verified = await eraser.verify(request, not_erased)
+
+    assert verified.status == "failed"
+    assert verified.verified
+    assert verified.evidence["keys_remaining"] == 3
+    assert verified.evidence["hash_fields_remaining"] == 1
+    assert "3 key(s)" in verified.detail
+
+
+async def test_a_missing_identity_destroys_nothing(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    keys = await _seed(client, prefix, "1", SUBJECTS["1"])
+    request = _request(_locator(prefix), "1", email=None)
+
+    with pytest.raises(MissingIdentity, match=r"\{identity.email\}"):
+        await CacheEraser.for_connection(redis_url).erase(request)
+
+    assert await _existing(client, keys) == keys
+
+
+async def test_a_hash_field_on_a_key_that_is_not_a_hash_is_a_schema_mismatch(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    keys = await _seed(client, prefix, "1", SUBJECTS["1"])
+    await client.delete(f"{prefix}:patients:by-email")
+    await client.set(f"{prefix}:patients:by-email", "not a hash")
+    request = _request(_locator(prefix), "1", SUBJECTS["1"])
+
+    with pytest.raises(SchemaMismatch, match=r"hash_fields \[0\] is not a hash"):
+        await CacheEraser.for_connection(redis_url).erase(request)
+
+    assert await _existing(client, keys) == keys
+
+
+async def test_an_unreachable_redis_is_retryable_and_names_no_key(prefix: str) -> None:
+    request = _request(_locator(prefix), "secret-subject-7", "secret@example.org")
+
+    with pytest.raises(ServiceUnavailable) as raised:
+        await CacheEraser.for_connection("redis://127.0.0.1:1/0").erase(request)
+
+    assert raised.value.retryable
+    assert str(raised.value) == "Redis at 127.0.0.1:1: ConnectionError"
+    assert raised.value.__cause__ is None
+    assert raised.value.__suppress_context__

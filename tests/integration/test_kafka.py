@@ -1,0 +1,389 @@
+"""The Kafka connector against the stack's broker: tombstones, deadlines from settings, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+import activities.kafka
+from activities.common import SchemaMismatch
+from activities.kafka import LONG_MAX, TombstoneWriter
+from classification.datamap import KafkaTopicLocator
+from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject
+from lethe.errors import ServiceUnavailable
+
+REF = "0" * 32
+Record = tuple[int, int, bytes | None, bytes | None]
+"""partition, offset, key, value"""
+MakeTopic = Callable[..., str]
+
+FAST_COMPACTION = {
+    "cleanup.policy": "compact",
+    "segment.ms": "1000",
+    "max.compaction.lag.ms": "1000",
+}
+
+
+@pytest.fixture
+def admin(kafka_bootstrap: str) -> AdminClient:
+    """An admin client of the stack's broker, for setting up and inspecting topics."""
+    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+
+@pytest.fixture
+def make_topic(admin: AdminClient) -> Iterator[MakeTopic]:
+    """Creates uniquely named topics with the given settings; deletes them afterwards."""
+    created: list[str] = []
+
+    def make(config: dict[str, str], partitions: int = 3) -> str:
+        name = f"test-kafka-{uuid.uuid4().hex[:10]}"
+        admin.create_topics([NewTopic(name, partitions, 1, config=config)])[name].result(30)
+        created.append(name)
+        deadline = time.monotonic() + 10
+        while name not in admin.list_topics(timeout=10).topics and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return name
+
+    yield make
+    if created:
+        for future in admin.delete_topics(created).values():
+            future.result(30)
+
+
+def _produce(
+    bootstrap: str, topic: str, records: Sequence[tuple[bytes, bytes | None]]
+) -> dict[bytes, set[int]]:
+    """Produce as a Java application would (murmur2 partitioning); the partitions of each key."""
+    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
+    placed: dict[bytes, set[int]] = {}
+
+    def on_delivery(error: KafkaError | None, message: Message) -> None:
+        assert error is None
+        key, partition = message.key(), message.partition()
+        assert key is not None and partition is not None
+        placed.setdefault(key, set()).add(partition)
+
+    for key, value in records:
+        producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+    assert producer.flush(30) == 0
+    return placed
+
+
+def _read_all(bootstrap: str, topic: str, partitions: int = 3) -> list[Record]:
+    """Every record in the topic, read with assign() from each partition's start to its end."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "test", "enable.auto.commit": False}
+    )
+    records: list[Record] = []
+    try:
+        for partition in range(partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(topic, partition, low)])
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                message = consumer.poll(0.5)
+                if message is None or message.error() is not None:
+                    continue
+                offset = message.offset()
+                assert offset is not None
+                records.append((partition, offset, message.key(), message.value()))
+                if offset >= high - 1:
+                    break
+    finally:
+        consumer.close()
+    return records
+
+
+def _request(topic: str, subject_id: str, action: Action = "tombstone") -> StepRequest:
+    now = datetime.now(UTC)
+    return StepRequest(
+        request_id="req-1",
+        subject_ref=REF,
+        subject=Subject(tenant="st-mary", subject_id=subject_id),
+        step=Step(
+            id="patient-events/0",
+            system="patient-events",
+            kind="kafka",
+            region="eu",
+            connection="LETHE_STACK_KAFKA_BOOTSTRAP",
+            locator=KafkaTopicLocator(
+                topic=topic, key_template="patient:{subject_id}", categories=["user.contact"]
+            ),
+            action=action,
+            phase="immediate",
+            decisions=[
+                Decision(
+                    rule="gdpr.default", strategy=action, citation="GDPR Art. 17(1)", exception=None
+                )
+            ],
+        ),
+        erasure_started_at=now,
+        window_ends_at=now + timedelta(days=30),
+    )
+
+
+def _seed(bootstrap: str, topic: str) -> dict[bytes, set[int]]:
+    """Two subjects' profile updates; the partitions each subject's key landed on."""
+    records = [
+        (b"patient:1", b'{"name": "Ada"}'),
+        (b"patient:12", b'{"name": "Grace"}'),
+        (b"patient:1", b'{"name": "Ada L."}'),
+        (b"patient:12", b'{"name": "Grace H."}'),
+    ]
+    return _produce(bootstrap, topic, records)
+
+
+def _tombstones(records: list[Record]) -> list[Record]:
+    return [record for record in records if record[3] is None]
+
+
+async def _sleep_until(moment: datetime) -> None:
+    await asyncio.sleep(max(0.0, (moment - datetime.now(UTC)).total_seconds()) + 0.2)
+
+
+async def test_tombstone_only_for_the_subject_and_on_the_partition_of_its_records(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic(FAST_COMPACTION)
+    partitions = _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+
+    erased = await TombstoneWriter.for_connection(kafka_bootstrap).erase(request)
+
+    assert erased.status == "running"
+    assert erased.affected == 1
+    assert {erased.evidence["partition"]} == partitions[b"patient:1"]
+    assert erased.evidence["topic"] == topic
+    assert erased.evidence["cleanup_policy"] == "compact"
+    assert erased.evidence["max_compaction_lag_ms"] == 1000
+    assert erased.evidence["segment_ms"] == 1000
+    assert "patient:1" not in repr(erased.evidence)
+    assert erased.gone_by is not None
+    records = _read_all(kafka_bootstrap, topic)
+    assert _tombstones(records) == [
+        (erased.evidence["partition"], erased.evidence["offset"], b"patient:1", None)
+    ]
+    grace = [value for _, _, key, value in records if key == b"patient:12"]
+    assert grace == [b'{"name": "Grace"}', b'{"name": "Grace H."}']
+
+
+async def test_compaction_pending_then_at_risk_without_traffic_then_done_and_really_gone(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic(FAST_COMPACTION, partitions=1)
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    erased = await writer.erase(request)
+
+    pending = await writer.verify(request, erased)
+    assert pending.status == "pending_compaction"
+    assert pending.verified
+    assert pending.gone_by == erased.gone_by
+    assert pending.evidence["tombstone_present"] is True
+
+    # The bound has passed, but no record has arrived since: the tombstone's segment is still
+    # the active one, which Kafka never compacts.
+    assert erased.gone_by is not None
+    await _sleep_until(erased.gone_by)
+    stalled = await writer.verify(request, erased)
+    assert stalled.status == "at_risk"
+    assert "when a later record arrives" in stalled.detail
+    assert stalled.evidence["segment_rolled"] is False
+
+    # A later record rolls the segment; the cleaner may take log.cleaner.backoff.ms to notice.
+    _produce(kafka_bootstrap, topic, [(b"patient:12", b'{"name": "Grace Hopper"}')])
+    rolled = await writer.verify(request, erased)
+    assert rolled.status == "pending_compaction"
+    assert rolled.gone_by is not None
+    await _sleep_until(rolled.gone_by)
+    done = await writer.verify(request, erased)
+    assert done.status == "done", done.detail
+    assert done.verified
+    assert done.gone_by is None
+
+    # "done" is not a promise about the future: the cleaner has removed Ada's records already
+    # (a little grace for the cleaning pass itself), and kept Grace's.
+    deadline = time.monotonic() + 10
+    while True:
+        records = _read_all(kafka_bootstrap, topic, partitions=1)
+        ada = [value for _, _, key, value in records if key == b"patient:1"]
+        if ada == [None] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert ada == [None]
+    grace = [value for _, _, key, value in records if key == b"patient:12"]
+    assert grace[-1] == b'{"name": "Grace Hopper"}'
+
+
+async def test_compaction_without_a_lag_bound_is_at_risk(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic({"cleanup.policy": "compact"})
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+
+    erased = await writer.erase(request)
+    verified = await writer.verify(request, erased)
+
+    assert erased.status == "running"
+    assert erased.gone_by is None
+    assert erased.evidence["max_compaction_lag_ms"] == LONG_MAX
+    assert verified.status == "at_risk"
+    assert verified.gone_by is None
+    assert "set max.compaction.lag.ms" in verified.detail
+    assert verified.evidence["tombstone_present"] is True
+
+
+async def test_delete_policy_with_infinite_retention_is_at_risk(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic({"cleanup.policy": "delete", "retention.ms": "-1"})
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+
+    verified = await writer.verify(request, await writer.erase(request))
+
+    assert verified.status == "at_risk"
+    assert "cleanup.policy=delete with retention.ms=-1 never removes data" in verified.detail
+    assert verified.evidence["retention_ms"] == -1
+
+
+async def test_compact_delete_takes_the_retention_bound_when_it_is_earlier(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic(
+        {"cleanup.policy": "compact,delete", "retention.ms": "60000", "segment.ms": "60000"}
+    )
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+
+    erased = await writer.erase(request)
+    verified = await writer.verify(request, erased)
+
+    check_ms = erased.evidence["log_retention_check_interval_ms"]
+    assert isinstance(check_ms, int)
+    tombstone_ms = erased.evidence["tombstone_time_ms"]
+    assert isinstance(tombstone_ms, int)
+    expected = datetime.fromtimestamp((tombstone_ms + 120_000 + check_ms) / 1000, UTC)
+    assert verified.status == "pending_compaction"
+    assert verified.gone_by == expected
+    assert "cleanup.policy=delete: retention" in verified.detail
+
+
+async def test_a_bound_after_the_erasure_window_is_at_risk(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic({"cleanup.policy": "delete", "retention.ms": str(90 * 86_400_000)})
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+
+    verified = await writer.verify(request, await writer.erase(request))
+
+    assert verified.status == "at_risk"
+    assert "after the erasure window ends" in verified.detail
+
+
+async def test_erasing_twice_writes_two_harmless_tombstones(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic(FAST_COMPACTION)
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+
+    first = await writer.erase(request)
+    second = await writer.erase(request)
+
+    # A retried erase writes a second tombstone for the same key: consumers drop the key twice,
+    # which changes nothing, and compaction keeps only the last one.
+    assert first.evidence["partition"] == second.evidence["partition"]
+    assert second.evidence["offset"] == first.evidence["offset"] + 1  # type: ignore[operator]
+    tombstones = _tombstones(_read_all(kafka_bootstrap, topic))
+    assert [key for _, _, key, _ in tombstones] == [b"patient:1", b"patient:1"]
+    assert (await writer.verify(request, first)).status == "pending_compaction"
+    assert (await writer.verify(request, second)).status == "pending_compaction"
+
+
+async def test_verify_fails_when_the_recorded_offset_is_not_the_tombstone(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic(FAST_COMPACTION, partitions=1)
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    erased = await writer.erase(request)
+    # Offset 1 holds Grace's first profile, not a tombstone.
+    wrong = StepOutcome.model_validate(
+        {**erased.model_dump(), "evidence": {**erased.evidence, "offset": 1}}
+    )
+
+    verified = await writer.verify(request, wrong)
+
+    assert verified.status == "failed"
+    assert "is not the tombstone" in verified.detail
+    assert "patient" not in verified.detail
+
+
+async def test_a_missing_topic_is_a_schema_mismatch_and_produces_nothing(
+    kafka_bootstrap: str, admin: AdminClient
+) -> None:
+    topic = f"test-kafka-missing-{uuid.uuid4().hex[:10]}"
+
+    with pytest.raises(SchemaMismatch, match=f"Kafka topic '{topic}' of system 'patient-events'"):
+        await TombstoneWriter.for_connection(kafka_bootstrap).erase(_request(topic, "1"))
+
+    # Producing would have made the broker auto-create the topic.
+    await asyncio.sleep(0.5)
+    assert topic not in admin.list_topics(timeout=10).topics
+
+
+async def test_retain_writes_nothing_and_cites_the_decision(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic(FAST_COMPACTION)
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1", action="retain")
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+
+    erased = await writer.erase(request)
+
+    assert erased.status == "retained"
+    assert "GDPR Art. 17(1)" in erased.detail
+    assert _tombstones(_read_all(kafka_bootstrap, topic)) == []
+    assert (await writer.verify(request, erased)).status == "retained"
+
+
+async def test_an_unreachable_broker_is_retryable_and_names_no_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(activities.kafka, "TIMEOUT_SECONDS", 1.0)
+    # Clients of their own, dropped afterwards, so they stop reconnecting to the dead address.
+    monkeypatch.setattr(activities.kafka, "_producers", {})
+    monkeypatch.setattr(activities.kafka, "_admins", {})
+    request = _request("patient-profile", "secret-subject-7")
+    writer = TombstoneWriter.for_connection("127.0.0.1:1")
+
+    with pytest.raises(ServiceUnavailable) as raised:
+        await writer.erase(request)
+
+    assert raised.value.retryable
+    assert str(raised.value).startswith("Kafka at 127.0.0.1:1: ")
+    assert "secret" not in str(raised.value)
+    assert raised.value.__cause__ is None
+    # librdkafka's own text can quote keys; it never reaches the message.
+    leaked = writer._unavailable(KafkaException("failed for key patient:secret-subject-7"))
+    assert str(leaked) == "Kafka at 127.0.0.1:1: KafkaException"

@@ -1,0 +1,206 @@
+"""The SQL connector on a SQLite file: the same erasures, checks and refusals as on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Column,
+    Date,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    inspect,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from activities import sql
+from activities.common import SchemaMismatch
+from activities.sql import SqlEraser, SubjectIdDoesNotFit, engine_for
+from classification.datamap import SqlTableLocator
+from lethe.contracts import Action, Decision, Step, StepRequest, Subject
+
+A, B = "p-1", "p-2"
+metadata = MetaData()
+patients = Table(
+    "patients",
+    metadata,
+    Column("patient_id", String(40), primary_key=True),
+    Column("full_name", String(200), nullable=False),
+    Column("email", String(200)),
+    Column("date_of_birth", Date, nullable=False),
+    Column("deleted_at", DateTime),
+)
+appointments = Table(
+    "appointments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_no", Integer, nullable=False),
+    Column("notes", Text),
+)
+lab_results = Table(
+    "lab_results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("appointment_id", Integer, nullable=False),
+    Column("result", Text, nullable=False),
+)
+
+
+@pytest.fixture
+async def eraser(tmp_path: Path) -> AsyncIterator[SqlEraser]:
+    """An eraser over a fresh SQLite file holding two subjects."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'patients.db'}"
+    engine = engine_for(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+        await conn.execute(
+            insert(patients),
+            [
+                {
+                    "patient_id": A,
+                    "full_name": "Ada",
+                    "email": "a@x.org",
+                    "date_of_birth": date(1984, 3, 9),
+                },
+                {
+                    "patient_id": B,
+                    "full_name": "Grace",
+                    "email": "g@x.org",
+                    "date_of_birth": date(1990, 7, 1),
+                },
+            ],
+        )
+        await conn.execute(
+            insert(appointments),
+            [
+                {"id": 1, "patient_no": 1, "notes": "a"},
+                {"id": 2, "patient_no": 2, "notes": "b"},
+            ],
+        )
+        await conn.execute(
+            insert(lab_results),
+            [
+                {"id": 10, "appointment_id": 1, "result": "r1"},
+                {"id": 11, "appointment_id": 2, "result": "r2"},
+            ],
+        )
+    try:
+        yield SqlEraser.for_connection(url)
+    finally:
+        await sql.dispose_engines()
+
+
+async def rows(engine: AsyncEngine, table: Table) -> list[tuple[Any, ...]]:
+    """A table's rows, sorted."""
+    async with engine.connect() as conn:
+        return sorted(tuple(row) for row in await conn.execute(select(table)))
+
+
+def request_for(locator: dict[str, object], action: Action, subject_id: str = A) -> StepRequest:
+    """A step request for a locator given as the data map writes it."""
+    now = datetime.now(UTC)
+    step = Step(
+        id="clinic-db/0",
+        system="clinic-db",
+        kind="sql",
+        region="eu",
+        connection="CLINIC_DB_URL",
+        locator=SqlTableLocator.model_validate(locator),
+        action=action,
+        phase="immediate",
+        decisions=[Decision(rule="r", strategy=action, citation="GDPR Art. 17(1)")],
+    )
+    return StepRequest(
+        request_id="req-1",
+        subject_ref="ref",
+        subject=Subject(tenant="st-mary", subject_id=subject_id),
+        step=step,
+        erasure_started_at=now,
+        window_ends_at=now + timedelta(days=30),
+    )
+
+
+PATIENTS: dict[str, object] = {
+    "table": "patients",
+    "subject_column": "patient_id",
+    "soft_delete_column": "deleted_at",
+    "columns": {
+        "full_name": "user.name",
+        "email": "user.contact.email",
+        "date_of_birth": "user.demographic.date_of_birth",
+    },
+}
+LAB_RESULTS: dict[str, object] = {
+    "table": "lab_results",
+    "subject_column": "patient_no",
+    "via": [{"column": "appointment_id", "table": "appointments", "references": "id"}],
+    "columns": {"result": "user.health_and_medical.lab_result"},
+}
+
+
+async def test_delete_and_verify(eraser: SqlEraser) -> None:
+    request = request_for(PATIENTS, "delete")
+    erased = await eraser.erase(request)
+    verified = await eraser.verify(request, erased)
+    assert (erased.affected, verified.status, erased.evidence["dialect"]) == (1, "done", "sqlite")
+    assert [r[0] for r in await rows(eraser.engine, patients)] == [B]
+
+
+async def test_soft_delete_twice(eraser: SqlEraser) -> None:
+    request = request_for(PATIENTS, "soft_delete")
+    await eraser.erase(request)
+    first = await rows(eraser.engine, patients)
+    again = await eraser.erase(request)
+    assert (await eraser.verify(request, again)).status == "done"
+    assert await rows(eraser.engine, patients) == first
+    erased, untouched = first
+    assert erased[:4] == (A, "erased", None, date(1900, 1, 1)) and erased[4] is not None
+    assert untouched == (B, "Grace", "g@x.org", date(1990, 7, 1), None)
+
+
+async def test_anonymise_through_a_join_on_an_integer_subject_column(eraser: SqlEraser) -> None:
+    request = request_for(LAB_RESULTS, "anonymize", subject_id="1")
+    erased = await eraser.erase(request)
+    assert (await eraser.verify(request, erased)).status == "done"
+    assert await rows(eraser.engine, lab_results) == [(10, 1, "erased"), (11, 2, "r2")]
+
+
+@pytest.mark.parametrize("subject_id", ["1' OR '1'='1", "x; DROP TABLE patients", "%"])
+async def test_ids_that_look_like_sql_touch_nothing(eraser: SqlEraser, subject_id: str) -> None:
+    before = await rows(eraser.engine, patients)
+    erased = await eraser.erase(request_for(PATIENTS, "delete", subject_id=subject_id))
+    assert erased.affected == 0
+    assert await rows(eraser.engine, patients) == before
+    with pytest.raises(SubjectIdDoesNotFit) as raised:
+        await eraser.erase(request_for(LAB_RESULTS, "delete", subject_id=subject_id))
+    assert "patient_no" in str(raised.value) and subject_id not in str(raised.value)
+    async with eraser.engine.connect() as conn:
+        names = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+    assert sorted(names) == ["appointments", "lab_results", "patients"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "missing"),
+    [
+        ({"table": "patient"}, "patient"),
+        ({"table": "archive.patients"}, "archive.patients"),
+        ({"soft_delete_column": "removed_at"}, "removed_at"),
+    ],
+)
+async def test_missing_names_are_a_schema_mismatch(
+    eraser: SqlEraser, changes: dict[str, object], missing: str
+) -> None:
+    before = await rows(eraser.engine, patients)
+    with pytest.raises(SchemaMismatch, match=missing):
+        await eraser.erase(request_for({**PATIENTS, **changes}, "soft_delete"))
+    assert await rows(eraser.engine, patients) == before

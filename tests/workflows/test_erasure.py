@@ -1,0 +1,351 @@
+"""The erasure workflow under time skipping: approval, the 30-day window, holds, deadlines, joins.
+
+Connectors are replaced by registering other functions under their activity names (the
+workflow's behaviour is under test here; each connector has its own integration tests). The
+control-plane activities are the real ones, on a SQLite store in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import WorkflowHandle, WorkflowQueryFailedError
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities import ledger as ledger_activities
+from activities.planning import plan_erasure
+from lethe import holds, ledger
+from lethe.contracts import (
+    CONTROL_QUEUE,
+    ApprovalDecision,
+    Certificate,
+    ErasureRequest,
+    ErasureStart,
+    ErasureStatus,
+    Extension,
+    StepOutcome,
+    StepRequest,
+    Subject,
+    VerifyRequest,
+)
+from lethe.regions import task_queue
+from lethe.store import dispose_all, engine_for
+from policies.model import PACKS_DIR
+from workflows.erasure import ErasureWorkflow
+from workflows.regional_erasure import RegionalErasureWorkflow
+
+ROOT = Path(__file__).resolve().parents[2]
+KINDS = ("sql", "kafka", "redis", "blob", "logs")
+
+
+@dataclass
+class Calls:
+    """What the stand-in connectors were asked to do, and when (in workflow time)."""
+
+    erased: list[tuple[str, datetime]] = field(default_factory=list)
+    verified: list[str] = field(default_factory=list)
+    failing: set[str] = field(default_factory=set)
+
+
+def connectors(calls: Calls) -> list[Callable[..., Any]]:
+    """Stand-ins registered under the real connectors' activity names."""
+    made: list[Callable[..., Any]] = []
+    for kind in KINDS:
+
+        @activity.defn(name=f"{kind}.erase")
+        async def erase(request: StepRequest) -> StepOutcome:
+            if request.step.system in calls.failing:
+                raise ApplicationError(
+                    "table patients has no column email", type="SchemaMismatch", non_retryable=True
+                )
+            calls.erased.append((request.step.id, activity.info().current_attempt_scheduled_time))
+            return StepOutcome(step_id=request.step.id, status="running", affected=1)
+
+        @activity.defn(name=f"{kind}.verify")
+        async def verify(check: VerifyRequest) -> StepOutcome:
+            calls.verified.append(check.request.step.id)
+            return check.erased.model_copy(update={"status": "done", "verified": True})
+
+        made += [erase, verify]
+    return made
+
+
+@pytest.fixture(scope="module")
+def store_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Point the control activities at a temporary SQLite store and the sample map (GDPR)."""
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('store') / 'lethe.db'}"
+    saved = {
+        name: os.environ.get(name) for name in ("LETHE_STORE_URL", "LETHE_DATAMAP", "LETHE_POLICY")
+    }
+    os.environ.update(
+        LETHE_STORE_URL=url,
+        LETHE_DATAMAP=str(ROOT / "examples" / "datamap.yaml"),
+        LETHE_POLICY=str(PACKS_DIR / "gdpr.yaml"),
+    )
+    yield url
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+async def calls(time_skipping_env: WorkflowEnvironment, store_env: str) -> AsyncIterator[Calls]:
+    """Run a control worker and an `eu` worker with stand-in connectors for one test."""
+    recorded = Calls()
+    client = time_skipping_env.client
+    control = Worker(
+        client,
+        task_queue=CONTROL_QUEUE,
+        workflows=[ErasureWorkflow],
+        activities=[
+            plan_erasure,
+            ledger_activities.record,
+            ledger_activities.blocking,
+            ledger_activities.issue,
+        ],
+    )
+    region = Worker(
+        client,
+        task_queue=task_queue("eu"),
+        workflows=[RegionalErasureWorkflow],
+        activities=connectors(recorded),
+    )
+    async with control, region:
+        yield recorded
+    await dispose_all()
+
+
+def _start(subject_id: str | None = None) -> ErasureStart:
+    subject = Subject(
+        tenant="st-mary",
+        subject_id=subject_id or f"p-{uuid.uuid4().hex[:8]}",
+        identities={"email": "a@b.org"},
+    )
+    return ErasureStart(
+        request_id=f"req-{uuid.uuid4().hex[:12]}",
+        subject_ref=uuid.uuid4().hex,
+        request=ErasureRequest(
+            subject=subject, requested_by="dpo@st-mary", reason="Art. 17 request"
+        ),
+        received_at=datetime.now(UTC),
+    )
+
+
+async def _begin(
+    env: WorkflowEnvironment, start: ErasureStart
+) -> WorkflowHandle[ErasureWorkflow, Certificate]:
+    return await env.client.start_workflow(
+        ErasureWorkflow.run,
+        start,
+        id=f"erasure-{start.subject_ref}",
+        task_queue=CONTROL_QUEUE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+
+
+async def _status(handle: WorkflowHandle[ErasureWorkflow, Certificate]) -> ErasureStatus:
+    return await handle.query(ErasureWorkflow.status, rpc_timeout=timedelta(seconds=10))
+
+
+async def _wait_for(
+    handle: WorkflowHandle[ErasureWorkflow, Certificate], check: Callable[[ErasureStatus], bool]
+) -> ErasureStatus:
+    status = None
+    for _ in range(100):
+        with contextlib.suppress(WorkflowQueryFailedError):  # before the first workflow task
+            status = await _status(handle)
+            if check(status):
+                return status
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the status never got there; last: {status}")
+
+
+async def _wait_state(
+    handle: WorkflowHandle[ErasureWorkflow, Certificate], state: str
+) -> ErasureStatus:
+    return await _wait_for(handle, lambda status: status.state == state)
+
+
+async def test_approved_erasure_runs_immediate_steps_then_waits_the_window(
+    time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
+) -> None:
+    start = _start()
+    handle = await _begin(time_skipping_env, start)
+    status = await _wait_state(handle, "awaiting_approval")
+    assert status.approval_required
+    assert not calls.erased  # nothing is destroyed before approval
+    await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo@st-mary"))
+
+    certificate = await handle.result()
+
+    assert certificate.outcome == "erased"
+    assert certificate.approval is not None and certificate.approval.by == "dpo@st-mary"
+    assert {o.step_id for o in certificate.steps} == {s.id for s in certificate.plan.steps}
+    erased_at = dict(calls.erased)
+    assert certificate.started_at is not None
+    immediate = [
+        s.id for s in certificate.plan.steps if s.phase == "immediate" and s.action != "retain"
+    ]
+    deferred = [s.id for s in certificate.plan.steps if s.phase == "deferred"]
+    assert immediate and deferred
+    for step_id in immediate:
+        assert erased_at[step_id] - certificate.started_at < timedelta(days=1)
+    for step_id in deferred:
+        assert erased_at[step_id] - certificate.started_at >= timedelta(days=30)
+    assert set(calls.verified) == set(erased_at)
+
+    engine = await engine_for(store_env)
+    report = await ledger.verify_chain(engine)
+    assert report.intact, report.problems
+    written = await ledger.entries(engine, start.request_id)
+    assert [e.hash for e in written] == certificate.ledger_hashes
+    assert {"erasure.requested", "erasure.approved", "erasure.started", "erasure.erased"} <= {
+        e.action for e in written
+    }
+    assert all(start.request.subject.subject_id not in e.model_dump_json() for e in written)
+
+
+async def test_rejected_request_destroys_nothing(
+    time_skipping_env: WorkflowEnvironment, calls: Calls
+) -> None:
+    handle = await _begin(time_skipping_env, _start())
+    await _wait_state(handle, "awaiting_approval")
+    await handle.signal(
+        ErasureWorkflow.reject, ApprovalDecision(by="dpo", note="identity not verified")
+    )
+    certificate = await handle.result()
+    assert certificate.outcome == "rejected"
+    assert calls.erased == []
+
+
+async def test_deadline_is_flagged_then_extended_with_a_reason(
+    time_skipping_env: WorkflowEnvironment, calls: Calls
+) -> None:
+    start = _start()
+    handle = await _begin(time_skipping_env, start)
+    first = await _wait_state(handle, "awaiting_approval")
+    await time_skipping_env.sleep(timedelta(days=32))
+    await _wait_for(handle, lambda status: status.overdue)
+    await handle.signal(
+        ErasureWorkflow.extend,
+        Extension(months=2, reason="complex request across 5 systems", by="dpo"),
+    )
+    extended = await _wait_for(handle, lambda status: status.extension is not None)
+    assert not extended.overdue
+    assert extended.extension is not None and extended.extension.reason.startswith("complex")
+    assert (extended.deadline - first.deadline).days >= 59
+    await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
+    certificate = await handle.result()
+    assert certificate.extension is not None
+    assert certificate.deadline == extended.deadline
+
+
+async def test_a_subject_hold_blocks_until_released(
+    time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
+) -> None:
+    start = _start()
+    engine = await engine_for(store_env)
+    hold = await holds.place(
+        engine,
+        matter="Doe v. St Mary",
+        scope="subject",
+        value=start.subject_ref,
+        placed_by="counsel",
+        reason="litigation",
+    )
+    handle = await _begin(time_skipping_env, start)
+    await _wait_state(handle, "awaiting_approval")
+    await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
+    status = await _wait_state(handle, "on_hold")
+    immediate = [s for s in status.steps if s.phase == "immediate" and s.action != "retain"]
+    assert {s.status for s in immediate} == {"held"}
+    assert all(hold.id in s.holds for s in status.steps if s.status == "held")
+    assert calls.erased == []
+
+    await holds.release(engine, hold.id, released_by="counsel")
+    await handle.signal(ErasureWorkflow.holds_changed)
+    certificate = await handle.result()
+    assert certificate.outcome == "erased"
+    assert calls.erased
+
+
+async def test_a_category_hold_blocks_only_the_steps_it_covers(
+    time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
+) -> None:
+    engine = await engine_for(store_env)
+    hold = await holds.place(
+        engine,
+        matter="audit",
+        scope="system",
+        value="session-cache",
+        placed_by="counsel",
+        reason="audit",
+    )
+    try:
+        handle = await _begin(time_skipping_env, _start())
+        await _wait_state(handle, "awaiting_approval")
+        await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
+        status = await _wait_state(handle, "on_hold")
+        held = {s.step_id for s in status.steps if s.status == "held"}
+        assert held == {"session-cache/0"}
+        assert "patients-db/0" in {step_id for step_id, _ in calls.erased}
+    finally:
+        await holds.release(engine, hold.id, released_by="counsel")
+    # Without a signal, the hourly re-check finds the release (time skipping runs the timer).
+    certificate = await handle.result()
+    assert certificate.outcome == "erased"
+
+
+async def test_one_failing_system_does_not_stop_the_others(
+    time_skipping_env: WorkflowEnvironment, calls: Calls
+) -> None:
+    calls.failing.add("patients-db")
+    handle = await _begin(time_skipping_env, _start())
+    await _wait_state(handle, "awaiting_approval")
+    await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
+    certificate = await handle.result()
+    assert certificate.outcome == "incomplete"
+    failed = [o for o in certificate.steps if o.status == "failed"]
+    assert failed and all(o.step_id.startswith("patients-db/") for o in failed)
+    assert "SchemaMismatch" in failed[0].detail
+    assert any(o.status == "done" for o in certificate.steps)
+
+
+async def test_a_second_request_for_the_same_subject_joins_the_first(
+    time_skipping_env: WorkflowEnvironment, calls: Calls
+) -> None:
+    start = _start()
+    first = await _begin(time_skipping_env, start)
+    again = await _begin(time_skipping_env, start.model_copy(update={"request_id": "req-other"}))
+    assert again.result_run_id == first.result_run_id
+    await _wait_state(first, "awaiting_approval")
+    await first.signal(ErasureWorkflow.reject, ApprovalDecision(by="dpo"))
+    assert (await again.result()).request_id == start.request_id
+
+
+async def test_dry_run_plans_and_touches_nothing(
+    time_skipping_env: WorkflowEnvironment, calls: Calls
+) -> None:
+    start = _start()
+    dry = start.model_copy(update={"request": start.request.model_copy(update={"dry_run": True})})
+    certificate = await time_skipping_env.client.execute_workflow(
+        ErasureWorkflow.run, dry, id=f"erasure-dryrun-{uuid.uuid4().hex}", task_queue=CONTROL_QUEUE
+    )
+    assert certificate.outcome == "dry_run"
+    assert certificate.plan.steps
+    assert calls.erased == []
