@@ -27,7 +27,6 @@ from activities.healthcheck import report_worker
 from activities.planning import plan_erasure
 from lethe.client import connect
 from lethe.config import Settings, load_settings
-from lethe.contracts import CONTROL_QUEUE
 from lethe.errors import LetheError
 from lethe.regions import task_queue, validate_region
 from lethe.store import dispose_all
@@ -67,7 +66,7 @@ def build_control_worker(client: TemporalClient, settings: Settings) -> Worker:
     """The control plane's worker: the erasure workflow, planning, holds, ledger, certificates."""
     return Worker(
         client,
-        task_queue=CONTROL_QUEUE,
+        task_queue=settings.control_queue,
         workflows=list(CONTROL_WORKFLOWS),
         activities=list(CONTROL_ACTIVITIES),
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_grace_seconds),

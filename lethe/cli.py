@@ -1,18 +1,14 @@
-"""The `lethe` command line: workers, health checks, codec keys and the demo."""
+"""The `lethe` command line: erasure, holds, audit, workers, health checks, codec keys, demo."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
-import sys
 import uuid
-from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from temporalio.client import Client as TemporalClient
 from temporalio.client import WorkflowFailureError
@@ -20,6 +16,10 @@ from temporalio.common import WorkflowIDReusePolicy
 
 from lethe import codec
 from lethe.client import connect
+from lethe.commands import erasure as erasure_commands
+from lethe.commands.audit import audit_app
+from lethe.commands.common import err, out, run
+from lethe.commands.holds import hold_app
 from lethe.config import CODEC_KEY_BYTES, Settings, load_settings
 from lethe.contracts import HealthCheckReport, HealthCheckRequest
 from lethe.errors import LetheError
@@ -31,29 +31,11 @@ app = typer.Typer(
 )
 codec_app = typer.Typer(help="The payload codec's keys.", no_args_is_help=True)
 app.add_typer(codec_app, name="codec")
-
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+app.add_typer(hold_app, name="hold")
+app.add_typer(audit_app, name="audit")
+erasure_commands.register(app)
 
 RegionOption = Annotated[str, typer.Option("--region", help="a region, e.g. eu")]
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> None:
-    """Run a command's coroutine; a LetheError becomes one clear line and exit code 2.
-
-    Ends with os._exit after flushing: the Temporal SDK's runtime can abort at interpreter exit
-    in short-lived processes (sdk-python issue 300).
-    """
-    try:
-        code = asyncio.run(coro)
-    except LetheError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        code = 2
-    except KeyboardInterrupt:
-        code = 130
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 @app.command()
@@ -79,7 +61,7 @@ def ping(
     timeout: Annotated[float, typer.Option(help="seconds to wait for a worker")] = 30.0,
 ) -> None:
     """Check that a worker serves the region: a workflow round trip through its task queue."""
-    _run(_ping(region, timeout))
+    run(_ping(region, timeout))
 
 
 async def _ping(region: str, timeout: float) -> int:
@@ -145,7 +127,7 @@ def new_key() -> None:
 @app.command()
 def demo() -> None:
     """Start the embedded Temporal server and a worker, then run a health check through both."""
-    _run(_demo())
+    run(_demo())
 
 
 async def _demo() -> int:

@@ -1,16 +1,44 @@
-"""Connecting to Temporal the way every part of Lethe does: its settings and its data converter."""
+"""Lethe's SDK: `Client` starts and follows erasures; `connect` reaches Temporal with the codec."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client as TemporalClient
+from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+)
 from temporalio.runtime import Runtime
-from temporalio.service import TLSConfig
+from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
+from lethe import holds
+from lethe import search_attributes as sa
 from lethe.codec import codec_from_settings, data_converter
-from lethe.config import Settings
-from lethe.errors import ServiceUnavailable
+from lethe.config import Settings, load_settings
+from lethe.contracts import (
+    ApprovalDecision,
+    Certificate,
+    ErasureRequest,
+    ErasureStart,
+    ErasureStatus,
+    Extension,
+    Hold,
+    HoldScope,
+    Plan,
+)
+from lethe.errors import LetheError, ServiceUnavailable
+from lethe.store import engine_for
+from lethe.subjects import subject_ref
+from workflows.erasure import ErasureWorkflow
+
+QUERY_TIMEOUT = timedelta(seconds=10)
 
 
 def _tls(settings: Settings) -> TLSConfig | bool:
@@ -42,3 +70,182 @@ async def connect(settings: Settings, *, runtime: Runtime | None = None) -> Temp
         raise ServiceUnavailable(
             f"cannot reach Temporal at {settings.temporal_address}: {exc}"
         ) from None
+
+
+class UnknownRequest(LetheError):
+    """No erasure request matches what was asked for."""
+
+
+def erasure_workflow_id(subject_ref: str) -> str:
+    """The erasure workflow id of a subject: a second request joins the running one."""
+    return f"erasure-{subject_ref}"
+
+
+class Client:
+    """Lethe's SDK for services and the CLI: start, follow, approve and audit erasures.
+
+    Subjects are named by tenant and subject id; the client turns them into subject references
+    (LETHE_SUBJECT_KEY) before anything reaches Temporal's ids or search attributes.
+    """
+
+    def __init__(self, temporal: TemporalClient, settings: Settings) -> None:
+        self.temporal = temporal
+        self.settings = settings
+
+    @classmethod
+    async def connect(cls, settings: Settings | None = None) -> Client:
+        """Connect with the settings from the environment (or those given)."""
+        settings = settings or load_settings()
+        return cls(await connect(settings), settings)
+
+    def subject_ref(self, tenant: str, subject_id: str) -> str:
+        """The subject reference of (tenant, subject id)."""
+        return subject_ref(tenant, subject_id, self.settings.subject_key_bytes)
+
+    def workflow_id(self, tenant: str, subject_id: str) -> str:
+        """The erasure workflow id for a subject."""
+        return erasure_workflow_id(self.subject_ref(tenant, subject_id))
+
+    async def erase(self, request: ErasureRequest) -> str:
+        """Start the erasure of a subject, or join the one already running; its workflow id.
+
+        A dry run plans without touching anything: use `plan` for that.
+        """
+        if request.dry_run:
+            raise ValueError("use Client.plan for a dry run")
+        ref = self.subject_ref(request.subject.tenant, request.subject.subject_id)
+        handle = await self.temporal.start_workflow(
+            ErasureWorkflow.run,
+            self._start(request, ref),
+            id=erasure_workflow_id(ref),
+            task_queue=self.settings.control_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=self._search_attributes(request, ref),
+        )
+        return handle.id
+
+    async def plan(self, request: ErasureRequest) -> Plan:
+        """The plan an erasure would follow; nothing is touched."""
+        ref = self.subject_ref(request.subject.tenant, request.subject.subject_id)
+        dry = request.model_copy(update={"dry_run": True})
+        certificate = await self.temporal.execute_workflow(
+            ErasureWorkflow.run,
+            self._start(dry, ref),
+            id=f"erasure-dryrun-{ref}-{uuid.uuid4().hex[:8]}",
+            task_queue=self.settings.control_queue,
+            search_attributes=self._search_attributes(dry, ref),
+            execution_timeout=timedelta(minutes=5),
+        )
+        return certificate.plan
+
+    async def status(self, workflow_id: str) -> ErasureStatus:
+        """Where an erasure stands, step by step."""
+        handle = self.temporal.get_workflow_handle_for(ErasureWorkflow.run, workflow_id)
+        try:
+            return await handle.query(ErasureWorkflow.status, rpc_timeout=QUERY_TIMEOUT)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise UnknownRequest(f"no erasure request {workflow_id}") from None
+            raise ServiceUnavailable(
+                f"the status of {workflow_id} did not come back ({exc.status.name}): is a "
+                "control worker running (`lethe worker --region R --control`)?"
+            ) from None
+        except WorkflowQueryFailedError as exc:
+            raise ServiceUnavailable(f"the status query failed: {exc}") from None
+
+    async def approve(self, workflow_id: str, decision: ApprovalDecision) -> None:
+        """Approve an erasure waiting for the DPO."""
+        await self._signal(workflow_id, ErasureWorkflow.approve, decision)
+
+    async def reject(self, workflow_id: str, decision: ApprovalDecision) -> None:
+        """Reject an erasure waiting for the DPO."""
+        await self._signal(workflow_id, ErasureWorkflow.reject, decision)
+
+    async def extend(self, workflow_id: str, extension: Extension) -> None:
+        """Extend an erasure's Art. 12(3) deadline, with its reason."""
+        await self._signal(workflow_id, ErasureWorkflow.extend, extension)
+
+    async def result(self, workflow_id: str) -> Certificate:
+        """Wait for an erasure to finish; its certificate."""
+        handle = self.temporal.get_workflow_handle_for(ErasureWorkflow.run, workflow_id)
+        return await handle.result()
+
+    async def certificate(self, workflow_id: str) -> Certificate:
+        """The certificate of a finished erasure (UnknownRequest while it still runs)."""
+        handle = self.temporal.get_workflow_handle_for(ErasureWorkflow.run, workflow_id)
+        try:
+            described = await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise UnknownRequest(f"no erasure request {workflow_id}") from None
+            raise
+        state = described.status
+        if state == WorkflowExecutionStatus.RUNNING:
+            raise UnknownRequest(
+                f"{workflow_id} is still running: its certificate comes when it finishes "
+                f"(`lethe status {workflow_id}`)"
+            )
+        if state != WorkflowExecutionStatus.COMPLETED:
+            name = state.name.lower() if state else "unknown"
+            raise UnknownRequest(f"{workflow_id} ended without a certificate ({name})")
+        return await handle.result()
+
+    async def place_hold(
+        self, *, matter: str, scope: HoldScope, value: str, placed_by: str, reason: str
+    ) -> Hold:
+        """Place a legal hold. For a subject hold, `value` is the subject reference."""
+        return await holds.place(
+            await self._store(),
+            matter=matter,
+            scope=scope,
+            value=value,
+            placed_by=placed_by,
+            reason=reason,
+        )
+
+    async def release_hold(self, hold_id: str, *, released_by: str) -> Hold:
+        """Release a hold and tell the erasures waiting on holds to check again."""
+        hold = await holds.release(await self._store(), hold_id, released_by=released_by)
+        query = "LetheKind = 'erasure' AND LetheStatus = 'on_hold' AND ExecutionStatus = 'Running'"
+        async for execution in self.temporal.list_workflows(query):
+            await self._signal(execution.id, ErasureWorkflow.holds_changed)
+        return hold
+
+    async def list_holds(self, *, include_released: bool = False) -> list[Hold]:
+        """Legal holds, active ones unless asked."""
+        return await holds.list_holds(await self._store(), include_released=include_released)
+
+    async def _store(self) -> AsyncEngine:
+        return await engine_for(self.settings.store_url.get_secret_value())
+
+    async def _signal(self, workflow_id: str, signal: Any, arg: object = None) -> None:
+        handle = self.temporal.get_workflow_handle(workflow_id)
+        try:
+            if arg is None:
+                await handle.signal(signal)
+            else:
+                await handle.signal(signal, arg)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise UnknownRequest(f"no running erasure request {workflow_id}") from None
+            raise
+
+    @staticmethod
+    def _start(request: ErasureRequest, ref: str) -> ErasureStart:
+        return ErasureStart(
+            request_id=f"req-{uuid.uuid4().hex[:16]}",
+            subject_ref=ref,
+            request=request,
+            received_at=datetime.now(UTC),
+        )
+
+    @staticmethod
+    def _search_attributes(request: ErasureRequest, ref: str) -> TypedSearchAttributes:
+        return TypedSearchAttributes(
+            [
+                SearchAttributePair(sa.KIND, "erasure-dry-run" if request.dry_run else "erasure"),
+                SearchAttributePair(sa.STATUS, "planning"),
+                SearchAttributePair(sa.TENANT, request.subject.tenant),
+                SearchAttributePair(sa.SUBJECT_REF, ref),
+            ]
+        )

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     policy: Path | None = None
     """The policy pack (YAML): retention and erasure rules."""
 
+    control_queue: str = Field(default="lethe-control", pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    """The control plane's task queue: the erasure workflow, planning, holds, ledger."""
+
     metrics_bind: HostPort | None = None
     """Where a worker serves Prometheus metrics, e.g. `127.0.0.1:9464`; off when unset."""
     worker_shutdown_grace_seconds: float = Field(default=30.0, gt=0)

@@ -229,9 +229,6 @@ class LedgerEntry(Contract):
 
 # --- the erasure workflow ------------------------------------------------------------------------
 
-CONTROL_QUEUE = "lethe-control"
-"""The task queue of the control plane: planning, holds, ledger and the erasure workflow itself."""
-
 
 class ErasureStart(Contract):
     """The erasure workflow's input."""
@@ -358,3 +355,23 @@ class HoldQuery(Contract):
     subject_ref: str
     tenant: str
     steps: list[Step]
+
+
+class TimelineEvent(Contract):
+    """One event of a workflow's history, its payloads decrypted, for auditors."""
+
+    id: int
+    at: datetime
+    type: str
+    detail: str = ""
+    payloads: list[object] = []
+
+
+class RequestSummary(Contract):
+    """One erasure request as `lethe audit list` shows it."""
+
+    request: str
+    status: str | None = None
+    regions: list[str] = []
+    started: datetime | None = None
+    closed: datetime | None = None

@@ -1,8 +1,8 @@
 """The right-to-erasure workflow: plan, approve, respect holds, erase by region, verify, certify.
 
 Workflow id `erasure-<subject reference>`, so a second request for the same subject joins the
-running one. It runs on the control queue; each region's steps run in a child workflow on that
-region's queue.
+running one. It runs on the control queue (and so do its planning, hold, ledger and certificate
+activities); each region's steps run in a child workflow on that region's queue.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from lethe import search_attributes as sa
     from lethe.contracts import (
-        CONTROL_QUEUE,
         ApprovalDecision,
         Certificate,
         ErasureStart,
@@ -123,7 +122,6 @@ class ErasureWorkflow:
             "planning.plan",
             args=[request, start.request_id, start.subject_ref],
             result_type=Plan,
-            task_queue=CONTROL_QUEUE,
             start_to_close_timeout=CONTROL_TIMEOUT,
             retry_policy=CONTROL_RETRY,
         )
@@ -233,7 +231,6 @@ class ErasureWorkflow:
                     steps=remaining,
                 ),
                 result_type=dict[str, list[str]],
-                task_queue=CONTROL_QUEUE,
                 start_to_close_timeout=CONTROL_TIMEOUT,
                 retry_policy=CONTROL_RETRY,
             )
@@ -341,7 +338,6 @@ class ErasureWorkflow:
             await workflow.execute_activity(
                 "certificate.issue",
                 certificate,
-                task_queue=CONTROL_QUEUE,
                 start_to_close_timeout=CONTROL_TIMEOUT,
                 retry_policy=CONTROL_RETRY,
             )
@@ -370,7 +366,6 @@ class ErasureWorkflow:
                 details=details,
             ),
             result_type=str,
-            task_queue=CONTROL_QUEUE,
             start_to_close_timeout=CONTROL_TIMEOUT,
             retry_policy=CONTROL_RETRY,
         )

@@ -29,7 +29,6 @@ from activities import ledger as ledger_activities
 from activities.planning import plan_erasure
 from lethe import holds, ledger
 from lethe.contracts import (
-    CONTROL_QUEUE,
     ApprovalDecision,
     Certificate,
     ErasureRequest,
@@ -48,6 +47,7 @@ from workflows.erasure import ErasureWorkflow
 from workflows.regional_erasure import RegionalErasureWorkflow
 
 ROOT = Path(__file__).resolve().parents[2]
+CONTROL = "lethe-control"
 KINDS = ("sql", "kafka", "redis", "blob", "logs")
 
 
@@ -110,7 +110,7 @@ async def calls(time_skipping_env: WorkflowEnvironment, store_env: str) -> Async
     client = time_skipping_env.client
     control = Worker(
         client,
-        task_queue=CONTROL_QUEUE,
+        task_queue=CONTROL,
         workflows=[ErasureWorkflow],
         activities=[
             plan_erasure,
@@ -153,7 +153,7 @@ async def _begin(
         ErasureWorkflow.run,
         start,
         id=f"erasure-{start.subject_ref}",
-        task_queue=CONTROL_QUEUE,
+        task_queue=CONTROL,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
 
@@ -344,7 +344,7 @@ async def test_dry_run_plans_and_touches_nothing(
     start = _start()
     dry = start.model_copy(update={"request": start.request.model_copy(update={"dry_run": True})})
     certificate = await time_skipping_env.client.execute_workflow(
-        ErasureWorkflow.run, dry, id=f"erasure-dryrun-{uuid.uuid4().hex}", task_queue=CONTROL_QUEUE
+        ErasureWorkflow.run, dry, id=f"erasure-dryrun-{uuid.uuid4().hex}", task_queue=CONTROL
     )
     assert certificate.outcome == "dry_run"
     assert certificate.plan.steps

@@ -1,0 +1,141 @@
+"""Readable renderings of plans, statuses, certificates and holds (rich tables)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from lethe.contracts import Certificate, ErasureStatus, Hold, Plan, StepOutcome
+
+STATUS_STYLE = {
+    "done": "green",
+    "retained": "cyan",
+    "running": "yellow",
+    "held": "magenta",
+    "pending_compaction": "yellow",
+    "at_risk": "red",
+    "failed": "red",
+    "planned": "dim",
+}
+
+
+def when(moment: datetime | None) -> str:
+    """A moment as `YYYY-MM-DD HH:MM UTC`."""
+    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "-"
+
+
+def plan_table(plan: Plan) -> Table:
+    """The plan: per region, per step, the action and the rules behind it."""
+    table = Table(
+        title=f"plan under {plan.policy} (home region {plan.home_region})", title_justify="left"
+    )
+    for column in ("region", "step", "kind", "action", "phase", "basis"):
+        table.add_column(column)
+    for region in plan.regions:
+        for step in region.steps:
+            basis = "; ".join(sorted({f"{d.rule} ({d.citation})" for d in step.decisions}))
+            action = step.action + (
+                f" keep {','.join(step.keep_columns)}" if step.keep_columns else ""
+            )
+            table.add_row(region.region, step.id, step.kind, action, step.phase, basis)
+    return table
+
+
+def status_view(status: ErasureStatus) -> Group:
+    """The status: state, deadline, approval and each step."""
+    head = Text.assemble(
+        (f"{status.state}", "bold"),
+        f"  received {when(status.received_at)}  deadline {when(status.deadline)}",
+        (" OVERDUE" if status.overdue else "", "bold red"),
+    )
+    if status.extension:
+        head.append(f"  extended {status.extension.months} month(s): {status.extension.reason}")
+    if status.window_ends_at:
+        head.append(f"  window ends {when(status.window_ends_at)}")
+    table = Table(show_header=True)
+    for column in ("step", "kind", "region", "action", "phase", "status", "detail"):
+        table.add_column(column)
+    for step in status.steps:
+        detail = step.detail or (f"held by {', '.join(step.holds)}" if step.holds else "")
+        table.add_row(
+            step.step_id,
+            step.kind,
+            step.region,
+            step.action,
+            step.phase,
+            Text(step.status, style=STATUS_STYLE.get(step.status, "")),
+            detail,
+        )
+    return Group(head, table)
+
+
+def _outcome_row(outcome: StepOutcome) -> list[str | Text]:
+    evidence = ", ".join(f"{k}={v}" for k, v in sorted(outcome.evidence.items()))
+    return [
+        outcome.step_id,
+        Text(outcome.status, style=STATUS_STYLE.get(outcome.status, "")),
+        str(outcome.affected),
+        "yes" if outcome.verified else "no",
+        when(outcome.gone_by) if outcome.gone_by else "",
+        (outcome.detail + ("; " if outcome.detail and evidence else "") + evidence)[:300],
+    ]
+
+
+def certificate_view(certificate: Certificate) -> Group:
+    """The certificate in a readable form."""
+    head = Table(show_header=False, title="erasure certificate", title_justify="left")
+    rows = [
+        ("request", certificate.request_id),
+        ("subject reference", certificate.subject_ref),
+        ("tenant", certificate.tenant),
+        ("outcome", certificate.outcome),
+        ("policy", certificate.policy),
+        ("data map sha256", certificate.datamap_digest),
+        ("requested by", certificate.requested_by),
+        ("reason", certificate.reason or "-"),
+        ("received", when(certificate.received_at)),
+        ("deadline", when(certificate.deadline)),
+        ("approved by", certificate.approval.by if certificate.approval else "-"),
+        ("started", when(certificate.started_at)),
+        ("completed", when(certificate.completed_at)),
+        ("ledger entries", str(len(certificate.ledger_hashes))),
+    ]
+    if certificate.extension:
+        rows.append(
+            (
+                "extension",
+                f"{certificate.extension.months} month(s): {certificate.extension.reason}",
+            )
+        )
+    for key, value in rows:
+        head.add_row(key, value)
+    steps = Table(title="steps", title_justify="left")
+    for column in ("step", "status", "affected", "verified", "gone by", "evidence"):
+        steps.add_column(column)
+    for outcome in certificate.steps:
+        steps.add_row(*_outcome_row(outcome))
+    return Group(head, steps)
+
+
+def holds_table(found: list[Hold]) -> Table:
+    """Legal holds."""
+    table = Table(title="legal holds", title_justify="left")
+    for column in ("id", "matter", "scope", "value", "placed by", "placed", "released"):
+        table.add_column(column)
+    for hold in found:
+        released = (
+            f"{when(hold.released_at)} by {hold.released_by}" if hold.released_at else "active"
+        )
+        table.add_row(
+            hold.id,
+            hold.matter,
+            hold.scope,
+            hold.value,
+            hold.placed_by,
+            when(hold.placed_at),
+            released,
+        )
+    return table
