@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from temporalio import activity
-from temporalio.client import WorkflowHandle, WorkflowQueryFailedError
+from temporalio.client import WorkflowHandle, WorkflowHistory, WorkflowQueryFailedError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -130,7 +131,7 @@ async def calls(time_skipping_env: WorkflowEnvironment, store_env: str) -> Async
     await dispose_all()
 
 
-def _start(subject_id: str | None = None) -> ErasureStart:
+def _start(received_at: datetime, subject_id: str | None = None) -> ErasureStart:
     subject = Subject(
         tenant="st-mary",
         subject_id=subject_id or f"p-{uuid.uuid4().hex[:8]}",
@@ -142,7 +143,7 @@ def _start(subject_id: str | None = None) -> ErasureStart:
         request=ErasureRequest(
             subject=subject, requested_by="dpo@st-mary", reason="Art. 17 request"
         ),
-        received_at=datetime.now(UTC),
+        received_at=received_at,
     )
 
 
@@ -156,6 +157,34 @@ async def _begin(
         task_queue=CONTROL,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
+
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def _save(path: Path, workflow_id: str, history: WorkflowHistory) -> None:
+    recorded = {"workflowId": workflow_id, **json.loads(history.to_json())}
+    path.write_text(json.dumps(recorded, indent=1))
+
+
+async def _finish(
+    env: WorkflowEnvironment, handle: WorkflowHandle[ErasureWorkflow, Certificate], name: str
+) -> Certificate:
+    """The certificate; with LETHE_RECORD_HISTORIES=1, also save the histories for replay tests."""
+    certificate = await handle.result()
+    if os.environ.get("LETHE_RECORD_HISTORIES") == "1":
+        history = await handle.fetch_history()
+        HISTORIES.mkdir(exist_ok=True)
+        _save(HISTORIES / f"{name}.json", handle.id, history)
+        children = [
+            e.child_workflow_execution_started_event_attributes.workflow_execution.workflow_id
+            for e in history.events
+            if e.HasField("child_workflow_execution_started_event_attributes")
+        ]
+        for index, child in enumerate(children):
+            child_history = await env.client.get_workflow_handle(child).fetch_history()
+            _save(HISTORIES / f"{name}.child{index}.json", child, child_history)
+    return certificate
 
 
 async def _status(handle: WorkflowHandle[ErasureWorkflow, Certificate]) -> ErasureStatus:
@@ -184,14 +213,16 @@ async def _wait_state(
 async def test_approved_erasure_runs_immediate_steps_then_waits_the_window(
     time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
 ) -> None:
-    start = _start()
+    start = _start(await time_skipping_env.get_current_time())
     handle = await _begin(time_skipping_env, start)
     status = await _wait_state(handle, "awaiting_approval")
     assert status.approval_required
     assert not calls.erased  # nothing is destroyed before approval
     await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo@st-mary"))
 
-    certificate = await handle.result()
+    certificate = await _finish(
+        time_skipping_env, handle, "approved_erasure_runs_immediate_steps_then_waits_the_window"
+    )
 
     assert certificate.outcome == "erased"
     assert certificate.approval is not None and certificate.approval.by == "dpo@st-mary"
@@ -223,12 +254,12 @@ async def test_approved_erasure_runs_immediate_steps_then_waits_the_window(
 async def test_rejected_request_destroys_nothing(
     time_skipping_env: WorkflowEnvironment, calls: Calls
 ) -> None:
-    handle = await _begin(time_skipping_env, _start())
+    handle = await _begin(time_skipping_env, _start(await time_skipping_env.get_current_time()))
     await _wait_state(handle, "awaiting_approval")
     await handle.signal(
         ErasureWorkflow.reject, ApprovalDecision(by="dpo", note="identity not verified")
     )
-    certificate = await handle.result()
+    certificate = await _finish(time_skipping_env, handle, "rejected_request_destroys_nothing")
     assert certificate.outcome == "rejected"
     assert calls.erased == []
 
@@ -236,7 +267,7 @@ async def test_rejected_request_destroys_nothing(
 async def test_deadline_is_flagged_then_extended_with_a_reason(
     time_skipping_env: WorkflowEnvironment, calls: Calls
 ) -> None:
-    start = _start()
+    start = _start(await time_skipping_env.get_current_time())
     handle = await _begin(time_skipping_env, start)
     first = await _wait_state(handle, "awaiting_approval")
     await time_skipping_env.sleep(timedelta(days=32))
@@ -250,7 +281,9 @@ async def test_deadline_is_flagged_then_extended_with_a_reason(
     assert extended.extension is not None and extended.extension.reason.startswith("complex")
     assert (extended.deadline - first.deadline).days >= 59
     await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
-    certificate = await handle.result()
+    certificate = await _finish(
+        time_skipping_env, handle, "deadline_is_flagged_then_extended_with_a_reason"
+    )
     assert certificate.extension is not None
     assert certificate.deadline == extended.deadline
 
@@ -258,7 +291,7 @@ async def test_deadline_is_flagged_then_extended_with_a_reason(
 async def test_a_subject_hold_blocks_until_released(
     time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
 ) -> None:
-    start = _start()
+    start = _start(await time_skipping_env.get_current_time())
     engine = await engine_for(store_env)
     hold = await holds.place(
         engine,
@@ -279,7 +312,7 @@ async def test_a_subject_hold_blocks_until_released(
 
     await holds.release(engine, hold.id, released_by="counsel")
     await handle.signal(ErasureWorkflow.holds_changed)
-    certificate = await handle.result()
+    certificate = await _finish(time_skipping_env, handle, "a_subject_hold_blocks_until_released")
     assert certificate.outcome == "erased"
     assert calls.erased
 
@@ -297,7 +330,7 @@ async def test_a_category_hold_blocks_only_the_steps_it_covers(
         reason="audit",
     )
     try:
-        handle = await _begin(time_skipping_env, _start())
+        handle = await _begin(time_skipping_env, _start(await time_skipping_env.get_current_time()))
         await _wait_state(handle, "awaiting_approval")
         await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
         status = await _wait_state(handle, "on_hold")
@@ -307,7 +340,9 @@ async def test_a_category_hold_blocks_only_the_steps_it_covers(
     finally:
         await holds.release(engine, hold.id, released_by="counsel")
     # Without a signal, the hourly re-check finds the release (time skipping runs the timer).
-    certificate = await handle.result()
+    certificate = await _finish(
+        time_skipping_env, handle, "a_category_hold_blocks_only_the_steps_it_covers"
+    )
     assert certificate.outcome == "erased"
 
 
@@ -315,10 +350,12 @@ async def test_one_failing_system_does_not_stop_the_others(
     time_skipping_env: WorkflowEnvironment, calls: Calls
 ) -> None:
     calls.failing.add("patients-db")
-    handle = await _begin(time_skipping_env, _start())
+    handle = await _begin(time_skipping_env, _start(await time_skipping_env.get_current_time()))
     await _wait_state(handle, "awaiting_approval")
     await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
-    certificate = await handle.result()
+    certificate = await _finish(
+        time_skipping_env, handle, "one_failing_system_does_not_stop_the_others"
+    )
     assert certificate.outcome == "incomplete"
     failed = [o for o in certificate.steps if o.status == "failed"]
     assert failed and all(o.step_id.startswith("patients-db/") for o in failed)
@@ -329,7 +366,7 @@ async def test_one_failing_system_does_not_stop_the_others(
 async def test_a_second_request_for_the_same_subject_joins_the_first(
     time_skipping_env: WorkflowEnvironment, calls: Calls
 ) -> None:
-    start = _start()
+    start = _start(await time_skipping_env.get_current_time())
     first = await _begin(time_skipping_env, start)
     again = await _begin(time_skipping_env, start.model_copy(update={"request_id": "req-other"}))
     assert again.result_run_id == first.result_run_id
@@ -341,7 +378,7 @@ async def test_a_second_request_for_the_same_subject_joins_the_first(
 async def test_dry_run_plans_and_touches_nothing(
     time_skipping_env: WorkflowEnvironment, calls: Calls
 ) -> None:
-    start = _start()
+    start = _start(await time_skipping_env.get_current_time())
     dry = start.model_copy(update={"request": start.request.model_copy(update={"dry_run": True})})
     certificate = await time_skipping_env.client.execute_workflow(
         ErasureWorkflow.run, dry, id=f"erasure-dryrun-{uuid.uuid4().hex}", task_queue=CONTROL

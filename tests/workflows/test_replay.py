@@ -1,0 +1,38 @@
+"""Replay: recorded histories of the erasure workflows replay without non-determinism errors.
+
+The histories under histories/ were recorded from tests/workflows/test_erasure.py with
+`LETHE_RECORD_HISTORIES=1`. A change to the workflows that would break runs already in flight
+fails here; record again only for a deliberate, versioned change (workflow.patched).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from lethe import codec
+from workflows.erasure import ErasureWorkflow
+from workflows.regional_erasure import RegionalErasureWorkflow
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+
+
+def test_histories_were_recorded() -> None:
+    assert len(HISTORIES) >= 8
+    assert any(".child" in path.name for path in HISTORIES)
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
+async def test_recorded_history_replays(path: Path, test_codec: codec.EncryptionCodec) -> None:
+    replayer = Replayer(
+        workflows=[ErasureWorkflow, RegionalErasureWorkflow],
+        data_converter=codec.data_converter(test_codec),
+    )
+    recorded = json.loads(path.read_text())
+    history = WorkflowHistory.from_json(recorded.pop("workflowId"), recorded)
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, result.replay_failure
