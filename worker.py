@@ -46,6 +46,7 @@ CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     control.record,
     control.blocking,
     control.issue,
+    control.remember,
 )
 
 log = logging.getLogger("lethe.worker")

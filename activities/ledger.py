@@ -1,4 +1,4 @@
-"""Control-plane activities on Lethe's store: ledger entries, hold checks, certificates."""
+"""Control-plane activities on Lethe's store: ledger, hold checks, certificates, forget-list."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
-from lethe import holds, ledger
+from lethe import forget_list, holds, ledger
 from lethe.config import load_settings
-from lethe.contracts import Certificate, HoldQuery, LedgerRecord
+from lethe.contracts import Certificate, ForgetListAdd, HoldQuery, LedgerRecord
 from lethe.errors import LetheError
-from lethe.store import certificates, engine_for, forget_list
+from lethe.store import certificates, engine_for
 
 
 async def _store() -> AsyncEngine:
@@ -56,7 +56,7 @@ async def blocking(query: HoldQuery) -> dict[str, list[str]]:
 
 @activity.defn(name="certificate.issue")
 async def issue(certificate: Certificate) -> None:
-    """Keep the certificate and, for an erasure that ran, put the subject on the forget-list."""
+    """Keep the certificate (once, whatever the retries)."""
     engine = await _store()
     async with engine.begin() as conn:
         stored = (
@@ -75,21 +75,19 @@ async def issue(certificate: Certificate) -> None:
                     body=certificate.model_dump(mode="json"),
                 )
             )
-        if certificate.outcome in ("erased", "erased_pending_compaction", "incomplete"):
-            listed = (
-                await conn.execute(
-                    select(forget_list.c.subject_ref).where(
-                        forget_list.c.subject_ref == certificate.subject_ref
-                    )
-                )
-            ).first()
-            if listed is None:
-                await conn.execute(
-                    insert(forget_list).values(
-                        subject_ref=certificate.subject_ref,
-                        tenant=certificate.tenant,
-                        request_id=certificate.request_id,
-                        systems=sorted({s.system for s in certificate.plan.steps}),
-                        erased_at=certificate.completed_at,
-                    )
-                )
+
+
+@activity.defn(name="forget_list.add")
+async def remember(entry: ForgetListAdd) -> None:
+    """Put an erased subject on the forget-list, sealed, for replay after a restore."""
+    try:
+        await forget_list.add(
+            await _store(),
+            subject=entry.subject,
+            subject_ref=entry.subject_ref,
+            request_id=entry.request_id,
+            systems=entry.systems,
+            subject_key=load_settings().subject_key_bytes,
+        )
+    except LetheError as exc:
+        raise exc.to_application_error() from None

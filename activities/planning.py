@@ -55,7 +55,16 @@ class Planner:
         """The plan for one request: every locator of every system, its action and its basis."""
         subject = request.subject
         home = routing.home_region(self.datamap, subject.tenant, request.region)
-        steps = [step for system in self.datamap.systems for step in self._steps(system)]
+        known = {system.name for system in self.datamap.systems}
+        unknown = sorted(set(request.systems) - known)
+        if unknown:
+            raise PlanningFailed(f"system(s) {', '.join(unknown)} are not in the data map")
+        steps = [
+            step
+            for system in self.datamap.systems
+            if not request.systems or system.name in request.systems
+            for step in self._steps(system)
+        ]
         self._check_identities(steps, subject.template_values(subject_ref))
         special = sorted(
             {

@@ -19,6 +19,7 @@ from lethe.client import connect
 from lethe.commands import erasure as erasure_commands
 from lethe.commands.audit import audit_app
 from lethe.commands.common import err, out, run
+from lethe.commands.forget import forget_app
 from lethe.commands.holds import hold_app
 from lethe.config import CODEC_KEY_BYTES, Settings, load_settings
 from lethe.contracts import HealthCheckReport, HealthCheckRequest
@@ -33,6 +34,7 @@ codec_app = typer.Typer(help="The payload codec's keys.", no_args_is_help=True)
 app.add_typer(codec_app, name="codec")
 app.add_typer(hold_app, name="hold")
 app.add_typer(audit_app, name="audit")
+app.add_typer(forget_app, name="forget-list")
 erasure_commands.register(app)
 
 RegionOption = Annotated[str, typer.Option("--region", help="a region, e.g. eu")]

@@ -9,16 +9,23 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client as TemporalClient
-from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
+from temporalio.client import (
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+)
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
 )
+from temporalio.exceptions import ApplicationError
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
-from lethe import holds
+from classification.datamap import load_datamap
+from lethe import forget_list, holds
 from lethe import search_attributes as sa
 from lethe.codec import codec_from_settings, data_converter
 from lethe.config import Settings, load_settings
@@ -34,6 +41,7 @@ from lethe.contracts import (
     Plan,
 )
 from lethe.errors import LetheError, ServiceUnavailable
+from lethe.forget_list import ForgetListEntry
 from lethe.store import engine_for
 from lethe.subjects import subject_ref
 from workflows.erasure import ErasureWorkflow
@@ -74,6 +82,31 @@ async def connect(settings: Settings, *, runtime: Runtime | None = None) -> Temp
 
 class UnknownRequest(LetheError):
     """No erasure request matches what was asked for."""
+
+
+class RequestFailed(LetheError):
+    """An erasure request ended in failure (e.g. it could not be planned)."""
+
+
+FAILED_STATES = (
+    WorkflowExecutionStatus.FAILED,
+    WorkflowExecutionStatus.TERMINATED,
+    WorkflowExecutionStatus.TIMED_OUT,
+    WorkflowExecutionStatus.CANCELED,
+)
+SETTLED_STATES = ("completed", "rejected", "dry_run")
+"""States the workflow itself ends in; any other state of a closed workflow is stale."""
+
+
+def failure_reason(error: BaseException) -> str:
+    """The deepest ApplicationError's type and message in a failure chain (no personal data)."""
+    reason = ""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            reason = f"{cause.type or 'error'}: {cause.message}"
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    return reason or type(error).__name__
 
 
 def erasure_workflow_id(subject_ref: str) -> str:
@@ -128,21 +161,24 @@ class Client:
         """The plan an erasure would follow; nothing is touched."""
         ref = self.subject_ref(request.subject.tenant, request.subject.subject_id)
         dry = request.model_copy(update={"dry_run": True})
-        certificate = await self.temporal.execute_workflow(
-            ErasureWorkflow.run,
-            self._start(dry, ref),
-            id=f"erasure-dryrun-{ref}-{uuid.uuid4().hex[:8]}",
-            task_queue=self.settings.control_queue,
-            search_attributes=self._search_attributes(dry, ref),
-            execution_timeout=timedelta(minutes=5),
-        )
+        try:
+            certificate = await self.temporal.execute_workflow(
+                ErasureWorkflow.run,
+                self._start(dry, ref),
+                id=f"erasure-dryrun-{ref}-{uuid.uuid4().hex[:8]}",
+                task_queue=self.settings.control_queue,
+                search_attributes=self._search_attributes(dry, ref),
+                execution_timeout=timedelta(minutes=5),
+            )
+        except WorkflowFailureError as exc:
+            raise RequestFailed(f"the request cannot be planned: {failure_reason(exc)}") from None
         return certificate.plan
 
     async def status(self, workflow_id: str) -> ErasureStatus:
         """Where an erasure stands, step by step."""
         handle = self.temporal.get_workflow_handle_for(ErasureWorkflow.run, workflow_id)
         try:
-            return await handle.query(ErasureWorkflow.status, rpc_timeout=QUERY_TIMEOUT)
+            current = await handle.query(ErasureWorkflow.status, rpc_timeout=QUERY_TIMEOUT)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise UnknownRequest(f"no erasure request {workflow_id}") from None
@@ -152,6 +188,22 @@ class Client:
             ) from None
         except WorkflowQueryFailedError as exc:
             raise ServiceUnavailable(f"the status query failed: {exc}") from None
+        if current.state not in SETTLED_STATES:
+            # A failed workflow still answers queries with the state it failed in.
+            await self._raise_if_failed(handle)
+        return current
+
+    async def _raise_if_failed(self, handle: WorkflowHandle[Any, Any]) -> None:
+        """RequestFailed, with the failure's reason, if the workflow ended without finishing."""
+        described = await handle.describe()
+        if described.status not in FAILED_STATES:
+            return
+        reason = described.status.name.lower() if described.status else "failed"
+        try:
+            await handle.result()
+        except WorkflowFailureError as exc:
+            reason = failure_reason(exc)
+        raise RequestFailed(f"{handle.id} failed: {reason}")
 
     async def approve(self, workflow_id: str, decision: ApprovalDecision) -> None:
         """Approve an erasure waiting for the DPO."""
@@ -189,6 +241,38 @@ class Client:
             name = state.name.lower() if state else "unknown"
             raise UnknownRequest(f"{workflow_id} ended without a certificate ({name})")
         return await handle.result()
+
+    async def forget_list(self) -> list[ForgetListEntry]:
+        """The erased subjects, by reference."""
+        return await forget_list.entries(await self._store())
+
+    async def replay_forget_list(self, system: str, *, by: str) -> list[str]:
+        """Re-apply every listed erasure to a restored system; the started workflow ids."""
+        if self.settings.datamap is not None:
+            known = {s.name for s in load_datamap(self.settings.datamap).systems}
+            if system not in known:
+                raise UnknownRequest(f"system {system[:60]!r} is not in the data map")
+        listed = {e.subject_ref: e for e in await self.forget_list()}
+        started = []
+        for ref, subject in await forget_list.subjects(
+            await self._store(), self.settings.subject_key_bytes
+        ):
+            request = ErasureRequest(
+                subject=subject,
+                reason=f"forget-list replay after a restore of {system}",
+                requested_by=by,
+                systems=[system],
+                replay_of=listed[ref].request_id,
+            )
+            handle = await self.temporal.start_workflow(
+                ErasureWorkflow.run,
+                self._start(request, ref),
+                id=f"replay-{ref}-{system}-{uuid.uuid4().hex[:8]}",
+                task_queue=self.settings.control_queue,
+                search_attributes=self._search_attributes(request, ref),
+            )
+            started.append(handle.id)
+        return started
 
     async def place_hold(
         self, *, matter: str, scope: HoldScope, value: str, placed_by: str, reason: str
@@ -243,9 +327,15 @@ class Client:
     def _search_attributes(request: ErasureRequest, ref: str) -> TypedSearchAttributes:
         return TypedSearchAttributes(
             [
-                SearchAttributePair(sa.KIND, "erasure-dry-run" if request.dry_run else "erasure"),
+                SearchAttributePair(sa.KIND, _kind(request)),
                 SearchAttributePair(sa.STATUS, "planning"),
                 SearchAttributePair(sa.TENANT, request.subject.tenant),
                 SearchAttributePair(sa.SUBJECT_REF, ref),
             ]
         )
+
+
+def _kind(request: ErasureRequest) -> str:
+    if request.dry_run:
+        return "erasure-dry-run"
+    return "erasure-replay" if request.replay_of else "erasure"

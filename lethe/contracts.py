@@ -154,6 +154,10 @@ class ErasureRequest(Contract):
     reason: str = Field(default="", max_length=500)
     requested_by: str = Field(min_length=1, max_length=200)
     dry_run: bool = False
+    systems: list[str] = []
+    """Only these systems (all when empty): a forget-list replay names the restored system."""
+    replay_of: str | None = None
+    """The request whose erasure this re-applies after a restore: no approval, no window."""
 
 
 class RegionPlan(Contract):
@@ -375,3 +379,12 @@ class RequestSummary(Contract):
     regions: list[str] = []
     started: datetime | None = None
     closed: datetime | None = None
+
+
+class ForgetListAdd(Contract):
+    """An erased subject to put on the forget-list."""
+
+    subject: Subject
+    subject_ref: str
+    request_id: str
+    systems: list[str]

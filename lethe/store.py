@@ -73,6 +73,7 @@ forget_list = Table(
     Column("request_id", String(100), nullable=False),
     Column("systems", JSON, nullable=False),
     Column("erased_at", DateTime(timezone=True), nullable=False),
+    Column("sealed_subject", Text, nullable=False),
 )
 
 certificates = Table(

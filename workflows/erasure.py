@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
         ErasureState,
         ErasureStatus,
         Extension,
+        ForgetListAdd,
         HoldQuery,
         LedgerRecord,
         Outcome,
@@ -143,11 +144,15 @@ class ErasureWorkflow:
         await self._record(
             start, "erasure.requested", {"policy": plan.policy, "by": request.requested_by}
         )
-        if plan.approval_required and not await self._approved(start, plan):
+        if request.replay_of is not None:
+            # Re-applying an approved erasure to a restored system: at once, no new approval.
+            await self._record(start, "erasure.replayed", {"replay_of": request.replay_of})
+        elif plan.approval_required and not await self._approved(start, plan):
             return await self._finish(start, plan, "rejected", "rejected", None)
 
         started_at = workflow.now()
-        window_ends_at = started_at + timedelta(days=plan.window_days)
+        window_days = 0 if request.replay_of is not None else plan.window_days
+        window_ends_at = started_at + timedelta(days=window_days)
         self._set(window_ends_at=window_ends_at)
         await self._record(start, "erasure.started", {"window_days": plan.window_days})
 
@@ -338,6 +343,18 @@ class ErasureWorkflow:
             await workflow.execute_activity(
                 "certificate.issue",
                 certificate,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+            )
+        if outcome not in ("dry_run", "rejected") and start.request.replay_of is None:
+            await workflow.execute_activity(
+                "forget_list.add",
+                ForgetListAdd(
+                    subject=start.request.subject,
+                    subject_ref=start.subject_ref,
+                    request_id=start.request_id,
+                    systems=sorted({step.system for step in plan.steps}),
+                ),
                 start_to_close_timeout=CONTROL_TIMEOUT,
                 retry_policy=CONTROL_RETRY,
             )

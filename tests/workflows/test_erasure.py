@@ -8,6 +8,7 @@ control-plane activities are the real ones, on a SQLite store in a temporary fol
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -26,9 +27,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities import ledger as ledger_activities
-from activities.planning import plan_erasure
-from lethe import holds, ledger
+import worker as lethe_worker
+from lethe import forget_list, holds, ledger
 from lethe.contracts import (
     ApprovalDecision,
     Certificate,
@@ -49,6 +49,7 @@ from workflows.regional_erasure import RegionalErasureWorkflow
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTROL = "lethe-control"
+TEST_SUBJECT_KEY = base64.b64encode(b"subject-key-for-tests-only-32byt").decode()
 KINDS = ("sql", "kafka", "redis", "blob", "logs")
 
 
@@ -88,10 +89,10 @@ def connectors(calls: Calls) -> list[Callable[..., Any]]:
 def store_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Point the control activities at a temporary SQLite store and the sample map (GDPR)."""
     url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('store') / 'lethe.db'}"
-    saved = {
-        name: os.environ.get(name) for name in ("LETHE_STORE_URL", "LETHE_DATAMAP", "LETHE_POLICY")
-    }
+    names = ("LETHE_STORE_URL", "LETHE_DATAMAP", "LETHE_POLICY", "LETHE_SUBJECT_KEY")
+    saved = {name: os.environ.get(name) for name in names}
     os.environ.update(
+        LETHE_SUBJECT_KEY=TEST_SUBJECT_KEY,
         LETHE_STORE_URL=url,
         LETHE_DATAMAP=str(ROOT / "examples" / "datamap.yaml"),
         LETHE_POLICY=str(PACKS_DIR / "gdpr.yaml"),
@@ -112,13 +113,8 @@ async def calls(time_skipping_env: WorkflowEnvironment, store_env: str) -> Async
     control = Worker(
         client,
         task_queue=CONTROL,
-        workflows=[ErasureWorkflow],
-        activities=[
-            plan_erasure,
-            ledger_activities.record,
-            ledger_activities.blocking,
-            ledger_activities.issue,
-        ],
+        workflows=list(lethe_worker.CONTROL_WORKFLOWS),
+        activities=list(lethe_worker.CONTROL_ACTIVITIES),
     )
     region = Worker(
         client,
@@ -386,3 +382,39 @@ async def test_dry_run_plans_and_touches_nothing(
     assert certificate.outcome == "dry_run"
     assert certificate.plan.steps
     assert calls.erased == []
+
+
+async def test_the_subject_goes_on_the_forget_list_and_a_replay_reapplies_one_system(
+    time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
+) -> None:
+    start = _start(await time_skipping_env.get_current_time())
+    handle = await _begin(time_skipping_env, start)
+    await _wait_state(handle, "awaiting_approval")
+    await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
+    first = await handle.result()
+
+    engine = await engine_for(store_env)
+    listed = dict(await forget_list.subjects(engine, base64.b64decode(TEST_SUBJECT_KEY)))
+    assert listed[start.subject_ref] == start.request.subject
+
+    calls.erased.clear()
+    replay = start.model_copy(
+        update={
+            "request_id": "req-replay",
+            "request": start.request.model_copy(
+                update={"systems": ["patients-db"], "replay_of": first.request_id}
+            ),
+        }
+    )
+    certificate = await time_skipping_env.client.execute_workflow(
+        ErasureWorkflow.run,
+        replay,
+        id=f"replay-{start.subject_ref}-patients-db",
+        task_queue=CONTROL,
+    )
+    assert certificate.outcome == "erased"
+    assert certificate.approval is None  # the original erasure was approved; no new approval
+    assert {step.system for step in certificate.plan.steps} == {"patients-db"}
+    assert {step_id for step_id, _ in calls.erased} == {
+        s.id for s in certificate.plan.steps if s.action != "retain"
+    }

@@ -26,13 +26,17 @@ def test_histories_were_recorded() -> None:
     assert any(".child" in path.name for path in HISTORIES)
 
 
+def _load(path: Path) -> WorkflowHistory:
+    recorded = json.loads(path.read_text())
+    return WorkflowHistory.from_json(recorded.pop("workflowId"), recorded)
+
+
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
 async def test_recorded_history_replays(path: Path, test_codec: codec.EncryptionCodec) -> None:
     replayer = Replayer(
         workflows=[ErasureWorkflow, RegionalErasureWorkflow],
         data_converter=codec.data_converter(test_codec),
     )
-    recorded = json.loads(path.read_text())
-    history = WorkflowHistory.from_json(recorded.pop("workflowId"), recorded)
+    history = _load(path)
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, result.replay_failure
