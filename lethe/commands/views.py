@@ -36,11 +36,14 @@ def plan_table(plan: Plan) -> Table:
         table.add_column(column)
     for region in plan.regions:
         for step in region.steps:
-            basis = "; ".join(sorted({f"{d.rule} ({d.citation})" for d in step.decisions}))
+            basis = ", ".join(sorted({d.rule for d in step.decisions}))
             action = step.action + (
                 f" keep {','.join(step.keep_columns)}" if step.keep_columns else ""
             )
             table.add_row(region.region, step.id, step.kind, action, step.phase, basis)
+    citations = {d.rule: d.exception or d.citation for s in plan.steps for d in s.decisions}
+    table.caption = "; ".join(f"{rule}: {why}" for rule, why in sorted(citations.items()))
+    table.caption_justify = "left"
     return table
 
 
