@@ -69,11 +69,9 @@ async def append(
     try:
         async with engine.begin() as conn:
             # Updating the head row first takes the write lock, so appends are serialised.
-            bumped = await conn.execute(
+            await conn.execute(
                 update(ledger_head).where(ledger_head.c.id == 1).values(seq=ledger_head.c.seq + 1)
             )
-            if bumped.rowcount == 0:
-                await conn.execute(insert(ledger_head).values(id=1, seq=1, hash=GENESIS_HASH))
             head = (await conn.execute(select(ledger_head).where(ledger_head.c.id == 1))).one()
             seq, prev_hash = head.seq, head.hash
             digest = entry_hash(

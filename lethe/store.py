@@ -18,10 +18,12 @@ from sqlalchemy import (
     Table,
     Text,
     event,
+    insert,
+    select,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from lethe.errors import ServiceUnavailable
 
@@ -115,6 +117,8 @@ async def engine_for(url: str) -> AsyncEngine:
             try:
                 async with engine.begin() as conn:
                     await conn.run_sync(metadata.create_all)
+                async with engine.begin() as conn:
+                    await _ensure_ledger_head(conn)
             except (SQLAlchemyError, OSError) as exc:
                 shown = make_url(url).render_as_string(hide_password=True)
                 raise ServiceUnavailable(
@@ -122,6 +126,17 @@ async def engine_for(url: str) -> AsyncEngine:
                 ) from None
             _ready.add(url)
     return engine
+
+
+async def _ensure_ledger_head(conn: AsyncConnection) -> None:
+    """The ledger's head row (seq 0, the genesis hash), which every append updates and locks."""
+    found = (await conn.execute(select(ledger_head.c.id).where(ledger_head.c.id == 1))).first()
+    if found is None:
+        try:
+            async with conn.begin_nested():
+                await conn.execute(insert(ledger_head).values(id=1, seq=0, hash=GENESIS_HASH))
+        except IntegrityError:
+            pass  # another process made it first
 
 
 async def dispose_all() -> None:
