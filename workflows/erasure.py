@@ -62,6 +62,7 @@ class ErasureWorkflow:
         self._holds_changed = False
         self._outcomes: dict[str, StepOutcome] = {}
         self._ledger_hashes: list[str] = []
+        self._extension_recorded = False
 
     # --- signals and the query ------------------------------------------------------------
 
@@ -182,7 +183,6 @@ class ErasureWorkflow:
     async def _approved(self, start: ErasureStart, plan: Plan) -> bool:
         """Wait for the DPO, flagging the deadline when it passes; True if approved."""
         self._set_state("awaiting_approval")
-        workflow.upsert_search_attributes([sa.STATUS.value_set("awaiting_approval")])
         while self._approval is None and self._rejection is None:
             deadline = self.status().deadline
             remaining = deadline - workflow.now()
@@ -199,6 +199,7 @@ class ErasureWorkflow:
                     functools.partial(self._decided_or_moved, deadline),
                     timeout=remaining if remaining > timedelta(0) else None,
                 )
+            await self._record_extension(start)
         decision = self._approval or self._rejection
         assert decision is not None
         approved = self._approval is not None
@@ -207,6 +208,21 @@ class ErasureWorkflow:
             start, "erasure.approved" if approved else "erasure.rejected", {"by": decision.by}
         )
         return approved
+
+    async def _record_extension(self, start: ErasureStart) -> None:
+        """Write the extension to the ledger once: months and who, not the free-text reason."""
+        extension = self.status().extension
+        if extension is not None and not self._extension_recorded:
+            self._extension_recorded = True
+            await self._record(
+                start,
+                "erasure.extended",
+                {
+                    "months": extension.months,
+                    "by": extension.by,
+                    "deadline": self.status().deadline.isoformat(),
+                },
+            )
 
     def _decided_or_moved(self, deadline: datetime) -> bool:
         """The DPO has decided, or the deadline moved (an extension)."""
@@ -245,12 +261,10 @@ class ErasureWorkflow:
                     self._update_step(step.id, status="held", holds=held[step.id])
             if ready:
                 self._set_state("erasing")
-                workflow.upsert_search_attributes([sa.STATUS.value_set("erasing")])
                 await self._dispatch(start, ready, window, f"{label}-{round_no}")
             remaining = [step for step in remaining if step.id in held]
             if remaining:
                 self._set_state("on_hold")
-                workflow.upsert_search_attributes([sa.STATUS.value_set("on_hold")])
                 self._holds_changed = False
                 with contextlib.suppress(TimeoutError):
                     await workflow.wait_condition(lambda: self._holds_changed, timeout=HOLD_RECHECK)
@@ -315,9 +329,9 @@ class ErasureWorkflow:
         outcome: Outcome,
         started_at: datetime | None,
     ) -> Certificate:
+        await self._record_extension(start)
         status = self.status()
         self._set_state(state)
-        workflow.upsert_search_attributes([sa.STATUS.value_set(state)])
         if outcome != "dry_run":
             await self._record(start, f"erasure.{outcome}", {"steps": len(self._outcomes)})
         certificate = Certificate(
@@ -392,7 +406,10 @@ class ErasureWorkflow:
         self._status = self.status().model_copy(update=changes)
 
     def _set_state(self, state: ErasureState) -> None:
-        self._set(state=state)
+        """Move to `state`, in the status query and in the LetheStatus search attribute."""
+        if self.status().state != state:
+            self._set(state=state)
+            workflow.upsert_search_attributes([sa.STATUS.value_set(state)])
 
     def _update_step(self, step_id: str, **changes: object) -> None:
         steps = [

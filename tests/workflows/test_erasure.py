@@ -261,7 +261,7 @@ async def test_rejected_request_destroys_nothing(
 
 
 async def test_deadline_is_flagged_then_extended_with_a_reason(
-    time_skipping_env: WorkflowEnvironment, calls: Calls
+    time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
 ) -> None:
     start = _start(await time_skipping_env.get_current_time())
     handle = await _begin(time_skipping_env, start)
@@ -282,6 +282,11 @@ async def test_deadline_is_flagged_then_extended_with_a_reason(
     )
     assert certificate.extension is not None
     assert certificate.deadline == extended.deadline
+    written = await ledger.entries(await engine_for(store_env), start.request_id)
+    actions = [entry.action for entry in written]
+    assert actions.count("erasure.deadline_missed") == 1
+    assert actions.count("erasure.extended") == 1
+    assert all("complex request" not in entry.model_dump_json() for entry in written)
 
 
 async def test_a_subject_hold_blocks_until_released(
