@@ -46,7 +46,8 @@ from lethe.store import engine_for
 from lethe.subjects import subject_ref
 from workflows.erasure import ErasureWorkflow
 
-QUERY_TIMEOUT = timedelta(seconds=10)
+QUERY_TIMEOUT = timedelta(seconds=20)
+"""Longer than the sticky-queue timeout (10 s), so a query right after a worker crash answers."""
 
 
 def _tls(settings: Settings) -> TLSConfig | bool:

@@ -23,7 +23,7 @@ from lethe.commands.common import (
 )
 from lethe.commands.views import certificate_view, plan_table, status_view, when
 from lethe.contracts import ApprovalDecision, ErasureRequest, ErasureStatus, Extension, Subject
-from lethe.errors import ServiceUnavailable
+from lethe.errors import LetheError, ServiceUnavailable
 
 POLL_SECONDS = 1.0
 SETTLED = ("awaiting_approval", "on_hold", "waiting_window", "completed", "rejected", "dry_run")
@@ -103,10 +103,14 @@ async def follow(client: Client, workflow_id: str) -> ErasureStatus:
     """Show the status live until the erasure settles; the last status."""
     current = await _first_status(client, workflow_id)
     with Live(status_view(current), console=err, refresh_per_second=4) as live:
-        while current.state not in SETTLED:
-            await asyncio.sleep(POLL_SECONDS)
-            current = await client.status(workflow_id)
-            live.update(status_view(current))
+        try:
+            while current.state not in SETTLED:
+                await asyncio.sleep(POLL_SECONDS)
+                current = await client.status(workflow_id)
+                live.update(status_view(current))
+        except LetheError:
+            live.console.line()  # the error goes below the table, not onto its last line
+            raise
     return current
 
 

@@ -1,0 +1,89 @@
+"""What the Temporal server stores of an erasure holds neither the subject's id nor their email.
+
+The server (and anyone who can read it: operators, backups of its database) sees the raw
+workflow histories. They are read here with a plain Temporal client that has no codec, as such
+a reader would; only Lethe's codec, with the key, turns them back into what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client as TemporalClient
+
+from lethe import codec
+from lethe.history import history_payloads
+from tests.conftest import stack_variable
+from tests.e2e.conftest import (
+    Hospital,
+    WorkerProcess,
+    approve,
+    erase_and_wait_for_approval,
+)
+
+
+async def test_the_server_never_sees_who_was_erased(
+    hospital: Hospital, worker: WorkerProcess
+) -> None:
+    """Parent and regional children: histories, ids, search attributes, queues, worker log."""
+    patient = hospital.patients[3]
+    secrets = (patient.patient_id, patient.email)
+    workflow_id = await erase_and_wait_for_approval(hospital, patient)
+    await approve(hospital, workflow_id)
+    certificate = await asyncio.wait_for((await hospital.sdk()).result(workflow_id), 90)
+    assert certificate.subject_ref == hospital.ref(patient)
+
+    raw = await TemporalClient.connect(
+        stack_variable("LETHE_TEMPORAL_ADDRESS"),
+        namespace=stack_variable("LETHE_TEMPORAL_NAMESPACE"),
+    )
+    parent = await raw.get_workflow_handle(workflow_id).fetch_history()
+    children = [
+        event.child_workflow_execution_started_event_attributes.workflow_execution.workflow_id
+        for event in parent.events
+        if event.event_type == EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED
+    ]
+    assert len(children) >= 2  # the immediate and the deferred phase of the region
+    histories = {workflow_id: parent}
+    for child in children:
+        histories[child] = await raw.get_workflow_handle(child).fetch_history()
+
+    seen_queues: set[str] = set()
+    for run_id, history in histories.items():
+        text = history.to_json()
+        for secret in secrets:
+            assert secret not in run_id
+            assert secret not in text, f"{secret!r} is in the raw history of {run_id}"
+        # Every payload is ciphertext, except the search attributes' (indexed by the server,
+        # so plain, and checked for secrets with the rest of the history above).
+        plain = [p for p in history_payloads(history) if p.metadata["encoding"] != codec.ENCODING]
+        assert all("type" in p.metadata for p in plain), plain
+        described = await raw.get_workflow_handle(run_id).describe()
+        attributes = repr(described.typed_search_attributes) + repr(described.search_attributes)
+        memo = repr(await described.memo())
+        seen_queues.add(described.task_queue)
+        seen_queues.update(re.findall(r'"taskQueue":\s*\{\s*"name":\s*"([^"]+)"', text))
+        for secret in secrets:
+            assert secret not in attributes and secret not in memo
+    assert seen_queues  # the queues were found, and none carries a secret
+    for queue in seen_queues:
+        assert all(secret not in queue for secret in secrets), queue
+    assert f"lethe-{hospital.region}" in seen_queues
+
+    # The same history, through Lethe's codec, does show the subject: the test looks in the
+    # right place.
+    shown = await hospital.lethe("audit", "history", workflow_id, "--json")
+    assert shown.code == 0, str(shown)
+    started = shown.json()[0]
+    assert started["type"] == "workflow_execution_started"
+    subject = started["payloads"][0]["request"]["subject"]
+    assert subject["subject_id"] == patient.patient_id
+    assert subject["identities"] == {"email": patient.email}
+
+    # Nor does the worker's log name the subject.
+    log = worker.log_text()
+    assert "polling" in log
+    for secret in secrets:
+        assert secret not in log
