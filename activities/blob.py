@@ -32,7 +32,13 @@ from azure.core.exceptions import (
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient, LinearRetry
 from temporalio import activity
 
-from activities.common import SchemaMismatch, guarded, retained_outcome, step_connection
+from activities.common import (
+    SchemaMismatch,
+    erase_and_verify,
+    guarded,
+    retained_outcome,
+    step_connection,
+)
 from classification.datamap import BlobBackupLocator, render
 from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
@@ -546,9 +552,10 @@ def _window_detail(inside: int, last_due: datetime | None, soft: _SoftDelete) ->
 
 @activity.defn(name="blob.erase")
 async def erase(request: StepRequest) -> StepOutcome:
-    """Delete a subject's backups in one container (activity `blob.erase`)."""
+    """Delete a subject's backups in one container, then verify (activity `blob.erase`)."""
     return await guarded(
-        request, lambda: BackupEraser.for_connection(step_connection(request)).erase(request)
+        request,
+        lambda: erase_and_verify(BackupEraser.for_connection(step_connection(request)), request),
     )
 
 

@@ -19,7 +19,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from temporalio import activity
 
-from activities.common import SchemaMismatch, guarded, retained_outcome, step_connection
+from activities.common import (
+    SchemaMismatch,
+    erase_and_verify,
+    guarded,
+    retained_outcome,
+    step_connection,
+)
 from classification.datamap import RedisLocator, render
 from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
 from lethe.errors import ConfigurationError, ServiceUnavailable
@@ -267,9 +273,10 @@ class CacheEraser:
 
 @activity.defn(name="redis.erase")
 async def erase(request: StepRequest) -> StepOutcome:
-    """Purge the subject's keys and hash fields from one Redis step."""
+    """Purge the subject's keys and hash fields from one Redis step, then verify."""
     return await guarded(
-        request, lambda: CacheEraser.for_connection(step_connection(request)).erase(request)
+        request,
+        lambda: erase_and_verify(CacheEraser.for_connection(step_connection(request)), request),
     )
 
 

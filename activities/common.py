@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from temporalio import activity
 
@@ -21,6 +21,35 @@ class WrongRegion(LetheError):
 
 class SchemaMismatch(LetheError):
     """The data map names a table, column, topic or container that the live system lacks."""
+
+
+class Eraser(Protocol):
+    """What every connector offers: erase a step, and verify what erasing it did."""
+
+    async def erase(self, request: StepRequest) -> StepOutcome:
+        """Erase the subject's data in one locator; `running` until verified."""
+        ...
+
+    async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
+        """Check the erasure held: `done`, or an honest other status."""
+        ...
+
+
+async def erase_and_verify(eraser: Eraser, request: StepRequest) -> StepOutcome:
+    """Erase, then verify at once: one activity a step (a retry repeats both; erase is
+    idempotent)."""
+    erased = await eraser.erase(request)
+    if erased.status in ("retained", "failed"):
+        return erased
+    verified = await eraser.verify(request, erased)
+    # The certificate keeps the evidence of both: what erasing did and what checking found.
+    return verified.model_copy(
+        update={
+            "affected": erased.affected,
+            "evidence": {**erased.evidence, **verified.evidence},
+            "detail": "; ".join(d for d in (erased.detail, verified.detail) if d),
+        }
+    )
 
 
 def retained_outcome(request: StepRequest, why: str = "retained") -> StepOutcome:

@@ -34,7 +34,13 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 from temporalio import activity
 
-from activities.common import SchemaMismatch, guarded, retained_outcome, step_connection
+from activities.common import (
+    SchemaMismatch,
+    erase_and_verify,
+    guarded,
+    retained_outcome,
+    step_connection,
+)
 from classification.datamap import KafkaTopicLocator, render
 from lethe.contracts import StepOutcome, StepRequest, StepStatus, VerifyRequest
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
@@ -550,9 +556,10 @@ def _settings_evidence(settings: Mapping[str, str]) -> dict[str, str | int | flo
 
 @activity.defn(name="kafka.erase")
 async def erase(request: StepRequest) -> StepOutcome:
-    """Write a tombstone for the subject's key in one Kafka topic."""
+    """Write a tombstone for the subject's key in one Kafka topic, then verify it."""
     return await guarded(
-        request, lambda: TombstoneWriter.for_connection(step_connection(request)).erase(request)
+        request,
+        lambda: erase_and_verify(TombstoneWriter.for_connection(step_connection(request)), request),
     )
 
 

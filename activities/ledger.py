@@ -9,24 +9,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
 from lethe import forget_list, holds, ledger
-from lethe.config import load_settings
+from lethe.config import current_settings
 from lethe.contracts import Certificate, ForgetListAdd, HoldQuery, LedgerRecord
 from lethe.errors import LetheError
 from lethe.store import certificates, engine_for
 
 
 async def _store() -> AsyncEngine:
-    return await engine_for(load_settings().store_url.get_secret_value())
+    return await engine_for(current_settings().store_url.get_secret_value())
 
 
 @activity.defn(name="ledger.record")
-async def record(entry: LedgerRecord) -> str:
-    """Append one ledger entry (once, whatever the retries); return its hash."""
+async def record(entries: list[LedgerRecord]) -> list[str]:
+    """Append ledger entries in order (each once, whatever the retries); their hashes."""
+    engine = await _store()
     try:
-        written = await ledger.append(await _store(), **entry.model_dump())
+        return [(await ledger.append(engine, **entry.model_dump())).hash for entry in entries]
     except LetheError as exc:
         raise exc.to_application_error() from None
-    return written.hash
 
 
 @activity.defn(name="holds.blocking")
@@ -87,7 +87,7 @@ async def remember(entry: ForgetListAdd) -> None:
             subject_ref=entry.subject_ref,
             request_id=entry.request_id,
             systems=entry.systems,
-            subject_key=load_settings().subject_key_bytes,
+            subject_key=current_settings().subject_key_bytes,
         )
     except LetheError as exc:
         raise exc.to_application_error() from None

@@ -22,7 +22,7 @@ from azure.storage.blob.aio import BlobClient, ContainerClient
 from temporalio import activity
 
 from activities.blob import beat, blob_endpoint, blob_errors, blob_service, error_code
-from activities.common import guarded, retained_outcome, step_connection
+from activities.common import erase_and_verify, guarded, retained_outcome, step_connection
 from classification.datamap import LogLocator, MissingIdentity
 from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
 from lethe.errors import ConfigurationError, LetheError
@@ -365,9 +365,10 @@ def _locator(request: StepRequest) -> LogLocator:
 
 @activity.defn(name="logs.erase")
 async def erase(request: StepRequest) -> StepOutcome:
-    """Drop or redact a subject's log records (activity `logs.erase`)."""
+    """Drop or redact a subject's log records, then verify (activity `logs.erase`)."""
     return await guarded(
-        request, lambda: LogRedactor.for_connection(step_connection(request)).erase(request)
+        request,
+        lambda: erase_and_verify(LogRedactor.for_connection(step_connection(request)), request),
     )
 
 

@@ -26,7 +26,7 @@ from classification.datamap import (
     template_fields,
 )
 from classification.taxonomy import category
-from lethe.config import load_settings
+from lethe.config import current_settings
 from lethe.contracts import ErasureRequest, Plan, Step
 from lethe.errors import ConfigurationError, LetheError
 from policies.engine import decide, locator_action, sql_action
@@ -172,7 +172,7 @@ def _planner(datamap_path: Path, pack_path: Path, mtimes: tuple[float, float]) -
 
 def planner_from_settings() -> Planner:
     """The planner for LETHE_DATAMAP and LETHE_POLICY, reloaded when either file changes."""
-    settings = load_settings()
+    settings = current_settings()
     if settings.datamap is None or settings.policy is None:
         raise ConfigurationError("LETHE_DATAMAP and LETHE_POLICY must name the data map and pack")
     mtimes = (settings.datamap.stat().st_mtime, settings.policy.stat().st_mtime)

@@ -62,7 +62,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.types import NullType
 from temporalio import activity
 
-from activities.common import SchemaMismatch, guarded, retained_outcome, step_connection
+from activities.common import (
+    SchemaMismatch,
+    erase_and_verify,
+    guarded,
+    retained_outcome,
+    step_connection,
+)
 from classification.datamap import SqlTableLocator
 from classification.taxonomy import matches
 from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
@@ -257,9 +263,10 @@ class SqlEraser:
 
 @activity.defn(name="sql.erase")
 async def erase(request: StepRequest) -> StepOutcome:
-    """Erase the subject's rows in one SQL table (the worker's region only)."""
+    """Erase the subject's rows in one SQL table, then verify (the worker's region only)."""
     return await guarded(
-        request, lambda: SqlEraser.for_connection(step_connection(request)).erase(request)
+        request,
+        lambda: erase_and_verify(SqlEraser.for_connection(step_connection(request)), request),
     )
 
 

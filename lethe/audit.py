@@ -29,6 +29,11 @@ def _detail(event: HistoryEvent) -> str:
     attributes = event.WhichOneof("attributes")
     if attributes is None:
         return ""
+    if attributes == "marker_recorded_event_attributes":
+        # A local activity: the SDK's marker data (plain bookkeeping) names its type.
+        meta = event.marker_recorded_event_attributes.details.get("data")
+        if meta is not None and meta.payloads:
+            return str(json.loads(meta.payloads[0].data).get("activity_type", ""))
     body = getattr(event, attributes)
     for field in ("activity_type", "workflow_type"):
         if body.HasField(field) if field in body.DESCRIPTOR.fields_by_name else False:

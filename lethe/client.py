@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,13 +40,16 @@ from lethe.contracts import (
     Hold,
     HoldScope,
     Plan,
+    StepOutcome,
 )
 from lethe.errors import LetheError, ServiceUnavailable
 from lethe.forget_list import ForgetListEntry
 from lethe.store import engine_for
 from lethe.subjects import subject_ref
 from workflows.erasure import ErasureWorkflow
+from workflows.regional_erasure import RegionalErasureWorkflow
 
+CHILD_QUERY_TIMEOUT = timedelta(seconds=5)
 QUERY_TIMEOUT = timedelta(seconds=20)
 """Longer than the sticky-queue timeout (10 s), so a query right after a worker crash answers."""
 
@@ -192,7 +196,33 @@ class Client:
         if current.state not in SETTLED_STATES:
             # A failed workflow still answers queries with the state it failed in.
             await self._raise_if_failed(handle)
-        return current
+        return await self._with_region_progress(current)
+
+    async def _with_region_progress(self, current: ErasureStatus) -> ErasureStatus:
+        """Fill in steps the running regional workflows have finished (best effort)."""
+        finished: dict[str, StepOutcome] = {}
+        for child in current.children:
+            handle = self.temporal.get_workflow_handle_for(RegionalErasureWorkflow.run, child)
+            with contextlib.suppress(RPCError, WorkflowQueryFailedError):
+                finished.update(
+                    await handle.query(
+                        RegionalErasureWorkflow.progress, rpc_timeout=CHILD_QUERY_TIMEOUT
+                    )
+                )
+        if not finished:
+            return current
+        steps = [
+            step.model_copy(
+                update={
+                    "status": finished[step.step_id].status,
+                    "detail": finished[step.step_id].detail,
+                }
+            )
+            if step.status == "running" and step.step_id in finished
+            else step
+            for step in current.steps
+        ]
+        return current.model_copy(update={"steps": steps})
 
     async def _raise_if_failed(self, handle: WorkflowHandle[Any, Any]) -> None:
         """RequestFailed, with the failure's reason, if the workflow ended without finishing."""

@@ -6,7 +6,7 @@ import base64
 import binascii
 import os
 import re
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated
 
@@ -177,6 +177,21 @@ def load_settings() -> Settings:
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{name}: {message}")
         raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
+
+
+def current_settings() -> Settings:
+    """The settings for the environment as it is now, read once per distinct LETHE_* state.
+
+    Activities call this on every task; the environment rarely changes, so re-validating it
+    each time is wasted work.
+    """
+    snapshot = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX)))
+    return _settings_for(snapshot)
+
+
+@lru_cache(maxsize=8)
+def _settings_for(snapshot: tuple[tuple[str, str], ...]) -> Settings:
+    return load_settings()
 
 
 def connection(env_name: str) -> SecretStr:

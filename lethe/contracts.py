@@ -246,7 +246,6 @@ class ErasureStart(Contract):
 class RegionJob(Contract):
     """A regional child workflow's input: the steps of one region and one phase."""
 
-    parent_id: str
     request_id: str
     subject_ref: str
     subject: Subject
@@ -314,6 +313,8 @@ class ErasureStatus(Contract):
     approval: ApprovalDecision | None = None
     window_ends_at: datetime | None = None
     steps: list[StepProgress] = []
+    children: list[str] = []
+    """The regional workflows running now; `Client.status` adds their finished steps."""
 
 
 Outcome = Literal["erased", "erased_pending_compaction", "incomplete", "rejected", "dry_run"]

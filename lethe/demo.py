@@ -104,11 +104,12 @@ async def run_demo() -> int:
         out.print(certificate_view(certificate))
 
         history = await env.client.get_workflow_handle(workflow_id).fetch_history()
-        payloads = history_payloads(history, search_attributes=False)
+        payloads = history_payloads(history, user_only=True)
         encrypted = sum(p.metadata.get("encoding") == b"binary/encrypted" for p in payloads)
         out.print(
             f"{encrypted} of {len(payloads)} payloads in the server's history are encrypted "
-            "(search attributes, which hold references and statuses only, are not payloads)"
+            "(besides the server's own bookkeeping: search attributes, which hold references and "
+            "statuses only, and local activity markers)"
         )
     out.print(await _patients_table(url, target.patient_id))
     await dispose_all()

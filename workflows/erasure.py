@@ -95,12 +95,6 @@ class ErasureWorkflow:
         """A hold was released (or placed): re-check held steps now."""
         self._holds_changed = True
 
-    @workflow.signal
-    def step_progress(self, outcome: StepOutcome) -> None:
-        """A regional child reports a finished step."""
-        self._outcomes[outcome.step_id] = outcome
-        self._update_step(outcome.step_id, status=outcome.status, detail=outcome.detail)
-
     @workflow.query
     def status(self) -> ErasureStatus:
         """Where the request stands, step by step."""
@@ -120,7 +114,7 @@ class ErasureWorkflow:
             received_at=start.received_at,
             deadline=add_months(start.received_at, 1),
         )
-        plan = await workflow.execute_activity(
+        plan = await workflow.execute_local_activity(
             "planning.plan",
             args=[request, start.request_id, start.subject_ref],
             result_type=Plan,
@@ -142,20 +136,35 @@ class ErasureWorkflow:
         if request.dry_run:
             return await self._finish(start, plan, "dry_run", "dry_run", None)
 
-        await self._record(
-            start, "erasure.requested", {"policy": plan.policy, "by": request.requested_by}
-        )
+        entries = [
+            self._entry(
+                start, "erasure.requested", {"policy": plan.policy, "by": request.requested_by}
+            )
+        ]
         if request.replay_of is not None:
             # Re-applying an approved erasure to a restored system: at once, no new approval.
-            await self._record(start, "erasure.replayed", {"replay_of": request.replay_of})
-        elif plan.approval_required and not await self._approved(start, plan):
-            return await self._finish(start, plan, "rejected", "rejected", None)
+            entries.append(self._entry(start, "erasure.replayed", {"replay_of": request.replay_of}))
+        elif plan.approval_required:
+            await self._record(*entries)
+            decision = await self._decision(start)
+            approved = self._approval is not None
+            entries = [
+                self._entry(
+                    start,
+                    "erasure.approved" if approved else "erasure.rejected",
+                    {"by": decision.by},
+                )
+            ]
+            if not approved:
+                return await self._finish(start, plan, "rejected", "rejected", None, entries)
 
         started_at = workflow.now()
         window_days = 0 if request.replay_of is not None else plan.window_days
         window_ends_at = started_at + timedelta(days=window_days)
         self._set(window_ends_at=window_ends_at)
-        await self._record(start, "erasure.started", {"window_days": plan.window_days})
+        await self._record(
+            *entries, self._entry(start, "erasure.started", {"window_days": window_days})
+        )
 
         window = (started_at, window_ends_at)
         await self._run_steps(start, _in_phase(plan, "immediate"), window, "immediate")
@@ -180,8 +189,8 @@ class ErasureWorkflow:
         outcome = _overall([self._outcomes[s.id] for s in plan.steps if s.id in self._outcomes])
         return await self._finish(start, plan, "completed", outcome, started_at)
 
-    async def _approved(self, start: ErasureStart, plan: Plan) -> bool:
-        """Wait for the DPO, flagging the deadline when it passes; True if approved."""
+    async def _decision(self, start: ErasureStart) -> ApprovalDecision:
+        """Wait for the DPO's approval or rejection, flagging the deadline when it passes."""
         self._set_state("awaiting_approval")
         while self._approval is None and self._rejection is None:
             deadline = self.status().deadline
@@ -189,10 +198,12 @@ class ErasureWorkflow:
             if remaining <= timedelta(0) and not self.status().overdue:
                 self._set(overdue=True)
                 await self._record(
-                    start,
-                    "erasure.deadline_missed",
-                    {"deadline": deadline.isoformat()},
-                    key=f"deadline_missed/{deadline.isoformat()}",
+                    self._entry(
+                        start,
+                        "erasure.deadline_missed",
+                        {"deadline": deadline.isoformat()},
+                        key=f"deadline_missed/{deadline.isoformat()}",
+                    )
                 )
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
@@ -202,27 +213,21 @@ class ErasureWorkflow:
             await self._record_extension(start)
         decision = self._approval or self._rejection
         assert decision is not None
-        approved = self._approval is not None
         self._set(approval=decision)
-        await self._record(
-            start, "erasure.approved" if approved else "erasure.rejected", {"by": decision.by}
-        )
-        return approved
+        return decision
 
     async def _record_extension(self, start: ErasureStart) -> None:
         """Write the extension to the ledger once: months and who, not the free-text reason."""
         extension = self.status().extension
         if extension is not None and not self._extension_recorded:
             self._extension_recorded = True
-            await self._record(
-                start,
-                "erasure.extended",
-                {
-                    "months": extension.months,
-                    "by": extension.by,
-                    "deadline": self.status().deadline.isoformat(),
-                },
-            )
+            deadline = self.status().deadline.isoformat()
+            details: dict[str, str | int | float | bool | None] = {
+                "months": extension.months,
+                "by": extension.by,
+                "deadline": deadline,
+            }
+            await self._record(self._entry(start, "erasure.extended", details))
 
     def _decided_or_moved(self, deadline: datetime) -> bool:
         """The DPO has decided, or the deadline moved (an extension)."""
@@ -244,7 +249,7 @@ class ErasureWorkflow:
         remaining = list(steps)
         round_no = 0
         while remaining:
-            held = await workflow.execute_activity(
+            held = await workflow.execute_local_activity(
                 "holds.blocking",
                 HoldQuery(
                     subject_ref=start.subject_ref,
@@ -281,11 +286,12 @@ class ErasureWorkflow:
         for step in steps:
             self._update_step(step.id, status="running", holds=[])
         info = workflow.info()
+        children = [f"{info.workflow_id}-{region}-{info.run_id[:8]}-{label}" for region in regions]
+        self._set(children=children)
         jobs = [
             workflow.execute_child_workflow(
                 RegionalErasureWorkflow.run,
                 RegionJob(
-                    parent_id=info.workflow_id,
                     request_id=start.request_id,
                     subject_ref=start.subject_ref,
                     subject=start.request.subject,
@@ -298,28 +304,33 @@ class ErasureWorkflow:
                         if label.startswith("recheck") and step.id in self._outcomes
                     },
                 ),
-                id=f"{info.workflow_id}-{region}-{info.run_id[:8]}-{label}",
+                id=child_id,
                 task_queue=task_queue(region),
             )
-            for region in regions
+            for region, child_id in zip(regions, children, strict=True)
         ]
+        entries = []
         for outcomes in await asyncio.gather(*jobs):
             for outcome in outcomes:
                 self._outcomes[outcome.step_id] = outcome
                 self._update_step(outcome.step_id, status=outcome.status, detail=outcome.detail)
                 step = next(s for s in steps if s.id == outcome.step_id)
-                await self._record(
-                    start,
-                    f"step.{outcome.status}",
-                    {
-                        "step": step.id,
-                        "action": step.action,
-                        "affected": outcome.affected,
-                        "verified": outcome.verified,
-                    },
-                    system=step.system,
-                    key=f"{step.id}/{label}",
+                entries.append(
+                    self._entry(
+                        start,
+                        f"step.{outcome.status}",
+                        {
+                            "step": step.id,
+                            "action": step.action,
+                            "affected": outcome.affected,
+                            "verified": outcome.verified,
+                        },
+                        system=step.system,
+                        key=f"{step.id}/{label}",
+                    )
                 )
+        self._set(children=[])
+        await self._record(*entries)
 
     async def _finish(
         self,
@@ -328,12 +339,19 @@ class ErasureWorkflow:
         state: ErasureState,
         outcome: Outcome,
         started_at: datetime | None,
+        closing: list[LedgerRecord] | None = None,
     ) -> Certificate:
+        """Close the request: the closing ledger entries, the certificate, the forget-list."""
         await self._record_extension(start)
         status = self.status()
         self._set_state(state)
         if outcome != "dry_run":
-            await self._record(start, f"erasure.{outcome}", {"steps": len(self._outcomes)})
+            await self._record(
+                *(
+                    closing
+                    or [self._entry(start, f"erasure.{outcome}", {"steps": len(self._outcomes)})]
+                )
+            )
         certificate = Certificate(
             request_id=start.request_id,
             subject_ref=start.subject_ref,
@@ -354,14 +372,14 @@ class ErasureWorkflow:
             ledger_hashes=list(self._ledger_hashes),
         )
         if outcome != "dry_run":
-            await workflow.execute_activity(
+            await workflow.execute_local_activity(
                 "certificate.issue",
                 certificate,
                 start_to_close_timeout=CONTROL_TIMEOUT,
                 retry_policy=CONTROL_RETRY,
             )
         if outcome not in ("dry_run", "rejected") and start.request.replay_of is None:
-            await workflow.execute_activity(
+            await workflow.execute_local_activity(
                 "forget_list.add",
                 ForgetListAdd(
                     subject=start.request.subject,
@@ -376,31 +394,38 @@ class ErasureWorkflow:
 
     # --- helpers --------------------------------------------------------------------------
 
-    async def _record(
-        self,
+    @staticmethod
+    def _entry(
         start: ErasureStart,
         action: str,
         details: dict[str, str | int | float | bool | None],
         *,
         system: str | None = None,
         key: str | None = None,
-    ) -> None:
-        entry_hash = await workflow.execute_activity(
+    ) -> LedgerRecord:
+        """A ledger entry of this request; `key` (default: the action) makes retries harmless."""
+        return LedgerRecord(
+            idempotency_key=f"{start.request_id}/{key or action}",
+            request_id=start.request_id,
+            subject_ref=start.subject_ref,
+            actor=start.request.requested_by,
+            action=action,
+            system=system,
+            details=details,
+        )
+
+    async def _record(self, *entries: LedgerRecord) -> None:
+        """Append entries to the ledger in one call, in order."""
+        if not entries:
+            return
+        hashes = await workflow.execute_local_activity(
             "ledger.record",
-            LedgerRecord(
-                idempotency_key=f"{start.request_id}/{key or action}",
-                request_id=start.request_id,
-                subject_ref=start.subject_ref,
-                actor=start.request.requested_by,
-                action=action,
-                system=system,
-                details=details,
-            ),
-            result_type=str,
+            list(entries),
+            result_type=list[str],
             start_to_close_timeout=CONTROL_TIMEOUT,
             retry_policy=CONTROL_RETRY,
         )
-        self._ledger_hashes.append(entry_hash)
+        self._ledger_hashes.extend(hashes)
 
     def _set(self, **changes: object) -> None:
         self._status = self.status().model_copy(update=changes)

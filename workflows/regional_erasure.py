@@ -1,7 +1,8 @@
 """One region's share of an erasure: its steps run in parallel on `lethe-<region>`.
 
-Each step is erased, then verified. One failing step does not stop the others; each reports its
-outcome to the parent as it finishes, so the parent's status query shows progress.
+Each step is one activity that erases and then verifies. One failing step does not stop the
+others. The `progress` query answers which steps have finished, so `lethe status` shows them
+while the region still works.
 """
 
 from __future__ import annotations
@@ -38,18 +39,29 @@ def failure_detail(error: ActivityError) -> str:
 class RegionalErasureWorkflow:
     """Erase and verify one region's steps of one phase."""
 
+    def __init__(self) -> None:
+        self._finished: dict[str, StepOutcome] = {}
+
+    @workflow.query
+    def progress(self) -> dict[str, StepOutcome]:
+        """The outcomes of the steps finished so far."""
+        return dict(self._finished)
+
     @workflow.run
     async def run(self, job: RegionJob) -> list[StepOutcome]:
         return list(await asyncio.gather(*(self._step(job, step) for step in job.steps)))
 
     async def _step(self, job: RegionJob, step: Step) -> StepOutcome:
+        outcome = await self._outcome(job, step)
+        self._finished[step.id] = outcome
+        return outcome
+
+    async def _outcome(self, job: RegionJob, step: Step) -> StepOutcome:
         if step.action == "retain":
             basis = "; ".join(
                 d.exception or d.citation for d in step.decisions if d.strategy == "retain"
             )
-            outcome = StepOutcome(step_id=step.id, status="retained", detail=f"kept: {basis}")
-            await self._report(job, outcome)
-            return outcome
+            return StepOutcome(step_id=step.id, status="retained", detail=f"kept: {basis}")
         request = StepRequest(
             request_id=job.request_id,
             subject_ref=job.subject_ref,
@@ -58,30 +70,28 @@ class RegionalErasureWorkflow:
             erasure_started_at=job.erasure_started_at,
             window_ends_at=job.window_ends_at,
         )
+        erased = job.erased.get(step.id)
         try:
-            erased = job.erased.get(step.id) or await workflow.execute_activity(
-                f"{step.kind}.erase",
-                request,
-                result_type=StepOutcome,
-                start_to_close_timeout=CONNECTOR_TIMEOUT,
-                heartbeat_timeout=CONNECTOR_HEARTBEAT,
-                retry_policy=CONNECTOR_RETRY,
-            )
-            outcome = erased
-            if erased.status not in ("retained", "failed"):
-                outcome = await workflow.execute_activity(
-                    f"{step.kind}.verify",
-                    VerifyRequest(request=request, erased=erased),
+            if erased is None:
+                # One activity erases and verifies: one round trip per step.
+                done: StepOutcome = await workflow.execute_activity(
+                    f"{step.kind}.erase",
+                    request,
                     result_type=StepOutcome,
                     start_to_close_timeout=CONNECTOR_TIMEOUT,
                     heartbeat_timeout=CONNECTOR_HEARTBEAT,
                     retry_policy=CONNECTOR_RETRY,
                 )
+                return done
+            # A re-check (e.g. pending compaction): verify again what was erased before.
+            checked: StepOutcome = await workflow.execute_activity(
+                f"{step.kind}.verify",
+                VerifyRequest(request=request, erased=erased),
+                result_type=StepOutcome,
+                start_to_close_timeout=CONNECTOR_TIMEOUT,
+                heartbeat_timeout=CONNECTOR_HEARTBEAT,
+                retry_policy=CONNECTOR_RETRY,
+            )
+            return checked
         except ActivityError as error:
-            outcome = StepOutcome(step_id=step.id, status="failed", detail=failure_detail(error))
-        await self._report(job, outcome)
-        return outcome
-
-    async def _report(self, job: RegionJob, outcome: StepOutcome) -> None:
-        parent = workflow.get_external_workflow_handle(job.parent_id)
-        await parent.signal("step_progress", outcome)
+            return StepOutcome(step_id=step.id, status="failed", detail=failure_detail(error))

@@ -262,7 +262,8 @@ async def test_resumes_after_the_last_blob_an_earlier_attempt_finished(
     assert erased.evidence["resumed_from_blob"] == 1
     assert erased.affected == 4  # 3 from the earlier attempt, 1 now
     assert erased.evidence["blobs_scanned"] == 2
-    assert beats[-1]["last_done"] == 1
+    # (the activity verifies after erasing; the erase phase's heartbeats carry `last_done`)
+    assert [beat for beat in beats if "last_done" in beat][-1]["last_done"] == 1
     # The blob the earlier attempt "finished" is skipped, so its records are still there.
     assert await _content(container, "portal/1.jsonl") == b"\n".join(f.mixed) + b"\n"
     assert b"1001" not in await _content(container, "portal/2.jsonl")

@@ -765,7 +765,8 @@ async def test_activities_run_in_their_region_and_type_their_errors(
     )
     erased = await env.run(sql.erase, request)
     verified = await env.run(sql.verify, VerifyRequest(request=request, erased=erased))
-    assert (erased.status, verified.status) == ("running", "done")
+    # The erase activity verifies too (one round trip a step); verify alone agrees.
+    assert (erased.status, verified.status) == ("done", "done")
 
     broken = request_for(
         patients_locator(hospital, subject_column="pid"),
