@@ -34,13 +34,11 @@ from temporalio import activity
 
 from activities.common import (
     SchemaMismatch,
-    erase_and_verify,
-    guarded,
+    connector_activities,
     retained_outcome,
-    step_connection,
 )
 from classification.datamap import BlobBackupLocator, render
-from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
+from lethe.contracts import StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 T = TypeVar("T")
@@ -550,20 +548,4 @@ def _window_detail(inside: int, last_due: datetime | None, soft: _SoftDelete) ->
     return "; ".join(parts)
 
 
-@activity.defn(name="blob.erase")
-async def erase(request: StepRequest) -> StepOutcome:
-    """Delete a subject's backups in one container, then verify (activity `blob.erase`)."""
-    return await guarded(
-        request,
-        lambda: erase_and_verify(BackupEraser.for_connection(step_connection(request)), request),
-    )
-
-
-@activity.defn(name="blob.verify")
-async def verify(check: VerifyRequest) -> StepOutcome:
-    """Check a subject's backups are gone or due within the window (activity `blob.verify`)."""
-    request = check.request
-    return await guarded(
-        request,
-        lambda: BackupEraser.for_connection(step_connection(request)).verify(request, check.erased),
-    )
+erase, verify = connector_activities("blob", BackupEraser.for_connection)

@@ -21,13 +21,11 @@ from temporalio import activity
 
 from activities.common import (
     SchemaMismatch,
-    erase_and_verify,
-    guarded,
+    connector_activities,
     retained_outcome,
-    step_connection,
 )
 from classification.datamap import RedisLocator, render
-from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
+from lethe.contracts import StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, ServiceUnavailable
 
 T = TypeVar("T")
@@ -271,21 +269,4 @@ class CacheEraser:
             raise ServiceUnavailable(f"Redis at {self._where}: {type(exc).__name__}") from None
 
 
-@activity.defn(name="redis.erase")
-async def erase(request: StepRequest) -> StepOutcome:
-    """Purge the subject's keys and hash fields from one Redis step, then verify."""
-    return await guarded(
-        request,
-        lambda: erase_and_verify(CacheEraser.for_connection(step_connection(request)), request),
-    )
-
-
-@activity.defn(name="redis.verify")
-async def verify(check: VerifyRequest) -> StepOutcome:
-    """Check that no key or hash field of the subject is left in one Redis step."""
-    return await guarded(
-        check.request,
-        lambda: CacheEraser.for_connection(step_connection(check.request)).verify(
-            check.request, check.erased
-        ),
-    )
+erase, verify = connector_activities("redis", CacheEraser.for_connection)

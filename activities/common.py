@@ -8,7 +8,7 @@ from typing import Protocol, TypeVar
 from temporalio import activity
 
 from lethe.config import connection
-from lethe.contracts import StepOutcome, StepRequest
+from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
 from lethe.errors import LetheError
 from lethe.regions import TASK_QUEUE_PREFIX
 
@@ -50,6 +50,34 @@ async def erase_and_verify(eraser: Eraser, request: StepRequest) -> StepOutcome:
             "detail": "; ".join(d for d in (erased.detail, verified.detail) if d),
         }
     )
+
+
+def connector_activities(
+    kind: str, connector: Callable[[str], Eraser]
+) -> tuple[
+    Callable[[StepRequest], Awaitable[StepOutcome]],
+    Callable[[VerifyRequest], Awaitable[StepOutcome]],
+]:
+    """The two activities of a connector kind: `<kind>.erase` (erase, then verify) and
+    `<kind>.verify` (verify again, e.g. a pending compaction). `connector` makes the
+    connector for a connection string."""
+
+    @activity.defn(name=f"{kind}.erase")
+    async def erase(request: StepRequest) -> StepOutcome:
+        return await guarded(
+            request, lambda: erase_and_verify(connector(step_connection(request)), request)
+        )
+
+    @activity.defn(name=f"{kind}.verify")
+    async def verify(check: VerifyRequest) -> StepOutcome:
+        request = check.request
+        return await guarded(
+            request, lambda: connector(step_connection(request)).verify(request, check.erased)
+        )
+
+    erase.__doc__ = f"Erase one {kind} step of a subject, then verify it (this region only)."
+    verify.__doc__ = f"Verify one {kind} step of a subject again."
+    return erase, verify
 
 
 def retained_outcome(request: StepRequest, why: str = "retained") -> StepOutcome:

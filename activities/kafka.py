@@ -32,17 +32,14 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     OffsetSpec,
     ResourceType,
 )
-from temporalio import activity
 
 from activities.common import (
     SchemaMismatch,
-    erase_and_verify,
-    guarded,
+    connector_activities,
     retained_outcome,
-    step_connection,
 )
 from classification.datamap import KafkaTopicLocator, render
-from lethe.contracts import StepOutcome, StepRequest, StepStatus, VerifyRequest
+from lethe.contracts import StepOutcome, StepRequest, StepStatus
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 TIMEOUT_SECONDS = 15.0
@@ -554,21 +551,4 @@ def _settings_evidence(settings: Mapping[str, str]) -> dict[str, str | int | flo
     return evidence
 
 
-@activity.defn(name="kafka.erase")
-async def erase(request: StepRequest) -> StepOutcome:
-    """Write a tombstone for the subject's key in one Kafka topic, then verify it."""
-    return await guarded(
-        request,
-        lambda: erase_and_verify(TombstoneWriter.for_connection(step_connection(request)), request),
-    )
-
-
-@activity.defn(name="kafka.verify")
-async def verify(check: VerifyRequest) -> StepOutcome:
-    """Check the tombstone is there and the topic's settings remove earlier records in time."""
-    return await guarded(
-        check.request,
-        lambda: TombstoneWriter.for_connection(step_connection(check.request)).verify(
-            check.request, check.erased
-        ),
-    )
+erase, verify = connector_activities("kafka", TombstoneWriter.for_connection)

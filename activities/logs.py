@@ -22,9 +22,9 @@ from azure.storage.blob.aio import BlobClient, ContainerClient
 from temporalio import activity
 
 from activities.blob import beat, blob_endpoint, blob_errors, blob_service, error_code
-from activities.common import erase_and_verify, guarded, retained_outcome, step_connection
+from activities.common import connector_activities, retained_outcome
 from classification.datamap import LogLocator, MissingIdentity
-from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
+from lethe.contracts import StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, LetheError
 
 REDACTED = "[redacted]"
@@ -363,20 +363,4 @@ def _locator(request: StepRequest) -> LogLocator:
     return locator
 
 
-@activity.defn(name="logs.erase")
-async def erase(request: StepRequest) -> StepOutcome:
-    """Drop or redact a subject's log records, then verify (activity `logs.erase`)."""
-    return await guarded(
-        request,
-        lambda: erase_and_verify(LogRedactor.for_connection(step_connection(request)), request),
-    )
-
-
-@activity.defn(name="logs.verify")
-async def verify(check: VerifyRequest) -> StepOutcome:
-    """Check no log record still carries the subject's values (activity `logs.verify`)."""
-    request = check.request
-    return await guarded(
-        request,
-        lambda: LogRedactor.for_connection(step_connection(request)).verify(request, check.erased),
-    )
+erase, verify = connector_activities("logs", LogRedactor.for_connection)

@@ -60,18 +60,15 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import NullType
-from temporalio import activity
 
 from activities.common import (
     SchemaMismatch,
-    erase_and_verify,
-    guarded,
+    connector_activities,
     retained_outcome,
-    step_connection,
 )
 from classification.datamap import SqlTableLocator
 from classification.taxonomy import matches
-from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
+from lethe.contracts import StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 CONNECT_TIMEOUT_SECONDS = 5
@@ -261,24 +258,7 @@ class SqlEraser:
         )
 
 
-@activity.defn(name="sql.erase")
-async def erase(request: StepRequest) -> StepOutcome:
-    """Erase the subject's rows in one SQL table, then verify (the worker's region only)."""
-    return await guarded(
-        request,
-        lambda: erase_and_verify(SqlEraser.for_connection(step_connection(request)), request),
-    )
-
-
-@activity.defn(name="sql.verify")
-async def verify(check: VerifyRequest) -> StepOutcome:
-    """Verify an SQL erase step against the live table."""
-    return await guarded(
-        check.request,
-        lambda: SqlEraser.for_connection(step_connection(check.request)).verify(
-            check.request, check.erased
-        ),
-    )
+erase, verify = connector_activities("sql", SqlEraser.for_connection)
 
 
 # --- the step's target -----------------------------------------------------------------------

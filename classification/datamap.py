@@ -77,6 +77,15 @@ CategoryKey = Annotated[str, AfterValidator(_known_category)]
 Strategy = Literal["delete", "soft_delete", "anonymize", "tombstone", "purge", "retain", "shred"]
 
 
+class SystemBase(MapModel):
+    """What every system has: a name, a region, and the variable naming its connection."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    region: Region
+    connection: str = Field(pattern=ENV_NAME)
+    """The name of the environment variable that holds the connection, never the secret."""
+
+
 class SqlJoin(MapModel):
     """One hop of a join path: `column` of this table references `references` of `table`."""
 
@@ -104,13 +113,10 @@ class SqlTableLocator(MapModel):
         return sorted(set(self.columns.values()))
 
 
-class SqlSystem(MapModel):
+class SqlSystem(SystemBase):
     """A relational database (PostgreSQL or SQLite through SQLAlchemy)."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
     kind: Literal["sql"]
-    region: Region
-    connection: str = Field(pattern=ENV_NAME)
     tables: list[SqlTableLocator] = Field(min_length=1)
 
 
@@ -124,13 +130,10 @@ class KafkaTopicLocator(MapModel):
     _template = field_validator("key_template")(_checked_template)
 
 
-class KafkaSystem(MapModel):
+class KafkaSystem(SystemBase):
     """An Apache Kafka cluster; `connection` names the variable holding bootstrap servers."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
     kind: Literal["kafka"]
-    region: Region
-    connection: str = Field(pattern=ENV_NAME)
     topics: list[KafkaTopicLocator] = Field(min_length=1)
 
 
@@ -162,13 +165,10 @@ class RedisLocator(MapModel):
         return self
 
 
-class RedisSystem(MapModel):
+class RedisSystem(SystemBase):
     """A Redis cache."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
     kind: Literal["redis"]
-    region: Region
-    connection: str = Field(pattern=ENV_NAME)
     keys: list[RedisLocator] = Field(min_length=1)
 
 
@@ -196,13 +196,10 @@ class BlobBackupLocator(MapModel):
         return self
 
 
-class BlobSystem(MapModel):
+class BlobSystem(SystemBase):
     """An Azure Blob Storage account holding backups."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
     kind: Literal["blob"]
-    region: Region
-    connection: str = Field(pattern=ENV_NAME)
     backups: list[BlobBackupLocator] = Field(min_length=1)
 
 
@@ -224,13 +221,10 @@ class LogLocator(MapModel):
         return fields
 
 
-class LogsSystem(MapModel):
+class LogsSystem(SystemBase):
     """Application logs kept as JSON-lines blobs in Azure Blob Storage."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
     kind: Literal["logs"]
-    region: Region
-    connection: str = Field(pattern=ENV_NAME)
     logs: list[LogLocator] = Field(min_length=1)
 
 

@@ -77,20 +77,20 @@ async def append(
             digest = entry_hash(
                 seq, at, request_id, subject_ref, actor, action, system, details, prev_hash
             )
+            entry = LedgerEntry(
+                seq=seq,
+                at=at,
+                request_id=request_id,
+                subject_ref=subject_ref,
+                actor=actor,
+                action=action,
+                system=system,
+                details=details,
+                prev_hash=prev_hash,
+                hash=digest,
+            )
             await conn.execute(
-                insert(ledger).values(
-                    seq=seq,
-                    at=at,
-                    request_id=request_id,
-                    subject_ref=subject_ref,
-                    actor=actor,
-                    action=action,
-                    system=system,
-                    details=details,
-                    prev_hash=prev_hash,
-                    hash=digest,
-                    idempotency_key=idempotency_key,
-                )
+                insert(ledger).values(**entry.model_dump(), idempotency_key=idempotency_key)
             )
             await conn.execute(update(ledger_head).where(ledger_head.c.id == 1).values(hash=digest))
     except IntegrityError:
@@ -99,35 +99,15 @@ async def append(
         if raced is None:
             raise
         return raced
-    return LedgerEntry(
-        seq=seq,
-        at=at,
-        request_id=request_id,
-        subject_ref=subject_ref,
-        actor=actor,
-        action=action,
-        system=system,
-        details=details,
-        prev_hash=prev_hash,
-        hash=digest,
-    )
+    return entry
 
 
 def _entry(row: object) -> LedgerEntry:
-    fields = row._mapping  # type: ignore[attr-defined]
-    at: datetime = fields["at"]
-    return LedgerEntry(
-        seq=fields["seq"],
-        at=at if at.tzinfo else at.replace(tzinfo=UTC),
-        request_id=fields["request_id"],
-        subject_ref=fields["subject_ref"],
-        actor=fields["actor"],
-        action=fields["action"],
-        system=fields["system"],
-        details=fields["details"],
-        prev_hash=fields["prev_hash"],
-        hash=fields["hash"],
-    )
+    fields = dict(row._mapping)  # type: ignore[attr-defined]
+    fields.pop("idempotency_key")
+    if fields["at"].tzinfo is None:  # SQLite keeps no time zone; Lethe writes UTC
+        fields["at"] = fields["at"].replace(tzinfo=UTC)
+    return LedgerEntry.model_validate(fields)
 
 
 async def _by_key(engine: AsyncEngine, idempotency_key: str) -> LedgerEntry | None:
