@@ -6,15 +6,17 @@ import asyncio
 import getpass
 import os
 import sys
-from collections.abc import Coroutine
-from typing import Annotated, Any
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from lethe.client import Client, erasure_workflow_id
+from lethe.client import Client, UnknownRequest, erasure_workflow_id
 from lethe.errors import LetheError
+
+M = TypeVar("M")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -31,6 +33,17 @@ RequestArgument = Annotated[
     str | None,
     typer.Argument(help="the request's workflow id (erasure-...); or give --tenant and --subject"),
 ]
+
+
+def valid(factory: Callable[[], M]) -> M:
+    """Build a model from command-line input; a bad value is a usage error naming the field."""
+    try:
+        return factory()
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False, include_input=False)
+        raise typer.BadParameter(
+            "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems)
+        ) from None
 
 
 def actor(by: str) -> str:
@@ -64,9 +77,11 @@ def run(coro: Coroutine[Any, Any, int]) -> None:
 def request_id(client: Client, request: str | None, tenant: str | None, subject: str | None) -> str:
     """The workflow id a command is about: given directly, or from tenant and subject."""
     if request:
-        if not request.startswith("erasure-"):
-            raise typer.BadParameter("a request id looks like erasure-<subject reference>")
+        if not request.startswith(("erasure-", "replay-")):
+            raise UnknownRequest(
+                f"{request[:80]!r} is not a request id: they look like erasure-<reference>"
+            )
         return request
     if tenant and subject:
         return erasure_workflow_id(client.subject_ref(tenant, subject))
-    raise typer.BadParameter("give the request id, or --tenant and --subject")
+    raise UnknownRequest("name the request: its id (erasure-...), or --tenant and --subject")

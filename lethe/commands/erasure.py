@@ -20,6 +20,7 @@ from lethe.commands.common import (
     out,
     request_id,
     run,
+    valid,
 )
 from lethe.commands.views import certificate_view, plan_table, status_view, when
 from lethe.contracts import ApprovalDecision, ErasureRequest, ErasureStatus, Extension, Subject
@@ -68,11 +69,13 @@ def erase(
     json: JsonOption = False,
 ) -> None:
     """Erase a subject everywhere the data map says their data lives (or --dry-run the plan)."""
-    request = ErasureRequest(
-        subject=Subject(tenant=tenant, subject_id=subject, identities=_identities(identity)),
-        region=region,
-        reason=reason,
-        requested_by=actor(by),
+    request = valid(
+        lambda: ErasureRequest(
+            subject=Subject(tenant=tenant, subject_id=subject, identities=_identities(identity)),
+            region=region,
+            reason=reason,
+            requested_by=actor(by),
+        )
     )
     run(_erase(request, dry_run, wait, json))
 
@@ -171,7 +174,11 @@ def approve(
     note: Annotated[str, typer.Option(help="a note for the record")] = "",
 ) -> None:
     """Approve an erasure that waits for the DPO."""
-    run(_decide(request, tenant, subject, ApprovalDecision(by=actor(by), note=note), True))
+    run(
+        _decide(
+            request, tenant, subject, valid(lambda: ApprovalDecision(by=actor(by), note=note)), True
+        )
+    )
 
 
 def reject(
@@ -184,7 +191,15 @@ def reject(
     """Reject an erasure that waits for the DPO; nothing is destroyed."""
     if not note:
         raise typer.BadParameter("say why with --note")
-    run(_decide(request, tenant, subject, ApprovalDecision(by=actor(by), note=note), False))
+    run(
+        _decide(
+            request,
+            tenant,
+            subject,
+            valid(lambda: ApprovalDecision(by=actor(by), note=note)),
+            False,
+        )
+    )
 
 
 async def _decide(
@@ -214,7 +229,14 @@ def extend(
     by: ByOption = "",
 ) -> None:
     """Extend an erasure's deadline by up to two months, with the reason (Art. 12(3))."""
-    run(_extend(request, tenant, subject, Extension(months=months, reason=reason, by=actor(by))))
+    run(
+        _extend(
+            request,
+            tenant,
+            subject,
+            valid(lambda: Extension(months=months, reason=reason, by=actor(by))),
+        )
+    )
 
 
 async def _extend(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from classification.taxonomy import category
+from classification.taxonomy import UnknownCategory, category
 from lethe.client import Client
 from lethe.commands.common import ByOption, JsonOption, actor, err, out, run
 from lethe.commands.views import holds_table
@@ -36,7 +36,10 @@ def place(
     if scope != "subject" and not value:
         raise typer.BadParameter(f"a {scope} hold needs --value")
     if scope == "category" and value:
-        category(value)  # UnknownCategory names the closest known key
+        try:
+            category(value)
+        except UnknownCategory as exc:
+            raise typer.BadParameter(str(exc)) from None
     run(_place(matter, scope, value, tenant, subject, reason, actor(by)))  # type: ignore[arg-type]
 
 
