@@ -159,11 +159,14 @@ class ErasureWorkflow:
                 return await self._finish(start, plan, "rejected", "rejected", None, entries)
 
         started_at = workflow.now()
-        window_days = 0 if request.replay_of is not None else plan.window_days
-        window_ends_at = started_at + timedelta(days=window_days)
+        window_ends_at = started_at + timedelta(days=plan.window_days)
+        # A replay restores an erasure already made: nothing to wait for, so its backups and
+        # logs go at once; Kafka's removal is still judged against a full window.
+        replay = request.replay_of is not None
         self._set(window_ends_at=window_ends_at)
         await self._record(
-            *entries, self._entry(start, "erasure.started", {"window_days": window_days})
+            *entries,
+            self._entry(start, "erasure.started", {"window_days": plan.window_days}),
         )
 
         window = (started_at, window_ends_at)
@@ -171,7 +174,8 @@ class ErasureWorkflow:
 
         if _in_phase(plan, "deferred"):
             self._set_state("waiting_window")
-            await workflow.sleep(max(window_ends_at - workflow.now(), timedelta(0)))
+            if not replay:
+                await workflow.sleep(max(window_ends_at - workflow.now(), timedelta(0)))
             await self._run_steps(start, _in_phase(plan, "deferred"), window, "deferred")
 
         pending = [
@@ -180,7 +184,7 @@ class ErasureWorkflow:
             if self._outcomes.get(step.id)
             and self._outcomes[step.id].status == "pending_compaction"
         ]
-        if pending:
+        if pending and not replay:
             # By the end of the window, compaction should have removed what the tombstones cover.
             self._set_state("verifying")
             await workflow.sleep(max(window_ends_at - workflow.now(), timedelta(0)))
