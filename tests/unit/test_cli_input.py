@@ -57,4 +57,3 @@ def test_bad_input_is_a_usage_error_naming_the_problem(args: list[str], expected
     assert expected in result.output
     assert "Traceback" not in result.output
     assert "x" * 300 not in result.output
-
