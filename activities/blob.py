@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from azure.core.exceptions import (
     AzureError,
@@ -193,7 +193,26 @@ class _SoftDelete:
     note: str
 
 
-class BackupEraser:
+class BlobConnector:
+    """A connector over one storage account, shared per connection string and kind."""
+
+    _instances: ClassVar[dict[tuple[type, str], BlobConnector]] = {}
+
+    def __init__(self, connection_string: str) -> None:
+        self._connection = connection_string
+        self._endpoint = blob_endpoint(connection_string)
+
+    @classmethod
+    def for_connection(cls, connection_string: str) -> Self:
+        """The shared connector of this kind for a connection string."""
+        found = BlobConnector._instances.get((cls, connection_string))
+        if not isinstance(found, cls):
+            found = cls(connection_string)
+            BlobConnector._instances[(cls, connection_string)] = found
+        return found
+
+
+class BackupEraser(BlobConnector):
     """Deletes a subject's backups in one blob container, within the erasure window.
 
     Per-subject blobs (found by `subject_tag` = the subject reference, or under the rendered
@@ -218,20 +237,6 @@ class BackupEraser:
     service cannot answer (HTTP 501, as Azurite answers for versioning, immutability and legal
     holds) is named as not checked in the evidence and the detail, never reported as done.
     """
-
-    _instances: dict[str, BackupEraser] = {}  # noqa: RUF012 - a cache, not a field
-
-    def __init__(self, connection_string: str) -> None:
-        self._connection = connection_string
-        self._endpoint = blob_endpoint(connection_string)
-
-    @classmethod
-    def for_connection(cls, connection_string: str) -> BackupEraser:
-        """The shared eraser for a connection string."""
-        eraser = cls._instances.get(connection_string)
-        if eraser is None:
-            eraser = cls._instances[connection_string] = cls(connection_string)
-        return eraser
 
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Delete the subject's blobs and the whole backups past the window; or retain."""

@@ -21,7 +21,13 @@ from azure.storage.blob import BlobProperties, BlobType, ContentSettings
 from azure.storage.blob.aio import BlobClient, ContainerClient
 from temporalio import activity
 
-from activities.blob import beat, blob_endpoint, blob_errors, blob_service, error_code
+from activities.blob import (
+    BlobConnector,
+    beat,
+    blob_errors,
+    blob_service,
+    error_code,
+)
 from activities.common import connector_activities, retained_outcome
 from classification.datamap import LogLocator, MissingIdentity
 from lethe.contracts import StepOutcome, StepRequest
@@ -151,7 +157,7 @@ def _holds(field_value: object, value: str) -> bool:
     return False
 
 
-class LogRedactor:
+class LogRedactor(BlobConnector):
     """Drops (`delete`) or redacts (`redact`, `anonymize`) a subject's records in log blobs.
 
     Blobs are taken in name order; after each one the activity heartbeats the index of the
@@ -159,20 +165,6 @@ class LogRedactor:
     subject's records are read but never rewritten. Only block blobs can be swapped whole: an
     append or page blob holding the subject's records is counted and makes the step `failed`.
     """
-
-    _instances: dict[str, LogRedactor] = {}  # noqa: RUF012 - a cache, not a field
-
-    def __init__(self, connection_string: str) -> None:
-        self._connection = connection_string
-        self._endpoint = blob_endpoint(connection_string)
-
-    @classmethod
-    def for_connection(cls, connection_string: str) -> LogRedactor:
-        """The shared redactor for a connection string."""
-        redactor = cls._instances.get(connection_string)
-        if redactor is None:
-            redactor = cls._instances[connection_string] = cls(connection_string)
-        return redactor
 
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Drop or redact the subject's records in every log blob under the prefix; or retain."""
