@@ -21,7 +21,6 @@ from temporalio.common import (
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
 )
-from temporalio.exceptions import ApplicationError
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
@@ -42,7 +41,7 @@ from lethe.contracts import (
     Plan,
     StepOutcome,
 )
-from lethe.errors import LetheError, ServiceUnavailable
+from lethe.errors import LetheError, ServiceUnavailable, failure_reason
 from lethe.forget_list import ForgetListEntry
 from lethe.store import engine_for
 from lethe.subjects import subject_ref
@@ -101,17 +100,6 @@ FAILED_STATES = (
 )
 SETTLED_STATES = ("completed", "rejected", "dry_run")
 """States the workflow itself ends in; any other state of a closed workflow is stale."""
-
-
-def failure_reason(error: BaseException) -> str:
-    """The deepest ApplicationError's type and message in a failure chain (no personal data)."""
-    reason = ""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, ApplicationError):
-            reason = f"{cause.type or 'error'}: {cause.message}"
-        cause = cause.__cause__ or getattr(cause, "cause", None)
-    return reason or type(error).__name__
 
 
 def erasure_workflow_id(subject_ref: str) -> str:

@@ -5,6 +5,19 @@ from __future__ import annotations
 from temporalio.exceptions import ApplicationError
 
 
+def failure_reason(error: BaseException) -> str:
+    """Why a Temporal call failed: the deepest ApplicationError's type and message (Lethe's
+    errors carry no personal data), else the deepest cause's type name."""
+    reason, deepest = "", error
+    cause: BaseException | None = error
+    while cause is not None:
+        deepest = cause
+        if isinstance(cause, ApplicationError):
+            reason = f"{cause.type or 'error'}: {cause.message}"
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    return reason or type(deepest).__name__
+
+
 class LetheError(Exception):
     """Base of every error Lethe raises on purpose."""
 

@@ -12,10 +12,11 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from lethe.contracts import RegionJob, Step, StepOutcome, StepRequest, VerifyRequest
+    from lethe.errors import failure_reason
 
 CONNECTOR_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -25,14 +26,6 @@ CONNECTOR_RETRY = RetryPolicy(
 )
 CONNECTOR_TIMEOUT = timedelta(minutes=10)
 CONNECTOR_HEARTBEAT = timedelta(minutes=1)
-
-
-def failure_detail(error: ActivityError) -> str:
-    """The reason an activity failed, as its ApplicationError states it (never personal data)."""
-    cause = error.cause
-    if isinstance(cause, ApplicationError):
-        return f"{cause.type or 'error'}: {cause.message}"
-    return type(cause).__name__ if cause else "activity failed"
 
 
 @workflow.defn
@@ -94,4 +87,4 @@ class RegionalErasureWorkflow:
             )
             return checked
         except ActivityError as error:
-            return StepOutcome(step_id=step.id, status="failed", detail=failure_detail(error))
+            return StepOutcome(step_id=step.id, status="failed", detail=failure_reason(error))
