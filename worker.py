@@ -11,11 +11,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from temporalio.client import Client as TemporalClient
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
@@ -111,10 +112,19 @@ async def serve(
     log.info("worker stopped")
 
 
-def run(region: str, *, control: bool = False) -> None:
-    """Load the settings and serve one region (and the control plane) until a signal arrives."""
+def run(region: str, *, control: bool = False) -> NoReturn:
+    """Serve one region (and the control plane) until a signal arrives, then end the process.
+
+    The process ends with os._exit once the workers have shut down cleanly: the Temporal SDK's
+    runtime can crash at interpreter exit (sdk-python issue 300; seen here as SIGSEGV after
+    "worker stopped"), which would turn a clean stop into a failed exit code.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(serve(region, load_settings(), control=control))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,7 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LetheError as exc:
         print(f"lethe worker: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
