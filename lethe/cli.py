@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -15,6 +16,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDReusePolicy
 
 from lethe.client import connect
+from lethe.commands import codec_server as codec_server_commands
 from lethe.commands import erasure as erasure_commands
 from lethe.commands.audit import audit_app
 from lethe.commands.common import err, out, run
@@ -28,12 +30,15 @@ from lethe.regions import task_queue, validate_region
 app = typer.Typer(
     help="Lethe: durable erasure, retention and key management.", no_args_is_help=True
 )
-codec_app = typer.Typer(help="The payload codec's keys.", no_args_is_help=True)
+codec_app = typer.Typer(
+    help="The payload codec's keys and the codec server's tokens.", no_args_is_help=True
+)
 app.add_typer(codec_app, name="codec")
 app.add_typer(hold_app, name="hold")
 app.add_typer(audit_app, name="audit")
 app.add_typer(forget_app, name="forget-list")
 erasure_commands.register(app)
+codec_server_commands.register(app)
 
 RegionOption = Annotated[str, typer.Option("--region", help="a region, e.g. eu")]
 
@@ -120,6 +125,17 @@ def new_key() -> None:
     err.print(
         "Keep this key in your secret store. Prepend new keys to rotate; keep old ones in the "
         "ring until no history needs them.",
+        highlight=False,
+    )
+
+
+@codec_app.command("new-token")
+def new_token() -> None:
+    """Print a new random bearer token as a LETHE_CODEC_SERVER_TOKENS entry."""
+    typer.echo(f"LETHE_CODEC_SERVER_TOKENS={secrets.token_urlsafe(32)}")
+    err.print(
+        "Give it only to auditors allowed to read decrypted history. Separate several tokens "
+        "with commas; remove one to revoke it.",
         highlight=False,
     )
 

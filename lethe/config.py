@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -22,6 +22,9 @@ _HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 _KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 CODEC_KEY_BYTES = 32
+CODEC_SERVER_TOKEN_MIN_CHARS = 32
+_TOKEN = re.compile(r"^[!-~]+$")
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 
 HostPort = Annotated[str, Field(pattern=_HOST_PORT.pattern)]
 
@@ -57,13 +60,31 @@ class Settings(BaseSettings):
     control_queue: str = Field(default="lethe-control", pattern=r"^[a-z][a-z0-9-]{0,62}$")
     """The control plane's task queue: the erasure workflow, planning, holds, ledger."""
 
+    keys_master_key: SecretStr | None = None
+    """Base64 of the 32-byte master key that seals the key service's KEKs (local provider)."""
+    keys_store_url: SecretStr | None = None
+    """SQLAlchemy URL of the key store (KEKs, data keys); Lethe's store when unset."""
+    keys_max_encryptions: int = Field(default=2**32, ge=1)
+    """Encryptions under one data-key version before a new version rolls (NIST SP 800-38D)."""
+    keys_cache_seconds: float = Field(default=60.0, ge=0)
+    """How long a process keeps unwrapped data keys; a shredding elsewhere takes this long."""
+
     metrics_bind: HostPort | None = None
     """Where a worker serves Prometheus metrics, e.g. `127.0.0.1:9464`; off when unset."""
     worker_shutdown_grace_seconds: float = Field(default=30.0, gt=0)
 
-    @field_validator("store_url")
+    codec_server_tokens: SecretStr | None = None
+    """Bearer tokens the codec server accepts, comma-separated, each 32 characters or more."""
+    codec_server_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    """Browser origins (the Temporal UI's) the codec server answers, comma-separated."""
+    codec_server_bind: HostPort = "127.0.0.1:8888"
+    """Where `lethe codec-server` listens."""
+
+    @field_validator("store_url", "keys_store_url")
     @classmethod
-    def _store_url_parses(cls, value: SecretStr) -> SecretStr:
+    def _store_url_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
         try:
             make_url(value.get_secret_value())
         except ArgumentError:
@@ -86,9 +107,29 @@ class Settings(BaseSettings):
             parse_key_ring(value.get_secret_value())
         return value
 
-    @field_validator("subject_key")
+    @field_validator("codec_server_tokens")
     @classmethod
-    def _subject_key_parses(cls, value: SecretStr | None) -> SecretStr | None:
+    def _codec_server_tokens_parse(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_tokens(value.get_secret_value())
+        return value
+
+    @field_validator("codec_server_origins", mode="before")
+    @classmethod
+    def _codec_server_origins_parse(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(filter(None, (o.strip() for o in value.split(","))))
+        for origin in value if isinstance(value, (tuple, list)) else ():
+            if not isinstance(origin, str) or not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{str(origin)[:80]!r} is not an origin: scheme://host[:port], no path or "
+                    "trailing slash (e.g. http://localhost:8233)"
+                )
+        return value
+
+    @field_validator("subject_key", "keys_master_key")
+    @classmethod
+    def _key_parses(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             _decode_key(value.get_secret_value(), "the key")
         return value
@@ -129,6 +170,22 @@ class Settings(BaseSettings):
         return _decode_key(self.subject_key.get_secret_value(), "the key")
 
     @property
+    def keys_master_key_bytes(self) -> bytes:
+        """The master key that seals the local KEK provider's key versions."""
+        if self.keys_master_key is None:
+            raise ConfigurationError(
+                "LETHE_KEYS_MASTER_KEY is not set: the key service seals its key-encryption "
+                "keys with it. Create one with `lethe codec new-key` (32 random bytes, base64) "
+                "and keep it safe: without it no data key can be opened."
+            )
+        return _decode_key(self.keys_master_key.get_secret_value(), "the key")
+
+    @property
+    def key_store_url(self) -> str:
+        """Where the key store lives: LETHE_KEYS_STORE_URL, else Lethe's store."""
+        return (self.keys_store_url or self.store_url).get_secret_value()
+
+    @property
     def current_codec_key_id(self) -> str:
         """The id of the key that encrypts new payloads."""
         if not self.key_ring:
@@ -137,6 +194,16 @@ class Settings(BaseSettings):
                 "Create a key with `lethe codec new-key` and export what it prints."
             )
         return self.codec_key_id or next(iter(self.key_ring))
+
+    @property
+    def codec_server_token_values(self) -> tuple[str, ...]:
+        """The bearer tokens the codec server accepts."""
+        if self.codec_server_tokens is None:
+            raise ConfigurationError(
+                "LETHE_CODEC_SERVER_TOKENS is not set: the codec server decrypts payloads only "
+                "for callers with a token. Create one with `lethe codec new-token` and export it."
+            )
+        return parse_tokens(self.codec_server_tokens.get_secret_value())
 
 
 def parse_key_ring(text: str) -> dict[str, bytes]:
@@ -153,6 +220,24 @@ def parse_key_ring(text: str) -> dict[str, bytes]:
     if not ring:
         raise ValueError("holds no key")
     return ring
+
+
+def parse_tokens(text: str) -> tuple[str, ...]:
+    """Parse comma-separated bearer tokens; errors name the token's position, never the token."""
+    tokens = tuple(filter(None, (t.strip() for t in text.split(","))))
+    for position, token in enumerate(tokens, 1):
+        if len(token) < CODEC_SERVER_TOKEN_MIN_CHARS:
+            raise ValueError(
+                f"token {position} is shorter than {CODEC_SERVER_TOKEN_MIN_CHARS} characters "
+                "(make one with `lethe codec new-token`)"
+            )
+        if not _TOKEN.fullmatch(token):
+            raise ValueError(
+                f"token {position} holds a space or a character outside printable ASCII"
+            )
+    if not tokens:
+        raise ValueError("holds no token")
+    return tokens
 
 
 def _decode_key(encoded: str, what: str) -> bytes:

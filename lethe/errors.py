@@ -46,3 +46,31 @@ class ServiceUnavailable(LetheError):
     """A service Lethe depends on did not answer."""
 
     retryable = True
+
+
+class KeyServiceError(LetheError):
+    """Base of the key service's errors: none of them carries key material or plaintext."""
+
+
+class MalformedCiphertext(KeyServiceError):
+    """A value is not a Lethe ciphertext: too short, wrong magic, or an unknown format version."""
+
+
+class CiphertextRejected(KeyServiceError):
+    """A ciphertext failed authentication: altered, truncated, or bound to other data."""
+
+
+class UnknownDataKey(KeyServiceError):
+    """No data key exists for the subject and version a ciphertext names."""
+
+
+class KeyShredded(KeyServiceError):
+    """The subject's data keys were destroyed by an erasure; its data is unreadable for good."""
+
+
+class KeyRetired(KeyServiceError):
+    """A key-encryption-key version is below the minimum decryption version, or destroyed."""
+
+
+class RotationConflict(KeyServiceError):
+    """A key-management step would lose keys: e.g. retiring a version that still wraps some."""

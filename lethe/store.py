@@ -90,7 +90,7 @@ certificates = Table(
 GENESIS_HASH = "0" * 64
 
 _engines: dict[str, AsyncEngine] = {}
-_ready: set[str] = set()
+_ready: set[tuple[str, int]] = set()
 _lock = asyncio.Lock()
 
 
@@ -101,8 +101,8 @@ def _sqlite_pragmas(dbapi_connection: object, _: object) -> None:
     cursor.close()
 
 
-async def engine_for(url: str) -> AsyncEngine:
-    """The store's engine for `url`, created once per process, with the tables in place."""
+async def engine_for(url: str, tables: MetaData = metadata) -> AsyncEngine:
+    """The store's engine for `url`, created once per process, with `tables` in place."""
     async with _lock:
         engine = _engines.get(url)
         if engine is None:
@@ -113,18 +113,19 @@ async def engine_for(url: str) -> AsyncEngine:
             if parsed.get_backend_name() == "sqlite":
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
             _engines[url] = engine
-        if url not in _ready:
+        if (url, id(tables)) not in _ready:
             try:
                 async with engine.begin() as conn:
-                    await conn.run_sync(metadata.create_all)
-                async with engine.begin() as conn:
-                    await _ensure_ledger_head(conn)
+                    await conn.run_sync(tables.create_all)
+                if tables is metadata:
+                    async with engine.begin() as conn:
+                        await _ensure_ledger_head(conn)
             except (SQLAlchemyError, OSError) as exc:
                 shown = make_url(url).render_as_string(hide_password=True)
                 raise ServiceUnavailable(
                     f"Lethe's store at {shown} is not reachable ({type(exc).__name__})"
                 ) from None
-            _ready.add(url)
+            _ready.add((url, id(tables)))
     return engine
 
 
