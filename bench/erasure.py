@@ -1,4 +1,4 @@
-"""Erasure benchmark: the immediate phase's latency and throughput, against a raw floor.
+"""Erasure benchmark: the immediate phase's latency and throughput, against two floors.
 
 Run it after `scripts/stack up`:
 
@@ -12,7 +12,8 @@ subject per request seeded in each, a data map holding all five kinds of system 
 are deferred-phase steps and are never reached), a policy pack without approval and with a
 365-day window, a store database of its own (the ledger is append-only, so it lives and dies
 with the run), and a worker process (`worker.py --region bench<id> --control`) on its own
-region and control queue. A few warm-up erasures run first and are not counted.
+region and control queue; later, the orchestration floor's worker on two queues of its own. A
+few warm-up erasures (and warm-up floor runs) come first and are not counted.
 
 What is measured:
 
@@ -35,11 +36,22 @@ What is measured:
    connector's producer settings, with a subject's systems in parallel as Lethe runs them;
    without Temporal and without verification. Sequentially for latency, all subjects at once
    for throughput.
-4. Where the time goes, from the histories: per request, the parent workflow's activities
+4. The orchestration floor, in the same run: the workflow shape the design mandates, with no
+   work in it (`bench/orchestration_floor.py`, started as a worker process of its own on two
+   queues of this run): a parent on a control queue with a local activity for planning, one
+   child on a `lethe-<region>` queue running one no-op activity per immediate step of the
+   plan, in parallel, and a local activity for the ledger write. Warmed up, then one after
+   another for latency and `--concurrent` at once for throughput, measured like Lethe but to
+   the event time of the parent's completion (where Lethe starts its window timer), with the
+   floor worker's and the server's CPU per erasure. It is what Temporal itself manages on this
+   machine for that shape, so a throughput target above it cannot be met here by any work
+   done inside the activities; the run says so when it is.
+5. Where the time goes, from the histories: per request, the parent workflow's activities
    (queue wait and run time), the regional child workflow, and what is left (workflow-task
    round trips); inside the child, each connector's erase and verify. And the CPU time the
    worker, this process and the stack's Temporal server used per erasure (Linux /proc; the
-   server's share includes anyone else using it), with how busy the machine was.
+   server's share includes anyone else using it), with how busy the machine was. The same
+   breakdown for the orchestration floor, one at a time.
 
 The targets: immediate-phase p95 <= 1 s, and >= 20 erasures per second.
 """
@@ -144,6 +156,16 @@ class Names:
     def control_queue(self) -> str:
         """The control queue of this run's worker."""
         return f"lethe-bench-control-{self.run}"
+
+    @property
+    def floor_region(self) -> str:
+        """The orchestration floor's region, and so its child queue `lethe-bench<id>-floor`."""
+        return f"bench{self.run}-floor"
+
+    @property
+    def floor_control_queue(self) -> str:
+        """The orchestration floor's control queue."""
+        return f"lethe-bench-floor-control-{self.run}"
 
     @property
     def patients(self) -> str:
@@ -361,8 +383,11 @@ def request_for(subject_id: str) -> ErasureRequest:
     )
 
 
-def check_plan(datamap: Path, pack: Path, names: Names) -> None:
-    """Plan one request in-process: no approval, sql/kafka/redis now, blob/logs deferred."""
+def check_plan(datamap: Path, pack: Path, names: Names) -> int:
+    """Plan one request in-process: no approval, sql/kafka/redis now, blob/logs deferred.
+
+    Returns the number of immediate steps, which the orchestration floor's child runs.
+    """
     planner = Planner.from_files(datamap, pack)
     plan = planner.plan(request_for(names.subject_id(0)), "req-bench", "0" * 64)
     immediate = {step.kind for step in plan.steps if step.phase == "immediate"}
@@ -371,6 +396,7 @@ def check_plan(datamap: Path, pack: Path, names: Names) -> None:
         raise BenchError(f"unexpected plan: approval {plan.approval_required}, now {immediate}")
     if deferred != {"blob", "logs"}:
         raise BenchError(f"unexpected plan: deferred {deferred}")
+    return sum(1 for step in plan.steps if step.phase == "immediate")
 
 
 # --- seeding and the raw floor ---------------------------------------------------------------
@@ -607,34 +633,67 @@ def _open_log(path: Path) -> IO[bytes]:
     return path.open("wb")
 
 
-async def start_worker(
-    names: Names, env: dict[str, str], log_path: Path
+async def start_polling(
+    what: str, arguments: list[str], env: dict[str, str], log_path: Path, queues: list[str]
 ) -> asyncio.subprocess.Process:
-    """Start `worker.py --region <run region> --control` and wait until both queues are polled."""
+    """Start a worker process (a Python script and its arguments); wait until it polls `queues`.
+
+    Its output goes to `log_path`; it is ready once the log says `polling <queue>` for each.
+    """
     log = _open_log(log_path)
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(ROOT / "worker.py"),
-            "--region",
-            names.region,
-            "--control",
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=log,
+            sys.executable, *arguments, cwd=ROOT, env=env, stdout=log, stderr=log
         )
     finally:
         log.close()
-    wanted = (f"polling {task_queue(names.region)}", f"polling {names.control_queue}")
+    wanted = [f"polling {queue}" for queue in queues]
     deadline = time.monotonic() + 60
     while True:
         written = await asyncio.to_thread(log_path.read_text, errors="replace")
         if all(line in written for line in wanted):
             return process
         if process.returncode is not None or time.monotonic() > deadline:
-            raise BenchError(f"the worker did not start; its log ends:\n{written[-2000:]}")
+            await stop_worker(process)
+            raise BenchError(f"{what} did not start; its log ends:\n{written[-2000:]}")
         await asyncio.sleep(0.1)
+
+
+async def start_worker(
+    names: Names, env: dict[str, str], log_path: Path
+) -> asyncio.subprocess.Process:
+    """Start `worker.py --region <run region> --control` and wait until both queues are polled."""
+    return await start_polling(
+        "the worker",
+        [str(ROOT / "worker.py"), "--region", names.region, "--control"],
+        env,
+        log_path,
+        [task_queue(names.region), names.control_queue],
+    )
+
+
+async def start_floor_worker(
+    names: Names, address: str, namespace: str, env: dict[str, str], log_path: Path
+) -> asyncio.subprocess.Process:
+    """Start `orchestration_floor.py` on the floor's two queues; wait until both are polled."""
+    region_queue = task_queue(names.floor_region)
+    return await start_polling(
+        "the orchestration floor's worker",
+        [
+            str(ROOT / "bench" / "orchestration_floor.py"),
+            "--address",
+            address,
+            "--namespace",
+            namespace,
+            "--control-queue",
+            names.floor_control_queue,
+            "--region-queue",
+            region_queue,
+        ],
+        env,
+        log_path,
+        [region_queue, names.floor_control_queue],
+    )
 
 
 async def stop_worker(process: asyncio.subprocess.Process) -> None:
@@ -726,11 +785,12 @@ class Sample:
     polled_at: float | None = None
     """Wall clock of the first status query answering `waiting_window` (latency run only)."""
     timer_at: float | None = None
-    """Event time of the window timer: the immediate phase is over."""
+    """Event time of the window timer: the immediate phase is over (orchestration floor: the
+    event time of the parent's completion, the point where Lethe starts its window timer)."""
 
     @property
     def finished_at(self) -> float:
-        """The window timer's event time."""
+        """The window timer's (orchestration floor: the completion's) event time."""
         if self.timer_at is None:
             raise BenchError(f"{self.workflow_id} has no window timer yet")
         return self.timer_at
@@ -797,6 +857,68 @@ async def lethe_throughput(client: Client, subjects: list[str]) -> tuple[float, 
     for sample, status in zip(samples, statuses, strict=True):
         check_status(sample.workflow_id, status)
     return first, samples
+
+
+# --- the orchestration floor -----------------------------------------------------------------
+
+FLOOR_WORKFLOW = "FloorErasureWorkflow"
+"""The orchestration floor's parent workflow type (`bench/orchestration_floor.py`, which runs as
+a worker process of its own and is known here only by this name and its input's fields)."""
+
+
+async def completed_at(temporal: TemporalClient, workflow_id: str) -> float:
+    """Long-poll a workflow's history until it completes; the event time of its completion."""
+    handle = temporal.get_workflow_handle(workflow_id)
+    async with asyncio.timeout(WAIT_TIMEOUT):
+        async for event in handle.fetch_history_events(wait_new_event=True):
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
+                return _seconds(event)
+            if event.event_type in _CLOSED:
+                break
+    raise BenchError(f"{workflow_id} did not complete")
+
+
+@dataclass(frozen=True)
+class OrchestrationFloor:
+    """Starts the floor's parent workflows (plain payloads: no codec) and remembers their ids."""
+
+    temporal: TemporalClient
+    names: Names
+    steps: int
+    """Activities in the floor's child: the plan's immediate steps."""
+    started: list[str] = field(default_factory=list)
+
+    async def start(self, workflow_id: str) -> Sample:
+        """Start one floor erasure; the sample's clock starts just before the call."""
+        self.started.append(workflow_id)
+        called = time.time()
+        await self.temporal.start_workflow(
+            FLOOR_WORKFLOW,
+            {"region_queue": task_queue(self.names.floor_region), "steps": self.steps},
+            id=workflow_id,
+            task_queue=self.names.floor_control_queue,
+        )
+        return Sample(workflow_id, called)
+
+    async def latency(self, workflow_ids: list[str]) -> list[Sample]:
+        """Run floor erasures one after another, each to its completion."""
+        samples = []
+        for workflow_id in workflow_ids:
+            sample = await self.start(workflow_id)
+            sample.timer_at = await completed_at(self.temporal, workflow_id)
+            samples.append(sample)
+        return samples
+
+    async def throughput(self, workflow_ids: list[str]) -> tuple[float, list[Sample]]:
+        """Start every floor erasure at once; the first call's time and each one's sample."""
+        first = time.time()
+        samples = list(await asyncio.gather(*(self.start(w) for w in workflow_ids)))
+        completions = await asyncio.gather(
+            *(completed_at(self.temporal, s.workflow_id) for s in samples)
+        )
+        for sample, completion in zip(samples, completions, strict=True):
+            sample.timer_at = completion
+        return first, samples
 
 
 # --- where the time goes ---------------------------------------------------------------------
@@ -903,13 +1025,20 @@ async def histories(
 
 
 async def where_time_goes(
-    temporal: TemporalClient, samples: list[Sample]
+    temporal: TemporalClient,
+    samples: list[Sample],
+    *,
+    call: str = "erase() call",
+    end: str = "window timer",
 ) -> tuple[Segments, Segments, list[str]]:
-    """Per request: the parent's segments (they add up) and the child's; the child ids."""
+    """Per request: the parent's segments (they add up) and the child's; the child ids.
+
+    `call` and `end` name where each request's clock starts and stops, for the labels.
+    """
     parents = [breakdown(e) for e in await histories(temporal, [s.workflow_id for s in samples])]
     parent_parts, child_parts = Segments(), Segments()
     for sample, found in zip(samples, parents, strict=True):
-        parent_parts.add("erase() call -> workflow started", found.started - sample.called_at)
+        parent_parts.add(f"{call} -> workflow started", found.started - sample.called_at)
         accounted = 0.0
         per_name: dict[str, tuple[float, float, int]] = {}
         for timing in found.activities:
@@ -927,7 +1056,7 @@ async def where_time_goes(
             "the rest: workflow-task round trips between them",
             found.ended - found.started - accounted,
         )
-        parent_parts.add("total (erase() call -> window timer)", found.ended - sample.called_at)
+        parent_parts.add(f"total ({call} -> {end})", found.ended - sample.called_at)
     child_ids = [child for found in parents for child in found.child_ids]
     children = [breakdown(events) for events in await histories(temporal, child_ids)]
     for found in children:
@@ -1041,7 +1170,7 @@ class Figures(BaseModel):
 
 
 class Result(BaseModel):
-    """What `--json` writes: both sides, the targets and whether they are met."""
+    """What `--json` writes: Lethe, both floors, the targets and whether they are met."""
 
     requests: int
     concurrent: int
@@ -1051,12 +1180,21 @@ class Result(BaseModel):
     lethe_polled_p95: float | None
     lethe_p95_under_load: float
     floor: Figures
+    orchestration: Figures
+    """The orchestration floor: Lethe's workflow shape with no-op activities."""
+    orchestration_steps: int
+    """Activities in the orchestration floor's child, one per immediate step of the plan."""
+    orchestration_p95_under_load: float
     target_p95: float = TARGET_P95
     target_throughput: float = TARGET_RATE
     p95_met: bool
     throughput_met: bool
+    throughput_target_above_orchestration: bool
+    """The throughput target exceeds the orchestration floor: out of reach for this shape here."""
     cpu_one_at_a_time: CpuUse | None = None
     cpu_at_once: CpuUse | None = None
+    cpu_orchestration_one_at_a_time: CpuUse | None = None
+    cpu_orchestration_at_once: CpuUse | None = None
 
 
 def ms(seconds: float) -> str:
@@ -1064,19 +1202,45 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
 
+def cpu_ceiling(use: CpuUse | None) -> float | None:
+    """Erasures per second the machine's cores could give at this CPU cost, if nothing else ran."""
+    if use is None or not use.ms_per_erasure:
+        return None
+    return use.cores * 1000 / sum(use.ms_per_erasure.values())
+
+
 def show_result(result: Result) -> None:
     """The comparison table and the verdict on each target."""
-    table = RichTable(title="Erasure, immediate phase: Lethe against the raw floor")
-    for heading in ("", "Lethe", "floor", "Lethe / floor"):
+    table = RichTable(
+        title="Erasure, immediate phase: Lethe against the raw floor and Temporal's own floor",
+        caption=(
+            "raw floor: the same data-system work without Temporal; Temporal shape, no work: "
+            f"the mandated workflows with no-op activities ({result.orchestration_steps} in "
+            "the child)"
+        ),
+    )
+    for heading in (
+        "",
+        "Lethe",
+        "raw floor",
+        "Lethe / raw floor",
+        "Temporal shape, no work",
+        "Lethe / Temporal shape",
+    ):
         table.add_column(heading, justify="right" if heading else "left")
-    lethe, floor = result.lethe, result.floor
-    table.add_row("latency p50 (ms)", ms(lethe.p50), ms(floor.p50), f"{lethe.p50 / floor.p50:.1f}x")
-    table.add_row("latency p95 (ms)", ms(lethe.p95), ms(floor.p95), f"{lethe.p95 / floor.p95:.1f}x")
+    lethe, floor, shape = result.lethe, result.floor, result.orchestration
+    for label, attribute in (("latency p50 (ms)", "p50"), ("latency p95 (ms)", "p95")):
+        mine, raw, bare = (getattr(f, attribute) for f in (lethe, floor, shape))
+        table.add_row(
+            label, ms(mine), ms(raw), f"{mine / raw:.1f}x", ms(bare), f"{mine / bare:.1f}x"
+        )
     table.add_row(
         f"throughput, {result.concurrent} at once (/s)",
         f"{lethe.throughput:.1f}",
         f"{floor.throughput:.1f}",
         f"{lethe.throughput / floor.throughput:.3f}x",
+        f"{shape.throughput:.1f}",
+        f"{lethe.throughput / shape.throughput:.2f}x",
     )
     console.print(table)
     if result.lethe_polled_p50 is not None and result.lethe_polled_p95 is not None:
@@ -1086,12 +1250,14 @@ def show_result(result: Result) -> None:
             f"p95 {ms(result.lethe_polled_p95)} ms"
         )
     console.print(
-        f"Lethe's latency with {result.concurrent} at once: p95 "
-        f"{ms(result.lethe_p95_under_load)} ms"
+        f"latency p95 with {result.concurrent} at once: Lethe {ms(result.lethe_p95_under_load)} "
+        f"ms, Temporal shape with no work {ms(result.orchestration_p95_under_load)} ms"
     )
     for phase, use in (
-        ("one at a time", result.cpu_one_at_a_time),
-        ("at once", result.cpu_at_once),
+        ("Lethe, one at a time", result.cpu_one_at_a_time),
+        ("Lethe, at once", result.cpu_at_once),
+        ("Temporal shape, one at a time", result.cpu_orchestration_one_at_a_time),
+        ("Temporal shape, at once", result.cpu_orchestration_at_once),
     ):
         if use is not None:
             each = ", ".join(f"{name} {value:.0f} ms" for name, value in use.ms_per_erasure.items())
@@ -1109,6 +1275,27 @@ def show_result(result: Result) -> None:
     ):
         verdict = "[green]met[/green]" if met else "[red]NOT met[/red]"
         console.print(f"target {label}: {verdict} ({measured})")
+    share = f"Lethe reaches {lethe.throughput / shape.throughput:.0%} of it"
+    ceiling = cpu_ceiling(result.cpu_orchestration_at_once)
+    cpu_bound = (
+        f"; at its CPU per erasure the {result.cpu_orchestration_at_once.cores} cores give at "
+        f"most {ceiling:.1f}/s"
+        if ceiling is not None and result.cpu_orchestration_at_once is not None
+        else ""
+    )
+    if result.throughput_target_above_orchestration:
+        console.print(
+            f"[yellow]the {TARGET_RATE:.0f}/s target is above the orchestration floor "
+            f"({shape.throughput:.1f}/s, the mandated workflow shape with no work){cpu_bound}: "
+            f"out of reach on this machine for that shape, whatever the activities do; "
+            f"{share}[/yellow]"
+        )
+    else:
+        console.print(
+            f"the {TARGET_RATE:.0f}/s target is within the orchestration floor "
+            f"({shape.throughput:.1f}/s, the mandated workflow shape with no work){cpu_bound}: "
+            f"reachable on this machine in principle; {share}"
+        )
 
 
 def show_segments(title: str, segments: Segments, note: str) -> None:
@@ -1222,7 +1409,7 @@ async def run(
     sql_url = required("LETHE_STACK_SQL_URL")
     redis_url = required("LETHE_STACK_REDIS_URL")
     bootstrap = required("LETHE_STACK_KAFKA_BOOTSTRAP")
-    required("LETHE_CODEC_KEYS")
+    required("LETHE_KEYS_MASTER_KEY")
     count = 2 * WARMUP + 2 * requests + 2 * concurrent
     subjects = [names.subject_id(index) for index in range(count)]
     cursor = iter(subjects)
@@ -1244,7 +1431,7 @@ async def run(
         datamap, pack = workdir / "datamap.yaml", workdir / "policy.yaml"
         datamap.write_text(yaml.safe_dump(datamap_document(names), sort_keys=False))
         pack.write_text(yaml.safe_dump(policy_document(), sort_keys=False))
-        check_plan(datamap, pack, names)
+        steps = check_plan(datamap, pack, names)
         console.print(f"run {names.run}: region {names.region}, queue {names.control_queue}")
         store_url = await create_store(names, created)
 
@@ -1330,7 +1517,49 @@ async def run(
         floor_rate = concurrent / (time.perf_counter() - begun)
         await check_floor(floor, floor_subjects + floor_burst)
 
+        console.print(
+            f"orchestration floor: the same workflow shape with {steps} no-op activities, "
+            f"{requests} one after another, {concurrent} at once"
+        )
+        shape = OrchestrationFloor(
+            TemporalClient(client.temporal.service_client, namespace=client.temporal.namespace),
+            names,
+            steps,
+        )
+        created.add(
+            "the orchestration floor's workflows",
+            lambda: delete_workflows(
+                shape.temporal,
+                [task_queue(names.floor_region), names.floor_control_queue],
+                shape.started,
+                keep=keep_workflows,
+            ),
+        )
+        shape_worker = await start_floor_worker(
+            names,
+            settings.temporal_address,
+            settings.temporal_namespace,
+            dict(os.environ),
+            workdir / "orchestration_floor.log",
+        )
+        created.add("the orchestration floor's worker", lambda: stop_worker(shape_worker))
+        await shape.latency([f"floor-{names.run}-warmup-{i}" for i in range(WARMUP)])
+        shape_pids = {"floor worker": shape_worker.pid, "bench (client)": os.getpid()}
+        if server is not None:
+            shape_pids["Temporal dev server (shared)"] = server
+        before = cpu_sample(shape_pids)
+        shape_samples = await shape.latency([f"floor-{names.run}-{i}" for i in range(requests)])
+        cpu_shape_sequential = cpu_use(before, cpu_sample(shape_pids), requests)
+        before = cpu_sample(shape_pids)
+        shape_first, shape_burst = await shape.throughput(
+            [f"floor-{names.run}-burst-{i}" for i in range(concurrent)]
+        )
+        cpu_shape_burst = cpu_use(before, cpu_sample(shape_pids), concurrent)
+        shape_rate = concurrent / (max(s.finished_at for s in shape_burst) - shape_first)
+        await stop_worker(shape_worker)
+
         latencies = [s.latency for s in samples]
+        shape_latencies = [s.latency for s in shape_samples]
         polled = [s.polled_at - s.called_at for s in samples if s.polled_at is not None]
         lethe_p95 = percentile(latencies, 95)
         result = Result(
@@ -1346,10 +1575,20 @@ async def run(
                 p95=percentile(floor_times, 95),
                 throughput=floor_rate,
             ),
+            orchestration=Figures(
+                p50=percentile(shape_latencies, 50),
+                p95=percentile(shape_latencies, 95),
+                throughput=shape_rate,
+            ),
+            orchestration_steps=steps,
+            orchestration_p95_under_load=percentile([s.latency for s in shape_burst], 95),
             p95_met=lethe_p95 <= TARGET_P95,
             throughput_met=lethe_rate >= TARGET_RATE,
+            throughput_target_above_orchestration=shape_rate < TARGET_RATE,
             cpu_one_at_a_time=cpu_sequential,
             cpu_at_once=cpu_burst,
+            cpu_orchestration_one_at_a_time=cpu_shape_sequential,
+            cpu_orchestration_at_once=cpu_shape_burst,
         )
         for label, group in (("one at a time", samples), (f"{concurrent} at once", burst)):
             parent, child, child_ids = await where_time_goes(client.temporal, group)
@@ -1364,6 +1603,19 @@ async def run(
                 child,
                 "per step; the steps run in parallel, the slowest sets the child's time",
             )
+        parent, child, _ = await where_time_goes(
+            shape.temporal, shape_samples, call="start call", end="completed"
+        )
+        show_segments(
+            "Where the time goes, orchestration floor one at a time: parent workflow",
+            parent,
+            "per request, up to the parent's completion; the rows add up to the total",
+        )
+        show_segments(
+            "Where the time goes, orchestration floor one at a time: child workflow",
+            child,
+            "per no-op activity; they run in parallel",
+        )
         show_result(result)
         if json_path is not None:
             await asyncio.to_thread(json_path.write_text, result.model_dump_json(indent=2))
