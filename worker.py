@@ -22,7 +22,7 @@ from temporalio.client import Client as TemporalClient
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
-from activities import blob, cache, kafka, logs, sql
+from activities import blob, cache, kafka, key_rotation, logs, shred, sql
 from activities import ledger as control
 from activities.healthcheck import report_worker
 from activities.planning import plan_erasure
@@ -33,21 +33,23 @@ from lethe.regions import task_queue, validate_region
 from lethe.store import dispose_all
 from workflows.erasure import ErasureWorkflow
 from workflows.healthcheck import HealthCheckWorkflow
+from workflows.key_rotation import KeyRotationWorkflow
 from workflows.regional_erasure import RegionalErasureWorkflow
 
 WORKFLOWS: Sequence[type] = (HealthCheckWorkflow, RegionalErasureWorkflow)
 ACTIVITIES: Sequence[Callable[..., Any]] = (
     report_worker,
-    *(module.erase for module in (sql, kafka, cache, blob, logs)),
-    *(module.verify for module in (sql, kafka, cache, blob, logs)),
+    *(module.erase for module in (sql, kafka, cache, blob, logs, shred)),
+    *(module.verify for module in (sql, kafka, cache, blob, logs, shred)),
 )
-CONTROL_WORKFLOWS: Sequence[type] = (ErasureWorkflow,)
+CONTROL_WORKFLOWS: Sequence[type] = (ErasureWorkflow, KeyRotationWorkflow)
 CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     plan_erasure,
     control.record,
     control.blocking,
     control.issue,
     control.remember,
+    *key_rotation.ACTIVITIES,
 )
 
 log = logging.getLogger("lethe.worker")
@@ -65,7 +67,7 @@ def build_worker(client: TemporalClient, region: str, settings: Settings) -> Wor
 
 
 def build_control_worker(client: TemporalClient, settings: Settings) -> Worker:
-    """The control plane's worker: the erasure workflow, planning, holds, ledger, certificates."""
+    """The control plane's worker: erasure, key rotation, planning, holds, ledger, certificates."""
     return Worker(
         client,
         task_queue=settings.control_queue,

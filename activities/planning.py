@@ -16,6 +16,8 @@ from classification.datamap import (
     DataMap,
     KafkaSystem,
     KafkaTopicLocator,
+    KeysLocator,
+    KeysSystem,
     LogLocator,
     LogsSystem,
     RedisLocator,
@@ -121,7 +123,9 @@ class Planner:
         steps = []
         for index, locator in enumerate(_locators(system)):
             decisions = [decide(self.pack, key, region) for key in locator.categories]
-            action, used = locator_action(system.kind, None, decisions)
+            action, used = locator_action(
+                system.kind, None, decisions, where=f"{system.name}/{index}"
+            )
             steps.append(step(index, locator=locator, action=action, decisions=used))
         return steps
 
@@ -141,8 +145,10 @@ class Planner:
 
 
 def _locators(
-    system: KafkaSystem | RedisSystem | BlobSystem | LogsSystem,
-) -> Sequence[KafkaTopicLocator | RedisLocator | BlobBackupLocator | LogLocator]:
+    system: KafkaSystem | RedisSystem | BlobSystem | LogsSystem | KeysSystem,
+) -> Sequence[KafkaTopicLocator | RedisLocator | BlobBackupLocator | LogLocator | KeysLocator]:
+    if isinstance(system, KeysSystem):
+        return [system.locator]
     if isinstance(system, KafkaSystem):
         return system.topics
     if isinstance(system, RedisSystem):

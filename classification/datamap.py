@@ -107,6 +107,16 @@ class SqlTableLocator(MapModel):
     strategy: Strategy | None = None
     """Overrides what the policy decides for this table."""
 
+    @field_validator("strategy")
+    @classmethod
+    def _no_shred(cls, strategy: Strategy | None) -> Strategy | None:
+        if strategy == "shred":
+            raise ValueError(
+                "strategy shred destroys a subject's data keys and applies only to a `keys` "
+                "system; a table's columns are erased with delete, soft_delete or anonymize"
+            )
+        return strategy
+
     @property
     def categories(self) -> list[str]:
         """The categories of the table's personal columns."""
@@ -228,10 +238,32 @@ class LogsSystem(SystemBase):
     logs: list[LogLocator] = Field(min_length=1)
 
 
+class KeysLocator(MapModel):
+    """The data services encrypt under subjects' data keys (`lethe.keys`), by category."""
+
+    categories: list[CategoryKey] = Field(min_length=1)
+
+
+class KeysSystem(SystemBase):
+    """Lethe's key service: shredding a subject's data keys erases every copy of what services
+    encrypted under them (Kafka events, backups, documents); `connection` names the variable
+    holding the key store's URL (e.g. LETHE_KEYS_STORE_URL)."""
+
+    kind: Literal["keys"]
+    categories: list[CategoryKey] = Field(min_length=1)
+    """The categories of the personal data encrypted under subjects' keys."""
+
+    @property
+    def locator(self) -> KeysLocator:
+        """The system's one locator: everything encrypted under the subject's keys."""
+        return KeysLocator(categories=self.categories)
+
+
 System = Annotated[
-    SqlSystem | KafkaSystem | RedisSystem | BlobSystem | LogsSystem, Field(discriminator="kind")
+    SqlSystem | KafkaSystem | RedisSystem | BlobSystem | LogsSystem | KeysSystem,
+    Field(discriminator="kind"),
 ]
-SystemKind = Literal["sql", "kafka", "redis", "blob", "logs"]
+SystemKind = Literal["sql", "kafka", "redis", "blob", "logs", "keys"]
 
 
 class Tenant(MapModel):

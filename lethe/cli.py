@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import os
-import secrets
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated
 
 import typer
@@ -18,11 +15,13 @@ from temporalio.common import WorkflowIDReusePolicy
 from lethe.client import connect
 from lethe.commands import codec_server as codec_server_commands
 from lethe.commands import erasure as erasure_commands
+from lethe.commands import keys as keys_commands
 from lethe.commands.audit import audit_app
+from lethe.commands.codec import codec_app
 from lethe.commands.common import err, out, run
 from lethe.commands.forget import forget_app
 from lethe.commands.holds import hold_app
-from lethe.config import CODEC_KEY_BYTES, load_settings
+from lethe.config import load_settings
 from lethe.contracts import HealthCheckReport, HealthCheckRequest
 from lethe.errors import LetheError
 from lethe.regions import task_queue, validate_region
@@ -30,15 +29,13 @@ from lethe.regions import task_queue, validate_region
 app = typer.Typer(
     help="Lethe: durable erasure, retention and key management.", no_args_is_help=True
 )
-codec_app = typer.Typer(
-    help="The payload codec's keys and the codec server's tokens.", no_args_is_help=True
-)
 app.add_typer(codec_app, name="codec")
 app.add_typer(hold_app, name="hold")
 app.add_typer(audit_app, name="audit")
 app.add_typer(forget_app, name="forget-list")
 erasure_commands.register(app)
 codec_server_commands.register(app)
+keys_commands.register(app)
 
 RegionOption = Annotated[str, typer.Option("--region", help="a region, e.g. eu")]
 
@@ -114,30 +111,6 @@ def _report_table(report: HealthCheckReport) -> Table:
     table.add_row("worker", report.worker_identity)
     table.add_row("answered at", report.answered_at.isoformat(timespec="seconds"))
     return table
-
-
-@codec_app.command("new-key")
-def new_key() -> None:
-    """Print a new random AES-256 codec key as a LETHE_CODEC_KEYS entry."""
-    key_id = datetime.now(UTC).strftime("k%Y%m%d%H%M%S")
-    secret = base64.b64encode(os.urandom(CODEC_KEY_BYTES)).decode()
-    typer.echo(f"LETHE_CODEC_KEYS={key_id}:{secret}")
-    err.print(
-        "Keep this key in your secret store. Prepend new keys to rotate; keep old ones in the "
-        "ring until no history needs them.",
-        highlight=False,
-    )
-
-
-@codec_app.command("new-token")
-def new_token() -> None:
-    """Print a new random bearer token as a LETHE_CODEC_SERVER_TOKENS entry."""
-    typer.echo(f"LETHE_CODEC_SERVER_TOKENS={secrets.token_urlsafe(32)}")
-    err.print(
-        "Give it only to auditors allowed to read decrypted history. Separate several tokens "
-        "with commas; remove one to revoke it.",
-        highlight=False,
-    )
 
 
 @app.command()

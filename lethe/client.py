@@ -69,7 +69,7 @@ def _tls(settings: Settings) -> TLSConfig | bool:
 
 async def connect(settings: Settings, *, runtime: Runtime | None = None) -> TemporalClient:
     """A Temporal client that encrypts every payload with Lethe's codec."""
-    converter = data_converter(codec_from_settings(settings))
+    converter = data_converter(await codec_from_settings(settings))
     try:
         return await TemporalClient.connect(
             settings.temporal_address,

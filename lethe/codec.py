@@ -1,9 +1,13 @@
-"""Lethe's Temporal data converter: pydantic payloads, AES-GCM encrypted under a key ring."""
+"""Lethe's Temporal data converter: pydantic payloads, AES-GCM encrypted under a key ring.
+
+The ring is the key service's (`lethe.codec_keys`); `EncryptionCodec` works on any ring given.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping, Sequence
 
 from cryptography.exceptions import InvalidTag
@@ -16,8 +20,10 @@ from temporalio.converter import (
     PayloadCodec,
 )
 
+from lethe.codec_keys import CodecKeyRing
 from lethe.config import Settings
-from lethe.errors import CodecError
+from lethe.errors import CodecError, UnknownCodecKey
+from lethe.key_store import key_engine
 
 ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"
@@ -68,9 +74,9 @@ class EncryptionCodec(PayloadCodec):
             key_id = payload.metadata.get(KEY_ID_METADATA, b"")
             cipher = self._ciphers.get(key_id.decode(errors="replace"))
             if cipher is None:
-                raise CodecError(
+                raise UnknownCodecKey(
                     f"payload was encrypted with codec key {key_id.decode(errors='replace')!r}, "
-                    "which is not in LETHE_CODEC_KEYS"
+                    "which is not in the codec's key ring (retired, or from another key store)"
                 )
             nonce, sealed = payload.data[:_NONCE_BYTES], payload.data[_NONCE_BYTES:]
             try:
@@ -83,9 +89,45 @@ class EncryptionCodec(PayloadCodec):
         return decoded
 
 
-def codec_from_settings(settings: Settings) -> EncryptionCodec:
-    """The payload codec for the key ring in the settings."""
-    return EncryptionCodec(settings.key_ring, settings.current_codec_key_id)
+class KeyServiceCodec(PayloadCodec):
+    """The codec on the key service's ring: new payloads under its current key, every other
+    live key for decryption; the ring is re-read as keys rotate."""
+
+    def __init__(self, ring: CodecKeyRing, refresh_seconds: float = 60.0) -> None:
+        self._ring = ring
+        self._refresh_seconds = refresh_seconds
+        self._codec: EncryptionCodec | None = None
+        self._loaded_at = 0.0
+
+    async def codec(self, *, fresh: bool = False) -> EncryptionCodec:
+        """The codec for the ring as it is now (re-read when older than the refresh time)."""
+        stale = time.monotonic() - self._loaded_at > self._refresh_seconds
+        if self._codec is None or fresh or stale:
+            keys, current = await self._ring.load()
+            self._codec = EncryptionCodec(keys, current)
+            self._loaded_at = time.monotonic()
+        return self._codec
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Encrypt under the current codec key."""
+        return await (await self.codec()).encode(payloads)
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Decrypt; a key id this process has not seen yet re-reads the ring once."""
+        try:
+            return await (await self.codec()).decode(payloads)
+        except UnknownCodecKey:
+            return await (await self.codec(fresh=True)).decode(payloads)
+
+
+async def codec_from_settings(settings: Settings) -> KeyServiceCodec:
+    """The payload codec on the key service the settings name (read once, to fail early)."""
+    engine = await key_engine(settings.key_store_url)
+    codec = KeyServiceCodec(
+        CodecKeyRing(engine, settings.keys_master_key_bytes), settings.keys_cache_seconds
+    )
+    await codec.codec()
+    return codec
 
 
 def data_converter(codec: PayloadCodec) -> DataConverter:

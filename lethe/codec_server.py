@@ -75,9 +75,11 @@ def policy_from_settings(settings: Settings) -> CodecServerPolicy:
     )
 
 
-def app_from_settings(settings: Settings) -> web.Application:
-    """The codec server for the settings' key ring, namespace, tokens and origins."""
-    return build_app(codec_from_settings(settings), policy_from_settings(settings))
+async def app_from_settings(settings: Settings) -> web.Application:
+    """The codec server for the key service's codec keys and the settings' namespace, tokens
+    and origins."""
+    policy = policy_from_settings(settings)
+    return build_app(await codec_from_settings(settings), policy)
 
 
 def build_app(codec: PayloadCodec, policy: CodecServerPolicy) -> web.Application:

@@ -6,7 +6,7 @@ import base64
 import binascii
 import os
 import re
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
@@ -19,9 +19,8 @@ from lethe.errors import ConfigurationError
 
 ENV_PREFIX = "LETHE_"
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
-_KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
-CODEC_KEY_BYTES = 32
+SECRET_KEY_BYTES = 32
 CODEC_SERVER_TOKEN_MIN_CHARS = 32
 _TOKEN = re.compile(r"^[!-~]+$")
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
@@ -43,11 +42,6 @@ class Settings(BaseSettings):
 
     store_url: SecretStr = SecretStr("sqlite+aiosqlite:///.lethe/lethe.db")
     """SQLAlchemy URL of Lethe's own store (ledger, holds, forget-list)."""
-
-    codec_keys: SecretStr | None = None
-    """The payload codec's key ring: `id:base64key[,id:base64key...]`, 32-byte AES-256 keys."""
-    codec_key_id: str | None = None
-    """Which key of the ring encrypts new payloads; the first one when unset."""
 
     subject_key: SecretStr | None = None
     """Base64 of the 32-byte HMAC key that turns (tenant, subject id) into a subject reference."""
@@ -100,13 +94,6 @@ class Settings(BaseSettings):
             raise ValueError(f"file {value} does not exist")
         return value
 
-    @field_validator("codec_keys")
-    @classmethod
-    def _codec_keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            parse_key_ring(value.get_secret_value())
-        return value
-
     @field_validator("codec_server_tokens")
     @classmethod
     def _codec_server_tokens_parse(cls, value: SecretStr | None) -> SecretStr | None:
@@ -147,16 +134,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 "LETHE_TEMPORAL_TLS_CLIENT_CERT and LETHE_TEMPORAL_TLS_CLIENT_KEY go together"
             )
-        if self.codec_key_id is not None and self.codec_key_id not in self.key_ring:
-            raise ValueError(f"LETHE_CODEC_KEY_ID {self.codec_key_id!r} is not in LETHE_CODEC_KEYS")
         return self
-
-    @cached_property
-    def key_ring(self) -> dict[str, bytes]:
-        """The codec's keys by id, in the order given."""
-        if self.codec_keys is None:
-            return {}
-        return parse_key_ring(self.codec_keys.get_secret_value())
 
     @property
     def subject_key_bytes(self) -> bytes:
@@ -164,8 +142,8 @@ class Settings(BaseSettings):
         if self.subject_key is None:
             raise ConfigurationError(
                 "LETHE_SUBJECT_KEY is not set: Lethe needs it to make subject references. "
-                "Create one with `lethe codec new-key` (any 32 random bytes, base64) and keep it: "
-                "changing it changes every subject reference."
+                "Create one with `lethe codec new-secret` (any 32 random bytes, base64) and "
+                "keep it: changing it changes every subject reference."
             )
         return _decode_key(self.subject_key.get_secret_value(), "the key")
 
@@ -175,8 +153,9 @@ class Settings(BaseSettings):
         if self.keys_master_key is None:
             raise ConfigurationError(
                 "LETHE_KEYS_MASTER_KEY is not set: the key service seals its key-encryption "
-                "keys with it. Create one with `lethe codec new-key` (32 random bytes, base64) "
-                "and keep it safe: without it no data key can be opened."
+                "keys and the payload codec's keys with it. Create one with `lethe codec "
+                "new-secret` (32 random bytes, base64) and keep it safe: without it no data key "
+                "and no workflow payload can be opened."
             )
         return _decode_key(self.keys_master_key.get_secret_value(), "the key")
 
@@ -184,16 +163,6 @@ class Settings(BaseSettings):
     def key_store_url(self) -> str:
         """Where the key store lives: LETHE_KEYS_STORE_URL, else Lethe's store."""
         return (self.keys_store_url or self.store_url).get_secret_value()
-
-    @property
-    def current_codec_key_id(self) -> str:
-        """The id of the key that encrypts new payloads."""
-        if not self.key_ring:
-            raise ConfigurationError(
-                "LETHE_CODEC_KEYS is not set: Lethe encrypts every workflow payload. "
-                "Create a key with `lethe codec new-key` and export what it prints."
-            )
-        return self.codec_key_id or next(iter(self.key_ring))
 
     @property
     def codec_server_token_values(self) -> tuple[str, ...]:
@@ -204,22 +173,6 @@ class Settings(BaseSettings):
                 "for callers with a token. Create one with `lethe codec new-token` and export it."
             )
         return parse_tokens(self.codec_server_tokens.get_secret_value())
-
-
-def parse_key_ring(text: str) -> dict[str, bytes]:
-    """Parse `id:base64key,...` into keys by id; errors name the entry, never the key."""
-    ring: dict[str, bytes] = {}
-    for position, entry in enumerate(filter(None, (e.strip() for e in text.split(","))), 1):
-        key_id, sep, encoded = entry.partition(":")
-        if not sep or not _KEY_ID.fullmatch(key_id):
-            raise ValueError(f"entry {position} is not `id:base64key` with a plain id")
-        key = _decode_key(encoded, f"key {key_id!r}")
-        if key_id in ring:
-            raise ValueError(f"key id {key_id!r} appears twice")
-        ring[key_id] = key
-    if not ring:
-        raise ValueError("holds no key")
-    return ring
 
 
 def parse_tokens(text: str) -> tuple[str, ...]:
@@ -245,8 +198,8 @@ def _decode_key(encoded: str, what: str) -> bytes:
         key = base64.b64decode(encoded, validate=True)
     except binascii.Error:
         raise ValueError(f"{what} is not valid base64") from None
-    if len(key) != CODEC_KEY_BYTES:
-        raise ValueError(f"{what} must be {CODEC_KEY_BYTES} bytes, not {len(key)}")
+    if len(key) != SECRET_KEY_BYTES:
+        raise ValueError(f"{what} must be {SECRET_KEY_BYTES} bytes, not {len(key)}")
     return key
 
 

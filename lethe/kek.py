@@ -48,8 +48,9 @@ class KekVersion(Contract):
 class KekProvider(Protocol):
     """What the key service needs from wherever the KEKs live."""
 
-    async def current_version(self) -> int:
-        """The version that wraps new data keys (the first use creates version 1)."""
+    async def current_version(self, *, fresh: bool = False) -> int:
+        """The version that wraps new data keys (the first use creates version 1); `fresh`
+        skips any cache."""
         ...
 
     async def min_decrypt_version(self) -> int:
@@ -93,9 +94,9 @@ class LocalKekProvider:
         self._keks: dict[int, AESGCM] = {}
         self._state: tuple[float, int, int] | None = None  # (read at, current, min decrypt)
 
-    async def current_version(self) -> int:
+    async def current_version(self, *, fresh: bool = False) -> int:
         """The version that wraps new data keys."""
-        return (await self._read_state())[0]
+        return (await self._read_state(fresh=fresh))[0]
 
     async def min_decrypt_version(self) -> int:
         """The oldest version still allowed to unwrap."""
@@ -183,24 +184,28 @@ class LocalKekProvider:
 
     async def raise_min_decrypt_version(self, version: int) -> None:
         """Stop every version older than `version` from unwrapping."""
-        current = await self.current_version()
+        # Fresh: another process may have made `version` within this one's cache time.
+        current = (await self._read_state(fresh=True))[0]
         if version > current:
             raise RotationConflict(
                 f"cannot raise the minimum decryption version to {version}: the newest KEK "
                 f"version is {current}"
             )
-        left = await count_below(self._engine, version)
-        if left:
-            raise RotationConflict(
-                f"{left} data key(s) are still wrapped by a KEK older than version {version}; "
-                "rewrap them first (lethe keys rotate)"
-            )
+        # Raise first, then count, in one transaction: the update locks the state row, so a
+        # data key being added under an older version either commits before (and is counted,
+        # which undoes the raise) or sees the new minimum and is refused (key_store.add_key).
         async with self._engine.begin() as conn:
             await conn.execute(
                 update(kek_state)
                 .where(kek_state.c.id == 1, kek_state.c.min_decrypt_version < version)
                 .values(min_decrypt_version=version)
             )
+            left = await count_below(conn, version)
+            if left:
+                raise RotationConflict(
+                    f"{left} data key(s) are still wrapped by a KEK older than version "
+                    f"{version}; rewrap them first (lethe keys rotate)"
+                )
         self._state = None
 
     async def retire(self, version: int) -> None:

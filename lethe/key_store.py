@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -30,7 +31,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from lethe import store
 
@@ -138,8 +139,32 @@ async def key_version(engine: AsyncEngine, subject_ref: str, version: int) -> Da
     return None if found is None else _row(found)
 
 
-async def add_key(engine: AsyncEngine, row: DataKeyRow) -> bool:
-    """Store a new data-key version; False when another writer made that version first."""
+class _Refused(Exception):
+    """Undo the key just inserted: the subject was shredded, or its KEK is too old."""
+
+    def __init__(self, result: AddResult) -> None:
+        super().__init__(result)
+        self.result = result
+
+
+async def _lock_subject(conn: AsyncConnection, subject_ref: str) -> None:
+    """Serialise key creation and shredding for one subject until the transaction ends.
+
+    PostgreSQL takes a transaction-scoped advisory lock; SQLite has a single writer, and both
+    callers write before they read, so they are serialised already.
+    """
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            select(func.pg_advisory_xact_lock(func.hashtextextended(subject_ref, 0)))
+        )
+
+
+AddResult = Literal["added", "exists", "shredded", "stale_kek"]
+
+
+async def add_key(engine: AsyncEngine, row: DataKeyRow) -> AddResult:
+    """Store a new data-key version, unless the subject was shredded, the version exists, or
+    its KEK version is below the minimum decryption version (a stale view of the KEKs)."""
     values = {
         "subject_ref": row.subject_ref,
         "version": row.version,
@@ -151,10 +176,21 @@ async def add_key(engine: AsyncEngine, row: DataKeyRow) -> bool:
     }
     try:
         async with engine.begin() as conn:
+            await _lock_subject(conn, row.subject_ref)
             await conn.execute(insert(data_keys).values(**values))
+            marker = select(shredded.c.subject_ref).where(shredded.c.subject_ref == row.subject_ref)
+            if (await conn.execute(marker)).first() is not None:
+                raise _Refused("shredded")  # rolls the insert back
+            minimum = await conn.execute(
+                select(kek_state.c.min_decrypt_version).with_for_update(read=True)
+            )
+            if row.kek_version < (minimum.scalar_one_or_none() or 0):
+                raise _Refused("stale_kek")
     except IntegrityError:
-        return False
-    return True
+        return "exists"
+    except _Refused as refused:
+        return refused.result
+    return "added"
 
 
 async def reserve(engine: AsyncEngine, subject_ref: str, version: int, block: int) -> int | None:
@@ -184,6 +220,7 @@ async def shred(engine: AsyncEngine, subject_ref: str, tenant: str, request_id: 
     keeps the first shredding's record.
     """
     async with engine.begin() as conn:
+        await _lock_subject(conn, subject_ref)
         result = await conn.execute(delete(data_keys).where(data_keys.c.subject_ref == subject_ref))
         destroyed = result.rowcount or 0
         known = await conn.execute(
@@ -260,10 +297,13 @@ async def count_by_kek(engine: AsyncEngine) -> dict[int, int]:
         return {version: count for version, count in (await conn.execute(query)).all()}
 
 
-async def count_below(engine: AsyncEngine, kek_version: int) -> int:
-    """How many data keys a KEK older than `kek_version` still wraps."""
+async def count_below(on: AsyncEngine | AsyncConnection, kek_version: int) -> int:
+    """How many data keys a KEK older than `kek_version` still wraps (in `on`'s transaction,
+    when it is a connection)."""
     query = select(func.count()).where(data_keys.c.kek_version < kek_version)
-    async with engine.connect() as conn:
+    if isinstance(on, AsyncConnection):
+        return int((await on.execute(query)).scalar_one())
+    async with on.connect() as conn:
         return int((await conn.execute(query)).scalar_one())
 
 

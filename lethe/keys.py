@@ -13,6 +13,9 @@ documents); an erasure destroys the DEK versions, and every copy becomes unreada
                                 place("kafka", "patient-events", "email"))
     plain = await keys.decrypt(sealed, place("kafka", "patient-events", "email"))
 
+For JSON events and documents, `encrypt_fields` / `decrypt_fields` seal a dict of text fields,
+each bound to its own place (`place(*where, field)`), as base64 text.
+
 Ciphertexts are self-describing (`lethe.ciphertext`); the associated data says where the value
 lives, so a value copied to another place fails to decrypt. Nonces are random 96-bit; after
 LETHE_KEYS_MAX_ENCRYPTIONS encryptions a subject's DEK rolls to a new version. Unwrapped DEKs
@@ -22,20 +25,26 @@ within that time (verification never uses the cache).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from lethe import ciphertext, key_store
+from lethe import ciphertext, key_store, store
 from lethe.config import Settings, current_settings
 from lethe.contracts import Contract, Subject
 from lethe.errors import (
     CiphertextRejected,
+    ConfigurationError,
+    KeyRetired,
     KeyShredded,
+    MalformedCiphertext,
     UnknownDataKey,
 )
 from lethe.kek import KekProvider, KekVersion, LocalKekProvider
@@ -96,7 +105,7 @@ class KeyService:
         self,
         engine: AsyncEngine,
         provider: KekProvider,
-        subject_key: bytes,
+        subject_key: bytes | None,
         *,
         max_encryptions: int = 2**32,
         cache_seconds: float = 60.0,
@@ -109,8 +118,19 @@ class KeyService:
         self._budgets: dict[str, _Budget] = {}
         self._ciphers: dict[tuple[str, int], tuple[float, AESGCM]] = {}
 
+    async def close(self) -> None:
+        """Forget every cached key and close the key store's connections."""
+        self._budgets.clear()
+        self._ciphers.clear()
+        await store.dispose(self.engine)
+
     def subject_ref(self, tenant: str, subject_id: str) -> str:
         """The subject's reference, the only form in which the key store names it."""
+        if self._subject_key is None:
+            raise ConfigurationError(
+                "LETHE_SUBJECT_KEY is not set: encrypting for a subject needs it to make the "
+                "subject's reference"
+            )
         return subject_ref(tenant, subject_id, self._subject_key)
 
     async def encrypt(self, subject: Subject, plaintext: bytes, aad: bytes = b"") -> bytes:
@@ -145,6 +165,33 @@ class KeyService:
                 "ciphertext failed authentication: it was altered, or it is read with other "
                 "associated data than it was written with (another system, table or column)"
             ) from None
+
+    async def encrypt_fields(
+        self, subject: Subject, fields: Mapping[str, str], *where: str
+    ) -> dict[str, str]:
+        """Each text field sealed under the subject's key, bound to `place(*where, name)`, as
+        base64 (ready for a JSON event or document)."""
+        return {
+            name: base64.b64encode(
+                await self.encrypt(subject, value.encode(), place(*where, name))
+            ).decode()
+            for name, value in fields.items()
+        }
+
+    async def decrypt_fields(
+        self, sealed: Mapping[str, str], *where: str, cached: bool = True
+    ) -> dict[str, str]:
+        """The text fields `encrypt_fields` sealed at the same place; KeyShredded once the
+        subject is erased (and the errors of `decrypt`)."""
+        opened = {}
+        for name, value in sealed.items():
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise MalformedCiphertext(f"field {name[:60]!r} is not base64") from None
+            plain = await self.decrypt(raw, place(*where, name), cached=cached)
+            opened[name] = plain.decode()
+        return opened
 
     async def shred(self, ref: str, tenant: str, request_id: str) -> int:
         """Destroy every DEK version of the subject `ref`; how many versions were destroyed."""
@@ -205,12 +252,24 @@ class KeyService:
             return _Budget(latest.version, cipher, granted, time.monotonic() + self._ttl)
 
     async def _add_version(self, ref: str, tenant: str, version: int) -> None:
-        kek_version = await self.provider.current_version()
-        wrapped = await self.provider.wrap(
-            kek_version, os.urandom(DEK_BYTES), dek_aad(ref, version)
-        )
-        row = DataKeyRow(ref, version, tenant, kek_version, wrapped, encryptions=0)
-        await key_store.add_key(self.engine, row)  # False: another writer made it; both fine
+        key, aad = os.urandom(DEK_BYTES), dek_aad(ref, version)
+        for fresh in (False, True):
+            kek_version = await self.provider.current_version(fresh=fresh)
+            wrapped = await self.provider.wrap(kek_version, key, aad)
+            row = DataKeyRow(ref, version, tenant, kek_version, wrapped, encryptions=0)
+            added = await key_store.add_key(self.engine, row)
+            if added != "stale_kek":  # else a rotation raised the minimum: wrap under the newest
+                break
+        if added == "stale_kek":
+            raise KeyRetired(
+                f"KEK version {kek_version} is below the minimum decryption version even when "
+                "read fresh: the key store's KEK state is inconsistent"
+            )
+        if added == "shredded":
+            raise KeyShredded(
+                f"subject {ref} was erased while this key was being made (its keys were "
+                "shredded); Lethe does not make new keys for an erased subject"
+            )
 
     async def _cipher(self, ref: str, version: int, *, cached: bool) -> AESGCM:
         now = time.monotonic()
@@ -253,7 +312,7 @@ async def open_key_service(settings: Settings | None = None) -> KeyService:
     return KeyService(
         engine,
         provider,
-        settings.subject_key_bytes,
+        settings.subject_key_bytes if settings.subject_key is not None else None,
         max_encryptions=settings.keys_max_encryptions,
         cache_seconds=settings.keys_cache_seconds,
     )

@@ -140,6 +140,14 @@ async def _ensure_ledger_head(conn: AsyncConnection) -> None:
             pass  # another process made it first
 
 
+async def dispose(engine: AsyncEngine) -> None:
+    """Close one engine this module made, so the next `engine_for` makes it anew."""
+    for url in [url for url, made in _engines.items() if made is engine]:
+        del _engines[url]
+        _ready.difference_update({ready for ready in _ready if ready[0] == url})
+    await engine.dispose()
+
+
 async def dispose_all() -> None:
     """Close every engine (at shutdown, and between tests)."""
     for engine in _engines.values():

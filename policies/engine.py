@@ -30,6 +30,18 @@ class PolicyConflict(LetheError):
     """The policy asks for something the data map cannot do (e.g. soft delete with no column)."""
 
 
+def _refuse_shred(where: str, decisions: list[Decision]) -> None:
+    """Shredding destroys keys: it cannot erase data a system holds in clear, so say so."""
+    shredding = sorted({(d.rule, d.category or "-") for d in decisions if d.strategy == "shred"})
+    if shredding:
+        rules = ", ".join(f"{rule} (category {category})" for rule, category in shredding)
+        raise PolicyConflict(
+            f"policy rule {rules} asks to crypto-shred data that {where} holds in clear; shred "
+            "applies only to a `keys` system: give this system's data a delete, soft_delete or "
+            "anonymize rule, or encrypt it under the subjects' keys and map it to a keys system"
+        )
+
+
 def decide(pack: PolicyPack, category: str, region: str) -> Decision:
     """The decision for one category of data held in `region`."""
     obligations = [
@@ -93,6 +105,7 @@ def sql_action(
     if locator.strategy is not None:
         replaced = _override(locator.strategy, list(by_column.values()))
         by_column = dict(zip(by_column, replaced, strict=True))
+    _refuse_shred(f"{system}/{locator.table}", list(by_column.values()))
     kept = sorted(c for c, d in by_column.items() if d.strategy == "retain")
     rest = [d for c, d in by_column.items() if c not in kept]
     used = sorted(set(by_column.values()), key=lambda d: (d.rule, d.category or ""))
@@ -116,15 +129,27 @@ def sql_action(
 
 
 def locator_action(
-    kind: SystemKind, strategy_override: Strategy | None, decisions: list[Decision]
+    kind: SystemKind,
+    strategy_override: Strategy | None,
+    decisions: list[Decision],
+    where: str = "the locator",
 ) -> tuple[Action, list[Decision]]:
-    """Action and decisions for a non-SQL locator: any `retain` keeps it whole."""
+    """Action and decisions for a non-SQL locator: any `retain` keeps it whole.
+
+    A `keys` system is shredded whatever erasing strategy its categories get (destroying the
+    keys erases every encrypted copy); `shred` anywhere else is a PolicyConflict (`where`, e.g.
+    the step id `events/0`, names the locator).
+    """
     if strategy_override is not None:
         decisions = _override(strategy_override, decisions)
     unique = sorted(set(decisions), key=lambda d: (d.rule, d.category or ""))
     strongest = _strongest(decisions)
     if strongest.strategy == "retain":
+        # For a keys system too: the keys stay while any data under them must be kept.
         return "retain", unique
+    if kind == "keys":
+        return "shred", unique
+    _refuse_shred(where, decisions)
     if kind == "kafka":
         return "tombstone", unique
     if kind == "redis":

@@ -24,7 +24,7 @@ from lethe.errors import ServiceUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK_ENV = ROOT / ".stack" / "env"
-TEST_CODEC_KEYS = "test:" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVpBQkNERUY="  # 32 bytes, tests only
+TEST_CODEC_KEY = b"ABCDEFGHIJKLMNOPQRSTUVWXYZABCDEF"  # 32 bytes, tests only
 
 
 def _load_stack_env() -> None:
@@ -59,14 +59,14 @@ async def require(probe: Awaitable[str], service: str) -> None:
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     """Lethe's settings as the stack sets them."""
-    stack_variable("LETHE_CODEC_KEYS")
+    stack_variable("LETHE_KEYS_MASTER_KEY")
     return load_settings()
 
 
 @pytest.fixture(scope="session")
 def test_codec() -> codec.EncryptionCodec:
     """A codec with a fixed test key, for the embedded servers."""
-    return codec.codec_from_settings(Settings(codec_keys=TEST_CODEC_KEYS))
+    return codec.EncryptionCodec({"test": TEST_CODEC_KEY}, "test")
 
 
 @pytest.fixture(scope="session")

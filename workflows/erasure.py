@@ -49,6 +49,8 @@ HOLD_RECHECK = timedelta(hours=1)
 """Held steps are re-checked this often even if no `holds_changed` signal arrives."""
 
 DONE_STATES = ("done", "retained")
+SHRED_EVIDENCE_IN_LEDGER = "shred-evidence-in-ledger"
+"""Patch: a shred step's ledger entry carries its evidence (the certificate always did)."""
 
 
 @workflow.defn
@@ -319,16 +321,21 @@ class ErasureWorkflow:
                 self._outcomes[outcome.step_id] = outcome
                 self._update_step(outcome.step_id, status=outcome.status, detail=outcome.detail)
                 step = next(s for s in steps if s.id == outcome.step_id)
+                details: dict[str, str | int | float | bool | None] = {
+                    "step": step.id,
+                    "action": step.action,
+                    "affected": outcome.affected,
+                    "verified": outcome.verified,
+                }
+                if step.action == "shred" and workflow.patched(SHRED_EVIDENCE_IN_LEDGER):
+                    # Key destruction leaves no trace in any data system: the hash-chained
+                    # ledger keeps its proof (versions destroyed, when, the canary's fate).
+                    details.update({f"evidence.{k}": v for k, v in outcome.evidence.items()})
                 entries.append(
                     self._entry(
                         start,
                         f"step.{outcome.status}",
-                        {
-                            "step": step.id,
-                            "action": step.action,
-                            "affected": outcome.affected,
-                            "verified": outcome.verified,
-                        },
+                        details,
                         system=step.system,
                         key=f"{step.id}/{label}",
                     )

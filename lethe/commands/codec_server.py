@@ -42,7 +42,7 @@ def codec_server(
 
 async def _serve(bind: str | None) -> int:
     settings = load_settings()
-    app = app_from_settings(settings)
+    app = await app_from_settings(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

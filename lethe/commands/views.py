@@ -75,15 +75,25 @@ def status_view(status: ErasureStatus) -> Group:
     return Group(head, table)
 
 
+def _evidence_value(value: object) -> str:
+    """An evidence value as tables show it: a long opaque token (a shred canary's ciphertext)
+    abbreviated, text whole; the JSON certificate holds every value whole."""
+    text = str(value)
+    if len(text) <= 48 or any(c.isspace() for c in text):
+        return text
+    return f"{text[:12]}...({len(text)} chars)"
+
+
 def _outcome_row(outcome: StepOutcome) -> list[str | Text]:
-    evidence = ", ".join(f"{k}={v}" for k, v in sorted(outcome.evidence.items()))
+    evidence = ", ".join(f"{k}={_evidence_value(v)}" for k, v in sorted(outcome.evidence.items()))
     return [
         outcome.step_id,
         Text(outcome.status, style=STATUS_STYLE.get(outcome.status, "")),
         str(outcome.affected),
         "yes" if outcome.verified else "no",
         when(outcome.gone_by) if outcome.gone_by else "",
-        (outcome.detail + ("; " if outcome.detail and evidence else "") + evidence)[:300],
+        # The whole evidence, on its own line: it is what the certificate certifies.
+        "\n".join(part for part in (outcome.detail[:300], evidence) if part),
     ]
 
 

@@ -47,7 +47,7 @@ async def workflow_id(stack_temporal: TemporalClient) -> AsyncIterator[str]:
 async def codec_url(settings: Settings) -> AsyncIterator[str]:
     """The codec server, in this process, on a free loopback port."""
     configured = settings.model_copy(update={"codec_server_tokens": SecretStr(TOKEN)})
-    async with serving(app_from_settings(configured), "127.0.0.1:0") as url:
+    async with serving(await app_from_settings(configured), "127.0.0.1:0") as url:
         yield url
 
 

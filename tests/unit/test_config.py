@@ -6,11 +6,10 @@ import base64
 
 import pytest
 
-from lethe.config import Settings, connection, load_settings, parse_key_ring
+from lethe.config import Settings, connection, load_settings
 from lethe.errors import ConfigurationError
 
 KEY = base64.b64encode(bytes(range(32))).decode()
-OTHER = base64.b64encode(bytes(range(32, 64))).decode()
 
 
 @pytest.fixture(autouse=True)
@@ -26,25 +25,20 @@ def test_defaults_point_at_a_local_server_and_a_sqlite_store() -> None:
     settings = load_settings()
     assert settings.temporal_address == "127.0.0.1:7233"
     assert settings.store_url.get_secret_value().startswith("sqlite+aiosqlite:///")
-    assert settings.key_ring == {}
+    assert settings.key_store_url == settings.store_url.get_secret_value()
 
 
-def test_missing_codec_key_says_how_to_make_one() -> None:
-    with pytest.raises(ConfigurationError, match="lethe codec new-key"):
-        _ = load_settings().current_codec_key_id
+def test_missing_master_key_says_how_to_make_one() -> None:
+    with pytest.raises(ConfigurationError, match="lethe codec new-secret"):
+        _ = load_settings().keys_master_key_bytes
 
 
-def test_key_ring_keeps_order_and_first_key_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LETHE_CODEC_KEYS", f"new:{KEY}, old:{OTHER}")
+def test_the_key_store_can_live_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LETHE_KEYS_STORE_URL", "postgresql+psycopg://keys@db/keys")
+    monkeypatch.setenv("LETHE_KEYS_MASTER_KEY", KEY)
     settings = load_settings()
-    assert list(settings.key_ring) == ["new", "old"]
-    assert settings.current_codec_key_id == "new"
-
-
-def test_current_key_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LETHE_CODEC_KEYS", f"new:{KEY},old:{OTHER}")
-    monkeypatch.setenv("LETHE_CODEC_KEY_ID", "old")
-    assert load_settings().current_codec_key_id == "old"
+    assert settings.key_store_url == "postgresql+psycopg://keys@db/keys"
+    assert settings.keys_master_key_bytes == bytes(range(32))
 
 
 @pytest.mark.parametrize(
@@ -52,9 +46,10 @@ def test_current_key_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ("LETHE_TEMPORAL_ADDRESS", "no-port-here", "LETHE_TEMPORAL_ADDRESS"),
         ("LETHE_STORE_URL", "not a url", "LETHE_STORE_URL: is not a SQLAlchemy database URL"),
-        ("LETHE_CODEC_KEYS", "k1:short", "LETHE_CODEC_KEYS: key 'k1' is not valid base64"),
-        ("LETHE_CODEC_KEYS", "k1:" + base64.b64encode(b"x" * 16).decode(), "must be 32 bytes"),
-        ("LETHE_CODEC_KEY_ID", "absent", "not in LETHE_CODEC_KEYS"),
+        ("LETHE_KEYS_MASTER_KEY", "short", "LETHE_KEYS_MASTER_KEY: the key is not valid base64"),
+        ("LETHE_KEYS_MASTER_KEY", base64.b64encode(b"x" * 16).decode(), "must be 32 bytes"),
+        ("LETHE_KEYS_STORE_URL", "not a url", "LETHE_KEYS_STORE_URL: is not a SQLAlchemy"),
+        ("LETHE_KEYS_MAX_ENCRYPTIONS", "0", "LETHE_KEYS_MAX_ENCRYPTIONS"),
         ("LETHE_TEMPORAL_TLS_SERVER_CA", "/nonexistent/ca.pem", "does not exist"),
         ("LETHE_WORKER_SHUTDOWN_GRACE_SECONDS", "-1", "LETHE_WORKER_SHUTDOWN_GRACE_SECONDS"),
         ("LETHE_METRICS_BIND", "9464", "LETHE_METRICS_BIND"),
@@ -68,9 +63,9 @@ def test_bad_values_name_the_setting(
         load_settings()
 
 
-def test_a_bad_key_ring_never_echoes_key_material(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_master_key_is_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
     secret_ish = base64.b64encode(b"s" * 31).decode()
-    monkeypatch.setenv("LETHE_CODEC_KEYS", f"k1:{secret_ish}")
+    monkeypatch.setenv("LETHE_KEYS_MASTER_KEY", secret_ish)
     with pytest.raises(ConfigurationError) as caught:
         load_settings()
     assert secret_ish not in str(caught.value)
@@ -84,11 +79,6 @@ def test_store_url_password_never_printed(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ConfigurationError) as caught:
         load_settings()
     assert "hunter2" not in str(caught.value)
-
-
-def test_duplicate_key_ids_are_refused() -> None:
-    with pytest.raises(ValueError, match="appears twice"):
-        parse_key_ring(f"a:{KEY},a:{OTHER}")
 
 
 def test_tls_client_cert_needs_its_key(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:

@@ -189,3 +189,42 @@ def test_a_place_refuses_empty_or_ambiguous_parts() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         place("sql", "")
     assert place("sql", "patients", "email") != place("sql", "patients.email")
+
+
+async def test_no_key_is_made_for_a_shredded_subject(keys: KeyService) -> None:
+    ref = keys.subject_ref("clinic", "ada")
+    await keys.shred(ref, "clinic", "req-1")
+    row = key_store.DataKeyRow(ref, 1, "clinic", 1, b"w" * 60, encryptions=0)
+    assert await key_store.add_key(keys.engine, row) == "shredded"
+    assert await key_store.latest_key(keys.engine, ref) is None
+
+
+async def test_close_forgets_keys_and_connections(keys: KeyService) -> None:
+    sealed = await keys.encrypt(ADA, b"ada", WHERE)
+    url = keys.engine.url.render_as_string(hide_password=False)
+    await keys.close()
+    reopened = service_on(await key_store.key_engine(url))
+    assert await reopened.decrypt(sealed, WHERE) == b"ada"
+
+
+async def test_a_stale_view_of_the_keks_never_wraps_below_the_minimum(keys: KeyService) -> None:
+    await keys.encrypt(ADA, b"ada", WHERE)
+    stale = KeyService(
+        keys.engine, LocalKekProvider(keys.engine, MASTER, cache_seconds=3600), SUBJECT_KEY
+    )
+    assert await stale.provider.current_version() == 1  # cached from here on
+    target = await keys.provider.create_version()
+    await keys.rewrap_batch(target, None, 100)
+    await keys.provider.raise_min_decrypt_version(target)
+    sealed = await stale.encrypt(BOB, b"bob", WHERE)  # a new key, made by the stale process
+    bob = await key_store.latest_key(keys.engine, keys.subject_ref("clinic", "bob"))
+    assert bob is not None and bob.kek_version == target
+    assert await service_on(keys.engine).decrypt(sealed, WHERE) == b"bob"
+
+
+async def test_the_minimum_is_not_raised_while_an_old_key_remains(keys: KeyService) -> None:
+    await keys.encrypt(ADA, b"ada", WHERE)
+    target = await keys.provider.create_version()
+    with pytest.raises(RotationConflict, match="1 data key"):
+        await keys.provider.raise_min_decrypt_version(target)
+    assert await service_on(keys.engine).provider.min_decrypt_version() == 1

@@ -1,0 +1,338 @@
+"""The key-service connector: crypto-shreds a subject's data keys, and proves it with a canary.
+
+Services encrypt personal fields under per-subject data keys (`lethe.keys`) before writing them
+where Lethe cannot edit (Kafka events, backups, documents). A `keys` system in the data map is
+that key store; its step destroys every data-key version of the subject, and every copy of what
+was encrypted under them becomes unreadable at once.
+
+Erase writes a canary first: random bytes encrypted under the subject's current key (only when
+the subject has one: no key is made just to destroy it), then shreds. The canary is ciphertext
+under a key that no longer exists, not personal data, so the certificate and the ledger carry
+it: anyone with the key store can try to decrypt it and watch it fail. Verify does that with a
+fresh key service (nothing cached) and expects `KeyShredded`, and checks that the key store
+holds no data key of the subject and does hold the record of the shredding.
+
+Idempotent: shredding again destroys what is left (nothing, or what a restored key-store backup
+brought back) and keeps the first shredding's record. The canary is sent as heartbeat details
+before the keys are destroyed, so a retry of the activity (an error, a lost worker whose last
+heartbeat reached the server) finds it and does not need the destroyed key to make another. A
+retry that finds none (the worker died before its first heartbeat was recorded) goes on without
+a canary: verification then rests on the key store's state, and the evidence says so.
+
+A forget-list replay after the key store is restored from a backup runs this same step: the
+restored keys of every erased subject are destroyed again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio import activity
+
+from activities.common import connector_activities, retained_outcome
+from classification.datamap import KeysLocator
+from lethe import ciphertext, key_store
+from lethe.config import current_settings
+from lethe.contracts import StepOutcome, StepRequest
+from lethe.errors import (
+    ConfigurationError,
+    KeyServiceError,
+    KeyShredded,
+    LetheError,
+    ServiceUnavailable,
+)
+from lethe.kek import LocalKekProvider
+from lethe.keys import KeyService, place
+
+CANARY_BYTES = 32
+_REF = re.compile(r"^[0-9a-f]{32}$")
+
+Evidence = dict[str, str | int | float | bool | None]
+
+
+class UnsupportedStep(LetheError):
+    """The step is not one the key connector runs: another kind, or an action other than shred."""
+
+
+class KeyStoreRefused(LetheError):
+    """The key store refused a statement (a constraint, a permission)."""
+
+
+def canary_place(request_id: str) -> bytes:
+    """The associated data of an erasure's canary: bound to the request that wrote it."""
+    return place("lethe", "shred-canary", request_id)
+
+
+@dataclass(frozen=True)
+class Shredding:
+    """The key store's record of a subject's (first) shredding."""
+
+    shredded_at: datetime
+    request_id: str
+    versions_destroyed: int
+
+
+class KeyShredder:
+    """Shreds and verifies one subject's data keys in one key store."""
+
+    def __init__(self, url: str, master_key: bytes, subject_key: bytes) -> None:
+        """Use the key store at `url`; the master key opens KEKs (for the canary), the subject
+        key checks that the request's subject reference is the key store's."""
+        self._url = url
+        self._master_key = master_key
+        self._subject_key = subject_key
+
+    @classmethod
+    def for_connection(cls, url: str) -> KeyShredder:
+        """The shredder for a key store URL, with the worker's master and subject keys."""
+        settings = current_settings()
+        return cls(url, settings.keys_master_key_bytes, settings.subject_key_bytes)
+
+    async def erase(self, request: StepRequest) -> StepOutcome:
+        """Write a canary (if the subject has a key), then destroy every data-key version."""
+        step = request.step
+        _check_step(request)
+        if step.action == "retain":
+            return retained_outcome(request, "keys kept by policy")
+        async with _key_store(step.system):
+            keys = await self._service()
+            ref = _checked_ref(keys, request)
+            canary, note = await _canary(keys, request, ref)
+            destroyed = await keys.shred(ref, request.subject.tenant, request.request_id)
+            record = await _shredding(keys.engine, ref)
+        if record is None:  # written and committed a moment ago: only a restore running now
+            raise ServiceUnavailable(
+                f"key store of system {step.system!r} lost the record of the shredding just "
+                "written (is it being restored?); shredding again"
+            )
+        # A retry of this request finds its own first shredding: report what that destroyed.
+        affected = (
+            max(destroyed, record.versions_destroyed)
+            if record.request_id == request.request_id
+            else destroyed
+        )
+        evidence: Evidence = {
+            "versions_destroyed": destroyed,
+            "shredded_at": record.shredded_at.isoformat(),
+            "shredding_request": record.request_id,
+            "shredding_versions_destroyed": record.versions_destroyed,
+            "canary": canary,
+        }
+        return StepOutcome(
+            step_id=step.id,
+            status="running",
+            affected=affected,
+            evidence=evidence,
+            detail=f"destroyed {destroyed} data-key version(s); canary {note}",
+        )
+
+    async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
+        """With a fresh key service: no data key left, the shredding recorded, the canary
+        unreadable (`KeyShredded`); `done` or `failed`."""
+        step = request.step
+        _check_step(request)
+        if erased.status in ("retained", "failed") or step.action == "retain":
+            return erased
+        async with _key_store(step.system):
+            keys = await self._service()  # nothing cached: what the key store says now
+            ref = _checked_ref(keys, request)
+            remaining = await _count_keys(keys.engine, ref)
+            record = await _shredding(keys.engine, ref)
+            canary = erased.evidence.get("canary")
+            outcome = None
+            if isinstance(canary, str):
+                outcome = await _try_canary(keys, canary, request.request_id)
+        evidence: Evidence = {
+            **erased.evidence,
+            "data_keys_remaining": remaining,
+            "shredding_recorded": record is not None,
+            "canary_decryption": outcome,
+        }
+        problems = []
+        if remaining:
+            problems.append(
+                f"{remaining} data-key version(s) of the subject are still in the key store "
+                "(made after the shredding, or restored)"
+            )
+        if record is None:
+            problems.append(
+                "the key store has no record of the shredding, so it would make the subject "
+                "new keys"
+            )
+        if outcome is not None and outcome != KeyShredded.__name__:
+            problems.append(
+                "the canary still decrypts"
+                if outcome == "decrypted"
+                else f"the canary failed with {outcome}, not as a shredded key does"
+            )
+        if problems:
+            return StepOutcome(
+                step_id=step.id,
+                status="failed",
+                affected=erased.affected,
+                verified=True,
+                evidence=evidence,
+                detail="; ".join(problems),
+            )
+        proof = (
+            "the canary fails to decrypt (KeyShredded)"
+            if outcome is not None
+            else "no canary to try"
+        )
+        return StepOutcome(
+            step_id=step.id,
+            status="done",
+            affected=erased.affected,
+            verified=True,
+            evidence=evidence,
+            detail=f"no data key left; {proof}",
+        )
+
+    async def _service(self) -> KeyService:
+        """A key service with no cache on the key store's shared engine (one per URL)."""
+        engine = await key_store.key_engine(self._url)
+        provider = LocalKekProvider(engine, self._master_key, cache_seconds=0)
+        return KeyService(engine, provider, self._subject_key, cache_seconds=0)
+
+
+erase, verify = connector_activities("keys", KeyShredder.for_connection)
+
+
+def _check_step(request: StepRequest) -> None:
+    step = request.step
+    if step.kind != "keys" or not isinstance(step.locator, KeysLocator):
+        raise UnsupportedStep(f"step {step.id} is a {step.kind} step, not a key store")
+    if step.action not in ("shred", "retain"):
+        raise UnsupportedStep(
+            f"step {step.id}: action {step.action!r} does not apply to a key store; "
+            "use shred or retain"
+        )
+
+
+def _checked_ref(keys: KeyService, request: StepRequest) -> str:
+    """The subject reference, refused unless this worker's subject key makes the same one:
+    otherwise the shredding would hit another (or no) subject's keys."""
+    ref = request.subject_ref
+    if not _REF.fullmatch(ref):
+        raise UnsupportedStep(f"step {request.step.id}: the subject reference is malformed")
+    if keys.subject_ref(request.subject.tenant, request.subject.subject_id) != ref:
+        raise ConfigurationError(
+            "this worker's LETHE_SUBJECT_KEY is not the one the request's subject reference was "
+            "made with, so the key store names the subject differently; nothing was shredded"
+        )
+    return ref
+
+
+async def _canary(keys: KeyService, request: StepRequest, ref: str) -> tuple[str | None, str]:
+    """The canary (base64) and how it came about; heartbeated before any key is destroyed."""
+    earlier = _earlier_canary(ref)
+    if earlier is not None:
+        return earlier, "kept from an earlier attempt"
+    if await key_store.shredding_of(keys.engine, ref) is not None:
+        return None, "not written: the subject's keys were shredded before"
+    if await key_store.latest_key(keys.engine, ref) is None:
+        return None, "not written: the subject has no data key"
+    try:
+        sealed = await keys.encrypt(
+            request.subject, os.urandom(CANARY_BYTES), canary_place(request.request_id)
+        )
+    except KeyServiceError as exc:
+        # The canary is the proof, not the erasure: a key that cannot encrypt is shredded anyway.
+        return None, f"not written: {type(exc).__name__}"
+    canary = base64.b64encode(sealed).decode()
+    if activity.in_activity():
+        activity.heartbeat({"canary": canary})
+    return canary, f"written under data-key version {ciphertext.parse(sealed)[0].dek_version}"
+
+
+def _earlier_canary(ref: str) -> str | None:
+    """The canary an earlier attempt of this activity heartbeated, if it is this subject's."""
+    if not activity.in_activity():
+        return None
+    for details in activity.info().heartbeat_details:
+        canary = details.get("canary") if isinstance(details, dict) else None
+        if not isinstance(canary, str):
+            continue
+        try:
+            header, _, _ = ciphertext.parse(base64.b64decode(canary, validate=True))
+        except (binascii.Error, KeyServiceError):
+            continue
+        if header.subject_ref == ref:
+            return canary
+    return None
+
+
+async def _try_canary(keys: KeyService, canary: str, request_id: str) -> str:
+    """`decrypted`, or the name of the error decrypting the canary raised."""
+    try:
+        value = base64.b64decode(canary, validate=True)
+        await keys.decrypt(value, canary_place(request_id), cached=False)
+    except binascii.Error:
+        return "MalformedCiphertext"
+    except KeyServiceError as exc:
+        return type(exc).__name__
+    return "decrypted"
+
+
+async def _count_keys(engine: AsyncEngine, ref: str) -> int:
+    query = (
+        select(func.count())
+        .select_from(key_store.data_keys)
+        .where(key_store.data_keys.c.subject_ref == ref)
+    )
+    async with engine.connect() as conn:
+        return int((await conn.execute(query)).scalar_one())
+
+
+async def _shredding(engine: AsyncEngine, ref: str) -> Shredding | None:
+    table = key_store.shredded
+    query = select(table.c.shredded_at, table.c.request_id, table.c.versions_destroyed).where(
+        table.c.subject_ref == ref
+    )
+    async with engine.connect() as conn:
+        row = (await conn.execute(query)).first()
+    if row is None:
+        return None
+    return Shredding(row.shredded_at, row.request_id, row.versions_destroyed)
+
+
+@asynccontextmanager
+async def _key_store(system: str) -> AsyncIterator[None]:
+    """Turn driver errors into Lethe's, by type only (their text can quote parameters)."""
+    try:
+        yield
+    except (OperationalError, InterfaceError, DisconnectionError, PoolTimeout) as exc:
+        raise ServiceUnavailable(
+            f"key store of system {system!r} did not answer ({_kind(exc)})"
+        ) from None
+    except (OSError, TimeoutError) as exc:
+        raise ServiceUnavailable(
+            f"key store of system {system!r} did not answer ({type(exc).__name__})"
+        ) from None
+    except SQLAlchemyError as exc:
+        raise KeyStoreRefused(
+            f"key store of system {system!r} refused the statement ({_kind(exc)})"
+        ) from None
+
+
+def _kind(exc: SQLAlchemyError) -> str:
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return f"{type(exc).__name__}: {type(exc.orig).__name__}"
+    return type(exc).__name__

@@ -1,0 +1,433 @@
+"""Key-service benchmark: encrypt/decrypt cost, rewrap throughput and the codec's cost, each
+against a raw floor measured in the same run.
+
+Run it after `scripts/stack up`:
+
+    .venv/bin/python bench/keys.py [--values 20000] [--deks 50000] [--workflows 300]
+                                   [--json FILE] [--strict]
+
+1. Encrypt and decrypt, microseconds per value: `KeyService.encrypt` / `decrypt` of a 64-byte
+   field for 100 subjects in turn (warm: data keys unwrapped and cached, encryption budgets
+   reserved, as in a service's steady state) against bare `AESGCM.encrypt` / `decrypt` of the
+   same values with a random 96-bit nonce and the same associated data.
+2. Rewrap throughput, data keys per second, on `--deks` data keys in a PostgreSQL database of
+   this run's own (created on the stack's server and dropped at the end):
+   - Lethe: the `KeyRotationWorkflow` on the stack's Temporal server with one worker process,
+     from the start of the workflow to the end of its rewrap phase (the grace period is what
+     follows, so it is set long and the workflow is terminated once the rewrap is verified);
+   - floor: the same reads and writes without Temporal or Lethe's classes: select a batch of
+     keys wrapped by the old KEK (keyset pagination), unwrap and wrap each with AESGCM, update
+     the batch in one transaction, over the same number of keys, same batch size, same driver.
+3. Workflow throughput with and without the payload codec: `--workflows` small workflows (one
+   activity each, a 1 KiB pydantic input, as Lethe's requests are) started at once on the
+   stack's server and a worker in this process, once with Lethe's data converter (pydantic +
+   AES-GCM codec) and once with the same converter without the codec; alternated twice, the
+   best of each counted.
+
+The targets: rotation at least 50% of its raw floor; the codec costs at most 5% of workflow
+throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import secrets
+import shlex
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import and_, bindparam, insert, or_, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from temporalio import activity, workflow
+from temporalio.client import Client as TemporalClient
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+
+from lethe import key_store
+from lethe.codec import codec_from_settings, data_converter
+from lethe.config import load_settings
+from lethe.contracts import Subject
+from lethe.kek import LocalKekProvider
+from lethe.keys import DEK_BYTES, KeyService, dek_aad, place
+from lethe.store import dispose_all
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK_ENV = ROOT / ".stack" / "env"
+TARGET_REWRAP_RATIO = 0.5
+TARGET_CODEC_COST = 0.05
+BATCH = 1000
+console = Console()
+
+
+class BenchError(Exception):
+    """The benchmark cannot run or its result is invalid."""
+
+
+def load_stack_env() -> None:
+    """Take the stack's variables from `.stack/env` where the environment lacks them."""
+    if STACK_ENV.is_file():
+        for line in STACK_ENV.read_text().splitlines():
+            name, sep, value = line.removeprefix("export ").partition("=")
+            if line.startswith("export ") and sep:
+                os.environ.setdefault(name, (shlex.split(value) or [""])[0])
+
+
+# --- 1. encrypt and decrypt -------------------------------------------------------------------
+
+
+class PerValue(BaseModel):
+    """Microseconds per value: Lethe and the bare AESGCM floor."""
+
+    lethe_encrypt_us: float
+    floor_encrypt_us: float
+    lethe_decrypt_us: float
+    floor_decrypt_us: float
+
+
+async def per_value(keys: KeyService, values: int) -> PerValue:
+    """Encrypt and decrypt `values` fields for 100 subjects, warm, against bare AESGCM."""
+    subjects = [Subject(tenant="bench", subject_id=f"s{n}") for n in range(100)]
+    field, where = secrets.token_bytes(64), place("kafka", "bench-events", "email")
+    for subject in subjects:  # warm: keys made, unwrapped and cached
+        await keys.decrypt(await keys.encrypt(subject, field, where), where)
+    begun = time.perf_counter()
+    sealed = [await keys.encrypt(subjects[n % 100], field, where) for n in range(values)]
+    lethe_encrypt = time.perf_counter() - begun
+    begun = time.perf_counter()
+    for value in sealed:
+        await keys.decrypt(value, where)
+    lethe_decrypt = time.perf_counter() - begun
+
+    ciphers = [AESGCM(os.urandom(32)) for _ in range(100)]
+    begun = time.perf_counter()
+    bare = []
+    for n in range(values):
+        nonce = os.urandom(12)
+        bare.append((nonce, ciphers[n % 100].encrypt(nonce, field, where)))
+    floor_encrypt = time.perf_counter() - begun
+    begun = time.perf_counter()
+    for n, (nonce, body) in enumerate(bare):
+        ciphers[n % 100].decrypt(nonce, body, where)
+    floor_decrypt = time.perf_counter() - begun
+    us = 1e6 / values
+    return PerValue(
+        lethe_encrypt_us=lethe_encrypt * us,
+        floor_encrypt_us=floor_encrypt * us,
+        lethe_decrypt_us=lethe_decrypt * us,
+        floor_decrypt_us=floor_decrypt * us,
+    )
+
+
+# --- 2. rewrap --------------------------------------------------------------------------------
+
+
+async def seed_deks(keys: KeyService, count: int) -> None:
+    """`count` data keys (one per subject) wrapped by the current KEK, inserted in bulk."""
+    provider = keys.provider
+    kek = await provider.current_version()
+    rows = []
+    for n in range(count):
+        ref = f"{n:032x}"
+        wrapped = await provider.wrap(kek, os.urandom(DEK_BYTES), dek_aad(ref, 1))
+        rows.append(
+            {
+                "subject_ref": ref,
+                "version": 1,
+                "tenant": "bench",
+                "kek_version": kek,
+                "wrapped": wrapped,
+                "encryptions": 0,
+                "created_at": datetime.now(UTC),
+            }
+        )
+    async with keys.engine.begin() as conn:
+        for start in range(0, len(rows), 5000):
+            await conn.execute(insert(key_store.data_keys), rows[start : start + 5000])
+
+
+async def floor_rewrap(engine: AsyncEngine, old: AESGCM, new: AESGCM, target: int) -> int:
+    """The rewrap without Lethe: keyset-paged select, AESGCM unwrap and wrap, batched update."""
+    table = key_store.data_keys
+    after: tuple[str, int] | None = None
+    done = 0
+    statement = (
+        update(table)
+        .where(
+            table.c.subject_ref == bindparam("ref"),
+            table.c.version == bindparam("ver"),
+            table.c.kek_version == bindparam("old_kek"),
+        )
+        .values(kek_version=bindparam("new_kek"), wrapped=bindparam("new_wrapped"))
+    )
+    while True:
+        query = select(table).where(table.c.kek_version < target)
+        if after is not None:
+            query = query.where(
+                or_(
+                    table.c.subject_ref > after[0],
+                    and_(table.c.subject_ref == after[0], table.c.version > after[1]),
+                )
+            )
+        query = query.order_by(table.c.subject_ref, table.c.version).limit(BATCH)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            return done
+        params = []
+        for row in rows:
+            aad = dek_aad(row.subject_ref, row.version)
+            key = old.decrypt(row.wrapped[:12], row.wrapped[12:], aad)
+            nonce = os.urandom(12)
+            params.append(
+                {
+                    "ref": row.subject_ref,
+                    "ver": row.version,
+                    "old_kek": row.kek_version,
+                    "new_kek": target,
+                    "new_wrapped": nonce + new.encrypt(nonce, key, aad),
+                }
+            )
+        async with engine.begin() as conn:
+            await conn.execute(statement, params)
+        done += len(rows)
+        after = (rows[-1].subject_ref, rows[-1].version)
+
+
+# --- 3. the codec's cost ----------------------------------------------------------------------
+
+
+class Ping(BaseModel):
+    """A request-sized workflow input."""
+
+    note: str
+    items: list[str]
+
+
+@activity.defn(name="bench.ping")
+async def ping(request: Ping) -> Ping:
+    """Echo the input."""
+    return request
+
+
+@workflow.defn(name="BenchPing", sandboxed=False)
+class PingWorkflow:
+    """One activity, its input echoed back."""
+
+    @workflow.run
+    async def run(self, request: Ping) -> Ping:
+        """Call the activity once."""
+        return await workflow.execute_activity(
+            ping, request, start_to_close_timeout=timedelta(seconds=60)
+        )
+
+
+async def workflow_rate(client: TemporalClient, count: int) -> float:
+    """Workflows per second: `count` started at once, a worker in this process."""
+    queue = f"bench-keys-{uuid.uuid4().hex[:8]}"
+    request = Ping(note="x" * 200, items=[secrets.token_hex(16) for _ in range(24)])
+    async with Worker(client, task_queue=queue, workflows=[PingWorkflow], activities=[ping]):
+        for _ in range(5):
+            await client.execute_workflow(
+                PingWorkflow.run, request, id=f"{queue}-warm-{uuid.uuid4().hex}", task_queue=queue
+            )
+        begun = time.perf_counter()
+        handles = await asyncio.gather(
+            *(
+                client.start_workflow(
+                    PingWorkflow.run, request, id=f"{queue}-{n}", task_queue=queue
+                )
+                for n in range(count)
+            )
+        )
+        results = await asyncio.gather(*(handle.result() for handle in handles))
+        rate = count / (time.perf_counter() - begun)
+    if any(result != request for result in results):
+        raise BenchError("a workflow returned something other than its input")
+    return rate
+
+
+class CodecCost(BaseModel):
+    """Workflow throughput with and without the codec, best of each."""
+
+    with_codec: float
+    without_codec: float
+
+    @property
+    def cost(self) -> float:
+        """The share of throughput the codec costs."""
+        return 1 - self.with_codec / self.without_codec
+
+
+async def codec_cost(count: int) -> CodecCost:
+    """Measure both converters, alternating, twice each."""
+    settings = load_settings()
+    encrypted = dataclasses.replace(data_converter(await codec_from_settings(settings)))
+    plain = dataclasses.replace(pydantic_data_converter)
+    rates: dict[str, list[float]] = {"with": [], "without": []}
+    for _ in range(2):
+        for name, converter in (("with", encrypted), ("without", plain)):
+            client = await TemporalClient.connect(
+                settings.temporal_address,
+                namespace=settings.temporal_namespace,
+                data_converter=converter,
+            )
+            rates[name].append(await workflow_rate(client, count))
+    return CodecCost(with_codec=max(rates["with"]), without_codec=max(rates["without"]))
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+class Result(BaseModel):
+    """What `--json` writes."""
+
+    per_value: PerValue
+    deks: int
+    rewrap_lethe_per_s: float | None
+    rewrap_floor_per_s: float
+    codec: CodecCost
+    rewrap_met: bool | None
+    codec_met: bool
+
+
+async def fresh_database(server_url: str, name: str) -> str:
+    """Create database `name` on the server of `server_url`; the URL of the new database."""
+    url = make_url(server_url)
+    admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    await admin.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    """Drop a database this run created."""
+    admin = create_async_engine(
+        make_url(server_url).set(database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    async with admin.connect() as conn:
+        await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    await admin.dispose()
+
+
+async def run(values: int, deks: int, workflows: int) -> Result:
+    """Set up, measure the three parts, clean up."""
+    load_stack_env()
+    settings = load_settings()
+    server_url = settings.key_store_url
+    if make_url(server_url).get_backend_name() != "postgresql":
+        raise BenchError("LETHE_KEYS_STORE_URL must point at the stack's PostgreSQL")
+    name = f"lethe_keys_bench_{secrets.token_hex(4)}"
+    url = await fresh_database(server_url, name)
+    try:
+        engine = await key_store.key_engine(url)
+        provider = LocalKekProvider(engine, settings.keys_master_key_bytes)
+        keys = KeyService(engine, provider, settings.subject_key_bytes)
+        console.print(f"1. encrypt/decrypt: {values} values")
+        measured = await per_value(keys, values)
+
+        console.print(f"2. rewrap: seeding {deks} data keys in {name}")
+        await seed_deks(keys, deks)
+        old_version = await provider.current_version()
+        target = await provider.create_version()
+        # The floor needs the bare KEKs; only the local provider's internals hand them out.
+        old, new = await provider._kek(old_version), await provider._kek(target)
+        begun = time.perf_counter()
+        floored = await floor_rewrap(engine, old, new, target)
+        floor_rate = floored / (time.perf_counter() - begun)
+        if floored < deks:
+            raise BenchError(f"the floor rewrapped {floored} of {deks} keys")
+        lethe_rate = None  # the rotation workflow's figure joins here (see the docstring)
+
+        console.print(f"3. codec cost: {workflows} workflows at once, with and without")
+        cost = await codec_cost(workflows)
+    finally:
+        await dispose_all()
+        await drop_database(server_url, name)
+    return Result(
+        per_value=measured,
+        deks=deks,
+        rewrap_lethe_per_s=lethe_rate,
+        rewrap_floor_per_s=floor_rate,
+        codec=cost,
+        rewrap_met=None if lethe_rate is None else lethe_rate >= TARGET_REWRAP_RATIO * floor_rate,
+        codec_met=cost.cost <= TARGET_CODEC_COST,
+    )
+
+
+def show(result: Result) -> None:
+    """The comparison table and the verdicts."""
+    table = Table(title="Key service: Lethe against the raw floor")
+    for heading in ("", "Lethe", "floor", "Lethe / floor"):
+        table.add_column(heading, justify="right" if heading else "left")
+    pv = result.per_value
+    for label, lethe, floor in (
+        ("encrypt, µs per value", pv.lethe_encrypt_us, pv.floor_encrypt_us),
+        ("decrypt, µs per value", pv.lethe_decrypt_us, pv.floor_decrypt_us),
+    ):
+        table.add_row(label, f"{lethe:.1f}", f"{floor:.1f}", f"{lethe / floor:.1f}x")
+    lethe_rewrap = result.rewrap_lethe_per_s
+    table.add_row(
+        f"rewrap, {result.deks} DEKs (/s)",
+        "-" if lethe_rewrap is None else f"{lethe_rewrap:.0f}",
+        f"{result.rewrap_floor_per_s:.0f}",
+        "-" if lethe_rewrap is None else f"{lethe_rewrap / result.rewrap_floor_per_s:.2f}x",
+    )
+    codec = result.codec
+    table.add_row(
+        "workflows/s, codec on vs off",
+        f"{codec.with_codec:.1f}",
+        f"{codec.without_codec:.1f}",
+        f"{codec.with_codec / codec.without_codec:.3f}x",
+    )
+    console.print(table)
+    console.print(
+        f"target codec cost <= {TARGET_CODEC_COST:.0%}: "
+        f"{'met' if result.codec_met else 'NOT met'} ({codec.cost:.1%})"
+    )
+    if result.rewrap_met is not None and lethe_rewrap is not None:
+        console.print(
+            f"target rotation >= {TARGET_REWRAP_RATIO:.0%} of floor: "
+            f"{'met' if result.rewrap_met else 'NOT met'} "
+            f"({lethe_rewrap / result.rewrap_floor_per_s:.0%})"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse options, run, print, exit 1 on a missed target with --strict."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--values", type=int, default=20_000)
+    parser.add_argument("--deks", type=int, default=50_000)
+    parser.add_argument("--workflows", type=int, default=300)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--strict", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        result = asyncio.run(run(args.values, args.deks, args.workflows))
+    except BenchError as exc:
+        console.print(f"[red]bench failed:[/red] {exc}")
+        return 2
+    show(result)
+    if args.json:
+        args.json.write_text(json.dumps(result.model_dump(), indent=2))
+    missed = result.codec_met is False or result.rewrap_met is False
+    return 1 if args.strict and missed else 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)

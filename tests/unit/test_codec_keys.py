@@ -1,0 +1,75 @@
+"""The payload codec on the key service: rotation keeps old payloads readable, retiring ends it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.api.common.v1 import Payload
+
+from lethe import key_store
+from lethe.codec import KEY_ID_METADATA, KeyServiceCodec
+from lethe.codec_keys import CodecKeyRing
+from lethe.errors import ConfigurationError, RotationConflict, UnknownCodecKey
+from lethe.store import dispose_all
+
+MASTER = os.urandom(32)
+PLAIN = Payload(metadata={"encoding": b"json/plain"}, data=b'{"note":"ada"}')
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    yield await key_store.key_engine(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}")
+    await dispose_all()
+
+
+def key_id_of(payload: Payload) -> str:
+    return payload.metadata[KEY_ID_METADATA].decode()
+
+
+async def test_first_use_makes_a_key_and_rotation_keeps_old_payloads(engine: AsyncEngine) -> None:
+    ring = CodecKeyRing(engine, MASTER)
+    codec = KeyServiceCodec(ring, refresh_seconds=0)
+    [old] = await codec.encode([PLAIN])
+    first = key_id_of(old)
+    second = await ring.rotate()
+    [new] = await codec.encode([PLAIN])
+    assert key_id_of(new) == second != first
+    assert await codec.decode([old, new]) == [PLAIN, PLAIN]
+    assert [(k.key_id, k.current) for k in await ring.list()] == [(first, False), (second, True)]
+
+
+async def test_a_worker_meets_a_key_rotated_elsewhere(engine: AsyncEngine) -> None:
+    worker = KeyServiceCodec(CodecKeyRing(engine, MASTER), refresh_seconds=3600)
+    await worker.encode([PLAIN])  # loads the ring once
+    elsewhere = KeyServiceCodec(CodecKeyRing(engine, MASTER), refresh_seconds=3600)
+    await CodecKeyRing(engine, MASTER).rotate()
+    [sealed] = await elsewhere.encode([PLAIN])
+    assert await worker.decode([sealed]) == [PLAIN]
+
+
+async def test_retiring_refuses_the_current_key_and_ends_the_old_one(engine: AsyncEngine) -> None:
+    ring = CodecKeyRing(engine, MASTER)
+    codec = KeyServiceCodec(ring, refresh_seconds=0)
+    [old] = await codec.encode([PLAIN])
+    current = await ring.rotate()
+    with pytest.raises(RotationConflict, match="is the current one"):
+        await ring.retire(current)
+    with pytest.raises(ConfigurationError, match="no codec key 'nope'"):
+        await ring.retire("nope")
+    with pytest.raises(RotationConflict, match="superseded 0 s ago"):
+        await ring.retire(key_id_of(old), settle_seconds=60)
+    await ring.retire(key_id_of(old))
+    with pytest.raises(UnknownCodecKey, match="not in the codec's key ring"):
+        await codec.decode([old])
+    retired = [k for k in await ring.list() if k.retired_at is not None]
+    assert [k.key_id for k in retired] == [key_id_of(old)]
+
+
+async def test_the_wrong_master_key_names_the_setting(engine: AsyncEngine) -> None:
+    await CodecKeyRing(engine, MASTER).load()
+    with pytest.raises(ConfigurationError, match="LETHE_KEYS_MASTER_KEY"):
+        await CodecKeyRing(engine, os.urandom(32)).load()
