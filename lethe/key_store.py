@@ -21,13 +21,12 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    and_,
     bindparam,
     delete,
     func,
     insert,
-    or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -60,7 +59,9 @@ data_keys = Table(
     Column("subject_ref", String(32), primary_key=True),
     Column("version", Integer, primary_key=True, autoincrement=False),
     Column("tenant", String(100), nullable=False),
-    Column("kek_version", Integer, nullable=False, index=True),
+    # No index on kek_version: the rewrap scan must walk the primary key in order (a planner
+    # choosing this index instead sorts every remaining key for each batch).
+    Column("kek_version", Integer, nullable=False),
     Column("wrapped", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     # encryptions reserved under this version so far (in blocks, so an upper bound)
@@ -246,13 +247,8 @@ async def keys_below(
     `after` (keyset pagination, so a resumed scan neither repeats nor skips a key)."""
     query = select(data_keys).where(data_keys.c.kek_version < kek_version)
     if after is not None:
-        ref, version = after
-        query = query.where(
-            or_(
-                data_keys.c.subject_ref > ref,
-                and_(data_keys.c.subject_ref == ref, data_keys.c.version > version),
-            )
-        )
+        # A row-value comparison, so the primary key's index starts the scan at the cursor.
+        query = query.where(tuple_(data_keys.c.subject_ref, data_keys.c.version) > tuple_(*after))
     query = query.order_by(data_keys.c.subject_ref, data_keys.c.version).limit(limit)
     async with engine.connect() as conn:
         return [_row(found) for found in (await conn.execute(query)).all()]
