@@ -29,24 +29,16 @@ import base64
 import binascii
 import os
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import (
-    DBAPIError,
-    DisconnectionError,
-    InterfaceError,
-    OperationalError,
-    SQLAlchemyError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
 from activities.common import connector_activities, retained_outcome
+from activities.sql_errors import translated
 from classification.datamap import KeysLocator
 from lethe import ciphertext, key_store
 from lethe.config import current_settings
@@ -313,26 +305,6 @@ async def _shredding(engine: AsyncEngine, ref: str) -> Shredding | None:
     return Shredding(row.shredded_at, row.request_id, row.versions_destroyed)
 
 
-@asynccontextmanager
-async def _key_store(system: str) -> AsyncIterator[None]:
-    """Turn driver errors into Lethe's, by type only (their text can quote parameters)."""
-    try:
-        yield
-    except (OperationalError, InterfaceError, DisconnectionError, PoolTimeout) as exc:
-        raise ServiceUnavailable(
-            f"key store of system {system!r} did not answer ({_kind(exc)})"
-        ) from None
-    except (OSError, TimeoutError) as exc:
-        raise ServiceUnavailable(
-            f"key store of system {system!r} did not answer ({type(exc).__name__})"
-        ) from None
-    except SQLAlchemyError as exc:
-        raise KeyStoreRefused(
-            f"key store of system {system!r} refused the statement ({_kind(exc)})"
-        ) from None
-
-
-def _kind(exc: SQLAlchemyError) -> str:
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return f"{type(exc).__name__}: {type(exc.orig).__name__}"
-    return type(exc).__name__
+def _key_store(system: str) -> AbstractAsyncContextManager[None]:
+    """Driver errors as Lethe's, naming the system (never the driver's text)."""
+    return translated(f"key store of system {system!r}", KeyStoreRefused)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -50,14 +49,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.interfaces import ReflectedColumn
 from sqlalchemy.exc import (
-    DBAPIError,
-    DisconnectionError,
-    InterfaceError,
     NoSuchTableError,
-    OperationalError,
     SQLAlchemyError,
 )
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import NullType
 
@@ -66,10 +60,11 @@ from activities.common import (
     connector_activities,
     retained_outcome,
 )
+from activities.sql_errors import translated
 from classification.datamap import SqlTableLocator
 from classification.taxonomy import matches
 from lethe.contracts import StepOutcome, StepRequest
-from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
+from lethe.errors import ConfigurationError, LetheError
 
 CONNECT_TIMEOUT_SECONDS = 5
 TEXT_PLACEHOLDER = "erased"
@@ -271,29 +266,9 @@ def _locator(request: StepRequest) -> SqlTableLocator:
     return step.locator
 
 
-@asynccontextmanager
-async def _database(system: str) -> AsyncIterator[None]:
-    """Turn driver errors into Lethe's: their text can carry SQL parameters, so only types pass."""
-    try:
-        yield
-    except (OperationalError, InterfaceError, DisconnectionError, PoolTimeout) as exc:
-        raise ServiceUnavailable(
-            f"database of system {system!r} did not answer ({_error_kind(exc)})"
-        ) from None
-    except (OSError, TimeoutError) as exc:
-        raise ServiceUnavailable(
-            f"database of system {system!r} did not answer ({type(exc).__name__})"
-        ) from None
-    except SQLAlchemyError as exc:
-        raise ChangeRefused(
-            f"database of system {system!r} refused the statement ({_error_kind(exc)})"
-        ) from None
-
-
-def _error_kind(exc: SQLAlchemyError) -> str:
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return f"{type(exc).__name__}: {type(exc.orig).__name__}"
-    return type(exc).__name__
+def _database(system: str) -> AbstractAsyncContextManager[None]:
+    """Driver errors as Lethe's, naming the system (never the driver's text)."""
+    return translated(f"database of system {system!r}", ChangeRefused)
 
 
 def _reflect(sync_conn: Connection, names: list[str]) -> dict[str, list[ReflectedColumn] | None]:
