@@ -22,7 +22,7 @@ Run it after `scripts/stack up`:
 3. Workflow throughput with and without the payload codec: `--workflows` small workflows (one
    activity each, a 1 KiB pydantic input, as Lethe's requests are) started at once on the
    stack's server and a worker in this process, once with Lethe's data converter (pydantic +
-   AES-GCM codec) and once with the same converter without the codec, back to back, nine
+   AES-GCM codec) and once with the same converter without the codec, back to back, fifteen
    rounds in alternating order; the cost is the median over rounds of 1 - with/without (the
    server slows as its history database grows, so pairs are compared, not totals). The time the
    codec itself spends (encode and decode, timed inside) is printed too, and the CPU per
@@ -82,7 +82,7 @@ STACK_ENV = ROOT / ".stack" / "env"
 TARGET_REWRAP_RATIO = 0.5
 TARGET_CODEC_COST = 0.05
 BATCH = 1000
-CODEC_ROUNDS = 9
+CODEC_ROUNDS = 15
 WARMUP_WORKFLOWS = 5
 console = Console()
 
