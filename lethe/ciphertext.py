@@ -16,11 +16,11 @@ import struct
 from dataclasses import dataclass
 
 from lethe.errors import MalformedCiphertext
+from lethe.sealing import NONCE_BYTES
 from lethe.subjects import REF_HEX_CHARS
 
 MAGIC = b"LK"
 FORMAT_VERSION = 1
-NONCE_BYTES = 12
 TAG_BYTES = 16
 _REF_BYTES = REF_HEX_CHARS // 2
 _HEADER = struct.Struct(f">2sB{_REF_BYTES}sI{NONCE_BYTES}s")

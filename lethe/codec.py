@@ -6,7 +6,6 @@ The ring is the key service's (`lethe.codec_keys`); `EncryptionCodec` works on a
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -24,10 +23,10 @@ from lethe.codec_keys import CodecKeyRing
 from lethe.config import Settings
 from lethe.errors import CodecError, UnknownCodecKey
 from lethe.key_store import key_engine
+from lethe.sealing import seal, unseal
 
 ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"
-_NONCE_BYTES = 12
 
 
 class EncryptionCodec(PayloadCodec):
@@ -54,12 +53,10 @@ class EncryptionCodec(PayloadCodec):
         cipher = self._ciphers[self._current_key_id]
         encoded = []
         for payload in payloads:
-            nonce = os.urandom(_NONCE_BYTES)
-            sealed = cipher.encrypt(nonce, payload.SerializeToString(), key_id)
             encoded.append(
                 Payload(
                     metadata={"encoding": ENCODING, KEY_ID_METADATA: key_id},
-                    data=nonce + sealed,
+                    data=seal(cipher, payload.SerializeToString(), key_id),
                 )
             )
         return encoded
@@ -78,9 +75,8 @@ class EncryptionCodec(PayloadCodec):
                     f"payload was encrypted with codec key {key_id.decode(errors='replace')!r}, "
                     "which is not in the codec's key ring (retired, or from another key store)"
                 )
-            nonce, sealed = payload.data[:_NONCE_BYTES], payload.data[_NONCE_BYTES:]
             try:
-                plain = cipher.decrypt(nonce, sealed, key_id)
+                plain = unseal(cipher, payload.data, key_id)
             except InvalidTag:
                 raise CodecError(
                     "payload failed authentication: it was altered or its key id was changed"

@@ -13,8 +13,6 @@ import os
 import secrets
 from datetime import UTC, datetime
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,9 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from lethe.contracts import Contract
 from lethe.errors import ConfigurationError, RotationConflict
 from lethe.key_store import codec_keys
+from lethe.sealing import MasterKey
 
 CODEC_KEY_BYTES = 32
-_NONCE = 12
 
 
 class CodecKeyInfo(Contract):
@@ -41,7 +39,7 @@ class CodecKeyRing:
 
     def __init__(self, engine: AsyncEngine, master_key: bytes) -> None:
         self._engine = engine
-        self._master = AESGCM(master_key)
+        self._master = MasterKey(master_key)
 
     async def load(self) -> tuple[dict[str, bytes], str]:
         """Every usable key by id, and the id of the newest (made on first use)."""
@@ -56,7 +54,12 @@ class CodecKeyRing:
         if not rows:
             await self.rotate()
             return await self.load()
-        ring = {row.key_id: self._open(row.key_id, row.material) for row in rows}
+        ring = {
+            row.key_id: self._master.open(
+                row.material, _aad(row.key_id), f"codec key {row.key_id!r}"
+            )
+            for row in rows
+        }
         return ring, rows[-1].key_id
 
     async def rotate(self) -> str:
@@ -64,8 +67,7 @@ class CodecKeyRing:
         now = datetime.now(UTC)
         key_id = f"c{now:%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
         material = os.urandom(CODEC_KEY_BYTES)
-        nonce = os.urandom(_NONCE)
-        sealed = nonce + self._master.encrypt(nonce, material, _aad(key_id))
+        sealed = self._master.seal(material, _aad(key_id))
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(
@@ -126,15 +128,6 @@ class CodecKeyRing:
                 .where(codec_keys.c.key_id == key_id, codec_keys.c.retired_at.is_(None))
                 .values(material=None, retired_at=datetime.now(UTC))
             )
-
-    def _open(self, key_id: str, sealed: bytes) -> bytes:
-        try:
-            return self._master.decrypt(sealed[:_NONCE], sealed[_NONCE:], _aad(key_id))
-        except InvalidTag:
-            raise ConfigurationError(
-                f"codec key {key_id!r} cannot be opened: LETHE_KEYS_MASTER_KEY is not the key "
-                "it was sealed with"
-            ) from None
 
 
 def _aad(key_id: str) -> bytes:

@@ -9,7 +9,6 @@ stay effective (GDPR Art. 17(3)(b), Art. 5(2) accountability). Listing shows ref
 from __future__ import annotations
 
 import base64
-import os
 from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidTag
@@ -19,11 +18,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from lethe import sealing
 from lethe.contracts import Contract, Subject
 from lethe.errors import LetheError
 from lethe.store import forget_list
-
-_NONCE = 12
 
 
 class SealBroken(LetheError):
@@ -47,18 +45,17 @@ def _key(subject_key: bytes) -> AESGCM:
 
 def seal(subject: Subject, subject_ref: str, subject_key: bytes) -> str:
     """The subject, encrypted and bound to its reference."""
-    nonce = os.urandom(_NONCE)
-    sealed = _key(subject_key).encrypt(
-        nonce, subject.model_dump_json().encode(), subject_ref.encode()
+    sealed = sealing.seal(
+        _key(subject_key), subject.model_dump_json().encode(), subject_ref.encode()
     )
-    return base64.b64encode(nonce + sealed).decode()
+    return base64.b64encode(sealed).decode()
 
 
 def unseal(sealed: str, subject_ref: str, subject_key: bytes) -> Subject:
     """The subject back from its sealed form."""
     raw = base64.b64decode(sealed)
     try:
-        plain = _key(subject_key).decrypt(raw[:_NONCE], raw[_NONCE:], subject_ref.encode())
+        plain = sealing.unseal(_key(subject_key), raw, subject_ref.encode())
     except InvalidTag:
         raise SealBroken(
             f"the forget-list entry of {subject_ref} cannot be opened: LETHE_SUBJECT_KEY differs "

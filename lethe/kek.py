@@ -24,10 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from lethe.contracts import Contract
 from lethe.errors import CiphertextRejected, ConfigurationError, KeyRetired, RotationConflict
 from lethe.key_store import count_below, kek_state, kek_versions
+from lethe.sealing import MasterKey, seal, unseal
 
 KEK_BYTES = 32
 INITIAL_ROTATION = "initial"
-_NONCE = 12
 
 KekState = Literal["current", "active", "disabled", "retired"]
 
@@ -89,7 +89,7 @@ class LocalKekProvider:
         if len(master_key) != KEK_BYTES:
             raise ConfigurationError(f"the KEK master key must be {KEK_BYTES} bytes")
         self._engine = engine
-        self._master = AESGCM(master_key)
+        self._master = MasterKey(master_key)
         self._cache_seconds = cache_seconds
         self._keks: dict[int, AESGCM] = {}
         self._state: tuple[float, int, int] | None = None  # (read at, current, min decrypt)
@@ -149,7 +149,7 @@ class LocalKekProvider:
                     await conn.execute(
                         insert(kek_versions).values(
                             version=version,
-                            material=self._seal(version, material),
+                            material=self._master.seal(material, _kek_aad(version)),
                             created_at=datetime.now(UTC),
                             rotation_id=rotation_id,
                         )
@@ -164,8 +164,7 @@ class LocalKekProvider:
 
     async def wrap(self, version: int, key: bytes, aad: bytes) -> bytes:
         """`key` sealed under KEK `version`, bound to `aad`."""
-        nonce = os.urandom(_NONCE)
-        return nonce + (await self._kek(version)).encrypt(nonce, key, aad)
+        return seal(await self._kek(version), key, aad)
 
     async def unwrap(self, version: int, wrapped: bytes, aad: bytes) -> bytes:
         """The key back from its wrapping under KEK `version`."""
@@ -175,7 +174,7 @@ class LocalKekProvider:
                 f"KEK version {version} is below the minimum decryption version {minimum}"
             )
         try:
-            return (await self._kek(version)).decrypt(wrapped[:_NONCE], wrapped[_NONCE:], aad)
+            return unseal(await self._kek(version), wrapped, aad)
         except InvalidTag:
             raise CiphertextRejected(
                 f"a data key wrapped by KEK version {version} failed authentication: the key "
@@ -256,22 +255,10 @@ class LocalKekProvider:
             raise KeyRetired(f"KEK version {version} does not exist in the key store")
         if row.material is None:
             raise KeyRetired(f"KEK version {version} was retired on {row.retired_at:%Y-%m-%d}")
-        try:
-            material = self._master.decrypt(
-                row.material[:_NONCE], row.material[_NONCE:], _kek_aad(version)
-            )
-        except InvalidTag:
-            raise ConfigurationError(
-                f"KEK version {version} cannot be opened: LETHE_KEYS_MASTER_KEY is not the key "
-                "it was sealed with"
-            ) from None
+        material = self._master.open(row.material, _kek_aad(version), f"KEK version {version}")
         kek = AESGCM(material)
         self._keks[version] = kek
         return kek
-
-    def _seal(self, version: int, material: bytes) -> bytes:
-        nonce = os.urandom(_NONCE)
-        return nonce + self._master.encrypt(nonce, material, _kek_aad(version))
 
 
 def _kek_aad(version: int) -> bytes:

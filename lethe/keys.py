@@ -36,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from lethe import ciphertext, key_store, store
+from lethe import ciphertext, key_store, sealing, store
 from lethe.config import Settings, current_settings
 from lethe.contracts import Contract, Subject
 from lethe.errors import (
@@ -143,7 +143,7 @@ class KeyService:
                 del self._budgets[next(iter(self._budgets))]
             self._budgets[ref] = budget
         budget.left -= 1
-        header = ciphertext.Header(ref, budget.version, os.urandom(ciphertext.NONCE_BYTES))
+        header = ciphertext.Header(ref, budget.version, os.urandom(sealing.NONCE_BYTES))
         packed = header.pack()
         sealed = budget.cipher.encrypt(
             header.nonce, plaintext, ciphertext.associated_data(packed, aad)
