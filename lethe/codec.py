@@ -5,6 +5,7 @@ The ring is the key service's (`lethe.codec_keys`); `EncryptionCodec` works on a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
@@ -94,15 +95,27 @@ class KeyServiceCodec(PayloadCodec):
         self._refresh_seconds = refresh_seconds
         self._codec: EncryptionCodec | None = None
         self._loaded_at = 0.0
+        self._reads_begun = 0
+        self._reading = asyncio.Lock()
 
     async def codec(self, *, fresh: bool = False) -> EncryptionCodec:
-        """The codec for the ring as it is now (re-read when older than the refresh time)."""
+        """The codec for the ring as it is now.
+
+        Past the refresh time one call re-reads the ring while the others go on with the view
+        they have; `fresh` waits for a read begun after the call (a key id not seen yet).
+        """
+        codec = self._codec
         stale = time.monotonic() - self._loaded_at > self._refresh_seconds
-        if self._codec is None or fresh or stale:
-            keys, current = await self._ring.load()
-            self._codec = EncryptionCodec(keys, current)
-            self._loaded_at = time.monotonic()
-        return self._codec
+        if codec is not None and not fresh and (not stale or self._reading.locked()):
+            return codec
+        asked = self._reads_begun
+        async with self._reading:
+            if self._codec is None or self._reads_begun == asked:
+                self._reads_begun += 1
+                keys, current = await self._ring.load()
+                self._codec = EncryptionCodec(keys, current)
+                self._loaded_at = time.monotonic()
+            return self._codec
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
         """Encrypt under the current codec key."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -49,6 +50,43 @@ async def test_a_worker_meets_a_key_rotated_elsewhere(engine: AsyncEngine) -> No
     await CodecKeyRing(engine, MASTER).rotate()
     [sealed] = await elsewhere.encode([PLAIN])
     assert await worker.decode([sealed]) == [PLAIN]
+
+
+class CountingRing(CodecKeyRing):
+    """The ring, counting its reads of the key store."""
+
+    reads = 0
+
+    async def load(self) -> tuple[dict[str, bytes], str]:
+        self.reads += 1
+        return await super().load()
+
+
+async def test_a_stale_ring_is_read_once_however_many_payloads_wait(engine: AsyncEngine) -> None:
+    ring = CountingRing(engine, MASTER)
+    codec = KeyServiceCodec(ring, refresh_seconds=0)
+    await codec.encode([PLAIN])
+    await ring.rotate()
+    before = ring.reads
+    sealed = await asyncio.gather(*(codec.encode([PLAIN]) for _ in range(50)))
+    assert ring.reads == before + 1
+    # the calls that did not wait for the re-read went on with the key they had
+    assert {key_id_of(payload) for [payload] in sealed} <= {k.key_id for k in await ring.list()}
+    [newest] = await codec.encode([PLAIN])
+    assert [key_id_of(newest)] == [k.key_id for k in await ring.list() if k.current]
+
+
+async def test_unknown_key_ids_at_once_share_one_fresh_read(engine: AsyncEngine) -> None:
+    ring = CountingRing(engine, MASTER)
+    worker = KeyServiceCodec(ring, refresh_seconds=3600)
+    await worker.encode([PLAIN])
+    await CodecKeyRing(engine, MASTER).rotate()
+    [sealed] = await KeyServiceCodec(CodecKeyRing(engine, MASTER)).encode([PLAIN])
+    before = ring.reads
+    decoded = await asyncio.gather(*(worker.decode([sealed]) for _ in range(20)))
+    assert decoded == [[PLAIN]] * 20
+    # The first call's read; the calls that asked while it ran need one begun after them.
+    assert ring.reads == before + 2
 
 
 async def test_retiring_refuses_the_current_key_and_ends_the_old_one(engine: AsyncEngine) -> None:
