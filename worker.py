@@ -24,6 +24,7 @@ from temporalio.worker import Worker
 
 from activities import blob, cache, kafka, key_rotation, logs, shred, sql
 from activities import ledger as control
+from activities.connections import close_connections
 from activities.healthcheck import report_worker
 from activities.planning import plan_erasure
 from lethe.client import connect
@@ -109,7 +110,7 @@ async def serve(
             "shutting down: finishing running tasks (up to %ss)",
             settings.worker_shutdown_grace_seconds,
         )
-    await sql.dispose_engines()
+    await close_connections()
     await dispose_all()
     log.info("worker stopped")
 

@@ -99,6 +99,13 @@ def blob_service(connection_string: str) -> BlobServiceClient:
     return client
 
 
+async def close_clients() -> None:
+    """Close the running event loop's blob-service clients (worker shutdown, end of a test
+    session); their containers' clients share the same connections."""
+    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()
+
+
 def error_code(exc: HttpResponseError) -> str:
     """The service's error code (`BlobNotFound`, ...), or `unknown`."""
     headers = getattr(exc.response, "headers", None) or {}

@@ -59,6 +59,12 @@ def redis_client(url: str) -> Redis:
     return client
 
 
+async def close_clients() -> None:
+    """Close the running event loop's Redis clients (worker shutdown, end of a test session)."""
+    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.aclose()
+
+
 @dataclass(frozen=True)
 class _Pattern:
     index: int

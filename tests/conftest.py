@@ -16,6 +16,7 @@ import pytest
 from temporalio.client import Client as TemporalClient
 from temporalio.testing import WorkflowEnvironment
 
+from activities.connections import close_connections
 from lethe import codec, probes
 from lethe.client import connect
 from lethe.config import Settings, load_settings
@@ -54,6 +55,13 @@ async def require(probe: Awaitable[str], service: str) -> None:
         await probe
     except ServiceUnavailable as exc:
         pytest.fail(f"{service} is not available ({exc}): run `scripts/stack up`")
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _close_connections() -> AsyncIterator[None]:
+    """Close the connectors' shared clients when the session ends, on the loop that opened them."""
+    yield
+    await close_connections()
 
 
 @pytest.fixture(scope="session")
