@@ -64,7 +64,6 @@ import base64
 import contextlib
 import os
 import secrets
-import shlex
 import signal
 import statistics
 import sys
@@ -111,7 +110,7 @@ from temporalio.client import Client as TemporalClient
 
 from activities.planning import Planner
 from lethe.client import Client, connect
-from lethe.config import load_settings
+from lethe.config import load_env_file, load_settings
 from lethe.contracts import ErasureRequest, ErasureStatus, Subject
 from lethe.errors import LetheError
 from lethe.regions import task_queue
@@ -210,17 +209,6 @@ class Names:
 def email_of(subject_id: str) -> str:
     """The synthetic e-mail identity of a seeded subject."""
     return f"{subject_id}@bench.invalid"
-
-
-def load_stack_env() -> None:
-    """Take the stack's variables from `.stack/env` where the environment lacks them."""
-    if not STACK_ENV.is_file():
-        return
-    for line in STACK_ENV.read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            name, _, value = line.removeprefix("export ").partition("=")
-            parsed = shlex.split(value)
-            os.environ.setdefault(name, parsed[0] if parsed else "")
 
 
 def required(name: str) -> str:
@@ -1404,7 +1392,7 @@ async def run(
     keep_workflows: bool = False,
 ) -> Result:
     """Set up, measure Lethe and the floor, show where the time goes, clean up."""
-    load_stack_env()
+    load_env_file(STACK_ENV)
     names = Names(secrets.token_hex(4))
     sql_url = required("LETHE_STACK_SQL_URL")
     redis_url = required("LETHE_STACK_REDIS_URL")

@@ -45,7 +45,6 @@ import json
 import os
 import random
 import secrets
-import shlex
 import statistics
 import sys
 import time
@@ -72,7 +71,7 @@ from lethe import key_store
 from lethe.client import connect
 from lethe.codec import codec_from_settings, data_converter
 from lethe.commands.keys import rotation_progress, start_rotation
-from lethe.config import Settings, load_settings
+from lethe.config import Settings, load_env_file, load_settings
 from lethe.contracts import Subject
 from lethe.embedded import start_dev_server
 from lethe.kek import LocalKekProvider
@@ -92,15 +91,6 @@ console = Console()
 
 class BenchError(Exception):
     """The benchmark cannot run or its result is invalid."""
-
-
-def load_stack_env() -> None:
-    """Take the stack's variables from `.stack/env` where the environment lacks them."""
-    if STACK_ENV.is_file():
-        for line in STACK_ENV.read_text().splitlines():
-            name, sep, value = line.removeprefix("export ").partition("=")
-            if line.startswith("export ") and sep:
-                os.environ.setdefault(name, (shlex.split(value) or [""])[0])
 
 
 # --- 1. encrypt and decrypt -------------------------------------------------------------------
@@ -461,7 +451,7 @@ async def drop_database(server_url: str, name: str) -> None:
 
 async def run(values: int, deks: int, workflows: int, pairs: int) -> Result:
     """Set up, measure the three parts, clean up."""
-    load_stack_env()
+    load_env_file(STACK_ENV)
     settings = load_settings()
     server_url = settings.key_store_url
     if make_url(server_url).get_backend_name() != "postgresql":

@@ -6,6 +6,7 @@ import base64
 import binascii
 import os
 import re
+import shlex
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -201,6 +202,17 @@ def _decode_key(encoded: str, what: str) -> bytes:
     if len(key) != SECRET_KEY_BYTES:
         raise ValueError(f"{what} must be {SECRET_KEY_BYTES} bytes, not {len(key)}")
     return key
+
+
+def load_env_file(path: Path) -> None:
+    """Take the `export NAME=value` lines (values shell-quoted) of `path` into the environment
+    where it lacks them; no file, nothing taken. `scripts/stack up` writes `.stack/env` so."""
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        name, sep, value = line.removeprefix("export ").partition("=")
+        if line.startswith("export ") and sep:
+            os.environ.setdefault(name, (shlex.split(value) or [""])[0])
 
 
 def load_settings() -> Settings:

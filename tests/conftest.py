@@ -8,7 +8,6 @@ service that does not answer fails the test with what to run; nothing is skipped
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.connections import close_connections
 from lethe import codec, probes
 from lethe.client import connect
-from lethe.config import Settings, load_settings
+from lethe.config import Settings, load_env_file, load_settings
 from lethe.embedded import start_dev_server, start_time_skipping
 from lethe.errors import ServiceUnavailable
 
@@ -28,17 +27,7 @@ STACK_ENV = ROOT / ".stack" / "env"
 TEST_CODEC_KEY = b"ABCDEFGHIJKLMNOPQRSTUVWXYZABCDEF"  # 32 bytes, tests only
 
 
-def _load_stack_env() -> None:
-    if not STACK_ENV.is_file():
-        return
-    for line in STACK_ENV.read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            name, _, value = line.removeprefix("export ").partition("=")
-            parsed = shlex.split(value)
-            os.environ.setdefault(name, parsed[0] if parsed else "")
-
-
-_load_stack_env()
+load_env_file(STACK_ENV)
 
 
 def stack_variable(name: str) -> str:

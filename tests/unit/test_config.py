@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import os
+from pathlib import Path
 
 import pytest
 
-from lethe.config import Settings, connection, load_settings
+from lethe.config import Settings, connection, load_env_file, load_settings
 from lethe.errors import ConfigurationError
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -14,8 +16,6 @@ KEY = base64.b64encode(bytes(range(32))).decode()
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     for name in list(os.environ):
         if name.startswith("LETHE_"):
             monkeypatch.delenv(name)
@@ -111,3 +111,26 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(ValueError, match="frozen"):
         settings.temporal_namespace = "other"  # type: ignore[misc]
+
+
+def test_an_env_file_fills_only_what_the_environment_lacks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env = tmp_path / "env"
+    env.write_text(
+        "# written by scripts/stack up\n"
+        "export LETHE_TEMPORAL_ADDRESS=127.0.0.1:7999\n"
+        "export LETHE_STORE_URL='postgresql+psycopg://lethe@127.0.0.1:5433/a b'\n"
+        "export LETHE_CONTROL_QUEUE=\n"
+        "LETHE_NOT_EXPORTED=1\n"
+    )
+    for name in ("LETHE_STORE_URL", "LETHE_CONTROL_QUEUE", "LETHE_NOT_EXPORTED"):
+        monkeypatch.setenv(name, "")  # so that the test's end removes what the file sets
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LETHE_TEMPORAL_ADDRESS", "127.0.0.1:7233")
+    load_env_file(env)
+    load_env_file(tmp_path / "missing")  # no file: nothing taken, no error
+    assert os.environ["LETHE_TEMPORAL_ADDRESS"] == "127.0.0.1:7233"  # already set: kept
+    assert os.environ["LETHE_STORE_URL"] == "postgresql+psycopg://lethe@127.0.0.1:5433/a b"
+    assert os.environ["LETHE_CONTROL_QUEUE"] == ""
+    assert "LETHE_NOT_EXPORTED" not in os.environ
