@@ -36,9 +36,10 @@ from activities.common import (
     SchemaMismatch,
     connector_activities,
     retained_outcome,
+    verdict,
 )
 from classification.datamap import BlobBackupLocator, render
-from lethe.contracts import StepOutcome, StepRequest
+from lethe.contracts import Evidence, StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 T = TypeVar("T")
@@ -263,7 +264,7 @@ class BackupEraser(BlobConnector):
                 container, subject.names + expired.names
             )
 
-        evidence: dict[str, str | int | float | bool | None] = {
+        evidence: Evidence = {
             "action": request.step.action,
             "subject_blobs_deleted": subject.deleted,
             "subject_blobs_already_gone": subject.already_gone,
@@ -318,7 +319,7 @@ class BackupEraser(BlobConnector):
 
         last_due = max((whole.due(b) for b in whole.inside), default=None)
         earlier = erased.gone_by if erased.gone_by and aware(erased.gone_by) > now else None
-        evidence: dict[str, str | int | float | bool | None] = {
+        evidence: Evidence = {
             "subject_blobs_remaining": remaining,
             "whole_backups_past_window": len(whole.past),
             "remaining_inside_window": len(whole.inside),
@@ -334,29 +335,17 @@ class BackupEraser(BlobConnector):
                 f"{len(whole.past)} whole backup(s) taken before the erasure are past the "
                 "window and still exist"
             )
-        if problems:
-            if erased.status == "failed" and erased.detail:
-                problems.append(erased.detail)
-            return StepOutcome(
-                step_id=request.step.id,
-                status="failed",
-                affected=erased.affected,
-                verified=True,
-                evidence=evidence,
-                detail="; ".join(problems),
-                gone_by=_latest(last_due, earlier),
-            )
+        if problems and erased.status == "failed" and erased.detail:
+            problems.append(erased.detail)
         days = erased.evidence.get("soft_delete_days")
         soft = _SoftDelete(
             days if isinstance(days, int) else None, str(erased.evidence.get("soft_delete") or "")
         )
-        return StepOutcome(
-            step_id=request.step.id,
-            status="done",
-            affected=erased.affected,
-            verified=True,
-            evidence=evidence,
-            detail=_window_detail(len(whole.inside), last_due, soft),
+        return verdict(
+            erased,
+            evidence,
+            problems,
+            _window_detail(len(whole.inside), last_due, soft),
             gone_by=_latest(last_due, earlier),
         )
 

@@ -23,6 +23,7 @@ from activities.common import (
     SchemaMismatch,
     connector_activities,
     retained_outcome,
+    verdict,
 )
 from classification.datamap import RedisLocator, render
 from lethe.contracts import StepOutcome, StepRequest
@@ -171,25 +172,16 @@ class CacheEraser:
             "keys_remaining": keys_left,
             "hash_fields_remaining": fields_left,
         }
-        if keys_left or fields_left:
-            return StepOutcome(
-                step_id=step.id,
-                status="failed",
-                affected=erased.affected,
-                verified=True,
-                evidence=evidence,
-                detail=(
-                    f"{keys_left} key(s) still match the patterns and {fields_left} hash "
-                    "field(s) remain after the purge"
-                ),
-            )
-        return StepOutcome(
-            step_id=step.id,
-            status="done",
-            affected=erased.affected,
-            verified=True,
-            evidence=evidence,
-            detail="no key matches the patterns and no hash field remains",
+        problems = (
+            [
+                f"{keys_left} key(s) still match the patterns and {fields_left} hash "
+                "field(s) remain after the purge"
+            ]
+            if keys_left or fields_left
+            else []
+        )
+        return verdict(
+            erased, evidence, problems, "no key matches the patterns and no hash field remains"
         )
 
     async def _purge_keys(self, patterns: list[_Pattern]) -> int:

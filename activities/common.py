@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Protocol, TypeVar
 
 from temporalio import activity
 
 from lethe.config import connection
-from lethe.contracts import StepOutcome, StepRequest, VerifyRequest
+from lethe.contracts import Evidence, StepOutcome, StepRequest, VerifyRequest
 from lethe.errors import LetheError
 from lethe.regions import TASK_QUEUE_PREFIX
 
@@ -78,6 +79,27 @@ def connector_activities(
     erase.__doc__ = f"Erase one {kind} step of a subject, then verify it (this region only)."
     verify.__doc__ = f"Verify one {kind} step of a subject again."
     return erase, verify
+
+
+def verdict(
+    erased: StepOutcome,
+    evidence: Evidence,
+    problems: Sequence[str],
+    done: str = "",
+    *,
+    gone_by: datetime | None = None,
+) -> StepOutcome:
+    """A verify call's outcome: `failed` with every problem in its detail, else `done` with
+    `done`; verified either way, with the count of what the erase call touched."""
+    return StepOutcome(
+        step_id=erased.step_id,
+        status="failed" if problems else "done",
+        affected=erased.affected,
+        verified=True,
+        evidence=evidence,
+        detail="; ".join(problems) if problems else done,
+        gone_by=gone_by,
+    )
 
 
 def retained_outcome(request: StepRequest, why: str = "retained") -> StepOutcome:

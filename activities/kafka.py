@@ -37,9 +37,10 @@ from activities.common import (
     SchemaMismatch,
     connector_activities,
     retained_outcome,
+    verdict,
 )
 from classification.datamap import KafkaTopicLocator, render
-from lethe.contracts import StepOutcome, StepRequest, StepStatus
+from lethe.contracts import Evidence, StepOutcome, StepRequest, StepStatus
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 TIMEOUT_SECONDS = 15.0
@@ -338,10 +339,14 @@ class TombstoneWriter:
         if not (
             isinstance(partition, int) and isinstance(offset, int) and isinstance(tombstone_ms, int)
         ):
-            return _failed(erased, "the erase outcome records no tombstone partition, offset, time")
+            return verdict(
+                erased,
+                erased.evidence,
+                ["the erase outcome records no tombstone partition, offset, time"],
+            )
         settings = await self._settings(request, topic)
         read = await asyncio.to_thread(self._read_at, topic, partition, offset, key)
-        evidence: dict[str, str | int | float | bool | None] = {
+        evidence: Evidence = {
             **erased.evidence,
             **_settings_evidence(settings),
             "low_watermark": read.low,
@@ -350,11 +355,13 @@ class TombstoneWriter:
         if read.offset is None or (
             read.offset == offset and not (read.key_matches and read.is_tombstone)
         ):
-            return _failed(
+            return verdict(
                 erased,
-                f"the record at partition {partition} offset {offset} is not the tombstone erase "
-                "wrote (was the topic recreated?)",
                 evidence,
+                [
+                    f"the record at partition {partition} offset {offset} is not the tombstone "
+                    "erase wrote (was the topic recreated?)"
+                ],
             )
         # A tombstone no longer in the log was itself removed by compaction or retention: fine.
         evidence["tombstone_present"] = read.offset == offset
@@ -518,21 +525,6 @@ class TombstoneWriter:
         )
 
 
-def _failed(
-    erased: StepOutcome,
-    detail: str,
-    evidence: Mapping[str, str | int | float | bool | None] | None = None,
-) -> StepOutcome:
-    return StepOutcome(
-        step_id=erased.step_id,
-        status="failed",
-        affected=erased.affected,
-        verified=True,
-        evidence=dict(evidence if evidence is not None else erased.evidence),
-        detail=detail,
-    )
-
-
 def _from_ms(milliseconds: int) -> datetime:
     return datetime.fromtimestamp(milliseconds / 1000, UTC)
 
@@ -542,8 +534,8 @@ def _code(exc: KafkaException) -> int | None:
     return error.code() if isinstance(error, KafkaError) else None
 
 
-def _settings_evidence(settings: Mapping[str, str]) -> dict[str, str | int | float | bool | None]:
-    evidence: dict[str, str | int | float | bool | None] = {
+def _settings_evidence(settings: Mapping[str, str]) -> Evidence:
+    evidence: Evidence = {
         "cleanup_policy": settings.get("cleanup.policy", KAFKA_DEFAULTS["cleanup.policy"])
     }
     for name in (*TOPIC_SETTINGS[1:], *BROKER_SETTINGS):

@@ -28,9 +28,9 @@ from activities.blob import (
     blob_service,
     error_code,
 )
-from activities.common import connector_activities, retained_outcome
+from activities.common import connector_activities, retained_outcome, verdict
 from classification.datamap import LogLocator, MissingIdentity
-from lethe.contracts import StepOutcome, StepRequest
+from lethe.contracts import Evidence, StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, LetheError
 
 REDACTED = "[redacted]"
@@ -234,7 +234,7 @@ class LogRedactor(BlobConnector):
                     unreadable += found.unreadable(read[0])
                     blobs += 1
                 beat({"verified_blobs": index + 1})
-        evidence: dict[str, str | int | float | bool | None] = {
+        evidence: Evidence = {
             "blobs_scanned": blobs,
             "records_matching": matching,
             "unparsed_lines": unparsed,
@@ -249,24 +249,9 @@ class LogRedactor(BlobConnector):
                 f"{unreadable} blob(s) under the prefix hold no JSON lines (compressed, or "
                 "another format), so they could not be checked"
             )
-        if problems:
-            if erased.detail:
-                problems.append(erased.detail)
-            return StepOutcome(
-                step_id=request.step.id,
-                status="failed",
-                affected=erased.affected,
-                verified=True,
-                evidence=evidence,
-                detail="; ".join(problems),
-            )
-        return StepOutcome(
-            step_id=request.step.id,
-            status="done",
-            affected=erased.affected,
-            verified=True,
-            evidence=evidence,
-        )
+        if problems and erased.detail:
+            problems.append(erased.detail)
+        return verdict(erased, evidence, problems)
 
     # --- one blob ------------------------------------------------------------------------------
 

@@ -37,12 +37,12 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
-from activities.common import connector_activities, retained_outcome
+from activities.common import connector_activities, retained_outcome, verdict
 from activities.sql_errors import translated
 from classification.datamap import KeysLocator
 from lethe import ciphertext, key_store
 from lethe.config import current_settings
-from lethe.contracts import StepOutcome, StepRequest
+from lethe.contracts import Evidence, StepOutcome, StepRequest
 from lethe.errors import (
     ConfigurationError,
     KeyServiceError,
@@ -55,8 +55,6 @@ from lethe.keys import KeyService, place
 
 CANARY_BYTES = 32
 _REF = re.compile(r"^[0-9a-f]{32}$")
-
-Evidence = dict[str, str | int | float | bool | None]
 
 
 class UnsupportedStep(LetheError):
@@ -174,28 +172,12 @@ class KeyShredder:
                 if outcome == "decrypted"
                 else f"the canary failed with {outcome}, not as a shredded key does"
             )
-        if problems:
-            return StepOutcome(
-                step_id=step.id,
-                status="failed",
-                affected=erased.affected,
-                verified=True,
-                evidence=evidence,
-                detail="; ".join(problems),
-            )
         proof = (
             "the canary fails to decrypt (KeyShredded)"
             if outcome is not None
             else "no canary to try"
         )
-        return StepOutcome(
-            step_id=step.id,
-            status="done",
-            affected=erased.affected,
-            verified=True,
-            evidence=evidence,
-            detail=f"no data key left; {proof}",
-        )
+        return verdict(erased, evidence, problems, f"no data key left; {proof}")
 
     async def _service(self) -> KeyService:
         """A key service with no cache on the key store's shared engine (one per URL)."""

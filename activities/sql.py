@@ -59,11 +59,12 @@ from activities.common import (
     SchemaMismatch,
     connector_activities,
     retained_outcome,
+    verdict,
 )
 from activities.sql_errors import translated
 from classification.datamap import SqlTableLocator
 from classification.taxonomy import matches
-from lethe.contracts import StepOutcome, StepRequest
+from lethe.contracts import Evidence, StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, LetheError
 
 CONNECT_TIMEOUT_SECONDS = 5
@@ -161,7 +162,7 @@ class SqlEraser:
                 f"step {step.id}: action {step.action!r} does not apply to a SQL table; "
                 "use delete, soft_delete, anonymize or retain"
             )
-        evidence: dict[str, str | int | float | bool | None] = {
+        evidence: Evidence = {
             "table": locator.table,
             "action": step.action,
             "join_hops": len(locator.via),
@@ -217,7 +218,7 @@ class SqlEraser:
                 )
             ).one()
         matching, failing = int(counts[0]), [int(n) for n in counts[1:]]
-        evidence: dict[str, str | int | float | bool | None] = {
+        evidence: Evidence = {
             "table": locator.table,
             "action": step.action,
             "rows_matching": matching,
@@ -225,32 +226,20 @@ class SqlEraser:
         if step.action == "delete":
             evidence["rows_remaining"] = matching
             if matching:
-                return _failed(
-                    step.id,
+                return verdict(
+                    erased,
                     evidence,
-                    f"{matching} row(s) of {locator.table} still match the subject after delete",
+                    [f"{matching} row(s) of {locator.table} still match the subject after delete"],
                 )
         for (name, _), count in zip(checks, failing, strict=True):
             evidence[f"rows_not_cleared.{name}"] = count
-        bad = [(name, n) for (name, _), n in zip(checks, failing, strict=True) if n]
-        if bad:
-            return _failed(
-                step.id,
-                evidence,
-                "; ".join(
-                    f"{n} of the subject's row(s) in {locator.table} still have column "
-                    f"{name} {'unset' if name == locator.soft_delete_column else 'uncleared'}"
-                    for name, n in bad
-                ),
-            )
-        return StepOutcome(
-            step_id=step.id,
-            status="done",
-            affected=erased.affected,
-            verified=True,
-            evidence=evidence,
-            detail=f"verified {step.action} in {locator.table}",
-        )
+        problems = [
+            f"{n} of the subject's row(s) in {locator.table} still have column "
+            f"{name} {'unset' if name == locator.soft_delete_column else 'uncleared'}"
+            for (name, _), n in zip(checks, failing, strict=True)
+            if n
+        ]
+        return verdict(erased, evidence, problems, f"verified {step.action} in {locator.table}")
 
 
 erase, verify = connector_activities("sql", SqlEraser.for_connection)
@@ -479,14 +468,3 @@ def _type_name(col: Column[Any]) -> str:
         return str(col.type)
     except SQLAlchemyError:
         return type(col.type).__name__
-
-
-# --- outcomes --------------------------------------------------------------------------------
-
-
-def _failed(
-    step_id: str, evidence: dict[str, str | int | float | bool | None], detail: str
-) -> StepOutcome:
-    return StepOutcome(
-        step_id=step_id, status="failed", verified=True, evidence=evidence, detail=detail
-    )

@@ -132,6 +132,10 @@ class StepRequest(Contract):
     """The end of the erasure window: deferred deletions and compaction must finish by then."""
 
 
+Evidence = dict[str, str | int | float | bool | None]
+"""What a step found and did, as counts and flags; never personal data."""
+
+
 class StepOutcome(Contract):
     """What an erase or verify call found and did; evidence holds no personal data."""
 
@@ -140,7 +144,7 @@ class StepOutcome(Contract):
     affected: int = 0
     """Rows, keys, tombstones, blobs or log records touched."""
     verified: bool = False
-    evidence: dict[str, str | int | float | bool | None] = {}
+    evidence: Evidence = {}
     detail: str = ""
     gone_by: datetime | None = None
     """When the data is provably gone, where that is later than now (Kafka compaction)."""
