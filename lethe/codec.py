@@ -105,17 +105,22 @@ class KeyServiceCodec(PayloadCodec):
         they have; `fresh` waits for a read begun after the call (a key id not seen yet).
         """
         codec = self._codec
-        stale = time.monotonic() - self._loaded_at > self._refresh_seconds
-        if codec is not None and not fresh and (not stale or self._reading.locked()):
+        if codec is not None and not fresh and (not self._stale() or self._reading.locked()):
             return codec
         asked = self._reads_begun
         async with self._reading:
-            if self._codec is None or self._reads_begun == asked:
+            # A read that ended while this call waited serves it, unless the call must be fresh
+            # and that read began before the call did.
+            served = self._reads_begun > asked if fresh else not self._stale()
+            if self._codec is None or not served:
                 self._reads_begun += 1
                 keys, current = await self._ring.load()
                 self._codec = EncryptionCodec(keys, current)
                 self._loaded_at = time.monotonic()
             return self._codec
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._loaded_at > self._refresh_seconds
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
         """Encrypt under the current codec key."""

@@ -76,6 +76,14 @@ async def test_a_stale_ring_is_read_once_however_many_payloads_wait(engine: Asyn
     assert [key_id_of(newest)] == [k.key_id for k in await ring.list() if k.current]
 
 
+async def test_a_first_use_by_many_at_once_reads_the_ring_once(engine: AsyncEngine) -> None:
+    await CodecKeyRing(engine, MASTER).load()  # the ring's first key exists
+    ring = CountingRing(engine, MASTER)
+    codec = KeyServiceCodec(ring, refresh_seconds=3600)
+    await asyncio.gather(*(codec.encode([PLAIN]) for _ in range(20)))
+    assert ring.reads == 1
+
+
 async def test_unknown_key_ids_at_once_share_one_fresh_read(engine: AsyncEngine) -> None:
     ring = CountingRing(engine, MASTER)
     worker = KeyServiceCodec(ring, refresh_seconds=3600)
