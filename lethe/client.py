@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client as TemporalClient
@@ -51,6 +52,7 @@ from workflows.regional_erasure import RegionalErasureWorkflow
 CHILD_QUERY_TIMEOUT = timedelta(seconds=5)
 QUERY_TIMEOUT = timedelta(seconds=20)
 """Longer than the sticky-queue timeout (10 s), so a query right after a worker crash answers."""
+T = TypeVar("T")
 
 
 def _tls(settings: Settings) -> TLSConfig | bool:
@@ -65,6 +67,22 @@ def _tls(settings: Settings) -> TLSConfig | bool:
         client_cert=read(settings.temporal_tls_client_cert),
         client_private_key=read(settings.temporal_tls_client_key),
     )
+
+
+async def answer(query: Awaitable[T], *, what: str, unknown: LetheError) -> T:
+    """A workflow query's answer; `unknown` when there is no such workflow, ServiceUnavailable
+    naming `what` when no control worker answers or the query fails."""
+    try:
+        return await query
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise unknown from None
+        raise ServiceUnavailable(
+            f"{what} did not come back ({exc.status.name}): queries are answered by a control "
+            "worker; is one running (`lethe worker --region R --control`)?"
+        ) from None
+    except WorkflowQueryFailedError as exc:
+        raise ServiceUnavailable(f"{what}: the query failed: {exc}") from None
 
 
 async def connect(settings: Settings, *, runtime: Runtime | None = None) -> TemporalClient:
@@ -170,17 +188,11 @@ class Client:
     async def status(self, workflow_id: str) -> ErasureStatus:
         """Where an erasure stands, step by step."""
         handle = self.temporal.get_workflow_handle_for(ErasureWorkflow.run, workflow_id)
-        try:
-            current = await handle.query(ErasureWorkflow.status, rpc_timeout=QUERY_TIMEOUT)
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                raise UnknownRequest(f"no erasure request {workflow_id}") from None
-            raise ServiceUnavailable(
-                f"the status of {workflow_id} did not come back ({exc.status.name}): is a "
-                "control worker running (`lethe worker --region R --control`)?"
-            ) from None
-        except WorkflowQueryFailedError as exc:
-            raise ServiceUnavailable(f"the status query failed: {exc}") from None
+        current = await answer(
+            handle.query(ErasureWorkflow.status, rpc_timeout=QUERY_TIMEOUT),
+            what=f"the status of {workflow_id}",
+            unknown=UnknownRequest(f"no erasure request {workflow_id}"),
+        )
         if current.state not in SETTLED_STATES:
             # A failed workflow still answers queries with the state it failed in.
             await self._raise_if_failed(handle)

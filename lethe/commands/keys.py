@@ -31,7 +31,6 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
-    WorkflowQueryFailedError,
 )
 from temporalio.common import (
     SearchAttributePair,
@@ -42,12 +41,12 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from lethe import search_attributes as sa
-from lethe.client import connect
+from lethe.client import answer, connect
 from lethe.commands.common import ByOption, JsonOption, actor, err, out, run, valid
 from lethe.commands.views import when
 from lethe.config import load_settings
 from lethe.contracts import Contract
-from lethe.errors import LetheError, ServiceUnavailable, failure_reason
+from lethe.errors import LetheError, failure_reason
 from lethe.kek import KekVersion
 from lethe.keys import KeyStatus, open_key_service
 from lethe.rotation import (
@@ -198,18 +197,11 @@ async def rotation_progress(
 ) -> RotationProgress:
     """The rotation's `progress` query; ServiceUnavailable when no control worker answers."""
     handle = temporal.get_workflow_handle_for(KeyRotationWorkflow.run, workflow_id)
-    try:
-        return await handle.query(KeyRotationWorkflow.progress, rpc_timeout=timeout)
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            raise UnknownRotation(f"no key rotation {workflow_id}") from None
-        raise ServiceUnavailable(
-            f"the progress of {workflow_id} did not come back within "
-            f"{timeout.total_seconds():g}s ({exc.status.name}): a query is answered by a "
-            "control worker, and none did; is one running (`lethe worker --region R --control`)?"
-        ) from None
-    except WorkflowQueryFailedError as exc:
-        raise ServiceUnavailable(f"the progress query of {workflow_id} failed: {exc}") from None
+    return await answer(
+        handle.query(KeyRotationWorkflow.progress, rpc_timeout=timeout),
+        what=f"the progress of {workflow_id}",
+        unknown=UnknownRotation(f"no key rotation {workflow_id}"),
+    )
 
 
 async def _raise_if_ended(temporal: TemporalClient, workflow_id: str) -> bool:

@@ -340,7 +340,7 @@ async def test_a_worker_killed_mid_rewrap_is_replaced_and_no_key_is_wrapped_twic
         assert first.process is not None and first.process.returncode == -9
         at_kill = (await key_store.count_by_kek(keys.engine)).get(2, 0)
         assert at_kill < count, "the rotation finished before the worker could be killed"
-        with pytest.raises(ServiceUnavailable, match="a query is answered by a control worker"):
+        with pytest.raises(ServiceUnavailable, match="queries are answered by a control worker"):
             await rotation_progress(temporal, handle.id, timedelta(seconds=5))
 
         await second.start()
