@@ -4,7 +4,7 @@ against a raw floor measured in the same run.
 Run it after `scripts/stack up`:
 
     .venv/bin/python bench/keys.py [--values 20000] [--deks 50000] [--workflows 100]
-                                   [--pairs 30] [--json FILE] [--strict]
+                                   [--pairs 60] [--json FILE] [--strict]
 
 1. Encrypt and decrypt, microseconds per value: `KeyService.encrypt` / `decrypt` of a 64-byte
    field for 100 subjects in turn (warm: data keys unwrapped and cached, encryption budgets
@@ -558,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--values", type=int, default=20_000)
     parser.add_argument("--deks", type=int, default=50_000)
     parser.add_argument("--workflows", type=int, default=100)
-    parser.add_argument("--pairs", type=int, default=30)
+    parser.add_argument("--pairs", type=int, default=60)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args(argv)
