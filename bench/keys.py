@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -552,13 +552,28 @@ def show(result: Result) -> None:
     )
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number no smaller than `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse options, run, print, exit 1 on a missed target with --strict."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--values", type=int, default=20_000)
-    parser.add_argument("--deks", type=int, default=50_000)
-    parser.add_argument("--workflows", type=int, default=100)
-    parser.add_argument("--pairs", type=int, default=60)
+    parser.add_argument("--values", type=at_least(100), default=20_000)
+    parser.add_argument("--deks", type=at_least(BATCH), default=50_000)
+    parser.add_argument("--workflows", type=at_least(1), default=100)
+    parser.add_argument("--pairs", type=at_least(2), default=60)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args(argv)
