@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client as TemporalClient
 from temporalio.worker import Worker
 
 from activities import key_rotation
-from lethe import key_store, ledger, probes
+from lethe import key_store, ledger
 from lethe.client import connect
 from lethe.commands.keys import rotation_progress, schedule_rotation, start_rotation
 from lethe.config import Settings, current_settings
@@ -38,9 +36,9 @@ from lethe.kek import LocalKekProvider
 from lethe.keys import KeyService, place
 from lethe.rotation import RewrapProgress, RotationRequest, rotation_schedule_id
 from lethe.store import dispose_all, engine_for
-from tests.conftest import require, stack_variable
 from tests.data_keys import TENANT, log_rewraps, rewraps, seed_data_keys, subject_id
 from tests.e2e.conftest import WorkerProcess
+from tests.key_stores import fresh_key_store
 from workflows.key_rotation import KeyRotationWorkflow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,39 +94,29 @@ async def deployment(
     workers share the fresh store's codec key. Asking for `stack_temporal` first makes a
     Temporal server that is down fail the test by name.
     """
-    shared = make_url(stack_variable("LETHE_KEYS_STORE_URL"))
-    await require(probes.probe_sql(shared.render_as_string(hide_password=False)), "PostgreSQL")
-    suffix = uuid.uuid4().hex[:8]
-    name = f"lethe_keys_test_{suffix}"
-    admin = shared.set(drivername="postgresql", database="postgres").render_as_string(
-        hide_password=False
-    )
-    url = shared.set(database=name).render_as_string(hide_password=False)
-    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    env = {
-        "LETHE_KEYS_STORE_URL": url,
-        "LETHE_STORE_URL": url,
-        "LETHE_KEYS_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
-        "LETHE_KEYS_CACHE_SECONDS": CACHE_SECONDS,
-        "LETHE_CONTROL_QUEUE": f"lethe-rotation-{suffix}",
-    }
-    for variable, value in env.items():
-        monkeypatch.setenv(variable, value)
-    found = Deployment(
-        suffix=suffix,
-        database_url=url,
-        engine=await key_store.key_engine(url),
-        env={**os.environ, **env},
-        temporal=await connect(current_settings()),
-    )
-    try:
-        yield found
-    finally:
-        await _terminate_rotation(found)
-        await dispose_all()
-        async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with fresh_key_store("rotation") as url:
+        suffix = uuid.uuid4().hex[:8]
+        env = {
+            "LETHE_KEYS_STORE_URL": url,
+            "LETHE_STORE_URL": url,
+            "LETHE_KEYS_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+            "LETHE_KEYS_CACHE_SECONDS": CACHE_SECONDS,
+            "LETHE_CONTROL_QUEUE": f"lethe-rotation-{suffix}",
+        }
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+        found = Deployment(
+            suffix=suffix,
+            database_url=url,
+            engine=await key_store.key_engine(url),
+            env={**os.environ, **env},
+            temporal=await connect(current_settings()),
+        )
+        try:
+            yield found
+        finally:
+            await _terminate_rotation(found)
+            await dispose_all()
 
 
 async def _terminate_rotation(deployment: Deployment) -> None:
