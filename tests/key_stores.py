@@ -9,8 +9,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import psycopg
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from lethe import key_store, probes
@@ -38,6 +40,13 @@ async def fresh_key_store(label: str) -> AsyncIterator[str]:
         await engine.dispose()
         async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def key_rows(keys: KeyService, ref: str) -> list[dict[str, Any]]:
+    """The subject's rows of `lethe_data_keys`, as a backup of the key store holds them."""
+    query = select(key_store.data_keys).where(key_store.data_keys.c.subject_ref == ref)
+    async with keys.engine.connect() as conn:
+        return [dict(row._mapping) for row in await conn.execute(query)]
 
 
 async def key_service(url: str, master_key: bytes, subject_key: bytes) -> KeyService:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert
 
 from activities.shred import canary_place
 from examples.seed import Patient
@@ -32,7 +31,7 @@ from tests.e2e.conftest import (
     certificate_of,
     erase_and_wait_for_approval,
 )
-from tests.key_stores import fresh_key_store, key_service
+from tests.key_stores import fresh_key_store, key_rows, key_service
 
 KEYS_VARIABLE = "LETHE_E2E_KEYS_STORE_URL"
 EVENTS = ("kafka", "patient-events")
@@ -75,12 +74,6 @@ async def _event(keys: KeyService, hospital: Hospital, patient: Patient) -> dict
     return await keys.encrypt_fields(
         subject, {"email": patient.email, "name": patient.full_name}, *EVENTS
     )
-
-
-async def _key_rows(keys: KeyService, ref: str) -> list[dict[str, Any]]:
-    query = select(key_store.data_keys).where(key_store.data_keys.c.subject_ref == ref)
-    async with keys.engine.connect() as conn:
-        return [dict(row._mapping) for row in await conn.execute(query)]
 
 
 async def test_an_erasure_shreds_the_patients_keys_with_evidence(
@@ -160,7 +153,7 @@ async def test_replay_shreds_keys_a_restored_key_store_brought_back(
     service = await _keys(hospital, keys_url, settings)
     sealed, kept = await _event(service, hospital, patient), await _event(service, hospital, other)
     ref = hospital.ref(patient)
-    backup = await _key_rows(service, ref)  # the key store's backup, before the erasure
+    backup = await key_rows(service, ref)  # the key store's backup, before the erasure
     assert len(backup) == 1
 
     workflow_id = await erase_and_wait_for_approval(hospital, patient)
@@ -185,6 +178,6 @@ async def test_replay_shreds_keys_a_restored_key_store_brought_back(
     assert "patient-keys/0:done" in replayed.stdout
     with pytest.raises(KeyShredded):
         await service.decrypt_fields(sealed, *EVENTS, cached=False)
-    assert await _key_rows(service, ref) == []
+    assert await key_rows(service, ref) == []
     opened = await service.decrypt_fields(kept, *EVENTS, cached=False)
     assert opened == {"email": other.email, "name": other.full_name}

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -27,7 +27,7 @@ from lethe.config import Settings
 from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject
 from lethe.errors import KeyShredded
 from lethe.keys import KeyService, place
-from tests.key_stores import fresh_key_store, key_service
+from tests.key_stores import fresh_key_store, key_rows, key_service
 
 CONNECTION_VARIABLE = "LETHE_TEST_SHRED_KEYS_URL"
 WHERE = place("kafka", "patient-events", "email")
@@ -90,13 +90,6 @@ def _request(
     )
 
 
-async def _key_rows(keys: KeyService, ref: str) -> list[dict[str, Any]]:
-    """The subject's rows of `lethe_data_keys`, as a backup of the key store holds them."""
-    query = select(key_store.data_keys).where(key_store.data_keys.c.subject_ref == ref)
-    async with keys.engine.connect() as conn:
-        return [dict(row._mapping) for row in await conn.execute(query)]
-
-
 async def test_erase_destroys_every_version_and_the_canary_proves_it(
     shredder: KeyShredder, keys: KeyService, keys_url: str, settings: Settings
 ) -> None:
@@ -106,7 +99,7 @@ async def test_erase_destroys_every_version_and_the_canary_proves_it(
     sealed = [await capped.encrypt(ada, b"ada@example.org %d" % n, WHERE) for n in range(5)]
     kept = await keys.encrypt(grace, b"grace@example.org", WHERE)
     request = _request(keys, ada)
-    assert len(await _key_rows(keys, request.subject_ref)) == 3
+    assert len(await key_rows(keys, request.subject_ref)) == 3
 
     outcome = await erase_and_verify(shredder, request)
 
@@ -220,7 +213,7 @@ async def test_a_restored_key_store_is_shredded_again_by_the_replay(
     kept = await keys.encrypt(grace, b"grace@example.org", WHERE)
     request = _request(keys, ada)
     ref = request.subject_ref
-    backup = await _key_rows(keys, ref)  # the key store's backup, taken before the erasure
+    backup = await key_rows(keys, ref)  # the key store's backup, taken before the erasure
     assert len(backup) == 1
 
     erased = await erase_and_verify(shredder, request)
