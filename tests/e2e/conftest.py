@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -239,22 +239,27 @@ class Hospital:
 
     async def lethe(self, *args: str, timeout: float = 60) -> CliResult:
         """Run `lethe ARGS` with the run's environment."""
-        process = await asyncio.create_subprocess_exec(
-            LETHE,
-            *args,
-            cwd=ROOT,
-            env=self.env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            pytest.fail(f"lethe {' '.join(args)} did not finish within {timeout:g}s")
-        assert process.returncode is not None
-        return CliResult(args, process.returncode, stdout.decode(), stderr.decode())
+        return await run_lethe(self.env, *args, timeout=timeout)
+
+
+async def run_lethe(env: Mapping[str, str], *args: str, timeout: float = 60) -> CliResult:
+    """Run `lethe ARGS` in the repository with environment `env`; fail the test on a hang."""
+    process = await asyncio.create_subprocess_exec(
+        LETHE,
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        pytest.fail(f"lethe {' '.join(args)} did not finish within {timeout:g}s")
+    assert process.returncode is not None
+    return CliResult(args, process.returncode, stdout.decode(), stderr.decode())
 
 
 def _patients(suffix: str) -> list[Patient]:

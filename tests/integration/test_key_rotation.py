@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import random
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,12 +35,10 @@ from lethe.keys import KeyService, place
 from lethe.rotation import RewrapProgress, RotationRequest, rotation_schedule_id
 from lethe.store import dispose_all, engine_for
 from tests.data_keys import TENANT, log_rewraps, rewraps, seed_data_keys, subject_id
-from tests.e2e.conftest import WorkerProcess
+from tests.e2e.conftest import WorkerProcess, run_lethe
 from tests.key_stores import fresh_key_store
 from workflows.key_rotation import KeyRotationWorkflow
 
-ROOT = Path(__file__).resolve().parents[2]
-LETHE = str(Path(sys.executable).parent / "lethe")
 WHERE = place("kafka", "patient-events", "email")
 CACHE_SECONDS = "1"
 """Every process of a deployment keeps KEK versions this long (LETHE_KEYS_CACHE_SECONDS)."""
@@ -277,20 +273,6 @@ async def _checkpoint(temporal: TemporalClient, workflow_id: str) -> RewrapProgr
     return None
 
 
-async def _lethe(deployment: Deployment, *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        LETHE,
-        *args,
-        cwd=ROOT,
-        env=deployment.env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
-
-
 @pytest.mark.timeout(300)
 async def test_a_worker_killed_mid_rewrap_is_replaced_and_no_key_is_wrapped_twice(
     deployment: Deployment, tmp_path: Path
@@ -351,9 +333,9 @@ async def test_a_worker_killed_mid_rewrap_is_replaced_and_no_key_is_wrapped_twic
         ]
         assert "shutting down" not in first.log_text()  # it was killed, not stopped
 
-        code, stdout, stderr = await _lethe(deployment, "keys", "status", "--json")
-        assert code == 0, stderr
-        shown = json.loads(stdout)
+        status = await run_lethe(deployment.env, "keys", "status", "--json")
+        assert status.code == 0, status.stderr
+        shown = status.json()
         assert [(v["version"], v["state"]) for v in shown["keys"]["versions"]] == [
             (1, "retired"),
             (2, "current"),
