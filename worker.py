@@ -42,6 +42,7 @@ ACTIVITIES: Sequence[Callable[..., Any]] = (
     report_worker,
     *(module.erase for module in (sql, kafka, cache, blob, logs, shred)),
     *(module.verify for module in (sql, kafka, cache, blob, logs, shred)),
+    *(module.preflight for module in (sql, kafka, cache, blob, logs, shred)),
 )
 CONTROL_WORKFLOWS: Sequence[type] = (ErasureWorkflow, KeyRotationWorkflow)
 CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
@@ -50,6 +51,7 @@ CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     control.blocking,
     control.issue,
     control.remember,
+    control.listed,
     *key_rotation.ACTIVITIES,
 )
 
@@ -60,7 +62,7 @@ def build_worker(client: TemporalClient, region: str, settings: Settings) -> Wor
     """A worker for one region's task queue: the regional workflow and every connector."""
     return Worker(
         client,
-        task_queue=task_queue(region),
+        task_queue=task_queue(region, settings.control_queue),
         workflows=list(WORKFLOWS),
         activities=list(ACTIVITIES),
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_grace_seconds),

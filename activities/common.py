@@ -8,10 +8,10 @@ from typing import Protocol, TypeVar
 
 from temporalio import activity
 
-from lethe.config import connection
-from lethe.contracts import Evidence, StepOutcome, StepRequest, VerifyRequest
+from lethe.config import connection, current_settings
+from lethe.contracts import Evidence, StepCheck, StepOutcome, StepRequest, VerifyRequest
 from lethe.errors import LetheError
-from lethe.regions import TASK_QUEUE_PREFIX
+from lethe.regions import deployment_prefix
 
 T = TypeVar("T")
 
@@ -33,6 +33,13 @@ class Eraser(Protocol):
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Check the erasure held: `done`, or an honest other status."""
+        ...
+
+    async def preflight(self, request: StepRequest) -> list[str]:
+        """Check, touching nothing, that the step could run now: the system answers, the
+        credentials work, what the locator names exists with the permissions the step needs.
+        Each problem in words (no personal data); empty when ready. Raise ServiceUnavailable
+        when the system does not answer."""
         ...
 
 
@@ -58,10 +65,11 @@ def connector_activities(
 ) -> tuple[
     Callable[[StepRequest], Awaitable[StepOutcome]],
     Callable[[VerifyRequest], Awaitable[StepOutcome]],
+    Callable[[StepRequest], Awaitable[StepCheck]],
 ]:
-    """The two activities of a connector kind: `<kind>.erase` (erase, then verify) and
-    `<kind>.verify` (verify again, e.g. a pending compaction). `connector` makes the
-    connector for a connection string."""
+    """The three activities of a connector kind: `<kind>.erase` (erase, then verify),
+    `<kind>.verify` (verify again, e.g. a pending compaction) and `<kind>.preflight` (check,
+    touching nothing). `connector` makes the connector for a connection string."""
 
     @activity.defn(name=f"{kind}.erase")
     async def erase(request: StepRequest) -> StepOutcome:
@@ -76,9 +84,28 @@ def connector_activities(
             request, lambda: connector(step_connection(request)).verify(request, check.erased)
         )
 
+    @activity.defn(name=f"{kind}.preflight")
+    async def preflight(request: StepRequest) -> StepCheck:
+        return await checked(request, lambda: connector(step_connection(request)))
+
     erase.__doc__ = f"Erase one {kind} step of a subject, then verify it (this region only)."
     verify.__doc__ = f"Verify one {kind} step of a subject again."
-    return erase, verify
+    preflight.__doc__ = f"Check one {kind} step before anything is destroyed; touch nothing."
+    return erase, verify, preflight
+
+
+async def checked(request: StepRequest, connector: Callable[[], Eraser]) -> StepCheck:
+    """A step's preflight: the connector's problems, or the error that stopped it as one (an
+    unreachable system is `transient`). It never raises: the workflow decides what to do."""
+    step_id = request.step.id
+    try:
+        check_region(request)
+        problems = await connector().preflight(request)
+    except LetheError as exc:
+        return StepCheck(
+            step_id=step_id, problems=[f"{type(exc).__name__}: {exc}"], transient=exc.retryable
+        )
+    return StepCheck(step_id=step_id, problems=problems)
 
 
 def verdict(
@@ -116,8 +143,9 @@ def retained_outcome(request: StepRequest, why: str = "retained") -> StepOutcome
 
 
 def worker_region() -> str:
-    """The region this activity's worker serves, from its task queue `lethe-<region>`."""
-    return activity.info().task_queue.removeprefix(TASK_QUEUE_PREFIX)
+    """The region this activity's worker serves, from its deployment's task queue name."""
+    prefix = deployment_prefix(current_settings().control_queue)
+    return activity.info().task_queue.removeprefix(prefix)
 
 
 def check_region(request: StepRequest) -> None:

@@ -91,3 +91,9 @@ async def remember(entry: ForgetListAdd) -> None:
         )
     except LetheError as exc:
         raise exc.to_application_error() from None
+
+
+@activity.defn(name="forget_list.listed")
+async def listed(subject_ref: str) -> bool:
+    """Whether an earlier erasure put the subject on the forget-list."""
+    return await forget_list.listed(await _store(), subject_ref)

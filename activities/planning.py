@@ -61,12 +61,22 @@ class Planner:
         unknown = sorted(set(request.systems) - known)
         if unknown:
             raise PlanningFailed(f"system(s) {', '.join(unknown)} are not in the data map")
+        # Only the systems that hold the subject's tenant: nothing of the subject goes to a
+        # system, or to a region's worker, that never held their data.
+        holding = self.datamap.systems_of(subject.tenant)
+        held = {system.name for system in holding}
         steps = [
             step
-            for system in self.datamap.systems
+            for system in holding
             if not request.systems or system.name in request.systems
-            for step in self._steps(system)
+            for step in self._steps(system, held)
         ]
+        if not steps:
+            raise PlanningFailed(
+                f"no system of the data map holds subjects of tenant {subject.tenant!r}"
+                + (f" among {', '.join(request.systems)}" if request.systems else "")
+                + ": list the tenant under the `tenants` of the systems that hold them"
+            )
         self._check_identities(steps, subject.template_values(subject_ref))
         special = sorted(
             {
@@ -97,7 +107,8 @@ class Planner:
             window_days=self.pack.erasure.window_days,
         )
 
-    def _steps(self, system: System) -> list[Step]:
+    def _steps(self, system: System, held: set[str]) -> list[Step]:
+        """The steps of one system; whole backups only of systems that hold the subject."""
         region = system.region
 
         def step(index: int, **fields: object) -> Step:
@@ -122,6 +133,10 @@ class Planner:
             return steps
         steps = []
         for index, locator in enumerate(_locators(system)):
+            if isinstance(locator, BlobBackupLocator) and (
+                locator.backup_of is not None and locator.backup_of not in held
+            ):
+                continue
             decisions = [decide(self.pack, key, region) for key in locator.categories]
             action, used = locator_action(
                 system.kind, None, decisions, where=f"{system.name}/{index}"

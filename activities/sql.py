@@ -241,8 +241,41 @@ class SqlEraser:
         ]
         return verdict(erased, evidence, problems, f"verified {step.action} in {locator.table}")
 
+    async def preflight(self, request: StepRequest) -> list[str]:
+        """Touching nothing: the database answers, the tables, columns and join path are as
+        the data map says, the subject id fits, and (PostgreSQL) the role may do the step."""
+        step = request.step
+        locator = _locator(request)
+        if step.action == "retain":
+            return []
+        if step.action not in ("delete", "soft_delete", "anonymize"):
+            return [f"step {step.id}: action {step.action!r} does not apply to a SQL table"]
+        async with _database(step.system), self.engine.connect() as conn:
+            try:
+                await _target(conn, request)
+            except LetheError as exc:
+                return [f"{type(exc).__name__}: {exc}"]
+            if conn.dialect.name != "postgresql":
+                return []  # SQLite has no privileges to check
+            needed = {locator.table: "DELETE" if step.action == "delete" else "UPDATE"}
+            return [
+                f"system {step.system!r}: the database role may not {privilege} on table {table!r}"
+                for table, privilege in [
+                    *needed.items(),
+                    *(
+                        (name, "SELECT")
+                        for name in [locator.table, *(h.table for h in locator.via)]
+                    ),
+                ]
+                if not (
+                    await conn.execute(
+                        select(func.has_table_privilege(literal(table), literal(privilege)))
+                    )
+                ).scalar_one()
+            ]
 
-erase, verify = connector_activities("sql", SqlEraser.for_connection)
+
+erase, verify, preflight = connector_activities("sql", SqlEraser.for_connection)
 
 
 # --- the step's target -----------------------------------------------------------------------
@@ -326,6 +359,10 @@ async def _target(conn: AsyncConnection, request: StepRequest) -> _Target:
     subject = column(previous_name, locator.subject_column, "the subject column")
     value = _subject_value(request.subject.subject_id, subject, previous_name, conn.dialect.name)
     match: ColumnElement[bool] = previous.c[locator.subject_column] == value
+    if locator.tenant_column is not None:
+        # The subject is (tenant, id): another tenant's subject with the same id stays.
+        column(previous_name, locator.tenant_column, "the tenant column")
+        match = match & (previous.c[locator.tenant_column] == request.subject.tenant)
     for outer, inner in reversed(hops):
         match = outer.in_(select(inner).where(match))
 

@@ -656,7 +656,7 @@ async def start_worker(
         [str(ROOT / "worker.py"), "--region", names.region, "--control"],
         env,
         log_path,
-        [task_queue(names.region), names.control_queue],
+        [task_queue(names.region, names.control_queue), names.control_queue],
     )
 
 
@@ -664,7 +664,7 @@ async def start_floor_worker(
     names: Names, address: str, namespace: str, env: dict[str, str], log_path: Path
 ) -> asyncio.subprocess.Process:
     """Start `orchestration_floor.py` on the floor's two queues; wait until both are polled."""
-    region_queue = task_queue(names.floor_region)
+    region_queue = task_queue(names.floor_region, names.floor_control_queue)
     return await start_polling(
         "the orchestration floor's worker",
         [
@@ -882,7 +882,10 @@ class OrchestrationFloor:
         called = time.time()
         await self.temporal.start_workflow(
             FLOOR_WORKFLOW,
-            {"region_queue": task_queue(self.names.floor_region), "steps": self.steps},
+            {
+                "region_queue": task_queue(self.names.floor_region, self.names.floor_control_queue),
+                "steps": self.steps,
+            },
             id=workflow_id,
             task_queue=self.names.floor_control_queue,
         )
@@ -1463,7 +1466,7 @@ async def run(
             "the workflows",
             lambda: delete_workflows(
                 client.temporal,
-                [task_queue(names.region), names.control_queue],
+                [task_queue(names.region, names.control_queue), names.control_queue],
                 started,
                 keep=keep_workflows,
             ),
@@ -1518,7 +1521,10 @@ async def run(
             "the orchestration floor's workflows",
             lambda: delete_workflows(
                 shape.temporal,
-                [task_queue(names.floor_region), names.floor_control_queue],
+                [
+                    task_queue(names.floor_region, names.floor_control_queue),
+                    names.floor_control_queue,
+                ],
                 shape.started,
                 keep=keep_workflows,
             ),

@@ -78,12 +78,16 @@ Strategy = Literal["delete", "soft_delete", "anonymize", "tombstone", "purge", "
 
 
 class SystemBase(MapModel):
-    """What every system has: a name, a region, and the variable naming its connection."""
+    """What every system has: a name, a region, the variable naming its connection, and the
+    tenants whose subjects it holds."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
     region: Region
     connection: str = Field(pattern=ENV_NAME)
     """The name of the environment variable that holds the connection, never the secret."""
+    tenants: list[str] | None = None
+    """The tenants whose subjects' data the system holds; when omitted, the tenants whose home
+    region is the system's. Only those tenants' erasures plan a step here."""
 
 
 class SqlJoin(MapModel):
@@ -101,6 +105,9 @@ class SqlTableLocator(MapModel):
     subject_column: SqlName
     """The column holding the subject id: on this table, or on the last table of `via`."""
     via: list[SqlJoin] = []
+    tenant_column: SqlName | None = None
+    """The column holding the subject's tenant, beside the subject column: required where the
+    system holds several tenants, so one tenant's erasure never touches another's rows."""
     soft_delete_column: SqlName | None = None
     columns: dict[SqlName, CategoryKey] = Field(min_length=1)
     """Personal columns and the category of each."""
@@ -193,6 +200,9 @@ class BlobBackupLocator(MapModel):
     subject_tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/=+-]{1,128}$")
     subject_prefix: str | None = None
     whole_backup_prefix: str | None = None
+    backup_of: str | None = None
+    """The system whose whole backups lie under `whole_backup_prefix`: an erasure handles them
+    only when that system is in its plan."""
     categories: list[CategoryKey] = Field(min_length=1)
 
     _prefix = field_validator("subject_prefix")(
@@ -220,6 +230,9 @@ class LogLocator(MapModel):
     prefix: str = ""
     fields: dict[str, str] = Field(min_length=1)
     """Log field -> the subject value it carries: `subject_id` or `identity.NAME`."""
+    tenant_field: str | None = None
+    """The log field holding the tenant: a record is the subject's only if it names their
+    tenant. Required where the system holds several tenants."""
     categories: list[CategoryKey] = Field(min_length=1)
 
     @field_validator("fields")
@@ -307,7 +320,37 @@ class DataMap(MapModel):
                     f"tenant {name!r} is in region {tenant.region!r}, "
                     f"which is not one of the regions {self.regions}"
                 )
+        for system in self.systems:
+            unknown = sorted(set(system.tenants or []) - set(self.tenants))
+            if unknown:
+                raise ValueError(
+                    f"system {system.name!r} lists tenant(s) {', '.join(unknown)}, which are not "
+                    "among the data map's tenants"
+                )
+            _check_tenant_scoped(system, self.holders(system))
+            if isinstance(system, BlobSystem):
+                for index, backup in enumerate(system.backups):
+                    self._check_backup_of(system.name, index, backup)
         return self
+
+    def _check_backup_of(self, system: str, index: int, backup: BlobBackupLocator) -> None:
+        if backup.whole_backup_prefix is None:
+            if backup.backup_of is not None:
+                raise ValueError(
+                    f"system {system!r} backups[{index}]: backup_of applies only to whole backups "
+                    "(whole_backup_prefix)"
+                )
+            return
+        if backup.backup_of is None:
+            raise ValueError(
+                f"system {system!r} backups[{index}]: whole backups need backup_of, the system "
+                "they are backups of, so that only erasures of that system's subjects handle them"
+            )
+        if backup.backup_of not in {s.name for s in self.systems}:
+            raise ValueError(
+                f"system {system!r} backups[{index}]: backup_of {backup.backup_of!r} is not a "
+                "system of the data map"
+            )
 
     def system(self, name: str) -> System:
         """The system called `name`."""
@@ -315,6 +358,62 @@ class DataMap(MapModel):
             if system.name == name:
                 return system
         raise KeyError(name)
+
+    def holders(self, system: SystemBase) -> list[str]:
+        """The tenants whose subjects' data `system` holds."""
+        if system.tenants is not None:
+            return list(system.tenants)
+        return sorted(name for name, t in self.tenants.items() if t.region == system.region)
+
+    def systems_of(self, tenant: str) -> list[System]:
+        """The systems that may hold data of `tenant`'s subjects, in map order."""
+        return [system for system in self.systems if tenant in self.holders(system)]
+
+
+_TENANT_SCOPED = ("{tenant}", "{subject_ref}")
+"""Placeholders that make a template name one tenant's subject (the reference covers the tenant)."""
+
+
+def _check_tenant_scoped(system: System, holders: list[str]) -> None:
+    """A system holding several tenants must find the subject within their tenant, or an
+    erasure in one tenant would hit another tenant's subject with the same id."""
+    if len(holders) < 2:
+        return
+
+    def refuse(where: str, fix: str) -> None:
+        raise ValueError(
+            f"system {system.name!r} holds tenants {', '.join(holders)}, but {where} does not "
+            f"tell them apart: {fix}"
+        )
+
+    def scoped(template: str) -> bool:
+        return any(name in template for name in _TENANT_SCOPED)
+
+    template_fix = "put {tenant} or {subject_ref} in it"
+    if isinstance(system, SqlSystem):
+        for table in system.tables:
+            if table.tenant_column is None:
+                refuse(f"table {table.table!r}", "give it a tenant_column")
+    elif isinstance(system, KafkaSystem):
+        for topic in system.topics:
+            if not scoped(topic.key_template):
+                refuse(f"the key template of topic {topic.topic!r}", template_fix)
+    elif isinstance(system, RedisSystem):
+        for index, locator in enumerate(system.keys):
+            for pattern in locator.patterns:
+                if not scoped(pattern):
+                    refuse(f"a pattern of keys[{index}]", template_fix)
+            for entry in locator.hash_fields:
+                if not (scoped(entry.key) or scoped(entry.field)):
+                    refuse(f"a hash field of keys[{index}]", template_fix + " (key or field)")
+    elif isinstance(system, BlobSystem):
+        for index, backup in enumerate(system.backups):
+            if backup.subject_prefix is not None and not scoped(backup.subject_prefix):
+                refuse(f"the subject_prefix of backups[{index}]", template_fix)
+    elif isinstance(system, LogsSystem):
+        for log in system.logs:
+            if log.tenant_field is None:
+                refuse(f"the logs in container {log.container!r}", "give them a tenant_field")
 
 
 def load_datamap(path: str | Path) -> DataMap:

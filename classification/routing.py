@@ -14,17 +14,27 @@ class UnknownTenant(LetheError):
     """The tenant is not in the data map."""
 
 
+class RegionContradiction(LetheError):
+    """The request names a home region other than the one its tenant's subjects live in."""
+
+
 def home_region(datamap: DataMap, tenant: str, requested: str | None = None) -> str:
-    """The subject's region: the request's if given (and known), else the tenant's."""
+    """The subject's region: the tenant's. A requested region must be known and agree."""
     if tenant not in datamap.tenants:
-        raise UnknownTenant(f"tenant {tenant!r} is not in the data map")
+        raise UnknownTenant(f"tenant {tenant[:64]!r} is not in the data map")
+    home = datamap.tenants[tenant].region
     if requested is not None:
         if requested not in datamap.regions:
             raise UnknownRegion(
                 f"region {requested[:40]!r} is not one of the data map's regions {datamap.regions}"
             )
-        return requested
-    return datamap.tenants[tenant].region
+        if requested != home:
+            raise RegionContradiction(
+                f"tenant {tenant!r} lives in region {home!r}, not {requested!r}: the systems "
+                "that hold its subjects are named in the data map (`tenants:` of each system); "
+                "drop --region or correct the data map"
+            )
+    return home
 
 
 def by_region(steps: Iterable[Step]) -> list[RegionPlan]:

@@ -68,12 +68,14 @@ def ping(
 
 async def _ping(region: str, timeout: float) -> int:
     validate_region(region)
-    client = await connect(load_settings())
-    with err.status(f"waiting for a worker on {task_queue(region)}"):
-        report = await run_health_check(client, region, timeout)
+    settings = load_settings()
+    client = await connect(settings)
+    queue = task_queue(region, settings.control_queue)
+    with err.status(f"waiting for a worker on {queue}"):
+        report = await run_health_check(client, region, timeout, queue=queue)
     if report is None:
         err.print(
-            f"[red]no worker answered on {task_queue(region)} within {timeout:g}s[/red]: "
+            f"[red]no worker answered on {queue} within {timeout:g}s[/red]: "
             f"start one with `lethe worker --region {region}`"
         )
         return 1
@@ -87,7 +89,12 @@ def health_check_id(region: str) -> str:
 
 
 async def run_health_check(
-    client: TemporalClient, region: str, timeout: float, workflow_id: str | None = None
+    client: TemporalClient,
+    region: str,
+    timeout: float,
+    workflow_id: str | None = None,
+    *,
+    queue: str | None = None,
 ) -> HealthCheckReport | None:
     """Run the health-check workflow on the region's queue; None if no worker answers in time."""
     from workflows.healthcheck import HealthCheckWorkflow
@@ -97,7 +104,7 @@ async def run_health_check(
             HealthCheckWorkflow.run,
             HealthCheckRequest(token=uuid.uuid4().hex),
             id=workflow_id or health_check_id(region),
-            task_queue=task_queue(region),
+            task_queue=queue or task_queue(region),
             execution_timeout=timedelta(seconds=timeout),
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         )

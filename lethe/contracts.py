@@ -130,6 +130,24 @@ class StepRequest(Contract):
     """When the erasure began: backups taken before it must be gone by the end of the window."""
     window_ends_at: datetime
     """The end of the erasure window: deferred deletions and compaction must finish by then."""
+    subject_found: bool = True
+    """Some step of this erasure found the subject's data, or the subject is on the
+    forget-list: only then may a step act on data that holds everyone (whole backups)."""
+
+
+class StepCheck(Contract):
+    """What a preflight found for one step, touching nothing: ready, or each problem in words."""
+
+    step_id: str
+    problems: list[str] = []
+    """Each names the system and what is wrong (never personal data); empty when ready."""
+    transient: bool = False
+    """The problems may clear by themselves (unreachable, timeout): retried with backoff."""
+
+    @property
+    def ready(self) -> bool:
+        """Nothing stands in the step's way."""
+        return not self.problems
 
 
 Evidence = dict[str, str | int | float | bool | None]
@@ -266,6 +284,10 @@ class RegionJob(Contract):
     window_ends_at: datetime
     erased: dict[str, StepOutcome] = {}
     """Steps already erased whose verification is to be repeated (e.g. pending compaction)."""
+    retry_until: datetime | None = None
+    """Transient failures are retried until then (a margin before the Art. 12(3) deadline)."""
+    subject_found: bool = True
+    """Passed on in each StepRequest: whole backups are touched only when this is true."""
 
 
 class StepProgress(Contract):
@@ -280,10 +302,16 @@ class StepProgress(Contract):
     status: StepStatus
     detail: str = ""
     holds: list[str] = []
+    attempt: int = 0
+    """The attempt running now, when the step is being retried (the SDK fills it in)."""
+    last_failure: str = ""
+    """Why the last attempt failed, while the step is being retried."""
+    next_attempt_at: datetime | None = None
 
 
 ErasureState = Literal[
     "planning",
+    "preflight_failed",
     "awaiting_approval",
     "on_hold",
     "erasing",
@@ -327,6 +355,9 @@ class ErasureStatus(Contract):
     steps: list[StepProgress] = []
     children: list[str] = []
     """The regional workflows running now; `Client.status` adds their finished steps."""
+    preflight: list[StepCheck] = []
+    """The steps whose last preflight found a problem: nothing is destroyed until none does."""
+    next_preflight_at: datetime | None = None
 
 
 Outcome = Literal["erased", "erased_pending_compaction", "incomplete", "rejected", "dry_run"]
@@ -352,6 +383,8 @@ class Certificate(Contract):
     plan: Plan
     steps: list[StepOutcome] = []
     ledger_hashes: list[str] = []
+    preflight: list[StepCheck] = []
+    """A dry run's preflight: every step's check (the problems, when there are any)."""
 
 
 class LedgerRecord(Contract):

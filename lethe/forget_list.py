@@ -93,6 +93,13 @@ async def add(
             )
 
 
+async def listed(engine: AsyncEngine, subject_ref: str) -> bool:
+    """Whether an earlier erasure put the subject on the forget-list."""
+    query = select(forget_list.c.subject_ref).where(forget_list.c.subject_ref == subject_ref)
+    async with engine.connect() as conn:
+        return (await conn.execute(query)).first() is not None
+
+
 async def entries(engine: AsyncEngine) -> list[ForgetListEntry]:
     """Every entry, oldest first, without the sealed subject."""
     query = select(forget_list).order_by(forget_list.c.erased_at)

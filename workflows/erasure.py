@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from lethe import search_attributes as sa
@@ -32,10 +33,13 @@ with workflow.unsafe.imports_passed_through():
         Plan,
         RegionJob,
         Step,
+        StepCheck,
         StepOutcome,
         StepProgress,
+        StepRequest,
     )
     from lethe.deadlines import add_months
+    from lethe.errors import failure_reason
     from lethe.regions import task_queue
     from workflows.regional_erasure import RegionalErasureWorkflow
 
@@ -51,6 +55,18 @@ HOLD_RECHECK = timedelta(hours=1)
 DONE_STATES = ("done", "retained")
 SHRED_EVIDENCE_IN_LEDGER = "shred-evidence-in-ledger"
 """Patch: a shred step's ledger entry carries its evidence (the certificate always did)."""
+PREFLIGHT = "preflight-before-destruction"
+"""Patch: every step is checked by its region's worker before anything is destroyed."""
+PREFLIGHT_TIMEOUT = timedelta(minutes=2)
+"""How long a region's worker has to answer a preflight (none running: the check fails)."""
+PREFLIGHT_RETRY = (timedelta(seconds=30), timedelta(hours=1))
+"""A failed preflight is tried again after the first delay, doubling up to the second."""
+PREFLIGHT_FRESH = timedelta(minutes=1)
+"""A preflight older than this (approval, holds) is repeated before the first destruction."""
+RETRY_MARGIN = timedelta(days=3)
+"""Steps stop retrying this long before the Art. 12(3) deadline, so a DPO can still act."""
+SUBJECT_FOUND = "whole-backups-only-when-found"
+"""Patch: whole backups are touched only when the subject was found or is on the forget-list."""
 
 
 @workflow.defn
@@ -65,6 +81,9 @@ class ErasureWorkflow:
         self._outcomes: dict[str, StepOutcome] = {}
         self._ledger_hashes: list[str] = []
         self._extension_recorded = False
+        self._recheck = False
+        self._preflight_at: datetime | None = None
+        self._subject_found = True
 
     # --- signals and the query ------------------------------------------------------------
 
@@ -93,6 +112,11 @@ class ErasureWorkflow:
         )
 
     @workflow.signal
+    def recheck(self) -> None:
+        """The DPO fixed what the preflight found: check again now, not at the next retry."""
+        self._recheck = True
+
+    @workflow.signal
     def holds_changed(self) -> None:
         """A hold was released (or placed): re-check held steps now."""
         self._holds_changed = True
@@ -116,13 +140,7 @@ class ErasureWorkflow:
             received_at=start.received_at,
             deadline=add_months(start.received_at, 1),
         )
-        plan = await workflow.execute_local_activity(
-            "planning.plan",
-            args=[request, start.request_id, start.subject_ref],
-            result_type=Plan,
-            start_to_close_timeout=CONTROL_TIMEOUT,
-            retry_policy=CONTROL_RETRY,
-        )
+        plan = await self._plan(start)
         deadline = add_months(start.received_at, plan.deadline_months)
         self._set(
             deadline=deadline,
@@ -135,14 +153,22 @@ class ErasureWorkflow:
                 sa.DEADLINE.value_set(deadline),
             ]
         )
+        checked = workflow.patched(PREFLIGHT)
         if request.dry_run:
-            return await self._finish(start, plan, "dry_run", "dry_run", None)
+            # The same preflight an erasure runs, once, touching nothing.
+            checks = await self._preflight(start, plan, plan.steps) if checked else []
+            self._set(preflight=[check for check in checks if not check.ready])
+            return await self._finish(start, plan, "dry_run", "dry_run", None, preflight=checks)
 
         entries = [
             self._entry(
                 start, "erasure.requested", {"policy": plan.policy, "by": request.requested_by}
             )
         ]
+        if checked:
+            # Before anyone approves: a map or a system that is wrong shows now, and a fixed
+            # map is planned again.
+            plan = await self._until_ready(start, plan, replan=True)
         if request.replay_of is not None:
             # Re-applying an approved erasure to a restored system: at once, no new approval.
             entries.append(self._entry(start, "erasure.replayed", {"replay_of": request.replay_of}))
@@ -155,6 +181,7 @@ class ErasureWorkflow:
                     start,
                     "erasure.approved" if approved else "erasure.rejected",
                     {"by": decision.by},
+                    actor=decision.by,
                 )
             ]
             if not approved:
@@ -172,13 +199,26 @@ class ErasureWorkflow:
         )
 
         window = (started_at, window_ends_at)
-        await self._run_steps(start, _in_phase(plan, "immediate"), window, "immediate")
+        await self._run_steps(start, plan, _in_phase(plan, "immediate"), window, "immediate")
+
+        if workflow.patched(SUBJECT_FOUND):
+            # Data that holds everyone (whole backups) is touched only for a subject that was
+            # found somewhere, or was erased before: never for an id that exists nowhere.
+            self._subject_found = any(o.affected > 0 for o in self._outcomes.values())
+            if not self._subject_found:
+                self._subject_found = await workflow.execute_local_activity(
+                    "forget_list.listed",
+                    start.subject_ref,
+                    result_type=bool,
+                    start_to_close_timeout=CONTROL_TIMEOUT,
+                    retry_policy=CONTROL_RETRY,
+                )
 
         if _in_phase(plan, "deferred"):
             self._set_state("waiting_window")
             if not replay:
                 await workflow.sleep(max(window_ends_at - workflow.now(), timedelta(0)))
-            await self._run_steps(start, _in_phase(plan, "deferred"), window, "deferred")
+            await self._run_steps(start, plan, _in_phase(plan, "deferred"), window, "deferred")
 
         pending = [
             step
@@ -190,7 +230,7 @@ class ErasureWorkflow:
             # By the end of the window, compaction should have removed what the tombstones cover.
             self._set_state("verifying")
             await workflow.sleep(max(window_ends_at - workflow.now(), timedelta(0)))
-            await self._run_steps(start, pending, window, "recheck")
+            await self._run_steps(start, plan, pending, window, "recheck")
 
         outcome = _overall([self._outcomes[s.id] for s in plan.steps if s.id in self._outcomes])
         return await self._finish(start, plan, "completed", outcome, started_at)
@@ -233,7 +273,7 @@ class ErasureWorkflow:
                 "by": extension.by,
                 "deadline": deadline,
             }
-            await self._record(self._entry(start, "erasure.extended", details))
+            await self._record(self._entry(start, "erasure.extended", details, actor=extension.by))
 
     def _decided_or_moved(self, deadline: datetime) -> bool:
         """The DPO has decided, or the deadline moved (an extension)."""
@@ -243,6 +283,7 @@ class ErasureWorkflow:
     async def _run_steps(
         self,
         start: ErasureStart,
+        plan: Plan,
         steps: list[Step],
         window: tuple[datetime, datetime],
         label: str,
@@ -270,6 +311,10 @@ class ErasureWorkflow:
             for step in remaining:
                 if step.id in held:
                     self._update_step(step.id, status="held", holds=held[step.id])
+            if ready and label != "recheck" and workflow.patched(PREFLIGHT):
+                # Time has passed since the last check (approval, holds, the window): check
+                # again what is about to be destroyed.
+                await self._until_ready(start, plan, replan=False, steps=ready)
             if ready:
                 self._set_state("erasing")
                 await self._dispatch(start, ready, window, f"{label}-{round_no}")
@@ -309,9 +354,11 @@ class ErasureWorkflow:
                         for step in steps
                         if label.startswith("recheck") and step.id in self._outcomes
                     },
+                    retry_until=self._retry_until(),
+                    subject_found=self._subject_found,
                 ),
                 id=child_id,
-                task_queue=task_queue(region),
+                task_queue=task_queue(region, info.task_queue),
             )
             for region, child_id in zip(regions, children, strict=True)
         ]
@@ -343,6 +390,113 @@ class ErasureWorkflow:
         self._set(children=[])
         await self._record(*entries)
 
+    async def _plan(self, start: ErasureStart) -> Plan:
+        """Plan the request from the data map and policy the control worker holds now."""
+        plan: Plan = await workflow.execute_local_activity(
+            "planning.plan",
+            args=[start.request, start.request_id, start.subject_ref],
+            result_type=Plan,
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY,
+        )
+        return plan
+
+    async def _until_ready(
+        self, start: ErasureStart, plan: Plan, *, replan: bool, steps: list[Step] | None = None
+    ) -> Plan:
+        """Preflight every step (or `steps`) until none has a problem; the plan that passed.
+
+        While something fails, the request waits in `preflight_failed` with the problems in
+        its status, and tries again with backoff (at once on the `recheck` signal); with
+        `replan`, each try plans afresh, so a corrected data map is picked up.
+        """
+        fresh = self._preflight_at is not None and (
+            workflow.now() - self._preflight_at < PREFLIGHT_FRESH
+        )
+        if steps is not None and fresh:
+            return plan
+        delay, tries = PREFLIGHT_RETRY[0], 0
+        while True:
+            checks = await self._preflight(start, plan, plan.steps if steps is None else steps)
+            failing = [check for check in checks if not check.ready]
+            if not failing:
+                self._preflight_at = workflow.now()
+                self._set(preflight=[], next_preflight_at=None)
+                if tries:
+                    await self._record(
+                        self._entry(
+                            start,
+                            "erasure.preflight_passed",
+                            {"tries": tries + 1},
+                            key=f"preflight_passed/{workflow.now().isoformat()}",
+                        )
+                    )
+                return plan
+            if tries == 0:
+                await self._record(
+                    self._entry(
+                        start,
+                        "erasure.preflight_failed",
+                        {"steps": len(failing), "first": failing[0].step_id},
+                        key=f"preflight_failed/{workflow.now().isoformat()}",
+                    )
+                )
+            self._set_state("preflight_failed")
+            self._set(preflight=failing, next_preflight_at=workflow.now() + delay)
+            self._recheck = False
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(lambda: self._recheck, timeout=delay)
+            delay, tries = min(delay * 2, PREFLIGHT_RETRY[1]), tries + 1
+            if replan:
+                plan = await self._plan(start)
+                self._set(
+                    steps=[_progress(step) for step in plan.steps],
+                    approval_required=plan.approval_required,
+                )
+
+    async def _preflight(
+        self, start: ErasureStart, plan: Plan, steps: list[Step]
+    ) -> list[StepCheck]:
+        """Each step checked by its own region's worker, in parallel, touching nothing."""
+        now = workflow.now()
+        checking = [step for step in steps if step.action != "retain"]
+
+        async def check(step: Step) -> StepCheck:
+            request = StepRequest(
+                request_id=start.request_id,
+                subject_ref=start.subject_ref,
+                subject=start.request.subject,
+                step=step,
+                erasure_started_at=now,
+                window_ends_at=now + timedelta(days=plan.window_days),
+            )
+            try:
+                found: StepCheck = await workflow.execute_activity(
+                    f"{step.kind}.preflight",
+                    request,
+                    result_type=StepCheck,
+                    task_queue=task_queue(step.region, workflow.info().task_queue),
+                    schedule_to_close_timeout=PREFLIGHT_TIMEOUT,
+                    retry_policy=RetryPolicy(maximum_attempts=1),
+                )
+                return found
+            except ActivityError as error:
+                return StepCheck(
+                    step_id=step.id,
+                    problems=[
+                        f"the worker of region {step.region!r} did not check the step "
+                        f"({failure_reason(error)}); is `lethe worker --region "
+                        f"{step.region}` running?"
+                    ],
+                    transient=True,
+                )
+
+        return list(await asyncio.gather(*(check(step) for step in checking)))
+
+    def _retry_until(self) -> datetime:
+        """Until when steps retry transient failures: a margin before the deadline."""
+        return self.status().deadline - RETRY_MARGIN
+
     async def _finish(
         self,
         start: ErasureStart,
@@ -351,6 +505,7 @@ class ErasureWorkflow:
         outcome: Outcome,
         started_at: datetime | None,
         closing: list[LedgerRecord] | None = None,
+        preflight: list[StepCheck] | None = None,
     ) -> Certificate:
         """Close the request: the closing ledger entries, the certificate, the forget-list."""
         await self._record_extension(start)
@@ -381,6 +536,7 @@ class ErasureWorkflow:
             plan=plan,
             steps=[self._outcomes[s.id] for s in plan.steps if s.id in self._outcomes],
             ledger_hashes=list(self._ledger_hashes),
+            preflight=preflight or [],
         )
         if outcome != "dry_run":
             await workflow.execute_local_activity(
@@ -413,13 +569,15 @@ class ErasureWorkflow:
         *,
         system: str | None = None,
         key: str | None = None,
+        actor: str | None = None,
     ) -> LedgerRecord:
-        """A ledger entry of this request; `key` (default: the action) makes retries harmless."""
+        """A ledger entry of this request; `key` (default: the action) makes retries harmless;
+        the actor is the requester unless someone else (the approver) acted."""
         return LedgerRecord(
             idempotency_key=f"{start.request_id}/{key or action}",
             request_id=start.request_id,
             subject_ref=start.subject_ref,
-            actor=start.request.requested_by,
+            actor=actor or start.request.requested_by,
             action=action,
             system=system,
             details=details,

@@ -21,11 +21,23 @@ with workflow.unsafe.imports_passed_through():
 CONNECTOR_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=10),
+    maximum_attempts=0,
+)
+"""Transient failures (unreachable, timeouts, throttling) retry with capped backoff until the
+job's `retry_until`; configuration errors are non-retryable and fail at once."""
+CONNECTOR_TIMEOUT = timedelta(minutes=10)
+CONNECTOR_HEARTBEAT = timedelta(minutes=1)
+MIN_RETRY_SPAN = timedelta(hours=1)
+"""However close the deadline, a step gets at least this long to get through an outage."""
+LEGACY_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(minutes=2),
     maximum_attempts=8,
 )
-CONNECTOR_TIMEOUT = timedelta(minutes=10)
-CONNECTOR_HEARTBEAT = timedelta(minutes=1)
+"""Runs started before `retry_until` existed keep their eight attempts."""
+STEP_ACTIVITY_IDS = "step-activity-ids"
+"""Patch: each step's activity id is the step id, so `lethe status` can show its retries."""
 
 
 @workflow.defn
@@ -62,8 +74,14 @@ class RegionalErasureWorkflow:
             step=step,
             erasure_started_at=job.erasure_started_at,
             window_ends_at=job.window_ends_at,
+            subject_found=job.subject_found,
         )
         erased = job.erased.get(step.id)
+        # Retries last until a margin before the deadline, not a fixed number of attempts.
+        retry, span = LEGACY_RETRY, None
+        if job.retry_until is not None:
+            retry, span = CONNECTOR_RETRY, max(job.retry_until - workflow.now(), MIN_RETRY_SPAN)
+        activity_id = step.id if workflow.patched(STEP_ACTIVITY_IDS) else None
         try:
             if erased is None:
                 # One activity erases and verifies: one round trip per step.
@@ -71,9 +89,11 @@ class RegionalErasureWorkflow:
                     f"{step.kind}.erase",
                     request,
                     result_type=StepOutcome,
+                    activity_id=activity_id,
                     start_to_close_timeout=CONNECTOR_TIMEOUT,
+                    schedule_to_close_timeout=span,
                     heartbeat_timeout=CONNECTOR_HEARTBEAT,
-                    retry_policy=CONNECTOR_RETRY,
+                    retry_policy=retry,
                 )
                 return done
             # A re-check (e.g. pending compaction): verify again what was erased before.
@@ -81,9 +101,11 @@ class RegionalErasureWorkflow:
                 f"{step.kind}.verify",
                 VerifyRequest(request=request, erased=erased),
                 result_type=StepOutcome,
+                activity_id=activity_id,
                 start_to_close_timeout=CONNECTOR_TIMEOUT,
+                schedule_to_close_timeout=span,
                 heartbeat_timeout=CONNECTOR_HEARTBEAT,
-                retry_policy=CONNECTOR_RETRY,
+                retry_policy=retry,
             )
             return checked
         except ActivityError as error:

@@ -46,6 +46,7 @@ from examples.seed import (
 )
 from lethe.client import Client
 from lethe.config import Settings
+from lethe.regions import task_queue
 from lethe.subjects import subject_ref
 from tests.conftest import stack_variable
 
@@ -100,7 +101,8 @@ class WorkerProcess:
                 stdout=sink,
                 stderr=sink,
             )
-        wanted = [f"polling lethe-{self.region}", f"polling {self.env['LETHE_CONTROL_QUEUE']}"]
+        control = self.env["LETHE_CONTROL_QUEUE"]
+        wanted = [f"polling {task_queue(self.region, control)}", f"polling {control}"]
         async with asyncio.timeout(timeout):
             while not all(w in self.log.read_text()[offset:] for w in wanted):
                 if self.process.returncode is not None:

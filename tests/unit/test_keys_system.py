@@ -50,11 +50,13 @@ def _write(tmp_path: Path, text: str, name: str = "map.yaml") -> Path:
     return path
 
 
-def _plan(tmp_path: Path, pack: PolicyPack | str = "gdpr", text: str = MAP) -> Plan:
+def _plan(
+    tmp_path: Path, pack: PolicyPack | str = "gdpr", text: str = MAP, tenant: str = "acme"
+) -> Plan:
     if isinstance(pack, str):
         pack = load_pack(PACKS_DIR / f"{pack}.yaml")
     planner = Planner(load_datamap(_write(tmp_path, text)), pack, "digest")
-    request = ErasureRequest(subject=Subject(tenant="acme", subject_id="p-1"), requested_by="dpo")
+    request = ErasureRequest(subject=Subject(tenant=tenant, subject_id="p-1"), requested_by="dpo")
     return planner.plan(request, "req-1", REF)
 
 
@@ -72,8 +74,11 @@ def test_a_keys_system_is_shredded_in_the_immediate_phase(tmp_path: Path) -> Non
     # The rules behind it are the categories' own (soft delete, anonymise): shredding the keys
     # is how a key store erases them.
     assert {d.rule for d in keys.decisions} == {"gdpr.contact.soft-delete", "gdpr.health.anonymise"}
-    assert _step(plan, "us-keys/0").action == "shred"
-    assert [r.region for r in plan.regions] == ["eu", "us"]
+    # The US key store holds only acme-us's subjects: an acme erasure plans nothing there.
+    assert [r.region for r in plan.regions] == ["eu"]
+    us_plan = _plan(tmp_path, tenant="acme-us")
+    assert _step(us_plan, "us-keys/0").action == "shred"
+    assert [r.region for r in us_plan.regions] == ["us"]
 
 
 def test_a_keys_step_survives_the_trip_through_a_payload(tmp_path: Path) -> None:
@@ -86,7 +91,7 @@ def test_a_keys_step_survives_the_trip_through_a_payload(tmp_path: Path) -> None
 def test_a_retention_obligation_keeps_the_keys(tmp_path: Path) -> None:
     """HIPAA keeps US medical records: their keys stay, or the records would be destroyed."""
     plan = _plan(tmp_path, "hipaa")
-    us_keys = _step(plan, "us-keys/0")
+    us_keys = _step(_plan(tmp_path, "hipaa", tenant="acme-us"), "us-keys/0")
     assert us_keys.action == "retain"
     assert us_keys.decisions[0].rule == "hipaa.medical-record.state-law"
     # In the EU the medical record is restricted (retained) under HIPAA's erasure rule.

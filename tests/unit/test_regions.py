@@ -17,3 +17,17 @@ def test_task_queue_is_lethe_dash_region(region: str) -> None:
 def test_malformed_regions_are_refused(region: str) -> None:
     with pytest.raises(UnknownRegion, match="not a valid region name"):
         task_queue(region)
+
+
+@pytest.mark.parametrize(
+    ("control", "queue"),
+    [
+        ("lethe-control", "lethe-eu"),
+        ("clinic-control", "clinic-eu"),
+        ("lethe-e2e-1a2b-control", "lethe-e2e-1a2b-eu"),
+        ("billing", "billing-eu"),
+    ],
+)
+def test_regional_queues_belong_to_their_deployment(control: str, queue: str) -> None:
+    """Two deployments in one namespace (two control queues) never share a regional queue."""
+    assert task_queue("eu", control) == queue

@@ -36,6 +36,7 @@ from lethe.contracts import (
     ErasureStart,
     ErasureStatus,
     Extension,
+    StepCheck,
     StepOutcome,
     StepRequest,
     Subject,
@@ -60,6 +61,17 @@ class Calls:
     erased: list[tuple[str, datetime]] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)
     failing: set[str] = field(default_factory=set)
+    checked: list[str] = field(default_factory=list)
+    unready: dict[str, str] = field(default_factory=dict)
+    """System -> the problem its preflight reports."""
+    found: list[bool] = field(default_factory=list)
+    """Each erase call's `subject_found`."""
+    affected: int = 1
+    """What each stand-in erase reports it touched."""
+    outages: dict[str, int] = field(default_factory=dict)
+    """System -> how many attempts of its steps fail as unreachable before one succeeds."""
+    attempts: dict[str, int] = field(default_factory=dict)
+    """Step -> the attempt that finally erased it."""
 
 
 def connectors(calls: Calls) -> list[Callable[..., Any]]:
@@ -75,16 +87,29 @@ def connectors(calls: Calls) -> list[Callable[..., Any]]:
                     type="SchemaMismatch",
                     non_retryable=True,
                 )
+            attempt = activity.info().attempt
+            if attempt <= calls.outages.get(request.step.system, 0):
+                raise ApplicationError("database did not answer", type="ServiceUnavailable")
+            calls.attempts[request.step.id] = attempt
             calls.erased.append((request.step.id, activity.info().current_attempt_scheduled_time))
+            calls.found.append(request.subject_found)
             # The real activities erase, then verify, in one call.
-            return StepOutcome(step_id=request.step.id, status="done", affected=1, verified=True)
+            return StepOutcome(
+                step_id=request.step.id, status="done", affected=calls.affected, verified=True
+            )
 
         @activity.defn(name=f"{kind}.verify")
         async def verify(check: VerifyRequest) -> StepOutcome:
             calls.verified.append(check.request.step.id)
             return check.erased.model_copy(update={"status": "done", "verified": True})
 
-        made += [erase, verify]
+        @activity.defn(name=f"{kind}.preflight")
+        async def preflight(request: StepRequest) -> StepCheck:
+            calls.checked.append(request.step.id)
+            problem = calls.unready.get(request.step.system)
+            return StepCheck(step_id=request.step.id, problems=[problem] if problem else [])
+
+        made += [erase, verify, preflight]
     return made
 
 

@@ -1,0 +1,70 @@
+"""The SQL connector's preflight against the stack's PostgreSQL: it checks and touches nothing."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from activities.sql import SqlEraser
+from tests.integration.test_sql import (
+    Hospital,
+    _close_engines,
+    hospital,
+    lab_results_locator,
+    patients_locator,
+    request_for,
+)
+
+__all__ = ["_close_engines", "hospital"]  # fixtures, shared with test_sql.py
+
+
+async def test_a_table_as_the_map_says_passes_and_nothing_changes(hospital: Hospital) -> None:
+    before = await hospital.rows()
+    eraser = SqlEraser(hospital.engine)
+    assert await eraser.preflight(request_for(patients_locator(hospital), "soft_delete")) == []
+    assert await eraser.preflight(request_for(lab_results_locator(hospital), "anonymize")) == []
+    assert await hospital.rows() == before
+
+
+async def test_a_missing_column_or_join_table_is_named(hospital: Hospital) -> None:
+    eraser = SqlEraser(hospital.engine)
+    columns = {"full_name": "user.name", "fax": "user.contact.phone_number"}
+    problems = await eraser.preflight(
+        request_for(patients_locator(hospital, columns=columns), "anonymize")
+    )
+    assert len(problems) == 1 and "has no column 'fax'" in problems[0]
+    via = [{"column": "appointment_id", "table": hospital.name("visits"), "references": "id"}]
+    problems = await eraser.preflight(request_for(lab_results_locator(hospital, via=via), "delete"))
+    assert len(problems) == 1 and "no table" in problems[0] and "visits" in problems[0]
+
+
+async def test_a_role_without_the_privilege_the_step_needs_is_named(
+    hospital: Hospital, sql_url: str
+) -> None:
+    """A role that may read but not delete: the preflight says so before anything runs."""
+    role = f"lethe_ro_{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    async with hospital.engine.begin() as conn:
+        await conn.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        await conn.execute(text(f"GRANT USAGE ON SCHEMA {hospital.schema} TO {role}"))
+        await conn.execute(
+            text(f"GRANT SELECT ON ALL TABLES IN SCHEMA {hospital.schema} TO {role}")
+        )
+    url = make_url(sql_url).set(username=role, password=password)
+    engine = create_async_engine(url)
+    try:
+        eraser = SqlEraser(engine)
+        problems = await eraser.preflight(request_for(patients_locator(hospital), "delete"))
+        assert problems == [
+            f"system 'patients-db': the database role may not DELETE on table "
+            f"'{hospital.name('patients')}'"
+        ]
+        assert await eraser.preflight(request_for(patients_locator(hospital), "retain")) == []
+    finally:
+        await engine.dispose()
+        async with hospital.engine.begin() as conn:
+            await conn.execute(text(f"DROP OWNED BY {role}"))
+            await conn.execute(text(f"DROP ROLE {role}"))
