@@ -3,7 +3,8 @@
 Backups live in Azure Blob Storage. Per-subject blobs (exports, archives) are found by an index
 tag holding the subject *reference* (never the raw id) or by a prefix rendered from the
 subject's values, and deleted with their snapshots. Whole-database backups cannot be edited, so
-they are deleted once they fall out of the erasure window (see `BackupEraser`). What the
+they are deleted once they fall out of the erasure window, and only for a subject the erasure
+found somewhere (see `BackupEraser`). What the
 service cannot show (soft delete, versions, holds: Azurite answers 501 for most of them) is
 reported as not checked, never as done.
 
@@ -21,7 +22,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Self, TypeVar
+from urllib.parse import parse_qs
 
+from azure.core.async_paging import AsyncItemPaged
 from azure.core.exceptions import (
     AzureError,
     HttpResponseError,
@@ -38,7 +41,7 @@ from activities.common import (
     retained_outcome,
     verdict,
 )
-from classification.datamap import BlobBackupLocator, render
+from classification.datamap import BlobBackupLocator, MissingIdentity, render
 from lethe.contracts import Evidence, StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
 
@@ -50,6 +53,11 @@ RETRY = LinearRetry(backoff=1, retry_total=2, random_jitter_range=1)
 """The SDK's own retries per call, kept short: Temporal's retry policy does the rest."""
 CONCURRENCY = 16
 """Deletions in flight at once."""
+PREFLIGHT_TIMEOUT_SECONDS = 10
+"""How long a preflight waits for the blob service, all its calls together."""
+NOT_FOUND_NOTE = "not touched: the subject was found in no system and is not on the forget-list"
+"""Why whole backups (which hold everyone) are left alone by an erasure that found no one."""
+WHOLE_BACKUPS_DATED = "dated: those taken before the erasure go once past the window"
 HOLD_CODES = {
     "BlobImmutableDueToLegalHold": "a legal hold",
     "BlobImmutableDueToPolicy": "an immutability policy",
@@ -151,6 +159,116 @@ def blob_errors(endpoint: str, system: str, container: str) -> Iterator[None]:
         raise ServiceUnavailable(f"blob service at {endpoint}: {type(exc).__name__}") from None
 
 
+def sas_problems(
+    connection_string: str, system: str, needs: dict[str, str], kind: str = "blob"
+) -> list[str]:
+    """What the connection's shared access signature says it cannot do: each permission of
+    `needs` (letter -> what the step does with it) it lacks, resource types, its validity.
+    Nothing for an account key, whose rights no request shows short of using them. Problems
+    name the `kind` system."""
+    fields = dict(part.split("=", 1) for part in connection_string.split(";") if "=" in part)
+    signature = fields.get("SharedAccessSignature")
+    if not signature:
+        return []
+    query = {k: v[0] for k, v in parse_qs(signature.lstrip("?"), keep_blank_values=True).items()}
+    where = f"{kind} system {system!r}: the connection's shared access signature"
+    problems = []
+    granted = query.get("sp", "")
+    missing = [f"{what} ({letter})" for letter, what in needs.items() if letter not in granted]
+    if missing:
+        problems.append(f"{where} does not allow " + ", ".join(missing))
+    if "srt" in query and not {"c", "o"} <= set(query["srt"]):
+        problems.append(f"{where} does not cover containers and blobs (srt needs c and o)")
+    if "ss" in query and "b" not in query["ss"]:
+        problems.append(f"{where} does not cover the blob service (ss needs b)")
+    if query.get("sr") in ("b", "bs", "bv"):
+        problems.append(f"{where} is for one blob, not the container")
+    now = datetime.now(UTC)
+    expires, starts = _sas_time(query.get("se")), _sas_time(query.get("st"))
+    if expires is not None and expires <= now:
+        problems.append(f"{where} expired at {expires.isoformat()}")
+    if starts is not None and starts > now:
+        problems.append(f"{where} is not valid before {starts.isoformat()}")
+    return problems
+
+
+def _sas_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return aware(datetime.fromisoformat(value))
+    except ValueError:
+        return None
+
+
+async def container_problems(
+    connection_string: str,
+    system: str,
+    container_name: str,
+    prefixes: list[str],
+    tag_query: str | None = None,
+    kind: str = "blob",
+) -> list[str]:
+    """Touching nothing: the container exists, the credentials open it, and listing blobs under
+    each prefix (and finding them by `tag_query`) works; one blob a listing at most. Raises
+    ServiceUnavailable within PREFLIGHT_TIMEOUT_SECONDS when the service does not answer.
+    Problems name the `kind` system."""
+    endpoint = blob_endpoint(connection_string)
+    container = blob_service(connection_string).get_container_client(container_name)
+    in_container = f"container {container_name!r}"
+    named = f"{kind} system {system!r}"
+    with blob_errors(endpoint, system, container_name):
+        async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
+            try:
+                await container.get_container_properties()
+            except ResourceNotFoundError as exc:
+                if error_code(exc) != "ContainerNotFound":
+                    raise
+                return [f"{named}: {in_container} does not exist"]
+            except HttpResponseError as exc:
+                refused = _refusal(exc, named, f"reading the properties of {in_container}")
+                if refused is None:
+                    raise
+                return [refused]
+            listings: list[tuple[str, AsyncItemPaged[Any]]] = [
+                (
+                    f"listing blobs in {in_container}",
+                    container.list_blobs(name_starts_with=prefix or None, results_per_page=1),
+                )
+                for prefix in dict.fromkeys(prefixes)
+            ]
+            if tag_query is not None:
+                listings.append(
+                    (
+                        f"finding blobs by index tag in {in_container}",
+                        container.find_blobs_by_tags(tag_query, results_per_page=1),
+                    )
+                )
+            problems: list[str] = []
+            for doing, listing in listings:
+                try:
+                    async for _ in listing:
+                        break  # one page of one blob: enough to know the call is allowed
+                except HttpResponseError as exc:
+                    refused = _refusal(exc, named, doing)
+                    if refused is None:
+                        raise
+                    if refused not in problems:
+                        problems.append(refused)
+            return problems
+
+
+def _refusal(exc: HttpResponseError, named: str, doing: str) -> str | None:
+    """A refusal of the credentials or their rights as a problem of the system `named`; None
+    for other errors."""
+    status, code = exc.status_code or 0, error_code(exc)
+    if status not in (401, 403):
+        return None
+    if code in ("AuthenticationFailed", "InvalidAuthenticationInfo", "NoAuthenticationInformation"):
+        return f"{named}: the service refused the credentials (HTTP {status} {code})"
+    return f"{named}: {doing} was refused (HTTP {status} {code})"
+
+
 def aware(moment: datetime) -> datetime:
     """`moment` with a time zone; a naive time is taken as UTC."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
@@ -189,9 +307,20 @@ class _WholeBackups:
     after: int
     """Taken after the erasure began: they do not hold the subject."""
     window: timedelta
+    note: str | None = None
+    """What was done with them, in words: None when the locator names none."""
+
+    @property
+    def touched(self) -> bool:
+        """Listed and dated: not so when the erasure found the subject nowhere."""
+        return self.note != NOT_FOUND_NOTE
 
     def due(self, backup: _Backup) -> datetime:
         return backup.created + self.window
+
+    def count(self, value: int) -> int | None:
+        """`value` as evidence: None (not counted) when the backups were not touched."""
+        return value if self.touched else None
 
 
 @dataclass(frozen=True)
@@ -230,7 +359,14 @@ class BackupEraser(BlobConnector):
     the window, i.e. at the latest `window` after its creation (`window` = window_ends_at -
     erasure_started_at). Erase deletes those created at or before now - window and leaves the
     rest; backups created after the erasure began are left alone (the forget-list guards
-    restores).
+    restores). Only when the erasure found the subject (`subject_found`: some step found their
+    data, or they are on the forget-list): otherwise whole backups are not even listed, so an
+    erasure of someone who exists nowhere (an id of `*`) destroys no one else's backups, and
+    the evidence says why (`whole_backups`).
+
+    Preflight touches nothing: it checks the container, the credentials and what they allow
+    (listing; a shared access signature's permissions and expiry), and that the locator's
+    prefix and tag can be made from the request.
 
     Verify returns `done` when nothing that must be gone by now remains. Pre-erasure backups
     still inside the window are not a failure: verify reports their count as
@@ -245,6 +381,47 @@ class BackupEraser(BlobConnector):
     service cannot answer (HTTP 501, as Azurite answers for versioning, immutability and legal
     holds) is named as not checked in the evidence and the detail, never reported as done.
     """
+
+    async def preflight(self, request: StepRequest) -> list[str]:
+        """Touching nothing: the subject's prefix renders and its reference can be a tag
+        value, what the connection's signature allows, the container exists and the
+        credentials open it, and listing (and finding by tag) there works."""
+        if request.step.action == "retain":
+            return []
+        locator = _locator(request)
+        system = request.step.system
+        problems: list[str] = []
+        prefixes: list[str] = []
+        tag_query: str | None = None
+        if locator.subject_tag:
+            if _TAG_VALUE.fullmatch(request.subject_ref):
+                tag_query = _tag_query(locator.subject_tag, request.subject_ref)
+            else:
+                problems.append(
+                    f"blob system {system!r}: the subject reference is not a valid blob index "
+                    "tag value, so subject_tag cannot find the subject's blobs"
+                )
+        if locator.subject_prefix:
+            try:
+                _check_prefix_ends_after_placeholder(request, locator.subject_prefix)
+                prefixes.append(
+                    render(
+                        locator.subject_prefix,
+                        request.subject.template_values(request.subject_ref),
+                    )
+                )
+            except (ConfigurationError, MissingIdentity) as exc:
+                problems.append(f"blob system {system!r}: subject_prefix: {exc}")
+        if locator.whole_backup_prefix is not None:
+            prefixes.append(locator.whole_backup_prefix)
+        needs = {"r": "read", "l": "list", "d": "delete"}
+        if locator.subject_tag:
+            needs["f"] = "find by tags"
+        problems += sas_problems(self._connection, system, needs)
+        problems += await container_problems(
+            self._connection, system, locator.container, prefixes, tag_query
+        )
+        return problems
 
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Delete the subject's blobs and the whole backups past the window; or retain."""
@@ -270,11 +447,12 @@ class BackupEraser(BlobConnector):
             "subject_blobs_already_gone": subject.already_gone,
             "whole_backups_deleted": expired.deleted,
             "whole_backups_already_gone": expired.already_gone,
-            "whole_backups_inside_window": len(whole.inside),
+            "whole_backups_inside_window": whole.count(len(whole.inside)),
             "whole_backups_next_due_at": _iso(
                 min((whole.due(b) for b in whole.inside), default=None)
             ),
-            "whole_backups_after_erasure": whole.after,
+            "whole_backups_after_erasure": whole.count(whole.after),
+            "whole_backups": whole.note,
             "held": sum(subject.held.values()) + sum(expired.held.values()),
             "soft_delete": soft_delete.note,
             "soft_delete_days": soft_delete.days,
@@ -302,7 +480,7 @@ class BackupEraser(BlobConnector):
             status="running",
             affected=subject.deleted + expired.deleted,
             evidence=evidence,
-            detail=_window_detail(len(whole.inside), last_due, soft_delete),
+            detail=_window_detail(len(whole.inside), last_due, soft_delete, whole),
             gone_by=gone_by,
         )
 
@@ -321,9 +499,10 @@ class BackupEraser(BlobConnector):
         earlier = erased.gone_by if erased.gone_by and aware(erased.gone_by) > now else None
         evidence: Evidence = {
             "subject_blobs_remaining": remaining,
-            "whole_backups_past_window": len(whole.past),
-            "remaining_inside_window": len(whole.inside),
-            "whole_backups_after_erasure": whole.after,
+            "whole_backups_past_window": whole.count(len(whole.past)),
+            "remaining_inside_window": whole.count(len(whole.inside)),
+            "whole_backups_after_erasure": whole.count(whole.after),
+            "whole_backups": whole.note,
             "soft_delete": erased.evidence.get("soft_delete"),
             "versions": erased.evidence.get("versions"),
         }
@@ -345,7 +524,7 @@ class BackupEraser(BlobConnector):
             erased,
             evidence,
             problems,
-            _window_detail(len(whole.inside), last_due, soft),
+            _window_detail(len(whole.inside), last_due, soft, whole, checking=True),
             gone_by=_latest(last_due, earlier),
         )
 
@@ -388,7 +567,7 @@ class BackupEraser(BlobConnector):
                     "the subject reference is not a valid blob index tag value "
                     "(letters, digits, space and + - . / : = _ only)"
                 )
-            query = f"\"{locator.subject_tag}\" = '{request.subject_ref}'"
+            query = _tag_query(locator.subject_tag, request.subject_ref)
             names.extend([b.name async for b in container.find_blobs_by_tags(query)])
         if locator.subject_prefix:
             _check_prefix_ends_after_placeholder(request, locator.subject_prefix)
@@ -410,18 +589,23 @@ class BackupEraser(BlobConnector):
         past: list[_Backup] = []
         inside: list[_Backup] = []
         after = 0
-        if locator.whole_backup_prefix is not None:
-            async for blob in container.list_blobs(name_starts_with=locator.whole_backup_prefix):
-                # Creation-Time has one-second precision: a backup stamped in the second the
-                # erasure began may have been taken before it, so it counts as holding the subject.
-                created = aware(blob.creation_time or blob.last_modified)
-                if created > started:
-                    after += 1
-                elif created <= now - window:
-                    past.append(_Backup(blob.name, created))
-                else:
-                    inside.append(_Backup(blob.name, created))
-        return _WholeBackups(past=past, inside=inside, after=after, window=window)
+        if locator.whole_backup_prefix is None:
+            return _WholeBackups(past=past, inside=inside, after=after, window=window)
+        if not request.subject_found:
+            # They hold everyone: expiring them for a subject who is in none of them (an id
+            # such as `*`) would destroy every other subject's backups. Not even listed.
+            return _WholeBackups(past, inside, after, window, note=NOT_FOUND_NOTE)
+        async for blob in container.list_blobs(name_starts_with=locator.whole_backup_prefix):
+            # Creation-Time has one-second precision: a backup stamped in the second the
+            # erasure began may have been taken before it, so it counts as holding the subject.
+            created = aware(blob.creation_time or blob.last_modified)
+            if created > started:
+                after += 1
+            elif created <= now - window:
+                past.append(_Backup(blob.name, created))
+            else:
+                inside.append(_Backup(blob.name, created))
+        return _WholeBackups(past, inside, after, window, note=WHOLE_BACKUPS_DATED)
 
     async def _delete(self, container: ContainerClient, names: list[str]) -> _Deletions:
         result = _Deletions()
@@ -490,6 +674,10 @@ async def _bounded(work: list[Awaitable[T]]) -> list[T]:
     return await asyncio.gather(*(one(item) for item in work))
 
 
+def _tag_query(tag: str, ref: str) -> str:
+    return f"\"{tag}\" = '{ref}'"
+
+
 def _locator(request: StepRequest) -> BlobBackupLocator:
     locator = request.step.locator
     if not isinstance(locator, BlobBackupLocator):
@@ -535,8 +723,22 @@ def _held_detail(held: dict[str, int]) -> str:
     )
 
 
-def _window_detail(inside: int, last_due: datetime | None, soft: _SoftDelete) -> str:
+def _window_detail(
+    inside: int,
+    last_due: datetime | None,
+    soft: _SoftDelete,
+    whole: _WholeBackups,
+    *,
+    checking: bool = False,
+) -> str:
     parts = []
+    if not whole.touched:
+        parts.append(
+            "whole backups not checked: they are not touched, since the subject was found in "
+            "no system and is not on the forget-list"
+            if checking
+            else f"whole backups {NOT_FOUND_NOTE}"
+        )
     if inside and last_due is not None:
         parts.append(
             f"{inside} whole backup(s) taken before the erasure are inside the window; the last "
@@ -549,4 +751,4 @@ def _window_detail(inside: int, last_due: datetime | None, soft: _SoftDelete) ->
     return "; ".join(parts)
 
 
-erase, verify = connector_activities("blob", BackupEraser.for_connection)
+erase, verify, preflight = connector_activities("blob", BackupEraser.for_connection)

@@ -2,7 +2,9 @@
 
 Keys are found with SCAN (never KEYS, which blocks the server) and removed with UNLINK, which
 frees memory off the main thread. The subject's values are glob-escaped before they go into a
-pattern, so a subject id such as `*` matches only itself.
+pattern, so a subject id such as `*` matches only itself. Preflight changes nothing: it renders
+the templates, logs in, checks the hash keys' types and asks `ACL DRYRUN` (Redis 7) whether the
+connection's user may run what the step runs.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from temporalio import activity
 
 from activities.common import (
@@ -25,7 +27,7 @@ from activities.common import (
     retained_outcome,
     verdict,
 )
-from classification.datamap import RedisLocator, render
+from classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
 from lethe.contracts import StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, ServiceUnavailable
 
@@ -35,6 +37,8 @@ SCAN_COUNT = 1000
 """How many slots one SCAN call walks: large enough to be quick, small enough not to block."""
 UNLINK_BATCH = 500
 TIMEOUT_SECONDS = 10.0
+PREFLIGHT_TIMEOUT_SECONDS = 5.0
+"""How long a preflight waits for Redis, all its calls together, before it says it is down."""
 _GLOB_CHARACTERS = re.compile(r"([*?\[\]\\])")
 
 # redis.asyncio connections belong to the event loop that opened them, so the cache is per loop.
@@ -73,6 +77,8 @@ class _Pattern:
     """The glob, with the subject's values escaped."""
     key: str | None
     """The one key the pattern names, when its template has no glob character of its own."""
+    name: str = ""
+    """The template filled in unescaped: the name the keys it matches have (for ACL checks)."""
 
 
 @dataclass(frozen=True)
@@ -88,35 +94,85 @@ class _Targets:
     hash_fields: list[_HashField]
 
 
-def _targets(request: StepRequest) -> _Targets:
-    """Render every pattern and hash field first, so a missing identity destroys nothing."""
+def _redis_locator(request: StepRequest) -> RedisLocator:
     locator = request.step.locator
     if not isinstance(locator, RedisLocator):
         raise ConfigurationError(
             f"step {request.step.id!r} is a Redis step but its locator is not a Redis locator"
         )
+    return locator
+
+
+def _pattern(index: int, template: str, values: dict[str, str]) -> _Pattern:
+    # Rendering every value as "" leaves the template's own text: if that holds no glob
+    # character, the pattern names exactly one key and needs no scan of the keyspace.
+    own_text = render(template, values, escape=lambda _: "")
+    literal = _GLOB_CHARACTERS.search(own_text) is None
+    return _Pattern(
+        index=index,
+        match=render(template, values, escape=glob_escape),
+        key=render(template, values) if literal else None,
+        name=render(template, values),
+    )
+
+
+def _hash_field(index: int, entry: RedisHashField, values: dict[str, str]) -> _HashField:
+    return _HashField(index=index, key=render(entry.key, values), field=render(entry.field, values))
+
+
+def _targets(request: StepRequest) -> _Targets:
+    """Render every pattern and hash field first, so a missing identity destroys nothing."""
+    locator = _redis_locator(request)
+    values = request.subject.template_values(request.subject_ref)
+    return _Targets(
+        patterns=[_pattern(i, t, values) for i, t in enumerate(locator.patterns)],
+        hash_fields=[_hash_field(i, e, values) for i, e in enumerate(locator.hash_fields)],
+    )
+
+
+def _rendered(request: StepRequest) -> tuple[_Targets, list[str]]:
+    """What renders of the locator, and a problem for each template that does not (a missing
+    identity), naming the template by index, never a value."""
+    locator = _redis_locator(request)
+    system = request.step.system
     values = request.subject.template_values(request.subject_ref)
     patterns: list[_Pattern] = []
     hash_fields: list[_HashField] = []
+    problems: list[str] = []
     for index, template in enumerate(locator.patterns):
-        # Rendering every value as "" leaves the template's own text: if that holds no glob
-        # character, the pattern names exactly one key and needs no scan of the keyspace.
-        own_text = render(template, values, escape=lambda _: "")
-        literal = _GLOB_CHARACTERS.search(own_text) is None
-        patterns.append(
-            _Pattern(
-                index=index,
-                match=render(template, values, escape=glob_escape),
-                key=render(template, values) if literal else None,
-            )
-        )
+        try:
+            patterns.append(_pattern(index, template, values))
+        except MissingIdentity as exc:
+            problems.append(f"Redis system {system!r}: pattern {index}: {exc}")
     for index, entry in enumerate(locator.hash_fields):
-        hash_fields.append(
-            _HashField(
-                index=index, key=render(entry.key, values), field=render(entry.field, values)
-            )
-        )
-    return _Targets(patterns=patterns, hash_fields=hash_fields)
+        try:
+            hash_fields.append(_hash_field(index, entry, values))
+        except MissingIdentity as exc:
+            problems.append(f"Redis system {system!r}: hash_fields {index}: {exc}")
+    return _Targets(patterns=patterns, hash_fields=hash_fields), problems
+
+
+def _acl_checks(targets: _Targets) -> list[tuple[str, str, list[str]]]:
+    """What the step runs, as (what it is run on, command, arguments) for `ACL DRYRUN`.
+
+    A glob pattern is checked with its template filled in (glob and all) as the key name: an
+    ACL key pattern that admits that name admits the keys it matches, as far as one name can
+    tell."""
+    checks: list[tuple[str, str, list[str]]] = []
+    for pattern in targets.patterns:
+        on = f"the keys of pattern {pattern.index}"
+        checks.append((on, "UNLINK", [pattern.name]))
+        if pattern.key is not None:
+            checks.append((on, "EXISTS", [pattern.key]))
+    globs = [p.index for p in targets.patterns if p.key is None]
+    if globs:
+        on = f"the keyspace (pattern(s) {globs} scan it)"
+        checks.append((on, "SCAN", ["0", "COUNT", str(SCAN_COUNT)]))
+    for entry in targets.hash_fields:
+        on = f"the key of hash_fields {entry.index}"
+        checks.append((on, "HDEL", [entry.key, entry.field]))
+        checks.append((on, "HEXISTS", [entry.key, entry.field]))
+    return checks
 
 
 def _where(url: str) -> str:
@@ -127,15 +183,17 @@ def _where(url: str) -> str:
 class CacheEraser:
     """Erases and verifies one Redis step: key patterns are unlinked, hash fields deleted."""
 
-    def __init__(self, client: Redis, where: str = "") -> None:
-        """Use `client`; `where` (host:port, no credentials) names the server in errors."""
+    def __init__(self, client: Redis, where: str = "", user: str = "default") -> None:
+        """Use `client`; `where` (host:port, no credentials) names the server in errors;
+        `user` is the ACL user the connection logs in as, when the server cannot say."""
         self._client = client
         self._where = where
+        self._user = user
 
     @classmethod
     def for_connection(cls, url: str) -> CacheEraser:
         """An eraser on the shared client for the Redis at `url`."""
-        return cls(redis_client(url), _where(url))
+        return cls(redis_client(url), _where(url), unquote(urlsplit(url).username or "default"))
 
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Unlink the subject's keys and delete their hash fields; `running` until verified."""
@@ -183,6 +241,91 @@ class CacheEraser:
         return verdict(
             erased, evidence, problems, "no key matches the patterns and no hash field remains"
         )
+
+    async def preflight(self, request: StepRequest) -> list[str]:
+        """Touching nothing: every template renders, Redis answers to these credentials, each
+        hash_fields key is a hash or absent, and (where the server answers `ACL DRYRUN`) the
+        connection's user may run what the step runs on what the locator names."""
+        if request.step.action == "retain":
+            return []
+        targets, problems = _rendered(request)
+        system = request.step.system
+
+        async def checks() -> list[str]:
+            async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
+                refused = await self._login_problem(system)
+                if refused:
+                    return [refused]
+                return [
+                    *await self._hash_problems(system, targets.hash_fields),
+                    *await self._acl_problems(system, targets),
+                ]
+
+        return problems + await self._call(checks)
+
+    async def _login_problem(self, system: str) -> str | None:
+        """A problem when Redis refuses this connection (credentials, database); raises
+        RedisError or OSError when it does not answer."""
+        try:
+            await self._client.ping()
+        except AuthenticationError:
+            return f"Redis system {system!r} at {self._where} refused the credentials"
+        except ResponseError as exc:
+            # NOPERM on PING, or a database number out of range: a refusal, not an outage.
+            return f"Redis system {system!r} at {self._where} refused PING ({type(exc).__name__})"
+        return None
+
+    async def _hash_problems(self, system: str, hash_fields: list[_HashField]) -> list[str]:
+        if not hash_fields:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for entry in hash_fields:
+            pipe.type(entry.key)
+        problems = []
+        for entry, kind in zip(hash_fields, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(kind, ResponseError):
+                problems.append(
+                    f"Redis system {system!r}: TYPE of the key of hash_fields {entry.index} "
+                    f"was refused ({type(kind).__name__})"
+                )
+            elif isinstance(kind, Exception):
+                raise kind
+            elif kind not in (b"hash", b"none"):
+                shown = kind.decode(errors="replace") if isinstance(kind, bytes) else str(kind)
+                problems.append(
+                    f"Redis system {system!r}: the key of hash_fields {entry.index} is not a "
+                    f"hash (it holds a {shown})"
+                )
+        return problems
+
+    async def _acl_problems(self, system: str, targets: _Targets) -> list[str]:
+        """What `ACL DRYRUN` denies the connection's user; nothing when the server cannot say
+        (before Redis 7, or a user who may not ask)."""
+        checks = _acl_checks(targets)
+        if not checks:
+            return []
+        try:
+            user = await self._client.acl_whoami()
+        except ResponseError:
+            user = self._user  # no ACL command (before Redis 6), or not allowed to ask
+        name = user.decode(errors="replace") if isinstance(user, bytes) else str(user)
+        pipe = self._client.pipeline(transaction=False)
+        for _, command, args in checks:
+            pipe.execute_command("ACL", "DRYRUN", name, command, *args)
+        answers = await pipe.execute(raise_on_error=False)
+        problems = []
+        for (on, command, _), answer in zip(checks, answers, strict=True):
+            if isinstance(answer, ResponseError):
+                continue  # the server cannot answer: unknown subcommand, NOPERM, unknown user
+            if isinstance(answer, Exception):
+                raise answer
+            if answer not in (b"OK", "OK"):
+                # The server's reason quotes the key, which holds the subject's values.
+                problems.append(
+                    f"Redis system {system!r}: the ACL of user {name!r} does not allow "
+                    f"{command} on {on}"
+                )
+        return problems
 
     async def _purge_keys(self, patterns: list[_Pattern]) -> int:
         unlinked = 0
@@ -267,4 +410,4 @@ class CacheEraser:
             raise ServiceUnavailable(f"Redis at {self._where}: {type(exc).__name__}") from None
 
 
-erase, verify = connector_activities("redis", CacheEraser.for_connection)
+erase, verify, preflight = connector_activities("redis", CacheEraser.for_connection)

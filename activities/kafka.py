@@ -5,6 +5,16 @@ once, but the subject's earlier records stay in the log until the log cleaner co
 retention deletes their segment. When that is guaranteed depends on the topic's settings, so
 erase records where the tombstone went and `removal_deadline` computes the bound from the
 settings; verify reads the tombstone back and compares the bound with the erasure window.
+
+Each step writes its tombstone once. The tombstone carries headers naming the request and the
+step (`lethe-request`, `lethe-step`; no personal data), and erase first looks for one in the
+key's partition, from the offset of the erasure's start (found by timestamp) or, narrower, from
+where an earlier attempt's heartbeat says it was about to produce. A retry after a crash between
+the delivery and the activity's completion finds the first tombstone and reports it as its
+evidence (`tombstone_reused`) instead of writing a second one.
+
+Preflight checks, touching nothing, that the cluster answers, the topic exists, the key template
+fills from the request, and (where the broker reports it) that this worker may write the topic.
 """
 
 from __future__ import annotations
@@ -12,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -24,14 +34,17 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AclOperation,
     AdminClient,
     ConfigResource,
     OffsetSpec,
     ResourceType,
 )
+from temporalio import activity
 
 from activities.common import (
     SchemaMismatch,
@@ -39,12 +52,24 @@ from activities.common import (
     retained_outcome,
     verdict,
 )
-from classification.datamap import KafkaTopicLocator, render
+from classification.datamap import KafkaTopicLocator, MissingIdentity, render
 from lethe.contracts import Evidence, StepOutcome, StepRequest, StepStatus
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 TIMEOUT_SECONDS = 15.0
 """How long one broker call (metadata, delivery, read) may take before Kafka counts as down."""
+PREFLIGHT_TIMEOUT_SECONDS = 5.0
+"""How long preflight waits for the cluster to answer: a plan shown to a DPO should not hang."""
+REQUEST_HEADER = "lethe-request"
+STEP_HEADER = "lethe-step"
+"""The headers of a tombstone: the request and the step that wrote it (no personal data)."""
+CLOCK_SKEW = timedelta(minutes=5)
+"""How far before the erasure's start (the Temporal server's clock) the search for an earlier
+tombstone begins: the tombstone's timestamp comes from the worker's (or the broker's) clock."""
+SEARCH_SLICE_SECONDS = 5.0
+"""How long the search for an earlier tombstone reads between two heartbeats."""
+SEARCH_BATCH = 500
+"""How many records the search takes from the consumer at a time."""
 LONG_MAX = 9223372036854775807
 """Java's Long.MAX_VALUE: Kafka's `max.compaction.lag.ms` when compaction has no deadline."""
 TOPIC_SETTINGS = (
@@ -219,6 +244,35 @@ def removal_status(
     return "done", None, f"earlier records were gone by {gone_by.isoformat()}: {removal.reason}"
 
 
+# --- where a key's records are (pure) ---------------------------------------------------------
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of `data` (the Java client's `Utils.murmur2`), as 32 unsigned bits."""
+    mask, m = 0xFFFFFFFF, 0x5BD1E995
+    length = len(data)
+    h = (0x9747B28C ^ length) & mask
+    whole = length - length % 4
+    for i in range(0, whole, 4):
+        k = (int.from_bytes(data[i : i + 4], "little") * m) & mask
+        k = ((k ^ (k >> 24)) * m) & mask
+        h = ((h * m) & mask) ^ k
+    tail = data[whole:]
+    if len(tail) == 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h = ((h ^ tail[0]) * m) & mask
+    h = ((h ^ (h >> 13)) * m) & mask
+    return h ^ (h >> 15)
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition a Java producer (and librdkafka's `murmur2_random`) puts `key` on."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 # --- the connector ---------------------------------------------------------------------------
 
 
@@ -254,6 +308,9 @@ def admin_client(bootstrap: str) -> AdminClient:
     return found
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class _Delivery:
     partition: int
@@ -275,14 +332,164 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _key(request: StepRequest) -> tuple[str, bytes]:
+def _locator(request: StepRequest) -> KafkaTopicLocator:
     locator = request.step.locator
     if not isinstance(locator, KafkaTopicLocator):
         raise ConfigurationError(
             f"step {request.step.id!r} is a Kafka step but its locator is not a Kafka topic"
         )
+    return locator
+
+
+def _key(request: StepRequest) -> tuple[str, bytes]:
+    locator = _locator(request)
     values = request.subject.template_values(request.subject_ref)
     return locator.topic, render(locator.key_template, values).encode()
+
+
+def _marks(request: StepRequest) -> list[tuple[str, bytes]]:
+    """The headers that tie a tombstone to its request and step."""
+    return [
+        (REQUEST_HEADER, request.request_id.encode()),
+        (STEP_HEADER, request.step.id.encode()),
+    ]
+
+
+def _heartbeat(topic: str, partition: int, offset: int) -> None:
+    """Tell a later attempt where to look: this step's tombstone, if any, is at or after
+    `offset` in `partition` (nothing of it is earlier). Outside an activity, nothing."""
+    if activity.in_activity():
+        activity.heartbeat({"topic": topic, "partition": partition, "offset": offset})
+
+
+def _earlier_attempt(topic: str, partition: int) -> int | None:
+    """Where an earlier attempt's last heartbeat says this step's tombstone can start, if it
+    left one for this topic and partition (heartbeats are best-effort: often there is none)."""
+    if not activity.in_activity():
+        return None
+    details = activity.info().heartbeat_details
+    last = details[-1] if details else None
+    if not isinstance(last, dict):
+        return None
+    offset = last.get("offset")
+    if (
+        last.get("topic") != topic
+        or last.get("partition") != partition
+        or not isinstance(offset, int)
+        or isinstance(offset, bool)
+        or offset < 0
+    ):
+        return None
+    return offset
+
+
+class _TombstoneSearch:
+    """Reads one partition from a starting offset up to its end when the search began, looking
+    for the tombstone of one request and step for one key (blocking: runs in a thread). It
+    compares keys, headers and whether a value is there; values are never kept or shown."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        partition: int,
+        key: bytes,
+        marks: Sequence[tuple[str, bytes]],
+    ) -> None:
+        self._bootstrap, self._topic, self._partition, self._key = bootstrap, topic, partition, key
+        self._marks = list(marks)
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "lethe-erase",  # the client wants one; assign() joins no group
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": True,
+            }
+        )
+        self.next = 0
+        """The first offset not read yet: nothing of the step's before it."""
+        self.end = 0
+        """The partition's high watermark when the search began: where it stops."""
+
+    @property
+    def finished(self) -> bool:
+        """Everything from the start to the end has been read."""
+        return self.next >= self.end
+
+    def start(self, since_ms: int, earlier: int | None) -> None:
+        """Bound the search: from `earlier` (an earlier attempt's heartbeat) when it fits the
+        partition, else from the first record stamped at or after `since_ms`."""
+        place = TopicPartition(self._topic, self._partition)
+        low, high = self._consumer.get_watermark_offsets(place, timeout=TIMEOUT_SECONDS)
+        if earlier is not None and earlier <= high:
+            begin = earlier
+        else:  # no heartbeat, or one from before the topic was recreated
+            [stamped] = self._consumer.offsets_for_times(
+                [TopicPartition(self._topic, self._partition, since_ms)], timeout=TIMEOUT_SECONDS
+            )
+            if stamped.error is not None:
+                raise KafkaException(stamped.error)
+            begin = stamped.offset if stamped.offset >= 0 else high
+        self.next, self.end = max(begin, low), high
+        if not self.finished:
+            self._consumer.assign([TopicPartition(self._topic, self._partition, self.next)])
+
+    def read(self, seconds: float) -> _Delivery | None:
+        """Read on for up to `seconds`: the step's tombstone if found, else None."""
+        now = time.monotonic()
+        stop, idle_until = now + seconds, now + TIMEOUT_SECONDS
+        last_error = ""
+        while not self.finished and time.monotonic() < stop:
+            # No more than are left, so the last batch need not wait out the timeout to fill.
+            wanted = min(SEARCH_BATCH, self.end - self.next)
+            messages = self._consumer.consume(wanted, timeout=0.5)
+            if not messages:
+                if time.monotonic() > idle_until:
+                    raise ServiceUnavailable(
+                        f"Kafka at {self._bootstrap}: no record read in time while looking for "
+                        f"an earlier tombstone {last_error}".strip()
+                    )
+                continue
+            idle_until = time.monotonic() + TIMEOUT_SECONDS
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        self.next = self.end  # compaction left a gap up to the end
+                        return None
+                    last_error = error.name()
+                    continue
+                found = self._match(message)
+                if found is not None:
+                    return found
+                if self.finished:
+                    return None
+        return None
+
+    def _match(self, message: Message) -> _Delivery | None:
+        offset = message.offset()
+        if offset is None:
+            return None
+        if offset >= self.end:
+            self.next = self.end
+            return None
+        self.next = offset + 1
+        if message.key() != self._key or message.value() is not None:
+            return None
+        headers = message.headers() or []
+        pairs = list(headers.items()) if isinstance(headers, dict) else headers
+        if not all(mark in pairs for mark in self._marks):
+            return None
+        kind, stamp = message.timestamp()
+        if kind == TIMESTAMP_NOT_AVAILABLE:
+            stamp = int(time.time() * 1000)
+        return _Delivery(partition=self._partition, offset=offset, timestamp_ms=stamp)
+
+    def close(self) -> None:
+        """Close the consumer."""
+        self._consumer.close()
 
 
 class TombstoneWriter:
@@ -308,9 +515,20 @@ class TombstoneWriter:
         # Reading the settings first also proves the topic exists, so a wrong name in the data
         # map cannot make the broker auto-create a topic when the tombstone is produced.
         settings = await self._settings(request, topic)
-        # Erasing twice writes two tombstones for the same key: harmless, the later one shadows
-        # the earlier and compaction keeps at most the last.
-        delivery = await asyncio.to_thread(self._produce_tombstone, topic, key)
+        # The tombstone goes to the partition a Java producer puts the key on, named explicitly
+        # so that it is the partition searched (and heartbeated) whatever the producer's
+        # metadata says.
+        partition = partition_of(key, await self._partition_count(request, topic))
+        earlier, searched_to = await self._earlier_tombstone(request, topic, partition, key)
+        if earlier is not None:
+            delivery, what = earlier, "tombstone of an earlier attempt found, none written"
+        else:
+            # A crash after the delivery leaves this for the retry: look from here on.
+            _heartbeat(topic, partition, searched_to)
+            delivery = await asyncio.to_thread(
+                self._produce_tombstone, topic, key, partition, _marks(request)
+            )
+            what = "tombstone written"
         removal = removal_deadline(settings, _from_ms(delivery.timestamp_ms))
         return StepOutcome(
             step_id=step.id,
@@ -321,11 +539,50 @@ class TombstoneWriter:
                 "partition": delivery.partition,
                 "offset": delivery.offset,
                 "tombstone_time_ms": delivery.timestamp_ms,
+                "tombstone_reused": earlier is not None,
                 **_settings_evidence(settings),
             },
-            detail=f"tombstone written; {removal.reason}",
+            detail=f"{what}; {removal.reason}",
             gone_by=removal.gone_by,
         )
+
+    async def preflight(self, request: StepRequest) -> list[str]:
+        """Check, touching nothing, that the cluster answers (else ServiceUnavailable, within
+        seconds), the topic exists, the key template fills from the request, and, where the
+        broker reports what this worker may do, that it may write, read and describe the topic.
+        Problems name the system and the topic, never the key."""
+        step = request.step
+        if step.action == "retain":
+            return []
+        topic = _locator(request).topic
+        where = f"Kafka topic {topic!r} of system {step.system!r}"
+        problems: list[str] = []
+        try:
+            _key(request)
+        except MissingIdentity as exc:  # it names the placeholder, not a value
+            problems.append(f"the key template of {where} cannot be filled: {exc}")
+        try:
+            described = await self._topic(topic, PREFLIGHT_TIMEOUT_SECONDS, authorized=True)
+        except KafkaException as exc:
+            code = _code(exc)
+            if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                return [*problems, f"{where} does not exist (Lethe never creates topics)"]
+            if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                return [*problems, f"{where}: this worker may not describe it"]
+            raise self._unavailable(exc) from None
+        # None: the broker does not say (no authorizer reports all operations as allowed).
+        allowed = set(getattr(described, "authorized_operations", None) or ())
+        if allowed and AclOperation.ALL not in allowed:
+            for operation, what in (
+                (AclOperation.WRITE, "write the tombstone"),
+                (AclOperation.READ, "read it back or look for an earlier one"),
+                (AclOperation.DESCRIBE_CONFIGS, "read the topic's settings"),
+            ):
+                if operation not in allowed:
+                    problems.append(
+                        f"{where}: this worker may not {what} ({operation.name} is not granted)"
+                    )
+        return problems
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Read the tombstone back and judge the topic's settings against the erasure window."""
@@ -398,6 +655,64 @@ class TombstoneWriter:
         settings = {name: entries[name] for name in TOPIC_SETTINGS if name in entries}
         return {**await self._broker_settings(), **settings}
 
+    async def _partition_count(self, request: StepRequest, topic: str) -> int:
+        try:
+            described = await self._topic(topic, TIMEOUT_SECONDS)
+        except KafkaException as exc:
+            if _code(exc) == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise SchemaMismatch(
+                    f"Kafka topic {topic!r} of system {request.step.system!r} does not exist"
+                ) from None
+            raise self._unavailable(exc) from None
+        count = len(described.partitions)
+        if count < 1:
+            raise ServiceUnavailable(f"Kafka at {self._bootstrap}: topic without partitions")
+        return count
+
+    async def _topic(self, topic: str, timeout: float, *, authorized: bool = False) -> Any:
+        """The topic's description (never creates it); KafkaException as the broker answers."""
+        futures = self._admin.describe_topics(
+            TopicCollection([topic]),
+            request_timeout=timeout,
+            include_authorized_operations=authorized,
+        )
+        return await self._admin_result(futures[topic], timeout + 1)
+
+    async def _earlier_tombstone(
+        self, request: StepRequest, topic: str, partition: int, key: bytes
+    ) -> tuple[_Delivery | None, int]:
+        """This request's and step's tombstone for `key`, if an earlier attempt wrote one; and
+        the offset the search read up to (nothing of the step's is before it).
+
+        The search starts where an earlier attempt's heartbeat says it was about to produce,
+        else at the first record stamped after the erasure began (less the clock skew allowed),
+        and ends at the partition's end when it began; it heartbeats as it reads.
+        """
+        since = _utc(request.erasure_started_at) - CLOCK_SKEW
+        since_ms = int(since.timestamp() * 1000)
+        earlier = _earlier_attempt(topic, partition)
+        search = await self._in_thread(
+            _TombstoneSearch, self._bootstrap, topic, partition, key, _marks(request)
+        )
+        try:
+            await self._in_thread(search.start, since_ms, earlier)
+            while not search.finished:
+                found = await self._in_thread(search.read, SEARCH_SLICE_SECONDS)
+                if found is not None:
+                    return found, found.offset
+                if not search.finished:
+                    _heartbeat(topic, partition, search.next)
+            return None, search.end
+        finally:
+            await asyncio.to_thread(search.close)
+
+    async def _in_thread(self, work: Callable[..., T], *args: Any) -> T:
+        """Run blocking client work in a thread; Kafka's own errors as ServiceUnavailable."""
+        try:
+            return await asyncio.to_thread(work, *args)
+        except KafkaException as exc:
+            raise self._unavailable(exc) from None
+
     async def _broker_settings(self) -> dict[str, str]:
         """How often the brokers clean and apply retention: read once per cluster, the slowest."""
         cached = _brokers.get(self._bootstrap)
@@ -442,15 +757,18 @@ class TombstoneWriter:
             raise self._unavailable(exc) from None
         return _from_ms(info.timestamp) if info.offset >= 0 else None
 
-    async def _admin_result(self, future: Any) -> Any:
+    async def _admin_result(self, future: Any, timeout: float | None = None) -> Any:
         try:
-            async with asyncio.timeout(TIMEOUT_SECONDS + 1):
+            async with asyncio.timeout(TIMEOUT_SECONDS + 1 if timeout is None else timeout):
                 return await asyncio.wrap_future(future)
         except TimeoutError:
             raise ServiceUnavailable(f"Kafka at {self._bootstrap}: TimeoutError") from None
 
-    def _produce_tombstone(self, topic: str, key: bytes) -> _Delivery:
-        """Produce and flush a tombstone (blocking: runs in a thread)."""
+    def _produce_tombstone(
+        self, topic: str, key: bytes, partition: int, headers: Sequence[tuple[str, bytes]]
+    ) -> _Delivery:
+        """Produce and flush a tombstone to `partition` with `headers` (blocking: runs in a
+        thread); where it landed, once the broker has acknowledged it."""
         reported = threading.Event()
         reports: list[tuple[KafkaError | None, Message]] = []
 
@@ -459,7 +777,14 @@ class TombstoneWriter:
             reported.set()
 
         try:
-            self._producer.produce(topic, key=key, value=None, on_delivery=on_delivery)
+            self._producer.produce(
+                topic,
+                key=key,
+                value=None,
+                partition=partition,
+                headers=list(headers),
+                on_delivery=on_delivery,
+            )
         except (BufferError, KafkaException) as exc:
             raise self._unavailable(exc) from None
         self._producer.flush(TIMEOUT_SECONDS + 5)
@@ -471,13 +796,13 @@ class TombstoneWriter:
             if error.fatal():
                 _producers.pop(self._bootstrap, None)  # an idempotent producer cannot recover
             raise ServiceUnavailable(f"Kafka at {self._bootstrap}: delivery failed {error.name()}")
-        partition, offset = message.partition(), message.offset()
+        landed, offset = message.partition(), message.offset()
         kind, stamp = message.timestamp()
-        if partition is None or offset is None:
+        if landed is None or offset is None:
             raise ServiceUnavailable(f"Kafka at {self._bootstrap}: delivery report without offset")
         if kind == TIMESTAMP_NOT_AVAILABLE:
             stamp = int(time.time() * 1000)
-        return _Delivery(partition=partition, offset=offset, timestamp_ms=stamp)
+        return _Delivery(partition=landed, offset=offset, timestamp_ms=stamp)
 
     def _read_at(self, topic: str, partition: int, offset: int, key: bytes) -> _Read:
         """Read the first record at or after `offset` with a throwaway consumer (blocking)."""
@@ -543,4 +868,4 @@ def _settings_evidence(settings: Mapping[str, str]) -> Evidence:
     return evidence
 
 
-erase, verify = connector_activities("kafka", TombstoneWriter.for_connection)
+erase, verify, preflight = connector_activities("kafka", TombstoneWriter.for_connection)

@@ -4,7 +4,9 @@ Logs are block blobs of one JSON object per line, in a container under a prefix.
 the subject's when one of the locator's `fields` holds the subject's value for it. Each blob
 that holds such a record is rewritten as a whole and swapped in only if nobody wrote to it
 since it was read (an If-Match on its etag); a concurrent writer makes the swap fail, and the
-blob is read again and rewritten, so their lines are never lost.
+blob is read again and rewritten, so their lines are never lost. Preflight reads only: the
+container, the credentials and what they allow, and that the request gives a value to find
+records by.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from activities.blob import (
     beat,
     blob_errors,
     blob_service,
+    container_problems,
     error_code,
+    sas_problems,
 )
 from activities.common import connector_activities, retained_outcome, verdict
 from classification.datamap import LogLocator, MissingIdentity
@@ -165,6 +169,32 @@ class LogRedactor(BlobConnector):
     subject's records are read but never rewritten. Only block blobs can be swapped whole: an
     append or page blob holding the subject's records is counted and makes the step `failed`.
     """
+
+    async def preflight(self, request: StepRequest) -> list[str]:
+        """Touching nothing: the action is one logs take, the request gives a value to find
+        records by, what the connection's signature allows, the container exists and the
+        credentials open it, and listing under the prefix works."""
+        action = request.step.action
+        if action == "retain":
+            return []
+        locator = _locator(request)
+        system = request.step.system
+        problems: list[str] = []
+        if action not in _MODES:
+            problems.append(
+                f"logs system {system!r}: logs cannot {action!r}; use delete, redact, "
+                "anonymize or retain"
+            )
+        try:
+            subject_values(request, locator)
+        except MissingIdentity as exc:
+            problems.append(f"logs system {system!r}: {exc}")
+        needs = {"r": "read", "l": "list", "w": "write"}
+        problems += sas_problems(self._connection, system, needs, kind="logs")
+        problems += await container_problems(
+            self._connection, system, locator.container, [locator.prefix], kind="logs"
+        )
+        return problems
 
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Drop or redact the subject's records in every log blob under the prefix; or retain."""
@@ -340,4 +370,4 @@ def _locator(request: StepRequest) -> LogLocator:
     return locator
 
 
-erase, verify = connector_activities("logs", LogRedactor.for_connection)
+erase, verify, preflight = connector_activities("logs", LogRedactor.for_connection)

@@ -57,13 +57,13 @@ class Planner:
         """The plan for one request: every locator of every system, its action and its basis."""
         subject = request.subject
         home = routing.home_region(self.datamap, subject.tenant, request.region)
+        # Only the systems that hold the subject's tenant: nothing of the subject goes to a
+        # system, or to a region's worker, that never held their data.
+        holding = routing.systems_of(self.datamap, subject.tenant, request.region)
         known = {system.name for system in self.datamap.systems}
         unknown = sorted(set(request.systems) - known)
         if unknown:
             raise PlanningFailed(f"system(s) {', '.join(unknown)} are not in the data map")
-        # Only the systems that hold the subject's tenant: nothing of the subject goes to a
-        # system, or to a region's worker, that never held their data.
-        holding = self.datamap.systems_of(subject.tenant)
         held = {system.name for system in holding}
         steps = [
             step
@@ -71,11 +71,16 @@ class Planner:
             if not request.systems or system.name in request.systems
             for step in self._steps(system, held)
         ]
-        if not steps:
+        if not steps and request.systems:
             raise PlanningFailed(
-                f"no system of the data map holds subjects of tenant {subject.tenant!r}"
-                + (f" among {', '.join(request.systems)}" if request.systems else "")
-                + ": list the tenant under the `tenants` of the systems that hold them"
+                f"none of the systems {', '.join(request.systems)} holds subjects of tenant "
+                f"{subject.tenant!r}"
+            )
+        if not steps:
+            raise routing.NoSystemHoldsTenant(
+                f"no system of the data map holds subjects of tenant {subject.tenant!r} (only "
+                "whole backups of systems that do not hold them): list the tenant under the "
+                "`tenants` of the systems that hold them"
             )
         self._check_identities(steps, subject.template_values(subject_ref))
         special = sorted(

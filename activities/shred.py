@@ -21,10 +21,16 @@ a canary: verification then rests on the key store's state, and the evidence say
 
 A forget-list replay after the key store is restored from a backup runs this same step: the
 restored keys of every erased subject are destroyed again.
+
+Preflight, before anything is destroyed, reads only: on a connection of its own (the shared
+engine would make missing tables), it checks that the key store answers, holds the tables the
+step uses, lets the user do there what the step does (PostgreSQL says), and that this worker's
+subject key makes the request's subject reference.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
@@ -32,9 +38,13 @@ import re
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Connection, func, inspect, select
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 from temporalio import activity
 
 from activities.common import connector_activities, retained_outcome, verdict
@@ -52,9 +62,25 @@ from lethe.errors import (
 )
 from lethe.kek import LocalKekProvider
 from lethe.keys import KeyService, place
+from lethe.subjects import subject_ref
 
 CANARY_BYTES = 32
+PREFLIGHT_TIMEOUT_SECONDS = 5
+"""How long a preflight waits for the key store, connecting and asking together."""
 _REF = re.compile(r"^[0-9a-f]{32}$")
+_NEEDED: dict[str, tuple[str, ...]] = {
+    key_store.data_keys.name: ("SELECT", "DELETE", "UPDATE"),  # UPDATE: the canary's budget
+    key_store.shredded.name: ("SELECT", "INSERT"),
+    key_store.kek_versions.name: ("SELECT",),
+    key_store.kek_state.name: ("SELECT",),
+}
+"""The key store's tables the step uses, and what it does in each (PostgreSQL's names)."""
+_FUNCTIONS = ("pg_advisory_xact_lock(bigint)", "hashtextextended(text, bigint)")
+"""What the step calls to lock the subject while it shreds (PostgreSQL)."""
+_MISSING_DATABASE = re.compile(r'database ".*" does not exist')
+_REFUSED_LOGIN = re.compile(
+    r'password authentication failed|role ".*" does not exist|no pg_hba\.conf entry'
+)
 
 
 class UnsupportedStep(LetheError):
@@ -179,6 +205,23 @@ class KeyShredder:
         )
         return verdict(erased, evidence, problems, f"no data key left; {proof}")
 
+    async def preflight(self, request: StepRequest) -> list[str]:
+        """Touching nothing (no table is made, no key read): the key store answers to these
+        credentials, holds the tables the step uses with their columns and, on PostgreSQL,
+        lets this user do there what the step does; and this worker's LETHE_SUBJECT_KEY makes
+        the request's subject reference."""
+        step = request.step
+        _check_step(request)
+        if step.action == "retain":
+            return []
+        where = f"key store of system {step.system!r}"
+        problems = []
+        wrong_ref = _ref_problem(self._subject_key, request)
+        if wrong_ref is not None:
+            problems.append(f"{where}: {wrong_ref}")
+        problems += await _store_problems(self._url, step.system)
+        return problems
+
     async def _service(self) -> KeyService:
         """A key service with no cache on the key store's shared engine (one per URL)."""
         engine = await key_store.key_engine(self._url)
@@ -186,7 +229,7 @@ class KeyShredder:
         return KeyService(engine, provider, self._subject_key, cache_seconds=0)
 
 
-erase, verify = connector_activities("keys", KeyShredder.for_connection)
+erase, verify, preflight = connector_activities("keys", KeyShredder.for_connection)
 
 
 def _check_step(request: StepRequest) -> None:
@@ -207,11 +250,119 @@ def _checked_ref(keys: KeyService, request: StepRequest) -> str:
     if not _REF.fullmatch(ref):
         raise UnsupportedStep(f"step {request.step.id}: the subject reference is malformed")
     if keys.subject_ref(request.subject.tenant, request.subject.subject_id) != ref:
-        raise ConfigurationError(
-            "this worker's LETHE_SUBJECT_KEY is not the one the request's subject reference was "
-            "made with, so the key store names the subject differently; nothing was shredded"
-        )
+        raise ConfigurationError(f"{_FOREIGN_REF}; nothing was shredded")
     return ref
+
+
+_FOREIGN_REF = (
+    "this worker's LETHE_SUBJECT_KEY is not the one the request's subject reference was made "
+    "with, so the key store names the subject differently"
+)
+
+
+def _ref_problem(subject_key: bytes, request: StepRequest) -> str | None:
+    """What `_checked_ref` would refuse, in words; None when the reference is this worker's."""
+    ref = request.subject_ref
+    if not _REF.fullmatch(ref):
+        return "the subject reference is malformed"
+    if subject_ref(request.subject.tenant, request.subject.subject_id, subject_key) != ref:
+        return _FOREIGN_REF
+    return None
+
+
+async def _store_problems(url: str, system: str) -> list[str]:
+    """The key store's problems, asked on a connection of its own (not the shared engine, whose
+    first use makes the tables): missing database, refused login, tables, columns, rights.
+    Raises ServiceUnavailable when it does not answer within PREFLIGHT_TIMEOUT_SECONDS."""
+    where = f"key store of system {system!r}"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return [f"{where}: its URL is not a database URL"]
+    if parsed.get_backend_name() == "sqlite":
+        name = parsed.database or ""
+        in_file = name and name != ":memory:" and not name.startswith("file:")
+        if in_file and not await asyncio.to_thread(Path(name).exists):
+            # Connecting would create the file.
+            return [f"{where}: its database file does not exist"]
+    engine = create_async_engine(url, poolclass=NullPool, connect_args=_connect_args(parsed))
+    try:
+        async with _key_store(system):
+            try:
+                async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
+                    async with engine.connect() as conn:
+                        return await _schema_problems(conn, where)
+            except DBAPIError as exc:
+                refused = _login_refusal(exc, where)
+                if refused is None:
+                    raise
+                return [refused]
+    finally:
+        await engine.dispose()
+
+
+def _connect_args(url: URL) -> dict[str, object]:
+    """A connect timeout the driver understands, so an unreachable host fails in seconds."""
+    if url.get_backend_name() != "postgresql":
+        return {}
+    if url.get_driver_name() == "asyncpg":
+        return {"timeout": PREFLIGHT_TIMEOUT_SECONDS}
+    return {"connect_timeout": PREFLIGHT_TIMEOUT_SECONDS}
+
+
+def _login_refusal(exc: DBAPIError, where: str) -> str | None:
+    """A refused connection that waiting will not mend, in words (never the driver's text)."""
+    said = str(exc.orig)
+    if _MISSING_DATABASE.search(said):
+        return f"{where}: the database its URL names does not exist"
+    if _REFUSED_LOGIN.search(said):
+        return f"{where}: the server refused the credentials"
+    return None
+
+
+async def _schema_problems(conn: AsyncConnection, where: str) -> list[str]:
+    columns = await conn.run_sync(_columns)
+    problems = []
+    for name in _NEEDED:
+        table = key_store.key_tables.tables[name]
+        found = columns.get(name)
+        if found is None:
+            problems.append(
+                f"{where}: table {table.name} does not exist (no service has used this key "
+                "store yet, or its URL names another database)"
+            )
+            continue
+        lacking = [c.name for c in table.columns if c.name not in found]
+        if lacking:
+            problems.append(f"{where}: table {table.name} lacks column(s) {', '.join(lacking)}")
+    if conn.dialect.name == "postgresql":
+        problems += await _privilege_problems(conn, where, set(columns))
+    return problems
+
+
+def _columns(conn: Connection) -> dict[str, set[str]]:
+    """The columns of each of the step's tables that exists."""
+    inspector = inspect(conn)
+    return {
+        name: {column["name"] for column in inspector.get_columns(name)}
+        for name in _NEEDED
+        if inspector.has_table(name)
+    }
+
+
+async def _privilege_problems(conn: AsyncConnection, where: str, tables: set[str]) -> list[str]:
+    asked = [
+        (f"{privilege} on {table}", func.has_table_privilege(table, privilege))
+        for table, privileges in _NEEDED.items()
+        if table in tables
+        for privilege in privileges
+    ] + [
+        (f"EXECUTE {function}", func.has_function_privilege(function, "EXECUTE"))
+        for function in _FUNCTIONS
+    ]
+    answers = (await conn.execute(select(*(query for _, query in asked)))).one()
+    denied = [what for (what, _), allowed in zip(asked, answers, strict=True) if not allowed]
+    return [f"{where}: the database user may not {', '.join(denied)}"] if denied else []
 
 
 async def _canary(keys: KeyService, request: StepRequest, ref: str) -> tuple[str | None, str]:

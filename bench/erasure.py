@@ -810,7 +810,7 @@ async def lethe_latency(client: Client, subjects: list[str], poll_ms: float) -> 
     for subject_id in subjects:
         request = request_for(subject_id)
         called = time.time()
-        workflow_id = await client.erase(request)
+        workflow_id = (await client.erase(request)).workflow_id
         sample = Sample(workflow_id, called)
         if poll_ms > 0:
             sample.polled_at = await poll_until_waiting(client, workflow_id, poll_ms / 1000)
@@ -833,7 +833,7 @@ async def lethe_throughput(client: Client, subjects: list[str]) -> tuple[float, 
 
     async def start(request: ErasureRequest) -> Sample:
         called = time.time()
-        return Sample(await client.erase(request), called)
+        return Sample((await client.erase(request)).workflow_id, called)
 
     samples = list(await asyncio.gather(*(start(request) for request in requests)))
     timers = await asyncio.gather(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from classification.datamap import DataMap
+from classification.datamap import DataMap, System
 from lethe.contracts import RegionPlan, Step
 from lethe.errors import LetheError, UnknownRegion
 
@@ -35,6 +35,23 @@ def home_region(datamap: DataMap, tenant: str, requested: str | None = None) -> 
                 "drop --region or correct the data map"
             )
     return home
+
+
+class NoSystemHoldsTenant(LetheError):
+    """No system of the data map holds subjects of the tenant."""
+
+
+def systems_of(datamap: DataMap, tenant: str, requested_region: str | None = None) -> list[System]:
+    """The systems that may hold data of a tenant's subjects; the tenant must be known, a
+    requested region must agree with its home, and some system must hold it."""
+    home_region(datamap, tenant, requested_region)
+    systems = datamap.systems_of(tenant)
+    if not systems:
+        raise NoSystemHoldsTenant(
+            f"no system of the data map holds subjects of tenant {tenant!r}: list the tenant "
+            "under the `tenants` of the systems that hold them"
+        )
+    return systems
 
 
 def by_region(steps: Iterable[Step]) -> list[RegionPlan]:

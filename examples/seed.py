@@ -43,7 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from lethe.subjects import subject_ref
+from lethe.subjects import tag_for
 
 TENANT = "st-mary"
 TOPIC = "patient-profile"
@@ -371,7 +371,7 @@ async def seed_blobs(
                 await service.create_container(f"{prefix}{name}")
         exports = service.get_container_client(f"{prefix}{EXPORTS_CONTAINER}")
         for p in rows:
-            ref = subject_ref(tenant, p.patient_id, subject_key)
+            ref = tag_for(tenant, p.patient_id, subject_key)  # the subject reference
             await exports.upload_blob(
                 export_blob_name(ref),
                 json.dumps({**p.profile(), "mrn": p.mrn}).encode(),

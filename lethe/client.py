@@ -22,6 +22,7 @@ from temporalio.common import (
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
 )
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
@@ -33,14 +34,15 @@ from lethe.config import Settings, load_settings
 from lethe.contracts import (
     ApprovalDecision,
     Certificate,
+    DryRun,
     ErasureRequest,
     ErasureStart,
     ErasureStatus,
     Extension,
     Hold,
     HoldScope,
-    Plan,
     StepOutcome,
+    Submission,
 )
 from lethe.errors import LetheError, ServiceUnavailable, failure_reason
 from lethe.forget_list import ForgetListEntry
@@ -150,26 +152,31 @@ class Client:
         """The erasure workflow id for a subject."""
         return erasure_workflow_id(self.subject_ref(tenant, subject_id))
 
-    async def erase(self, request: ErasureRequest) -> str:
-        """Start the erasure of a subject, or join the one already running; its workflow id.
+    async def erase(self, request: ErasureRequest) -> Submission:
+        """Start the erasure of a subject, or join the one already running (then `joined`
+        is true, and this request's identities and reason are not added to it).
 
         A dry run plans without touching anything: use `plan` for that.
         """
         if request.dry_run:
             raise ValueError("use Client.plan for a dry run")
         ref = self.subject_ref(request.subject.tenant, request.subject.subject_id)
-        handle = await self.temporal.start_workflow(
-            ErasureWorkflow.run,
-            self._start(request, ref),
-            id=erasure_workflow_id(ref),
-            task_queue=self.settings.control_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=self._search_attributes(request, ref),
-        )
-        return handle.id
+        workflow_id = erasure_workflow_id(ref)
+        try:
+            await self.temporal.start_workflow(
+                ErasureWorkflow.run,
+                self._start(request, ref),
+                id=workflow_id,
+                task_queue=self.settings.control_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                search_attributes=self._search_attributes(request, ref),
+            )
+        except WorkflowAlreadyStartedError:
+            return Submission(workflow_id=workflow_id, joined=True)
+        return Submission(workflow_id=workflow_id, joined=False)
 
-    async def plan(self, request: ErasureRequest) -> Plan:
-        """The plan an erasure would follow; nothing is touched."""
+    async def plan(self, request: ErasureRequest) -> DryRun:
+        """The plan an erasure would follow and each step's preflight; nothing is touched."""
         ref = self.subject_ref(request.subject.tenant, request.subject.subject_id)
         dry = request.model_copy(update={"dry_run": True})
         try:
@@ -183,7 +190,7 @@ class Client:
             )
         except WorkflowFailureError as exc:
             raise RequestFailed(f"the request cannot be planned: {failure_reason(exc)}") from None
-        return certificate.plan
+        return DryRun(plan=certificate.plan, preflight=certificate.preflight)
 
     async def status(self, workflow_id: str) -> ErasureStatus:
         """Where an erasure stands, step by step."""
@@ -199,8 +206,10 @@ class Client:
         return await self._with_region_progress(current)
 
     async def _with_region_progress(self, current: ErasureStatus) -> ErasureStatus:
-        """Fill in steps the running regional workflows have finished (best effort)."""
+        """Fill in steps the running regional workflows have finished, and the retries of
+        those still running (best effort)."""
         finished: dict[str, StepOutcome] = {}
+        retrying: dict[str, dict[str, object]] = {}
         for child in current.children:
             handle = self.temporal.get_workflow_handle_for(RegionalErasureWorkflow.run, child)
             with contextlib.suppress(RPCError, WorkflowQueryFailedError):
@@ -209,20 +218,36 @@ class Client:
                         RegionalErasureWorkflow.progress, rpc_timeout=CHILD_QUERY_TIMEOUT
                     )
                 )
-        if not finished:
+            with contextlib.suppress(RPCError):
+                retrying.update(await self._retries(handle))
+        if not finished and not retrying:
             return current
-        steps = [
-            step.model_copy(
-                update={
-                    "status": finished[step.step_id].status,
-                    "detail": finished[step.step_id].detail,
-                }
-            )
-            if step.status == "running" and step.step_id in finished
-            else step
-            for step in current.steps
-        ]
+        steps = []
+        for step in current.steps:
+            if step.status == "running" and step.step_id in finished:
+                done = finished[step.step_id]
+                step = step.model_copy(update={"status": done.status, "detail": done.detail})
+            elif step.status == "running" and step.step_id in retrying:
+                step = step.model_copy(update=retrying[step.step_id])
+            steps.append(step)
         return current.model_copy(update={"steps": steps})
+
+    async def _retries(self, handle: WorkflowHandle[Any, Any]) -> dict[str, dict[str, object]]:
+        """Step id -> attempt, last failure and next attempt, for the steps being retried."""
+        described = await handle.describe(rpc_timeout=CHILD_QUERY_TIMEOUT)
+        found: dict[str, dict[str, object]] = {}
+        for pending in described.raw_description.pending_activities:
+            if not pending.HasField("last_failure"):
+                continue
+            error = await self.temporal.data_converter.decode_failure(pending.last_failure)
+            found[pending.activity_id] = {
+                "attempt": pending.attempt,
+                "last_failure": failure_reason(error),
+                "next_attempt_at": pending.next_attempt_schedule_time.ToDatetime(UTC)
+                if pending.HasField("next_attempt_schedule_time")
+                else None,
+            }
+        return found
 
     async def _raise_if_failed(self, handle: WorkflowHandle[Any, Any]) -> None:
         """RequestFailed, with the failure's reason, if the workflow ended without finishing."""
@@ -243,6 +268,10 @@ class Client:
     async def reject(self, workflow_id: str, decision: ApprovalDecision) -> None:
         """Reject an erasure waiting for the DPO."""
         await self._signal(workflow_id, ErasureWorkflow.reject, decision)
+
+    async def recheck(self, workflow_id: str) -> None:
+        """Run a request's preflight again now, after its problems were fixed."""
+        await self._signal(workflow_id, ErasureWorkflow.recheck)
 
     async def extend(self, workflow_id: str, extension: Extension) -> None:
         """Extend an erasure's Art. 12(3) deadline, with its reason."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime
 from typing import Literal
 
@@ -63,6 +64,16 @@ Locator = (
 )
 
 
+def _unprintable(value: str) -> str:
+    """What makes an identifier unusable (says where, never quotes it), or ""."""
+    for index, char in enumerate(value):
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            return f"holds a control character (U+{ord(char):04X}) at position {index + 1}"
+    if value != value.strip():
+        return "starts or ends with white space"
+    return ""
+
+
 class Subject(Contract):
     """The person to erase. Their id and identities never print (repr) and never leave payloads."""
 
@@ -70,6 +81,14 @@ class Subject(Contract):
     subject_id: str = Field(min_length=1, max_length=256, repr=False)
     identities: dict[str, str] = Field(default_factory=dict, repr=False)
     """Other identifiers by name (`email`, `mrn`, ...), for locators that need them."""
+
+    @field_validator("subject_id")
+    @classmethod
+    def _printable_id(cls, subject_id: str) -> str:
+        problem = _unprintable(subject_id)
+        if problem:
+            raise ValueError(f"the subject id {problem}")
+        return subject_id
 
     @field_validator("identities")
     @classmethod
@@ -81,6 +100,9 @@ class Subject(Contract):
                 )
             if not value or len(value) > 512:
                 raise ValueError(f"identity {name!r} must be 1 to 512 characters")
+            problem = _unprintable(value)
+            if problem:
+                raise ValueError(f"identity {name!r} {problem}")
         return identities
 
     def template_values(self, subject_ref: str) -> dict[str, str]:
@@ -188,6 +210,27 @@ class ErasureRequest(Contract):
     """Only these systems (all when empty): a forget-list replay names the restored system."""
     replay_of: str | None = None
     """The request whose erasure this re-applies after a restore: no approval, no window."""
+
+
+class DryRun(Contract):
+    """A dry run: the plan, and what each step's preflight found; nothing was touched."""
+
+    plan: Plan
+    preflight: list[StepCheck] = []
+
+    @property
+    def ready(self) -> bool:
+        """Every step's preflight passed."""
+        return all(check.ready for check in self.preflight)
+
+
+class Submission(Contract):
+    """What submitting an erasure did: started a request, or joined the one already running."""
+
+    workflow_id: str
+    joined: bool = False
+    """A request for the same subject was already running: this one joined it, and its
+    identities and reason were not added."""
 
 
 class RegionPlan(Contract):

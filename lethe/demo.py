@@ -86,10 +86,10 @@ async def run_demo() -> int:
             requested_by="demo-dpo",
         )
         with err.status("planning (dry run: nothing is touched)"):
-            plan = await client.plan(request)
+            plan = (await client.plan(request)).plan
         out.print(plan_table(plan))
 
-        workflow_id = await client.erase(request)
+        workflow_id = (await client.erase(request)).workflow_id
         err.print(f"erasure request {workflow_id} (the subject reference stands for the patient)")
         current = await follow(client, workflow_id)
         if current.state == "awaiting_approval":

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.live import Live
 
-from lethe.client import Client
+from classification.datamap import load_datamap
+from classification.routing import systems_of
+from lethe.client import Client, RequestFailed
 from lethe.commands.common import (
     ByOption,
     JsonOption,
@@ -22,13 +24,30 @@ from lethe.commands.common import (
     run,
     valid,
 )
-from lethe.commands.views import certificate_view, plan_table, status_view, when
+from lethe.commands.views import (
+    certificate_view,
+    plan_table,
+    preflight_view,
+    status_view,
+    when,
+)
+from lethe.config import load_settings
 from lethe.contracts import ApprovalDecision, ErasureRequest, ErasureStatus, Extension, Subject
 from lethe.errors import LetheError, ServiceUnavailable
 
 POLL_SECONDS = 1.0
-SETTLED = ("awaiting_approval", "on_hold", "waiting_window", "completed", "rejected", "dry_run")
+SETTLED = (
+    "preflight_failed",
+    "awaiting_approval",
+    "on_hold",
+    "waiting_window",
+    "completed",
+    "rejected",
+    "dry_run",
+)
 """States in which `erase` stops waiting: the next move is a person's, or time's."""
+PLANNED_WITHIN_SECONDS = 30
+"""How long `erase --no-wait` waits for planning, so a request that cannot be planned fails."""
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +58,7 @@ def register(app: typer.Typer) -> None:
     app.command()(reject)
     app.command()(extend)
     app.command()(certificate)
+    app.command()(recheck)
 
 
 def _identities(pairs: list[str]) -> dict[str, str]:
@@ -81,25 +101,71 @@ def erase(
 
 
 async def _erase(request: ErasureRequest, dry_run: bool, wait: bool, json: bool) -> int:
-    client = await Client.connect()
+    settings = load_settings()
+    if settings.datamap is not None:
+        # Refuse an unknown tenant or a contradicting region before any workflow starts.
+        try:
+            systems_of(load_datamap(settings.datamap), request.subject.tenant, request.region)
+        except LetheError as exc:
+            raise RequestFailed(
+                f"the request cannot be planned: {type(exc).__name__}: {exc}"
+            ) from None
+    client = await Client.connect(settings)
     if dry_run:
-        with err.status("planning (nothing will be touched)"):
-            plan = await client.plan(request)
-        out.print_json(plan.model_dump_json()) if json else out.print(plan_table(plan))
-        if plan.approval_required:
-            err.print(f"approval will be required: {plan.approval_reason}")
-        return 0
-    workflow_id = await client.erase(request)
-    err.print(f"erasure request {workflow_id}")
-    if not wait:
+        with err.status("planning and checking every system (nothing will be touched)"):
+            found = await client.plan(request)
         if json:
-            out.print_json(data={"request": workflow_id})
+            # The plan as before, with each step's preflight beside it.
+            out.print_json(
+                data={
+                    **found.plan.model_dump(mode="json"),
+                    "preflight": [c.model_dump(mode="json") for c in found.preflight],
+                }
+            )
+        else:
+            out.print(plan_table(found.plan))
+            out.print(preflight_view(found.preflight))
+        if found.plan.approval_required:
+            err.print(f"approval will be required: {found.plan.approval_reason}")
+        if not found.ready:
+            err.print("[red]the preflight found problems[/red]: an erasure would wait until fixed")
+            return 1
+        return 0
+    submitted = await client.erase(request)
+    workflow_id = submitted.workflow_id
+    if submitted.joined:
+        err.print(f"joined erasure request {workflow_id}, already running for this subject")
+        if request.subject.identities:
+            err.print(
+                "[red]error:[/red] the identities given now were not added to the running "
+                f"request; when it finishes (`lethe status {workflow_id}`), run `lethe erase` "
+                "again with them"
+            )
+            return 3
+    else:
+        err.print(f"erasure request {workflow_id}")
+    if not wait:
+        # Planning takes a moment: a request that cannot be planned fails here, not silently.
+        current = await _planned(client, workflow_id)
+        if json:
+            out.print_json(data={"request": workflow_id, "state": current.state})
         return 0
     current = await follow(client, workflow_id)
     if json:
         out.print_json(current.model_dump_json())
     _next_step(workflow_id, current)
     return 0
+
+
+async def _planned(client: Client, workflow_id: str) -> ErasureStatus:
+    """The status once planning is over (RequestFailed if it failed)."""
+    current = await _first_status(client, workflow_id)
+    for _ in range(int(PLANNED_WITHIN_SECONDS / POLL_SECONDS)):
+        if current.state != "planning":
+            break
+        await asyncio.sleep(POLL_SECONDS)
+        current = await client.status(workflow_id)
+    return current
 
 
 async def follow(client: Client, workflow_id: str) -> ErasureStatus:
@@ -127,7 +193,13 @@ async def _first_status(client: Client, workflow_id: str) -> ErasureStatus:
 
 
 def _next_step(workflow_id: str, current: ErasureStatus) -> None:
-    if current.state == "awaiting_approval":
+    if current.state == "preflight_failed":
+        err.print(
+            "the preflight found problems, so nothing has been destroyed: fix the system or "
+            f"the data map, then `lethe recheck {workflow_id}` (it also retries by itself, "
+            f"next at {when(current.next_preflight_at)})"
+        )
+    elif current.state == "awaiting_approval":
         err.print(
             f"waiting for approval: `lethe approve {workflow_id} --by NAME` "
             f"or `lethe reject {workflow_id} --by NAME --note REASON` "
@@ -269,4 +341,25 @@ async def _certificate(
     client = await Client.connect()
     found = await client.certificate(request_id(client, request, tenant, subject))
     out.print_json(found.model_dump_json()) if json else out.print(certificate_view(found))
+    return 0
+
+
+def recheck(
+    request: RequestArgument = None,
+    tenant: TenantOption = None,
+    subject: SubjectOption = None,
+) -> None:
+    """Run a request's preflight again now (after fixing what it found), not at its next retry."""
+    run(_recheck(request, tenant, subject))
+
+
+async def _recheck(request: str | None, tenant: str | None, subject: str | None) -> int:
+    client = await Client.connect()
+    workflow_id = request_id(client, request, tenant, subject)
+    current = await client.status(workflow_id)
+    if current.state != "preflight_failed":
+        err.print(f"[red]error:[/red] {workflow_id} is {current.state}, not waiting on a preflight")
+        return 2
+    await client.recheck(workflow_id)
+    err.print(f"checking {workflow_id} again: `lethe status {workflow_id}` shows the result")
     return 0

@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from lethe.contracts import Certificate, ErasureStatus, Hold, Plan, StepOutcome
+from lethe.contracts import Certificate, ErasureStatus, Hold, Plan, StepCheck, StepOutcome
 
 STATUS_STYLE = {
     "done": "green",
@@ -47,8 +47,20 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
+def preflight_view(checks: list[StepCheck]) -> Table:
+    """What the preflight found, step by step."""
+    table = Table(title="preflight (nothing touched)", title_justify="left")
+    for column in ("step", "result", "problems"):
+        table.add_column(column)
+    for check in checks:
+        result = Text("ready", style="green") if check.ready else Text("problem", style="red")
+        kind = " (may clear by itself; retried)" if check.transient else ""
+        table.add_row(check.step_id, result, "; ".join(check.problems) + kind)
+    return table
+
+
 def status_view(status: ErasureStatus) -> Group:
-    """The status: state, deadline, approval and each step."""
+    """The status: state, deadline, approval, preflight problems and each step."""
     head = Text.assemble(
         (f"{status.state}", "bold"),
         f"  received {when(status.received_at)}  deadline {when(status.deadline)}",
@@ -63,6 +75,11 @@ def status_view(status: ErasureStatus) -> Group:
         table.add_column(column)
     for step in status.steps:
         detail = step.detail or (f"held by {', '.join(step.holds)}" if step.holds else "")
+        if step.last_failure:
+            detail = (
+                f"attempt {step.attempt} failed: {step.last_failure}; next attempt "
+                f"{when(step.next_attempt_at)}"
+            )
         table.add_row(
             step.step_id,
             step.kind,
@@ -72,6 +89,9 @@ def status_view(status: ErasureStatus) -> Group:
             Text(step.status, style=STATUS_STYLE.get(step.status, "")),
             detail,
         )
+    if status.preflight:
+        head.append(f"  preflight again {when(status.next_preflight_at)}")
+        return Group(head, preflight_view(status.preflight), table)
     return Group(head, table)
 
 

@@ -79,6 +79,9 @@ class CliResult:
 class WorkerProcess:
     """`python worker.py --region R --control` as an operator runs it, its log in a file."""
 
+    script = "worker.py"
+    """What `start` runs, relative to the repository (a test may run a wrapper of worker.py)."""
+
     def __init__(self, region: str, env: dict[str, str], log: Path) -> None:
         """Describe the worker; `start` runs it."""
         self.region = region
@@ -92,7 +95,7 @@ class WorkerProcess:
         with self.log.open("ab") as sink:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "worker.py",
+                self.script,
                 "--region",
                 self.region,
                 "--control",

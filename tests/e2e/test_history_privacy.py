@@ -13,14 +13,17 @@ import re
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client as TemporalClient
 
-from lethe import codec
+from lethe import codec, ledger
 from lethe.history import history_payloads
+from lethe.regions import task_queue
+from lethe.store import engine_for
 from tests.conftest import stack_variable
 from tests.e2e.conftest import (
     Hospital,
     WorkerProcess,
     approve,
     erase_and_wait_for_approval,
+    run_lethe,
 )
 
 
@@ -72,11 +75,13 @@ async def test_the_server_never_sees_who_was_erased(
     assert seen_queues  # the queues were found, and none carries a secret
     for queue in seen_queues:
         assert all(secret not in queue for secret in secrets), queue
-    assert f"lethe-{hospital.region}" in seen_queues
+    assert task_queue(hospital.region, hospital.control_queue) in seen_queues
 
-    # The same history, through Lethe's codec, does show the subject: the test looks in the
-    # right place.
-    shown = await hospital.lethe("audit", "history", workflow_id, "--json")
+    # The same history, through Lethe's codec and revealed, does show the subject: the test
+    # looks in the right place.
+    shown = await hospital.lethe(
+        "audit", "history", workflow_id, "--json", "--reveal", "--by", "e2e", "--reason", "test"
+    )
     assert shown.code == 0, str(shown)
     started = shown.json()[0]
     assert started["type"] == "workflow_execution_started"
@@ -89,3 +94,91 @@ async def test_the_server_never_sees_who_was_erased(
     assert "polling" in log
     for secret in secrets:
         assert secret not in log
+
+
+async def _children(workflow_id: str) -> list[str]:
+    """The regional child workflows an erasure started."""
+    history = (
+        await (
+            await TemporalClient.connect(
+                stack_variable("LETHE_TEMPORAL_ADDRESS"),
+                namespace=stack_variable("LETHE_TEMPORAL_NAMESPACE"),
+            )
+        )
+        .get_workflow_handle(workflow_id)
+        .fetch_history()
+    )
+    return [
+        event.child_workflow_execution_started_event_attributes.workflow_execution.workflow_id
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED
+    ]
+
+
+async def test_audit_history_hides_the_subject_unless_revealed_on_the_record(
+    hospital: Hospital, worker: WorkerProcess
+) -> None:
+    """Markers by default, in the table and in JSON, parent and children; `--reveal` shows the
+    identifiers only with a reason, and the ledger says who asked and why (and not who)."""
+    patient = hospital.patients[2]
+    secrets = (patient.patient_id, patient.email)
+    workflow_id = await erase_and_wait_for_approval(hospital, patient)
+    await approve(hospital, workflow_id)
+    certificate = await asyncio.wait_for((await hospital.sdk()).result(workflow_id), 90)
+    children = await _children(workflow_id)
+    assert children
+    wide = {**hospital.env, "COLUMNS": "1000"}  # a table row on one line: nothing is split
+
+    table, *as_json = await asyncio.gather(
+        run_lethe(wide, "audit", "history", workflow_id),
+        *(hospital.lethe("audit", "history", run, "--json") for run in (workflow_id, *children)),
+    )
+    for shown in (table, *as_json):
+        assert shown.code == 0, str(shown)
+        for secret in secrets:
+            assert secret not in shown.stdout, f"{secret!r} in {shown.args}"
+            assert secret not in shown.stderr
+    assert "[subject id]" in table.stdout  # the markers are printed, not taken for markup
+    started = as_json[0].json()[0]
+    assert started["type"] == "workflow_execution_started"
+    assert started["payloads"][0]["request"]["subject"] == {
+        "tenant": hospital.tenant,
+        "subject_id": "[subject id]",
+        "identities": {"email": "[identity email]"},
+    }
+    assert started["payloads"][0]["subject_ref"] == hospital.ref(patient)
+    for child in as_json[1:]:  # a RegionJob, and a StepRequest per step
+        assert '"subject_id": "[subject id]"' in child.stdout, str(child)
+
+    refused = await hospital.lethe("audit", "history", workflow_id, "--reveal", "--by", "jane")
+    assert refused.code == 2, str(refused)
+    assert "--reveal needs --reason" in refused.stderr
+    assert all(secret not in refused.stdout for secret in secrets)
+
+    reveal = ("audit", "history", workflow_id, "--reveal")
+    revealed, revealed_table = await asyncio.gather(
+        hospital.lethe(
+            *reveal, "--json", "--by", "auditor-jane", "--reason", "checking the request's identity"
+        ),
+        run_lethe(wide, *reveal, "--by", "auditor-omar", "--reason", "second look"),
+    )
+    assert revealed.code == 0, str(revealed)
+    assert "recorded in the ledger" in revealed.stderr
+    subject = revealed.json()[0]["payloads"][0]["request"]["subject"]
+    assert subject["subject_id"] == patient.patient_id
+    assert subject["identities"] == {"email": patient.email}
+    assert revealed_table.code == 0, str(revealed_table)
+    assert patient.patient_id in revealed_table.stdout
+
+    entries = await ledger.entries(await engine_for(hospital.store_url), certificate.request_id)
+    reveals = {e.actor: e for e in entries if e.action == "history.revealed"}
+    assert set(reveals) == {"auditor-jane", "auditor-omar"}
+    jane = reveals["auditor-jane"]
+    assert jane.subject_ref == hospital.ref(patient)
+    assert jane.details["reason"] == "checking the request's identity"
+    assert jane.details["workflow_id"] == workflow_id
+    for entry in reveals.values():
+        for secret in secrets:
+            assert secret not in entry.model_dump_json()
+    verified = await hospital.lethe("audit", "verify")
+    assert verified.code == 0 and "ledger intact" in verified.stdout, str(verified)

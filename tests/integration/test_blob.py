@@ -1,15 +1,22 @@
-"""The backup connector against Azurite: per-subject blobs, whole backups and the erasure window."""
+"""The backup connector against Azurite: per-subject blobs, whole backups and the erasure window,
+whole backups left alone for a subject found nowhere, and the preflight that touches nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from azure.storage.blob import RetentionPolicy
+from azure.storage.blob import (
+    AccountSasPermissions,
+    ResourceTypes,
+    RetentionPolicy,
+    generate_account_sas,
+)
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
@@ -461,3 +468,252 @@ async def test_activities_check_the_region_and_type_errors(
     with pytest.raises(ApplicationError) as caught:
         await env.run(blob.erase, request)
     assert caught.value.type == "WrongRegion"
+
+
+# --- whole backups only for a subject the erasure found ----------------------------------------
+
+
+async def test_whole_backups_are_not_touched_when_the_subject_was_found_nowhere(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    (a, ref_a), _ = _subjects()
+    locator = BlobBackupLocator(
+        container=container.container_name,
+        subject_tag="subject_ref",
+        whole_backup_prefix="db/",
+        categories=["user"],
+    )
+    await container.upload_blob("db/full.dump", b"everyone")
+    await container.upload_blob("db/older.dump", b"everyone, earlier")
+    await container.upload_blob("exports/a.json", b"{}", tags={"subject_ref": ref_a})
+    await asyncio.sleep(1.1)
+    # A window of nothing: every backup taken before the erasure is past it, due now.
+    started = datetime.now(UTC)
+    found = _request(locator, a, ref_a, started=started, window_ends=started)
+    nowhere = found.model_copy(update={"subject_found": False})
+    eraser = BackupEraser.for_connection(blob_connection)
+
+    erased = await eraser.erase(nowhere)
+    assert erased.status == "running"
+    assert erased.affected == 1  # the subject's own blob still goes
+    assert erased.evidence["subject_blobs_deleted"] == 1
+    assert erased.evidence["whole_backups"] == blob.NOT_FOUND_NOTE
+    assert erased.evidence["whole_backups"] == (
+        "not touched: the subject was found in no system and is not on the forget-list"
+    )
+    assert erased.evidence["whole_backups_deleted"] == 0
+    assert erased.evidence["whole_backups_inside_window"] is None  # not even counted
+    assert erased.gone_by is None
+    assert f"whole backups {blob.NOT_FOUND_NOTE}" in erased.detail
+    assert await _names(container) == ["db/full.dump", "db/older.dump"]
+    for name, content in (("db/full.dump", b"everyone"), ("db/older.dump", b"everyone, earlier")):
+        assert await (await container.download_blob(name)).readall() == content
+
+    verified = await eraser.verify(nowhere, erased)
+    assert verified.status == "done", verified.detail
+    assert verified.evidence["whole_backups"] == blob.NOT_FOUND_NOTE
+    assert verified.evidence["whole_backups_past_window"] is None
+    assert "whole backups not checked" in verified.detail
+    assert "found in no system" in verified.detail
+
+    # The activity, as the workflow runs it, says the same.
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    outcome = await env.run(blob.erase, nowhere)
+    assert outcome.status == "done", outcome.detail
+    assert outcome.evidence["whole_backups"] == blob.NOT_FOUND_NOTE
+    assert await _names(container) == ["db/full.dump", "db/older.dump"]
+
+    # Once the subject was found, today's rule holds: backups past the window go.
+    again = await eraser.erase(found)
+    assert again.evidence["whole_backups_deleted"] == 2
+    assert again.evidence["whole_backups"] == blob.WHOLE_BACKUPS_DATED
+    assert await _names(container) == []
+    assert (await eraser.verify(found, again)).status == "done"
+
+
+# --- preflight -------------------------------------------------------------------------------
+
+
+async def _snapshot(container: ContainerClient) -> list[tuple[str, str, dict[str, str]]]:
+    """Each blob's name, etag and tags (snapshots and metadata included in the etag listing):
+    what a preflight must leave as it found it."""
+    found = []
+    async for item in container.list_blobs(include=["snapshots", "metadata", "tags"]):
+        found.append((f"{item.name}@{item.snapshot}", str(item.etag), dict(item.tags or {})))
+    return sorted(found)
+
+
+def _with(connection: str, **fields: str) -> str:
+    """The connection string with `fields` replaced (or added), and without the account key
+    when a shared access signature is given."""
+    parts = dict(part.split("=", 1) for part in connection.split(";") if "=" in part)
+    parts.update(fields)
+    if "SharedAccessSignature" in fields:
+        parts.pop("AccountKey", None)
+    return ";".join(f"{k}={v}" for k, v in parts.items())
+
+
+def _account_sas(connection: str, expiry: datetime, **allowed: bool) -> str:
+    parts = dict(part.split("=", 1) for part in connection.split(";") if "=" in part)
+    return generate_account_sas(
+        parts["AccountName"],
+        parts["AccountKey"],
+        ResourceTypes(container=True, object=True),
+        AccountSasPermissions(**allowed),
+        expiry=expiry,
+    )
+
+
+async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    (a, ref_a), _ = _subjects()
+    locator = BlobBackupLocator(
+        container=container.container_name,
+        subject_tag="subject_ref",
+        subject_prefix="exports/{subject_id}/",
+        whole_backup_prefix="db/",
+        categories=["user"],
+    )
+    tagged = await container.upload_blob("tagged/a.json", b"{}", tags={"subject_ref": ref_a})
+    await tagged.create_snapshot()
+    await container.upload_blob(f"exports/{a.subject_id}/1.json", b"{}")
+    await container.upload_blob("db/full.dump", b"everyone", metadata={"taken": "nightly"})
+    before = await _snapshot(container)
+    properties = await container.get_container_properties()
+    eraser = BackupEraser.for_connection(blob_connection)
+
+    assert await eraser.preflight(_request(locator, a, ref_a)) == []
+    # Whatever the erasure found elsewhere: preflight only reads.
+    nowhere = _request(locator, a, ref_a).model_copy(update={"subject_found": False})
+    assert await eraser.preflight(nowhere) == []
+    # A signature that allows what the step does is no problem either.
+    sas = _account_sas(
+        blob_connection,
+        datetime.now(UTC) + timedelta(hours=1),
+        read=True,
+        list=True,
+        delete=True,
+        filter_by_tags=True,
+    )
+    signed = BackupEraser(_with(blob_connection, SharedAccessSignature=sas))
+    assert await signed.preflight(_request(locator, a, ref_a)) == []
+
+    assert await _snapshot(container) == before
+    assert (await container.get_container_properties()).etag == properties.etag
+
+
+async def test_preflight_names_a_missing_container_identity_and_unsafe_prefix(
+    blob_connection: str, service: BlobServiceClient, container: ContainerClient
+) -> None:
+    missing = _name("missing-")
+    subject = Subject(tenant="st-mary", subject_id="secret-subject-9")
+    eraser = BackupEraser.for_connection(blob_connection)
+    gone = BlobBackupLocator(container=missing, subject_tag="subject_ref", categories=["user"])
+
+    assert await eraser.preflight(_request(gone, subject, _ref())) == [
+        f"blob system 'backups': container '{missing}' does not exist"
+    ]
+
+    by_email = BlobBackupLocator(
+        container=container.container_name,
+        subject_prefix="exports/{identity.email}/",
+        categories=["user"],
+    )
+    assert await eraser.preflight(_request(by_email, subject, _ref())) == [
+        "blob system 'backups': subject_prefix: the template needs {identity.email}, which "
+        "the request does not give"
+    ]
+    unsafe = by_email.model_copy(update={"subject_prefix": "exports/{subject_id}"})
+    [problem] = await eraser.preflight(_request(unsafe, subject, _ref()))
+    assert problem.startswith("blob system 'backups': subject_prefix: ")
+    assert "ends with a placeholder" in problem
+    tagged = BlobBackupLocator(
+        container=container.container_name, subject_tag="subject_ref", categories=["user"]
+    )
+    assert await eraser.preflight(_request(tagged, subject, "x' or 'a' = 'a")) == [
+        "blob system 'backups': the subject reference is not a valid blob index tag value, so "
+        "subject_tag cannot find the subject's blobs"
+    ]
+    assert await _names(container) == []
+    assert not await service.get_container_client(missing).exists()
+
+
+async def test_preflight_says_what_the_credentials_do_not_allow(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    (a, ref_a), _ = _subjects()
+    locator = BlobBackupLocator(
+        container=container.container_name,
+        subject_tag="subject_ref",
+        whole_backup_prefix="db/",
+        categories=["user"],
+    )
+    await container.upload_blob("db/full.dump", b"everyone")
+    before = await _snapshot(container)
+    request = _request(locator, a, ref_a)
+    where = "blob system 'backups'"
+    in_container = f"container '{container.container_name}'"
+
+    # A signature that may read, but neither list, delete nor find by tags.
+    read_only = _account_sas(blob_connection, datetime.now(UTC) + timedelta(hours=1), read=True)
+    problems = await BackupEraser(
+        _with(blob_connection, SharedAccessSignature=read_only)
+    ).preflight(request)
+    assert problems == [
+        f"{where}: the connection's shared access signature does not allow list (l), "
+        "delete (d), find by tags (f)",
+        f"{where}: listing blobs in {in_container} was refused (HTTP 403 "
+        "AuthorizationPermissionMismatch)",
+        f"{where}: finding blobs by index tag in {in_container} was refused (HTTP 403 "
+        "AuthorizationPermissionMismatch)",
+    ]
+
+    expired_at = (datetime.now(UTC) - timedelta(minutes=5)).replace(microsecond=0)
+    expired = _account_sas(
+        blob_connection, expired_at, read=True, list=True, delete=True, filter_by_tags=True
+    )
+    problems = await BackupEraser(_with(blob_connection, SharedAccessSignature=expired)).preflight(
+        request
+    )
+    assert problems[0] == (
+        f"{where}: the connection's shared access signature expired at {expired_at.isoformat()}"
+    )
+    assert problems[1].startswith(f"{where}: reading the properties of {in_container} was refused")
+
+    wrong_key = "c2VjcmV0LWtleS1zaG91bGQtbm90LWxlYWs="
+    [problem] = await BackupEraser(_with(blob_connection, AccountKey=wrong_key)).preflight(request)
+    assert problem.startswith(f"{where}: ")
+    assert "HTTP 403" in problem
+    assert wrong_key not in problem
+    assert await _snapshot(container) == before
+
+
+async def test_preflight_of_an_unreachable_service_is_quick_and_transient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (a, ref_a), _ = _subjects()
+    connection = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        "AccountKey=c2VjcmV0LWtleS1zaG91bGQtbm90LWxlYWs=;"
+        "BlobEndpoint=http://127.0.0.1:1/devstoreaccount1;"
+    )
+    locator = BlobBackupLocator(container="patient-exports", subject_tag="t", categories=["user"])
+    request = _request(locator, a, ref_a)
+
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as caught:
+        await BackupEraser(connection).preflight(request)
+    assert time.monotonic() - started < blob.PREFLIGHT_TIMEOUT_SECONDS
+    assert "127.0.0.1:1" in str(caught.value)
+    assert "c2VjcmV0" not in str(caught.value)
+
+    monkeypatch.setenv(CONNECTION_VARIABLE, connection)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    check = await env.run(blob.preflight, request)
+    assert check.transient
+    assert check.problems == [f"ServiceUnavailable: {caught.value}"]
+    retained = _request(locator, a, ref_a, action="retain")
+    assert (await env.run(blob.preflight, retained)).ready

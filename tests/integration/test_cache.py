@@ -1,14 +1,20 @@
-"""The Redis connector against the stack's Redis: purge, verify, glob-safe ids, bad input."""
+"""The Redis connector against the stack's Redis: purge, verify, glob-safe ids, bad input,
+and the preflight (templates, hash keys, credentials, ACL) that touches nothing."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from redis.asyncio import Redis
+from temporalio.testing import ActivityEnvironment
 
+from activities import cache
 from activities.cache import CacheEraser, glob_escape
 from activities.common import SchemaMismatch
 from classification.datamap import MissingIdentity, RedisHashField, RedisLocator
@@ -255,3 +261,172 @@ async def test_an_unreachable_redis_is_retryable_and_names_no_key(prefix: str) -
     assert str(raised.value) == "Redis at 127.0.0.1:1: ConnectionError"
     assert raised.value.__cause__ is None
     assert raised.value.__suppress_context__
+
+
+# --- preflight -------------------------------------------------------------------------------
+
+
+async def _state(client: Redis, prefix: str) -> dict[str, tuple[str, object, int]]:
+    """Every key under the test's prefix with its type, value and TTL: what a preflight must
+    leave exactly as it found it."""
+    state: dict[str, tuple[str, object, int]] = {}
+    async for key in client.scan_iter(match=f"{glob_escape(prefix)}:*"):
+        kind = str(await client.type(key))
+        value: object
+        if kind == "string":
+            value = await client.get(key)
+        elif kind == "list":
+            value = await client.lrange(key, 0, -1)
+        else:
+            value = await client.hgetall(key)
+        state[str(key)] = (kind, value, int(await client.ttl(key)))
+    return state
+
+
+def _redis_url(base: str, user: str, password: str) -> str:
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+
+
+MakeUser = Callable[[list[str], list[str]], Awaitable[str]]
+
+
+@pytest.fixture
+async def acl_user(client: Redis) -> AsyncIterator[MakeUser]:
+    """Makes ACL users of this test's own, with +@all but for `commands`, on `keys` (name and
+    password `<name>-pw` random); deleted afterwards."""
+    made: list[str] = []
+
+    async def make(keys: list[str], commands: list[str]) -> str:
+        name = f"lethe-test-{uuid.uuid4().hex[:10]}"
+        made.append(name)
+        await client.acl_setuser(
+            name,
+            enabled=True,
+            passwords=[f"+{name}-pw"],
+            keys=keys,
+            categories=["+@all"],
+            commands=commands,
+        )
+        return name
+
+    yield make
+    if made:
+        await client.acl_deluser(*made)
+
+
+async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    await _seed(client, prefix, "1", SUBJECTS["1"])
+    await client.expire(f"{prefix}:session:1", 600)
+    before = await _state(client, prefix)
+    eraser = CacheEraser.for_connection(redis_url)
+
+    assert await eraser.preflight(_request(_locator(prefix), "1", SUBJECTS["1"])) == []
+    # A hash_fields key that does not exist yet is fine: there is nothing to purge.
+    empty = _locator(f"{prefix}:nothing-here")
+    assert await eraser.preflight(_request(empty, "1", SUBJECTS["1"])) == []
+
+    assert await _state(client, prefix) == before
+
+
+async def test_preflight_names_missing_identities_and_a_key_that_is_not_a_hash(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    await _seed(client, prefix, "1", SUBJECTS["1"])
+    await client.delete(f"{prefix}:patients:by-email")
+    await client.set(f"{prefix}:patients:by-email", "not a hash")
+    before = await _state(client, prefix)
+    eraser = CacheEraser.for_connection(redis_url)
+
+    wrong_kind = await eraser.preflight(_request(_locator(prefix), "1", SUBJECTS["1"]))
+    assert wrong_kind == [
+        "Redis system 'session-cache': the key of hash_fields 0 is not a hash (it holds a string)"
+    ]
+
+    by_email = RedisLocator(
+        patterns=[f"{prefix}:patient:{{subject_id}}:*", f"{prefix}:login:{{identity.email}}"],
+        hash_fields=[RedisHashField(key=f"{prefix}:patients:by-email", field="{identity.email}")],
+        categories=["user.contact"],
+    )
+    missing = await eraser.preflight(_request(by_email, "secret-subject-1", email=None))
+    assert missing == [
+        "Redis system 'session-cache': pattern 1: the template needs {identity.email}, which "
+        "the request does not give",
+        "Redis system 'session-cache': hash_fields 0: the template needs {identity.email}, "
+        "which the request does not give",
+    ]
+    assert "secret-subject-1" not in repr(wrong_kind + missing)
+    assert SUBJECTS["1"] not in repr(wrong_kind + missing)
+    assert await _state(client, prefix) == before
+
+
+async def test_preflight_reports_what_the_acl_denies_the_connection_s_user(
+    redis_url: str, client: Redis, prefix: str, acl_user: MakeUser
+) -> None:
+    await _seed(client, prefix, "1", SUBJECTS["1"])
+    before = await _state(client, prefix)
+    # May read and write the patient and session keys, but not UNLINK, and not touch the hash.
+    limited = await acl_user([f"{prefix}:patient:*", f"{prefix}:session:*"], ["-unlink"])
+    eraser = CacheEraser.for_connection(_redis_url(redis_url, limited, f"{limited}-pw"))
+
+    problems = await eraser.preflight(_request(_locator(prefix), "1", SUBJECTS["1"]))
+
+    denied = f"Redis system 'session-cache': the ACL of user '{limited}' does not allow"
+    assert problems == [
+        "Redis system 'session-cache': TYPE of the key of hash_fields 0 was refused "
+        "(NoPermissionError)",
+        f"{denied} UNLINK on the keys of pattern 0",
+        f"{denied} UNLINK on the keys of pattern 1",
+        f"{denied} HDEL on the key of hash_fields 0",
+        f"{denied} HEXISTS on the key of hash_fields 0",
+    ]
+    assert SUBJECTS["1"] not in repr(problems)
+    assert await _state(client, prefix) == before
+
+
+async def test_preflight_without_the_acl_command_is_not_a_problem_but_bad_credentials_are(
+    redis_url: str, client: Redis, prefix: str, acl_user: MakeUser
+) -> None:
+    await _seed(client, prefix, "1", SUBJECTS["1"])
+    before = await _state(client, prefix)
+    # Everything the step runs, but not ACL: the server cannot be asked, which is no problem.
+    plain = await acl_user([f"{prefix}:*"], ["-acl"])
+    request = _request(_locator(prefix), "1", SUBJECTS["1"])
+
+    url = _redis_url(redis_url, plain, f"{plain}-pw")
+    assert await CacheEraser.for_connection(url).preflight(request) == []
+
+    wrong = _redis_url(redis_url, plain, "not-the-password")
+    refused = await CacheEraser.for_connection(wrong).preflight(request)
+    assert refused == [
+        f"Redis system 'session-cache' at {urlsplit(redis_url).netloc} refused the credentials"
+    ]
+    assert "not-the-password" not in repr(refused)
+    assert await _state(client, prefix) == before
+
+
+async def test_preflight_of_an_unreachable_redis_is_quick_and_transient(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = _request(_locator(prefix), "secret-subject-7", "secret@example.org")
+    eraser = CacheEraser.for_connection("redis://127.0.0.1:1/0")
+
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as raised:
+        await eraser.preflight(request)
+    assert time.monotonic() - started < 5
+    assert str(raised.value) == "Redis at 127.0.0.1:1: ConnectionError"
+
+    # As the activity: a StepCheck, transient, naming no key; a retain step asks nothing.
+    monkeypatch.setenv("LETHE_STACK_REDIS_URL", "redis://127.0.0.1:1/0")
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    check = await env.run(cache.preflight, request)
+    assert check.step_id == "session-cache/0"
+    assert check.transient
+    assert not check.ready
+    assert check.problems == ["ServiceUnavailable: Redis at 127.0.0.1:1: ConnectionError"]
+    retained = _request(_locator(prefix), "secret-subject-7", None, action="retain")
+    assert (await env.run(cache.preflight, retained)).problems == []

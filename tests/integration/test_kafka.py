@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 import activities.kafka
 from activities.common import SchemaMismatch
-from activities.kafka import LONG_MAX, TombstoneWriter
+from activities.kafka import LONG_MAX, TombstoneWriter, partition_of
 from classification.datamap import KafkaTopicLocator
 from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject
 from lethe.errors import ServiceUnavailable
@@ -22,6 +22,7 @@ from lethe.errors import ServiceUnavailable
 REF = "0" * 32
 Record = tuple[int, int, bytes | None, bytes | None]
 """partition, offset, key, value"""
+Headers = list[tuple[str, str | bytes | None]]
 MakeTopic = Callable[..., str]
 
 FAST_COMPACTION = {
@@ -103,10 +104,17 @@ def _read_all(bootstrap: str, topic: str, partitions: int = 3) -> list[Record]:
     return records
 
 
-def _request(topic: str, subject_id: str, action: Action = "tombstone") -> StepRequest:
+def _request(
+    topic: str,
+    subject_id: str,
+    action: Action = "tombstone",
+    *,
+    request_id: str = "req-1",
+    key_template: str = "patient:{subject_id}",
+) -> StepRequest:
     now = datetime.now(UTC)
     return StepRequest(
-        request_id="req-1",
+        request_id=request_id,
         subject_ref=REF,
         subject=Subject(tenant="st-mary", subject_id=subject_id),
         step=Step(
@@ -116,7 +124,7 @@ def _request(topic: str, subject_id: str, action: Action = "tombstone") -> StepR
             region="eu",
             connection="LETHE_STACK_KAFKA_BOOTSTRAP",
             locator=KafkaTopicLocator(
-                topic=topic, key_template="patient:{subject_id}", categories=["user.contact"]
+                topic=topic, key_template=key_template, categories=["user.contact"]
             ),
             action=action,
             phase="immediate",
@@ -144,6 +152,26 @@ def _seed(bootstrap: str, topic: str) -> dict[bytes, set[int]]:
 
 def _tombstones(records: list[Record]) -> list[Record]:
     return [record for record in records if record[3] is None]
+
+
+def _headers_at(bootstrap: str, topic: str, partition: int, offset: int) -> Headers:
+    """The headers of the record at `offset`, read with a consumer of the test's own."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "test", "enable.auto.commit": False}
+    )
+    try:
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None or message.error() is not None:
+                continue
+            assert message.offset() == offset
+            headers = message.headers() or []
+            return list(headers.items()) if isinstance(headers, dict) else list(headers)
+    finally:
+        consumer.close()
+    raise AssertionError(f"no record at {topic}[{partition}]@{offset}")
 
 
 async def _sleep_until(moment: datetime) -> None:
@@ -297,25 +325,170 @@ async def test_a_bound_after_the_erasure_window_is_at_risk(
     assert "after the erasure window ends" in verified.detail
 
 
-async def test_erasing_twice_writes_two_harmless_tombstones(
+async def test_erasing_twice_for_the_same_request_and_step_writes_one_tombstone(
     kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(FAST_COMPACTION)
     _seed(kafka_bootstrap, topic)
+    # The application's own tombstone for the key (no Lethe headers) is not Lethe's evidence.
+    _produce(kafka_bootstrap, topic, [(b"patient:1", None)])
     request = _request(topic, "1")
     writer = TombstoneWriter.for_connection(kafka_bootstrap)
 
     first = await writer.erase(request)
+    # Later traffic on the partition, then the retry (as after a crash before completion).
+    _produce(kafka_bootstrap, topic, [(b"patient:12", b'{"name": "Grace B."}')] * 3)
     second = await writer.erase(request)
 
-    # A retried erase writes a second tombstone for the same key: consumers drop the key twice,
-    # which changes nothing, and compaction keeps only the last one.
-    assert first.evidence["partition"] == second.evidence["partition"]
-    assert second.evidence["offset"] == first.evidence["offset"] + 1  # type: ignore[operator]
+    assert first.evidence["tombstone_reused"] is False
+    assert second.evidence["tombstone_reused"] is True
+    for name in ("partition", "offset", "tombstone_time_ms"):
+        assert second.evidence[name] == first.evidence[name]
+    assert second.affected == 1
+    assert "earlier attempt" in second.detail
+    assert "patient:1" not in repr(second.evidence) + second.detail
+    ada = [r for r in _tombstones(_read_all(kafka_bootstrap, topic)) if r[2] == b"patient:1"]
+    assert len(ada) == 2  # the application's and Lethe's one
+    partition, offset = first.evidence["partition"], first.evidence["offset"]
+    assert isinstance(partition, int) and isinstance(offset, int)
+    assert ada[-1][:2] == (partition, offset)
+    # The headers tie the tombstone to the request and step, and carry nothing personal.
+    assert _headers_at(kafka_bootstrap, topic, partition, offset) == [
+        ("lethe-request", b"req-1"),
+        ("lethe-step", b"patient-events/0"),
+    ]
+    assert (await writer.verify(request, second)).status == "pending_compaction"
+
+
+async def test_another_request_for_the_same_key_writes_its_own_tombstone(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic(FAST_COMPACTION)
+    _seed(kafka_bootstrap, topic)
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+
+    first = await writer.erase(_request(topic, "1"))
+    other = await writer.erase(_request(topic, "1", request_id="req-2"))
+    again = await writer.erase(_request(topic, "1", request_id="req-2"))
+
+    assert other.evidence["tombstone_reused"] is False
+    assert other.evidence["partition"] == first.evidence["partition"]
+    assert other.evidence["offset"] == first.evidence["offset"] + 1  # type: ignore[operator]
+    assert again.evidence["tombstone_reused"] is True
+    assert again.evidence["offset"] == other.evidence["offset"]
     tombstones = _tombstones(_read_all(kafka_bootstrap, topic))
     assert [key for _, _, key, _ in tombstones] == [b"patient:1", b"patient:1"]
-    assert (await writer.verify(request, first)).status == "pending_compaction"
-    assert (await writer.verify(request, second)).status == "pending_compaction"
+
+
+async def test_the_search_for_an_earlier_tombstone_is_bounded_by_offset_and_time(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    """From an earlier attempt's heartbeat offset, or from the erasure's start by timestamp."""
+    topic = make_topic(FAST_COMPACTION, partitions=1)
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    erased = await TombstoneWriter.for_connection(kafka_bootstrap).erase(request)
+    offset = erased.evidence["offset"]
+    stamp = erased.evidence["tombstone_time_ms"]
+    assert isinstance(offset, int) and isinstance(stamp, int)
+    _produce(kafka_bootstrap, topic, [(b"patient:12", b'{"name": "Grace B."}')])
+    marks = [("lethe-request", b"req-1"), ("lethe-step", b"patient-events/0")]
+
+    def search(since_ms: int, earlier: int | None) -> tuple[int | None, int, int]:
+        found = activities.kafka._TombstoneSearch(kafka_bootstrap, topic, 0, b"patient:1", marks)
+        try:
+            found.start(since_ms, earlier)
+            begin = found.next
+            while not found.finished:
+                hit = found.read(5.0)
+                if hit is not None:
+                    return hit.offset, begin, found.end
+            return None, begin, found.end
+        finally:
+            found.close()
+
+    # The end is the partition's end when the search began: the seeds, the tombstone, Grace.
+    assert search(0, None) == (offset, 0, offset + 2)
+    assert search(0, offset) == (offset, offset, offset + 2)
+    # An earlier attempt heartbeated past the tombstone's offset: not searched again.
+    assert search(0, offset + 1) == (None, offset + 1, offset + 2)
+    # No heartbeat: the first record stamped at or after the start is where the search begins.
+    assert search(stamp + 60_000, None) == (None, offset + 2, offset + 2)
+    # A heartbeat beyond the partition's end (the topic was recreated) is ignored.
+    assert search(0, offset + 100) == (offset, 0, offset + 2)
+
+
+async def test_partition_of_places_keys_as_the_java_partitioner_does(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic({}, partitions=7)
+    keys = [f"patient:{n}".encode() for n in range(300)]
+    keys += [b"", b"a", b"ab", b"abc", "Zoë-€".encode()]
+    placed = _produce(kafka_bootstrap, topic, [(key, b"x") for key in keys])
+
+    assert {key: {partition_of(key, 7)} for key in keys} == placed
+
+
+async def test_preflight_of_a_good_topic_finds_nothing_and_writes_nothing(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic(FAST_COMPACTION)
+    _seed(kafka_bootstrap, topic)
+    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    before = _read_all(kafka_bootstrap, topic)
+
+    assert await writer.preflight(_request(topic, "1")) == []
+    assert await writer.preflight(_request(topic, "1", action="retain")) == []
+    assert _read_all(kafka_bootstrap, topic) == before
+
+
+async def test_preflight_names_a_missing_topic_and_does_not_create_it(
+    kafka_bootstrap: str, admin: AdminClient
+) -> None:
+    topic = f"test-kafka-missing-{uuid.uuid4().hex[:10]}"
+
+    problems = await TombstoneWriter.for_connection(kafka_bootstrap).preflight(
+        _request(topic, "secret-subject-3")
+    )
+
+    assert problems == [
+        f"Kafka topic '{topic}' of system 'patient-events' does not exist "
+        "(Lethe never creates topics)"
+    ]
+    await asyncio.sleep(0.5)
+    assert topic not in admin.list_topics(timeout=10).topics
+
+
+async def test_preflight_names_a_key_template_the_request_cannot_fill(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    topic = make_topic(FAST_COMPACTION)
+    request = _request(topic, "secret-subject-4", key_template="patient:{identity.mrn}")
+
+    problems = await TombstoneWriter.for_connection(kafka_bootstrap).preflight(request)
+
+    assert len(problems) == 1
+    assert f"Kafka topic '{topic}' of system 'patient-events'" in problems[0]
+    assert "{identity.mrn}" in problems[0]
+    assert "secret" not in problems[0]
+
+
+async def test_preflight_of_an_unreachable_broker_raises_within_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Clients of their own, dropped afterwards, so they stop reconnecting to the dead address.
+    monkeypatch.setattr(activities.kafka, "_producers", {})
+    monkeypatch.setattr(activities.kafka, "_admins", {})
+    writer = TombstoneWriter.for_connection("127.0.0.1:1")
+    started = time.monotonic()
+
+    with pytest.raises(ServiceUnavailable) as raised:
+        await writer.preflight(_request("patient-profile", "secret-subject-7"))
+
+    assert time.monotonic() - started < 10
+    assert raised.value.retryable
+    assert str(raised.value).startswith("Kafka at 127.0.0.1:1: ")
+    assert "secret" not in str(raised.value)
 
 
 async def test_verify_fails_when_the_recorded_offset_is_not_the_tombstone(

@@ -1,21 +1,29 @@
-"""The log connector against Azurite: drop or redact one subject's JSON-lines records only."""
+"""The log connector against Azurite: drop or redact one subject's JSON-lines records only, and
+the preflight that touches nothing."""
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from azure.storage.blob import BlobProperties
+from azure.storage.blob import (
+    AccountSasPermissions,
+    BlobProperties,
+    ResourceTypes,
+    generate_account_sas,
+)
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 from temporalio.testing import ActivityEnvironment
 
 from activities import logs
+from activities.blob import PREFLIGHT_TIMEOUT_SECONDS
 from activities.common import SchemaMismatch
 from activities.logs import LogRedactor
 from classification.datamap import LogLocator, MissingIdentity
@@ -28,7 +36,7 @@ from lethe.contracts import (
     Subject,
     VerifyRequest,
 )
-from lethe.errors import ConfigurationError
+from lethe.errors import ConfigurationError, ServiceUnavailable
 
 CONNECTION_VARIABLE = "LETHE_STACK_BLOB_CONNECTION"
 FIELDS = {"patient_id": "subject_id", "email": "identity.email"}
@@ -356,3 +364,103 @@ async def test_evidence_holds_no_personal_data(
     shown = repr(erased.model_dump()) + repr(verified.model_dump())
     assert "ada@example.org" not in shown
     assert "1001" not in shown
+
+
+# --- preflight -------------------------------------------------------------------------------
+
+
+async def _snapshot(container: ContainerClient) -> list[tuple[str, str, bytes]]:
+    """Each blob's name, etag and content: what a preflight must leave as it found it."""
+    return sorted(
+        [
+            (item.name, str(item.etag), await _content(container, item.name))
+            async for item in container.list_blobs()
+        ]
+    )
+
+
+async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    f = await _seed(container)
+    before = await _snapshot(container)
+    redactor = LogRedactor.for_connection(blob_connection)
+
+    for action in ("delete", "redact", "anonymize"):
+        assert await redactor.preflight(_request(f.locator, f.a, action=action)) == [], action
+    # One value to find records by is enough, as for erase.
+    no_email = Subject(tenant="st-mary", subject_id="1001")
+    assert await redactor.preflight(_request(f.locator, no_email)) == []
+
+    assert await _snapshot(container) == before
+
+
+async def test_preflight_names_a_missing_container_identity_and_action(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    f = await _seed(container)
+    before = await _snapshot(container)
+    redactor = LogRedactor.for_connection(blob_connection)
+    missing = f.locator.model_copy(update={"container": _name("missing-")})
+
+    assert await redactor.preflight(_request(missing, f.a)) == [
+        f"logs system 'app-logs': container '{missing.container}' does not exist"
+    ]
+    by_email = f.locator.model_copy(update={"fields": {"email": "identity.email"}})
+    no_email = Subject(tenant="st-mary", subject_id="1001")
+    problems = await redactor.preflight(_request(by_email, no_email, action="tombstone"))
+    assert problems == [
+        "logs system 'app-logs': logs cannot 'tombstone'; use delete, redact, anonymize or retain",
+        f"logs system 'app-logs': the log locator in container '{container.container_name}' "
+        "finds records by identity.email; the request gives none of them",
+    ]
+    assert "1001" not in repr(problems)
+    assert await redactor.preflight(_request(missing, f.a, action="retain")) == []
+    assert await _snapshot(container) == before
+
+
+async def test_preflight_says_what_a_signature_does_not_allow(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    f = await _seed(container)
+    before = await _snapshot(container)
+    parts = dict(part.split("=", 1) for part in blob_connection.split(";") if "=" in part)
+    sas = generate_account_sas(
+        parts["AccountName"],
+        parts["AccountKey"],
+        ResourceTypes(container=True, object=True),
+        AccountSasPermissions(read=True, list=True),
+        expiry=datetime.now(UTC) + timedelta(hours=1),
+    )
+    signed = f"BlobEndpoint={parts['BlobEndpoint']};SharedAccessSignature={sas}"
+
+    assert await LogRedactor(signed).preflight(_request(f.locator, f.a)) == [
+        "logs system 'app-logs': the connection's shared access signature does not allow write (w)"
+    ]
+    assert await _snapshot(container) == before
+
+
+async def test_preflight_of_an_unreachable_service_is_quick_and_transient(
+    container: ContainerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = await _seed(container)
+    connection = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        "AccountKey=c2VjcmV0LWtleS1zaG91bGQtbm90LWxlYWs=;"
+        "BlobEndpoint=http://127.0.0.1:1/devstoreaccount1;"
+    )
+    request = _request(f.locator, f.a)
+
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as caught:
+        await LogRedactor(connection).preflight(request)
+    assert time.monotonic() - started < PREFLIGHT_TIMEOUT_SECONDS
+    assert "127.0.0.1:1" in str(caught.value)
+    assert "c2VjcmV0" not in str(caught.value)
+
+    monkeypatch.setenv(CONNECTION_VARIABLE, connection)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    check = await env.run(logs.preflight, request)
+    assert check.transient
+    assert check.problems == [f"ServiceUnavailable: {caught.value}"]

@@ -1,4 +1,5 @@
-"""The key connector against a PostgreSQL key store: shred, verify, retries, restore and replay.
+"""The key connector against a PostgreSQL key store: shred, verify, retries, restore and replay,
+and the preflight that touches nothing.
 
 The module has a key-store database of its own on the stack (tests/key_stores.py), and each
 test its own tenant, so nothing here touches another test's keys.
@@ -8,13 +9,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import delete, insert
+from sqlalchemy.engine import make_url
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -25,7 +30,7 @@ from classification.datamap import KeysLocator
 from lethe import key_store
 from lethe.config import Settings
 from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject
-from lethe.errors import KeyShredded
+from lethe.errors import KeyShredded, ServiceUnavailable
 from lethe.keys import KeyService, place
 from tests.key_stores import fresh_key_store, key_rows, key_service
 
@@ -315,3 +320,190 @@ async def test_activities_refuse_another_region_a_foreign_subject_key_and_other_
 
     # None of that destroyed anything.
     assert await keys.decrypt(sealed, WHERE, cached=False) == b"ada"
+
+
+# --- preflight -------------------------------------------------------------------------------
+
+STEP_TABLES = (
+    "lethe_data_keys",
+    "lethe_shredded_subjects",
+    "lethe_kek_versions",
+    "lethe_kek_state",
+)
+
+
+def _admin_url(url: str, database: str | None = None) -> str:
+    """The key store's URL as psycopg (the service's own client) takes it."""
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+async def _dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the key store's tables that exist, read with psycopg: what a preflight must
+    leave exactly as it found it."""
+    async with await psycopg.AsyncConnection.connect(_admin_url(url)) as conn:
+        tables = [
+            row[0]
+            for row in await (
+                await conn.execute(
+                    "SELECT table_name FROM information_schema.tables "
+                    "WHERE table_schema = 'public' ORDER BY table_name"
+                )
+            ).fetchall()
+        ]
+        dump: dict[str, list[tuple[Any, ...]]] = {}
+        for table in tables:
+            rows = await (await conn.execute(f'SELECT * FROM "{table}"')).fetchall()
+            dump[table] = sorted(rows, key=repr)
+        return dump
+
+
+async def test_preflight_passes_for_a_good_key_store_and_changes_nothing(
+    shredder: KeyShredder, keys: KeyService, keys_url: str
+) -> None:
+    ada, grace = _subjects()
+    await keys.encrypt(ada, b"ada", WHERE)
+    before = await _dump(keys_url)
+    assert set(STEP_TABLES) <= set(before)
+
+    assert await shredder.preflight(_request(keys, ada)) == []
+    assert await shredder.preflight(_request(keys, grace)) == []  # no key yet: nothing to shred
+    assert await shredder.preflight(_request(keys, ada, action="retain")) == []
+
+    assert await _dump(keys_url) == before
+
+
+async def test_preflight_refuses_a_reference_this_worker_does_not_make(
+    shredder: KeyShredder, keys: KeyService, keys_url: str
+) -> None:
+    ada, _ = _subjects()
+    await keys.encrypt(ada, b"ada", WHERE)
+    before = await _dump(keys_url)
+    request = _request(keys, ada)
+
+    foreign = request.model_copy(update={"subject_ref": "ab" * 16})
+    assert await shredder.preflight(foreign) == [
+        "key store of system 'patient-keys': this worker's LETHE_SUBJECT_KEY is not the one the "
+        "request's subject reference was made with, so the key store names the subject "
+        "differently"
+    ]
+    malformed = request.model_copy(update={"subject_ref": "not a reference"})
+    assert await shredder.preflight(malformed) == [
+        "key store of system 'patient-keys': the subject reference is malformed"
+    ]
+    assert await _dump(keys_url) == before
+
+
+async def test_preflight_of_an_empty_database_names_the_missing_tables_and_makes_none(
+    keys: KeyService, settings: Settings
+) -> None:
+    ada, _ = _subjects()
+    async with fresh_key_store("preflight") as empty:
+        shredder = KeyShredder(empty, settings.keys_master_key_bytes, settings.subject_key_bytes)
+        problems = await shredder.preflight(_request(keys, ada))
+        assert problems == [
+            f"key store of system 'patient-keys': table {table} does not exist (no service has "
+            "used this key store yet, or its URL names another database)"
+            for table in STEP_TABLES
+        ]
+        assert await _dump(empty) == {}
+
+
+async def test_preflight_names_a_database_that_does_not_exist_and_refused_credentials(
+    keys: KeyService, keys_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ada, _ = _subjects()
+    request = _request(keys, ada)
+    where = "key store of system 'patient-keys'"
+    name = f"lethe_keys_missing_{uuid.uuid4().hex[:8]}"
+    missing = make_url(keys_url).set(database=name).render_as_string(hide_password=False)
+
+    started = time.monotonic()
+    shredder = KeyShredder(missing, settings.keys_master_key_bytes, settings.subject_key_bytes)
+    assert await shredder.preflight(request) == [
+        f"{where}: the database its URL names does not exist"
+    ]
+    assert time.monotonic() - started < 5
+    async with await psycopg.AsyncConnection.connect(_admin_url(keys_url, "postgres")) as conn:
+        found = await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        assert await found.fetchone() is None
+
+    nobody = make_url(keys_url).set(username=f"nobody_{uuid.uuid4().hex[:8]}")
+    stranger = KeyShredder(
+        nobody.render_as_string(hide_password=False),
+        settings.keys_master_key_bytes,
+        settings.subject_key_bytes,
+    )
+    assert await stranger.preflight(request) == [f"{where}: the server refused the credentials"]
+
+    # As the activity: a clear problem, not one to wait out.
+    monkeypatch.setenv(CONNECTION_VARIABLE, missing)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    check = await env.run(shred.preflight, request)
+    assert check.problems == [f"{where}: the database its URL names does not exist"]
+    assert not check.transient
+
+
+async def test_preflight_of_an_unreachable_key_store_is_quick_and_transient(
+    keys: KeyService, keys_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ada, _ = _subjects()
+    request = _request(keys, ada)
+    unreachable = make_url(keys_url).set(host="127.0.0.1", port=1)
+    url = unreachable.render_as_string(hide_password=False)
+
+    started = time.monotonic()
+    shredder = KeyShredder(url, settings.keys_master_key_bytes, settings.subject_key_bytes)
+    with pytest.raises(ServiceUnavailable) as caught:
+        await shredder.preflight(request)
+    assert time.monotonic() - started < 5
+    assert str(caught.value).startswith("key store of system 'patient-keys' did not answer")
+
+    monkeypatch.setenv(CONNECTION_VARIABLE, url)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    check = await env.run(shred.preflight, request)
+    assert check.transient
+    assert check.problems == [f"ServiceUnavailable: {caught.value}"]
+
+
+async def test_preflight_says_what_the_database_user_may_not_do(
+    keys: KeyService, keys_url: str, settings: Settings
+) -> None:
+    ada, _ = _subjects()
+    await keys.encrypt(ada, b"ada", WHERE)
+    before = await _dump(keys_url)
+    role = f"lethe_reader_{uuid.uuid4().hex[:8]}"
+    admin = _admin_url(keys_url)
+    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+        await conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        await conn.execute(f'GRANT SELECT ON {", ".join(STEP_TABLES)} TO "{role}"')
+    try:
+        reader = make_url(keys_url).set(username=role).render_as_string(hide_password=False)
+        shredder = KeyShredder(reader, settings.keys_master_key_bytes, settings.subject_key_bytes)
+        assert await shredder.preflight(_request(keys, ada)) == [
+            "key store of system 'patient-keys': the database user may not DELETE on "
+            "lethe_data_keys, UPDATE on lethe_data_keys, INSERT on lethe_shredded_subjects"
+        ]
+    finally:
+        async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+            await conn.execute(f'DROP OWNED BY "{role}"')
+            await conn.execute(f'DROP ROLE "{role}"')
+    assert await _dump(keys_url) == before
+
+
+async def test_preflight_of_a_missing_sqlite_key_store_does_not_create_it(
+    keys: KeyService, settings: Settings, tmp_path: Path
+) -> None:
+    ada, _ = _subjects()
+    path = tmp_path / "keys.db"
+    shredder = KeyShredder(
+        f"sqlite+aiosqlite:///{path}", settings.keys_master_key_bytes, settings.subject_key_bytes
+    )
+    assert await shredder.preflight(_request(keys, ada)) == [
+        "key store of system 'patient-keys': its database file does not exist"
+    ]
+    assert not path.exists()

@@ -12,7 +12,7 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, insert, select
 from activities.planning import Planner, PlanningFailed
 from activities.sql import SqlEraser, engine_for
 from classification.datamap import SqlTableLocator, load_datamap
-from classification.routing import RegionContradiction
+from classification.routing import NoSystemHoldsTenant, RegionContradiction
 from lethe.contracts import ErasureRequest, Plan, StepRequest, Subject
 from lethe.yamlfile import InvalidFile
 from policies.model import PACKS_DIR, load_pack
@@ -129,8 +129,10 @@ def test_a_tenant_no_system_holds_cannot_be_planned(tmp_path: Path) -> None:
     text = MAP.replace("tenants: [clinic-eu, shared-eu]", "tenants: [clinic-eu]").replace(
         "    connection: EU_KAFKA\n", "    connection: EU_KAFKA\n    tenants: [clinic-eu]\n"
     )
-    with pytest.raises(PlanningFailed, match="no system of the data map holds subjects"):
+    with pytest.raises(NoSystemHoldsTenant, match="no system of the data map holds subjects"):
         _plan(tmp_path, "shared-eu", text)
+    with pytest.raises(PlanningFailed, match="none of the systems cache-us holds"):
+        _plan(tmp_path, "clinic-eu", systems=["cache-us"])
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ from datetime import timedelta
 from temporalio.testing import WorkflowEnvironment
 
 from lethe import ledger
+from lethe.client import Client
+from lethe.config import Settings
 from lethe.contracts import ApprovalDecision
 from lethe.store import engine_for
 from tests.workflows.test_erasure import (
@@ -100,6 +102,20 @@ async def test_an_outage_longer_than_eight_attempts_is_retried_until_it_ends(
     handle = await _begin(time_skipping_env, _start(await time_skipping_env.get_current_time()))
     await _wait_state(handle, "awaiting_approval")
     await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
+    # While it retries, the status says why and when it tries next.
+    sdk = Client(time_skipping_env.client, Settings())
+    step = None
+    for _ in range(100):
+        status = await sdk.status(handle.id)
+        step = next(s for s in status.steps if s.step_id == "session-cache/0")
+        if step.last_failure:
+            break
+        await time_skipping_env.sleep(timedelta(seconds=5))
+    assert step is not None and step.status == "running", step
+    assert step.last_failure == "ServiceUnavailable: database did not answer", step
+    # (The time-skipping test server leaves the next attempt's time out; the dev server and
+    # the production server give it, and the status shows it.)
+    assert step.attempt >= 2
     certificate = await handle.result()
     assert certificate.outcome == "erased"
     assert calls.attempts["session-cache/0"] == 13
