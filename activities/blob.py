@@ -33,8 +33,8 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient, LinearRetry
-from temporalio import activity
 
+from activities.attempts import Journal
 from activities.common import (
     SchemaMismatch,
     connector_activities,
@@ -274,12 +274,6 @@ def aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def beat(progress: dict[str, Any]) -> None:
-    """Heartbeat when running inside an activity."""
-    if activity.in_activity():
-        activity.heartbeat(progress)
-
-
 # --- the backup connector ----------------------------------------------------------------------
 
 
@@ -374,6 +368,11 @@ class BackupEraser(BlobConnector):
     and the workflow's deferred phase runs erase and verify again at that time. A blob the
     service refuses to delete (legal hold, immutability policy) makes the step `failed`.
 
+    Erase tells how many blobs it found to delete in a heartbeat, and waits until the server
+    holds it, before deleting any (`activities.attempts`): a retry after a lost worker finds
+    nothing left to delete and reports what the earlier attempt had found, or that its counts
+    were lost, never a count it did not see.
+
     Soft delete keeps deleted blobs recoverable for N days: erase reads the account's delete
     retention policy and, when it is on, says so and moves `gone_by` N days later. Earlier
     versions of deleted blobs are looked for and deleted where the service lists them. Holds
@@ -429,23 +428,36 @@ class BackupEraser(BlobConnector):
             return retained_outcome(request)
         locator = _locator(request)
         now = datetime.now(UTC)
-        with self._errors(request, locator):
-            container, soft_delete = await asyncio.gather(
-                self._container(locator), self._soft_delete()
-            )
-            subject_names = await self._subject_blobs(container, request, locator)
-            subject = await self._delete(container, subject_names)
-            whole = await self._whole_backups(container, request, locator, now)
-            expired = await self._delete(container, [b.name for b in whole.past])
-            versions_note, versions_deleted = await self._delete_versions(
-                container, subject.names + expired.names
-            )
+        journal = Journal.resume(request)
+        try:
+            with self._errors(request, locator):
+                container, soft_delete = await asyncio.gather(
+                    self._container(locator), self._soft_delete()
+                )
+                subject_names = await self._subject_blobs(container, request, locator)
+                whole = await self._whole_backups(container, request, locator, now)
+                await journal.plan(subject_blobs=len(subject_names), whole_backups=len(whole.past))
+                subject = _Deletions()
+                if locator.subject_tag or locator.subject_prefix:
+                    subject = await self._delete_subject_blobs(container, subject_names, journal)
+                expired = await self._expire(container, whole.past, journal)
+                versions_note, versions_deleted = await self._delete_versions(
+                    container, subject.names + expired.names
+                )
+        except LetheError:
+            journal.failed()
+            raise
+        journal.erased(
+            subject_blobs_deleted=subject.deleted,
+            whole_backups_deleted=expired.deleted,
+            versions_deleted=versions_deleted,
+        )
 
         evidence: Evidence = {
             "action": request.step.action,
-            "subject_blobs_deleted": subject.deleted,
+            "subject_blobs_deleted": journal.total("subject_blobs_deleted", "subject_blobs"),
             "subject_blobs_already_gone": subject.already_gone,
-            "whole_backups_deleted": expired.deleted,
+            "whole_backups_deleted": journal.total("whole_backups_deleted", "whole_backups"),
             "whole_backups_already_gone": expired.already_gone,
             "whole_backups_inside_window": whole.count(len(whole.inside)),
             "whole_backups_next_due_at": _iso(
@@ -457,9 +469,15 @@ class BackupEraser(BlobConnector):
             "soft_delete": soft_delete.note,
             "soft_delete_days": soft_delete.days,
             "versions": versions_note,
-            "versions_deleted": versions_deleted,
+            "versions_deleted": journal.total("versions_deleted"),
+            **journal.evidence(),
         }
-        deleted_now = subject.deleted + expired.deleted + versions_deleted
+        affected = journal.affected("subject_blobs_deleted", "whole_backups_deleted")
+        # Deleted by this attempt or an earlier one (which may have, when its heartbeats are lost).
+        deleted_now = (
+            journal.affected("subject_blobs_deleted", "whole_backups_deleted", "versions_deleted")
+            or journal.earlier == "lost"
+        )
         lingering = (
             now + timedelta(days=soft_delete.days) if soft_delete.days and deleted_now else None
         )
@@ -470,7 +488,7 @@ class BackupEraser(BlobConnector):
             return StepOutcome(
                 step_id=request.step.id,
                 status="failed",
-                affected=subject.deleted + expired.deleted,
+                affected=affected,
                 evidence=evidence,
                 detail=_held_detail(held),
                 gone_by=gone_by,
@@ -478,9 +496,16 @@ class BackupEraser(BlobConnector):
         return StepOutcome(
             step_id=request.step.id,
             status="running",
-            affected=subject.deleted + expired.deleted,
+            affected=affected,
             evidence=evidence,
-            detail=_window_detail(len(whole.inside), last_due, soft_delete, whole),
+            detail="; ".join(
+                d
+                for d in (
+                    _window_detail(len(whole.inside), last_due, soft_delete, whole),
+                    _earlier_detail(journal),
+                )
+                if d
+            ),
             gone_by=gone_by,
         )
 
@@ -607,7 +632,22 @@ class BackupEraser(BlobConnector):
                 inside.append(_Backup(blob.name, created))
         return _WholeBackups(past, inside, after, window, note=WHOLE_BACKUPS_DATED)
 
-    async def _delete(self, container: ContainerClient, names: list[str]) -> _Deletions:
+    async def _delete_subject_blobs(
+        self, container: ContainerClient, names: list[str], journal: Journal
+    ) -> _Deletions:
+        """The effect on the subject's own blobs: each deleted with its snapshots."""
+        return await self._delete(container, names, journal)
+
+    async def _expire(
+        self, container: ContainerClient, past: list[_Backup], journal: Journal
+    ) -> _Deletions:
+        """The effect on whole backups: those taken before the erasure and past the window."""
+        return await self._delete(container, [backup.name for backup in past], journal)
+
+    async def _delete(
+        self, container: ContainerClient, names: list[str], journal: Journal
+    ) -> _Deletions:
+        """The effect: delete each blob with its snapshots (a 404 is one already gone)."""
         result = _Deletions()
 
         async def delete(name: str) -> None:
@@ -623,7 +663,7 @@ class BackupEraser(BlobConnector):
                 if reason is None:
                     raise
                 result.held[reason] = result.held.get(reason, 0) + 1
-            beat({"blobs_deleted": result.deleted, "blobs_already_gone": result.already_gone})
+            journal.alive(blobs_deleted=result.deleted, blobs_already_gone=result.already_gone)
 
         await _bounded([delete(name) for name in names])
         return result
@@ -721,6 +761,24 @@ def _held_detail(held: dict[str, int]) -> str:
         + ", ".join(parts)
         + ": the subject's data stays until the hold is released or the policy expires"
     )
+
+
+def _earlier_detail(journal: Journal) -> str:
+    """What the detail says of earlier attempts of a retried erase; "" on a first attempt."""
+    earlier = journal.earlier
+    if earlier == "planned":
+        return (
+            f"an earlier attempt had found {journal.unconfirmed.get('subject_blobs', 0)} "
+            f"subject blob(s) and {journal.unconfirmed.get('whole_backups', 0)} whole "
+            "backup(s) past the window and was about to delete them when its worker was lost: "
+            "how many it deleted is not known"
+        )
+    if earlier == "lost":
+        return (
+            "no heartbeat of an earlier attempt arrived, so what it deleted, if anything, is "
+            "not known"
+        )
+    return ""
 
 
 def _window_detail(

@@ -5,6 +5,11 @@ frees memory off the main thread. The subject's values are glob-escaped before t
 pattern, so a subject id such as `*` matches only itself. Preflight changes nothing: it renders
 the templates, logs in, checks the hash keys' types and asks `ACL DRYRUN` (Redis 7) whether the
 connection's user may run what the step runs.
+
+Erase first finds what is there (the keys the patterns match, the hash fields present), tells
+it in a heartbeat and waits until the server holds it, then removes it and tells what it
+removed (`activities.attempts`). Removing is idempotent; a retry after a lost worker reports
+the earlier attempt's counts when they arrived, and says what it knows when they did not.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
-from temporalio import activity
 
+from activities.attempts import Journal
 from activities.common import (
     SchemaMismatch,
     connector_activities,
@@ -29,7 +34,7 @@ from activities.common import (
 )
 from classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
 from lethe.contracts import StepOutcome, StepRequest
-from lethe.errors import ConfigurationError, ServiceUnavailable
+from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 T = TypeVar("T")
 
@@ -201,20 +206,31 @@ class CacheEraser:
         if step.action == "retain":
             return retained_outcome(request)
         targets = _targets(request)
-        await self._call(lambda: self._check_hashes(targets.hash_fields))
-        keys_unlinked = await self._call(lambda: self._purge_keys(targets.patterns))
-        fields_removed = await self._call(lambda: self._purge_hash_fields(targets.hash_fields))
+        journal = Journal.resume(request)
+        try:
+            await self._call(lambda: self._check_hashes(targets.hash_fields))
+            keys, existing = await self._call(lambda: self._find_keys(targets.patterns, journal))
+            fields = await self._call(lambda: self._present_fields(targets.hash_fields))
+            await journal.plan(keys=existing, hash_fields=len(fields))
+            unlinked, removed = await self._call(lambda: self._remove(keys, fields))
+        except LetheError:
+            journal.failed()
+            raise
+        journal.erased(keys_unlinked=unlinked, hash_fields_removed=removed)
+        keys_unlinked = journal.total("keys_unlinked", "keys")
+        fields_removed = journal.total("hash_fields_removed", "hash_fields")
         return StepOutcome(
             step_id=step.id,
             status="running",
-            affected=keys_unlinked + fields_removed,
+            affected=journal.affected(),
             evidence={
                 "patterns": len(targets.patterns),
                 "hash_fields": len(targets.hash_fields),
                 "keys_unlinked": keys_unlinked,
                 "hash_fields_removed": fields_removed,
+                **journal.evidence(),
             },
-            detail=f"unlinked {keys_unlinked} key(s), removed {fields_removed} hash field(s)",
+            detail=_erase_detail(journal, unlinked, removed),
         )
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
@@ -223,7 +239,8 @@ class CacheEraser:
         if step.action == "retain":
             return retained_outcome(request)
         targets = _targets(request)
-        keys_left = await self._call(lambda: self._count_keys(targets.patterns))
+        journal = Journal.current(request) or Journal(request.request_id, step.id)
+        keys_left = await self._call(lambda: self._count_keys(targets.patterns, journal))
         fields_left = await self._call(lambda: self._count_hash_fields(targets.hash_fields))
         evidence = {
             **erased.evidence,
@@ -327,31 +344,49 @@ class CacheEraser:
                 )
         return problems
 
-    async def _purge_keys(self, patterns: list[_Pattern]) -> int:
-        unlinked = 0
+    async def _find_keys(
+        self, patterns: list[_Pattern], journal: Journal
+    ) -> tuple[list[bytes | str], int]:
+        """The keys to unlink: those the glob patterns match now, and every key a literal
+        pattern names (unlinking one that is absent does nothing); and how many exist now."""
+        found: dict[bytes | str, None] = {}
         for pattern in patterns:
-            if pattern.key is not None:
-                unlinked += await self._client.unlink(pattern.key)
-                continue
-            # Unlinking what one page found before asking for the next keeps memory flat; SCAN
-            # still returns every key that existed throughout the iteration.
-            async for keys in self._scan(pattern):
-                unlinked += await self._unlink(keys)
-        return unlinked
+            if pattern.key is None:
+                async for keys in self._scan(pattern, journal):
+                    found.update(dict.fromkeys(keys))
+        literal = [p.key for p in patterns if p.key is not None and p.key not in found]
+        existing = len(found)
+        if literal:
+            pipe = self._client.pipeline(transaction=False)
+            for key in literal:
+                pipe.exists(key)
+            existing += sum(await pipe.execute())
+        return [*found, *dict.fromkeys(literal)], existing
 
-    async def _unlink(self, keys: list[bytes | str]) -> int:
+    async def _present_fields(self, hash_fields: list[_HashField]) -> list[_HashField]:
+        """The hash fields that exist now."""
+        if not hash_fields:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for entry in hash_fields:
+            pipe.hexists(entry.key, entry.field)
+        present = await pipe.execute()
+        return [entry for entry, there in zip(hash_fields, present, strict=True) if there]
+
+    async def _remove(
+        self, keys: list[bytes | str], hash_fields: list[_HashField]
+    ) -> tuple[int, int]:
+        """The effect: unlink `keys` and delete `hash_fields`; how many of each went."""
+        if not keys and not hash_fields:
+            return 0, 0
         pipe = self._client.pipeline(transaction=False)
         for start in range(0, len(keys), UNLINK_BATCH):
             pipe.unlink(*keys[start : start + UNLINK_BATCH])
-        return sum(await pipe.execute())
-
-    async def _purge_hash_fields(self, hash_fields: list[_HashField]) -> int:
-        if not hash_fields:
-            return 0
-        pipe = self._client.pipeline(transaction=False)
         for entry in hash_fields:
             pipe.hdel(entry.key, entry.field)
-        return sum(await pipe.execute())
+        answers = await pipe.execute()
+        batches = -(-len(keys) // UNLINK_BATCH)
+        return sum(answers[:batches]), sum(answers[batches:])
 
     async def _check_hashes(self, hash_fields: list[_HashField]) -> None:
         """Refuse, before anything is deleted, a hash-field key that holds something else."""
@@ -371,13 +406,13 @@ class CacheEraser:
                 f"Redis at {self._where}: the key of hash_fields {wrong} is not a hash"
             )
 
-    async def _count_keys(self, patterns: list[_Pattern]) -> int:
+    async def _count_keys(self, patterns: list[_Pattern], journal: Journal) -> int:
         left = 0
         for pattern in patterns:
             if pattern.key is not None:
                 left += await self._client.exists(pattern.key)
                 continue
-            async for keys in self._scan(pattern):
+            async for keys in self._scan(pattern, journal):
                 left += len(keys)
         return left
 
@@ -390,13 +425,12 @@ class CacheEraser:
             pipe.hexists(entry.key, entry.field)
         return sum(bool(found) for found in await pipe.execute())
 
-    async def _scan(self, pattern: _Pattern) -> AsyncIterator[list[bytes | str]]:
+    async def _scan(self, pattern: _Pattern, journal: Journal) -> AsyncIterator[list[bytes | str]]:
         cursor, pages = 0, 0
         while True:
             cursor, keys = await self._client.scan(cursor, match=pattern.match, count=SCAN_COUNT)
             pages += 1
-            if activity.in_activity():
-                activity.heartbeat(f"pattern {pattern.index}: {pages} scan page(s)")
+            journal.alive(scanning=f"pattern {pattern.index}: {pages} scan page(s)")
             if keys:
                 yield keys
             if cursor == 0:
@@ -408,6 +442,27 @@ class CacheEraser:
         except (RedisError, OSError) as exc:
             # Redis errors can quote keys, which hold subject ids: only the type leaves here.
             raise ServiceUnavailable(f"Redis at {self._where}: {type(exc).__name__}") from None
+
+
+def _erase_detail(journal: Journal, unlinked: int, removed: int) -> str:
+    done = f"unlinked {unlinked} key(s), removed {removed} hash field(s)"
+    earlier = journal.earlier
+    if earlier is None:
+        return done
+    if earlier == "recorded":
+        return f"{done} in this attempt; the earlier attempts' counts are included"
+    if earlier == "planned":
+        keys = journal.unconfirmed.get("keys", 0)
+        fields = journal.unconfirmed.get("hash_fields", 0)
+        return (
+            f"{done} in this attempt; an earlier attempt had found {keys} key(s) and "
+            f"{fields} hash field(s) and was about to remove them when its worker was lost: "
+            "how many it removed is not known"
+        )
+    return (
+        f"{done} in this attempt; no heartbeat of an earlier attempt arrived, so what it "
+        "removed, if anything, is not known"
+    )
 
 
 erase, verify, preflight = connector_activities("redis", CacheEraser.for_connection)

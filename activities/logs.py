@@ -1,31 +1,48 @@
 """The log connector: drops or redacts a subject's records in JSON-lines log blobs.
 
 Logs are block blobs of one JSON object per line, in a container under a prefix. A record is
-the subject's when one of the locator's `fields` holds the subject's value for it. Each blob
-that holds such a record is rewritten as a whole and swapped in only if nobody wrote to it
-since it was read (an If-Match on its etag); a concurrent writer makes the swap fail, and the
-blob is read again and rewritten, so their lines are never lost. Preflight reads only: the
-container, the credentials and what they allow, and that the request gives a value to find
-records by.
+the subject's when one of the locator's `fields` holds the subject's value for it and, where the
+locator names a `tenant_field` (a logs system that holds several tenants must), that field holds
+the subject's tenant: another tenant's subject with the same id is left byte for byte, and a
+record with the subject's values but no tenant is left too, and makes verify fail, since whose
+it is cannot be told. Each blob that holds such a record is rewritten as a whole and swapped in
+only if nobody wrote to it since it was read (an If-Match on its etag); a concurrent writer
+makes the swap fail, and the blob is read again and rewritten, so their lines are never lost.
+
+A rewritten blob carries metadata naming the request and the step, and how many records they
+dropped or redacted in it (`lethe_request`, `lethe_step`, `lethe_records`; no personal data).
+After a lost worker, the retry resumes after the last blob an earlier attempt's heartbeat says
+it finished, and a blob rewritten after that heartbeat (or with no heartbeat at all) is known by
+its metadata: its records count as the earlier attempt's, and it is not rewritten again.
+
+Preflight reads only: the container, the credentials and what they allow, that the request
+gives a value to find records by, and, with a `tenant_field`, that the first log blob's records
+carry it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from azure.core import MatchConditions
-from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
 from azure.storage.blob import BlobProperties, BlobType, ContentSettings
 from azure.storage.blob.aio import BlobClient, ContainerClient
-from temporalio import activity
 
+from activities.attempts import Journal
 from activities.blob import (
+    PREFLIGHT_TIMEOUT_SECONDS,
     BlobConnector,
-    beat,
     blob_errors,
     blob_service,
     container_problems,
@@ -38,6 +55,11 @@ from lethe.contracts import Evidence, StepOutcome, StepRequest
 from lethe.errors import ConfigurationError, LetheError
 
 REDACTED = "[redacted]"
+MARK_REQUEST, MARK_STEP, MARK_RECORDS = "lethe_request", "lethe_step", "lethe_records"
+"""The metadata of a rewritten blob: the request and step that rewrote it, and how many of the
+subject's records they dropped or redacted in it."""
+SAMPLE_BYTES = 64 * 1024
+"""How much of the first log blob preflight reads to see that records carry the tenant field."""
 ATTEMPTS = 5
 """How many times one blob is read and swapped before a busy writer makes the step retry."""
 Mode = Literal["drop", "redact"]
@@ -65,9 +87,13 @@ class Rewrite:
     unparsed: int
     """Lines that are not a JSON object, kept unchanged."""
     redacted: int = 0
-    """Records left alone whose mapped fields already say `[redacted]`."""
+    """Records left alone whose mapped fields already say `[redacted]` (of the subject's tenant,
+    where there is a tenant field)."""
     records: int = 0
     """Lines that are JSON objects. None in a non-empty blob: it could not be checked."""
+    untenanted: int = 0
+    """Records with the subject's values but no tenant in the tenant field: left alone, since
+    whose they are cannot be told."""
 
     def unreadable(self, content: bytes) -> bool:
         """The blob holds something, but no JSON record (compressed, or another format)."""
@@ -76,9 +102,11 @@ class Rewrite:
 
 @dataclass
 class _Progress:
-    """Counts so far; heartbeated with the index of the last blob done, to resume from."""
+    """Counts so far; heartbeated with the last blob done, to resume after."""
 
-    last_done: int = -1
+    last_done: str | None = None
+    """A digest of the last blob's name (names may say whose a log is: they stay out of
+    heartbeats)."""
     affected: int = 0
     scanned: int = 0
     rewritten: int = 0
@@ -86,19 +114,25 @@ class _Progress:
     conflicts: int = 0
     not_rewritable: int = 0
     unreadable: int = 0
+    untenanted: int = 0
+    earlier_rewritten: int = 0
+    """Blobs an earlier attempt rewrote after its last heartbeat that arrived (their metadata)."""
+    earlier_records: int = 0
 
     @classmethod
-    def resumed(cls) -> _Progress:
+    def resumed(cls, journal: Journal) -> _Progress:
         """The progress an earlier attempt of this activity heartbeated, or a fresh start."""
-        if not activity.in_activity():
+        saved = journal.earlier_progress.get("progress")
+        if not isinstance(saved, Mapping):
             return cls()
-        details = activity.info().heartbeat_details
-        if not details or not isinstance(details[0], dict):
-            return cls()
-        saved = details[0]
-        names = set(asdict(cls()))
-        values = {k: v for k, v in saved.items() if k in names and isinstance(v, int)}
-        return cls(**values)
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {
+            k: v
+            for k, v in saved.items()
+            if k in known and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        }
+        last = saved.get("last_done")
+        return cls(**values, last_done=last if isinstance(last, str) else None)
 
 
 def subject_values(request: StepRequest, locator: LogLocator) -> dict[str, str]:
@@ -114,13 +148,23 @@ def subject_values(request: StepRequest, locator: LogLocator) -> dict[str, str]:
     return values
 
 
-def rewrite(content: bytes, values: dict[str, str], fields: list[str], mode: Mode) -> Rewrite:
-    """Drop (or redact `fields` of) the records where a field of `values` holds its value.
+def rewrite(
+    content: bytes,
+    values: dict[str, str],
+    fields: list[str],
+    mode: Mode,
+    *,
+    tenant_field: str | None = None,
+    tenant: str = "",
+) -> Rewrite:
+    """Drop (or redact `fields` of) the records where a field of `values` holds its value and,
+    when `tenant_field` is given, that field holds `tenant`.
 
-    Every other line, JSON or not, is kept byte for byte.
+    Every other line, JSON or not, is kept byte for byte (another tenant's record with the same
+    values too; one without a tenant is kept and counted as `untenanted`).
     """
     out: list[bytes] = []
-    matched = unparsed = redacted = records = 0
+    matched = unparsed = redacted = records = untenanted = 0
     for line in content.split(b"\n"):
         record = _record(line)
         if record is None:
@@ -128,8 +172,14 @@ def rewrite(content: bytes, values: dict[str, str], fields: list[str], mode: Mod
             out.append(line)
             continue
         records += 1
+        owner = record.get(tenant_field) if tenant_field is not None else tenant
+        ours = owner == tenant
         if not any(_holds(record.get(name), value) for name, value in values.items()):
-            redacted += any(record.get(name) == REDACTED for name in fields)
+            redacted += ours and any(record.get(name) == REDACTED for name in fields)
+            out.append(line)
+            continue
+        if not ours:
+            untenanted += not isinstance(owner, str)
             out.append(line)
             continue
         matched += 1
@@ -139,7 +189,14 @@ def rewrite(content: bytes, values: dict[str, str], fields: list[str], mode: Mod
                     record[name] = REDACTED
             ending = b"\r" if line.endswith(b"\r") else b""
             out.append(json.dumps(record, ensure_ascii=False).encode() + ending)
-    return Rewrite(b"\n".join(out) if matched else content, matched, unparsed, redacted, records)
+    return Rewrite(
+        b"\n".join(out) if matched else content,
+        matched,
+        unparsed,
+        redacted,
+        records,
+        untenanted,
+    )
 
 
 def _record(line: bytes) -> dict[str, Any] | None:
@@ -161,19 +218,92 @@ def _holds(field_value: object, value: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Finder:
+    """How the step finds the subject's records: the values, the fields to redact, the tenant."""
+
+    values: dict[str, str]
+    fields: list[str]
+    tenant_field: str | None
+    tenant: str
+
+    @classmethod
+    def of(cls, request: StepRequest, locator: LogLocator) -> _Finder:
+        return cls(
+            subject_values(request, locator),
+            list(locator.fields),
+            locator.tenant_field,
+            request.subject.tenant,
+        )
+
+    def rewrite(self, content: bytes, mode: Mode) -> Rewrite:
+        return rewrite(
+            content,
+            self.values,
+            self.fields,
+            mode,
+            tenant_field=self.tenant_field,
+            tenant=self.tenant,
+        )
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def _resume_at(names: list[str], last_done: str | None) -> int | None:
+    """Where to go on in `names` after the blob whose digest is `last_done`: 0 for a fresh
+    start, None when no blob has that digest any more."""
+    if last_done is None:
+        return 0
+    for index, name in enumerate(names):
+        if _digest(name) == last_done:
+            return index + 1
+    return None
+
+
+def _marked(metadata: Mapping[str, str] | None, request: StepRequest) -> int | None:
+    """How many records this request's step dropped or redacted in a blob, by the blob's
+    metadata; None when this step did not rewrite it (or another rewrite came after)."""
+    found = {k.lower(): v for k, v in (metadata or {}).items()}
+    if (found.get(MARK_REQUEST), found.get(MARK_STEP)) != (request.request_id, request.step.id):
+        return None
+    count = found.get(MARK_RECORDS, "")
+    return int(count) if count.isdigit() else 0
+
+
+def _marks(
+    metadata: Mapping[str, str] | None, request: StepRequest, records: int
+) -> dict[str, str]:
+    """The blob's metadata with this step's marks for `records` records."""
+    kept = {
+        k: v
+        for k, v in (metadata or {}).items()
+        if k.lower() not in (MARK_REQUEST, MARK_STEP, MARK_RECORDS)
+    }
+    return {
+        **kept,
+        MARK_REQUEST: request.request_id,
+        MARK_STEP: request.step.id,
+        MARK_RECORDS: str(records),
+    }
+
+
 class LogRedactor(BlobConnector):
     """Drops (`delete`) or redacts (`redact`, `anonymize`) a subject's records in log blobs.
 
-    Blobs are taken in name order; after each one the activity heartbeats the index of the
-    last blob done and its counts, and a retried attempt resumes after it. Blobs without the
-    subject's records are read but never rewritten. Only block blobs can be swapped whole: an
-    append or page blob holding the subject's records is counted and makes the step `failed`.
+    Blobs are taken in name order; after each one the activity heartbeats the name of the last
+    blob done and its counts, and a retried attempt resumes after it. Blobs without the
+    subject's records are read but never rewritten; a rewritten one carries the step's marks.
+    Only block blobs can be swapped whole: an append or page blob holding the subject's records
+    is counted and makes the step `failed`.
     """
 
     async def preflight(self, request: StepRequest) -> list[str]:
         """Touching nothing: the action is one logs take, the request gives a value to find
         records by, what the connection's signature allows, the container exists and the
-        credentials open it, and listing under the prefix works."""
+        credentials open it, listing under the prefix works, and with a `tenant_field` the
+        first log blob's records carry it."""
         action = request.step.action
         if action == "retain":
             return []
@@ -191,9 +321,14 @@ class LogRedactor(BlobConnector):
             problems.append(f"logs system {system!r}: {exc}")
         needs = {"r": "read", "l": "list", "w": "write"}
         problems += sas_problems(self._connection, system, needs, kind="logs")
-        problems += await container_problems(
+        found = await container_problems(
             self._connection, system, locator.container, [locator.prefix], kind="logs"
         )
+        problems += found
+        if not found and locator.tenant_field is not None:
+            problem = await self._tenant_problem(request, locator)
+            if problem is not None:
+                problems.append(problem)
         return problems
 
     async def erase(self, request: StepRequest) -> StepOutcome:
@@ -208,17 +343,23 @@ class LogRedactor(BlobConnector):
                 "anonymize or retain"
             )
         locator = _locator(request)
-        values = subject_values(request, locator)
-        progress = _Progress.resumed()
-        resumed_from = progress.last_done + 1
+        finder = _Finder.of(request, locator)
+        journal = Journal.resume(request)
+        progress = _Progress.resumed(journal)
+        # What the earlier attempts' last heartbeat that arrived counts (blobs it finished).
+        recorded = (progress.affected, progress.rewritten) if progress.last_done else None
         with self._errors(request, locator):
             container = blob_service(self._connection).get_container_client(locator.container)
             names = await self._blob_names(container, locator)
-            for index in range(resumed_from, len(names)):
-                blob = container.get_blob_client(names[index])
-                await self._erase_blob(blob, values, list(locator.fields), mode, progress)
-                progress.last_done = index
-                beat(asdict(progress))
+            resumed_from = _resume_at(names, progress.last_done)
+            if resumed_from is None:  # that blob is gone: read every blob again, count afresh
+                resumed_from, progress, recorded = 0, _Progress(), None
+            for name in names[resumed_from:]:
+                blob = container.get_blob_client(name)
+                await self._erase_blob(blob, request, finder, mode, progress)
+                progress.last_done = _digest(name)
+                journal.progress["progress"] = asdict(progress)
+                journal.beat()
 
         detail = ""
         if progress.not_rewritable:
@@ -226,44 +367,65 @@ class LogRedactor(BlobConnector):
                 f"{progress.not_rewritable} append or page blob(s) hold the subject's records; "
                 "only block blobs can be rewritten atomically, so they were left unchanged"
             )
+        records = "records_dropped" if mode == "drop" else "records_redacted"
+        evidence: Evidence = {
+            "action": action,
+            "blobs_scanned": progress.scanned,
+            "blobs_rewritten": progress.rewritten,
+            records: progress.affected,
+            "unparsed_lines": progress.unparsed,
+            "write_conflicts_retried": progress.conflicts,
+            "blobs_not_rewritable": progress.not_rewritable,
+            "blobs_without_json": progress.unreadable,
+            "resumed_from_blob": resumed_from,
+        }
+        if locator.tenant_field is not None:
+            evidence["records_without_tenant"] = progress.untenanted
+        if journal.attempt > 1 or recorded is not None or progress.earlier_rewritten:
+            # The blobs an earlier attempt finished are in its heartbeat; those it rewrote
+            # after that heartbeat (or with none arriving) say so in their marks.
+            records_then, blobs_then = recorded or (0, 0)
+            earlier_records = records_then + progress.earlier_records
+            evidence.update(
+                {
+                    "first_attempt_evidence": "blob metadata" if recorded is None else "recorded",
+                    "earlier_attempts": journal.attempt - 1,
+                    "earlier_blobs_rewritten": blobs_then + progress.earlier_rewritten,
+                    f"earlier_{records}": earlier_records,
+                    f"retry_{records}": progress.affected - earlier_records,
+                }
+            )
         return StepOutcome(
             step_id=request.step.id,
             status="failed" if progress.not_rewritable else "running",
             affected=progress.affected,
-            evidence={
-                "action": action,
-                "blobs_scanned": progress.scanned,
-                "blobs_rewritten": progress.rewritten,
-                "records_dropped" if mode == "drop" else "records_redacted": progress.affected,
-                "unparsed_lines": progress.unparsed,
-                "write_conflicts_retried": progress.conflicts,
-                "blobs_not_rewritable": progress.not_rewritable,
-                "blobs_without_json": progress.unreadable,
-                "resumed_from_blob": resumed_from,
-            },
+            evidence=evidence,
             detail=detail,
         )
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
-        """Rescan every log blob: no record may still carry the subject's values."""
+        """Rescan every log blob: no record may still carry the subject's values (in their
+        tenant), and none may carry them without a tenant where the locator names one."""
         if request.step.action == "retain" or erased.status == "retained":
             return erased.model_copy(update={"verified": False})
         locator = _locator(request)
-        values = subject_values(request, locator)
-        fields = list(locator.fields)
-        matching = unparsed = redacted = blobs = unreadable = 0
+        finder = _Finder.of(request, locator)
+        # Within the erase activity, verify's heartbeats keep erase's record for a retry.
+        journal = Journal.current(request) or Journal(request.request_id, request.step.id)
+        matching = unparsed = redacted = blobs = unreadable = untenanted = 0
         with self._errors(request, locator):
             container = blob_service(self._connection).get_container_client(locator.container)
             for index, name in enumerate(await self._blob_names(container, locator)):
                 read = await _read(container.get_blob_client(name))
                 if read is not None:
-                    found = rewrite(read[0], values, fields, "drop")
+                    found = finder.rewrite(read[0], "drop")
                     matching += found.matched
                     unparsed += found.unparsed
                     redacted += found.redacted
                     unreadable += found.unreadable(read[0])
+                    untenanted += found.untenanted
                     blobs += 1
-                beat({"verified_blobs": index + 1})
+                journal.alive(verified_blobs=index + 1)
         evidence: Evidence = {
             "blobs_scanned": blobs,
             "records_matching": matching,
@@ -271,9 +433,16 @@ class LogRedactor(BlobConnector):
             "records_redacted_present": redacted,
             "blobs_without_json": unreadable,
         }
+        if locator.tenant_field is not None:
+            evidence["records_without_tenant"] = untenanted
         problems: list[str] = []
         if matching:
             problems.append(f"{matching} log record(s) still carry the subject's values")
+        if untenanted:
+            problems.append(
+                f"{untenanted} log record(s) carry the subject's values but no tenant in "
+                f"{locator.tenant_field!r}, so whose they are cannot be told; they were left"
+            )
         if unreadable:
             problems.append(
                 f"{unreadable} blob(s) under the prefix hold no JSON lines (compressed, or "
@@ -288,22 +457,31 @@ class LogRedactor(BlobConnector):
     async def _erase_blob(
         self,
         blob: BlobClient,
-        values: dict[str, str],
-        fields: list[str],
+        request: StepRequest,
+        finder: _Finder,
         mode: Mode,
         progress: _Progress,
     ) -> None:
+        """The effect on one blob: rewrite it without the subject's records, with the step's
+        marks; a blob the step rewrote before (its marks say so) counts as rewritten."""
+        earlier: int | None = None
         for attempt in range(ATTEMPTS):
             read = await self._read(blob)
             if read is None:  # deleted since it was listed: nothing of the subject's is left
                 return
             content, etag, properties = read
+            result = finder.rewrite(content, mode)
             if attempt == 0:
                 progress.scanned += 1
-            result = rewrite(content, values, fields, mode)
-            if attempt == 0:
                 progress.unparsed += result.unparsed
                 progress.unreadable += result.unreadable(content)
+                progress.untenanted += result.untenanted
+                earlier = _marked(properties.metadata, request)
+                if earlier is not None:  # rewritten by an earlier attempt of this step
+                    progress.earlier_rewritten += 1
+                    progress.earlier_records += earlier
+                    progress.affected += earlier
+                    progress.rewritten += 1
             if not result.matched:
                 return
             if properties.blob_type != BlobType.BLOCKBLOB:
@@ -323,14 +501,14 @@ class LogRedactor(BlobConnector):
                         content_disposition=properties.content_settings.content_disposition,
                         cache_control=properties.content_settings.cache_control,
                     ),
-                    metadata=properties.metadata,
+                    metadata=_marks(properties.metadata, request, (earlier or 0) + result.matched),
                     tags=await blob.get_blob_tags() if properties.tag_count else None,
                 )
             except ResourceModifiedError:
                 progress.conflicts += 1
                 continue
             progress.affected += result.matched
-            progress.rewritten += 1
+            progress.rewritten += earlier is None
             return
         raise LogBlobBusy(
             f"a log blob changed {ATTEMPTS} times while it was being rewritten; "
@@ -340,6 +518,48 @@ class LogRedactor(BlobConnector):
     async def _read(self, blob: BlobClient) -> tuple[bytes, str, BlobProperties] | None:
         """The blob's content, etag and properties; None when it no longer exists."""
         return await _read(blob)
+
+    async def _tenant_problem(self, request: StepRequest, locator: LogLocator) -> str | None:
+        """A problem when the first log blob under the prefix holds JSON records and none of
+        the first SAMPLE_BYTES carries the tenant field: erasing would find none of the
+        subject's records (a misnamed field). Reads a range of one blob; changes nothing."""
+        field = locator.tenant_field
+        if field is None:
+            return None
+        system = request.step.system
+        container = blob_service(self._connection).get_container_client(locator.container)
+        with self._errors(request, locator):
+            async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
+                first = None
+                listing = container.list_blobs(
+                    name_starts_with=locator.prefix or None, results_per_page=1
+                )
+                async for blob in listing:
+                    first = blob
+                    break
+                if first is None or not first.size:
+                    return None
+                try:
+                    download = await container.download_blob(
+                        first.name, offset=0, length=min(SAMPLE_BYTES, first.size)
+                    )
+                    sample = await download.readall()
+                except HttpResponseError as exc:
+                    if exc.status_code in (401, 403, 404, 416):
+                        return None  # refusals are the other checks' to report
+                    raise
+        lines = sample.split(b"\n")
+        if len(sample) == SAMPLE_BYTES:
+            lines = lines[:-1]  # the last line may be cut short
+        records = [record for record in map(_record, lines) if record is not None]
+        if not records or any(isinstance(r.get(field), str) for r in records):
+            return None
+        return (
+            f"logs system {system!r}: none of the first {len(records)} record(s) of the first "
+            f"log blob under prefix {locator.prefix!r} in container {locator.container!r} has "
+            f"the tenant_field {field!r}, so an erasure would find none of the subject's "
+            "records (is the field named right?)"
+        )
 
     @contextmanager
     def _errors(self, request: StepRequest, locator: LogLocator) -> Iterator[None]:

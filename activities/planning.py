@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from classification.datamap import (
 from classification.taxonomy import category
 from lethe.config import current_settings
 from lethe.contracts import ErasureRequest, Plan, Step
+from lethe.deadlines import format_duration, shortest_months
 from lethe.errors import ConfigurationError, LetheError
 from policies.engine import decide, locator_action, sql_action
 from policies.model import PolicyPack, load_pack
@@ -109,8 +111,37 @@ class Planner:
             approval_reason=reason,
             deadline_months=self.pack.erasure.deadline_months,
             max_extension_months=self.pack.erasure.max_extension_months,
-            window_days=self.pack.erasure.window_days,
+            window=self.pack.erasure.window_length,
+            # In whole days, rounded up ("within this many days"), for older readers.
+            window_days=-(-self.pack.erasure.window_length // timedelta(days=1)),
+            window_ends_after_deadline=self.pack.erasure.window_may_end_after_deadline is not None,
+            window_note=self._window_note(),
         )
+
+    def _window_note(self) -> str:
+        """What the plan says about its window and the deadline ("" when nothing to say)."""
+        erasure = self.pack.erasure
+        window = erasure.window_length
+        shortest = shortest_months(erasure.deadline_months)
+        longer = window > shortest
+        if erasure.window_may_end_after_deadline:
+            when = (
+                f"it can outlast the deadline (as short as {shortest.days} days)"
+                if longer
+                else "when the erasure starts late"
+            )
+            return (
+                f"the {format_duration(window)} window may end after the "
+                f"{erasure.deadline_months}-month deadline, {when}: "
+                f"{erasure.window_may_end_after_deadline}"
+            )
+        if longer:
+            return (
+                "the window ends at the deadline when that comes first: "
+                f"{format_duration(window)} can outlast {erasure.deadline_months} month(s) "
+                f"(as short as {shortest.days} days)"
+            )
+        return ""
 
     def _steps(self, system: System, held: set[str]) -> list[Step]:
         """The steps of one system; whole backups only of systems that hold the subject."""

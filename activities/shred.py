@@ -13,11 +13,16 @@ fresh key service (nothing cached) and expects `KeyShredded`, and checks that th
 holds no data key of the subject and does hold the record of the shredding.
 
 Idempotent: shredding again destroys what is left (nothing, or what a restored key-store backup
-brought back) and keeps the first shredding's record. The canary is sent as heartbeat details
-before the keys are destroyed, so a retry of the activity (an error, a lost worker whose last
-heartbeat reached the server) finds it and does not need the destroyed key to make another. A
-retry that finds none (the worker died before its first heartbeat was recorded) goes on without
-a canary: verification then rests on the key store's state, and the evidence says so.
+brought back) and keeps the first shredding's record. The canary and the number of key versions
+about to be destroyed are sent as heartbeat details before the keys are destroyed, and erase
+waits until the server holds them (`activities.attempts`), so a retry of the activity (an error,
+a lost worker) finds the canary and does not need the destroyed key to make another. A retry
+that finds none (the heartbeat did not arrive) goes on without a canary: verification then rests
+on the key store's state, and the detail says the canary was lost. What a retry reports as
+destroyed comes from the key store's record when the first shredding was this request's (the
+record is written in the transaction that destroys the keys, so it survives any crash); else
+(a replay shredding keys a restore brought back) from the heartbeats, or None when they did not
+arrive.
 
 A forget-list replay after the key store is restored from a backup runs this same step: the
 restored keys of every erased subject are destroyed again.
@@ -47,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 from temporalio import activity
 
+from activities.attempts import Journal
 from activities.common import connector_activities, retained_outcome, verdict
 from activities.sql_errors import translated
 from classification.datamap import KeysLocator
@@ -127,36 +133,55 @@ class KeyShredder:
         _check_step(request)
         if step.action == "retain":
             return retained_outcome(request, "keys kept by policy")
-        async with _key_store(step.system):
-            keys = await self._service()
-            ref = _checked_ref(keys, request)
-            canary, note = await _canary(keys, request, ref)
-            destroyed = await keys.shred(ref, request.subject.tenant, request.request_id)
-            record = await _shredding(keys.engine, ref)
+        journal = Journal.resume(request)
+        try:
+            async with _key_store(step.system):
+                keys = await self._service()
+                ref = _checked_ref(keys, request)
+                prior = await _shredding(keys.engine, ref)
+                canary, note = await _canary(keys, request, ref, prior)
+                if canary is not None:
+                    journal.progress["canary"] = canary  # in every heartbeat from now on
+                await journal.plan(versions=await _count_keys(keys.engine, ref))
+                destroyed = await keys.shred(ref, request.subject.tenant, request.request_id)
+                record = await _shredding(keys.engine, ref)
+        except LetheError:
+            journal.failed()
+            raise
+        journal.erased(versions_destroyed=destroyed)
         if record is None:  # written and committed a moment ago: only a restore running now
             raise ServiceUnavailable(
                 f"key store of system {step.system!r} lost the record of the shredding just "
                 "written (is it being restored?); shredding again"
             )
-        # A retry of this request finds its own first shredding: report what that destroyed.
-        affected = (
-            max(destroyed, record.versions_destroyed)
-            if record.request_id == request.request_id
-            else destroyed
-        )
         evidence: Evidence = {
-            "versions_destroyed": destroyed,
+            "versions_destroyed": journal.total("versions_destroyed", "versions"),
             "shredded_at": record.shredded_at.isoformat(),
             "shredding_request": record.request_id,
             "shredding_versions_destroyed": record.versions_destroyed,
             "canary": canary,
+            **journal.evidence(),
         }
+        affected = journal.affected()
+        if prior is None or prior.request_id == request.request_id:
+            # The key store decides: no earlier shredding (so no earlier attempt destroyed a
+            # key), or the first shredding was this request's and its record says how many.
+            earlier = prior.versions_destroyed if prior is not None else 0
+            affected = earlier + destroyed
+            evidence["versions_destroyed"] = affected
+            if prior is not None or journal.earlier is not None:
+                evidence.update(
+                    first_attempt_evidence="key store",
+                    earlier_versions_destroyed=earlier,
+                    retry_versions_destroyed=destroyed,
+                )
         return StepOutcome(
             step_id=step.id,
             status="running",
             affected=affected,
             evidence=evidence,
-            detail=f"destroyed {destroyed} data-key version(s); canary {note}",
+            detail=f"destroyed {destroyed} data-key version(s); canary {note}"
+            + _earlier_detail(evidence, prior is not None),
         )
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
@@ -365,12 +390,20 @@ async def _privilege_problems(conn: AsyncConnection, where: str, tables: set[str
     return [f"{where}: the database user may not {', '.join(denied)}"] if denied else []
 
 
-async def _canary(keys: KeyService, request: StepRequest, ref: str) -> tuple[str | None, str]:
-    """The canary (base64) and how it came about; heartbeated before any key is destroyed."""
+async def _canary(
+    keys: KeyService, request: StepRequest, ref: str, prior: Shredding | None
+) -> tuple[str | None, str]:
+    """The canary (base64) and how it came about; erase heartbeats it before any key is
+    destroyed. `prior` is the key store's record of an earlier shredding, if there is one."""
     earlier = _earlier_canary(ref)
     if earlier is not None:
         return earlier, "kept from an earlier attempt"
-    if await key_store.shredding_of(keys.engine, ref) is not None:
+    if prior is not None and prior.request_id == request.request_id:
+        return None, (
+            "lost: an earlier attempt of this request shredded the keys, and the heartbeat "
+            "that carried its canary did not arrive"
+        )
+    if prior is not None or await key_store.shredding_of(keys.engine, ref) is not None:
         return None, "not written: the subject's keys were shredded before"
     if await key_store.latest_key(keys.engine, ref) is None:
         return None, "not written: the subject has no data key"
@@ -382,9 +415,32 @@ async def _canary(keys: KeyService, request: StepRequest, ref: str) -> tuple[str
         # The canary is the proof, not the erasure: a key that cannot encrypt is shredded anyway.
         return None, f"not written: {type(exc).__name__}"
     canary = base64.b64encode(sealed).decode()
-    if activity.in_activity():
-        activity.heartbeat({"canary": canary})
     return canary, f"written under data-key version {ciphertext.parse(sealed)[0].dek_version}"
+
+
+def _earlier_detail(evidence: Evidence, first_was_earlier: bool) -> str:
+    """What the detail adds about earlier attempts of a retried erase; `first_was_earlier`:
+    the key store's first shredding was made before this attempt, by this request."""
+    earlier = evidence.get("first_attempt_evidence")
+    if earlier == "key store":
+        if not evidence.get("earlier_versions_destroyed") and not first_was_earlier:
+            return "; the key store holds no earlier shredding, so no earlier attempt made one"
+        return (
+            f"; the key store's record says this request's first shredding destroyed "
+            f"{evidence.get('earlier_versions_destroyed')} version(s)"
+        )
+    if earlier == "planned":
+        return (
+            f"; an earlier attempt had found {evidence.get('earlier_found_versions')} "
+            "version(s) and was about to destroy them when its worker was lost: how many it "
+            "destroyed is not known"
+        )
+    if earlier == "lost":
+        return (
+            "; no heartbeat of an earlier attempt arrived, so what it destroyed, if anything, "
+            "is not known"
+        )
+    return ""
 
 
 def _earlier_canary(ref: str) -> str | None:

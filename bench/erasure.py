@@ -6,8 +6,8 @@ Run it after `scripts/stack up`:
                                       [--json FILE] [--strict] [--keep-workflows]
 
 Set-up, all uniquely named for this run and removed at the end: three PostgreSQL tables in the
-stack's `patients` database (patients, soft-deleted; appointments, anonymised; lab results,
-anonymised through a join), a compacted Kafka topic, Redis keys and a shared hash field, one
+stack's `patients` database (patients, soft-deleted; appointments, pseudonymised; lab results,
+pseudonymised through a join), a compacted Kafka topic, Redis keys and a shared hash field, one
 subject per request seeded in each, a data map holding all five kinds of system (blob and logs
 are deferred-phase steps and are never reached), a policy pack without approval and with a
 365-day window, a store database of its own (the ledger is append-only, so it lives and dies
@@ -173,12 +173,12 @@ class Names:
 
     @property
     def appointments(self) -> str:
-        """The appointments table (anonymise)."""
+        """The appointments table (pseudonymise)."""
         return f"bench_{self.run}_appointments"
 
     @property
     def labs(self) -> str:
-        """The lab results table, found through appointments (anonymise)."""
+        """The lab results table, found through appointments (pseudonymise)."""
         return f"bench_{self.run}_lab_results"
 
     @property
@@ -350,10 +350,11 @@ def policy_document() -> dict[str, Any]:
                     "citation": "GDPR Art. 17(1)",
                 },
                 {
-                    "id": "bench.health.anonymise",
+                    "id": "bench.health.pseudonymise",
                     "category": "user.health_and_medical",
-                    "strategy": "anonymize",
-                    "citation": "GDPR Art. 17(1); Recital 26",
+                    "strategy": "pseudonymize",
+                    "exception": "GDPR Art. 17(3)(c): public health (Art. 9(2)(h),(i))",
+                    "citation": "GDPR Art. 4(5); Art. 17(3)(c)",
                 },
             ],
         },

@@ -74,7 +74,11 @@ def _checked_container(name: str) -> str:
 ContainerName = Annotated[str, AfterValidator(_checked_container)]
 CategoryKey = Annotated[str, AfterValidator(_known_category)]
 """A key of the taxonomy, e.g. `user.contact.email`."""
-Strategy = Literal["delete", "soft_delete", "anonymize", "tombstone", "purge", "retain", "shred"]
+Strategy = Literal[
+    "delete", "soft_delete", "pseudonymize", "anonymize", "tombstone", "purge", "retain", "shred"
+]
+"""`anonymize` breaks every link to the subject (Recital 26: no longer personal data);
+`pseudonymize` clears the personal columns and keeps the links (Art. 4(5): still personal data)."""
 
 
 class SystemBase(MapModel):
@@ -113,6 +117,12 @@ class SqlTableLocator(MapModel):
     """Personal columns and the category of each."""
     strategy: Strategy | None = None
     """Overrides what the policy decides for this table."""
+    unlink: Literal["null", "surrogate"] | None = None
+    """How `anonymize` breaks each row's link to the subject: the subject column, or for a
+    table found through `via` the join column of the first hop. `null`, or `surrogate` (a
+    random value of the column's type, a different one for each row, that no row it could
+    reference holds). Unset: NULL where the column is nullable, else a surrogate where no
+    foreign key constrains it; where neither is possible the step fails its preflight."""
 
     @field_validator("strategy")
     @classmethod
@@ -120,7 +130,8 @@ class SqlTableLocator(MapModel):
         if strategy == "shred":
             raise ValueError(
                 "strategy shred destroys a subject's data keys and applies only to a `keys` "
-                "system; a table's columns are erased with delete, soft_delete or anonymize"
+                "system; a table's columns are erased with delete, soft_delete, pseudonymize or "
+                "anonymize"
             )
         return strategy
 

@@ -16,6 +16,7 @@ from lethe.client import connect
 from lethe.commands import codec_server as codec_server_commands
 from lethe.commands import erasure as erasure_commands
 from lethe.commands import keys as keys_commands
+from lethe.commands import retry as retry_commands
 from lethe.commands.audit import audit_app
 from lethe.commands.codec import codec_app
 from lethe.commands.common import err, out, run
@@ -34,6 +35,7 @@ app.add_typer(hold_app, name="hold")
 app.add_typer(audit_app, name="audit")
 app.add_typer(forget_app, name="forget-list")
 erasure_commands.register(app)
+retry_commands.register(app)
 codec_server_commands.register(app)
 keys_commands.register(app)
 

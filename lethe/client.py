@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +42,7 @@ from lethe.contracts import (
     Extension,
     Hold,
     HoldScope,
+    RetryOf,
     StepOutcome,
     Submission,
 )
@@ -110,6 +112,25 @@ class UnknownRequest(LetheError):
 
 class RequestFailed(LetheError):
     """An erasure request ended in failure (e.g. it could not be planned)."""
+
+
+class RetryRefused(LetheError):
+    """A request whose steps cannot be retried; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RetryStarted:
+    """A retry that started: a new run of the request's workflow id."""
+
+    workflow_id: str
+    request_id: str
+    """The retry's own request id (its certificate's)."""
+    retry_of: str
+    """The original request, whose approval stands."""
+    steps: list[str]
+    approved_by: str | None
+    """Who approved the original request (None: its plan needed no approval; should the plan
+    made now need one, the retry waits for it)."""
 
 
 FAILED_STATES = (
@@ -302,6 +323,109 @@ class Client:
             raise UnknownRequest(f"{workflow_id} ended without a certificate ({name})")
         return await handle.result()
 
+    async def retry(
+        self, workflow_id: str, steps: Sequence[str] | None = None, *, by: str
+    ) -> RetryStarted:
+        """Re-run the failed steps (or the named ones, each of which must have failed) of a
+        closed, `incomplete` erasure, under its original approval and window, as a new run of
+        the same workflow id; `by` is the actor of its `erasure.retried` ledger entry.
+
+        RetryRefused, saying why, for a request still running, rejected, or completed with no
+        failed step, for a replay, and for a named step that did not fail or is not planned.
+        """
+        if workflow_id.startswith("replay-"):
+            raise RetryRefused(_REPLAY_REFUSED.format(workflow_id=workflow_id))
+        handle = self.temporal.get_workflow_handle(workflow_id)
+        try:
+            described = await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise UnknownRequest(f"no erasure request {workflow_id}") from None
+            raise
+        if described.status == WorkflowExecutionStatus.RUNNING:
+            raise RetryRefused(
+                f"{workflow_id} is still running: only a closed request is retried, and a "
+                f"running one retries by itself (`lethe status {workflow_id}`)"
+            )
+        run_id = described.run_id
+        previous = await self._start_of(workflow_id, run_id)
+        if previous.request.replay_of is not None:
+            raise RetryRefused(_REPLAY_REFUSED.format(workflow_id=workflow_id))
+        if described.status != WorkflowExecutionStatus.COMPLETED:
+            # A retry that failed before touching anything (a step no longer planned): retry
+            # from the certificate it retried.
+            name = described.status.name.lower() if described.status else "unknown"
+            if previous.request.retry_of is None:
+                raise RetryRefused(
+                    f"{workflow_id} ended without a certificate ({name}): there are no failed "
+                    "steps to retry; a new request is `lethe erase`"
+                )
+            run_id = previous.request.retry_of.run_id
+            previous = await self._start_of(workflow_id, run_id)
+        certificate = await self.temporal.get_workflow_handle_for(
+            ErasureWorkflow.run, workflow_id, run_id=run_id
+        ).result(follow_runs=False)
+        chosen = _steps_to_retry(workflow_id, certificate, steps)
+        before = previous.request.retry_of
+        if certificate.started_at is None:
+            raise RetryRefused(f"{workflow_id} never started erasing: nothing to retry")
+        retry_of = RetryOf(
+            request_id=before.request_id if before else certificate.request_id,
+            run_id=run_id,
+            steps=chosen,
+            approval=certificate.approval,
+            started_at=before.started_at if before else certificate.started_at,
+            deadline=certificate.deadline,
+            extension=certificate.extension,
+        )
+        request = ErasureRequest(
+            subject=previous.request.subject,
+            region=previous.request.region,
+            reason=f"retry of {retry_of.request_id}",
+            requested_by=by,
+            retry_of=retry_of,
+        )
+        start = ErasureStart(
+            request_id=f"req-{uuid.uuid4().hex[:16]}",
+            subject_ref=previous.subject_ref,
+            request=request,
+            received_at=previous.received_at,  # the original's: Art. 12(3) counts from it
+        )
+        try:
+            await self.temporal.start_workflow(
+                ErasureWorkflow.run,
+                start,
+                id=workflow_id,
+                task_queue=self.settings.control_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                search_attributes=self._search_attributes(request, previous.subject_ref),
+            )
+        except WorkflowAlreadyStartedError:
+            raise RetryRefused(
+                f"a request for this subject started meanwhile: `lethe status {workflow_id}`"
+            ) from None
+        return RetryStarted(
+            workflow_id=workflow_id,
+            request_id=start.request_id,
+            retry_of=retry_of.request_id,
+            steps=chosen,
+            approved_by=certificate.approval.by if certificate.approval else None,
+        )
+
+    async def _start_of(self, workflow_id: str, run_id: str | None) -> ErasureStart:
+        """What one run of an erasure workflow was started with (decrypted)."""
+        handle = self.temporal.get_workflow_handle(workflow_id, run_id=run_id)
+        async for event in handle.fetch_history_events():
+            started = event.workflow_execution_started_event_attributes
+            decoded = await self.temporal.data_converter.decode(
+                started.input.payloads, [ErasureStart]
+            )
+            found = decoded[0]
+            if not isinstance(found, ErasureStart):
+                break
+            return found
+        raise RetryRefused(f"{workflow_id} is not an erasure request: nothing to retry")
+
     async def forget_list(self) -> list[ForgetListEntry]:
         """The erased subjects, by reference."""
         return await forget_list.entries(await self._store())
@@ -393,6 +517,54 @@ class Client:
                 SearchAttributePair(sa.SUBJECT_REF, ref),
             ]
         )
+
+
+_REPLAY_REFUSED = (
+    "{workflow_id} is a forget-list replay, not a request: replays are not retried; run "
+    "`lethe forget-list replay --system SYSTEM` again"
+)
+
+
+def _steps_to_retry(
+    workflow_id: str, certificate: Certificate, steps: Sequence[str] | None
+) -> list[str]:
+    """The certificate's failed steps, or the named ones (each planned, each failed)."""
+    if certificate.outcome == "rejected":
+        by = f" by {certificate.approval.by}" if certificate.approval else ""
+        raise RetryRefused(
+            f"{workflow_id} was rejected{by}: nothing was erased, so nothing is retried; a new "
+            "request is `lethe erase`"
+        )
+    if certificate.outcome == "dry_run":
+        raise RetryRefused(f"{workflow_id} was a dry run: nothing to retry")
+    if certificate.outcome != "incomplete":
+        raise RetryRefused(
+            f"{workflow_id} completed {certificate.outcome}: no step failed, nothing to retry"
+        )
+    status = {outcome.step_id: outcome.status for outcome in certificate.steps}
+    failed = [step.id for step in certificate.plan.steps if status.get(step.id) == "failed"]
+    if not steps:
+        if not failed:
+            raise RetryRefused(
+                f"{workflow_id} is {certificate.summary()[0]}, but no step failed: nothing to "
+                "retry (a caveat clears by itself; `lethe certificate` says when)"
+            )
+        return failed
+    planned = {step.id for step in certificate.plan.steps}
+    unknown = [step for step in steps if step not in planned]
+    if unknown:
+        raise RetryRefused(
+            f"step(s) {', '.join(s[:80] for s in unknown)} are not in the plan of "
+            f"{certificate.request_id}; its steps are {', '.join(sorted(planned))}"
+        )
+    fine = [step for step in steps if step not in failed]
+    if fine:
+        shown = ", ".join(f"{step} ({status.get(step, 'not run')})" for step in fine)
+        raise RetryRefused(
+            f"step(s) {shown} did not fail: only failed steps are retried; the failed "
+            f"ones are {', '.join(failed) or 'none'}"
+        )
+    return list(dict.fromkeys(steps))
 
 
 def _kind(request: ErasureRequest) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -44,7 +44,15 @@ class HealthCheckReport(Contract):
 # --- erasure ---------------------------------------------------------------------------------
 
 Action = Literal[
-    "delete", "soft_delete", "anonymize", "tombstone", "purge", "redact", "retain", "shred"
+    "delete",
+    "soft_delete",
+    "pseudonymize",
+    "anonymize",
+    "tombstone",
+    "purge",
+    "redact",
+    "retain",
+    "shred",
 ]
 """What a step does to the subject's data in one locator."""
 Phase = Literal["immediate", "deferred"]
@@ -210,6 +218,26 @@ class ErasureRequest(Contract):
     """Only these systems (all when empty): a forget-list replay names the restored system."""
     replay_of: str | None = None
     """The request whose erasure this re-applies after a restore: no approval, no window."""
+    retry_of: RetryOf | None = None
+    """The closed request whose failed steps this re-runs, under its approval and window."""
+
+
+class RetryOf(Contract):
+    """What a retry carries of the request it retries: which steps, and what still stands."""
+
+    request_id: str
+    """The original request (the first one, when a retry is retried)."""
+    run_id: str
+    """The workflow run whose certificate named the failed steps."""
+    steps: list[str] = Field(min_length=1)
+    """The step ids to run again; the retry's plan keeps only these."""
+    approval: ApprovalDecision | None = None
+    """The original approval, which stands (None: the original plan needed none)."""
+    started_at: datetime
+    """When the original erasure began: its window, and what counts as before it."""
+    deadline: datetime
+    """The original Art. 12(3) deadline (with its extension, if any)."""
+    extension: Extension | None = None
 
 
 class DryRun(Contract):
@@ -257,11 +285,27 @@ class Plan(Contract):
     deadline_months: int
     max_extension_months: int
     window_days: int
+    """The erasure window in whole days, rounded up; `window` holds it exactly."""
+    window: timedelta | None = None
+    """The erasure window: backups and logs go by its end. None in plans made before windows
+    were durations (`window_days` then); read `window_length`."""
+    window_ends_after_deadline: bool = False
+    """The policy lets the window end after the Art. 12(3) deadline (see `window_note`);
+    false, the safe default: it ends at the deadline when that comes first."""
+    window_note: str = ""
+    """What the plan says about its window and the deadline, in words."""
+    retry_of: str | None = None
+    """The request whose failed steps this plan retries (it holds only those steps)."""
 
     @property
     def steps(self) -> list[Step]:
         """Every step of every region."""
         return [step for region in self.regions for step in region.steps]
+
+    @property
+    def window_length(self) -> timedelta:
+        """The erasure window: `window`, or `window_days` for plans made before it."""
+        return self.window if self.window is not None else timedelta(days=self.window_days)
 
 
 # --- governance ------------------------------------------------------------------------------
@@ -428,6 +472,29 @@ class Certificate(Contract):
     ledger_hashes: list[str] = []
     preflight: list[StepCheck] = []
     """A dry run's preflight: every step's check (the problems, when there are any)."""
+
+    def summary(self) -> list[str]:
+        """What the outcome means, first line first: the outcome, then each failure with its
+        reason, then each caveat (data still in the system, with the date it goes)."""
+        failed = [s for s in self.steps if s.status == "failed"]
+        caveats = [s for s in self.steps if s.status in ("pending_compaction", "at_risk")]
+        planned = {s.id for s in self.plan.steps}
+        missing = sorted(planned - {s.step_id for s in self.steps})
+        head: str = self.outcome
+        if self.outcome == "incomplete":
+            kinds = [
+                f"{len(failed)} step(s) failed" if failed else "",
+                f"{len(caveats)} with a caveat" if caveats else "",
+                f"{len(missing)} not run" if missing else "",
+            ]
+            head += ": " + ", ".join(kind for kind in kinds if kind)
+        lines: list[str] = [head]
+        lines += [f"failed {s.step_id}: {s.detail or 'no reason recorded'}" for s in failed]
+        for step in caveats:
+            by = f" by {step.gone_by.isoformat()}" if step.gone_by else ""
+            lines.append(f"{step.status} {step.step_id}: gone{by}; {step.detail}".rstrip("; "))
+        lines += [f"not run {step_id}" for step_id in missing]
+        return lines
 
 
 class LedgerRecord(Contract):

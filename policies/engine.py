@@ -14,10 +14,13 @@ from lethe.errors import LetheError
 from policies.model import PolicyPack
 
 # How much of the data a strategy keeps: when a locator's categories disagree, the one that
-# keeps the most wins, because a reason to keep (a law) outweighs a reason to erase.
+# keeps the most wins, because a reason to keep (a law) outweighs a reason to erase. A
+# pseudonymised row keeps its link to the subject (still personal data); an anonymised one does
+# not.
 _KEEPS_MORE: dict[str, int] = {
-    "retain": 5,
-    "soft_delete": 4,
+    "retain": 6,
+    "soft_delete": 5,
+    "pseudonymize": 4,
     "anonymize": 3,
     "shred": 2,
     "tombstone": 1,
@@ -37,8 +40,9 @@ def _refuse_shred(where: str, decisions: list[Decision]) -> None:
         rules = ", ".join(f"{rule} (category {category})" for rule, category in shredding)
         raise PolicyConflict(
             f"policy rule {rules} asks to crypto-shred data that {where} holds in clear; shred "
-            "applies only to a `keys` system: give this system's data a delete, soft_delete or "
-            "anonymize rule, or encrypt it under the subjects' keys and map it to a keys system"
+            "applies only to a `keys` system: give this system's data a delete, soft_delete, "
+            "pseudonymize or anonymize rule, or encrypt it under the subjects' keys and map it to "
+            "a keys system"
         )
 
 
@@ -100,7 +104,14 @@ def _override(strategy: Strategy, decisions: list[Decision]) -> list[Decision]:
 def sql_action(
     system: str, locator: SqlTableLocator, decisions: dict[str, Decision]
 ) -> tuple[Action, list[str], list[Decision]]:
-    """Action, kept columns and decisions for a table, from its columns' decisions."""
+    """Action, kept columns and decisions for a table, from its columns' decisions.
+
+    Kept columns keep the row, linked to the subject: it is soft-deleted where the table can be
+    marked, else pseudonymised (the rest cleared, the link kept), never called anonymous.
+    Otherwise the strategy that keeps the most decides: `anonymize`, which breaks the row's
+    link to the subject, only when no column asks to keep more (retain, soft delete or
+    pseudonymise).
+    """
     by_column = dict(decisions)
     if locator.strategy is not None:
         replaced = _override(locator.strategy, list(by_column.values()))
@@ -113,8 +124,8 @@ def sql_action(
         return "retain", kept, used
     strongest = _strongest(rest).strategy
     if kept or strongest == "soft_delete":
-        # Keeping some columns means the row stays: restrict it (soft delete) where the table can
-        # mark it, otherwise clear the rest in place.
+        # Keeping some columns means the row stays, linked to the subject: restrict it (soft
+        # delete) where the table can mark it, otherwise clear the rest in place and keep the link.
         if locator.soft_delete_column is not None:
             return "soft_delete", kept, used
         if strongest == "soft_delete":
@@ -122,7 +133,9 @@ def sql_action(
                 f"policy asks to soft-delete rows of {system}/{locator.table}, but the data map "
                 "gives it no soft_delete_column"
             )
-        return "anonymize", kept, used
+        return "pseudonymize", kept, used
+    if strongest == "pseudonymize":
+        return "pseudonymize", kept, used
     if strongest == "anonymize":
         return "anonymize", kept, used
     return "delete", kept, used
@@ -155,6 +168,6 @@ def locator_action(
     if kind == "redis":
         return "purge", unique
     if kind == "logs":
-        keeps_records = strongest.strategy in ("anonymize", "soft_delete")
+        keeps_records = strongest.strategy in ("anonymize", "pseudonymize", "soft_delete")
         return ("redact" if keeps_records else "delete"), unique
     return "delete", unique

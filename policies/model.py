@@ -9,9 +9,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from classification.datamap import CategoryKey, Strategy
+from lethe.deadlines import format_duration, parse_duration
 from lethe.yamlfile import load_model
 
 RuleId = str
+MAX_WINDOW = timedelta(days=365)
+"""The longest erasure window a pack may give."""
 
 
 class PackModel(BaseModel):
@@ -28,12 +31,17 @@ class ErasureRule(PackModel):
     strategy: Strategy
     citation: str = Field(min_length=3)
     exception: str | None = None
-    """Required for `retain`: the Art. 17(3) exception (or other law) that allows keeping it."""
+    """Required for `retain` and `pseudonymize`: the Art. 17(3) exception (or other law) that
+    allows keeping the data (pseudonymised data is still personal data, GDPR Art. 4(5))."""
 
     @model_validator(mode="after")
-    def _retain_needs_exception(self) -> ErasureRule:
-        if self.strategy == "retain" and not self.exception:
-            raise ValueError("a `retain` rule must name its exception (e.g. GDPR Art. 17(3)(b))")
+    def _keeping_needs_exception(self) -> ErasureRule:
+        if self.strategy in ("retain", "pseudonymize") and not self.exception:
+            kept = "keeps the data" if self.strategy == "retain" else "keeps personal data"
+            raise ValueError(
+                f"a `{self.strategy}` rule {kept} and must name its exception (e.g. GDPR "
+                "Art. 17(3)(b) or (c))"
+            )
         return self
 
 
@@ -62,8 +70,42 @@ class ErasurePolicy(PackModel):
     """GDPR Art. 12(3): answer within one month of receipt."""
     max_extension_months: int = Field(default=2, ge=0, le=2)
     """GDPR Art. 12(3): extendable by two further months, with reasons."""
-    window_days: int = Field(default=30, ge=0, le=365)
-    """Backups and logs are erased within this many days (the deferred phase)."""
+    window: timedelta | None = None
+    """Backups and logs are erased within this long (the deferred phase): `30d`, `12h`,
+    `1d12h`. The window ends at the Art. 12(3) deadline at the latest, whatever its length,
+    unless `window_may_end_after_deadline` says why it may not. Default 30 days."""
+    window_days: int | None = Field(default=None, ge=0, le=365)
+    """The window in whole days, as older packs give it: give `window` or this, not both."""
+    window_may_end_after_deadline: str | None = Field(default=None, min_length=3)
+    """Why the window may end after the deadline (the law or guidance that allows it). Unset,
+    the safe default: the window ends at the deadline when that comes first."""
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window_is_a_duration(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_duration(value)
+        if isinstance(value, int | float):
+            raise ValueError(f"{value!r} has no unit: say `{value}d` (or `window_days: {value}`)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_window(self) -> ErasurePolicy:
+        if self.window is not None and self.window_days is not None:
+            raise ValueError("give the window once: `window` (e.g. 30d) or `window_days`, not both")
+        length = self.window_length
+        if not timedelta(0) <= length <= MAX_WINDOW:
+            raise ValueError(
+                f"window: {format_duration(length)} is outside 0s to {MAX_WINDOW.days}d"
+            )
+        return self
+
+    @property
+    def window_length(self) -> timedelta:
+        """The window: `window`, else `window_days` days, else 30 days."""
+        if self.window is not None:
+            return self.window
+        return timedelta(days=30 if self.window_days is None else self.window_days)
 
     @field_validator("rules")
     @classmethod

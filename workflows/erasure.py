@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from lethe import search_attributes as sa
@@ -32,13 +32,15 @@ with workflow.unsafe.imports_passed_through():
         Phase,
         Plan,
         RegionJob,
+        RegionPlan,
+        RetryOf,
         Step,
         StepCheck,
         StepOutcome,
         StepProgress,
         StepRequest,
     )
-    from lethe.deadlines import add_months
+    from lethe.deadlines import add_months, format_duration, window_end
     from lethe.errors import failure_reason
     from lethe.regions import task_queue
     from workflows.regional_erasure import RegionalErasureWorkflow
@@ -67,6 +69,12 @@ RETRY_MARGIN = timedelta(days=3)
 """Steps stop retrying this long before the Art. 12(3) deadline, so a DPO can still act."""
 SUBJECT_FOUND = "whole-backups-only-when-found"
 """Patch: whole backups are touched only when the subject was found or is on the forget-list."""
+WINDOW_BY_DEADLINE = "window-ends-by-deadline"
+"""Patch: the window ends at the Art. 12(3) deadline when that comes first, unless the plan
+says it may end after it."""
+RETRY_FAILED_STEPS = "retry-failed-steps"
+"""Patch: a request with `retry_of` re-runs only those steps, under the original approval and
+window."""
 
 
 @workflow.defn
@@ -133,15 +141,22 @@ class ErasureWorkflow:
     @workflow.run
     async def run(self, start: ErasureStart) -> Certificate:
         request = start.request
+        retry = _retry(start)
         self._status = ErasureStatus(
             request_id=start.request_id,
             subject_ref=start.subject_ref,
             state="planning",
             received_at=start.received_at,
-            deadline=add_months(start.received_at, 1),
+            deadline=add_months(start.received_at, 1) if retry is None else retry.deadline,
+            extension=None if retry is None else retry.extension,
         )
+        # A retry answers the original request: its deadline (and extension) still count.
+        self._extension_recorded = retry is not None and retry.extension is not None
         plan = await self._plan(start)
-        deadline = add_months(start.received_at, plan.deadline_months)
+        if retry is None:
+            deadline = add_months(start.received_at, plan.deadline_months)
+        else:
+            deadline = retry.deadline
         self._set(
             deadline=deadline,
             approval_required=plan.approval_required,
@@ -164,6 +179,8 @@ class ErasureWorkflow:
             self._entry(
                 start, "erasure.requested", {"policy": plan.policy, "by": request.requested_by}
             )
+            if retry is None
+            else self._retried(start, retry, plan)
         ]
         if checked:
             # Before anyone approves: a map or a system that is wrong shows now, and a fixed
@@ -172,6 +189,9 @@ class ErasureWorkflow:
         if request.replay_of is not None:
             # Re-applying an approved erasure to a restored system: at once, no new approval.
             entries.append(self._entry(start, "erasure.replayed", {"replay_of": request.replay_of}))
+        elif retry is not None and (retry.approval is not None or not plan.approval_required):
+            # The original approval stands (recorded in `erasure.retried`): no new one.
+            self._set(approval=retry.approval)
         elif plan.approval_required:
             await self._record(*entries)
             decision = await self._decision(start)
@@ -188,17 +208,32 @@ class ErasureWorkflow:
                 return await self._finish(start, plan, "rejected", "rejected", None, entries)
 
         started_at = workflow.now()
-        window_ends_at = started_at + timedelta(days=plan.window_days)
+        # A retry keeps the original erasure's start and window: deferred steps whose window
+        # has passed run at once.
+        window_start = started_at if retry is None else retry.started_at
+        window_ends_at = window_start + plan.window_length
+        started: dict[str, str | int | float | bool | None] = {"window_days": plan.window_days}
+        if workflow.patched(WINDOW_BY_DEADLINE):
+            deadline = self.status().deadline
+            window_ends_at = window_end(
+                window_start,
+                plan.window_length,
+                deadline,
+                past_deadline=plan.window_ends_after_deadline,
+            )
+            started.update(
+                window=format_duration(plan.window_length),
+                window_ends_at=window_ends_at.isoformat(),
+                window_ends_after_deadline=window_ends_at > deadline,
+                window_cut_to_deadline=window_ends_at < window_start + plan.window_length,
+            )
         # A replay restores an erasure already made: nothing to wait for, so its backups and
         # logs go at once; Kafka's removal is still judged against a full window.
         replay = request.replay_of is not None
         self._set(window_ends_at=window_ends_at)
-        await self._record(
-            *entries,
-            self._entry(start, "erasure.started", {"window_days": plan.window_days}),
-        )
+        await self._record(*entries, self._entry(start, "erasure.started", started))
 
-        window = (started_at, window_ends_at)
+        window = (window_start, window_ends_at)
         await self._run_steps(start, plan, _in_phase(plan, "immediate"), window, "immediate")
 
         if workflow.patched(SUBJECT_FOUND):
@@ -399,7 +434,8 @@ class ErasureWorkflow:
             start_to_close_timeout=CONTROL_TIMEOUT,
             retry_policy=CONTROL_RETRY,
         )
-        return plan
+        retry = _retry(start)
+        return plan if retry is None else _retry_plan(plan, retry)
 
     async def _until_ready(
         self, start: ErasureStart, plan: Plan, *, replan: bool, steps: list[Step] | None = None
@@ -468,7 +504,7 @@ class ErasureWorkflow:
                 subject=start.request.subject,
                 step=step,
                 erasure_started_at=now,
-                window_ends_at=now + timedelta(days=plan.window_days),
+                window_ends_at=now + plan.window_length,
             )
             try:
                 found: StepCheck = await workflow.execute_activity(
@@ -583,6 +619,18 @@ class ErasureWorkflow:
             details=details,
         )
 
+    def _retried(self, start: ErasureStart, retry: RetryOf, plan: Plan) -> LedgerRecord:
+        """The retry's first ledger entry: who asked, what it retries, and the approval that
+        stands (the actor is the one who asked for the retry)."""
+        details: dict[str, str | int | float | bool | None] = {
+            "retry_of": retry.request_id,
+            "steps": ",".join(retry.steps),
+            "policy": plan.policy,
+            "approval": "stands" if retry.approval is not None else "none was required",
+            "approved_by": retry.approval.by if retry.approval is not None else None,
+        }
+        return self._entry(start, "erasure.retried", details)
+
     async def _record(self, *entries: LedgerRecord) -> None:
         """Append entries to the ledger in one call, in order."""
         if not entries:
@@ -611,6 +659,35 @@ class ErasureWorkflow:
             for step in self.status().steps
         ]
         self._set(steps=steps)
+
+
+def _retry(start: ErasureStart) -> RetryOf | None:
+    """What the request retries, if it is a retry."""
+    retry = start.request.retry_of
+    if retry is None or not workflow.patched(RETRY_FAILED_STEPS):
+        return None
+    return retry
+
+
+def _retry_plan(plan: Plan, retry: RetryOf) -> Plan:
+    """The fresh plan narrowed to the retried steps; a step it no longer has fails the retry
+    before anything is touched."""
+    wanted = set(retry.steps)
+    missing = sorted(wanted - {step.id for step in plan.steps})
+    if missing:
+        raise ApplicationError(
+            f"cannot retry {', '.join(missing)} of {retry.request_id}: the plan made now from "
+            "the data map no longer has them; retry the others with --step, or erase anew",
+            type="RetryNotPlanned",
+            non_retryable=True,
+        )
+    regions = [
+        RegionPlan(region=region.region, steps=[s for s in region.steps if s.id in wanted])
+        for region in plan.regions
+    ]
+    return plan.model_copy(
+        update={"regions": [r for r in regions if r.steps], "retry_of": retry.request_id}
+    )
 
 
 def _in_phase(plan: Plan, phase: Phase) -> list[Step]:

@@ -340,7 +340,11 @@ async def _certificate(
 ) -> int:
     client = await Client.connect()
     found = await client.certificate(request_id(client, request, tenant, subject))
-    out.print_json(found.model_dump_json()) if json else out.print(certificate_view(found))
+    if json:
+        # The summary (failures with reasons, caveats with dates) first, then the evidence.
+        out.print_json(data={"summary": found.summary(), **found.model_dump(mode="json")})
+    else:
+        out.print(certificate_view(found))
     return 0
 
 

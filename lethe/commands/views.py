@@ -145,6 +145,10 @@ def certificate_view(certificate: Certificate) -> Group:
         )
     for key, value in rows:
         head.add_row(key, value)
+    summary = certificate.summary()
+    head.title = f"erasure certificate: {summary[0]}"
+    for line in summary[1:]:
+        head.add_row("", Text(line, style="red" if line.startswith("failed") else "yellow"))
     steps = Table(title="steps", title_justify="left")
     for column in ("step", "status", "affected", "verified", "gone by", "evidence"):
         steps.add_column(column)

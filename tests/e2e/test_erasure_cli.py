@@ -45,8 +45,8 @@ from tests.e2e.conftest import (
 REDACTED = "[redacted]"
 STEPS = {
     "patients-db/0": ("sql", "soft_delete"),
-    "patients-db/1": ("sql", "anonymize"),
-    "patients-db/2": ("sql", "anonymize"),
+    "patients-db/1": ("sql", "pseudonymize"),
+    "patients-db/2": ("sql", "pseudonymize"),
     "patient-events/0": ("kafka", "tombstone"),
     "session-cache/0": ("redis", "purge"),
     "backups/0": ("blob", "delete"),
@@ -194,7 +194,8 @@ async def test_a_dpo_erases_a_patient_everywhere_through_the_cli(
 async def _check_sql(
     hospital: Hospital, ada: Patient, grace: Patient, before: Footprint, after: Footprint
 ) -> None:
-    """Ada's patient row is soft-deleted and cleared; her visits and results anonymised."""
+    """Ada's patient row is soft-deleted and cleared; her visits and results pseudonymised
+    (cleared, still linked to her row)."""
     patients, appointments, lab_results = hospital.tables()
     engine = create_async_engine(hospital.connections.sql_url)
     try:

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from azure.storage.blob import (
@@ -23,7 +24,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import blob
 from activities.blob import BackupEraser, BlobServiceError
-from activities.common import SchemaMismatch
+from activities.common import SchemaMismatch, erase_and_verify
 from classification.datamap import BlobBackupLocator
 from lethe.contracts import (
     Action,
@@ -183,6 +184,65 @@ async def test_erase_twice_and_concurrently_is_idempotent(
     assert again.evidence["subject_blobs_deleted"] == 0
     assert await _names(container) == ["b/0.json"]
     assert (await eraser.verify(request, again)).status == "done"
+
+
+class _WorkerLost(BaseException):
+    """Stands for the end of the worker's process: nothing after it runs, nothing is caught."""
+
+
+class _LostAfterDeleting(BackupEraser):
+    """Loses its worker right after deleting the subject's blobs, before it can answer."""
+
+    async def _delete_subject_blobs(self, *args: Any) -> Any:
+        await super()._delete_subject_blobs(*args)
+        raise _WorkerLost
+
+
+@pytest.mark.parametrize("arrived", [True, False], ids=["plan arrived", "nothing arrived"])
+async def test_a_retry_after_a_lost_worker_keeps_what_the_first_attempt_found(
+    blob_connection: str, container: ContainerClient, arrived: bool
+) -> None:
+    (a, ref_a), (_, ref_b) = _subjects()
+    locator = BlobBackupLocator(
+        container=container.container_name, subject_tag="subject_ref", categories=["user"]
+    )
+    for i in range(2):
+        await container.upload_blob(f"a/{i}.json", b"{}", tags={"subject_ref": ref_a})
+    await container.upload_blob("b/0.json", b"{}", tags={"subject_ref": ref_b})
+    request = _request(locator, a, ref_a)
+    beats: list[Any] = []
+    first = ActivityEnvironment()
+    first.info = dataclasses.replace(first.info, task_queue="lethe-eu")
+    first.on_heartbeat = lambda *details: beats.extend(details)
+    with pytest.raises(_WorkerLost):
+        await first.run(_LostAfterDeleting(blob_connection).erase, request)
+    assert beats[0]["lethe_effect"]["planned"] == {"subject_blobs": 2, "whole_backups": 0}
+    assert ref_a not in repr(beats)
+    assert await _names(container) == ["b/0.json"]
+
+    retry = ActivityEnvironment()
+    retry.info = dataclasses.replace(
+        first.info, attempt=2, heartbeat_details=beats[-1:] if arrived else []
+    )
+    outcome = await retry.run(erase_and_verify, BackupEraser(blob_connection), request)
+    assert outcome.status == "done", outcome.detail
+    evidence = outcome.evidence
+    # What the first attempt's deletions returned never arrived: not known, not made up.
+    assert evidence["subject_blobs_deleted"] is None
+    assert evidence["retry_subject_blobs_deleted"] == 0
+    assert evidence["subject_blobs_remaining"] == 0
+    if arrived:
+        assert evidence["first_attempt_evidence"] == "planned"
+        assert evidence["earlier_found_subject_blobs"] == 2
+        assert evidence["whole_backups_deleted"] == 0  # its plan had none: none it deleted
+        assert outcome.affected == 2
+        assert "had found 2 subject blob(s)" in outcome.detail
+    else:
+        assert evidence["first_attempt_evidence"] == "lost"
+        assert evidence["whole_backups_deleted"] is None
+        assert outcome.affected == 0
+        assert "no heartbeat of an earlier attempt arrived" in outcome.detail
+    assert await _names(container) == ["b/0.json"]
 
 
 async def test_whole_backups_past_the_window_go_and_later_ones_wait(

@@ -8,15 +8,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from redis.asyncio import Redis
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities import cache
-from activities.cache import CacheEraser, glob_escape
-from activities.common import SchemaMismatch
+from activities.cache import CacheEraser, glob_escape, redis_client
+from activities.common import SchemaMismatch, erase_and_verify
 from classification.datamap import MissingIdentity, RedisHashField, RedisLocator
 from lethe.contracts import Action, Decision, Step, StepRequest, Subject
 from lethe.errors import ServiceUnavailable
@@ -148,6 +150,137 @@ async def test_erasing_twice_is_harmless_and_reports_nothing_new(
     assert (second.status, second.affected) == ("running", 0)
     assert (await eraser.verify(request, second)).status == "done"
     assert await _existing(client, other) == other
+
+
+class _WorkerLost(BaseException):
+    """Stands for the end of the worker's process: nothing after it runs, nothing is caught."""
+
+
+class _LostAfterRemoving(CacheEraser):
+    """Loses its worker right after the effect, before the activity can answer."""
+
+    async def _remove(self, *args: Any) -> tuple[int, int]:
+        await super()._remove(*args)
+        raise _WorkerLost
+
+
+def _env(attempt: int = 1, heartbeat_details: list[Any] | None = None) -> ActivityEnvironment:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(
+        env.info, task_queue="lethe-eu", attempt=attempt, heartbeat_details=heartbeat_details or []
+    )
+    return env
+
+
+async def _lost_first_attempt(redis_url: str, request: StepRequest) -> list[Any]:
+    """Run a first attempt whose worker is lost right after the effect; its heartbeats."""
+    beats: list[Any] = []
+    env = _env()
+    env.on_heartbeat = lambda *details: beats.extend(details)
+    with pytest.raises(_WorkerLost):
+        await env.run(_LostAfterRemoving(redis_client(redis_url)).erase, request)
+    return beats
+
+
+async def test_a_retry_after_a_lost_worker_reports_what_the_first_attempt_found(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    seeded = await _seed(client, prefix, "1", SUBJECTS["1"])
+    other = await _seed(client, prefix, "12", SUBJECTS["12"])
+    request = _request(_locator(prefix), "1", SUBJECTS["1"])
+    beats = await _lost_first_attempt(redis_url, request)
+    # The plan went out before the effect (and nothing after it: the worker was lost).
+    assert [b["lethe_effect"]["stage"] for b in beats] == ["planned"]
+    assert beats[0]["lethe_effect"]["planned"] == {"keys": 3, "hash_fields": 1}
+    assert SUBJECTS["1"] not in repr(beats) and ":1:" not in repr(beats)
+    assert await _existing(client, seeded) == []
+
+    outcome = await _env(attempt=2, heartbeat_details=beats).run(
+        erase_and_verify, CacheEraser.for_connection(redis_url), request
+    )
+    assert outcome.status == "done", outcome.detail
+    assert outcome.affected == 4  # what the first attempt found, now gone
+    evidence = outcome.evidence
+    # How many the first attempt's UNLINK removed never arrived: not known, not made up.
+    assert evidence["keys_unlinked"] is None
+    assert evidence["hash_fields_removed"] is None
+    assert evidence["first_attempt_evidence"] == "planned"
+    assert evidence["earlier_found_keys"] == 3
+    assert evidence["earlier_found_hash_fields"] == 1
+    assert evidence["retry_keys_unlinked"] == 0
+    assert evidence["retry_hash_fields_removed"] == 0
+    assert evidence["keys_remaining"] == 0
+    assert "had found 3 key(s) and 1 hash field(s)" in outcome.detail
+    assert await _existing(client, other) == other
+
+
+async def test_the_plan_counts_only_what_exists(redis_url: str, client: Redis, prefix: str) -> None:
+    seeded = await _seed(client, prefix, "1", SUBJECTS["1"])
+    await client.delete(seeded[2])  # the session key, which a literal pattern names
+    request = _request(_locator(prefix), "1", SUBJECTS["1"])
+    beats: list[Any] = []
+    env = _env()
+    env.on_heartbeat = lambda *details: beats.extend(details)
+    erased = await env.run(CacheEraser.for_connection(redis_url).erase, request)
+    assert beats[0]["lethe_effect"]["planned"] == {"keys": 2, "hash_fields": 1}
+    assert (erased.affected, erased.evidence["keys_unlinked"]) == (3, 2)
+
+
+async def test_a_retry_without_any_heartbeat_says_the_first_attempt_s_counts_are_lost(
+    redis_url: str, client: Redis, prefix: str
+) -> None:
+    await _seed(client, prefix, "1", SUBJECTS["1"])
+    request = _request(_locator(prefix), "1", SUBJECTS["1"])
+    await _lost_first_attempt(redis_url, request)
+
+    outcome = await _env(attempt=2).run(
+        erase_and_verify, CacheEraser.for_connection(redis_url), request
+    )
+    assert outcome.status == "done", outcome.detail
+    assert outcome.evidence["first_attempt_evidence"] == "lost"
+    assert outcome.evidence["keys_unlinked"] is None
+    assert outcome.evidence["retry_keys_unlinked"] == 0
+    assert outcome.affected == 0
+    assert "no heartbeat of an earlier attempt arrived" in outcome.detail
+
+
+async def test_a_retry_counts_what_recorded_attempts_removed(
+    redis_url: str, client: Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _seed(client, prefix, "1", SUBJECTS["1"])
+    request = _request(_locator(prefix), "1", SUBJECTS["1"])
+    beats: list[Any] = []
+    first = _env()
+    first.on_heartbeat = lambda *details: beats.extend(details)
+    erased = await first.run(CacheEraser.for_connection(redis_url).erase, request)
+    assert erased.evidence["keys_unlinked"] == 3
+    assert beats[-1]["lethe_effect"]["stage"] == "erased"  # then the worker is lost verifying
+
+    # Its erase's last heartbeat arrived: the retry reports the first attempt's counts.
+    again = await _env(attempt=2, heartbeat_details=beats[-1:]).run(
+        erase_and_verify, CacheEraser.for_connection(redis_url), request
+    )
+    assert again.status == "done"
+    assert (again.affected, again.evidence["keys_unlinked"]) == (4, 3)
+    assert again.evidence["hash_fields_removed"] == 1
+    assert again.evidence["first_attempt_evidence"] == "recorded"
+
+    # An attempt that failed before its effect says so, and the retry's counts are exact.
+    await _seed(client, prefix, "1", SUBJECTS["1"])
+    later = request.model_copy(update={"request_id": "req-2"})
+    failing = _env()
+    told: list[Any] = []
+    failing.on_heartbeat = lambda *details: told.extend(details)
+    monkeypatch.setenv("LETHE_STACK_REDIS_URL", "redis://127.0.0.1:1/0")
+    with pytest.raises(ApplicationError, match="ConnectionError"):
+        await failing.run(cache.erase, later)
+    assert [b["lethe_effect"]["stage"] for b in told] == ["started"]
+    monkeypatch.setenv("LETHE_STACK_REDIS_URL", redis_url)
+    retried = await _env(attempt=2, heartbeat_details=told).run(cache.erase, later)
+    assert retried.status == "done"
+    assert retried.evidence["first_attempt_evidence"] == "recorded"
+    assert (retried.affected, retried.evidence["keys_unlinked"]) == (4, 3)
+    assert retried.evidence["retry_keys_unlinked"] == 3
 
 
 @pytest.mark.parametrize("subject_id", ["*", "?", "[0-9]*", "1*", "\\*", "["])

@@ -24,8 +24,8 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import logs
 from activities.blob import PREFLIGHT_TIMEOUT_SECONDS
-from activities.common import SchemaMismatch
-from activities.logs import LogRedactor
+from activities.common import SchemaMismatch, erase_and_verify
+from activities.logs import LogRedactor, _digest
 from classification.datamap import LogLocator, MissingIdentity
 from lethe.contracts import (
     Action,
@@ -34,7 +34,6 @@ from lethe.contracts import (
     StepOutcome,
     StepRequest,
     Subject,
-    VerifyRequest,
 )
 from lethe.errors import ConfigurationError, ServiceUnavailable
 
@@ -170,11 +169,22 @@ async def test_delete_drops_only_the_subjects_records(
     assert verified.verified
     assert verified.evidence["records_matching"] == 0
 
-    # Run again, as after a crash: nothing left to do, and nothing rewritten.
+    # The rewritten blob says who rewrote it and how much; nothing of the subject's.
+    props = await container.get_blob_client("portal/1.jsonl").get_blob_properties()
+    assert props.metadata == {
+        "lethe_request": request.request_id,
+        "lethe_step": "app-logs/0",
+        "lethe_records": "3",
+    }
+
+    # Run again, as after a crash: nothing rewritten, and the first run's work still reported.
     rewritten = await _etag(container, "portal/1.jsonl")
     again = await redactor.erase(request)
-    assert again.affected == 0
-    assert again.evidence["blobs_rewritten"] == 0
+    assert again.affected == 3
+    assert again.evidence["blobs_rewritten"] == 1
+    assert again.evidence["first_attempt_evidence"] == "blob metadata"
+    assert again.evidence["earlier_records_dropped"] == 3
+    assert again.evidence["retry_records_dropped"] == 0
     assert await _etag(container, "portal/1.jsonl") == rewritten
     assert (await redactor.verify(request, again)).status == "done"
 
@@ -206,9 +216,11 @@ async def test_redact_replaces_the_subjects_fields_and_keeps_the_record(
     assert verified.status == "done"
     assert verified.evidence["records_redacted_present"] == 3
 
+    rewritten = await _etag(container, "portal/1.jsonl")
     again = await redactor.erase(request)
-    assert again.affected == 0
-    assert again.evidence["blobs_rewritten"] == 0
+    assert again.affected == 3  # the first run's, by the blob's marks
+    assert again.evidence["retry_records_redacted"] == 0
+    assert await _etag(container, "portal/1.jsonl") == rewritten
 
 
 async def test_verify_fails_while_records_remain(
@@ -250,35 +262,249 @@ async def test_a_concurrent_write_is_kept_not_lost(
     assert b'"1001"' not in content
 
 
-async def test_resumes_after_the_last_blob_an_earlier_attempt_finished(
-    blob_connection: str, container: ContainerClient
-) -> None:
+class _WorkerLost(BaseException):
+    """Stands for the end of the worker's process: nothing after it runs, nothing is caught."""
+
+
+def _env(attempt: int = 1, heartbeat_details: list[Any] | None = None) -> ActivityEnvironment:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(
+        env.info, task_queue="lethe-eu", attempt=attempt, heartbeat_details=heartbeat_details or []
+    )
+    return env
+
+
+class _LostAfterFirstBlob(LogRedactor):
+    """Loses its worker right after rewriting the first blob, before anything else runs."""
+
+    async def _erase_blob(self, blob: BlobClient, *args: Any) -> None:
+        await super()._erase_blob(blob, *args)
+        raise _WorkerLost
+
+
+async def _two_blobs_of_a(container: ContainerClient) -> Fixture:
     f = await _seed(container)
     await container.upload_blob(
         "portal/2.jsonl", _line(ts="t10", patient_id="1001") + b"\n", overwrite=True
     )
-    env = ActivityEnvironment()
-    env.info = dataclasses.replace(
-        env.info,
-        task_queue="lethe-eu",
-        heartbeat_details=[{"last_done": 0, "affected": 3, "scanned": 1, "rewritten": 1}],
-    )
-    beats: list[Any] = []
-    env.on_heartbeat = lambda *details: beats.append(details[0])
+    return f
 
-    erased = await env.run(logs.erase, _request(f.locator, f.a))
+
+async def test_a_retry_resumes_after_the_last_blob_an_earlier_attempt_heartbeated(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    f = await _two_blobs_of_a(container)
+    request = _request(f.locator, f.a)
+    first = _env()
+    beats: list[Any] = []
+    first.on_heartbeat = lambda *details: beats.append(details[0])
+    with pytest.raises(_WorkerLost):
+        await first.run(_LostAfterFirstBlob(blob_connection).erase, request)
+    assert beats == []  # the worker was lost before the heartbeat after the first blob
+    # Say the heartbeat after the first blob did arrive: the retry resumes after that blob.
+    beats = [
+        {
+            "lethe_effect": {"request": request.request_id, "step": "app-logs/0", "attempt": 1},
+            "progress": {"last_done": _digest("portal/1.jsonl"), "affected": 3, "scanned": 1,
+                         "rewritten": 1, "unparsed": 2},
+        }
+    ]  # fmt: skip
+    rewritten = await _etag(container, "portal/1.jsonl")
+
+    retry = _env(attempt=2, heartbeat_details=beats)
+    retried: list[Any] = []
+    retry.on_heartbeat = lambda *details: retried.append(details[0])
+    erased = await retry.run(LogRedactor(blob_connection).erase, request)
+
     assert erased.evidence["resumed_from_blob"] == 1
     assert erased.affected == 4  # 3 from the earlier attempt, 1 now
     assert erased.evidence["blobs_scanned"] == 2
-    # (the activity verifies after erasing; the erase phase's heartbeats carry `last_done`)
-    assert [beat for beat in beats if "last_done" in beat][-1]["last_done"] == 1
-    # The blob the earlier attempt "finished" is skipped, so its records are still there.
-    assert await _content(container, "portal/1.jsonl") == b"\n".join(f.mixed) + b"\n"
+    assert erased.evidence["blobs_rewritten"] == 2
+    assert erased.evidence["first_attempt_evidence"] == "recorded"
+    assert erased.evidence["earlier_records_dropped"] == 3
+    assert erased.evidence["retry_records_dropped"] == 1
+    assert await _etag(container, "portal/1.jsonl") == rewritten  # not read, not rewritten
+    assert retried[-1]["progress"]["last_done"] == _digest("portal/2.jsonl")
+    assert "portal/" not in repr(retried)  # blob names (they may say whose a log is) stay out
     assert b"1001" not in await _content(container, "portal/2.jsonl")
 
+
+async def test_a_retry_without_heartbeats_finds_the_earlier_rewrite_by_its_marks(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    f = await _two_blobs_of_a(container)
     request = _request(f.locator, f.a)
-    verified = await env.run(logs.verify, VerifyRequest(request=request, erased=erased))
+    with pytest.raises(_WorkerLost):
+        await _env().run(_LostAfterFirstBlob(blob_connection).erase, request)
+    rewritten = await _etag(container, "portal/1.jsonl")
+
+    erased = await _env(attempt=2).run(LogRedactor(blob_connection).erase, request)
+
+    assert erased.evidence["resumed_from_blob"] == 0
+    assert erased.affected == 4
+    assert erased.evidence["records_dropped"] == 4
+    assert erased.evidence["blobs_rewritten"] == 2
+    assert erased.evidence["first_attempt_evidence"] == "blob metadata"
+    assert erased.evidence["earlier_blobs_rewritten"] == 1
+    assert erased.evidence["earlier_records_dropped"] == 3
+    assert erased.evidence["retry_records_dropped"] == 1
+    assert await _etag(container, "portal/1.jsonl") == rewritten  # the effect was made once
+    kept = [f.mixed[i] for i in (1, 2, 4, 6, 7)]
+    assert await _content(container, "portal/1.jsonl") == b"\n".join(kept) + b"\n"
+
+
+async def test_a_retry_whose_last_blob_is_gone_reads_every_blob_again(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    f = await _two_blobs_of_a(container)
+    request = _request(f.locator, f.a)
+    with pytest.raises(_WorkerLost):
+        await _env().run(_LostAfterFirstBlob(blob_connection).erase, request)
+    gone = {
+        "lethe_effect": {"request": request.request_id, "step": "app-logs/0", "attempt": 1},
+        "progress": {"last_done": _digest("portal/0-rotated-away.jsonl"), "affected": 9},
+    }
+    erased = await _env(attempt=2, heartbeat_details=[gone]).run(
+        LogRedactor(blob_connection).erase, request
+    )
+    assert erased.evidence["resumed_from_blob"] == 0
+    assert erased.affected == 4  # by the marks and this attempt, not the lost blob's 9
+    assert erased.evidence["first_attempt_evidence"] == "blob metadata"
+
+
+async def test_a_retry_after_a_worker_lost_while_verifying_keeps_the_erase_counts(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    f = await _two_blobs_of_a(container)
+    request = _request(f.locator, f.a)
+
+    class LostWhileVerifying(LogRedactor):
+        async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
+            await super().verify(request, erased)
+            raise _WorkerLost
+
+    first = _env()
+    beats: list[Any] = []
+    first.on_heartbeat = lambda *details: beats.append(details[0])
+    with pytest.raises(_WorkerLost):
+        await first.run(erase_and_verify, LostWhileVerifying(blob_connection), request)
+
+    outcome = await _env(attempt=2, heartbeat_details=beats[-1:]).run(
+        erase_and_verify, LogRedactor(blob_connection), request
+    )
+    assert outcome.status == "done", outcome.detail
+    assert outcome.affected == 4
+    assert outcome.evidence["resumed_from_blob"] == 2  # nothing left to read again
+    assert outcome.evidence["first_attempt_evidence"] == "recorded"
+    assert outcome.evidence["retry_records_dropped"] == 0
+
+
+async def test_a_tenant_field_leaves_another_tenants_subject_with_the_same_id(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    lines = [
+        _line(ts="t1", tenant="st-mary", patient_id="1001", email="ada@example.org", msg="a"),
+        _line(ts="t2", tenant="st-luke", patient_id="1001", email="ada@example.org", msg="b"),
+        b'{"ts": "t3",  "tenant": "st-luke", "patient_id": 1001, "msg": "spaced oddly"}',
+        _line(ts="t4", tenant="st-mary", patient_id=1001, msg="numeric id"),
+        _line(ts="t5", tenant="st-luke", email="ada@example.org", msg="by email"),
+        _line(ts="t6", tenant="st-mary", email="ada@example.org", msg="by email"),
+        b"plain text, not JSON",
+        _line(ts="t7", tenant="st-luke", patient_id="1002", msg="someone else"),
+    ]
+    await container.upload_blob("portal/1.jsonl", b"\n".join(lines) + b"\n")
+    locator = LogLocator(
+        container=container.container_name,
+        prefix="portal/",
+        fields=FIELDS,
+        tenant_field="tenant",
+        categories=["user.unique_id"],
+    )
+    mary = Subject(tenant="st-mary", subject_id="1001", identities={"email": "ada@example.org"})
+    luke = mary.model_copy(update={"tenant": "st-luke"})
+    redactor = LogRedactor.for_connection(blob_connection)
+    request = _request(locator, mary, action="redact")
+    assert await redactor.preflight(request) == []
+
+    erased = await redactor.erase(request)
+    assert erased.affected == 3
+    assert erased.evidence["records_redacted"] == 3
+    assert erased.evidence["records_without_tenant"] == 0
+    after = (await _content(container, "portal/1.jsonl")).split(b"\n")
+    for i in (1, 2, 4, 6, 7):
+        assert after[i] == lines[i]  # the other tenant's lines, byte for byte
+    assert [json.loads(after[i])["patient_id"] for i in (0, 3)] == ["[redacted]"] * 2
+    assert json.loads(after[5])["email"] == "[redacted]"
+    assert json.loads(after[0])["tenant"] == "st-mary"  # the tenant field is not personal data
+
+    verified = await redactor.verify(request, erased)
+    assert verified.status == "done", verified.detail
+    assert verified.evidence["records_redacted_present"] == 3
+    assert verified.evidence["records_without_tenant"] == 0
+    # The other tenant's subject is still there for their own erasure, and only theirs.
+    theirs = _request(locator, luke)
+    pending = await redactor.verify(theirs, StepOutcome(step_id="app-logs/0", status="running"))
+    assert pending.evidence["records_matching"] == 3
+    assert pending.evidence["records_redacted_present"] == 0
+    dropped = await redactor.erase(theirs)
+    assert dropped.affected == 3
+    kept = (await _content(container, "portal/1.jsonl")).split(b"\n")
+    assert kept == [after[0], after[3], after[5], lines[6], lines[7], b""]
+
+
+async def test_records_with_the_subjects_values_and_no_tenant_are_left_and_fail_verify(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    lines = [
+        _line(ts="t1", tenant="st-mary", patient_id="1001", msg="ours"),
+        _line(ts="t2", patient_id="1001", msg="no tenant: whose?"),
+        _line(ts="t3", tenant=None, patient_id="1001", msg="null tenant"),
+    ]
+    await container.upload_blob("portal/1.jsonl", b"\n".join(lines))
+    locator = LogLocator(
+        container=container.container_name,
+        prefix="portal/",
+        fields=FIELDS,
+        tenant_field="tenant",
+        categories=["user.unique_id"],
+    )
+    request = _request(locator, Subject(tenant="st-mary", subject_id="1001"))
+    redactor = LogRedactor.for_connection(blob_connection)
+
+    erased = await redactor.erase(request)
+    assert erased.affected == 1
+    assert erased.evidence["records_without_tenant"] == 2
+    assert await _content(container, "portal/1.jsonl") == b"\n".join(lines[1:])
+    verified = await redactor.verify(request, erased)
     assert verified.status == "failed"
+    assert verified.evidence["records_matching"] == 0
+    assert verified.evidence["records_without_tenant"] == 2
+    assert "2 log record(s) carry the subject's values but no tenant in 'tenant'" in (
+        verified.detail
+    )
+    assert "1001" not in verified.detail
+
+
+async def test_preflight_names_a_tenant_field_the_logs_do_not_carry(
+    blob_connection: str, container: ContainerClient
+) -> None:
+    f = await _seed(container)  # records without any tenant field
+    before = await _snapshot(container)
+    redactor = LogRedactor.for_connection(blob_connection)
+    scoped = f.locator.model_copy(update={"tenant_field": "tenant"})
+
+    problems = await redactor.preflight(_request(scoped, f.a))
+    assert problems == [
+        "logs system 'app-logs': none of the first 6 record(s) of the first log blob under "
+        f"prefix 'portal/' in container '{container.container_name}' has the tenant_field "
+        "'tenant', so an erasure would find none of the subject's records (is the field named "
+        "right?)"
+    ]
+    assert "1001" not in repr(problems)
+    # An empty prefix has nothing to sample: no problem.
+    empty = scoped.model_copy(update={"prefix": "nothing-here/"})
+    assert await redactor.preflight(_request(empty, f.a)) == []
+    assert await _snapshot(container) == before
 
 
 async def test_append_blobs_with_the_subject_fail_clearly(

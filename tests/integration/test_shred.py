@@ -147,17 +147,21 @@ async def test_a_retry_shreds_again_and_still_succeeds(
     assert first.status == "done" and first.affected == 1
 
     # A retry after a crash between shredding and answering: nothing left to destroy, and the
-    # key store's record still says what this request destroyed.
+    # key store's record of this request's first shredding says what it destroyed.
     again = await erase_and_verify(shredder, request)
     assert again.status == "done", again.detail
-    assert again.evidence["versions_destroyed"] == 0
+    assert again.evidence["versions_destroyed"] == 1
     assert again.affected == 1
+    assert again.evidence["first_attempt_evidence"] == "key store"
+    assert again.evidence["earlier_versions_destroyed"] == 1
+    assert again.evidence["retry_versions_destroyed"] == 0
     assert again.evidence["shredding_versions_destroyed"] == 1
     assert again.evidence["shredded_at"] == first.evidence["shredded_at"]
-    # Without the first attempt's heartbeat there is no canary: the key store's state decides.
+    # Without the first attempt's heartbeat there is no canary: the key store's state decides,
+    # and the detail says the canary was lost rather than never written.
     assert again.evidence["canary"] is None
     assert again.evidence["canary_decryption"] is None
-    assert "not written: the subject's keys were shredded before" in again.detail
+    assert "canary lost: an earlier attempt of this request shredded the keys" in again.detail
     assert "no canary to try" in again.detail
 
 
@@ -174,7 +178,13 @@ async def test_a_retried_activity_keeps_the_first_attempts_canary(
     env.on_heartbeat = lambda *details: beats.extend(details)
     first = await env.run(shred.erase, request)
     assert first.status == "done"
-    assert beats == [{"canary": first.evidence["canary"]}]  # sent before the keys were destroyed
+    # The canary and what is about to go were sent before the keys were destroyed.
+    planned = beats[0]
+    assert planned["canary"] == first.evidence["canary"]
+    assert planned["lethe_effect"]["stage"] == "planned"
+    assert planned["lethe_effect"]["planned"] == {"versions": 1}
+    assert beats[-1]["lethe_effect"]["made"] == {"versions_destroyed": 1}
+    assert "first_attempt_evidence" not in first.evidence
 
     retry = ActivityEnvironment()
     retry.info = dataclasses.replace(
@@ -184,7 +194,96 @@ async def test_a_retried_activity_keeps_the_first_attempts_canary(
     assert again.status == "done", again.detail
     assert again.evidence["canary"] == first.evidence["canary"]
     assert again.evidence["canary_decryption"] == "KeyShredded"
+    assert again.evidence["versions_destroyed"] == 1
     assert "canary kept from an earlier attempt" in again.detail
+
+
+class _WorkerLost(BaseException):
+    """Stands for the end of the worker's process: nothing after it runs, nothing is caught."""
+
+
+class _LostAfterShredding(KeyService):
+    async def shred(self, ref: str, tenant: str, request_id: str) -> int:
+        await super().shred(ref, tenant, request_id)
+        raise _WorkerLost
+
+
+@pytest.mark.parametrize("arrived", [True, False], ids=["plan arrived", "nothing arrived"])
+async def test_a_worker_lost_right_after_shredding_leaves_its_evidence(
+    keys: KeyService, keys_url: str, monkeypatch: pytest.MonkeyPatch, arrived: bool
+) -> None:
+    monkeypatch.setenv(CONNECTION_VARIABLE, keys_url)
+    monkeypatch.setattr(shred, "KeyService", _LostAfterShredding)
+    ada, _ = _subjects()
+    event = await keys.encrypt(ada, b"ada", WHERE)
+    request = _request(keys, ada)
+    beats: list[Any] = []
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    env.on_heartbeat = lambda *details: beats.extend(details)
+    with pytest.raises(_WorkerLost):
+        await env.run(shred.erase, request)
+    assert [b["lethe_effect"]["stage"] for b in beats] == ["planned"]
+    monkeypatch.setattr(shred, "KeyService", KeyService)
+
+    retry = ActivityEnvironment()
+    retry.info = dataclasses.replace(
+        env.info, attempt=2, heartbeat_details=beats if arrived else []
+    )
+    again = await retry.run(shred.erase, request)
+    assert again.status == "done", again.detail
+    evidence = again.evidence
+    # The key store's record of the first shredding is this request's: it says what went.
+    assert (again.affected, evidence["versions_destroyed"]) == (1, 1)
+    assert evidence["first_attempt_evidence"] == "key store"
+    assert evidence["retry_versions_destroyed"] == 0
+    assert evidence["shredding_request"] == request.request_id
+    if arrived:
+        assert evidence["canary"] == beats[0]["canary"]
+        assert evidence["canary_decryption"] == "KeyShredded"
+    else:
+        assert evidence["canary"] is None
+        assert "canary lost" in again.detail
+    with pytest.raises(KeyShredded):
+        await keys.decrypt(event, WHERE, cached=False)
+
+
+async def test_a_replay_retried_after_a_lost_worker_says_what_it_cannot_know(
+    shredder: KeyShredder, keys: KeyService, keys_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CONNECTION_VARIABLE, keys_url)
+    ada, _ = _subjects()
+    await keys.encrypt(ada, b"ada", WHERE)
+    erasure = _request(keys, ada)
+    backup = await key_rows(keys, erasure.subject_ref)
+    assert (await erase_and_verify(shredder, erasure)).status == "done"
+    async with keys.engine.begin() as conn:  # a restore brings the key back, not the record
+        await conn.execute(insert(key_store.data_keys), backup)
+
+    replay = _request(keys, ada, request_id=f"req-{uuid.uuid4().hex[:12]}")
+    monkeypatch.setattr(shred, "KeyService", _LostAfterShredding)
+    beats: list[Any] = []
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    env.on_heartbeat = lambda *details: beats.extend(details)
+    with pytest.raises(_WorkerLost):
+        await env.run(shred.erase, replay)
+    monkeypatch.setattr(shred, "KeyService", KeyService)
+    assert await key_rows(keys, erasure.subject_ref) == []
+
+    for details, said in ((beats, "planned"), ([], "lost")):
+        retry = ActivityEnvironment()
+        retry.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=details)
+        again = await retry.run(shred.erase, replay)
+        assert again.status == "done", again.detail
+        # The key store's record is the first erasure's: how many this replay destroyed before
+        # its worker was lost is not known, and the evidence does not make it up.
+        assert again.evidence["versions_destroyed"] is None
+        assert again.evidence["first_attempt_evidence"] == said
+        assert again.evidence["retry_versions_destroyed"] == 0
+        if said == "planned":
+            assert again.evidence["earlier_found_versions"] == 1
+            assert again.affected == 1
 
 
 async def test_verify_fails_while_the_key_is_still_there(

@@ -1,15 +1,15 @@
 """The SQL connector against the stack's PostgreSQL: each action, join paths, bad input.
 
 Every test gets its own schema holding a small hospital (patients, appointments, lab results and
-comments on them) with two subjects, and checks with SQLAlchemy that one subject's data is gone
-or cleared while the other's is untouched.
+comments on them) with two subjects, and checks with SQLAlchemy that one subject's data is gone,
+cleared, or no longer linked to them, while the other's is untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -30,8 +30,10 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import AddConstraint, CreateSchema, DropSchema
 from temporalio.exceptions import ApplicationError
@@ -42,9 +44,11 @@ from activities.common import SchemaMismatch
 from activities.sql import (
     ChangeRefused,
     NoPlaceholder,
+    RowsChanged,
     SoftDeleteNotPossible,
     SqlEraser,
     SubjectIdDoesNotFit,
+    UnlinkNotPossible,
 )
 from classification.datamap import SqlTableLocator
 from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject, VerifyRequest
@@ -135,7 +139,8 @@ async def hospital(sql_url: str) -> AsyncIterator[Hospital]:
         "lab_results",
         metadata,
         Column("id", Integer, primary_key=True),
-        Column("appointment_id", Integer, ForeignKey(appointments.c.id), nullable=False),
+        # Nullable: a lab result can be unlinked from its visit (anonymised).
+        Column("appointment_id", Integer, ForeignKey(appointments.c.id)),
         Column("result", Text, nullable=False),
     )
     lab_comments = Table(
@@ -334,32 +339,39 @@ async def test_delete_through_a_join_path(hospital: Hospital, eraser: SqlEraser)
     assert after["patients"] == before["patients"]
 
 
-async def test_anonymise_through_a_two_hop_join_path(hospital: Hospital, eraser: SqlEraser) -> None:
-    locator = SqlTableLocator.model_validate(
-        {
-            "table": hospital.name("lab_comments"),
-            "subject_column": "patient_id",
-            "via": [
-                {
-                    "column": "lab_result_id",
-                    "table": hospital.name("lab_results"),
-                    "references": "id",
-                },
-                {
-                    "column": "appointment_id",
-                    "table": hospital.name("appointments"),
-                    "references": "id",
-                },
-            ],
-            "columns": {"comment": "user.content.free_text"},
-        }
+def lab_comments_locator(hospital: Hospital, **changes: object) -> SqlTableLocator:
+    """Comments on lab results, found through two hops; `lab_result_id` is NOT NULL under a
+    foreign key."""
+    fields: dict[str, object] = {
+        "table": hospital.name("lab_comments"),
+        "subject_column": "patient_id",
+        "via": [
+            {"column": "lab_result_id", "table": hospital.name("lab_results"), "references": "id"},
+            {
+                "column": "appointment_id",
+                "table": hospital.name("appointments"),
+                "references": "id",
+            },
+        ],
+        "columns": {"comment": "user.content.free_text"},
+    }
+    fields.update(changes)
+    return SqlTableLocator.model_validate(fields)
+
+
+async def test_pseudonymise_through_a_two_hop_join_path_keeps_the_link(
+    hospital: Hospital, eraser: SqlEraser
+) -> None:
+    erased, verified = await erase_and_verify(
+        eraser, request_for(lab_comments_locator(hospital), "pseudonymize")
     )
-    erased, verified = await erase_and_verify(eraser, request_for(locator, "anonymize"))
     assert (erased.affected, verified.status) == (1, "done")
     assert (await hospital.rows())["lab_comments"] == [
-        (100, 11, None),
+        (100, 11, None),  # cleared, still linked to the subject's lab result
         (101, 12, "diet advice given"),
     ]
+    assert "kept their link to the subject" in erased.detail
+    assert "unlinked_to" not in erased.evidence
 
 
 async def test_soft_delete_marks_the_row_and_clears_personal_columns(
@@ -420,31 +432,230 @@ async def test_keep_columns_stay_while_the_rest_are_cleared(
     assert verified.status == "done"
 
 
-async def test_anonymize_clears_without_marking_the_row(
+async def test_pseudonymize_clears_without_marking_the_row_and_keeps_the_subject_column(
     hospital: Hospital, eraser: SqlEraser
 ) -> None:
     erased, verified = await erase_and_verify(
-        eraser, request_for(patients_locator(hospital), "anonymize")
+        eraser, request_for(patients_locator(hospital), "pseudonymize")
     )
     row = await hospital.patient(A)
-    assert row is not None
+    assert row is not None  # still found by the subject id: still personal data
     assert row["deleted_at"] is None
     assert (row["full_name"], row["email"], row["mrn"]) == ("erased", None, "eras")
     assert (erased.affected, verified.status) == (1, "done")
+    assert "pseudonymised" in erased.detail
 
 
-async def test_anonymize_through_a_join_path_uses_a_placeholder_for_not_null_text(
+async def test_anonymize_unlinks_the_subject_column_with_a_surrogate(
     hospital: Hospital, eraser: SqlEraser
 ) -> None:
+    """The patients row keeps no subject id: it becomes a random surrogate (NOT NULL, no
+    foreign key), so the row no longer leads to the subject (Recital 26)."""
+    before = await hospital.rows()
+    erased, verified = await erase_and_verify(
+        eraser, request_for(patients_locator(hospital), "anonymize")
+    )
+    assert (erased.affected, verified.status) == (1, "done")
+    assert await hospital.patient(A) is None
+    after = await hospital.rows()
+    [changed] = [r for r in after["patients"] if r not in before["patients"]]
+    assert changed[0].startswith("anon-") and len(changed[0]) == len("anon-") + 32
+    assert changed[1:] == ("erased", None, None, date(1900, 1, 1), "eras", None)
+    assert [r for r in after["patients"] if r[0] == B] == [
+        r for r in before["patients"] if r[0] == B
+    ]
+    assert erased.evidence["unlinked_column"] == "patient_id"
+    assert (erased.evidence["unlinked_to"], erased.evidence["rows_checked"]) == ("surrogate", 1)
+    assert (verified.evidence["rows_linked"], verified.evidence["rows_matching"]) == (0, 0)
+    assert "read back by primary key" in verified.detail
+    assert_no_subject_id(erased.model_dump_json() + verified.model_dump_json())
+
+
+async def test_anonymize_gives_each_row_its_own_surrogate(
+    hospital: Hospital, eraser: SqlEraser
+) -> None:
+    """Ada's two visits lose her id, and nothing ties them to each other either."""
+    locator = SqlTableLocator(
+        table=hospital.name("appointments"),
+        subject_column="patient_id",
+        columns={"notes": "user.health_and_medical.encounter"},
+    )
+    erased, verified = await erase_and_verify(eraser, request_for(locator, "anonymize"))
+    assert (erased.affected, verified.status) == (2, "done")
+    rows = (await hospital.rows())["appointments"]
+    assert rows[2] == (3, B, "annual check")
+    surrogates = {rows[0][1], rows[1][1]}
+    assert len(surrogates) == 2 and all(s.startswith("anon-") for s in surrogates)
+    assert (rows[0][2], rows[1][2]) == (None, None)
+
+
+async def test_anonymize_through_a_join_path_unlinks_the_first_hop_with_null(
+    hospital: Hospital, eraser: SqlEraser
+) -> None:
+    before = await hospital.rows()
     erased, verified = await erase_and_verify(
         eraser, request_for(lab_results_locator(hospital), "anonymize")
     )
     assert (erased.affected, verified.status) == (2, "done")
-    assert (await hospital.rows())["lab_results"] == [
-        (10, 1, "erased"),
-        (11, 2, "erased"),
+    after = await hospital.rows()
+    assert after["lab_results"] == [
+        (10, None, "erased"),  # NOT NULL text: a placeholder; the join column: NULL
+        (11, None, "erased"),
         (12, 3, "LDL 2.9"),
     ]
+    assert after["appointments"] == before["appointments"]  # the path is only read
+    assert (erased.evidence["unlinked_column"], erased.evidence["unlinked_to"]) == (
+        "appointment_id",
+        "null",
+    )
+
+
+async def test_anonymize_refuses_a_not_null_join_column_under_a_foreign_key(
+    hospital: Hospital, eraser: SqlEraser
+) -> None:
+    """Neither NULL nor a random value can unlink lab_comments.lab_result_id: nothing changes,
+    and the preflight says so first."""
+    before = await hospital.rows()
+    request = request_for(lab_comments_locator(hospital), "anonymize")
+    [problem] = await eraser.preflight(request)
+    assert problem.startswith("UnlinkNotPossible: ")
+    assert "'lab_result_id'" in problem and hospital.name("lab_comments") in problem
+    assert "NOT NULL and under a foreign key" in problem and "pseudonymize" in problem
+    with pytest.raises(UnlinkNotPossible) as raised:
+        await eraser.erase(request)
+    assert str(raised.value) in problem
+    assert_no_subject_id(str(raised.value))
+    assert await hospital.rows() == before
+    # Pseudonymising it is possible (the link stays).
+    assert await eraser.preflight(request_for(lab_comments_locator(hospital), "pseudonymize")) == []
+
+
+@pytest.mark.parametrize(
+    ("locator", "unlink", "named"),
+    [
+        ("patients", "null", "NOT NULL, so `unlink: null`"),
+        ("lab_results", "surrogate", "under a foreign key, so a random surrogate"),
+    ],
+)
+async def test_an_unlink_the_column_cannot_take_is_refused(
+    hospital: Hospital, eraser: SqlEraser, locator: str, unlink: str, named: str
+) -> None:
+    before = await hospital.rows()
+    make = patients_locator if locator == "patients" else lab_results_locator
+    request = request_for(make(hospital, unlink=unlink), "anonymize")
+    with pytest.raises(UnlinkNotPossible, match=named):
+        await eraser.erase(request)
+    assert await hospital.rows() == before
+
+
+async def test_anonymize_needs_a_primary_key(sql_url: str, eraser: SqlEraser) -> None:
+    table = Table(
+        f"visits_nokey_{uuid.uuid4().hex[:12]}",
+        MetaData(),
+        Column("patient_no", Integer),
+        Column("reason", Text),
+    )
+    engine = create_async_engine(sql_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(table.metadata.create_all)
+            await conn.execute(insert(table), [{"patient_no": 42, "reason": "flu"}])
+        request = request_for(_visits_locator(table), "anonymize", subject_id="42")
+        [problem] = await eraser.preflight(request)
+        assert "needs a primary key" in problem and table.name in problem
+        with pytest.raises(UnlinkNotPossible, match="needs a primary key"):
+            await eraser.erase(request)
+        # Pseudonymising needs none.
+        erased = await eraser.erase(request_for(_visits_locator(table), "pseudonymize", "42"))
+        assert erased.affected == 1
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(table.metadata.drop_all)
+        await engine.dispose()
+
+
+async def test_anonymize_rolls_back_when_a_row_read_back_is_still_linked(
+    hospital: Hospital, eraser: SqlEraser
+) -> None:
+    """A trigger that puts the subject id back: the read-back by primary key, before the
+    commit, finds the rows still linked, and nothing is committed."""
+    name = f"{hospital.schema}.keep_patient_id"
+    async with hospital.engine.begin() as conn:
+        await conn.execute(
+            text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN NEW.patient_id := OLD.patient_id; RETURN NEW; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                f"CREATE TRIGGER keep_patient_id BEFORE UPDATE ON "
+                f"{hospital.name('appointments')} FOR EACH ROW EXECUTE FUNCTION {name}()"
+            )
+        )
+    before = await hospital.rows()
+    locator = SqlTableLocator(
+        table=hospital.name("appointments"),
+        subject_column="patient_id",
+        columns={"notes": "user.health_and_medical.encounter"},
+    )
+    with pytest.raises(ChangeRefused, match="2 still lead to the subject") as raised:
+        await eraser.erase(request_for(locator, "anonymize"))
+    assert "nothing was committed" in str(raised.value)
+    assert_no_subject_id(str(raised.value))
+    assert await hospital.rows() == before
+
+
+@pytest.mark.parametrize(
+    ("action", "event", "error", "retryable"),
+    [("soft_delete", "UPDATE", ChangeRefused, False), ("delete", "DELETE", RowsChanged, True)],
+)
+async def test_rows_a_trigger_skips_are_not_reported_as_erased(
+    hospital: Hospital,
+    eraser: SqlEraser,
+    action: Action,
+    event: str,
+    error: type[LetheError],
+    retryable: bool,
+) -> None:
+    """A trigger that skips the change: the counts disagree, nothing is committed. Locked rows
+    (an update) cannot have gone: no retry mends it. Unlocked rows (a delete) may have been
+    deleted by another writer meanwhile: the step runs again."""
+    name = f"{hospital.schema}.skip_change"
+    async with hospital.engine.begin() as conn:
+        await conn.execute(
+            text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RETURN NULL; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                f"CREATE TRIGGER skip_change BEFORE {event} ON {hospital.name('patients')} "
+                f"FOR EACH ROW EXECUTE FUNCTION {name}()"
+            )
+        )
+    before = await hospital.rows()
+    with pytest.raises(error, match="nothing was committed") as raised:
+        await eraser.erase(request_for(patients_locator(hospital), action))
+    assert raised.value.retryable is retryable
+    assert_no_subject_id(str(raised.value))
+    assert await hospital.rows() == before
+
+
+async def test_verify_fails_when_an_anonymised_row_leads_to_the_subject_again(
+    hospital: Hospital, eraser: SqlEraser
+) -> None:
+    request = request_for(lab_results_locator(hospital), "anonymize")
+    erased = await eraser.erase(request)
+    lab_results = hospital.table("lab_results")
+    async with hospital.engine.begin() as conn:
+        await conn.execute(
+            update(lab_results).where(lab_results.c.id == 10).values(appointment_id=1)
+        )
+    verified = await eraser.verify(request, erased)
+    assert (verified.status, verified.evidence["rows_linked"]) == ("failed", 1)
+    assert "still lead to the subject" in verified.detail
 
 
 async def test_retain_changes_nothing_and_cites_the_law(
@@ -707,6 +918,9 @@ async def test_a_numeric_id_matches_an_integer_column(
     )
     assert (erased.affected, verified.status) == (1, "done")
     assert await _visit_rows(engine, table) == [(1, None), (2, "sprain")]
+    async with engine.connect() as conn:
+        numbers = dict((await conn.execute(select(table.c.id, table.c.patient_no))).all())
+    assert numbers[2] == 43 and numbers[1] <= -(2**30)  # an integer surrogate: negative
 
 
 async def test_a_not_null_column_without_a_placeholder_is_refused(
@@ -738,6 +952,32 @@ async def test_a_constraint_refusing_the_placeholder_rolls_back_without_values(
     assert_no_subject_id(message)
     assert_unchained(raised.value)
     assert await hospital.rows() == before
+
+
+async def test_a_role_that_may_delete_but_not_update_can_delete(
+    hospital: Hospital, sql_url: str
+) -> None:
+    """Counting the rows before a delete takes no FOR UPDATE lock, which would need UPDATE."""
+    role = f"lethe_del_{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    async with hospital.engine.begin() as conn:
+        await conn.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        await conn.execute(text(f"GRANT USAGE ON SCHEMA {hospital.schema} TO {role}"))
+        await conn.execute(
+            text(f"GRANT SELECT, DELETE ON ALL TABLES IN SCHEMA {hospital.schema} TO {role}")
+        )
+    engine = create_async_engine(make_url(sql_url).set(username=role, password=password))
+    try:
+        eraser = SqlEraser(engine)
+        request = request_for(lab_results_locator(hospital), "delete")
+        assert await eraser.preflight(request) == []
+        erased, verified = await erase_and_verify(eraser, request)
+        assert (erased.affected, verified.status) == (2, "done")
+    finally:
+        await engine.dispose()
+        async with hospital.engine.begin() as conn:
+            await conn.execute(text(f"DROP OWNED BY {role}"))
+            await conn.execute(text(f"DROP ROLE {role}"))
 
 
 async def test_an_unreachable_database_is_retryable_and_says_nothing_secret() -> None:
@@ -785,5 +1025,147 @@ async def test_activities_run_in_their_region_and_type_their_errors(
 
 
 def test_errors_are_lethe_errors() -> None:
-    for error in (SubjectIdDoesNotFit, SoftDeleteNotPossible, NoPlaceholder, ChangeRefused):
+    for error in (
+        SubjectIdDoesNotFit,
+        SoftDeleteNotPossible,
+        NoPlaceholder,
+        ChangeRefused,
+        UnlinkNotPossible,
+    ):
         assert issubclass(error, LetheError) and not error.retryable
+
+
+# --- a retry after the commit: the evidence of the attempt that did the work -------------------
+
+
+def _activity_env(monkeypatch: pytest.MonkeyPatch, sql_url: str) -> ActivityEnvironment:
+    """An activity environment on the region's queue, the patients database in a variable."""
+    monkeypatch.setenv("LETHE_TEST_PATIENTS_URL", sql_url)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    return env
+
+
+async def _first_attempt(
+    env: ActivityEnvironment, request: StepRequest
+) -> tuple[StepOutcome, list[Any]]:
+    """Run the erase activity once, as attempt 1; its outcome and what it heartbeated."""
+    beats: list[Any] = []
+    env.on_heartbeat = lambda *details: beats.extend(details)
+    outcome = await env.run(sql.erase, request)
+    return outcome, beats
+
+
+def _retry(env: ActivityEnvironment, details: list[Any]) -> list[Any]:
+    """Make `env` attempt 2, with `details` as the heartbeat details that reached the server
+    (the worker of attempt 1 was lost after its commit); what attempt 2 heartbeats."""
+    env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=details)
+    beats: list[Any] = []
+    env.on_heartbeat = lambda *more: beats.extend(more)
+    return beats
+
+
+@pytest.mark.parametrize(
+    ("action", "make", "rows"),
+    [
+        ("delete", lab_results_locator, 2),
+        ("anonymize", lab_results_locator, 2),
+        ("soft_delete", patients_locator, 1),
+    ],
+)
+async def test_a_retry_after_the_commit_reports_the_rows_of_the_first_attempt(
+    hospital: Hospital,
+    sql_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    action: Action,
+    make: Callable[..., SqlTableLocator],
+    rows: int,
+) -> None:
+    env = _activity_env(monkeypatch, sql_url)
+    request = request_for(make(hospital), action, connection="LETHE_TEST_PATIENTS_URL")
+    first, beats = await _first_attempt(env, request)
+    assert (first.affected, first.evidence["rows_changed"]) == (rows, rows)
+    [counted] = beats  # counted inside the transaction, before any row changed
+    assert (counted["step"], counted["action"], counted["attempt"]) == (request.step.id, action, 1)
+    assert (counted["rows"], counted["changed"]) == (rows, rows)
+    assert isinstance(counted["digest"], str) and len(counted["digest"]) == 64
+    assert_no_subject_id(repr(counted))
+    after_first = await hospital.rows()
+
+    again = _retry(env, beats)
+    retried = await env.run(sql.erase, request)
+    assert (retried.status, retried.verified) == ("done", True)
+    assert retried.affected == rows  # not 0: the first attempt's count
+    evidence = retried.evidence
+    assert (evidence["rows_from_attempt"], evidence["counted_by_attempt"]) == (rows, 1)
+    assert (evidence["rows"], evidence["rows_changed"], evidence["attempt"]) == (rows, 0, 2)
+    assert "digest" not in evidence  # it stays in the heartbeat
+    assert "attempt 1 had done it" in retried.detail
+    assert again == beats  # the first attempt's count is carried on, not replaced
+    assert await hospital.rows() == after_first  # the retry changed nothing
+    if action == "soft_delete":
+        assert evidence["rows_same_as_attempt"] is True  # the rows that stay are those counted
+    assert_no_subject_id(retried.model_dump_json())
+
+
+async def test_a_retry_whose_first_attempt_heartbeat_never_arrived_says_so(
+    hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = _activity_env(monkeypatch, sql_url)
+    request = request_for(
+        lab_results_locator(hospital), "delete", connection="LETHE_TEST_PATIENTS_URL"
+    )
+    await _first_attempt(env, request)
+    beats = _retry(env, [])  # heartbeats are best-effort: none reached the server
+    retried = await env.run(sql.erase, request)
+    assert (retried.status, retried.affected) == ("done", 0)
+    assert retried.evidence["rows_from_attempt"] is None
+    assert "counted_by_attempt" not in retried.evidence
+    assert "how many rows an earlier attempt changed is not known" in retried.detail
+    assert beats == []  # nothing to count, and no count of its own to pass on as the first's
+
+
+async def test_a_retry_whose_first_attempt_rolled_back_does_the_work_itself(
+    hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attempt 1 heartbeated its count and was lost before its commit: nothing changed, so
+    attempt 2 erases and reports its own rows."""
+    env = _activity_env(monkeypatch, sql_url)
+    request = request_for(
+        lab_results_locator(hospital), "delete", connection="LETHE_TEST_PATIENTS_URL"
+    )
+    lost = {
+        "kind": "sql.rows",
+        "step": request.step.id,
+        "action": "delete",
+        "attempt": 1,
+        "rows": 2,
+        "changed": 2,
+        "digest": "0" * 64,
+    }
+    beats = _retry(env, [lost])
+    retried = await env.run(sql.erase, request)
+    assert (retried.affected, retried.evidence["rows_changed"]) == (2, 2)
+    assert "rows_from_attempt" not in retried.evidence
+    assert [b["attempt"] for b in beats] == [2]
+    assert (await hospital.rows())["lab_results"] == [(12, 3, "LDL 2.9")]
+
+
+async def test_a_retry_changes_no_row_the_first_attempt_changed(
+    hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Updates touch only rows not yet erased: the soft-deleted row is not written again (its
+    row version, PostgreSQL's xmin, stays the first attempt's)."""
+    env = _activity_env(monkeypatch, sql_url)
+    request = request_for(
+        patients_locator(hospital), "soft_delete", connection="LETHE_TEST_PATIENTS_URL"
+    )
+    patients = hospital.table("patients")
+    version = select(text("xmin::text")).select_from(patients).where(patients.c.patient_id == A)
+    _, beats = await _first_attempt(env, request)
+    async with hospital.engine.connect() as conn:
+        first = (await conn.execute(version)).scalar_one()
+    _retry(env, beats)
+    assert (await env.run(sql.erase, request)).evidence["rows_changed"] == 0
+    async with hospital.engine.connect() as conn:
+        assert (await conn.execute(version)).scalar_one() == first

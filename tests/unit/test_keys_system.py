@@ -71,9 +71,12 @@ def test_a_keys_system_is_shredded_in_the_immediate_phase(tmp_path: Path) -> Non
     assert keys.connection == "LETHE_KEYS_STORE_URL"
     assert isinstance(keys.locator, KeysLocator)
     assert keys.locator.categories == ["user.contact", "user.health_and_medical"]
-    # The rules behind it are the categories' own (soft delete, anonymise): shredding the keys
+    # The rules behind it are the categories' own (soft delete, pseudonymise): shredding the keys
     # is how a key store erases them.
-    assert {d.rule for d in keys.decisions} == {"gdpr.contact.soft-delete", "gdpr.health.anonymise"}
+    assert {d.rule for d in keys.decisions} == {
+        "gdpr.contact.soft-delete",
+        "gdpr.health.pseudonymise",
+    }
     # The US key store holds only acme-us's subjects: an acme erasure plans nothing there.
     assert [r.region for r in plan.regions] == ["eu"]
     us_plan = _plan(tmp_path, tenant="acme-us")

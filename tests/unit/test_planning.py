@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from activities.planning import Planner, PlanningFailed
+from classification.datamap import SqlTableLocator
 from classification.routing import UnknownTenant
 from lethe.contracts import ErasureRequest, Plan, Step, Subject
 from lethe.errors import UnknownRegion
-from policies.engine import decide
-from policies.model import PACKS_DIR, load_pack
+from policies.engine import decide, locator_action, sql_action
+from policies.model import PACKS_DIR, ErasureRule, load_pack
 
 ROOT = Path(__file__).resolve().parents[2]
 DATAMAP = ROOT / "examples" / "datamap.yaml"
@@ -38,7 +40,9 @@ def _step(plan: Plan, step_id: str) -> Step:
 
 def test_most_specific_erasure_rule_wins() -> None:
     assert decide(GDPR, "user.contact.email", "eu").rule == "gdpr.contact.soft-delete"
-    assert decide(GDPR, "user.health_and_medical.lab_result", "eu").rule == "gdpr.health.anonymise"
+    assert (
+        decide(GDPR, "user.health_and_medical.lab_result", "eu").rule == "gdpr.health.pseudonymise"
+    )
     assert decide(GDPR, "user.device.ip_address", "eu").rule == "gdpr.default"
 
 
@@ -54,12 +58,14 @@ def test_obligations_apply_only_in_their_regions() -> None:
     assert decision.rule == "hipaa.medical-record.restrict"  # the erasure rule, not the US law
 
 
-def test_gdpr_plan_soft_deletes_patients_and_anonymises_lab_results() -> None:
+def test_gdpr_plan_soft_deletes_patients_and_pseudonymises_lab_results() -> None:
     plan = _plan()
     patients = _step(plan, "patients-db/0")
     assert patients.action == "soft_delete"
     assert patients.keep_columns == []
-    assert _step(plan, "patients-db/2").action == "anonymize"
+    # Visits and results stay linked to the patient: pseudonymised, and named so.
+    assert _step(plan, "patients-db/1").action == "pseudonymize"
+    assert _step(plan, "patients-db/2").action == "pseudonymize"
     assert _step(plan, "patient-events/0").action == "tombstone"
     assert _step(plan, "session-cache/0").action == "purge"
     assert _step(plan, "app-logs/0").action == "redact"  # soft_delete of contacts keeps records
@@ -110,3 +116,69 @@ def test_a_missing_identity_fails_planning_without_naming_the_subject() -> None:
     with pytest.raises(PlanningFailed, match=r"\{identity.email\}") as caught:
         _plan(identities={})
     assert "p-1" not in str(caught.value)
+
+
+# --- anonymise or pseudonymise ---------------------------------------------------------------
+
+
+def _table(**fields: object) -> SqlTableLocator:
+    return SqlTableLocator.model_validate(
+        {
+            "table": "visits",
+            "subject_column": "patient_id",
+            "columns": {"notes": "user.health_and_medical.encounter", "invoice": "user.financial"},
+            **fields,
+        }
+    )
+
+
+def test_gdpr_health_rule_pseudonymises_and_cites_it_as_personal_data() -> None:
+    decision = decide(GDPR, "user.health_and_medical.encounter", "eu")
+    assert (decision.rule, decision.strategy) == ("gdpr.health.pseudonymise", "pseudonymize")
+    assert "Art. 4(5)" in decision.citation and "Art. 17(3)(c)" in decision.citation
+    assert decision.exception and "Art. 17(3)(c)" in decision.exception
+    # Never the claim that the kept rows are anonymous (outside the GDPR).
+    assert "anonymous" not in decision.citation + decision.exception
+
+
+def test_kept_columns_without_a_soft_delete_column_are_pseudonymised_not_anonymised() -> None:
+    """The retained invoice keeps the row, and its link to the subject: pseudonymisation."""
+    locator = _table(columns={"notes": "user.health_and_medical", "invoice": "user.financial"})
+    decisions = {c: decide(GDPR, k, "eu") for c, k in locator.columns.items()}
+    action, kept, _ = sql_action("clinic", locator, decisions)
+    assert (action, kept) == ("pseudonymize", ["invoice"])
+    anonymising = {"notes": decisions["notes"].model_copy(update={"strategy": "anonymize"})}
+    action, kept, _ = sql_action(
+        "clinic", locator, {**anonymising, "invoice": decisions["invoice"]}
+    )
+    assert (action, kept) == ("pseudonymize", ["invoice"])
+    with_mark = _table(soft_delete_column="deleted_at")
+    assert sql_action("clinic", with_mark, decisions)[0] == "soft_delete"
+
+
+def test_strategies_map_to_their_own_actions() -> None:
+    notes = _table(columns={"notes": "user.health_and_medical.encounter"})
+    decisions = {"notes": decide(GDPR, "user.health_and_medical.encounter", "eu")}
+    assert sql_action("clinic", notes, decisions)[0] == "pseudonymize"
+    for strategy in ("anonymize", "pseudonymize", "delete"):
+        assert sql_action("clinic", _table(strategy=strategy), decisions)[0] == strategy
+    # A table that must be soft-deleted for one column is, whatever another asks.
+    mixed = _table(
+        soft_delete_column="deleted_at",
+        columns={"notes": "user.health_and_medical.encounter", "email": "user.contact.email"},
+    )
+    mixed_decisions = {c: decide(GDPR, k, "eu") for c, k in mixed.columns.items()}
+    assert sql_action("clinic", mixed, mixed_decisions)[0] == "soft_delete"
+    # Logs keep their records (redacted) for pseudonymised data too.
+    logs_action, _ = locator_action("logs", None, [decisions["notes"]])
+    assert logs_action == "redact"
+
+
+def test_a_pseudonymize_rule_must_name_its_exception() -> None:
+    with pytest.raises(ValidationError, match="`pseudonymize` rule keeps personal data"):
+        ErasureRule(
+            id="x.health",
+            category="user.health_and_medical",
+            strategy="pseudonymize",
+            citation="GDPR Art. 4(5)",
+        )

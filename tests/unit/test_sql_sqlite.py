@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.testing import ActivityEnvironment
 
 from activities import sql
 from activities.common import SchemaMismatch
@@ -168,11 +170,64 @@ async def test_soft_delete_twice(eraser: SqlEraser) -> None:
     assert untouched == (B, "Grace", "g@x.org", date(1990, 7, 1), None)
 
 
-async def test_anonymise_through_a_join_on_an_integer_subject_column(eraser: SqlEraser) -> None:
-    request = request_for(LAB_RESULTS, "anonymize", subject_id="1")
+async def test_pseudonymise_through_a_join_on_an_integer_subject_column(eraser: SqlEraser) -> None:
+    request = request_for(LAB_RESULTS, "pseudonymize", subject_id="1")
     erased = await eraser.erase(request)
     assert (await eraser.verify(request, erased)).status == "done"
     assert await rows(eraser.engine, lab_results) == [(10, 1, "erased"), (11, 2, "r2")]
+
+
+async def test_anonymise_through_a_join_unlinks_the_first_hop(eraser: SqlEraser) -> None:
+    """lab_results.appointment_id is NOT NULL with no foreign key: a random negative integer
+    that no appointment has replaces it, and the result no longer leads to the subject."""
+    request = request_for(LAB_RESULTS, "anonymize", subject_id="1")
+    erased = await eraser.erase(request)
+    verified = await eraser.verify(request, erased)
+    assert (erased.affected, verified.status, verified.evidence["rows_linked"]) == (1, "done", 0)
+    (first_id, surrogate, result), untouched = await rows(eraser.engine, lab_results)
+    assert (first_id, result, untouched) == (10, "erased", (11, 2, "r2"))
+    assert surrogate <= -(2**62)  # SQLite integers are 64-bit
+    assert (erased.evidence["unlinked_column"], erased.evidence["unlinked_to"]) == (
+        "appointment_id",
+        "surrogate",
+    )
+
+
+async def test_anonymise_unlinks_the_subject_column_itself(eraser: SqlEraser) -> None:
+    request = request_for(PATIENTS, "anonymize")
+    erased = await eraser.erase(request)
+    assert (await eraser.verify(request, erased)).status == "done"
+    anonymous, untouched = await rows(eraser.engine, patients)
+    assert anonymous[0].startswith("anon-") and anonymous[1:4] == (
+        "erased",
+        None,
+        date(1900, 1, 1),
+    )
+    assert anonymous[4] is None  # anonymised, not marked
+    assert untouched[0] == B
+
+
+async def test_a_retry_after_the_commit_reports_the_first_attempts_rows(
+    eraser: SqlEraser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete whose worker was lost after the commit: the retry finds nothing, and reports
+    the rows the first attempt heartbeated before committing instead of 0."""
+    url = str(eraser.engine.url)
+    monkeypatch.setenv("CLINIC_DB_URL", url)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    beats: list[Any] = []
+    env.on_heartbeat = lambda *details: beats.extend(details)
+    request = request_for(PATIENTS, "delete")
+    first = await env.run(sql.erase, request)
+    assert (first.affected, [b["rows"] for b in beats]) == (1, [1])
+    env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=list(beats))
+    retried = await env.run(sql.erase, request)
+    assert (retried.status, retried.affected) == ("done", 1)
+    assert (retried.evidence["rows_from_attempt"], retried.evidence["rows_changed"]) == (1, 0)
+    env.info = dataclasses.replace(env.info, attempt=3, heartbeat_details=[])
+    unknown = await env.run(sql.erase, request)
+    assert (unknown.affected, unknown.evidence["rows_from_attempt"]) == (0, None)
 
 
 @pytest.mark.parametrize("subject_id", ["1' OR '1'='1", "x; DROP TABLE patients", "%"])
