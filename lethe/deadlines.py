@@ -11,8 +11,8 @@ from functools import lru_cache
 
 _UNITS = {"w": timedelta(weeks=1), "d": timedelta(days=1), "h": timedelta(hours=1)}
 _UNITS |= {"m": timedelta(minutes=1), "s": timedelta(seconds=1)}
-_PART = re.compile(r"(\d{1,6})([wdhms])")
-_DURATION = re.compile(r"(?:\d{1,6}[wdhms])+")
+_PART = re.compile(r"(\d+)([wdhms])")
+_DURATION = re.compile(r"(?:\d+[wdhms])+")
 
 
 def add_months(moment: datetime, months: int) -> datetime:
@@ -35,10 +35,13 @@ def parse_duration(text: str) -> timedelta:
             f"{text[:40]!r} is not a duration: give a number and a unit (w, d, h, m for "
             "minutes, s), e.g. 30d or 12h; months are not a fixed length, say days"
         )
-    return sum(
-        (int(number) * _UNITS[unit] for number, unit in _PART.findall(cleaned)),
-        start=timedelta(0),
-    )
+    try:
+        return sum(
+            (int(number) * _UNITS[unit] for number, unit in _PART.findall(cleaned)),
+            start=timedelta(0),
+        )
+    except OverflowError:
+        raise ValueError(f"{text[:40]!r} is too long a duration") from None
 
 
 def format_duration(duration: timedelta) -> str:

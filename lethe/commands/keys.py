@@ -8,7 +8,6 @@ query, which only a running control worker answers.
 from __future__ import annotations
 
 import asyncio
-import re
 from datetime import timedelta
 from typing import Annotated
 
@@ -40,12 +39,14 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from lethe import deadlines
 from lethe import search_attributes as sa
 from lethe.client import answer, connect
 from lethe.commands.common import ByOption, JsonOption, actor, err, out, run, valid
 from lethe.commands.views import when
 from lethe.config import load_settings
 from lethe.contracts import Contract
+from lethe.deadlines import format_duration
 from lethe.errors import LetheError, failure_reason
 from lethe.kek import KekVersion
 from lethe.keys import KeyStatus, open_key_service
@@ -63,15 +64,6 @@ POLL_SECONDS = 1.0
 QUERY_TIMEOUT = timedelta(seconds=12)
 """Longer than the sticky-queue timeout (10 s), so a query right after a worker crash answers."""
 MIN_EVERY = timedelta(hours=1)
-_DURATION = re.compile(r"(?:\d+[smhdw])+")
-_PART = re.compile(r"(\d+)([smhdw])")
-_UNIT = {
-    "s": timedelta(seconds=1),
-    "m": timedelta(minutes=1),
-    "h": timedelta(hours=1),
-    "d": timedelta(days=1),
-    "w": timedelta(weeks=1),
-}
 VERSION_STYLE = {"current": "green", "active": "cyan", "disabled": "yellow", "retired": "dim"}
 
 keys_app = typer.Typer(
@@ -110,30 +102,14 @@ class KeysReport(Contract):
 
 
 def parse_duration(text: str | timedelta) -> timedelta:
-    """`90d`, `12h`, `30m`, `45s`, `2w`, or several together (`1d12h`); BadParameter otherwise."""
+    """`90d`, `12h`, `30m`, `45s`, `2w`, or several together (`1d12h`), in either case;
+    BadParameter otherwise."""
     if isinstance(text, timedelta):  # an option's default, which typer parses too
         return text
-    cleaned = text.strip().lower()
-    if not _DURATION.fullmatch(cleaned):
-        raise typer.BadParameter(
-            f"{text[:40]!r} is not a duration: give a number and a unit (s, m, h, d or w), "
-            "e.g. 90d, 12h, 30m"
-        )
     try:
-        return sum((int(n) * _UNIT[unit] for n, unit in _PART.findall(cleaned)), start=timedelta(0))
-    except OverflowError:
-        raise typer.BadParameter(f"{text[:40]!r} is too long a duration") from None
-
-
-def _shown(duration: timedelta) -> str:
-    """A duration as `90d`, `7d 12h`, `30m`, `0s`."""
-    seconds = int(duration.total_seconds())
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return " ".join(parts) or "0s"
+        return deadlines.parse_duration(text.lower())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 GraceOption = Annotated[
@@ -388,7 +364,7 @@ async def schedule_rotation(
         # A rotation still in its grace period when the next one is due: skip the next one.
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
         state=ScheduleState(
-            note=f"KEK rotation every {_shown(every)}, set by {request.requested_by}"
+            note=f"KEK rotation every {format_duration(every)}, set by {request.requested_by}"
         ),
     )
     created = True
@@ -420,11 +396,13 @@ def key_rotation(
 ) -> None:
     """Create or update the Schedule that rotates the key-encryption key every DURATION."""
     if every < MIN_EVERY:
-        raise typer.BadParameter(f"rotate at most every {_shown(MIN_EVERY)}", param_hint="--every")
+        raise typer.BadParameter(
+            f"rotate at most every {format_duration(MIN_EVERY)}", param_hint="--every"
+        )
     if every <= grace:
         raise typer.BadParameter(
-            f"must be longer than --grace ({_shown(grace)}): each rotation would still be in "
-            "its grace period when the next is due, and the schedule would skip it",
+            f"must be longer than --grace ({format_duration(grace)}): each rotation would "
+            "still be in its grace period when the next is due, and the schedule would skip it",
             param_hint="--every",
         )
     request = valid(
@@ -441,8 +419,9 @@ async def _schedule(every: timedelta, request: RotationRequest) -> int:
     )
     verb = "created" if created else "updated"
     err.print(
-        f"{verb} schedule {schedule_id}: a key rotation every {_shown(every)} on "
-        f"{settings.control_queue} (grace {_shown(request.grace)}; skipped while one runs)",
+        f"{verb} schedule {schedule_id}: a key rotation every {format_duration(every)} on "
+        f"{settings.control_queue} (grace {format_duration(request.grace)}; "
+        "skipped while one runs)",
         highlight=False,
     )
     for moment in upcoming[:3]:
