@@ -125,6 +125,9 @@ def run(region: str, *, control: bool = False) -> NoReturn:
     "worker stopped"), which would turn a clean stop into a failed exit code.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The Azure SDK logs every HTTP request at INFO (hundreds of lines an erasure, blob names
+    # included): its warnings and errors are what an operator needs.
+    logging.getLogger("azure").setLevel(logging.WARNING)
     asyncio.run(serve(region, load_settings(), control=control))
     logging.shutdown()
     sys.stdout.flush()
