@@ -647,11 +647,7 @@ class TombstoneWriter:
         try:
             entries = await self._described(ConfigResource(ResourceType.TOPIC, topic))
         except KafkaException as exc:
-            if _code(exc) == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise SchemaMismatch(
-                    f"Kafka topic {topic!r} of system {request.step.system!r} does not exist"
-                ) from None
-            raise self._unavailable(exc) from None
+            raise self._topic_error(request, topic, exc) from None
         settings = {name: entries[name] for name in TOPIC_SETTINGS if name in entries}
         return {**await self._broker_settings(), **settings}
 
@@ -659,11 +655,7 @@ class TombstoneWriter:
         try:
             described = await self._topic(topic, TIMEOUT_SECONDS)
         except KafkaException as exc:
-            if _code(exc) == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise SchemaMismatch(
-                    f"Kafka topic {topic!r} of system {request.step.system!r} does not exist"
-                ) from None
-            raise self._unavailable(exc) from None
+            raise self._topic_error(request, topic, exc) from None
         count = len(described.partitions)
         if count < 1:
             raise ServiceUnavailable(f"Kafka at {self._bootstrap}: topic without partitions")
@@ -841,6 +833,15 @@ class TombstoneWriter:
             raise self._unavailable(exc) from None
         finally:
             consumer.close()
+
+    def _topic_error(self, request: StepRequest, topic: str, exc: KafkaException) -> LetheError:
+        """A failed look at the step's topic: SchemaMismatch if it does not exist, else the
+        cluster is unavailable."""
+        if _code(exc) == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            return SchemaMismatch(
+                f"Kafka topic {topic!r} of system {request.step.system!r} does not exist"
+            )
+        return self._unavailable(exc)
 
     def _unavailable(self, exc: BaseException) -> LetheError:
         # librdkafka's messages can quote keys: only the error's type and code name leave here.

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client as TemporalClient
 from temporalio.client import (
+    WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
@@ -306,12 +307,7 @@ class Client:
     async def certificate(self, workflow_id: str) -> Certificate:
         """The certificate of a finished erasure (UnknownRequest while it still runs)."""
         handle = self.temporal.get_workflow_handle_for(ErasureWorkflow.run, workflow_id)
-        try:
-            described = await handle.describe()
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                raise UnknownRequest(f"no erasure request {workflow_id}") from None
-            raise
+        described = await _described(handle)
         state = described.status
         if state == WorkflowExecutionStatus.RUNNING:
             raise UnknownRequest(
@@ -336,12 +332,7 @@ class Client:
         if workflow_id.startswith("replay-"):
             raise RetryRefused(_REPLAY_REFUSED.format(workflow_id=workflow_id))
         handle = self.temporal.get_workflow_handle(workflow_id)
-        try:
-            described = await handle.describe()
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                raise UnknownRequest(f"no erasure request {workflow_id}") from None
-            raise
+        described = await _described(handle)
         if described.status == WorkflowExecutionStatus.RUNNING:
             raise RetryRefused(
                 f"{workflow_id} is still running: only a closed request is retried, and a "
@@ -571,3 +562,13 @@ def _kind(request: ErasureRequest) -> str:
     if request.dry_run:
         return "erasure-dry-run"
     return "erasure-replay" if request.replay_of else "erasure"
+
+
+async def _described(handle: WorkflowHandle[Any, Any]) -> WorkflowExecutionDescription:
+    """The workflow's description; UnknownRequest when there is no such workflow."""
+    try:
+        return await handle.describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise UnknownRequest(f"no erasure request {handle.id}") from None
+        raise
