@@ -297,27 +297,28 @@ async def _terminate_leftovers(hospital: Hospital) -> None:
         await temporal.get_workflow_handle(execution.id).terminate(reason="e2e test run ended")
 
 
-@pytest.fixture(scope="module")
-async def hospital(
-    tmp_path_factory: pytest.TempPathFactory,
-    stack_temporal: TemporalClient,
-    sql_url: str,
-    kafka_bootstrap: str,
-    redis_url: str,
-    blob_connection: str,
-) -> AsyncIterator[Hospital]:
-    """The sample hospital seeded under this module's names, with a store database of its own.
-
-    Asking for the stack's fixtures first makes a service that is down fail the test by name.
-    """
-    suffix = uuid.uuid4().hex[:8]
-    workdir = tmp_path_factory.mktemp(f"hospital-{suffix}")
-    connections = Connections(
+@pytest.fixture(scope="session")
+def connections(
+    sql_url: str, kafka_bootstrap: str, redis_url: str, blob_connection: str
+) -> Connections:
+    """The stack's data systems, each checked first: a service that is down fails by name."""
+    return Connections(
         sql_url=sql_url,
         kafka_bootstrap=kafka_bootstrap,
         redis_url=redis_url,
         blob_connection=blob_connection,
     )
+
+
+@pytest.fixture(scope="module")
+async def hospital(
+    tmp_path_factory: pytest.TempPathFactory,
+    stack_temporal: TemporalClient,
+    connections: Connections,
+) -> AsyncIterator[Hospital]:
+    """The sample hospital seeded under this module's names, with a store database of its own."""
+    suffix = uuid.uuid4().hex[:8]
+    workdir = tmp_path_factory.mktemp(f"hospital-{suffix}")
     store_url, admin = _store_database(suffix)
     database = make_url(store_url).database
     found = Hospital(

@@ -164,20 +164,11 @@ def _us_patients(eu: list[Patient]) -> list[Patient]:
 async def clinic(
     tmp_path_factory: pytest.TempPathFactory,
     stack_temporal: TemporalClient,
-    sql_url: str,
-    kafka_bootstrap: str,
-    redis_url: str,
-    blob_connection: str,
+    connections: Connections,
 ) -> AsyncIterator[Clinic]:
     """Both copies seeded, the data map written, a store database, a worker per region."""
     run = uuid.uuid4().hex[:8]
     workdir = tmp_path_factory.mktemp(f"clinic-{run}")
-    connections = Connections(
-        sql_url=sql_url,
-        kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
-        blob_connection=blob_connection,
-    )
     store_url, admin = _store_database(run)
     database = make_url(store_url).database
     subject_key = base64.b64decode(stack_variable("LETHE_SUBJECT_KEY"))
