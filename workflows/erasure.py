@@ -75,6 +75,16 @@ says it may end after it."""
 RETRY_FAILED_STEPS = "retry-failed-steps"
 """Patch: a request with `retry_of` re-runs only those steps, under the original approval and
 window."""
+PATCHES_FIRST = "patches-decided-first"
+"""Patch: every patch above is taken in the run's first activation, before any local activity.
+
+A patch first decided right after a local activity can replay differently from how it ran: when
+a query forces a workflow task to complete while a local activity is finishing, the activity's
+marker lands in that task and its result reaches the workflow in the next one; on replay the
+result comes back one task early, before the server's patch markers of the next task are known,
+so the patch reads as absent (a nondeterminism error; every `lethe status` right after a submit
+could cause it). A run that took this patch has no other marker; older runs still decide each
+patch where they did. A new patch is decided at the top of `run` too."""
 
 
 @workflow.defn
@@ -92,6 +102,7 @@ class ErasureWorkflow:
         self._recheck = False
         self._preflight_at: datetime | None = None
         self._subject_found = True
+        self._patches_first = False
 
     # --- signals and the query ------------------------------------------------------------
 
@@ -140,8 +151,9 @@ class ErasureWorkflow:
 
     @workflow.run
     async def run(self, start: ErasureStart) -> Certificate:
+        self._patches_first = workflow.patched(PATCHES_FIRST)
         request = start.request
-        retry = _retry(start)
+        retry = self._retry_of(start)
         self._status = ErasureStatus(
             request_id=start.request_id,
             subject_ref=start.subject_ref,
@@ -168,7 +180,7 @@ class ErasureWorkflow:
                 sa.DEADLINE.value_set(deadline),
             ]
         )
-        checked = workflow.patched(PREFLIGHT)
+        checked = self._patched(PREFLIGHT)
         if request.dry_run:
             # The same preflight an erasure runs, once, touching nothing.
             checks = await self._preflight(start, plan, plan.steps) if checked else []
@@ -213,7 +225,7 @@ class ErasureWorkflow:
         window_start = started_at if retry is None else retry.started_at
         window_ends_at = window_start + plan.window_length
         started: dict[str, str | int | float | bool | None] = {"window_days": plan.window_days}
-        if workflow.patched(WINDOW_BY_DEADLINE):
+        if self._patched(WINDOW_BY_DEADLINE):
             deadline = self.status().deadline
             window_ends_at = window_end(
                 window_start,
@@ -236,7 +248,7 @@ class ErasureWorkflow:
         window = (window_start, window_ends_at)
         await self._run_steps(start, plan, _in_phase(plan, "immediate"), window, "immediate")
 
-        if workflow.patched(SUBJECT_FOUND):
+        if self._patched(SUBJECT_FOUND):
             # Data that holds everyone (whole backups) is touched only for a subject that was
             # found somewhere, or was erased before: never for an id that exists nowhere.
             self._subject_found = any(o.affected > 0 for o in self._outcomes.values())
@@ -346,7 +358,7 @@ class ErasureWorkflow:
             for step in remaining:
                 if step.id in held:
                     self._update_step(step.id, status="held", holds=held[step.id])
-            if ready and label != "recheck" and workflow.patched(PREFLIGHT):
+            if ready and label != "recheck" and self._patched(PREFLIGHT):
                 # Time has passed since the last check (approval, holds, the window): check
                 # again what is about to be destroyed.
                 await self._until_ready(start, plan, replan=False, steps=ready)
@@ -409,7 +421,7 @@ class ErasureWorkflow:
                     "affected": outcome.affected,
                     "verified": outcome.verified,
                 }
-                if step.action == "shred" and workflow.patched(SHRED_EVIDENCE_IN_LEDGER):
+                if step.action == "shred" and self._patched(SHRED_EVIDENCE_IN_LEDGER):
                     # Key destruction leaves no trace in any data system: the hash-chained
                     # ledger keeps its proof (versions destroyed, when, the canary's fate).
                     details.update({f"evidence.{k}": v for k, v in outcome.evidence.items()})
@@ -434,7 +446,7 @@ class ErasureWorkflow:
             start_to_close_timeout=CONTROL_TIMEOUT,
             retry_policy=CONTROL_RETRY,
         )
-        retry = _retry(start)
+        retry = self._retry_of(start)
         return plan if retry is None else _retry_plan(plan, retry)
 
     async def _until_ready(
@@ -653,20 +665,24 @@ class ErasureWorkflow:
             self._set(state=state)
             workflow.upsert_search_attributes([sa.STATUS.value_set(state)])
 
+    def _patched(self, patch: str) -> bool:
+        """Whether this run takes `patch`: always if it decided its patches first (see
+        PATCHES_FIRST), else as recorded where older runs decided it."""
+        return self._patches_first or workflow.patched(patch)
+
+    def _retry_of(self, start: ErasureStart) -> RetryOf | None:
+        """What the request retries, if it is a retry."""
+        retry = start.request.retry_of
+        if retry is None or not self._patched(RETRY_FAILED_STEPS):
+            return None
+        return retry
+
     def _update_step(self, step_id: str, **changes: object) -> None:
         steps = [
             step.model_copy(update=changes) if step.step_id == step_id else step
             for step in self.status().steps
         ]
         self._set(steps=steps)
-
-
-def _retry(start: ErasureStart) -> RetryOf | None:
-    """What the request retries, if it is a retry."""
-    retry = start.request.retry_of
-    if retry is None or not workflow.patched(RETRY_FAILED_STEPS):
-        return None
-    return retry
 
 
 def _retry_plan(plan: Plan, retry: RetryOf) -> Plan:

@@ -45,7 +45,7 @@ from lethe.contracts import (
 from lethe.regions import task_queue
 from lethe.store import dispose_all, engine_for
 from policies.model import PACKS_DIR
-from workflows.erasure import ErasureWorkflow
+from workflows.erasure import PATCHES_FIRST, ErasureWorkflow
 from workflows.regional_erasure import RegionalErasureWorkflow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,7 +183,9 @@ async def _begin(
     )
 
 
-HISTORIES = Path(__file__).parent / "histories"
+HISTORIES = Path(__file__).parent / "histories" / "patches-first"
+"""Where LETHE_RECORD_HISTORIES=1 records: one folder per shape of the workflows. A versioned
+change records into a new folder and keeps the old ones, whose runs must still replay."""
 
 
 def _save(path: Path, workflow_id: str, history: WorkflowHistory) -> None:
@@ -191,14 +193,37 @@ def _save(path: Path, workflow_id: str, history: WorkflowHistory) -> None:
     path.write_text(json.dumps(recorded, indent=1))
 
 
+def markers(history: WorkflowHistory) -> list[tuple[str, str]]:
+    """Each marker of the history in order: (`core_patch`, patch id) or (name, "")."""
+    found = []
+    for event in history.events:
+        if not event.HasField("marker_recorded_event_attributes"):
+            continue
+        marker = event.marker_recorded_event_attributes
+        patch = ""
+        if marker.marker_name == "core_patch":
+            patch = json.loads(marker.details["patch-data"].payloads[0].data)["id"]
+        found.append((marker.marker_name, patch))
+    return found
+
+
+def assert_patches_decided_first(history: WorkflowHistory) -> None:
+    """The run decided its one patch before any local activity (see PATCHES_FIRST)."""
+    found = markers(history)
+    assert found[0] == ("core_patch", PATCHES_FIRST), found[:3]
+    assert [m for m in found if m[0] == "core_patch"] == [found[0]], found
+
+
 async def _finish(
     env: WorkflowEnvironment, handle: WorkflowHandle[ErasureWorkflow, Certificate], name: str
 ) -> Certificate:
-    """The certificate; with LETHE_RECORD_HISTORIES=1, also save the histories for replay tests."""
+    """The certificate, after checking how the run decided its patches; with
+    LETHE_RECORD_HISTORIES=1, also save the histories for replay tests."""
     certificate = await handle.result()
+    history = await handle.fetch_history()
+    assert_patches_decided_first(history)
     if os.environ.get("LETHE_RECORD_HISTORIES") == "1":
-        history = await handle.fetch_history()
-        HISTORIES.mkdir(exist_ok=True)
+        HISTORIES.mkdir(parents=True, exist_ok=True)
         _save(HISTORIES / f"{name}.json", handle.id, history)
         children = [
             e.child_workflow_execution_started_event_attributes.workflow_execution.workflow_id

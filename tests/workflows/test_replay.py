@@ -1,8 +1,10 @@
 """Replay: recorded histories of the erasure workflows replay without non-determinism errors.
 
-The histories under histories/ were recorded from tests/workflows/test_erasure.py with
-`LETHE_RECORD_HISTORIES=1`. A change to the workflows that would break runs already in flight
-fails here; record again only for a deliberate, versioned change (workflow.patched).
+The histories under histories/ were recorded from the erasure tests with
+`LETHE_RECORD_HISTORIES=1`, one folder per shape of the workflows (before-patches-first: runs
+that decided each patch where it applied; patches-first: runs that decide them all at once). A
+change to the workflows that would break runs already in flight fails here; record a new folder
+only for a deliberate, versioned change (workflow.patched), and keep the old ones.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from lethe import codec
 from workflows.erasure import ErasureWorkflow
 from workflows.regional_erasure import RegionalErasureWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+FOLDER = Path(__file__).parent / "histories"
+HISTORIES = sorted(FOLDER.rglob("*.json"))
 
 
 def test_histories_were_recorded() -> None:
-    assert len(HISTORIES) >= 8
+    assert {path.parent.name for path in HISTORIES} == {"before-patches-first", "patches-first"}
+    assert len(HISTORIES) >= 16
     assert any(".child" in path.name for path in HISTORIES)
 
 
@@ -31,7 +35,9 @@ def _load(path: Path) -> WorkflowHistory:
     return WorkflowHistory.from_json(recorded.pop("workflowId"), recorded)
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
+@pytest.mark.parametrize(
+    "path", HISTORIES, ids=[str(path.relative_to(FOLDER).with_suffix("")) for path in HISTORIES]
+)
 async def test_recorded_history_replays(path: Path, test_codec: codec.EncryptionCodec) -> None:
     replayer = Replayer(
         workflows=[ErasureWorkflow, RegionalErasureWorkflow],
