@@ -36,9 +36,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal
 
 from temporalio import activity
@@ -256,6 +257,25 @@ class Journal:
 async def _confirmed(nonce: str) -> bool:
     """Wait until the Temporal server holds the heartbeat with `nonce` for this attempt of the
     activity; False when it does not within CONFIRM_SECONDS (or cannot be asked)."""
+
+    def carries_nonce(details: Sequence[Any]) -> bool:
+        for detail in details:
+            record = detail.get(RECORD) if isinstance(detail, Mapping) else None
+            if isinstance(record, Mapping) and record.get("nonce") == nonce:
+                return True
+        return False
+
+    return await heartbeat_held(carries_nonce, CONFIRM_SECONDS)
+
+
+async def heartbeat_held(matches: Callable[[Sequence[Any]], bool], seconds: float) -> bool:
+    """Wait until the Temporal server holds a heartbeat of this attempt of the activity whose
+    details `matches`, asking it (describing the workflow: the pending activity's details);
+    heartbeats go out asynchronously, so an effect that a retry must know of asks first.
+    False outside a workflow's activity, when asking fails, or after `seconds`: the effect
+    goes ahead anyway, and the retry then says what it could not know."""
+    if not activity.in_activity():
+        return False
     info = activity.info()
     try:
         client = activity.client()
@@ -264,23 +284,25 @@ async def _confirmed(nonce: str) -> bool:
     if info.workflow_id is None:  # not a workflow's activity: no one to ask
         return False
     handle = client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
-    deadline, pause = time.monotonic() + CONFIRM_SECONDS, 0.01
+    deadline, pause = time.monotonic() + seconds, 0.01
     while True:
         try:
-            described = await handle.describe()
+            described = await handle.describe(rpc_timeout=timedelta(seconds=seconds))
             for pending in described.raw_description.pending_activities:
-                if pending.activity_id != info.activity_id or pending.attempt != info.attempt:
+                payloads = list(pending.heartbeat_details.payloads)
+                if (
+                    pending.activity_id != info.activity_id
+                    or pending.attempt != info.attempt
+                    or not payloads
+                ):
                     continue
-                details = await client.data_converter.decode(pending.heartbeat_details.payloads)
-                for detail in details:
-                    record = detail.get(RECORD) if isinstance(detail, Mapping) else None
-                    if isinstance(record, Mapping) and record.get("nonce") == nonce:
-                        return True
+                if matches(await client.data_converter.decode(payloads)):
+                    return True
         except Exception:  # asking is a courtesy: the effect goes ahead anyway
-            activity.logger.warning("could not confirm the heartbeat of the plan", exc_info=True)
+            activity.logger.warning("could not confirm the heartbeat", exc_info=True)
             return False
         if time.monotonic() + pause > deadline:
-            activity.logger.warning("the heartbeat of the plan did not reach the server in time")
+            activity.logger.warning("the heartbeat did not reach the server in time")
             return False
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.2)

@@ -45,7 +45,6 @@ the detail says the earlier count is not known.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -104,6 +103,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.types import NullType
 from temporalio import activity
 
+from activities.attempts import heartbeat_held
 from activities.common import (
     SchemaMismatch,
     connector_activities,
@@ -907,41 +907,14 @@ def _heartbeat(counted: _Counted) -> None:
 
 
 async def _confirmed(counted: _Counted) -> bool:
-    """Whether Temporal holds `counted` as this attempt's heartbeat, asking it (describing the
-    workflow: the pending activity's details) until it does or COUNT_CONFIRM_SECONDS pass.
-    Heartbeats go out asynchronously; erase asks before it commits, so that a retry after a
-    lost worker finds the count. False without a client (tests), when the description fails, or
-    in time: the commit goes ahead, and a retry then says the count is not known."""
-    if not activity.in_activity():
-        return False
-    info = activity.info()
-    try:
-        client = activity.client()
-    except RuntimeError:
-        return False
-    if info.workflow_id is None:
-        return False
-    handle = client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
+    """Whether Temporal holds `counted` as this attempt's last heartbeat, within
+    COUNT_CONFIRM_SECONDS: erase asks before it commits, so that a retry after a lost worker
+    finds the count; when it does not, the commit goes ahead and a retry says the count is not
+    known."""
     wanted = counted.model_dump()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + COUNT_CONFIRM_SECONDS
-    pause = 0.005
-    while True:
-        try:
-            described = await handle.describe(rpc_timeout=timedelta(seconds=COUNT_CONFIRM_SECONDS))
-            for pending in described.raw_description.pending_activities:
-                payloads = list(pending.heartbeat_details.payloads)
-                if pending.activity_id != info.activity_id or not payloads:
-                    continue
-                details = await client.data_converter.decode(payloads)
-                if details and details[-1] == wanted:
-                    return True
-        except Exception:  # best-effort evidence: it never stops the erasure
-            return False
-        if loop.time() + pause > deadline:
-            return False
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, 0.25)
+    return await heartbeat_held(
+        lambda details: bool(details) and details[-1] == wanted, COUNT_CONFIRM_SECONDS
+    )
 
 
 def _earlier_count(request: StepRequest) -> _Counted | None:
