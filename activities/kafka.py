@@ -13,13 +13,23 @@ where an earlier attempt's heartbeat says it was about to produce. A retry after
 the delivery and the activity's completion finds the first tombstone and reports it as its
 evidence (`tombstone_reused`) instead of writing a second one.
 
-Preflight checks, touching nothing, that the cluster answers, the topic exists, the key template
-fills from the request, and (where the broker reports it) that this worker may write the topic.
+A topic keyed by something else, with the subject in a field of its JSON values
+(`value_field`), is read whole (`activities.kafka_scan`); each key whose latest record is the
+subject's gets a tombstone on that key's partition, with the same headers. A retry's scan sees
+the first attempt's tombstones as those keys' latest records and reuses them. Verify reads the
+topic again: no key's latest record may still be the subject's. A topic that cannot be edited per
+subject (`removal: retention`) gets nothing written: its steps (`expire`) give the date by which
+the topic's retention has removed every record older than the erasure.
+
+Preflight checks, touching nothing, that the cluster answers, the topic exists, the key or value
+template fills from the request, that a topic edited by value is compacted, and (where the
+broker reports it) that this worker may write the topic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +62,7 @@ from activities.common import (
     retained_outcome,
     verdict,
 )
+from activities.kafka_scan import Match, ScanResult, TopicScan
 from classification.datamap import KafkaTopicLocator, MissingIdentity, render
 from lethe.contracts import Evidence, StepOutcome, StepRequest, StepStatus
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
@@ -343,8 +354,44 @@ def _locator(request: StepRequest) -> KafkaTopicLocator:
 
 def _key(request: StepRequest) -> tuple[str, bytes]:
     locator = _locator(request)
+    if locator.key_template is None:
+        raise ConfigurationError(f"step {request.step.id!r}: the topic is not keyed by subject")
     values = request.subject.template_values(request.subject_ref)
     return locator.topic, render(locator.key_template, values).encode()
+
+
+def _match(request: StepRequest) -> Match:
+    """How the scan of a topic keyed by something else knows the subject's records."""
+    locator = _locator(request)
+    if locator.value_field is None:
+        raise ConfigurationError(f"step {request.step.id!r}: the topic has no value_field")
+    values = request.subject.template_values(request.subject_ref)
+    return Match(
+        value_field=locator.value_field,
+        value=render(locator.value_template, values),
+        tenant_field=locator.tenant_field,
+        tenant=request.subject.tenant,
+    )
+
+
+def _not_compacted(where: str, settings: Mapping[str, str]) -> str:
+    policy = settings.get("cleanup.policy", KAFKA_DEFAULTS["cleanup.policy"])
+    return (
+        f"{where} has cleanup.policy={policy}: a tombstone removes nothing from a topic that is "
+        "not compacted, so it cannot be edited per subject; map it with removal: retention"
+    )
+
+
+def _expiry(settings: Mapping[str, str], erasure_started_at: datetime) -> Removal:
+    """By when retention has removed every record older than the erasure, if it ever does."""
+    if "delete" not in _policies(settings):
+        policy = settings.get("cleanup.policy", KAFKA_DEFAULTS["cleanup.policy"])
+        return Removal(
+            None,
+            f"cleanup.policy={policy} deletes nothing by age, so retention never removes the "
+            "subject's records; set cleanup.policy=delete with a retention.ms",
+        )
+    return retention_bound(settings, erasure_started_at)
 
 
 def _marks(request: StepRequest) -> list[tuple[str, bytes]]:
@@ -511,6 +558,11 @@ class TombstoneWriter:
         step = request.step
         if step.action == "retain":
             return retained_outcome(request)
+        locator = _locator(request)
+        if locator.removal == "retention":
+            return await self._expire(request)
+        if locator.value_field is not None:
+            return await self._erase_by_value(request)
         topic, key = _key(request)
         # Reading the settings first also proves the topic exists, so a wrong name in the data
         # map cannot make the broker auto-create a topic when the tombstone is produced.
@@ -554,13 +606,17 @@ class TombstoneWriter:
         step = request.step
         if step.action == "retain":
             return []
-        topic = _locator(request).topic
+        locator = _locator(request)
+        topic = locator.topic
         where = f"Kafka topic {topic!r} of system {step.system!r}"
         problems: list[str] = []
         try:
-            _key(request)
+            if locator.key_template is not None:
+                _key(request)
+            elif locator.value_field is not None:
+                _match(request)
         except MissingIdentity as exc:  # it names the placeholder, not a value
-            problems.append(f"the key template of {where} cannot be filled: {exc}")
+            problems.append(f"the key or value template of {where} cannot be filled: {exc}")
         try:
             described = await self._topic(topic, PREFLIGHT_TIMEOUT_SECONDS, authorized=True)
         except KafkaException as exc:
@@ -582,6 +638,10 @@ class TombstoneWriter:
                     problems.append(
                         f"{where}: this worker may not {what} ({operation.name} is not granted)"
                     )
+        if locator.value_field is not None:
+            settings = await self._settings(request, topic)
+            if "compact" not in _policies(settings):
+                problems.append(_not_compacted(where, settings))
         return problems
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
@@ -589,6 +649,11 @@ class TombstoneWriter:
         step = request.step
         if step.action == "retain":
             return retained_outcome(request)
+        locator = _locator(request)
+        if locator.removal == "retention":
+            return await self._verify_expiry(request, erased)
+        if locator.value_field is not None:
+            return await self._verify_by_value(request, erased)
         topic, key = _key(request)
         partition = erased.evidence.get("partition")
         offset = erased.evidence.get("offset")
@@ -641,6 +706,178 @@ class TombstoneWriter:
             detail=detail,
             gone_by=gone_by,
         )
+
+    async def _expire(self, request: StepRequest) -> StepOutcome:
+        """Nothing written: when the topic's retention has removed what predates the erasure."""
+        topic = _locator(request).topic
+        settings = await self._settings(request, topic)
+        removal = _expiry(settings, _utc(request.erasure_started_at))
+        return StepOutcome(
+            step_id=request.step.id,
+            status="running",
+            evidence={"topic": topic, "written": 0, **_settings_evidence(settings)},
+            detail=f"nothing written (the topic cannot be edited per subject); {removal.reason}",
+            gone_by=removal.gone_by,
+        )
+
+    async def _verify_expiry(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
+        """The topic's settings now (they may have changed) against the erasure window."""
+        topic = _locator(request).topic
+        settings = await self._settings(request, topic)
+        removal = _expiry(settings, _utc(request.erasure_started_at))
+        status, gone_by, detail = removal_status(
+            removal, _utc(request.window_ends_at), datetime.now(UTC)
+        )
+        return StepOutcome(
+            step_id=request.step.id,
+            status=status,
+            verified=True,
+            evidence={**erased.evidence, **_settings_evidence(settings)},
+            detail=f"removal by the topic's retention: {detail}",
+            gone_by=gone_by,
+        )
+
+    async def _erase_by_value(self, request: StepRequest) -> StepOutcome:
+        """A tombstone for each key whose latest record is the subject's (read from the topic)."""
+        topic = _locator(request).topic
+        settings = await self._settings(request, topic)
+        if "compact" not in _policies(settings):
+            where = f"Kafka topic {topic!r} of system {request.step.system!r}"
+            raise SchemaMismatch(_not_compacted(where, settings))
+        scan = await self._scan(request, topic)
+        written = []
+        for key, latest in sorted(scan.to_tombstone().items(), key=lambda item: item[1].offset):
+            # On the partition of the key's records, wherever a producer's partitioner put them.
+            written.append(
+                await asyncio.to_thread(
+                    self._produce_tombstone, topic, key, latest.partition, _marks(request)
+                )
+            )
+        reused = scan.tombstoned_before()
+        stones = sorted(
+            [(d.partition, d.offset, d.timestamp_ms) for d in written]
+            + [(r.partition, r.offset, r.timestamp_ms) for r in reused]
+        )
+        last_ms = max((stamp for _, _, stamp in stones), default=int(time.time() * 1000))
+        removal = removal_deadline(settings, _from_ms(last_ms))
+        found = bool(stones) or scan.superseded() > 0
+        return StepOutcome(
+            step_id=request.step.id,
+            status="running",
+            affected=len(stones),
+            evidence={
+                "topic": topic,
+                "tombstones": json.dumps([[p, o] for p, o, _ in stones]),
+                "tombstone_time_ms": last_ms,
+                "keys_tombstoned": len(written),
+                "keys_reused": len(reused),
+                "keys_superseded": scan.superseded(),
+                "records_read": scan.records,
+                "records_unreadable": scan.unreadable,
+                **_settings_evidence(settings),
+            },
+            detail=(
+                f"{len(written)} tombstone(s) written, {len(reused)} of an earlier attempt found, "
+                f"{scan.superseded()} key(s) no longer the subject's; {removal.reason}"
+                if found
+                else "no record of the subject in the topic"
+            ),
+            gone_by=removal.gone_by if found else None,
+        )
+
+    async def _verify_by_value(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
+        """Read the topic again: no key's latest record is the subject's; then the deadline."""
+        topic = _locator(request).topic
+        settings = await self._settings(request, topic)
+        scan = await self._scan(request, topic)
+        still = scan.still_the_subjects()
+        evidence: Evidence = {
+            **erased.evidence,
+            **_settings_evidence(settings),
+            "keys_still_the_subjects": len(still),
+            "records_unreadable": scan.unreadable,
+        }
+        if still:
+            return verdict(
+                erased,
+                evidence,
+                [
+                    f"{len(still)} key(s) of topic {topic!r} still have a record of the subject "
+                    "as their latest (written after the erasure began?)"
+                ],
+            )
+        if scan.unreadable:
+            return StepOutcome(
+                step_id=erased.step_id,
+                status="at_risk",
+                affected=erased.affected,
+                verified=True,
+                evidence=evidence,
+                detail=(
+                    f"{scan.unreadable} record(s) of topic {topic!r} are not JSON objects: "
+                    "nobody can tell whether they are the subject's"
+                ),
+            )
+        if not erased.affected and not erased.evidence.get("keys_superseded"):
+            return verdict(erased, evidence, [], "no record of the subject in the topic")
+        tombstone_ms = erased.evidence.get("tombstone_time_ms")
+        if not isinstance(tombstone_ms, int):
+            return verdict(erased, evidence, ["the erase outcome records no tombstone time"])
+        removal = removal_deadline(settings, _from_ms(tombstone_ms))
+        now = datetime.now(UTC)
+        rolled_at: datetime | None = None
+        if removal.by_compaction and removal.gone_by is not None and removal.gone_by <= now:
+            rolled_at = await self._all_rolled(topic, erased, tombstone_ms, settings)
+            evidence["segment_rolled"] = rolled_at is not None
+        status, gone_by, detail = removal_status(
+            removal, _utc(request.window_ends_at), now, rolled_at
+        )
+        return StepOutcome(
+            step_id=erased.step_id,
+            status=status,
+            affected=erased.affected,
+            verified=True,
+            evidence=evidence,
+            detail=detail,
+            gone_by=gone_by,
+        )
+
+    async def _all_rolled(
+        self, topic: str, erased: StepOutcome, tombstone_ms: int, settings: Mapping[str, str]
+    ) -> datetime | None:
+        """When every partition with a tombstone has rolled its segment (None if one has not)."""
+        recorded = erased.evidence.get("tombstones")
+        pairs = json.loads(recorded) if isinstance(recorded, str) else []
+        due_ms = tombstone_ms + _setting(settings, "segment.ms")
+        moments = [
+            await self._first_record_since(topic, partition, due_ms)
+            for partition in sorted({int(pair[0]) for pair in pairs})
+        ]
+        if not moments or any(moment is None for moment in moments):
+            return None
+        return max(moment for moment in moments if moment is not None)
+
+    async def _scan(self, request: StepRequest, topic: str) -> ScanResult:
+        """The whole topic read for the subject's records, heartbeating between slices."""
+        count = await self._partition_count(request, topic)
+        scan = await self._in_thread(
+            TopicScan,
+            self._bootstrap,
+            topic,
+            count,
+            _match(request),
+            _marks(request),
+            TIMEOUT_SECONDS,
+        )
+        try:
+            await self._in_thread(scan.start)
+            while not scan.finished:
+                await self._in_thread(scan.read, SEARCH_SLICE_SECONDS)
+                if activity.in_activity():
+                    activity.heartbeat({"topic": topic, "records_read": scan.result.records})
+            return scan.result
+        finally:
+            await asyncio.to_thread(scan.close)
 
     async def _settings(self, request: StepRequest, topic: str) -> dict[str, str]:
         """The topic's settings and the broker's, or SchemaMismatch if the topic is missing."""

@@ -73,6 +73,7 @@ class Planner:
             if not request.systems or system.name in request.systems
             for step in self._steps(system, held)
         ]
+        steps = _shredded_topics(steps, held, subject.tenant)
         if not steps and request.systems:
             raise PlanningFailed(
                 f"none of the systems {', '.join(request.systems)} holds subjects of tenant "
@@ -174,8 +175,9 @@ class Planner:
             ):
                 continue
             decisions = [decide(self.pack, key, region) for key in locator.categories]
+            removal = locator.removal if isinstance(locator, KafkaTopicLocator) else None
             action, used = locator_action(
-                system.kind, None, decisions, where=f"{system.name}/{index}"
+                system.kind, None, decisions, where=f"{system.name}/{index}", removal=removal
             )
             steps.append(step(index, locator=locator, action=action, decisions=used))
         return steps
@@ -193,6 +195,36 @@ class Planner:
                         f"step {step.id} needs {', '.join('{' + m + '}' for m in missing)}: "
                         "give it with --identity NAME=VALUE"
                     )
+
+
+def _shredded_topics(steps: list[Step], held: set[str], tenant: str) -> list[Step]:
+    """Topics erased by crypto-shredding become part of their keys system's shred step, which
+    lists them: destroying the subject's keys is what erases them, so no Kafka step runs."""
+    covered: dict[str, list[str]] = {}
+    rest: list[Step] = []
+    for step in steps:
+        locator = step.locator
+        if isinstance(locator, KafkaTopicLocator) and step.action == "shred":
+            assert locator.shredded_by is not None  # the data map requires it
+            covered.setdefault(locator.shredded_by, []).append(
+                f"{step.id}: Kafka topic {locator.topic!r}, encrypted under the subject's keys"
+            )
+        else:
+            rest.append(step)
+    for keys, what in covered.items():
+        at = next((i for i, step in enumerate(rest) if step.system == keys), None)
+        if at is None:
+            why = (
+                "which this request leaves out (--system)"
+                if keys in held
+                else f"which holds no keys of tenant {tenant!r}"
+            )
+            raise PlanningFailed(
+                f"{what[0].split(':')[0]} is erased by crypto-shredding in keys system {keys}, "
+                f"{why}: nothing would erase it"
+            )
+        rest[at] = rest[at].model_copy(update={"covers": [*rest[at].covers, *what]})
+    return rest
 
 
 def _locators(
@@ -216,6 +248,8 @@ def _templates(step: Step) -> list[str]:
         value = getattr(locator, name, None)
         if isinstance(value, str):
             found.append(value)
+    if isinstance(locator, KafkaTopicLocator) and locator.value_field is not None:
+        found.append(locator.value_template)
     found += list(getattr(locator, "patterns", []))
     found += [h.field for h in getattr(locator, "hash_fields", [])]
     found += [h.key for h in getattr(locator, "hash_fields", [])]

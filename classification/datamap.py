@@ -148,14 +148,61 @@ class SqlSystem(SystemBase):
     tables: list[SqlTableLocator] = Field(min_length=1)
 
 
+JSON_PATH = r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$"
+"""A field of a JSON value, dotted for nested objects: `member.id`."""
+TopicRemoval = Literal["retention", "crypto_shred"]
+
+
 class KafkaTopicLocator(MapModel):
-    """A topic keyed by subject: erasure writes a tombstone for the rendered key."""
+    """A topic with the subject's records, found in exactly one of these ways.
+
+    - `key_template`: records keyed by the subject; erasure tombstones the rendered key.
+    - `value_field` (with `value_template`, `{subject_id}` by default): records keyed by
+      something else (a claim id) with the subject in a field of the JSON value; erasure reads
+      the topic and tombstones each key whose latest record is the subject's. The topic must be
+      compacted, or a tombstone removes nothing.
+    - `removal: retention`: a topic that cannot be edited per subject; nothing is written, and
+      the plan and the certificate give the date by which retention has removed every record
+      older than the erasure (or say that it never does).
+    - `removal: crypto_shred` with `shredded_by` (a keys system): the records are encrypted
+      under the subjects' keys (`lethe.keys`); that system's shred step erases them.
+    """
 
     topic: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")
-    key_template: str
+    key_template: str | None = None
+    value_field: str | None = Field(default=None, pattern=JSON_PATH)
+    value_template: str = "{subject_id}"
+    tenant_field: str | None = Field(default=None, pattern=JSON_PATH)
+    """With `value_field`: the field holding the tenant, for a topic of several tenants."""
+    removal: TopicRemoval | None = None
+    shredded_by: str | None = None
     categories: list[CategoryKey] = Field(min_length=1)
 
-    _template = field_validator("key_template")(_checked_template)
+    _template = field_validator("key_template")(
+        lambda value: None if value is None else _checked_template(value)
+    )
+    _value_template = field_validator("value_template")(_checked_template)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> KafkaTopicLocator:
+        ways = [self.key_template, self.value_field, self.removal]
+        if sum(way is not None for way in ways) != 1:
+            raise ValueError(
+                "give one of key_template, value_field or removal (how the subject's records "
+                "are found, or why they cannot be)"
+            )
+        if self.removal == "crypto_shred" and self.shredded_by is None:
+            raise ValueError("removal: crypto_shred needs shredded_by, the keys system")
+        if self.removal != "crypto_shred" and self.shredded_by is not None:
+            raise ValueError("shredded_by only goes with removal: crypto_shred")
+        if self.value_field is None and self.tenant_field is not None:
+            raise ValueError("tenant_field only goes with value_field")
+        return self
+
+    @property
+    def per_subject(self) -> bool:
+        """Whether erasure edits the topic for the subject (a tombstone per key)."""
+        return self.removal is None
 
 
 class KafkaSystem(SystemBase):
@@ -342,7 +389,19 @@ class DataMap(MapModel):
             if isinstance(system, BlobSystem):
                 for index, backup in enumerate(system.backups):
                     self._check_backup_of(system.name, index, backup)
+            if isinstance(system, KafkaSystem):
+                for index, topic in enumerate(system.topics):
+                    self._check_shredded_by(system.name, index, topic)
         return self
+
+    def _check_shredded_by(self, system: str, index: int, topic: KafkaTopicLocator) -> None:
+        if topic.shredded_by is None:
+            return
+        if topic.shredded_by not in {s.name for s in self.systems if s.kind == "keys"}:
+            raise ValueError(
+                f"system {system!r} topics[{index}]: shredded_by names {topic.shredded_by!r}, "
+                "which is not a keys system of the data map"
+            )
 
     def _check_backup_of(self, system: str, index: int, backup: BlobBackupLocator) -> None:
         if backup.whole_backup_prefix is None:
@@ -407,8 +466,15 @@ def _check_tenant_scoped(system: System, holders: list[str]) -> None:
                 refuse(f"table {table.table!r}", "give it a tenant_column")
     elif isinstance(system, KafkaSystem):
         for topic in system.topics:
-            if not scoped(topic.key_template):
+            if topic.key_template is not None and not scoped(topic.key_template):
                 refuse(f"the key template of topic {topic.topic!r}", template_fix)
+            if topic.value_field is not None and not (
+                topic.tenant_field is not None or scoped(topic.value_template)
+            ):
+                refuse(
+                    f"the value field of topic {topic.topic!r}",
+                    "give it a tenant_field, or put {tenant} or {subject_ref} in value_template",
+                )
     elif isinstance(system, RedisSystem):
         for index, locator in enumerate(system.keys):
             for pattern in locator.patterns:

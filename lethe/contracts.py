@@ -53,8 +53,10 @@ Action = Literal[
     "redact",
     "retain",
     "shred",
+    "expire",
 ]
-"""What a step does to the subject's data in one locator."""
+"""What a step does to the subject's data in one locator (`expire`: nothing; the topic's
+retention removes it by a date the step gives)."""
 Phase = Literal["immediate", "deferred"]
 StepStatus = Literal[
     "planned", "held", "running", "done", "pending_compaction", "at_risk", "retained", "failed"
@@ -147,6 +149,9 @@ class Step(Contract):
     keep_columns: list[str] = []
     """SQL: personal columns a `retain` decision keeps while the rest are cleared."""
     decisions: list[Decision]
+    covers: list[str] = []
+    """A keys system's shred step: the locators it erases by destroying the keys (topics
+    mapped `removal: crypto_shred`), each as `<step id>: <what>`."""
 
 
 class StepRequest(Contract):

@@ -7,7 +7,7 @@ specific category wins. Every decision names the rule that made it.
 
 from __future__ import annotations
 
-from classification.datamap import SqlTableLocator, Strategy, SystemKind
+from classification.datamap import SqlTableLocator, Strategy, SystemKind, TopicRemoval
 from classification.taxonomy import matches, specificity
 from lethe.contracts import Action, Decision
 from lethe.errors import LetheError
@@ -24,6 +24,7 @@ _KEEPS_MORE: dict[str, int] = {
     "anonymize": 3,
     "shred": 2,
     "tombstone": 1,
+    "expire": 1,
     "purge": 1,
     "delete": 0,
 }
@@ -146,12 +147,14 @@ def locator_action(
     strategy_override: Strategy | None,
     decisions: list[Decision],
     where: str = "the locator",
+    removal: TopicRemoval | None = None,
 ) -> tuple[Action, list[Decision]]:
     """Action and decisions for a non-SQL locator: any `retain` keeps it whole.
 
     A `keys` system is shredded whatever erasing strategy its categories get (destroying the
-    keys erases every encrypted copy); `shred` anywhere else is a PolicyConflict (`where`, e.g.
-    the step id `events/0`, names the locator).
+    keys erases every encrypted copy), and so is a topic whose `removal` is `crypto_shred`
+    (encrypted under those keys); `shred` anywhere else is a PolicyConflict (`where`, e.g. the
+    step id `events/0`, names the locator). A topic left to its retention is `expire`.
     """
     if strategy_override is not None:
         decisions = _override(strategy_override, decisions)
@@ -160,11 +163,11 @@ def locator_action(
     if strongest.strategy == "retain":
         # For a keys system too: the keys stay while any data under them must be kept.
         return "retain", unique
-    if kind == "keys":
+    if kind == "keys" or removal == "crypto_shred":
         return "shred", unique
     _refuse_shred(where, decisions)
     if kind == "kafka":
-        return "tombstone", unique
+        return ("expire" if removal == "retention" else "tombstone"), unique
     if kind == "redis":
         return "purge", unique
     if kind == "logs":

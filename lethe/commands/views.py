@@ -40,6 +40,8 @@ def plan_table(plan: Plan) -> Table:
             action = step.action + (
                 f" keep {','.join(step.keep_columns)}" if step.keep_columns else ""
             )
+            if step.covers:
+                action += "".join(f"\n  and {covered}" for covered in step.covers)
             table.add_row(region.region, step.id, step.kind, action, step.phase, basis)
     citations = {d.rule: d.exception or d.citation for s in plan.steps for d in s.decisions}
     table.caption = "; ".join(f"{rule}: {why}" for rule, why in sorted(citations.items()))

@@ -1,0 +1,218 @@
+"""Reading a whole topic for the keys whose latest record holds the subject in a value field.
+
+For topics keyed by something other than the subject (a claim id, with the member inside the
+JSON value). The scan reads every partition from its start to where it ended when the scan
+began, and keeps, per key, only where its latest record is and whether that record is the
+subject's, or a tombstone this request's step wrote. Values are parsed and compared in memory,
+never kept or shown; keys stay inside the connector.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, TopicPartition
+
+from lethe.errors import ServiceUnavailable
+
+READ_BATCH = 500
+"""How many records the scan takes from the consumer at a time."""
+
+
+@dataclass(frozen=True)
+class Latest:
+    """Where a key's latest record is, and whose it is."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    subjects: bool
+    """The record holds the subject in the value field (and their tenant, if mapped)."""
+    ours: bool
+    """A tombstone with this request's and step's headers."""
+
+
+@dataclass
+class ScanResult:
+    """What the scan found, per key and in all."""
+
+    latest: dict[bytes, Latest] = field(default_factory=dict)
+    ever: set[bytes] = field(default_factory=set)
+    """Keys with a record of the subject anywhere in the log."""
+    records: int = 0
+    unreadable: int = 0
+    """Records whose value is not a JSON object: nobody can tell whose they are."""
+
+    def still_the_subjects(self) -> list[Latest]:
+        """The keys whose latest record is the subject's."""
+        return [latest for latest in self.latest.values() if latest.subjects]
+
+    def to_tombstone(self) -> dict[bytes, Latest]:
+        """The keys that need a tombstone now."""
+        return {key: latest for key, latest in self.latest.items() if latest.subjects}
+
+    def tombstoned_before(self) -> list[Latest]:
+        """Keys of the subject's records whose latest record is this step's tombstone."""
+        return [latest for key, latest in self.latest.items() if latest.ours and key in self.ever]
+
+    def superseded(self) -> int:
+        """Keys that held the subject's records but whose latest record is someone else's:
+        compaction removes the subject's older records, and nothing is written for them."""
+        return sum(
+            1
+            for key, latest in self.latest.items()
+            if key in self.ever and not latest.subjects and not latest.ours
+        )
+
+
+def field_value(value: object, path: str) -> object:
+    """The value at a dotted path of a JSON object (None where the path ends early)."""
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _same(found: object, wanted: str) -> bool:
+    """A JSON scalar equal to the rendered value (numbers compare by their text)."""
+    if isinstance(found, bool) or not isinstance(found, str | int):
+        return False
+    return str(found) == wanted
+
+
+@dataclass(frozen=True)
+class Match:
+    """How a record is the subject's: `value_field` holds `value` (and `tenant_field`, if
+    given, holds `tenant`)."""
+
+    value_field: str
+    value: str
+    tenant_field: str | None = None
+    tenant: str = ""
+
+    def holds(self, document: object) -> bool:
+        """Whether a parsed value is the subject's record."""
+        if not _same(field_value(document, self.value_field), self.value):
+            return False
+        return self.tenant_field is None or _same(
+            field_value(document, self.tenant_field), self.tenant
+        )
+
+
+class TopicScan:
+    """Reads a topic from each partition's start to its end when the scan began (blocking:
+    runs in a thread, a slice at a time, so the activity can heartbeat in between)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        partitions: int,
+        match: Match,
+        marks: Sequence[tuple[str, bytes]],
+        timeout: float,
+    ) -> None:
+        self._bootstrap, self._topic, self._match = bootstrap, topic, match
+        self._marks, self._timeout = list(marks), timeout
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "lethe-scan",  # the client wants one; assign() joins no group
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": True,
+            }
+        )
+        self._ends: dict[int, int] = {}
+        self._partitions = partitions
+        self.result = ScanResult()
+
+    @property
+    def finished(self) -> bool:
+        """Every partition has been read up to its end."""
+        return not self._ends
+
+    def start(self) -> None:
+        """Bound the scan: each partition from its start to its end now."""
+        places = []
+        for partition in range(self._partitions):
+            place = TopicPartition(self._topic, partition)
+            low, high = self._consumer.get_watermark_offsets(place, timeout=self._timeout)
+            if high > low:
+                self._ends[partition] = high
+                places.append(TopicPartition(self._topic, partition, low))
+        if places:
+            self._consumer.assign(places)
+
+    def read(self, seconds: float) -> None:
+        """Read on for up to `seconds`, or to the end."""
+        now = time.monotonic()
+        stop, idle_until = now + seconds, now + self._timeout
+        while not self.finished and time.monotonic() < stop:
+            messages = self._consumer.consume(READ_BATCH, timeout=0.5)
+            if not messages:
+                if time.monotonic() > idle_until:
+                    raise ServiceUnavailable(
+                        f"Kafka at {self._bootstrap}: no record read in time while reading "
+                        f"topic {self._topic!r}"
+                    )
+                continue
+            idle_until = time.monotonic() + self._timeout
+            for message in messages:
+                self._take(message)
+
+    def _take(self, message: Message) -> None:
+        partition, offset = message.partition(), message.offset()
+        if partition is None or offset is None or partition not in self._ends:
+            return
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                self._done(partition)
+            return
+        if offset >= self._ends[partition]:
+            self._done(partition)
+            return
+        self._note(partition, offset, message)
+        if offset + 1 >= self._ends[partition]:
+            self._done(partition)
+
+    def _done(self, partition: int) -> None:
+        self._ends.pop(partition, None)
+        if self._ends:
+            self._consumer.incremental_unassign([TopicPartition(self._topic, partition)])
+
+    def _note(self, partition: int, offset: int, message: Message) -> None:
+        result = self.result
+        result.records += 1
+        key, value = message.key(), message.value()
+        if key is None:
+            return
+        kind, stamp = message.timestamp()
+        if kind == TIMESTAMP_NOT_AVAILABLE:
+            stamp = int(time.time() * 1000)
+        subjects = ours = False
+        if value is None:
+            headers = message.headers() or []
+            pairs = list(headers.items()) if isinstance(headers, dict) else headers
+            ours = all(mark in pairs for mark in self._marks)
+        else:
+            try:
+                document = json.loads(value)
+            except ValueError:
+                document = None
+            if not isinstance(document, dict):
+                result.unreadable += 1
+            subjects = self._match.holds(document)
+        if subjects:
+            result.ever.add(key)
+        result.latest[key] = Latest(partition, offset, stamp, subjects, ours)
+
+    def close(self) -> None:
+        """Close the consumer."""
+        self._consumer.close()
