@@ -39,7 +39,6 @@ from typing import Any, NamedTuple, TypeVar
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
-    Consumer,
     KafkaError,
     KafkaException,
     Message,
@@ -62,7 +61,7 @@ from activities.common import (
     retained_outcome,
     verdict,
 )
-from activities.kafka_scan import Match, ScanResult, TopicScan
+from activities.kafka_scan import Match, ScanResult, TopicScan, reader
 from classification.datamap import KafkaTopicLocator, MissingIdentity, render
 from lethe.contracts import Evidence, StepOutcome, StepRequest, StepStatus
 from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
@@ -445,16 +444,7 @@ class _TombstoneSearch:
     ) -> None:
         self._bootstrap, self._topic, self._partition, self._key = bootstrap, topic, partition, key
         self._marks = list(marks)
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": "lethe-erase",  # the client wants one; assign() joins no group
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": True,
-            }
-        )
+        self._consumer = reader(bootstrap, "lethe-erase", partition_eof=True)
         self.next = 0
         """The first offset not read yet: nothing of the step's before it."""
         self.end = 0
@@ -687,25 +677,7 @@ class TombstoneWriter:
             )
         # A tombstone no longer in the log was itself removed by compaction or retention: fine.
         evidence["tombstone_present"] = read.offset == offset
-        removal = removal_deadline(settings, _from_ms(tombstone_ms))
-        now = datetime.now(UTC)
-        rolled_at: datetime | None = None
-        if removal.by_compaction and removal.gone_by is not None and removal.gone_by <= now:
-            due_ms = tombstone_ms + _setting(settings, "segment.ms")
-            rolled_at = await self._first_record_since(topic, partition, due_ms)
-            evidence["segment_rolled"] = rolled_at is not None
-        status, gone_by, detail = removal_status(
-            removal, _utc(request.window_ends_at), now, rolled_at
-        )
-        return StepOutcome(
-            step_id=step.id,
-            status=status,
-            affected=erased.affected,
-            verified=True,
-            evidence=evidence,
-            detail=detail,
-            gone_by=gone_by,
-        )
+        return await self._judged(request, erased, evidence, settings, tombstone_ms, [partition])
 
     async def _expire(self, request: StepRequest) -> StepOutcome:
         """Nothing written: when the topic's retention has removed what predates the erasure."""
@@ -821,13 +793,29 @@ class TombstoneWriter:
         if not erased.affected and not erased.evidence.get("keys_superseded"):
             return verdict(erased, evidence, [], "no record of the subject in the topic")
         tombstone_ms = erased.evidence.get("tombstone_time_ms")
-        if not isinstance(tombstone_ms, int):
-            return verdict(erased, evidence, ["the erase outcome records no tombstone time"])
+        recorded = erased.evidence.get("tombstones")
+        if not (isinstance(tombstone_ms, int) and isinstance(recorded, str)):
+            return verdict(erased, evidence, ["the erase outcome records no tombstones"])
+        partitions = sorted({int(pair[0]) for pair in json.loads(recorded)})
+        return await self._judged(request, erased, evidence, settings, tombstone_ms, partitions)
+
+    async def _judged(
+        self,
+        request: StepRequest,
+        erased: StepOutcome,
+        evidence: Evidence,
+        settings: Mapping[str, str],
+        tombstone_ms: int,
+        partitions: Sequence[int],
+    ) -> StepOutcome:
+        """The verified step's status: when the settings remove what the tombstones (the last
+        at `tombstone_ms`, in `partitions`) cover, against the erasure window."""
         removal = removal_deadline(settings, _from_ms(tombstone_ms))
         now = datetime.now(UTC)
         rolled_at: datetime | None = None
         if removal.by_compaction and removal.gone_by is not None and removal.gone_by <= now:
-            rolled_at = await self._all_rolled(topic, erased, tombstone_ms, settings)
+            due_ms = tombstone_ms + _setting(settings, "segment.ms")
+            rolled_at = await self._all_rolled(_locator(request).topic, partitions, due_ms)
             evidence["segment_rolled"] = rolled_at is not None
         status, gone_by, detail = removal_status(
             removal, _utc(request.window_ends_at), now, rolled_at
@@ -843,16 +831,11 @@ class TombstoneWriter:
         )
 
     async def _all_rolled(
-        self, topic: str, erased: StepOutcome, tombstone_ms: int, settings: Mapping[str, str]
+        self, topic: str, partitions: Sequence[int], due_ms: int
     ) -> datetime | None:
-        """When every partition with a tombstone has rolled its segment (None if one has not)."""
-        recorded = erased.evidence.get("tombstones")
-        pairs = json.loads(recorded) if isinstance(recorded, str) else []
-        due_ms = tombstone_ms + _setting(settings, "segment.ms")
-        moments = [
-            await self._first_record_since(topic, partition, due_ms)
-            for partition in sorted({int(pair[0]) for pair in pairs})
-        ]
+        """When a record stamped at or after `due_ms` reached the last of `partitions`, so that
+        each has rolled the segment holding its tombstone (None while one has not)."""
+        moments = [await self._first_record_since(topic, p, due_ms) for p in partitions]
         if not moments or any(moment is None for moment in moments):
             return None
         return max(moment for moment in moments if moment is not None)
@@ -1035,15 +1018,7 @@ class TombstoneWriter:
 
     def _read_at(self, topic: str, partition: int, offset: int, key: bytes) -> _Read:
         """Read the first record at or after `offset` with a throwaway consumer (blocking)."""
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self._bootstrap,
-                "group.id": "lethe-verify",  # the client wants one; assign() joins no group
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-            }
-        )
+        consumer = reader(self._bootstrap, "lethe-verify")
         try:
             low, high = consumer.get_watermark_offsets(
                 TopicPartition(topic, partition), timeout=TIMEOUT_SECONDS

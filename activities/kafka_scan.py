@@ -103,6 +103,21 @@ class Match:
         )
 
 
+def reader(bootstrap: str, group: str, *, partition_eof: bool = False) -> Consumer:
+    """A consumer that reads assigned partitions from where it is told and commits nothing
+    (`group` only because the client wants one: assign() joins no group)."""
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": partition_eof,
+        }
+    )
+
+
 class TopicScan:
     """Reads a topic from each partition's start to its end when the scan began (blocking:
     runs in a thread, a slice at a time, so the activity can heartbeat in between)."""
@@ -118,16 +133,7 @@ class TopicScan:
     ) -> None:
         self._bootstrap, self._topic, self._match = bootstrap, topic, match
         self._marks, self._timeout = list(marks), timeout
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": "lethe-scan",  # the client wants one; assign() joins no group
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": True,
-            }
-        )
+        self._consumer = reader(bootstrap, "lethe-scan", partition_eof=True)
         self._ends: dict[int, int] = {}
         self._partitions = partitions
         self.result = ScanResult()

@@ -71,6 +71,15 @@ def _seed(bootstrap: str, topic: str) -> None:
     _produce(bootstrap, topic, [(key, json.dumps(value).encode()) for key, value in CLAIMS])
 
 
+def _claims_topic(
+    bootstrap: str, make_topic: MakeTopic
+) -> tuple[str, StepRequest, TombstoneWriter]:
+    """A compacted topic of the claims above, the request erasing member 1, and a writer."""
+    topic = make_topic(FAST_COMPACTION)
+    _seed(bootstrap, topic)
+    return topic, _claims(_by_member(topic), "tombstone"), TombstoneWriter.for_connection(bootstrap)
+
+
 async def test_a_topic_keyed_by_claim_tombstones_the_claims_whose_latest_record_is_the_subjects(
     kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
@@ -109,10 +118,7 @@ async def test_a_topic_keyed_by_claim_tombstones_the_claims_whose_latest_record_
 async def test_erasing_again_reuses_the_first_attempts_tombstones(
     kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
-    topic = make_topic(FAST_COMPACTION)
-    _seed(kafka_bootstrap, topic)
-    request = _claims(_by_member(topic), "tombstone")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    topic, request, writer = _claims_topic(kafka_bootstrap, make_topic)
 
     first = await writer.erase(request)
     second = await writer.erase(request)
@@ -127,10 +133,7 @@ async def test_erasing_again_reuses_the_first_attempts_tombstones(
 async def test_a_record_of_the_subject_written_after_the_erasure_fails_verification(
     kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
-    topic = make_topic(FAST_COMPACTION)
-    _seed(kafka_bootstrap, topic)
-    request = _claims(_by_member(topic), "tombstone")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    topic, request, writer = _claims_topic(kafka_bootstrap, make_topic)
     erased = await writer.erase(request)
     _produce(kafka_bootstrap, topic, [(b"claim:c9", json.dumps({"member": "1"}).encode())])
 
@@ -143,11 +146,8 @@ async def test_a_record_of_the_subject_written_after_the_erasure_fails_verificat
 async def test_a_record_that_is_not_json_makes_the_step_at_risk(
     kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
-    topic = make_topic(FAST_COMPACTION)
-    _seed(kafka_bootstrap, topic)
+    topic, request, writer = _claims_topic(kafka_bootstrap, make_topic)
     _produce(kafka_bootstrap, topic, [(b"claim:c7", b"member=1;amount=3")])
-    request = _claims(_by_member(topic), "tombstone")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
 
     verified = await writer.verify(request, await writer.erase(request))
 

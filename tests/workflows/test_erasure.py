@@ -137,22 +137,27 @@ def store_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def calls(time_skipping_env: WorkflowEnvironment, store_env: str) -> AsyncIterator[Calls]:
     """Run a control worker and an `eu` worker with stand-in connectors for one test."""
     recorded = Calls()
-    client = time_skipping_env.client
+    control, region = workers(time_skipping_env, recorded)
+    async with control, region:
+        yield recorded
+    await dispose_all()
+
+
+def workers(env: WorkflowEnvironment, calls: Calls) -> tuple[Worker, Worker]:
+    """The real control worker, and an `eu` worker with stand-in connectors that record."""
     control = Worker(
-        client,
+        env.client,
         task_queue=CONTROL,
         workflows=list(lethe_worker.CONTROL_WORKFLOWS),
         activities=list(lethe_worker.CONTROL_ACTIVITIES),
     )
     region = Worker(
-        client,
+        env.client,
         task_queue=task_queue("eu"),
         workflows=[RegionalErasureWorkflow],
-        activities=connectors(recorded),
+        activities=connectors(calls),
     )
-    async with control, region:
-        yield recorded
-    await dispose_all()
+    return control, region
 
 
 def _start(received_at: datetime, subject_id: str | None = None) -> ErasureStart:

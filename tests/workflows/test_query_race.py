@@ -16,24 +16,21 @@ from datetime import timedelta
 
 from temporalio.client import WorkflowHandle, WorkflowQueryFailedError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Replayer
 
-import worker as lethe_worker
 from lethe import codec
 from lethe.contracts import ApprovalDecision, Certificate, ErasureStatus
-from lethe.regions import task_queue
 from lethe.store import dispose_all
 from workflows.erasure import ErasureWorkflow
 from workflows.regional_erasure import RegionalErasureWorkflow
 
 from .test_erasure import (
-    CONTROL,
     Calls,
     _begin,
     _start,
     assert_patches_decided_first,
-    connectors,
     store_env,
+    workers,
 )
 
 __all__ = ["store_env"]  # a fixture, shared with test_erasure.py
@@ -60,19 +57,7 @@ async def _race(handle: WorkflowHandle[ErasureWorkflow, Certificate]) -> Erasure
 async def test_queries_racing_the_first_task_leave_histories_that_replay(
     local_env: WorkflowEnvironment, store_env: str, test_codec: codec.EncryptionCodec
 ) -> None:
-    client = local_env.client
-    control = Worker(
-        client,
-        task_queue=CONTROL,
-        workflows=list(lethe_worker.CONTROL_WORKFLOWS),
-        activities=list(lethe_worker.CONTROL_ACTIVITIES),
-    )
-    region = Worker(
-        client,
-        task_queue=task_queue("eu"),
-        workflows=[RegionalErasureWorkflow],
-        activities=connectors(Calls()),
-    )
+    control, region = workers(local_env, Calls())
     replayer = Replayer(
         workflows=[ErasureWorkflow, RegionalErasureWorkflow],
         data_converter=codec.data_converter(test_codec),
