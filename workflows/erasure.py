@@ -91,8 +91,10 @@ patch where they did. A new patch is decided at the top of `run` too."""
 class ErasureWorkflow:
     """Erase one subject everywhere the data map says their data lives."""
 
-    def __init__(self) -> None:
-        self._status: ErasureStatus | None = None
+    @workflow.init
+    def __init__(self, start: ErasureStart) -> None:
+        # The status answers from the first moment, before the first workflow task has run.
+        self._status: ErasureStatus = _received(start)
         self._approval: ApprovalDecision | None = None
         self._rejection: ApprovalDecision | None = None
         self._holds_changed = False
@@ -122,7 +124,7 @@ class ErasureWorkflow:
     def extend(self, extension: Extension) -> None:
         """Extend the Art. 12(3) deadline by up to two months, once, with a recorded reason."""
         status = self._status
-        if status is None or status.extension is not None:
+        if status.extension is not None:
             return
         self._set(
             extension=extension,
@@ -143,8 +145,6 @@ class ErasureWorkflow:
     @workflow.query
     def status(self) -> ErasureStatus:
         """Where the request stands, step by step."""
-        if self._status is None:
-            raise RuntimeError("the workflow has not started yet")
         return self._status
 
     # --- the process ----------------------------------------------------------------------
@@ -154,19 +154,14 @@ class ErasureWorkflow:
         self._patches_first = workflow.patched(PATCHES_FIRST)
         request = start.request
         retry = self._retry_of(start)
-        self._status = ErasureStatus(
-            request_id=start.request_id,
-            subject_ref=start.subject_ref,
-            state="planning",
-            received_at=start.received_at,
-            deadline=add_months(start.received_at, 1) if retry is None else retry.deadline,
-            extension=None if retry is None else retry.extension,
-        )
         # A retry answers the original request: its deadline (and extension) still count.
         self._extension_recorded = retry is not None and retry.extension is not None
         plan = await self._plan(start)
         if retry is None:
             deadline = add_months(start.received_at, plan.deadline_months)
+            extension = self.status().extension
+            if extension is not None:  # extended while planning
+                deadline = add_months(deadline, extension.months)
         else:
             deadline = retry.deadline
         self._set(
@@ -703,6 +698,20 @@ def _retry_plan(plan: Plan, retry: RetryOf) -> Plan:
     ]
     return plan.model_copy(
         update={"regions": [r for r in regions if r.steps], "retry_of": retry.request_id}
+    )
+
+
+def _received(start: ErasureStart) -> ErasureStatus:
+    """The status of a request just received: planning, with its Art. 12(3) deadline (a
+    retry's is the original request's)."""
+    retry = start.request.retry_of
+    return ErasureStatus(
+        request_id=start.request_id,
+        subject_ref=start.subject_ref,
+        state="planning",
+        received_at=start.received_at,
+        deadline=add_months(start.received_at, 1) if retry is None else retry.deadline,
+        extension=None if retry is None else retry.extension,
     )
 
 

@@ -33,7 +33,7 @@ from lethe.commands.views import (
 )
 from lethe.config import load_settings
 from lethe.contracts import ApprovalDecision, ErasureRequest, ErasureStatus, Extension, Subject
-from lethe.errors import LetheError, ServiceUnavailable
+from lethe.errors import LetheError
 
 POLL_SECONDS = 1.0
 SETTLED = (
@@ -159,7 +159,7 @@ async def _erase(request: ErasureRequest, dry_run: bool, wait: bool, json: bool)
 
 async def _planned(client: Client, workflow_id: str) -> ErasureStatus:
     """The status once planning is over (RequestFailed if it failed)."""
-    current = await _first_status(client, workflow_id)
+    current = await client.status(workflow_id)
     for _ in range(int(PLANNED_WITHIN_SECONDS / POLL_SECONDS)):
         if current.state != "planning":
             break
@@ -170,7 +170,7 @@ async def _planned(client: Client, workflow_id: str) -> ErasureStatus:
 
 async def follow(client: Client, workflow_id: str) -> ErasureStatus:
     """Show the status live until the erasure settles; the last status."""
-    current = await _first_status(client, workflow_id)
+    current = await client.status(workflow_id)
     with Live(status_view(current), console=err, refresh_per_second=4) as live:
         try:
             while current.state not in SETTLED:
@@ -181,15 +181,6 @@ async def follow(client: Client, workflow_id: str) -> ErasureStatus:
             live.console.line()  # the error goes below the table, not onto its last line
             raise
     return current
-
-
-async def _first_status(client: Client, workflow_id: str) -> ErasureStatus:
-    for _ in range(30):
-        try:
-            return await client.status(workflow_id)
-        except ServiceUnavailable:  # the first workflow task may not have run yet
-            await asyncio.sleep(POLL_SECONDS)
-    return await client.status(workflow_id)
 
 
 def _next_step(workflow_id: str, current: ErasureStatus) -> None:

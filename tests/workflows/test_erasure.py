@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import uuid
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 from temporalio import activity
-from temporalio.client import WorkflowHandle, WorkflowHistory, WorkflowQueryFailedError
+from temporalio.client import WorkflowHandle, WorkflowHistory
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -250,10 +249,9 @@ async def _wait_for(
 ) -> ErasureStatus:
     status = None
     for _ in range(100):
-        with contextlib.suppress(WorkflowQueryFailedError):  # before the first workflow task
-            status = await _status(handle)
-            if check(status):
-                return status
+        status = await _status(handle)  # answers from the first moment (workflow.init)
+        if check(status):
+            return status
         await asyncio.sleep(0.1)
     raise AssertionError(f"the status never got there; last: {status}")
 
@@ -483,3 +481,16 @@ async def test_the_subject_goes_on_the_forget_list_and_a_replay_reapplies_one_sy
     assert {step_id for step_id, _ in calls.erased} == {
         s.id for s in certificate.plan.steps if s.action != "retain"
     }
+
+
+async def test_the_status_answers_from_the_first_moment(
+    time_skipping_env: WorkflowEnvironment, calls: Calls
+) -> None:
+    for _ in range(5):
+        start = _start(await time_skipping_env.get_current_time())
+        handle = await _begin(time_skipping_env, start)
+        status = await _status(handle)  # no retry: the state is set up in workflow.init
+        assert status.request_id == start.request_id
+        assert status.state in ("planning", "awaiting_approval")
+        await handle.signal(ErasureWorkflow.reject, ApprovalDecision(by="dpo"))
+        assert (await handle.result()).outcome == "rejected"

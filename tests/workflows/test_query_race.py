@@ -1,4 +1,5 @@
-"""A status query that races an erasure's first workflow task leaves a history that replays.
+"""A status query that races an erasure's first workflow task answers, and leaves a history that
+replays.
 
 `lethe erase` asks for the status from the moment it submits. On the dev server, a query that
 arrives while the planning local activity finishes makes the task complete early, and the
@@ -11,10 +12,9 @@ replays every history.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import timedelta
 
-from temporalio.client import WorkflowHandle, WorkflowQueryFailedError
+from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
@@ -39,18 +39,20 @@ SUBMISSIONS = 12
 QUERIERS = 4
 
 
-async def _race(handle: WorkflowHandle[ErasureWorkflow, Certificate]) -> ErasureStatus:
+async def _race(
+    handle: WorkflowHandle[ErasureWorkflow, Certificate], request_id: str
+) -> ErasureStatus:
     """Query from the first moment, several at once, until planning is over."""
 
-    async def ask() -> ErasureStatus | None:
-        with contextlib.suppress(WorkflowQueryFailedError):  # before the first task
-            return await handle.query(ErasureWorkflow.status, rpc_timeout=timedelta(seconds=10))
-        return None
+    async def ask() -> ErasureStatus:
+        # It answers from the first moment: the state is set up before the first task runs.
+        return await handle.query(ErasureWorkflow.status, rpc_timeout=timedelta(seconds=10))
 
     while True:
         answers = await asyncio.gather(*(ask() for _ in range(QUERIERS)))
         for status in answers:
-            if status is not None and status.state != "planning":
+            assert status.request_id == request_id
+            if status.state != "planning":
                 return status
 
 
@@ -64,8 +66,9 @@ async def test_queries_racing_the_first_task_leave_histories_that_replay(
     )
     async with control, region:
         for _ in range(SUBMISSIONS):
-            handle = await _begin(local_env, _start(await local_env.get_current_time()))
-            status = await _race(handle)
+            start = _start(await local_env.get_current_time())
+            handle = await _begin(local_env, start)
+            status = await _race(handle, start.request_id)
             assert status.state == "awaiting_approval", status
             await handle.signal(ErasureWorkflow.reject, ApprovalDecision(by="dpo"))
             certificate = await handle.result()
