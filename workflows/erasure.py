@@ -52,7 +52,10 @@ CONTROL_RETRY = RetryPolicy(
 )
 CONTROL_TIMEOUT = timedelta(seconds=60)
 HOLD_RECHECK = timedelta(hours=1)
-"""Held steps are re-checked this often even if no `holds_changed` signal arrives."""
+"""Held steps are re-checked this often even if no `holds_changed` signal arrives (runs before
+HOLD_BACKOFF)."""
+HOLD_RECHECK_MAX = timedelta(days=1)
+"""With HOLD_BACKOFF, the re-check interval doubles from HOLD_RECHECK up to this."""
 
 DONE_STATES = ("done", "retained")
 SHRED_EVIDENCE_IN_LEDGER = "shred-evidence-in-ledger"
@@ -75,6 +78,9 @@ says it may end after it."""
 RETRY_FAILED_STEPS = "retry-failed-steps"
 """Patch: a request with `retry_of` re-runs only those steps, under the original approval and
 window."""
+HOLD_BACKOFF = "hold-recheck-backoff"
+"""Patch: held steps are re-checked after 1 h, 2 h, ... up to a day (a release signals at once),
+so a hold of years adds a few thousand events to the history, not one batch an hour."""
 PATCHES_FIRST = "patches-decided-first"
 """Patch: every patch above is taken in the run's first activation, before any local activity.
 
@@ -83,8 +89,8 @@ a query forces a workflow task to complete while a local activity is finishing, 
 marker lands in that task and its result reaches the workflow in the next one; on replay the
 result comes back one task early, before the server's patch markers of the next task are known,
 so the patch reads as absent (a nondeterminism error; every `lethe status` right after a submit
-could cause it). A run that took this patch has no other marker; older runs still decide each
-patch where they did. A new patch is decided at the top of `run` too."""
+could cause it). A run that took this patch has no marker of the patches above; older runs
+still decide each where they did. A new patch is decided at the top of `run` too (HOLD_BACKOFF)."""
 
 
 @workflow.defn
@@ -105,6 +111,7 @@ class ErasureWorkflow:
         self._preflight_at: datetime | None = None
         self._subject_found = True
         self._patches_first = False
+        self._hold_backoff = False
 
     # --- signals and the query ------------------------------------------------------------
 
@@ -152,6 +159,7 @@ class ErasureWorkflow:
     @workflow.run
     async def run(self, start: ErasureStart) -> Certificate:
         self._patches_first = workflow.patched(PATCHES_FIRST)
+        self._hold_backoff = workflow.patched(HOLD_BACKOFF)
         request = start.request
         retry = self._retry_of(start)
         # A retry answers the original request: its deadline (and extension) still count.
@@ -337,6 +345,7 @@ class ErasureWorkflow:
         """
         remaining = list(steps)
         round_no = 0
+        recheck = HOLD_RECHECK
         while remaining:
             held = await workflow.execute_local_activity(
                 "holds.blocking",
@@ -365,7 +374,10 @@ class ErasureWorkflow:
                 self._set_state("on_hold")
                 self._holds_changed = False
                 with contextlib.suppress(TimeoutError):
-                    await workflow.wait_condition(lambda: self._holds_changed, timeout=HOLD_RECHECK)
+                    await workflow.wait_condition(lambda: self._holds_changed, timeout=recheck)
+                if self._hold_backoff:
+                    recheck = HOLD_RECHECK if self._holds_changed else recheck * 2
+                    recheck = min(recheck, HOLD_RECHECK_MAX)
             round_no += 1
 
     async def _dispatch(
