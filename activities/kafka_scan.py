@@ -55,8 +55,9 @@ class ScanResult:
         return {key: latest for key, latest in self.latest.items() if latest.subjects}
 
     def tombstoned_before(self) -> list[Latest]:
-        """Keys of the subject's records whose latest record is this step's tombstone."""
-        return [latest for key, latest in self.latest.items() if latest.ours and key in self.ever]
+        """Keys whose latest record is this step's tombstone (an earlier attempt's; the
+        subject's records under them may be compacted away already)."""
+        return [latest for latest in self.latest.values() if latest.ours]
 
     def superseded(self) -> int:
         """Keys that held the subject's records but whose latest record is someone else's:

@@ -200,18 +200,16 @@ class Planner:
 def _shredded_topics(steps: list[Step], held: set[str], tenant: str) -> list[Step]:
     """Topics erased by crypto-shredding become part of their keys system's shred step, which
     lists them: destroying the subject's keys is what erases them, so no Kafka step runs."""
-    covered: dict[str, list[str]] = {}
+    covered: dict[str, list[tuple[str, str]]] = {}
     rest: list[Step] = []
     for step in steps:
         locator = step.locator
         if isinstance(locator, KafkaTopicLocator) and step.action == "shred":
             assert locator.shredded_by is not None  # the data map requires it
-            covered.setdefault(locator.shredded_by, []).append(
-                f"{step.id}: Kafka topic {locator.topic!r}, encrypted under the subject's keys"
-            )
+            covered.setdefault(locator.shredded_by, []).append((step.id, locator.topic))
         else:
             rest.append(step)
-    for keys, what in covered.items():
+    for keys, topics in covered.items():
         at = next((i for i, step in enumerate(rest) if step.system == keys), None)
         if at is None:
             why = (
@@ -220,9 +218,13 @@ def _shredded_topics(steps: list[Step], held: set[str], tenant: str) -> list[Ste
                 else f"which holds no keys of tenant {tenant!r}"
             )
             raise PlanningFailed(
-                f"{what[0].split(':')[0]} is erased by crypto-shredding in keys system {keys}, "
-                f"{why}: nothing would erase it"
+                f"{topics[0][0]} is erased by crypto-shredding in keys system {keys}, {why}: "
+                "nothing would erase it"
             )
+        what = [
+            f"{step_id}: Kafka topic {topic!r}, encrypted under the subject's keys"
+            for step_id, topic in topics
+        ]
         rest[at] = rest[at].model_copy(update={"covers": [*rest[at].covers, *what]})
     return rest
 

@@ -199,11 +199,6 @@ class KafkaTopicLocator(MapModel):
             raise ValueError("tenant_field only goes with value_field")
         return self
 
-    @property
-    def per_subject(self) -> bool:
-        """Whether erasure edits the topic for the subject (a tombstone per key)."""
-        return self.removal is None
-
 
 class KafkaSystem(SystemBase):
     """An Apache Kafka cluster; `connection` names the variable holding bootstrap servers."""
