@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.client import WorkflowHandle, WorkflowHistory
 from temporalio.common import WorkflowIDConflictPolicy
@@ -35,6 +36,7 @@ from lethe.contracts import (
     ErasureStart,
     ErasureStatus,
     Extension,
+    Hold,
     StepCheck,
     StepOutcome,
     StepRequest,
@@ -348,10 +350,11 @@ async def test_deadline_is_flagged_then_extended_with_a_reason(
     assert all("complex request" not in entry.model_dump_json() for entry in written)
 
 
-async def test_a_subject_hold_blocks_until_released(
-    time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
-) -> None:
-    start = _start(await time_skipping_env.get_current_time())
+async def _approved_under_a_subject_hold(
+    env: WorkflowEnvironment, store_env: str
+) -> tuple[AsyncEngine, Hold, WorkflowHandle[ErasureWorkflow, Certificate]]:
+    """An erasure approved while a litigation hold covers its subject."""
+    start = _start(await env.get_current_time())
     engine = await engine_for(store_env)
     hold = await holds.place(
         engine,
@@ -361,9 +364,16 @@ async def test_a_subject_hold_blocks_until_released(
         placed_by="counsel",
         reason="litigation",
     )
-    handle = await _begin(time_skipping_env, start)
+    handle = await _begin(env, start)
     await _wait_state(handle, "awaiting_approval")
     await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
+    return engine, hold, handle
+
+
+async def test_a_subject_hold_blocks_until_released(
+    time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
+) -> None:
+    engine, hold, handle = await _approved_under_a_subject_hold(time_skipping_env, store_env)
     status = await _wait_state(handle, "on_hold")
     immediate = [s for s in status.steps if s.phase == "immediate" and s.action != "retain"]
     assert {s.status for s in immediate} == {"held"}
@@ -500,19 +510,7 @@ async def test_the_status_answers_from_the_first_moment(
 async def test_a_hold_of_two_years_keeps_the_history_small_and_the_erasure_finishes(
     time_skipping_env: WorkflowEnvironment, calls: Calls, store_env: str
 ) -> None:
-    start = _start(await time_skipping_env.get_current_time())
-    engine = await engine_for(store_env)
-    hold = await holds.place(
-        engine,
-        matter="Roe v. St Mary",
-        scope="subject",
-        value=start.subject_ref,
-        placed_by="counsel",
-        reason="litigation",
-    )
-    handle = await _begin(time_skipping_env, start)
-    await _wait_state(handle, "awaiting_approval")
-    await handle.signal(ErasureWorkflow.approve, ApprovalDecision(by="dpo"))
+    engine, hold, handle = await _approved_under_a_subject_hold(time_skipping_env, store_env)
     await _wait_state(handle, "on_hold")
 
     await time_skipping_env.sleep(timedelta(days=730))
