@@ -20,6 +20,18 @@ from lethe.kek import LocalKekProvider
 from lethe.keys import KeyService
 from tests.conftest import require, stack_variable
 
+KEYS_SYSTEM = """\
+  - name: patient-keys
+    kind: keys
+    region: {region}
+    connection: {variable}
+    categories: [user.contact, user.health_and_medical]
+"""
+"""The key store as a system of a data map: `.format(region=..., variable=...)` names the region
+and the variable holding its URL."""
+EVENTS = ("kafka", "patient-events")
+"""The system kind and name the end-to-end tests' services encrypt events under."""
+
 
 @asynccontextmanager
 async def fresh_key_store(label: str) -> AsyncIterator[str]:

@@ -31,17 +31,9 @@ from tests.e2e.conftest import (
     certificate_of,
     erase_and_wait_for_approval,
 )
-from tests.key_stores import fresh_key_store, key_rows, key_service
+from tests.key_stores import EVENTS, KEYS_SYSTEM, fresh_key_store, key_rows, key_service
 
 KEYS_VARIABLE = "LETHE_E2E_KEYS_STORE_URL"
-EVENTS = ("kafka", "patient-events")
-KEYS_SYSTEM = """\
-  - name: patient-keys
-    kind: keys
-    region: {region}
-    connection: {variable}
-    categories: [user.contact, user.health_and_medical]
-"""
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ from tests.e2e.conftest import (
     kafka_records,
 )
 from tests.e2e.crash_after_effect import CRASH_AFTER, EXIT_CODE, MARKER
-from tests.key_stores import fresh_key_store, key_rows, key_service
+from tests.key_stores import EVENTS, KEYS_SYSTEM, fresh_key_store, key_rows, key_service
 
 CRASH_SCRIPT = "tests/e2e/crash_after_effect.py"
 CRASH_TIMEOUT = 120.0
@@ -154,14 +154,6 @@ class _OnlyThePatientsRow:
 # --- Redis, blob backups, logs and the key store ------------------------------------------------
 
 KEYS_VARIABLE = "LETHE_E2E_EFFECTS_KEYS_STORE_URL"
-KEYS_SYSTEM = """\
-  - name: patient-keys
-    kind: keys
-    region: {region}
-    connection: {variable}
-    categories: [user.contact, user.health_and_medical]
-"""
-EVENTS = ("kafka", "patient-events")
 _events: dict[str, dict[str, str]] = {}
 """Patient id -> the personal fields of an event of theirs, sealed under their data key."""
 
