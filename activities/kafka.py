@@ -732,7 +732,8 @@ class TombstoneWriter:
         )
         last_ms = max((stamp for _, _, stamp in stones), default=int(time.time() * 1000))
         removal = removal_deadline(settings, _from_ms(last_ms))
-        found = bool(stones) or scan.superseded() > 0
+        superseded = scan.superseded()
+        found = bool(stones) or superseded > 0
         return StepOutcome(
             step_id=request.step.id,
             status="running",
@@ -743,14 +744,14 @@ class TombstoneWriter:
                 "tombstone_time_ms": last_ms,
                 "keys_tombstoned": len(written),
                 "keys_reused": len(reused),
-                "keys_superseded": scan.superseded(),
+                "keys_superseded": superseded,
                 "records_read": scan.records,
                 "records_unreadable": scan.unreadable,
                 **_settings_evidence(settings),
             },
             detail=(
                 f"{len(written)} tombstone(s) written, {len(reused)} of an earlier attempt found, "
-                f"{scan.superseded()} key(s) no longer the subject's; {removal.reason}"
+                f"{superseded} key(s) no longer the subject's; {removal.reason}"
                 if found
                 else "no record of the subject in the topic"
             ),

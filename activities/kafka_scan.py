@@ -48,7 +48,7 @@ class ScanResult:
 
     def still_the_subjects(self) -> list[Latest]:
         """The keys whose latest record is the subject's."""
-        return [latest for latest in self.latest.values() if latest.subjects]
+        return list(self.to_tombstone().values())
 
     def to_tombstone(self) -> dict[bytes, Latest]:
         """The keys that need a tombstone now."""
