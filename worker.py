@@ -22,20 +22,20 @@ from temporalio.client import Client as TemporalClient
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
-from activities import blob, cache, kafka, key_rotation, logs, shred, sql
-from activities import ledger as control
-from activities.connections import close_connections
-from activities.healthcheck import report_worker
-from activities.planning import plan_erasure
-from lethe.client import connect
-from lethe.config import Settings, load_settings
-from lethe.errors import LetheError
-from lethe.regions import task_queue, validate_region
-from lethe.store import dispose_all
-from workflows.erasure import ErasureWorkflow
-from workflows.healthcheck import HealthCheckWorkflow
-from workflows.key_rotation import KeyRotationWorkflow
-from workflows.regional_erasure import RegionalErasureWorkflow
+from lethe.activities import blob, cache, kafka, key_rotation, logs, shred, sql
+from lethe.activities import ledger as control
+from lethe.activities.connections import close_connections
+from lethe.activities.healthcheck import report_worker
+from lethe.activities.planning import plan_erasure
+from lethe.kernel.config import Settings, load_settings
+from lethe.kernel.database import dispose_all
+from lethe.kernel.errors import LetheError
+from lethe.kernel.regions import task_queue, validate_region
+from lethe.temporal.connection import connect
+from lethe.workflows.erasure import ErasureWorkflow
+from lethe.workflows.healthcheck import HealthCheckWorkflow
+from lethe.workflows.key_rotation import KeyRotationWorkflow
+from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 
 WORKFLOWS: Sequence[type] = (HealthCheckWorkflow, RegionalErasureWorkflow)
 ACTIVITIES: Sequence[Callable[..., Any]] = (

@@ -8,7 +8,7 @@ found somewhere (see `BackupEraser`). What the
 service cannot show (soft delete, versions, holds: Azurite answers 501 for most of them) is
 reported as not checked, never as done.
 
-The module also holds what the log connector (`activities.logs`) shares: the per-loop client
+The module also holds what the log connector (`lethe.activities.logs`) shares: the per-loop client
 cache and the translation of the SDK's errors into Lethe's.
 """
 
@@ -34,16 +34,16 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient, LinearRetry
 
-from activities.attempts import Journal
-from activities.common import (
+from lethe.activities.attempts import Journal
+from lethe.activities.common import (
     SchemaMismatch,
     connector_activities,
     retained_outcome,
     verdict,
 )
-from classification.datamap import BlobBackupLocator, MissingIdentity, render
+from lethe.classification.datamap import BlobBackupLocator, MissingIdentity, render
 from lethe.contracts import Evidence, StepOutcome, StepRequest
-from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
+from lethe.kernel.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 T = TypeVar("T")
 
@@ -74,7 +74,7 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BlobSer
 )
 
 
-# --- shared with activities.logs ---------------------------------------------------------------
+# --- shared with lethe.activities.logs ----------------------------------------------------------
 
 
 class BlobServiceError(LetheError):
@@ -369,7 +369,7 @@ class BackupEraser(BlobConnector):
     service refuses to delete (legal hold, immutability policy) makes the step `failed`.
 
     Erase tells how many blobs it found to delete in a heartbeat, and waits until the server
-    holds it, before deleting any (`activities.attempts`): a retry after a lost worker finds
+    holds it, before deleting any (`lethe.activities.attempts`): a retry after a lost worker finds
     nothing left to delete and reports what the earlier attempt had found, or that its counts
     were lost, never a count it did not see.
 

@@ -8,7 +8,7 @@ connection's user may run what the step runs.
 
 Erase first finds what is there (the keys the patterns match, the hash fields present), tells
 it in a heartbeat and waits until the server holds it, then removes it and tells what it
-removed (`activities.attempts`). Removing is idempotent; a retry after a lost worker reports
+removed (`lethe.activities.attempts`). Removing is idempotent; a retry after a lost worker reports
 the earlier attempt's counts when they arrived, and says what it knows when they did not.
 """
 
@@ -25,16 +25,16 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from activities.attempts import Journal
-from activities.common import (
+from lethe.activities.attempts import Journal
+from lethe.activities.common import (
     SchemaMismatch,
     connector_activities,
     retained_outcome,
     verdict,
 )
-from classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
+from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
 from lethe.contracts import StepOutcome, StepRequest
-from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
+from lethe.kernel.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 T = TypeVar("T")
 

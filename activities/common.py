@@ -8,10 +8,10 @@ from typing import Protocol, TypeVar
 
 from temporalio import activity
 
-from lethe.config import connection, current_settings
 from lethe.contracts import Evidence, StepCheck, StepOutcome, StepRequest, VerifyRequest
-from lethe.errors import LetheError
-from lethe.regions import deployment_prefix
+from lethe.kernel.config import connection, current_settings
+from lethe.kernel.errors import LetheError
+from lethe.kernel.regions import deployment_prefix
 
 T = TypeVar("T")
 

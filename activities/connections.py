@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities import blob, cache, sql
+from lethe.activities import blob, cache, sql
 
 
 async def close_connections() -> None:

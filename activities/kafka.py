@@ -14,7 +14,7 @@ the delivery and the activity's completion finds the first tombstone and reports
 evidence (`tombstone_reused`) instead of writing a second one.
 
 A topic keyed by something else, with the subject in a field of its JSON values
-(`value_field`), is read whole (`activities.kafka_scan`); each key whose latest record is the
+(`value_field`), is read whole (`lethe.activities.kafka_scan`); each key whose latest record is the
 subject's gets a tombstone on that key's partition, with the same headers. A retry's scan sees
 the first attempt's tombstones as those keys' latest records and reuses them. Verify reads the
 topic again: no key's latest record may still be the subject's. A topic that cannot be edited per
@@ -55,16 +55,16 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 from temporalio import activity
 
-from activities.common import (
+from lethe.activities.common import (
     SchemaMismatch,
     connector_activities,
     retained_outcome,
     verdict,
 )
-from activities.kafka_scan import Match, ScanResult, TopicScan, reader
-from classification.datamap import KafkaTopicLocator, MissingIdentity, render
+from lethe.activities.kafka_scan import Match, ScanResult, TopicScan, reader
+from lethe.classification.datamap import KafkaTopicLocator, MissingIdentity, render
 from lethe.contracts import Evidence, StepOutcome, StepRequest, StepStatus
-from lethe.errors import ConfigurationError, LetheError, ServiceUnavailable
+from lethe.kernel.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 TIMEOUT_SECONDS = 15.0
 """How long one broker call (metadata, delivery, read) may take before Kafka counts as down."""

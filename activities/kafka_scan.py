@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, TopicPartition
 
-from lethe.errors import ServiceUnavailable
+from lethe.kernel.errors import ServiceUnavailable
 
 READ_BATCH = 500
 """How many records the scan takes from the consumer at a time."""

@@ -15,13 +15,14 @@ from typing import TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
-from lethe import key_store, ledger
-from lethe.config import Settings, current_settings
-from lethe.errors import LetheError, RotationConflict
-from lethe.keys import KeyService, open_key_service
-from lethe.ledger import Details
-from lethe.rotation import RewrapCall, RewrapProgress, RotationPlan, VersionStep
-from lethe.store import engine_for
+from lethe.evidence import ledger
+from lethe.evidence.ledger import Details
+from lethe.evidence.store import engine_for
+from lethe.kernel.config import Settings, current_settings
+from lethe.kernel.errors import LetheError, RotationConflict
+from lethe.keys import store as key_store
+from lethe.keys.rotation import RewrapCall, RewrapProgress, RotationPlan, VersionStep
+from lethe.keys.service import KeyService, open_key_service
 
 T = TypeVar("T")
 

@@ -8,11 +8,11 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
-from lethe import forget_list, holds, ledger
-from lethe.config import current_settings
 from lethe.contracts import Certificate, ForgetListAdd, HoldQuery, LedgerRecord
-from lethe.errors import LetheError
-from lethe.store import certificates, engine_for
+from lethe.evidence import forget_list, holds, ledger
+from lethe.evidence.store import certificates, engine_for
+from lethe.kernel.config import current_settings
+from lethe.kernel.errors import LetheError
 
 
 async def _store() -> AsyncEngine:

@@ -39,8 +39,8 @@ from azure.core.exceptions import (
 from azure.storage.blob import BlobProperties, BlobType, ContentSettings
 from azure.storage.blob.aio import BlobClient, ContainerClient
 
-from activities.attempts import Journal
-from activities.blob import (
+from lethe.activities.attempts import Journal
+from lethe.activities.blob import (
     PREFLIGHT_TIMEOUT_SECONDS,
     BlobConnector,
     blob_errors,
@@ -49,10 +49,10 @@ from activities.blob import (
     error_code,
     sas_problems,
 )
-from activities.common import connector_activities, retained_outcome, verdict
-from classification.datamap import LogLocator, MissingIdentity
+from lethe.activities.common import connector_activities, retained_outcome, verdict
+from lethe.classification.datamap import LogLocator, MissingIdentity
 from lethe.contracts import Evidence, StepOutcome, StepRequest
-from lethe.errors import ConfigurationError, LetheError
+from lethe.kernel.errors import ConfigurationError, LetheError
 
 REDACTED = "[redacted]"
 MARK_REQUEST, MARK_STEP, MARK_RECORDS = "lethe_request", "lethe_step", "lethe_records"

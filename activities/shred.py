@@ -1,9 +1,9 @@
 """The key-service connector: crypto-shreds a subject's data keys, and proves it with a canary.
 
-Services encrypt personal fields under per-subject data keys (`lethe.keys`) before writing them
-where Lethe cannot edit (Kafka events, backups, documents). A `keys` system in the data map is
-that key store; its step destroys every data-key version of the subject, and every copy of what
-was encrypted under them becomes unreadable at once.
+Services encrypt personal fields under per-subject data keys (`lethe.keys.service`) before
+writing them where Lethe cannot edit (Kafka events, backups, documents). A `keys` system in the
+data map is that key store; its step destroys every data-key version of the subject, and every
+copy of what was encrypted under them becomes unreadable at once.
 
 Erase writes a canary first: random bytes encrypted under the subject's current key (only when
 the subject has one: no key is made just to destroy it), then shreds. The canary is ciphertext
@@ -15,8 +15,8 @@ holds no data key of the subject and does hold the record of the shredding.
 Idempotent: shredding again destroys what is left (nothing, or what a restored key-store backup
 brought back) and keeps the first shredding's record. The canary and the number of key versions
 about to be destroyed are sent as heartbeat details before the keys are destroyed, and erase
-waits until the server holds them (`activities.attempts`), so a retry of the activity (an error,
-a lost worker) finds the canary and does not need the destroyed key to make another. A retry
+waits until the server holds them (`lethe.activities.attempts`), so a retry of the activity (an
+error, a lost worker) finds the canary and does not need the destroyed key to make another. A retry
 that finds none (the heartbeat did not arrive) goes on without a canary: verification then rests
 on the key store's state, and the detail says the canary was lost. What a retry reports as
 destroyed comes from the key store's record when the first shredding was this request's (the
@@ -52,23 +52,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 from temporalio import activity
 
-from activities.attempts import Journal
-from activities.common import connector_activities, retained_outcome, verdict
-from activities.sql_errors import translated
-from classification.datamap import KeysLocator
-from lethe import ciphertext, key_store
-from lethe.config import current_settings
+from lethe.activities.attempts import Journal
+from lethe.activities.common import connector_activities, retained_outcome, verdict
+from lethe.activities.sql_errors import translated
+from lethe.classification.datamap import KeysLocator
 from lethe.contracts import Evidence, StepOutcome, StepRequest
-from lethe.errors import (
+from lethe.kernel.config import current_settings
+from lethe.kernel.errors import (
     ConfigurationError,
     KeyServiceError,
     KeyShredded,
     LetheError,
     ServiceUnavailable,
 )
-from lethe.kek import LocalKekProvider
-from lethe.keys import KeyService, place
-from lethe.subjects import subject_ref
+from lethe.kernel.subjects import subject_ref
+from lethe.keys import ciphertext
+from lethe.keys import store as key_store
+from lethe.keys.kek import LocalKekProvider
+from lethe.keys.service import KeyService, place
 
 CANARY_BYTES = 32
 PREFLIGHT_TIMEOUT_SECONDS = 5

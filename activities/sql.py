@@ -103,18 +103,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.types import NullType
 from temporalio import activity
 
-from activities.attempts import heartbeat_held
-from activities.common import (
+from lethe.activities.attempts import heartbeat_held
+from lethe.activities.common import (
     SchemaMismatch,
     connector_activities,
     retained_outcome,
     verdict,
 )
-from activities.sql_errors import translated
-from classification.datamap import SqlTableLocator
-from classification.taxonomy import matches
+from lethe.activities.sql_errors import translated
+from lethe.classification.datamap import SqlTableLocator
+from lethe.classification.taxonomy import matches
 from lethe.contracts import Action, Evidence, StepOutcome, StepRequest
-from lethe.errors import ConfigurationError, LetheError
+from lethe.kernel.errors import ConfigurationError, LetheError
 
 CONNECT_TIMEOUT_SECONDS = 5
 TEXT_PLACEHOLDER = "erased"

@@ -14,7 +14,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from lethe.errors import LetheError, ServiceUnavailable
+from lethe.kernel.errors import LetheError, ServiceUnavailable
 
 
 @asynccontextmanager

@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import yaml
+from azure.storage.blob.aio import BlobServiceClient
 from confluent_kafka import KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from pydantic import BaseModel
@@ -108,12 +109,13 @@ from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 from temporalio.client import Client as TemporalClient
 
-from activities.planning import Planner
-from lethe.client import Client, connect
-from lethe.config import load_env_file, load_settings
 from lethe.contracts import ErasureRequest, ErasureStatus, Subject
-from lethe.errors import LetheError
-from lethe.regions import task_queue
+from lethe.kernel.config import load_env_file, load_settings
+from lethe.kernel.errors import LetheError
+from lethe.kernel.regions import task_queue
+from lethe.plans.planner import Planner
+from lethe.sdk.client import Client
+from lethe.temporal.connection import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK_ENV = ROOT / ".stack" / "env"
@@ -200,6 +202,16 @@ class Names:
     def store_database(self) -> str:
         """The PostgreSQL database of this run's Lethe store."""
         return f"lethe_bench_{self.run}"
+
+    @property
+    def backup_container(self) -> str:
+        """The (empty) Azurite container of the deferred backup step."""
+        return f"bench-{self.run}-exports"
+
+    @property
+    def log_container(self) -> str:
+        """The (empty) Azurite container of the deferred log step."""
+        return f"bench-{self.run}-logs"
 
     def subject_id(self, index: int) -> str:
         """The id of the `index`th seeded subject."""
@@ -300,7 +312,7 @@ def datamap_document(names: Names) -> dict[str, Any]:
                 "connection": "LETHE_STACK_BLOB_CONNECTION",
                 "backups": [
                     {
-                        "container": f"bench-{names.run}-exports",
+                        "container": names.backup_container,
                         "subject_tag": "subject_ref",
                         "categories": ["user"],
                     }
@@ -313,7 +325,7 @@ def datamap_document(names: Names) -> dict[str, Any]:
                 "connection": "LETHE_STACK_BLOB_CONNECTION",
                 "logs": [
                     {
-                        "container": f"bench-{names.run}-logs",
+                        "container": names.log_container,
                         "prefix": "portal/",
                         "fields": {"patient_id": "subject_id", "email": "identity.email"},
                         "categories": ["user.contact", "user.unique_id"],
@@ -1387,6 +1399,21 @@ async def create_store(names: Names, created: Created) -> str:
     return url.set(database=names.store_database).render_as_string(hide_password=False)
 
 
+async def create_containers(names: Names, connection: str, created: Created) -> None:
+    """The deferred steps' containers, empty: preflight refuses a step whose container is gone."""
+    containers = [names.backup_container, names.log_container]
+    async with BlobServiceClient.from_connection_string(connection) as service:
+        for container in containers:
+            await service.create_container(container)
+
+    async def drop() -> None:
+        async with BlobServiceClient.from_connection_string(connection) as service:
+            for container in containers:
+                await service.delete_container(container)
+
+    created.add("the blob containers", drop)
+
+
 async def run(
     requests: int,
     concurrent: int,
@@ -1401,6 +1428,7 @@ async def run(
     sql_url = required("LETHE_STACK_SQL_URL")
     redis_url = required("LETHE_STACK_REDIS_URL")
     bootstrap = required("LETHE_STACK_KAFKA_BOOTSTRAP")
+    blob_connection = required("LETHE_STACK_BLOB_CONNECTION")
     required("LETHE_KEYS_MASTER_KEY")
     count = 2 * WARMUP + 2 * requests + 2 * concurrent
     subjects = [names.subject_id(index) for index in range(count)]
@@ -1449,6 +1477,7 @@ async def run(
 
         created.add("the Kafka topic", drop_topic)
         await asyncio.to_thread(seed_kafka, admin, bootstrap, names, subjects)
+        await create_containers(names, blob_connection, created)
         console.print(f"seeded {len(subjects)} subjects and {len(filler)} filler patients")
 
         subject_key = base64.b64encode(secrets.token_bytes(32)).decode()

@@ -67,18 +67,18 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import PayloadCodec
 from temporalio.worker import Worker
 
-from lethe import key_store
-from lethe.client import connect
-from lethe.codec import codec_from_settings, data_converter
-from lethe.commands.keys import rotation_progress, start_rotation
-from lethe.config import Settings, load_env_file, load_settings
+from lethe.codec.converter import codec_from_settings, data_converter
 from lethe.contracts import Subject
-from lethe.embedded import start_dev_server
-from lethe.kek import LocalKekProvider
-from lethe.keys import DEK_BYTES, KeyService, dek_aad, place
-from lethe.rotation import RotationRequest
-from lethe.store import dispose_all
-from worker import build_control_worker
+from lethe.kernel.config import Settings, load_env_file, load_settings
+from lethe.kernel.database import dispose_all
+from lethe.keys import store as key_store
+from lethe.keys.kek import LocalKekProvider
+from lethe.keys.rotation import RotationRequest
+from lethe.keys.service import DEK_BYTES, KeyService, dek_aad, place
+from lethe.sdk.rotation import rotation_progress, start_rotation
+from lethe.temporal.connection import connect
+from lethe.temporal.embedded import start_dev_server
+from lethe.worker import build_control_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK_ENV = ROOT / ".stack" / "env"

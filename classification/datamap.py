@@ -14,10 +14,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from classification.taxonomy import UnknownCategory, category
-from lethe.errors import LetheError
-from lethe.regions import validate_region
-from lethe.yamlfile import load_model
+from lethe.classification.taxonomy import UnknownCategory, category
+from lethe.kernel.errors import LetheError
+from lethe.kernel.regions import validate_region
+from lethe.kernel.yamlfile import load_model
 
 SQL_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 SQL_TABLE = r"^([A-Za-z_][A-Za-z0-9_]{0,62}\.)?[A-Za-z_][A-Za-z0-9_]{0,62}$"
@@ -165,7 +165,7 @@ class KafkaTopicLocator(MapModel):
       the plan and the certificate give the date by which retention has removed every record
       older than the erasure (or say that it never does).
     - `removal: crypto_shred` with `shredded_by` (a keys system): the records are encrypted
-      under the subjects' keys (`lethe.keys`); that system's shred step erases them.
+      under the subjects' keys (`lethe.keys.service`); that system's shred step erases them.
     """
 
     topic: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")
@@ -305,7 +305,7 @@ class LogsSystem(SystemBase):
 
 
 class KeysLocator(MapModel):
-    """The data services encrypt under subjects' data keys (`lethe.keys`), by category."""
+    """The data services encrypt under subjects' data keys (`lethe.keys.service`), by category."""
 
     categories: list[CategoryKey] = Field(min_length=1)
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
-
-from classification.datamap import DataMap, System
-from lethe.contracts import RegionPlan, Step
-from lethe.errors import LetheError, UnknownRegion
+from lethe.classification.datamap import DataMap, System
+from lethe.kernel.errors import LetheError, UnknownRegion
 
 
 class UnknownTenant(LetheError):
@@ -52,11 +48,3 @@ def systems_of(datamap: DataMap, tenant: str, requested_region: str | None = Non
             "under the `tenants` of the systems that hold them"
         )
     return systems
-
-
-def by_region(steps: Iterable[Step]) -> list[RegionPlan]:
-    """Steps grouped by their system's region, regions in name order."""
-    grouped: dict[str, list[Step]] = defaultdict(list)
-    for step in steps:
-        grouped[step.region].append(step)
-    return [RegionPlan(region=region, steps=grouped[region]) for region in sorted(grouped)]

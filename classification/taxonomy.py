@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lethe.errors import LetheError
+from lethe.kernel.errors import LetheError
 
 
 class UnknownCategory(LetheError):

@@ -7,7 +7,7 @@ tagged with the subject reference, whole-database backups under `patients-db/`, 
 portal logs. Every name takes a `prefix`, so tests can seed side by side without colliding; with
 the empty prefix the names are exactly those of `examples/datamap.yaml`.
 
-    python -m examples.seed --patients 20      # seeds the systems LETHE_STACK_* point at
+    python -m lethe.examples.seed --patients 20      # seeds the systems LETHE_STACK_* point at
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from lethe.subjects import tag_for
+from lethe.kernel.subjects import tag_for
 
 TENANT = "st-mary"
 TOPIC = "patient-profile"
@@ -481,7 +481,7 @@ async def drop_all(connections: Connections, prefix: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m examples.seed`: seed the systems the LETHE_STACK_* variables point at."""
+    """`python -m lethe.examples.seed`: seed the systems the LETHE_STACK_* variables point at."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=10, help="how many patients")
     parser.add_argument("--prefix", default="", help="prefix of every table, topic, key, container")

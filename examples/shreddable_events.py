@@ -1,4 +1,4 @@
-"""A service writes shreddable personal data with `lethe.keys`: a Kafka event and a backup blob.
+"""A service writes shreddable personal data with `lethe.keys.service`: a Kafka event, a backup.
 
 Lethe cannot edit a Kafka event after it is written, nor a backup once it is taken. A service
 that encrypts the personal fields under the patient's own data key makes both erasable anyway:
@@ -39,11 +39,11 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from lethe.config import load_settings
 from lethe.contracts import Subject
-from lethe.errors import KeyShredded, LetheError
-from lethe.keys import KeyService, open_key_service
-from lethe.store import dispose_all
+from lethe.kernel.config import load_settings
+from lethe.kernel.database import dispose_all
+from lethe.kernel.errors import KeyShredded, LetheError
+from lethe.keys.service import KeyService, open_key_service
 
 TENANT = "st-mary"
 EVENTS = ("kafka", "patient-events")

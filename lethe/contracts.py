@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from classification.datamap import (
+from lethe.classification.datamap import (
     BlobBackupLocator,
     KafkaTopicLocator,
     KeysLocator,

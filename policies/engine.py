@@ -7,11 +7,11 @@ specific category wins. Every decision names the rule that made it.
 
 from __future__ import annotations
 
-from classification.datamap import SqlTableLocator, Strategy, SystemKind, TopicRemoval
-from classification.taxonomy import matches, specificity
+from lethe.classification.datamap import SqlTableLocator, Strategy, SystemKind, TopicRemoval
+from lethe.classification.taxonomy import matches, specificity
 from lethe.contracts import Action, Decision
-from lethe.errors import LetheError
-from policies.model import PolicyPack
+from lethe.kernel.errors import LetheError
+from lethe.policies.model import PolicyPack
 
 # How much of the data a strategy keeps: when a locator's categories disagree, the one that
 # keeps the most wins, because a reason to keep (a law) outweighs a reason to erase. A

@@ -8,9 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from classification.datamap import CategoryKey, Strategy
-from lethe.deadlines import format_duration, parse_duration
-from lethe.yamlfile import load_model
+from lethe.classification.datamap import CategoryKey, Strategy
+from lethe.kernel.deadlines import format_duration, parse_duration
+from lethe.kernel.yamlfile import load_model
 
 RuleId = str
 MAX_WINDOW = timedelta(days=365)

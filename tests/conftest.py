@@ -15,12 +15,13 @@ import pytest
 from temporalio.client import Client as TemporalClient
 from temporalio.testing import WorkflowEnvironment
 
-from activities.connections import close_connections
-from lethe import codec, probes
-from lethe.client import connect
-from lethe.config import Settings, load_env_file, load_settings
-from lethe.embedded import start_dev_server, start_time_skipping
-from lethe.errors import ServiceUnavailable
+from lethe.activities.connections import close_connections
+from lethe.codec import converter as codec
+from lethe.kernel import probes
+from lethe.kernel.config import Settings, load_env_file, load_settings
+from lethe.kernel.errors import ServiceUnavailable
+from lethe.temporal.connection import connect
+from lethe.temporal.embedded import start_dev_server, start_time_skipping
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK_ENV = ROOT / ".stack" / "env"

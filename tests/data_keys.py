@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from lethe import key_store
-from lethe.keys import DEK_BYTES, KeyService, dek_aad
+from lethe.keys import store as key_store
+from lethe.keys.service import DEK_BYTES, KeyService, dek_aad
 
 TENANT = "clinic"
 CHUNK = 5000

@@ -15,9 +15,10 @@ import psycopg
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from lethe import key_store, probes
-from lethe.kek import LocalKekProvider
-from lethe.keys import KeyService
+from lethe.kernel import probes
+from lethe.keys import store as key_store
+from lethe.keys.kek import LocalKekProvider
+from lethe.keys.service import KeyService
 from tests.conftest import require, stack_variable
 
 KEYS_SYSTEM = """\

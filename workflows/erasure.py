@@ -17,7 +17,6 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from lethe import search_attributes as sa
     from lethe.contracts import (
         ApprovalDecision,
         Certificate,
@@ -40,10 +39,11 @@ with workflow.unsafe.imports_passed_through():
         StepProgress,
         StepRequest,
     )
-    from lethe.deadlines import add_months, format_duration, window_end
-    from lethe.errors import failure_reason
-    from lethe.regions import task_queue
-    from workflows.regional_erasure import RegionalErasureWorkflow
+    from lethe.kernel.deadlines import add_months, format_duration, window_end
+    from lethe.kernel.errors import failure_reason
+    from lethe.kernel.regions import task_queue
+    from lethe.temporal import search_attributes as sa
+    from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 
 CONTROL_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),

@@ -8,7 +8,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.healthcheck import report_worker
+    from lethe.activities.healthcheck import report_worker
     from lethe.contracts import HealthCheckReport, HealthCheckRequest
 
 

@@ -14,8 +14,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from lethe import search_attributes as sa
-    from lethe.rotation import (
+    from lethe.keys.rotation import (
         KIND,
         RewrapCall,
         RewrapProgress,
@@ -27,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         RotationState,
         VersionStep,
     )
+    from lethe.temporal import search_attributes as sa
 
 KEYS_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),

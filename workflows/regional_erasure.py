@@ -16,7 +16,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from lethe.contracts import RegionJob, Step, StepOutcome, StepRequest, VerifyRequest
-    from lethe.errors import failure_reason
+    from lethe.kernel.errors import failure_reason
 
 CONNECTOR_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),

@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from temporalio.client import Client as TemporalClient
 
-from examples.seed import (
+from lethe.examples.seed import (
     BACKUPS_CONTAINER,
     EXPORTS_CONTAINER,
     LOGS_CONTAINER,
@@ -44,10 +44,10 @@ from examples.seed import (
     seed_all,
     sql_prefix,
 )
-from lethe.client import Client
-from lethe.config import Settings
-from lethe.regions import task_queue
-from lethe.subjects import subject_ref
+from lethe.kernel.config import Settings
+from lethe.kernel.regions import task_queue
+from lethe.kernel.subjects import subject_ref
+from lethe.sdk.client import Client
 from tests.conftest import stack_variable
 
 Record = tuple[int, int, bytes | None, bytes | None]

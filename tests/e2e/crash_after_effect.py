@@ -2,7 +2,7 @@
 
 Tests only: `python tests/e2e/crash_after_effect.py --region R --control`, with
 `LETHE_TEST_CRASH_AFTER=module:Class.method` naming the connector method that makes the effect
-(e.g. `activities.kafka:TombstoneWriter._produce_tombstone`, which returns once the broker has
+(e.g. `lethe.activities.kafka:TombstoneWriter._produce_tombstone`, which returns once the broker has
 acknowledged the tombstone). The method is wrapped to call the original and then end the
 process with `os._exit(9)`: no activity completion, no heartbeat after it, no shutdown. Then
 worker.py's `main` runs with the same arguments. Production code has no hook for this.
@@ -68,7 +68,7 @@ def main() -> int:
     if not target:
         raise SystemExit(f"{CRASH_AFTER} is not set")
     crash_after(target)
-    import worker
+    from lethe import worker
 
     return worker.main(sys.argv[1:])
 

@@ -16,14 +16,15 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import delete, insert
 
-from activities.shred import canary_place
-from examples.seed import Patient
-from lethe import key_store, ledger
-from lethe.config import Settings
+from lethe.activities.shred import canary_place
 from lethe.contracts import Subject
-from lethe.errors import KeyShredded
-from lethe.keys import KeyService
-from lethe.store import engine_for
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.examples.seed import Patient
+from lethe.kernel.config import Settings
+from lethe.kernel.errors import KeyShredded
+from lethe.keys import store as key_store
+from lethe.keys.service import KeyService
 from tests.e2e.conftest import (
     Hospital,
     WorkerProcess,

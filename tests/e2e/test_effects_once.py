@@ -27,7 +27,8 @@ from redis.asyncio import Redis
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from examples.seed import (
+from lethe.contracts import Subject
+from lethe.examples.seed import (
     EXPORTS_CONTAINER,
     LOG_PREFIX,
     LOGS_CONTAINER,
@@ -40,10 +41,9 @@ from examples.seed import (
     seed_sql,
     sql_prefix,
 )
-from lethe import key_store
-from lethe.config import Settings, load_settings
-from lethe.contracts import Subject
-from lethe.errors import KeyShredded
+from lethe.kernel.config import Settings, load_settings
+from lethe.kernel.errors import KeyShredded
+from lethe.keys import store as key_store
 from tests.e2e.conftest import (
     Hospital,
     approve,
@@ -356,17 +356,19 @@ _LOGS = _LogsRewrittenOnce()
 
 _SQL = _OnlyThePatientsRow()
 EFFECTS = [
-    Effect("kafka", "activities.kafka:TombstoneWriter._produce_tombstone", _one_tombstone),
-    Effect("sql", "activities.sql:SqlEraser._commit", _SQL.once, _SQL.step, _SQL.holding),
-    Effect("logs", "activities.logs:LogRedactor._erase_blob", _LOGS.once, holding=_LOGS.holding),
+    Effect("kafka", "lethe.activities.kafka:TombstoneWriter._produce_tombstone", _one_tombstone),
+    Effect("sql", "lethe.activities.sql:SqlEraser._commit", _SQL.once, _SQL.step, _SQL.holding),
+    Effect(
+        "logs", "lethe.activities.logs:LogRedactor._erase_blob", _LOGS.once, holding=_LOGS.holding
+    ),
     Effect(
         "blob",
-        "activities.blob:BackupEraser._delete_subject_blobs",
+        "lethe.activities.blob:BackupEraser._delete_subject_blobs",
         _export_deleted_once,
         "backups/0",
     ),
-    Effect("redis", "activities.cache:CacheEraser._remove", _cache_purged_once),
-    Effect("keys", "lethe.keys:KeyService.shred", _keys_shredded_once),
+    Effect("redis", "lethe.activities.cache:CacheEraser._remove", _cache_purged_once),
+    Effect("keys", "lethe.keys.service:KeyService.shred", _keys_shredded_once),
 ]
 
 

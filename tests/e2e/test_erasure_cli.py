@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from examples.seed import (
+from lethe.examples.seed import (
     BACKUP_PREFIX,
     BACKUPS_CONTAINER,
     EXPORTS_CONTAINER,

@@ -13,10 +13,11 @@ import re
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client as TemporalClient
 
-from lethe import codec, ledger
-from lethe.history import history_payloads
-from lethe.regions import task_queue
-from lethe.store import engine_for
+from lethe.codec import converter as codec
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.kernel.regions import task_queue
+from lethe.temporal.history import history_payloads
 from tests.conftest import stack_variable
 from tests.e2e.conftest import (
     Hospital,

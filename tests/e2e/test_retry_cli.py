@@ -12,7 +12,7 @@ from __future__ import annotations
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from lethe import ledger
+from lethe.evidence import ledger
 from tests.e2e.conftest import (
     Hospital,
     WorkerProcess,

@@ -36,7 +36,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client as TemporalClient
 from temporalio.client import WorkflowHistory
 
-from examples.seed import (
+from lethe.examples.seed import (
     BACKUP_PREFIX,
     BACKUPS_CONTAINER,
     EXPORTS_CONTAINER,
@@ -49,7 +49,7 @@ from examples.seed import (
     seed_all,
     sql_prefix,
 )
-from lethe.regions import task_queue
+from lethe.kernel.regions import task_queue
 from tests.conftest import stack_variable
 from tests.e2e.conftest import (
     PATIENTS,

@@ -9,8 +9,8 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from lethe import ledger
 from lethe.contracts import LedgerEntry
+from lethe.evidence import ledger
 from tests.e2e.conftest import (
     Hospital,
     approve,

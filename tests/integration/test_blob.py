@@ -22,10 +22,10 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import blob
-from activities.blob import BackupEraser, BlobServiceError
-from activities.common import SchemaMismatch, erase_and_verify
-from classification.datamap import BlobBackupLocator
+from lethe.activities import blob
+from lethe.activities.blob import BackupEraser, BlobServiceError
+from lethe.activities.common import SchemaMismatch, erase_and_verify
+from lethe.classification.datamap import BlobBackupLocator
 from lethe.contracts import (
     Action,
     Decision,
@@ -35,7 +35,7 @@ from lethe.contracts import (
     Subject,
     VerifyRequest,
 )
-from lethe.errors import ConfigurationError, ServiceUnavailable
+from lethe.kernel.errors import ConfigurationError, ServiceUnavailable
 
 CONNECTION_VARIABLE = "LETHE_STACK_BLOB_CONNECTION"
 

@@ -16,12 +16,12 @@ from redis.asyncio import Redis
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import cache
-from activities.cache import CacheEraser, glob_escape, redis_client
-from activities.common import SchemaMismatch, erase_and_verify
-from classification.datamap import MissingIdentity, RedisHashField, RedisLocator
+from lethe.activities import cache
+from lethe.activities.cache import CacheEraser, glob_escape, redis_client
+from lethe.activities.common import SchemaMismatch, erase_and_verify
+from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator
 from lethe.contracts import Action, Decision, Step, StepRequest, Subject
-from lethe.errors import ServiceUnavailable
+from lethe.kernel.errors import ServiceUnavailable
 
 REF = "0" * 32
 SUBJECTS = {"1": "one@example.org", "12": "twelve@example.org"}

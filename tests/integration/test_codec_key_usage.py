@@ -7,12 +7,12 @@ import uuid
 
 from temporalio.client import Client as TemporalClient
 
-from lethe.codec_keys import CodecKeyRing
-from lethe.codec_usage import KeyUsage, open_workflow_key_usage
-from lethe.config import Settings
+from lethe.codec.keys import CodecKeyRing
 from lethe.contracts import HealthCheckRequest
-from lethe.key_store import key_engine
-from workflows.healthcheck import HealthCheckWorkflow
+from lethe.kernel.config import Settings
+from lethe.keys.store import key_engine
+from lethe.temporal.codec_usage import KeyUsage, open_workflow_key_usage
+from lethe.workflows.healthcheck import HealthCheckWorkflow
 
 
 async def scan_until(client: TemporalClient, workflow_id: str, visible: bool) -> KeyUsage:

@@ -17,10 +17,10 @@ import pytest
 from pydantic import SecretStr
 from temporalio.client import Client as TemporalClient
 
-from lethe.codec_server import app_from_settings, serving
-from lethe.config import Settings
+from lethe.codec.server import app_from_settings, serving
 from lethe.contracts import HealthCheckRequest
-from workflows.healthcheck import HealthCheckWorkflow
+from lethe.kernel.config import Settings
+from lethe.workflows.healthcheck import HealthCheckWorkflow
 
 MARKER = "patient-grace-hopper-1906"
 TOKEN = "integration-" + "k" * 40
@@ -98,7 +98,7 @@ def _payload_data(document: Any) -> Iterator[bytes]:
 async def test_the_cli_decrypts_history_through_the_codec_server(
     settings: Settings, workflow_id: str, codec_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="lethe.codec_server")
+    caplog.set_level(logging.INFO, logger="lethe.codec.server")
     code, output = await _show(
         settings,
         workflow_id,
@@ -132,7 +132,7 @@ async def test_the_cli_namespace_template_reaches_the_server(
 async def test_without_a_token_the_cli_gets_no_plaintext(
     settings: Settings, workflow_id: str, codec_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="lethe.codec_server")
+    caplog.set_level(logging.INFO, logger="lethe.codec.server")
     code, output = await _show(settings, workflow_id, "--codec-endpoint", codec_url)
     assert MARKER not in output
     assert base64.b64encode(MARKER.encode()).decode() not in output

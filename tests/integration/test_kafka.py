@@ -12,12 +12,12 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-import activities.kafka
-from activities.common import SchemaMismatch
-from activities.kafka import LONG_MAX, TombstoneWriter, partition_of
-from classification.datamap import KafkaTopicLocator
+import lethe.activities.kafka
+from lethe.activities.common import SchemaMismatch
+from lethe.activities.kafka import LONG_MAX, TombstoneWriter, partition_of
+from lethe.classification.datamap import KafkaTopicLocator
 from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject
-from lethe.errors import ServiceUnavailable
+from lethe.kernel.errors import ServiceUnavailable
 
 REF = "0" * 32
 Record = tuple[int, int, bytes | None, bytes | None]
@@ -395,7 +395,9 @@ async def test_the_search_for_an_earlier_tombstone_is_bounded_by_offset_and_time
     marks = [("lethe-request", b"req-1"), ("lethe-step", b"patient-events/0")]
 
     def search(since_ms: int, earlier: int | None) -> tuple[int | None, int, int]:
-        found = activities.kafka._TombstoneSearch(kafka_bootstrap, topic, 0, b"patient:1", marks)
+        found = lethe.activities.kafka._TombstoneSearch(
+            kafka_bootstrap, topic, 0, b"patient:1", marks
+        )
         try:
             found.start(since_ms, earlier)
             begin = found.next
@@ -477,8 +479,8 @@ async def test_preflight_of_an_unreachable_broker_raises_within_seconds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Clients of their own, dropped afterwards, so they stop reconnecting to the dead address.
-    monkeypatch.setattr(activities.kafka, "_producers", {})
-    monkeypatch.setattr(activities.kafka, "_admins", {})
+    monkeypatch.setattr(lethe.activities.kafka, "_producers", {})
+    monkeypatch.setattr(lethe.activities.kafka, "_admins", {})
     writer = TombstoneWriter.for_connection("127.0.0.1:1")
     started = time.monotonic()
 
@@ -543,10 +545,10 @@ async def test_retain_writes_nothing_and_cites_the_decision(
 async def test_an_unreachable_broker_is_retryable_and_names_no_key(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(activities.kafka, "TIMEOUT_SECONDS", 1.0)
+    monkeypatch.setattr(lethe.activities.kafka, "TIMEOUT_SECONDS", 1.0)
     # Clients of their own, dropped afterwards, so they stop reconnecting to the dead address.
-    monkeypatch.setattr(activities.kafka, "_producers", {})
-    monkeypatch.setattr(activities.kafka, "_admins", {})
+    monkeypatch.setattr(lethe.activities.kafka, "_producers", {})
+    monkeypatch.setattr(lethe.activities.kafka, "_admins", {})
     request = _request("patient-profile", "secret-subject-7")
     writer = TombstoneWriter.for_connection("127.0.0.1:1")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
-from activities.kafka import TombstoneWriter
-from classification.datamap import KafkaTopicLocator
+from lethe.activities.kafka import TombstoneWriter
+from lethe.classification.datamap import KafkaTopicLocator
 from lethe.contracts import Action, Decision, Step, StepRequest, Subject
 
 from .test_kafka import (

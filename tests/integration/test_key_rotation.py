@@ -23,21 +23,23 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client as TemporalClient
 from temporalio.worker import Worker
 
-from activities import key_rotation
-from lethe import key_store, ledger
-from lethe.client import connect
-from lethe.commands.keys import rotation_progress, schedule_rotation, start_rotation
-from lethe.config import Settings, current_settings
+from lethe.activities import key_rotation
 from lethe.contracts import Subject
-from lethe.errors import ServiceUnavailable
-from lethe.kek import LocalKekProvider
-from lethe.keys import KeyService, place
-from lethe.rotation import RewrapProgress, RotationRequest, rotation_schedule_id
-from lethe.store import dispose_all, engine_for
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.kernel.config import Settings, current_settings
+from lethe.kernel.database import dispose_all
+from lethe.kernel.errors import ServiceUnavailable
+from lethe.keys import store as key_store
+from lethe.keys.kek import LocalKekProvider
+from lethe.keys.rotation import RewrapProgress, RotationRequest, rotation_schedule_id
+from lethe.keys.service import KeyService, place
+from lethe.sdk.rotation import rotation_progress, schedule_rotation, start_rotation
+from lethe.temporal.connection import connect
+from lethe.workflows.key_rotation import KeyRotationWorkflow
 from tests.data_keys import TENANT, log_rewraps, rewraps, seed_data_keys, subject_id
 from tests.e2e.conftest import WorkerProcess, run_lethe
 from tests.key_stores import fresh_key_store
-from workflows.key_rotation import KeyRotationWorkflow
 
 WHERE = place("kafka", "patient-events", "email")
 CACHE_SECONDS = "1"

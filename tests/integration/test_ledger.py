@@ -11,9 +11,10 @@ import pytest
 from sqlalchemy import delete, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from lethe import ledger
-from lethe.store import dispose_all, engine_for
-from lethe.store import ledger as ledger_table
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.evidence.store import ledger as ledger_table
+from lethe.kernel.database import dispose_all
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -22,11 +22,11 @@ from azure.storage.blob import (
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 from temporalio.testing import ActivityEnvironment
 
-from activities import logs
-from activities.blob import PREFLIGHT_TIMEOUT_SECONDS
-from activities.common import SchemaMismatch, erase_and_verify
-from activities.logs import LogRedactor, _digest
-from classification.datamap import LogLocator, MissingIdentity
+from lethe.activities import logs
+from lethe.activities.blob import PREFLIGHT_TIMEOUT_SECONDS
+from lethe.activities.common import SchemaMismatch, erase_and_verify
+from lethe.activities.logs import LogRedactor, _digest
+from lethe.classification.datamap import LogLocator, MissingIdentity
 from lethe.contracts import (
     Action,
     Decision,
@@ -35,7 +35,7 @@ from lethe.contracts import (
     StepRequest,
     Subject,
 )
-from lethe.errors import ConfigurationError, ServiceUnavailable
+from lethe.kernel.errors import ConfigurationError, ServiceUnavailable
 
 CONNECTION_VARIABLE = "LETHE_STACK_BLOB_CONNECTION"
 FIELDS = {"patient_id": "subject_id", "email": "identity.email"}

@@ -23,15 +23,15 @@ from sqlalchemy.engine import make_url
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import shred
-from activities.common import erase_and_verify
-from activities.shred import KeyShredder, canary_place
-from classification.datamap import KeysLocator
-from lethe import key_store
-from lethe.config import Settings
+from lethe.activities import shred
+from lethe.activities.common import erase_and_verify
+from lethe.activities.shred import KeyShredder, canary_place
+from lethe.classification.datamap import KeysLocator
 from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject
-from lethe.errors import KeyShredded, ServiceUnavailable
-from lethe.keys import KeyService, place
+from lethe.kernel.config import Settings
+from lethe.kernel.errors import KeyShredded, ServiceUnavailable
+from lethe.keys import store as key_store
+from lethe.keys.service import KeyService, place
 from tests.key_stores import fresh_key_store, key_rows, key_service
 
 CONNECTION_VARIABLE = "LETHE_TEST_SHRED_KEYS_URL"

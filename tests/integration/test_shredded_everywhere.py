@@ -1,8 +1,8 @@
 """A shredded subject's data cannot be decrypted anywhere it was written: a Kafka event, a backup.
 
 A service writes patient events to a real Kafka topic and a backup document to a real Azurite
-container, the personal fields encrypted with `lethe.keys`. The erasure's key step shreds one
-patient; reading both places back with the service's own clients, her fields raise KeyShredded
+container, the personal fields encrypted with `lethe.keys.service`. The erasure's key step shreds
+one patient; reading both places back with the service's own clients, her fields raise KeyShredded
 while the other patient's still decrypt.
 """
 
@@ -20,13 +20,13 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from activities.common import erase_and_verify
-from activities.shred import KeyShredder
-from classification.datamap import KeysLocator
-from lethe.config import Settings
+from lethe.activities.common import erase_and_verify
+from lethe.activities.shred import KeyShredder
+from lethe.classification.datamap import KeysLocator
 from lethe.contracts import Decision, Step, StepRequest, Subject
-from lethe.errors import KeyShredded
-from lethe.keys import KeyService
+from lethe.kernel.config import Settings
+from lethe.kernel.errors import KeyShredded
+from lethe.keys.service import KeyService
 from tests.key_stores import fresh_key_store, key_service
 
 EVENT_PLACE = ("kafka", "patient-events")

@@ -39,9 +39,9 @@ from sqlalchemy.schema import AddConstraint, CreateSchema, DropSchema
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import sql
-from activities.common import SchemaMismatch
-from activities.sql import (
+from lethe.activities import sql
+from lethe.activities.common import SchemaMismatch
+from lethe.activities.sql import (
     ChangeRefused,
     NoPlaceholder,
     RowsChanged,
@@ -50,9 +50,9 @@ from activities.sql import (
     SubjectIdDoesNotFit,
     UnlinkNotPossible,
 )
-from classification.datamap import SqlTableLocator
+from lethe.classification.datamap import SqlTableLocator
 from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject, VerifyRequest
-from lethe.errors import LetheError, ServiceUnavailable
+from lethe.kernel.errors import LetheError, ServiceUnavailable
 
 SYSTEM = "patients-db"
 A = "p-1001"

@@ -17,9 +17,9 @@ from temporalio.client import Client as TemporalClient
 from temporalio.common import RetryPolicy
 from temporalio.worker import Worker
 
-from activities import sql
+from lethe.activities import sql
 from lethe.contracts import StepOutcome, StepRequest
-from lethe.regions import task_queue
+from lethe.kernel.regions import task_queue
 from tests.integration.test_sql import (
     Hospital,
     _close_engines,

@@ -8,7 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from activities.sql import SqlEraser
+from lethe.activities.sql import SqlEraser
 from tests.integration.test_sql import (
     Hospital,
     _close_engines,

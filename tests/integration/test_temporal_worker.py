@@ -11,13 +11,13 @@ from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-import worker as lethe_worker
-from lethe.codec import ENCODING
-from lethe.config import Settings
+from lethe import worker as lethe_worker
+from lethe.codec.converter import ENCODING
 from lethe.contracts import HealthCheckRequest
-from lethe.history import history_payloads
-from lethe.regions import task_queue
-from workflows.healthcheck import HealthCheckWorkflow
+from lethe.kernel.config import Settings
+from lethe.kernel.regions import task_queue
+from lethe.temporal.history import history_payloads
+from lethe.workflows.healthcheck import HealthCheckWorkflow
 
 MARKER = "patient-ada-lovelace-1815"
 

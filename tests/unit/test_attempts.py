@@ -1,4 +1,4 @@
-"""`activities.attempts.Journal`: what a retry learns from the earlier attempts' heartbeats."""
+"""`lethe.activities.attempts.Journal`: what a retry learns from earlier attempts' heartbeats."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 from temporalio.testing import ActivityEnvironment
 
-from activities.attempts import Journal
-from classification.datamap import KeysLocator
+from lethe.activities.attempts import Journal
+from lethe.classification.datamap import KeysLocator
 from lethe.contracts import Decision, Evidence, Step, StepRequest, Subject
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lethe.cli import app
+from lethe.cli.app import app
 from tests.unit.test_planning import DATAMAP
 
 runner = CliRunner()

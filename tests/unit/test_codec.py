@@ -7,8 +7,8 @@ import os
 import pytest
 from temporalio.api.common.v1 import Payload
 
-from lethe.codec import ENCODING, KEY_ID_METADATA, EncryptionCodec
-from lethe.errors import CodecError
+from lethe.codec.converter import ENCODING, KEY_ID_METADATA, EncryptionCodec
+from lethe.kernel.errors import CodecError
 
 OLD, NEW = os.urandom(32), os.urandom(32)
 PLAIN = Payload(metadata={"encoding": b"json/plain"}, data=b'{"email":"ada@example.org"}')

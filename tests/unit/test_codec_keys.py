@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.api.common.v1 import Payload
 
-from lethe import key_store
-from lethe.codec import KEY_ID_METADATA, KeyServiceCodec
-from lethe.codec_keys import CodecKeyRing
-from lethe.errors import ConfigurationError, RotationConflict, UnknownCodecKey
-from lethe.store import dispose_all
+from lethe.codec.converter import KEY_ID_METADATA, KeyServiceCodec
+from lethe.codec.keys import CodecKeyRing
+from lethe.kernel.database import dispose_all
+from lethe.kernel.errors import ConfigurationError, RotationConflict, UnknownCodecKey
+from lethe.keys import store as key_store
 
 MASTER = os.urandom(32)
 PLAIN = Payload(metadata={"encoding": b"json/plain"}, data=b'{"note":"ada"}')

@@ -14,10 +14,10 @@ from google.protobuf import json_format
 from pydantic import SecretStr
 from temporalio.api.common.v1 import Payload
 
-from lethe.codec import ENCODING, EncryptionCodec
-from lethe.codec_server import MAX_BODY_BYTES, CodecServerPolicy, build_app, policy_from_settings
-from lethe.config import Settings, load_settings
-from lethe.errors import ConfigurationError
+from lethe.codec.converter import ENCODING, EncryptionCodec
+from lethe.codec.server import MAX_BODY_BYTES, CodecServerPolicy, build_app, policy_from_settings
+from lethe.kernel.config import Settings, load_settings
+from lethe.kernel.errors import ConfigurationError
 
 TOKEN = "test-token-" + "t" * 40
 OTHER_TOKEN = "other-token-" + "o" * 40
@@ -206,7 +206,7 @@ async def test_logs_name_each_request_but_never_its_data_or_token(
     tampered = Payload(metadata=dict(sealed.metadata), data=sealed.data[:-1] + b"\x00")
     await client.post("/decode", json=_body(tampered), headers=_headers())
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "lethe.codec_server"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lethe.codec.server"]
     assert any(line.startswith("POST /decode 200 payloads=2 ") for line in lines)
     assert any(line.startswith("POST /decode 401 payloads=0 ") for line in lines)
     assert any(line.startswith("POST /decode 400 payloads=1 ") for line in lines)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lethe.config import Settings, connection, load_env_file, load_settings
-from lethe.errors import ConfigurationError
+from lethe.kernel.config import Settings, connection, load_env_file, load_settings
+from lethe.kernel.errors import ConfigurationError
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from classification.datamap import MissingIdentity, load_datamap, render
-from lethe.yamlfile import InvalidFile
+from lethe.classification.datamap import MissingIdentity, load_datamap, render
+from lethe.kernel.yamlfile import InvalidFile
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "examples" / "datamap.yaml"

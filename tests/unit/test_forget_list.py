@@ -8,7 +8,7 @@ import os
 import pytest
 
 from lethe.contracts import Subject
-from lethe.forget_list import SealBroken, seal, unseal
+from lethe.evidence.forget_list import SealBroken, seal, unseal
 
 KEY = os.urandom(32)
 SUBJECT = Subject(tenant="st-mary", subject_id="p-42", identities={"email": "ada@example.org"})

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.api.history.v1 import HistoryEvent, MarkerRecordedEventAttributes
 
-from classification.datamap import RedisLocator
+from lethe.classification.datamap import RedisLocator
 from lethe.contracts import (
     Decision,
     ErasureRequest,
@@ -20,7 +20,7 @@ from lethe.contracts import (
     StepRequest,
     Subject,
 )
-from lethe.history import (
+from lethe.temporal.history import (
     SUBJECT_ID_MARK,
     identity_mark,
     iter_payloads,

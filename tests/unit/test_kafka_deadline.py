@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from activities.kafka import LONG_MAX, Removal, removal_deadline, removal_status
+from lethe.activities.kafka import LONG_MAX, Removal, removal_deadline, removal_status
 
 TOMBSTONE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SECOND_MS = 1000

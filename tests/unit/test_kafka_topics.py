@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from activities.planning import Planner, PlanningFailed
-from classification.datamap import load_datamap
+from lethe.classification.datamap import load_datamap
 from lethe.contracts import ErasureRequest, Plan, Step, Subject
-from lethe.yamlfile import InvalidFile
-from policies.model import PACKS_DIR, load_pack
+from lethe.kernel.yamlfile import InvalidFile
+from lethe.plans.planner import Planner, PlanningFailed
+from lethe.policies.model import PACKS_DIR, load_pack
 
 REF = "0" * 32
 GDPR = load_pack(PACKS_DIR / "gdpr.yaml")

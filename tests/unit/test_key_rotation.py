@@ -17,16 +17,18 @@ import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
-from activities.key_rotation import NO_SUBJECT, KeyRotator
-from lethe import key_store, ledger
-from lethe.cli import app
-from lethe.commands.keys import parse_duration
+from lethe.activities.key_rotation import NO_SUBJECT, KeyRotator
+from lethe.cli.app import app
+from lethe.cli.keys import parse_duration
 from lethe.contracts import Subject
-from lethe.errors import KeyShredded, RotationConflict
-from lethe.kek import LocalKekProvider
-from lethe.keys import KeyService, dek_aad, place
-from lethe.rotation import RewrapCall, RewrapProgress, VersionStep
-from lethe.store import dispose_all, engine_for
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.kernel.database import dispose_all
+from lethe.kernel.errors import KeyShredded, RotationConflict
+from lethe.keys import store as key_store
+from lethe.keys.kek import LocalKekProvider
+from lethe.keys.rotation import RewrapCall, RewrapProgress, VersionStep
+from lethe.keys.service import KeyService, dek_aad, place
 from tests.data_keys import TENANT, log_rewraps, rewraps, seed_data_keys, subject_id
 
 WHERE = place("kafka", "patient-events", "email")

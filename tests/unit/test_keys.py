@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, insert, select
 
-from lethe import ciphertext, key_store
 from lethe.contracts import Subject
-from lethe.errors import (
+from lethe.kernel.database import dispose_all
+from lethe.kernel.errors import (
     CiphertextRejected,
     ConfigurationError,
     KeyRetired,
@@ -20,9 +20,10 @@ from lethe.errors import (
     RotationConflict,
     UnknownDataKey,
 )
-from lethe.kek import LocalKekProvider
-from lethe.keys import KeyService, place
-from lethe.store import dispose_all
+from lethe.keys import ciphertext
+from lethe.keys import store as key_store
+from lethe.keys.kek import LocalKekProvider
+from lethe.keys.service import KeyService, place
 
 ADA = Subject(tenant="clinic", subject_id="ada")
 BOB = Subject(tenant="clinic", subject_id="bob")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from activities.planning import Planner
-from classification.datamap import KeysLocator, load_datamap
+from lethe.classification.datamap import KeysLocator, load_datamap
 from lethe.contracts import ErasureRequest, Plan, Step, Subject
-from lethe.yamlfile import InvalidFile
-from policies.engine import PolicyConflict
-from policies.model import PACKS_DIR, PolicyPack, load_pack
+from lethe.kernel.yamlfile import InvalidFile
+from lethe.plans.planner import Planner
+from lethe.policies.engine import PolicyConflict
+from lethe.policies.model import PACKS_DIR, PolicyPack, load_pack
 
 REF = "0" * 32
 MAP = """\

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from activities.planning import Planner, PlanningFailed
-from classification.datamap import SqlTableLocator
-from classification.routing import UnknownTenant
+from lethe.classification.datamap import SqlTableLocator
+from lethe.classification.routing import UnknownTenant
 from lethe.contracts import ErasureRequest, Plan, Step, Subject
-from lethe.errors import UnknownRegion
-from policies.engine import decide, locator_action, sql_action
-from policies.model import PACKS_DIR, ErasureRule, load_pack
+from lethe.kernel.errors import UnknownRegion
+from lethe.plans.planner import Planner, PlanningFailed
+from lethe.policies.engine import decide, locator_action, sql_action
+from lethe.policies.model import PACKS_DIR, ErasureRule, load_pack
 
 ROOT = Path(__file__).resolve().parents[2]
 DATAMAP = ROOT / "examples" / "datamap.yaml"

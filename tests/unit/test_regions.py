@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lethe.errors import UnknownRegion
-from lethe.regions import task_queue
+from lethe.kernel.errors import UnknownRegion
+from lethe.kernel.regions import task_queue
 
 
 @pytest.mark.parametrize("region", ["eu", "us-east", "a", "apac2"])

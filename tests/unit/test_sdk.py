@@ -5,6 +5,6 @@ from __future__ import annotations
 
 def test_the_sdk_client_is_lethe_client() -> None:
     import lethe
-    from lethe.client import Client
+    from lethe.sdk.client import Client
 
     assert lethe.Client is Client

@@ -25,10 +25,10 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.testing import ActivityEnvironment
 
-from activities import sql
-from activities.common import SchemaMismatch
-from activities.sql import SqlEraser, SubjectIdDoesNotFit, engine_for
-from classification.datamap import SqlTableLocator
+from lethe.activities import sql
+from lethe.activities.common import SchemaMismatch
+from lethe.activities.sql import SqlEraser, SubjectIdDoesNotFit, engine_for
+from lethe.classification.datamap import SqlTableLocator
 from lethe.contracts import Action, Decision, Step, StepRequest, Subject
 
 A, B = "p-1", "p-2"

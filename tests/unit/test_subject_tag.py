@@ -1,4 +1,4 @@
-"""`lethe.subjects.tag_for` is the index-tag value the backup connector looks for."""
+"""`lethe.kernel.subjects.tag_for` is the index-tag value the backup connector looks for."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import pytest
 from azure.storage.blob.aio import ContainerClient
 from temporalio.client import Client as TemporalClient
 
-from activities import blob
-from activities.blob import BackupEraser
-from classification.datamap import BlobBackupLocator
-from lethe.client import Client
-from lethe.config import Settings
+from lethe.activities import blob
+from lethe.activities.blob import BackupEraser
+from lethe.classification.datamap import BlobBackupLocator
 from lethe.contracts import Decision, Step, StepRequest, Subject
-from lethe.errors import ConfigurationError
-from lethe.subjects import subject_ref, tag_for
+from lethe.kernel.config import Settings
+from lethe.kernel.errors import ConfigurationError
+from lethe.kernel.subjects import subject_ref, tag_for
+from lethe.sdk.client import Client
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

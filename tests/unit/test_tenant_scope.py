@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Column, DateTime, MetaData, String, Table, insert, select
 
-from activities.planning import Planner, PlanningFailed
-from activities.sql import SqlEraser, engine_for
-from classification.datamap import SqlTableLocator, load_datamap
-from classification.routing import NoSystemHoldsTenant, RegionContradiction
+from lethe.activities.sql import SqlEraser, engine_for
+from lethe.classification.datamap import SqlTableLocator, load_datamap
+from lethe.classification.routing import NoSystemHoldsTenant, RegionContradiction
 from lethe.contracts import ErasureRequest, Plan, StepRequest, Subject
-from lethe.yamlfile import InvalidFile
-from policies.model import PACKS_DIR, load_pack
+from lethe.kernel.yamlfile import InvalidFile
+from lethe.plans.planner import Planner, PlanningFailed
+from lethe.policies.model import PACKS_DIR, load_pack
 
 REF = "0" * 32
 GDPR = load_pack(PACKS_DIR / "gdpr.yaml")

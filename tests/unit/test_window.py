@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from activities.planning import Planner
 from lethe.contracts import ErasureRequest, Plan, Subject
-from lethe.deadlines import (
+from lethe.kernel.deadlines import (
     add_months,
     format_duration,
     parse_duration,
     shortest_months,
     window_end,
 )
-from lethe.yamlfile import InvalidFile
-from policies.model import PACKS_DIR, load_pack
+from lethe.kernel.yamlfile import InvalidFile
+from lethe.plans.planner import Planner
+from lethe.policies.model import PACKS_DIR, load_pack
 from tests.unit.test_planning import DATAMAP, REF
 
 GDPR = (PACKS_DIR / "gdpr.yaml").read_text()

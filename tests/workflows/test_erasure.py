@@ -27,8 +27,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-import worker as lethe_worker
-from lethe import forget_list, holds, ledger
+from lethe import worker as lethe_worker
 from lethe.contracts import (
     ApprovalDecision,
     Certificate,
@@ -43,11 +42,13 @@ from lethe.contracts import (
     Subject,
     VerifyRequest,
 )
-from lethe.regions import task_queue
-from lethe.store import dispose_all, engine_for
-from policies.model import PACKS_DIR
-from workflows.erasure import HOLD_BACKOFF, PATCHES_FIRST, ErasureWorkflow
-from workflows.regional_erasure import RegionalErasureWorkflow
+from lethe.evidence import forget_list, holds, ledger
+from lethe.evidence.store import engine_for
+from lethe.kernel.database import dispose_all
+from lethe.kernel.regions import task_queue
+from lethe.policies.model import PACKS_DIR
+from lethe.workflows.erasure import HOLD_BACKOFF, PATCHES_FIRST, ErasureWorkflow
+from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTROL = "lethe-control"

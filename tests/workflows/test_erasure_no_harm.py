@@ -11,11 +11,12 @@ from datetime import timedelta
 
 from temporalio.testing import WorkflowEnvironment
 
-from lethe import ledger
-from lethe.client import Client
-from lethe.config import Settings
 from lethe.contracts import ApprovalDecision
-from lethe.store import engine_for
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.kernel.config import Settings
+from lethe.sdk.client import Client
+from lethe.workflows.erasure import ErasureWorkflow
 from tests.workflows.test_erasure import (
     Calls,
     _begin,
@@ -27,7 +28,6 @@ from tests.workflows.test_erasure import (
     calls,
     store_env,
 )
-from workflows.erasure import ErasureWorkflow
 
 __all__ = ["calls", "store_env"]  # fixtures, shared with test_erasure.py
 

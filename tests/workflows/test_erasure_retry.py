@@ -17,9 +17,6 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.testing import WorkflowEnvironment
 
-from lethe import ledger
-from lethe.client import Client, RetryRefused, UnknownRequest
-from lethe.config import Settings
 from lethe.contracts import (
     ApprovalDecision,
     Certificate,
@@ -27,8 +24,12 @@ from lethe.contracts import (
     ErasureStart,
     RetryOf,
 )
-from lethe.errors import failure_reason
-from lethe.store import engine_for
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.kernel.config import Settings
+from lethe.kernel.errors import failure_reason
+from lethe.sdk.client import Client, RetryRefused, UnknownRequest
+from lethe.workflows.erasure import ErasureWorkflow
 from tests.workflows.test_erasure import (
     CONTROL,
     Calls,
@@ -39,7 +40,6 @@ from tests.workflows.test_erasure import (
     calls,
     store_env,
 )
-from workflows.erasure import ErasureWorkflow
 
 __all__ = ["calls", "store_env"]  # fixtures, shared with test_erasure.py
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from lethe import codec, ledger
+from lethe.codec import converter as codec
 from lethe.contracts import ApprovalDecision
-from lethe.embedded import start_time_skipping
-from lethe.store import engine_for
-from policies.model import PACKS_DIR
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.policies.model import PACKS_DIR
+from lethe.temporal.embedded import start_time_skipping
+from lethe.workflows.erasure import ErasureWorkflow
 from tests.workflows.test_erasure import (
     Calls,
     _begin,
@@ -31,7 +33,6 @@ from tests.workflows.test_erasure import (
     calls,
     store_env,
 )
-from workflows.erasure import ErasureWorkflow
 
 __all__ = ["calls", "store_env"]  # fixtures, shared with test_erasure.py
 

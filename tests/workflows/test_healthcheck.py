@@ -7,10 +7,10 @@ import uuid
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.healthcheck import report_worker
+from lethe.activities.healthcheck import report_worker
 from lethe.contracts import HealthCheckReport, HealthCheckRequest
-from lethe.regions import task_queue
-from workflows.healthcheck import HealthCheckWorkflow
+from lethe.kernel.regions import task_queue
+from lethe.workflows.healthcheck import HealthCheckWorkflow
 
 
 async def _round_trip(env: WorkflowEnvironment) -> HealthCheckReport:

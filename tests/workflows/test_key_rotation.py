@@ -18,17 +18,18 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities import key_rotation
-from lethe import ledger
-from lethe import search_attributes as sa
-from lethe.commands.keys import rotation_progress, start_rotation
-from lethe.config import Settings, current_settings
+from lethe.activities import key_rotation
 from lethe.contracts import Subject
-from lethe.keys import KeyService, open_key_service, place
-from lethe.rotation import KIND, RotationRequest
-from lethe.store import dispose_all, engine_for
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.kernel.config import Settings, current_settings
+from lethe.kernel.database import dispose_all
+from lethe.keys.rotation import KIND, RotationRequest
+from lethe.keys.service import KeyService, open_key_service, place
+from lethe.sdk.rotation import rotation_progress, start_rotation
+from lethe.temporal import search_attributes as sa
+from lethe.workflows.key_rotation import KeyRotationWorkflow
 from tests.data_keys import TENANT, log_rewraps, rewraps, seed_data_keys, subject_id
-from workflows.key_rotation import KeyRotationWorkflow
 
 QUEUE = "lethe-rotation-test"
 KEYS = 100_000

@@ -18,11 +18,11 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from lethe import codec
+from lethe.codec import converter as codec
 from lethe.contracts import ApprovalDecision, Certificate, ErasureStatus
-from lethe.store import dispose_all
-from workflows.erasure import ErasureWorkflow
-from workflows.regional_erasure import RegionalErasureWorkflow
+from lethe.kernel.database import dispose_all
+from lethe.workflows.erasure import ErasureWorkflow
+from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 
 from .test_erasure import (
     Calls,

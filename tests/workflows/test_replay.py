@@ -16,9 +16,9 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
-from lethe import codec
-from workflows.erasure import ErasureWorkflow
-from workflows.regional_erasure import RegionalErasureWorkflow
+from lethe.codec import converter as codec
+from lethe.workflows.erasure import ErasureWorkflow
+from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 
 FOLDER = Path(__file__).parent / "histories"
 HISTORIES = sorted(FOLDER.rglob("*.json"))

@@ -1,1 +1,0 @@
-"""The `lethe` command line's command groups, assembled in `lethe.cli`."""

@@ -1,0 +1,101 @@
+"""Lethe's own store: the ledger, legal holds, the forget-list and certificates (SQLAlchemy Core).
+
+A SQLite file by default, PostgreSQL in production; tables are created on first use.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from lethe.kernel import database
+
+metadata = MetaData()
+
+ledger = Table(
+    "lethe_ledger",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("request_id", String(100), nullable=False, index=True),
+    Column("subject_ref", String(64), nullable=False, index=True),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(100), nullable=False),
+    Column("system", String(100)),
+    Column("details", JSON, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("idempotency_key", String(300), nullable=False, unique=True),
+)
+
+ledger_head = Table(
+    "lethe_ledger_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+holds = Table(
+    "lethe_holds",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("matter", String(200), nullable=False),
+    Column("scope", String(20), nullable=False),
+    Column("value", String(200), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("placed_by", String(200), nullable=False),
+    Column("placed_at", DateTime(timezone=True), nullable=False),
+    Column("released_by", String(200)),
+    Column("released_at", DateTime(timezone=True)),
+)
+
+forget_list = Table(
+    "lethe_forget_list",
+    metadata,
+    Column("subject_ref", String(64), primary_key=True),
+    Column("tenant", String(100), nullable=False),
+    Column("request_id", String(100), nullable=False),
+    Column("systems", JSON, nullable=False),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+    Column("sealed_subject", Text, nullable=False),
+)
+
+certificates = Table(
+    "lethe_certificates",
+    metadata,
+    Column("request_id", String(100), primary_key=True),
+    Column("subject_ref", String(64), nullable=False, index=True),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("body", JSON, nullable=False),
+)
+
+GENESIS_HASH = "0" * 64
+
+
+async def engine_for(url: str) -> AsyncEngine:
+    """The store's engine for `url`, created once per process, with its tables in place."""
+    return await database.engine_for(url, metadata, _ensure_ledger_head)
+
+
+async def _ensure_ledger_head(conn: AsyncConnection) -> None:
+    """The ledger's head row (seq 0, the genesis hash), which every append updates and locks."""
+    found = (await conn.execute(select(ledger_head.c.id).where(ledger_head.c.id == 1))).first()
+    if found is None:
+        try:
+            async with conn.begin_nested():
+                await conn.execute(insert(ledger_head).values(id=1, seq=0, hash=GENESIS_HASH))
+        except IntegrityError:
+            pass  # another process made it first

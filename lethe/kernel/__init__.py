@@ -1,0 +1,1 @@
+"""The kernel: errors, settings, regions, YAML loading, durations, subject references, probes."""

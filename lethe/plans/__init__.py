@@ -1,0 +1,1 @@
+"""Plans: the pure erasure planner (policy decisions over the data map, routed by region)."""

@@ -1,0 +1,1 @@
+"""The SDK for services: `lethe.Client` and key rotation."""

@@ -1,0 +1,1 @@
+"""Temporal plumbing: the connection, search attributes, histories and the embedded dev server."""
