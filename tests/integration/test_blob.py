@@ -26,16 +26,9 @@ from lethe.activities import blob
 from lethe.activities.blob import BackupEraser, BlobServiceError
 from lethe.activities.common import SchemaMismatch, erase_and_verify
 from lethe.classification.datamap import BlobBackupLocator
-from lethe.contracts import (
-    Action,
-    Decision,
-    Step,
-    StepOutcome,
-    StepRequest,
-    Subject,
-    VerifyRequest,
-)
+from lethe.contracts import Action, StepOutcome, StepRequest, Subject, VerifyRequest
 from lethe.kernel.errors import ConfigurationError, ServiceUnavailable
+from tests.steps import decision, step, step_request
 
 CONNECTION_VARIABLE = "LETHE_STACK_BLOB_CONNECTION"
 
@@ -57,31 +50,18 @@ def _request(
     started: datetime | None = None,
     window_ends: datetime | None = None,
 ) -> StepRequest:
-    started = started or datetime.now(UTC)
-    step = Step(
-        id="backups/0",
-        system="backups",
-        kind="blob",
-        region="eu",
-        connection=CONNECTION_VARIABLE,
-        locator=locator,
-        action=action,
-        phase="deferred",
-        decisions=[
-            Decision(
-                rule="erasure-default" if action != "retain" else "hipaa-backup-retention",
-                strategy=action,
-                citation="GDPR Art. 17(1)" if action != "retain" else "45 CFR 164.316(b)(2)",
-            )
-        ],
+    reason = decision(
+        action,
+        rule="erasure-default" if action != "retain" else "hipaa-backup-retention",
+        citation="GDPR Art. 17(1)" if action != "retain" else "45 CFR 164.316(b)(2)",
     )
-    return StepRequest(
-        request_id=uuid.uuid4().hex,
-        subject_ref=ref,
+    return step_request(
+        step(locator, action=action, connection=CONNECTION_VARIABLE, decisions=[reason]),
         subject=subject,
-        step=step,
-        erasure_started_at=started,
-        window_ends_at=window_ends or started + timedelta(days=30),
+        subject_ref=ref,
+        request_id=uuid.uuid4().hex,
+        started=started,
+        window_ends=window_ends,
     )
 
 

@@ -7,7 +7,6 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,8 +19,9 @@ from lethe.activities import cache
 from lethe.activities.cache import CacheEraser, glob_escape, redis_client
 from lethe.activities.common import SchemaMismatch, erase_and_verify
 from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator
-from lethe.contracts import Action, Decision, Step, StepRequest, Subject
+from lethe.contracts import Action, StepRequest, Subject
 from lethe.kernel.errors import ServiceUnavailable
+from tests.steps import decision, step, step_request
 
 REF = "0" * 32
 SUBJECTS = {"1": "one@example.org", "12": "twelve@example.org"}
@@ -61,30 +61,16 @@ def _request(
     locator: RedisLocator, subject_id: str, email: str | None, action: Action = "purge"
 ) -> StepRequest:
     identities = {"email": email} if email is not None else {}
-    decision = Decision(
+    reason = decision(
+        action,
         rule="hipaa.audit-trail" if action == "retain" else "gdpr.cache.purge",
-        strategy=action,
         citation="45 CFR 164.316(b)(2)" if action == "retain" else "GDPR Art. 17(1)",
         exception="Art. 17(3)(b) legal obligation" if action == "retain" else None,
     )
-    now = datetime.now(UTC)
-    return StepRequest(
-        request_id="req-1",
-        subject_ref=REF,
+    return step_request(
+        step(locator, action=action, decisions=[reason]),
         subject=Subject(tenant="st-mary", subject_id=subject_id, identities=identities),
-        step=Step(
-            id="session-cache/0",
-            system="session-cache",
-            kind="redis",
-            region="eu",
-            connection="LETHE_STACK_REDIS_URL",
-            locator=locator,
-            action=action,
-            phase="immediate",
-            decisions=[decision],
-        ),
-        erasure_started_at=now,
-        window_ends_at=now + timedelta(days=30),
+        subject_ref=REF,
     )
 
 

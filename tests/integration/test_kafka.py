@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -16,8 +16,9 @@ import lethe.activities.kafka
 from lethe.activities.common import SchemaMismatch
 from lethe.activities.kafka import LONG_MAX, TombstoneWriter, partition_of
 from lethe.classification.datamap import KafkaTopicLocator
-from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject
+from lethe.contracts import Action, StepOutcome, StepRequest, Subject
 from lethe.kernel.errors import ServiceUnavailable
+from tests.steps import decision, step, step_request
 
 REF = "0" * 32
 Record = tuple[int, int, bytes | None, bytes | None]
@@ -112,30 +113,12 @@ def _request(
     request_id: str = "req-1",
     key_template: str = "patient:{subject_id}",
 ) -> StepRequest:
-    now = datetime.now(UTC)
-    return StepRequest(
-        request_id=request_id,
-        subject_ref=REF,
+    locator = KafkaTopicLocator(topic=topic, key_template=key_template, categories=["user.contact"])
+    return step_request(
+        step(locator, action=action, decisions=[decision(action, rule="gdpr.default")]),
         subject=Subject(tenant="st-mary", subject_id=subject_id),
-        step=Step(
-            id="patient-events/0",
-            system="patient-events",
-            kind="kafka",
-            region="eu",
-            connection="LETHE_STACK_KAFKA_BOOTSTRAP",
-            locator=KafkaTopicLocator(
-                topic=topic, key_template=key_template, categories=["user.contact"]
-            ),
-            action=action,
-            phase="immediate",
-            decisions=[
-                Decision(
-                    rule="gdpr.default", strategy=action, citation="GDPR Art. 17(1)", exception=None
-                )
-            ],
-        ),
-        erasure_started_at=now,
-        window_ends_at=now + timedelta(days=30),
+        subject_ref=REF,
+        request_id=request_id,
     )
 
 

@@ -8,11 +8,12 @@ retention, with the date by which it has removed everything older than the erasu
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from lethe.activities.kafka import TombstoneWriter
 from lethe.classification.datamap import KafkaTopicLocator
-from lethe.contracts import Action, Decision, Step, StepRequest, Subject
+from lethe.contracts import Action, StepRequest, Subject
+from tests.steps import decision, step, step_request
 
 from .test_kafka import (
     FAST_COMPACTION,
@@ -40,26 +41,16 @@ CLAIMS = [
 
 
 def _claims(locator: KafkaTopicLocator, action: Action, request_id: str = "req-1") -> StepRequest:
-    now = datetime.now(UTC)
-    return StepRequest(
-        request_id=request_id,
-        subject_ref=REF,
-        subject=Subject(tenant="st-mary", subject_id="1"),
-        step=Step(
-            id="claims-events/0",
-            system="claims-events",
-            kind="kafka",
-            region="eu",
-            connection="LETHE_STACK_KAFKA_BOOTSTRAP",
-            locator=locator,
+    return step_request(
+        step(
+            locator,
             action=action,
-            phase="immediate",
-            decisions=[
-                Decision(rule="gdpr.default", strategy="delete", citation="GDPR Art. 17(1)")
-            ],
+            system="claims-events",
+            decisions=[decision("delete", rule="gdpr.default")],
         ),
-        erasure_started_at=now,
-        window_ends_at=now + timedelta(days=30),
+        subject=Subject(tenant="st-mary", subject_id="1"),
+        subject_ref=REF,
+        request_id=request_id,
     )
 
 

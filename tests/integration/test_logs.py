@@ -27,15 +27,9 @@ from lethe.activities.blob import PREFLIGHT_TIMEOUT_SECONDS
 from lethe.activities.common import SchemaMismatch, erase_and_verify
 from lethe.activities.logs import LogRedactor, _digest
 from lethe.classification.datamap import LogLocator, MissingIdentity
-from lethe.contracts import (
-    Action,
-    Decision,
-    Step,
-    StepOutcome,
-    StepRequest,
-    Subject,
-)
+from lethe.contracts import Action, StepOutcome, StepRequest, Subject
 from lethe.kernel.errors import ConfigurationError, ServiceUnavailable
+from tests.steps import decision, step, step_request
 
 CONNECTION_VARIABLE = "LETHE_STACK_BLOB_CONNECTION"
 FIELDS = {"patient_id": "subject_id", "email": "identity.email"}
@@ -48,31 +42,17 @@ def _name(prefix: str) -> str:
 def _request(
     locator: LogLocator, subject: Subject, *, action: Action = "delete", ref: str | None = None
 ) -> StepRequest:
-    started = datetime.now(UTC)
-    return StepRequest(
-        request_id=uuid.uuid4().hex,
-        subject_ref=ref or uuid.uuid4().hex,
+    reason = decision(
+        "delete" if action == "redact" else action,
+        rule="logs-default",
+        citation="GDPR Art. 17(1)" if action != "retain" else "GDPR Art. 17(3)(e)",
+        exception="legal claims" if action == "retain" else None,
+    )
+    return step_request(
+        step(locator, action=action, connection=CONNECTION_VARIABLE, decisions=[reason]),
         subject=subject,
-        step=Step(
-            id="app-logs/0",
-            system="app-logs",
-            kind="logs",
-            region="eu",
-            connection=CONNECTION_VARIABLE,
-            locator=locator,
-            action=action,
-            phase="deferred",
-            decisions=[
-                Decision(
-                    rule="logs-default",
-                    strategy="delete" if action == "redact" else action,
-                    citation="GDPR Art. 17(1)" if action != "retain" else "GDPR Art. 17(3)(e)",
-                    exception="legal claims" if action == "retain" else None,
-                )
-            ],
-        ),
-        erasure_started_at=started,
-        window_ends_at=started + timedelta(days=30),
+        subject_ref=ref or uuid.uuid4().hex,
+        request_id=uuid.uuid4().hex,
     )
 
 

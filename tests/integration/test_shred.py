@@ -12,7 +12,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ from lethe.activities import shred
 from lethe.activities.common import erase_and_verify
 from lethe.activities.shred import KeyShredder, canary_place
 from lethe.classification.datamap import KeysLocator
-from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject
+from lethe.contracts import Action, StepOutcome, StepRequest, Subject
 from lethe.kernel.config import Settings
 from lethe.kernel.errors import KeyShredded, ServiceUnavailable
 from lethe.keys import store as key_store
 from lethe.keys.service import KeyService, place
 from tests.key_stores import fresh_key_store, key_rows, key_service
+from tests.steps import decision, step, step_request
 
 CONNECTION_VARIABLE = "LETHE_TEST_SHRED_KEYS_URL"
 WHERE = place("kafka", "patient-events", "email")
@@ -65,33 +66,19 @@ def _subjects() -> tuple[Subject, Subject]:
 def _request(
     keys: KeyService, subject: Subject, *, action: Action = "shred", request_id: str = ""
 ) -> StepRequest:
-    now = datetime.now(UTC)
-    step = Step(
-        id="patient-keys/0",
-        system="patient-keys",
-        kind="keys",
-        region="eu",
-        connection=CONNECTION_VARIABLE,
-        locator=KeysLocator(categories=["user.contact", "user.health_and_medical"]),
-        action=action,
-        phase="immediate",
-        decisions=[
-            Decision(
-                rule="gdpr.contact.soft-delete" if action != "retain" else "hipaa.record",
-                category="user.contact",
-                strategy="soft_delete" if action != "retain" else "retain",
-                citation="GDPR Art. 17(1)",
-                exception=None if action != "retain" else "45 CFR 164.501",
-            )
-        ],
+    retained = action == "retain"
+    reason = decision(
+        "retain" if retained else "soft_delete",
+        rule="hipaa.record" if retained else "gdpr.contact.soft-delete",
+        category="user.contact",
+        exception="45 CFR 164.501" if retained else None,
     )
-    return StepRequest(
-        request_id=request_id or f"req-{uuid.uuid4().hex[:12]}",
-        subject_ref=keys.subject_ref(subject.tenant, subject.subject_id),
+    locator = KeysLocator(categories=["user.contact", "user.health_and_medical"])
+    return step_request(
+        step(locator, action=action, connection=CONNECTION_VARIABLE, decisions=[reason]),
         subject=subject,
-        step=step,
-        erasure_started_at=now,
-        window_ends_at=now + timedelta(days=30),
+        subject_ref=keys.subject_ref(subject.tenant, subject.subject_id),
+        request_id=request_id or f"req-{uuid.uuid4().hex[:12]}",
     )
 
 

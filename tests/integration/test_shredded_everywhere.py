@@ -13,7 +13,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
@@ -23,11 +22,12 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from lethe.activities.common import erase_and_verify
 from lethe.activities.shred import KeyShredder
 from lethe.classification.datamap import KeysLocator
-from lethe.contracts import Decision, Step, StepRequest, Subject
+from lethe.contracts import StepRequest, Subject
 from lethe.kernel.config import Settings
 from lethe.kernel.errors import KeyShredded
 from lethe.keys.service import KeyService
 from tests.key_stores import fresh_key_store, key_service
+from tests.steps import decision, step, step_request
 
 EVENT_PLACE = ("kafka", "patient-events")
 BACKUP_PLACE = ("blob", "patient-backups")
@@ -95,26 +95,12 @@ def _consume(bootstrap: str, topic: str, count: int) -> list[bytes]:
 
 
 def _shred_request(keys: KeyService, subject: Subject) -> StepRequest:
-    now = datetime.now(UTC)
-    return StepRequest(
-        request_id=f"req-{uuid.uuid4().hex[:12]}",
-        subject_ref=keys.subject_ref(subject.tenant, subject.subject_id),
+    locator = KeysLocator(categories=["user.contact", "user.health_and_medical"])
+    return step_request(
+        step(locator, action="shred", decisions=[decision("delete", rule="gdpr.default")]),
         subject=subject,
-        step=Step(
-            id="patient-keys/0",
-            system="patient-keys",
-            kind="keys",
-            region="eu",
-            connection="LETHE_KEYS_STORE_URL",
-            locator=KeysLocator(categories=["user.contact", "user.health_and_medical"]),
-            action="shred",
-            phase="immediate",
-            decisions=[
-                Decision(rule="gdpr.default", strategy="delete", citation="GDPR Art. 17(1)")
-            ],
-        ),
-        erasure_started_at=now,
-        window_ends_at=now + timedelta(days=30),
+        subject_ref=keys.subject_ref(subject.tenant, subject.subject_id),
+        request_id=f"req-{uuid.uuid4().hex[:12]}",
     )
 
 

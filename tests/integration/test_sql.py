@@ -51,8 +51,9 @@ from lethe.activities.sql import (
     UnlinkNotPossible,
 )
 from lethe.classification.datamap import SqlTableLocator
-from lethe.contracts import Action, Decision, Step, StepOutcome, StepRequest, Subject, VerifyRequest
+from lethe.contracts import Action, StepOutcome, StepRequest, Subject, VerifyRequest
 from lethe.kernel.errors import LetheError, ServiceUnavailable
+from tests.steps import decision, step, step_request
 
 SYSTEM = "patients-db"
 A = "p-1001"
@@ -251,33 +252,23 @@ def request_for(
     connection: str = "LETHE_STACK_SQL_URL",
 ) -> StepRequest:
     """A step request as the erasure workflow would send it."""
-    now = datetime.now(UTC)
-    step = Step(
-        id=f"{SYSTEM}/0",
-        system=SYSTEM,
-        kind="sql",
-        region="eu",
-        connection=connection,
-        locator=locator,
-        action=action,
-        phase="immediate",
-        keep_columns=keep or [],
-        decisions=[
-            Decision(
-                rule="test.rule",
-                category="user.health_and_medical",
-                strategy=action,
-                citation=CITATION if action == "retain" else "GDPR Art. 17(1)",
-            )
-        ],
+    reason = decision(
+        action,
+        rule="test.rule",
+        category="user.health_and_medical",
+        citation=CITATION if action == "retain" else "GDPR Art. 17(1)",
     )
-    return StepRequest(
-        request_id="req-1",
-        subject_ref="ref-" + uuid.uuid4().hex,
+    return step_request(
+        step(
+            locator,
+            action=action,
+            system=SYSTEM,
+            connection=connection,
+            keep_columns=keep or [],
+            decisions=[reason],
+        ),
         subject=Subject(tenant="st-mary", subject_id=subject_id),
-        step=step,
-        erasure_started_at=now,
-        window_ends_at=now + timedelta(days=30),
+        subject_ref="ref-" + uuid.uuid4().hex,
     )
 
 

@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from temporalio.testing import ActivityEnvironment
 
 from lethe.activities.attempts import Journal
 from lethe.classification.datamap import KeysLocator
-from lethe.contracts import Decision, Evidence, Step, StepRequest, Subject
+from lethe.contracts import Evidence
+from tests.steps import decision, step, step_request
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
-REQUEST = StepRequest(
-    request_id="req-1",
-    subject_ref="0" * 32,
-    subject=Subject(tenant="st-mary", subject_id="p-1"),
-    step=Step(
-        id="patient-keys/0",
-        system="patient-keys",
-        kind="keys",
-        region="eu",
-        connection="LETHE_KEYS_STORE_URL",
-        locator=KeysLocator(categories=["user.contact"]),
+REQUEST = step_request(
+    step(
+        KeysLocator(categories=["user.contact"]),
         action="shred",
-        phase="immediate",
-        decisions=[Decision(rule="r", strategy="delete", citation="GDPR Art. 17(1)")],
+        decisions=[decision("delete", rule="r")],
     ),
-    erasure_started_at=NOW,
-    window_ends_at=NOW + timedelta(days=30),
+    subject_ref="0" * 32,
+    started=NOW,
 )
 
 

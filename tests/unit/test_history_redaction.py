@@ -10,16 +10,7 @@ from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.api.history.v1 import HistoryEvent, MarkerRecordedEventAttributes
 
 from lethe.classification.datamap import RedisLocator
-from lethe.contracts import (
-    Decision,
-    ErasureRequest,
-    ErasureStart,
-    RegionJob,
-    Step,
-    StepOutcome,
-    StepRequest,
-    Subject,
-)
+from lethe.contracts import ErasureRequest, ErasureStart, RegionJob, StepOutcome, Subject
 from lethe.temporal.history import (
     SUBJECT_ID_MARK,
     identity_mark,
@@ -29,6 +20,7 @@ from lethe.temporal.history import (
     request_of,
     subject_markers,
 )
+from tests.steps import step, step_request
 
 NOW = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 PATIENT = "pt-7f3a9c-ada"
@@ -36,16 +28,11 @@ EMAIL = "ada.lovelace@st-mary.example"
 MRN = "MRN-20261102"
 REF = "a" * 32
 SUBJECT = Subject(tenant="st-mary", subject_id=PATIENT, identities={"email": EMAIL, "mrn": MRN})
-STEP = Step(
-    id="sessions/0",
-    system="sessions",
-    kind="redis",
-    region="eu",
-    connection="SESSIONS_URL",
-    locator=RedisLocator(patterns=["session:{subject_id}"], categories=["user.contact"]),
+STEP = step(
+    RedisLocator(patterns=["session:{subject_id}"], categories=["user.contact"]),
     action="purge",
-    phase="immediate",
-    decisions=[Decision(rule="erasure-default", strategy="purge", citation="GDPR Art. 17(1)")],
+    system="sessions",
+    connection="SESSIONS_URL",
 )
 
 
@@ -70,14 +57,7 @@ def _region_job() -> object:
 
 
 def _step_request() -> object:
-    request = StepRequest(
-        request_id="req-1",
-        subject_ref=REF,
-        subject=SUBJECT,
-        step=STEP,
-        erasure_started_at=NOW,
-        window_ends_at=NOW + timedelta(days=30),
-    )
+    request = step_request(STEP, subject=SUBJECT, subject_ref=REF, started=NOW)
     return request.model_dump(mode="json")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from lethe.activities import sql
 from lethe.activities.common import SchemaMismatch
 from lethe.activities.sql import SqlEraser, SubjectIdDoesNotFit, engine_for
 from lethe.classification.datamap import SqlTableLocator
-from lethe.contracts import Action, Decision, Step, StepRequest, Subject
+from lethe.contracts import Action, StepRequest, Subject
+from tests.steps import decision, step, step_request
 
 A, B = "p-1", "p-2"
 metadata = MetaData()
@@ -110,25 +111,16 @@ async def rows(engine: AsyncEngine, table: Table) -> list[tuple[Any, ...]]:
 
 def request_for(locator: dict[str, object], action: Action, subject_id: str = A) -> StepRequest:
     """A step request for a locator given as the data map writes it."""
-    now = datetime.now(UTC)
-    step = Step(
-        id="clinic-db/0",
-        system="clinic-db",
-        kind="sql",
-        region="eu",
-        connection="CLINIC_DB_URL",
-        locator=SqlTableLocator.model_validate(locator),
-        action=action,
-        phase="immediate",
-        decisions=[Decision(rule="r", strategy=action, citation="GDPR Art. 17(1)")],
-    )
-    return StepRequest(
-        request_id="req-1",
-        subject_ref="ref",
+    return step_request(
+        step(
+            SqlTableLocator.model_validate(locator),
+            action=action,
+            system="clinic-db",
+            connection="CLINIC_DB_URL",
+            decisions=[decision(action, rule="r")],
+        ),
         subject=Subject(tenant="st-mary", subject_id=subject_id),
-        step=step,
-        erasure_started_at=now,
-        window_ends_at=now + timedelta(days=30),
+        subject_ref="ref",
     )
 
 

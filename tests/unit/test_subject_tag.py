@@ -6,7 +6,7 @@ import base64
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import cast
 
 import pytest
@@ -16,11 +16,12 @@ from temporalio.client import Client as TemporalClient
 from lethe.activities import blob
 from lethe.activities.blob import BackupEraser
 from lethe.classification.datamap import BlobBackupLocator
-from lethe.contracts import Decision, Step, StepRequest, Subject
+from lethe.contracts import StepRequest, Subject
 from lethe.kernel.config import Settings
 from lethe.kernel.errors import ConfigurationError
 from lethe.kernel.subjects import subject_ref, tag_for
 from lethe.sdk.client import Client
+from tests.steps import decision, step, step_request
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -59,25 +60,15 @@ def _request(ref: str) -> tuple[StepRequest, BlobBackupLocator]:
     locator = BlobBackupLocator(
         container="patient-exports", subject_tag=TAG, categories=["user.contact"]
     )
-    step = Step(
-        id="backups/0",
-        system="backups",
-        kind="blob",
-        region="eu",
-        connection="BACKUPS_BLOB",
-        locator=locator,
-        action="delete",
-        phase="deferred",
-        decisions=[Decision(rule="erasure-default", strategy="delete", citation="GDPR Art. 17")],
-    )
-    started = datetime(2026, 11, 2, tzinfo=UTC)
-    request = StepRequest(
-        request_id="req-1",
-        subject_ref=ref,
+    request = step_request(
+        step(
+            locator,
+            connection="BACKUPS_BLOB",
+            decisions=[decision("delete", citation="GDPR Art. 17")],
+        ),
         subject=Subject(tenant=TENANT, subject_id=PATIENT),
-        step=step,
-        erasure_started_at=started,
-        window_ends_at=started + timedelta(days=30),
+        subject_ref=ref,
+        started=datetime(2026, 11, 2, tzinfo=UTC),
     )
     return request, locator
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,11 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, insert, select
 from lethe.activities.sql import SqlEraser, engine_for
 from lethe.classification.datamap import SqlTableLocator, load_datamap
 from lethe.classification.routing import NoSystemHoldsTenant, RegionContradiction
-from lethe.contracts import ErasureRequest, Plan, StepRequest, Subject
+from lethe.contracts import ErasureRequest, Plan, Subject
 from lethe.kernel.yamlfile import InvalidFile
 from lethe.plans.planner import Planner, PlanningFailed
 from lethe.policies.model import PACKS_DIR, load_pack
+from tests.steps import step_request
 
 REF = "0" * 32
 GDPR = load_pack(PACKS_DIR / "gdpr.yaml")
@@ -189,14 +189,8 @@ async def test_a_shared_table_is_erased_only_for_the_subjects_tenant(tmp_path: P
     plan = _plan(tmp_path, "clinic-eu")
     step = next(s for s in plan.steps if s.system == "members-eu")
     assert isinstance(step.locator, SqlTableLocator)
-    now = datetime.now(UTC)
-    request = StepRequest(
-        request_id="req-1",
-        subject_ref=REF,
-        subject=Subject(tenant="clinic-eu", subject_id="m-1"),
-        step=step,
-        erasure_started_at=now,
-        window_ends_at=now + timedelta(days=30),
+    request = step_request(
+        step, subject=Subject(tenant="clinic-eu", subject_id="m-1"), subject_ref=REF
     )
     eraser = SqlEraser(engine)
     erased = await eraser.erase(request)
