@@ -59,7 +59,9 @@ HOLD_RECHECK_MAX = timedelta(days=1)
 
 DONE_STATES = ("done", "retained")
 SHRED_EVIDENCE_IN_LEDGER = "shred-evidence-in-ledger"
-"""Patch: a shred step's ledger entry carries its evidence (the certificate always did)."""
+"""Retired patch: it landed with the shred step itself, so no run has a shred step without it. A
+shred step's ledger entry always carries its evidence; runs before PATCHES_FIRST recorded the
+marker where their first shred outcome arrived, and `deprecate_patch` there accepts it."""
 PREFLIGHT = "preflight-before-destruction"
 """Patch: every step is checked by its region's worker before anything is destroyed."""
 PREFLIGHT_TIMEOUT = timedelta(minutes=2)
@@ -428,7 +430,9 @@ class ErasureWorkflow:
                     "affected": outcome.affected,
                     "verified": outcome.verified,
                 }
-                if step.action == "shred" and self._patched(SHRED_EVIDENCE_IN_LEDGER):
+                if step.action == "shred":
+                    if not self._patches_first:
+                        workflow.deprecate_patch(SHRED_EVIDENCE_IN_LEDGER)
                     # Key destruction leaves no trace in any data system: the hash-chained
                     # ledger keeps its proof (versions destroyed, when, the canary's fate).
                     details.update({f"evidence.{k}": v for k, v in outcome.evidence.items()})

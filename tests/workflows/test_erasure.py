@@ -53,7 +53,7 @@ from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 ROOT = Path(__file__).resolve().parents[2]
 CONTROL = "lethe-control"
 TEST_SUBJECT_KEY = base64.b64encode(b"subject-key-for-tests-only-32byt").decode()
-KINDS = ("sql", "kafka", "redis", "blob", "logs")
+KINDS = ("sql", "kafka", "redis", "blob", "logs", "keys")
 
 
 @dataclass
@@ -74,6 +74,8 @@ class Calls:
     """System -> how many attempts of its steps fail as unreachable before one succeeds."""
     attempts: dict[str, int] = field(default_factory=dict)
     """Step -> the attempt that finally erased it."""
+    evidence: dict[str, dict[str, str | int]] = field(default_factory=dict)
+    """System -> the evidence its stand-in erase reports."""
 
 
 def connectors(calls: Calls) -> list[Callable[..., Any]]:
@@ -97,7 +99,11 @@ def connectors(calls: Calls) -> list[Callable[..., Any]]:
             calls.found.append(request.subject_found)
             # The real activities erase, then verify, in one call.
             return StepOutcome(
-                step_id=request.step.id, status="done", affected=calls.affected, verified=True
+                step_id=request.step.id,
+                status="done",
+                affected=calls.affected,
+                verified=True,
+                evidence=calls.evidence.get(request.step.system, {}),
             )
 
         @activity.defn(name=f"{kind}.verify")
@@ -195,7 +201,8 @@ HISTORIES = Path(__file__).parent / "histories" / "patches-first"
 change records into a new folder and keeps the old ones, whose runs must still replay."""
 
 
-def _save(path: Path, workflow_id: str, history: WorkflowHistory) -> None:
+def save_history(path: Path, workflow_id: str, history: WorkflowHistory) -> None:
+    """Write a history as the replay tests read it (with its workflow id)."""
     recorded = {"workflowId": workflow_id, **json.loads(history.to_json())}
     path.write_text(json.dumps(recorded, indent=1))
 
@@ -232,7 +239,7 @@ async def _finish(
     assert_patches_decided_first(history)
     if os.environ.get("LETHE_RECORD_HISTORIES") == "1":
         HISTORIES.mkdir(parents=True, exist_ok=True)
-        _save(HISTORIES / f"{name}.json", handle.id, history)
+        save_history(HISTORIES / f"{name}.json", handle.id, history)
         children = [
             e.child_workflow_execution_started_event_attributes.workflow_execution.workflow_id
             for e in history.events
@@ -240,7 +247,7 @@ async def _finish(
         ]
         for index, child in enumerate(children):
             child_history = await env.client.get_workflow_handle(child).fetch_history()
-            _save(HISTORIES / f"{name}.child{index}.json", child, child_history)
+            save_history(HISTORIES / f"{name}.child{index}.json", child, child_history)
     return certificate
 
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -30,11 +31,14 @@ from lethe.sdk.rotation import rotation_progress, start_rotation
 from lethe.temporal import search_attributes as sa
 from lethe.workflows.key_rotation import KeyRotationWorkflow
 from tests.data_keys import TENANT, log_rewraps, rewraps, seed_data_keys, subject_id
+from tests.workflows.test_erasure import save_history
 
 QUEUE = "lethe-rotation-test"
 KEYS = 100_000
 PER_RUN = 30_000
 WHERE = place("sql", "patients", "email")
+HISTORIES = Path(__file__).parent / "histories" / "key-rotation"
+"""Where LETHE_RECORD_HISTORIES=1 records each run of the rotation, for the replay tests."""
 
 
 @pytest.fixture
@@ -53,6 +57,25 @@ async def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
 async def _fresh(settings: Settings) -> KeyService:
     """A key service with empty caches, as another process has it."""
     return await open_key_service(settings.model_copy(update={"keys_cache_seconds": 0.0}))
+
+
+async def _runs(
+    env: WorkflowEnvironment, workflow_id: str, first_run_id: str | None
+) -> list[WorkflowHistory]:
+    """The histories of a workflow's runs, following continue-as-new from the first."""
+    histories = []
+    run_id = first_run_id
+    while run_id:
+        history = await env.client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        histories.append(history)
+        last = history.events[-1]
+        attributes = last.workflow_execution_continued_as_new_event_attributes
+        run_id = (
+            attributes.new_execution_run_id
+            if last.HasField("workflow_execution_continued_as_new_event_attributes")
+            else None
+        )
+    return histories
 
 
 @pytest.mark.timeout(240)
@@ -83,6 +106,13 @@ async def test_rotating_100000_data_keys_across_runs(
         result = await handle.result()  # follows the runs; skips the settling and the grace
         progress = await rotation_progress(client, handle.id)
         described = await handle.describe()
+        runs = await _runs(time_skipping_env, handle.id, handle.result_run_id)
+
+    assert len(runs) == 4
+    if os.environ.get("LETHE_RECORD_HISTORIES") == "1":
+        HISTORIES.mkdir(parents=True, exist_ok=True)
+        for index, history in enumerate(runs):
+            save_history(HISTORIES / f"rotation.run{index}.json", handle.id, history)
 
     assert (result.target, result.retired) == (2, [1])
     assert result.runs == 4  # 30,000 + 30,000 + 30,000 + 10,000: continued as new three times

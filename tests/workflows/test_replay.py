@@ -1,8 +1,9 @@
 """Replay: recorded histories of the erasure workflows replay without non-determinism errors.
 
-The histories under histories/ were recorded from the erasure tests with
+The histories under histories/ were recorded from the erasure and key-rotation tests with
 `LETHE_RECORD_HISTORIES=1`, one folder per shape of the workflows (before-patches-first: runs
-that decided each patch where it applied; patches-first: runs that decide them all at once). A
+that decided each patch where it applied; patches-first: runs that decide them all at once;
+key-rotation: the four runs of a rotation that continues as new three times). A
 change to the workflows that would break runs already in flight fails here; record a new folder
 only for a deliberate, versioned change (workflow.patched), and keep the old ones.
 """
@@ -18,6 +19,7 @@ from temporalio.worker import Replayer
 
 from lethe.codec import converter as codec
 from lethe.workflows.erasure import ErasureWorkflow
+from lethe.workflows.key_rotation import KeyRotationWorkflow
 from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 
 FOLDER = Path(__file__).parent / "histories"
@@ -25,9 +27,14 @@ HISTORIES = sorted(FOLDER.rglob("*.json"))
 
 
 def test_histories_were_recorded() -> None:
-    assert {path.parent.name for path in HISTORIES} == {"before-patches-first", "patches-first"}
+    folders = {path.parent.name for path in HISTORIES}
+    assert folders == {"before-patches-first", "patches-first", "key-rotation"}
     assert len(HISTORIES) >= 16
     assert any(".child" in path.name for path in HISTORIES)
+    # A shred step in both shapes of the erasure, and a rotation that crossed continue-as-new.
+    shredded = [p for p in HISTORIES if p.name.startswith("a_shred_step")]
+    assert {p.parent.name for p in shredded} == {"before-patches-first", "patches-first"}
+    assert len([p for p in HISTORIES if p.parent.name == "key-rotation"]) >= 2
 
 
 def _load(path: Path) -> WorkflowHistory:
@@ -40,7 +47,7 @@ def _load(path: Path) -> WorkflowHistory:
 )
 async def test_recorded_history_replays(path: Path, test_codec: codec.EncryptionCodec) -> None:
     replayer = Replayer(
-        workflows=[ErasureWorkflow, RegionalErasureWorkflow],
+        workflows=[ErasureWorkflow, RegionalErasureWorkflow, KeyRotationWorkflow],
         data_converter=codec.data_converter(test_codec),
     )
     history = _load(path)
