@@ -25,7 +25,10 @@ count, which a retry reads back; its heartbeats say where to resume.)
 
 Heartbeats are sent asynchronously: the first of an attempt at once, later ones at most every
 80% of the heartbeat timeout, and none once the process has ended. So a connector heartbeats
-nothing before its plan, unless a long search needs it to stay alive (`alive`). An attempt that
+nothing before its plan, unless a long search needs it to stay alive (`alive`). Every connector
+activity runs `kept_alive`: while a statement, a read or a flush takes long, it heartbeats the
+last details again (at first the earlier attempt's, so a retry still finds them), so the
+attempt is not taken for lost and run a second time beside itself. An attempt that
 fails with an error before its effect says so in a heartbeat (`failed`): the SDK sends an
 attempt's last heartbeat with its failure, so its retry is `recorded`, not `lost`. Counts are
 never made up: a count that a missing heartbeat would have told is None.
@@ -34,9 +37,10 @@ never made up: a count that a missing heartbeat would have told is None.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -58,6 +62,57 @@ EarlierEvidence = Literal["recorded", "planned", "lost"]
 Stage = Literal["started", "planned", "erased"]
 
 _current: ContextVar[Journal | None] = ContextVar("lethe_effect_journal", default=None)
+
+
+@dataclass
+class _Beats:
+    """The attempt's last heartbeat details and when they were last sent."""
+
+    details: tuple[Any, ...]
+    at: float = field(default_factory=time.monotonic)
+
+
+_beats: ContextVar[_Beats | None] = ContextVar("lethe_heartbeats", default=None)
+
+
+def heartbeat(*details: Any) -> None:
+    """Heartbeat `details` (inside an activity; outside one, nothing); `kept_alive` sends them
+    again while the work goes on."""
+    if not activity.in_activity():
+        return
+    beats = _beats.get()
+    if beats is not None:
+        beats.details, beats.at = details, time.monotonic()
+    activity.heartbeat(*details)
+
+
+@contextlib.asynccontextmanager
+async def kept_alive() -> AsyncIterator[None]:
+    """Keep the activity alive while it works: when no heartbeat went out for a third of its
+    heartbeat timeout (at most ALIVE_SECONDS), send the last details again, starting with the
+    earlier attempt's (Temporal keeps only the last heartbeat, which a retry reads)."""
+    info = activity.info() if activity.in_activity() else None
+    if info is None or not info.heartbeat_timeout:
+        yield
+        return
+    every = min(ALIVE_SECONDS, info.heartbeat_timeout.total_seconds() / 3)
+    beats = _Beats(tuple(info.heartbeat_details))
+    token = _beats.set(beats)
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(max(beats.at + every - time.monotonic(), 0.05))
+            if time.monotonic() - beats.at >= every:
+                heartbeat(*beats.details)
+
+    keeper = asyncio.create_task(keep())
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        _beats.reset(token)
 
 
 def _count(value: object) -> int | None:
@@ -221,8 +276,7 @@ class Journal:
     def beat(self) -> None:
         """Heartbeat the record now (inside an activity)."""
         self._beat_at = time.monotonic()
-        if activity.in_activity():
-            activity.heartbeat(self.record())
+        heartbeat(self.record())
 
     def alive(self, **progress: Any) -> None:
         """Heartbeat to stay alive during a long search or check, at most every ALIVE_SECONDS:

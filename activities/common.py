@@ -8,6 +8,7 @@ from typing import Protocol, TypeVar
 
 from temporalio import activity
 
+from lethe.activities.attempts import kept_alive
 from lethe.contracts import Evidence, StepCheck, StepOutcome, StepRequest, VerifyRequest
 from lethe.kernel.config import connection, current_settings
 from lethe.kernel.errors import LetheError
@@ -100,7 +101,8 @@ async def checked(request: StepRequest, connector: Callable[[], Eraser]) -> Step
     step_id = request.step.id
     try:
         check_region(request)
-        problems = await connector().preflight(request)
+        async with kept_alive():
+            problems = await connector().preflight(request)
     except LetheError as exc:
         return StepCheck(
             step_id=step_id, problems=[f"{type(exc).__name__}: {exc}"], transient=exc.retryable
@@ -164,9 +166,11 @@ def step_connection(request: StepRequest) -> str:
 
 
 async def guarded(request: StepRequest, work: Callable[[], Awaitable[T]]) -> T:
-    """Run a connector call for a step: region checked first, Lethe errors typed for Temporal."""
+    """Run a connector call for a step: region checked first, kept alive by heartbeats while it
+    works, Lethe errors typed for Temporal."""
     try:
         check_region(request)
-        return await work()
+        async with kept_alive():
+            return await work()
     except LetheError as exc:
         raise exc.to_application_error() from None

@@ -55,6 +55,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 from temporalio import activity
 
+from lethe.activities.attempts import heartbeat
 from lethe.activities.common import (
     SchemaMismatch,
     connector_activities,
@@ -404,8 +405,7 @@ def _marks(request: StepRequest) -> list[tuple[str, bytes]]:
 def _heartbeat(topic: str, partition: int, offset: int) -> None:
     """Tell a later attempt where to look: this step's tombstone, if any, is at or after
     `offset` in `partition` (nothing of it is earlier). Outside an activity, nothing."""
-    if activity.in_activity():
-        activity.heartbeat({"topic": topic, "partition": partition, "offset": offset})
+    heartbeat({"topic": topic, "partition": partition, "offset": offset})
 
 
 def _earlier_attempt(topic: str, partition: int) -> int | None:
@@ -857,8 +857,7 @@ class TombstoneWriter:
             await self._in_thread(scan.start)
             while not scan.finished:
                 await self._in_thread(scan.read, SEARCH_SLICE_SECONDS)
-                if activity.in_activity():
-                    activity.heartbeat({"topic": topic, "records_read": scan.result.records})
+                heartbeat({"topic": topic, "records_read": scan.result.records})
             return scan.result
         finally:
             await asyncio.to_thread(scan.close)

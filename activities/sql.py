@@ -103,7 +103,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.types import NullType
 from temporalio import activity
 
-from lethe.activities.attempts import heartbeat_held
+from lethe.activities.attempts import heartbeat, heartbeat_held
 from lethe.activities.common import (
     SchemaMismatch,
     connector_activities,
@@ -902,8 +902,7 @@ def _attempt() -> int:
 def _heartbeat(counted: _Counted) -> None:
     """Tell a later attempt what this step counted before committing (outside an activity,
     nothing). Best-effort: the SDK sends it asynchronously."""
-    if activity.in_activity():
-        activity.heartbeat(counted.model_dump())
+    heartbeat(counted.model_dump())
 
 
 async def _confirmed(counted: _Counted) -> bool:

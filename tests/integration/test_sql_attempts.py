@@ -1,9 +1,13 @@
-"""The SQL step's count on the stack's Temporal server: it is there before the commit.
+"""The SQL step's attempts on the stack's Temporal server: the count is there before the
+commit, and a statement slower than the heartbeat timeout runs once.
 
 Erase heartbeats the count of the subject's rows inside its transaction and asks the server
 (describing the workflow) until it holds it, so that a retry after a worker lost between the
 commit and the activity's completion finds it (tests/e2e/test_effects_once.py ends a worker
 there). Here one real worker runs the step and its evidence says the count was confirmed.
+
+While a statement runs, the activity heartbeats its last details again (`kept_alive`), so
+Temporal does not take a slow attempt for lost and start a second one beside it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import text
 from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client as TemporalClient
 from temporalio.common import RetryPolicy
 from temporalio.worker import Worker
@@ -48,6 +54,86 @@ class OneSqlStep:
         return outcome
 
 
+SLOW_SECONDS = 6
+"""How long the slow statement sleeps: three times the heartbeat timeout below."""
+
+
+@workflow.defn(sandboxed=False)
+class OneSlowSqlStep:
+    """Runs one SQL step's erase activity with a heartbeat timeout of two seconds, retried."""
+
+    @workflow.run
+    async def run(self, request: StepRequest) -> StepOutcome:
+        outcome: StepOutcome = await workflow.execute_activity(
+            "sql.erase",
+            request,
+            result_type=StepOutcome,
+            start_to_close_timeout=timedelta(seconds=60),
+            heartbeat_timeout=timedelta(seconds=2),
+            retry_policy=RetryPolicy(maximum_attempts=3, initial_interval=timedelta(seconds=1)),
+        )
+        return outcome
+
+
+def _on_own_queue(request: StepRequest, name: str) -> tuple[StepRequest, str]:
+    """The request moved to a region, and so a task queue, that no other worker serves."""
+    region = f"{name}{uuid.uuid4().hex[:8]}"
+    step = request.step.model_copy(update={"region": region})
+    return request.model_copy(update={"step": step}), task_queue(region)
+
+
+async def test_a_statement_slower_than_the_heartbeat_timeout_runs_once(
+    hospital: Hospital,
+    stack_temporal: TemporalClient,
+    sql_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A trigger makes the DELETE sleep for three heartbeat timeouts and logs each statement;
+    the activity is kept alive, so one attempt runs and the trigger fires once."""
+    monkeypatch.setenv("LETHE_TEST_PATIENTS_URL", sql_url)
+    schema = hospital.schema
+    async with hospital.engine.begin() as conn:
+        await conn.execute(text(f"CREATE TABLE {schema}.statements (at timestamptz NOT NULL)"))
+        await conn.execute(
+            text(
+                f"CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"INSERT INTO {schema}.statements VALUES (clock_timestamp()); "
+                f"PERFORM pg_sleep({SLOW_SECONDS}); RETURN NULL; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                f"CREATE TRIGGER slow BEFORE DELETE ON {schema}.lab_results "
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {schema}.slow()"
+            )
+        )
+    request, queue = _on_own_queue(
+        request_for(lab_results_locator(hospital), "delete", connection="LETHE_TEST_PATIENTS_URL"),
+        "sqlslow",
+    )
+    workflow_id = f"sql-slow-{uuid.uuid4()}"
+    async with Worker(
+        stack_temporal, task_queue=queue, workflows=[OneSlowSqlStep], activities=[sql.erase]
+    ):
+        outcome = await stack_temporal.execute_workflow(
+            OneSlowSqlStep.run, request, id=workflow_id, task_queue=queue
+        )
+    history = await stack_temporal.get_workflow_handle(workflow_id).fetch_history()
+    started = [
+        e.activity_task_started_event_attributes
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+    ]
+
+    assert (outcome.status, outcome.affected) == ("done", 2)
+    assert [s.attempt for s in started] == [1]
+    assert "attempt" not in outcome.evidence  # a retry's evidence would say which attempt
+    async with hospital.engine.connect() as conn:
+        statements = (await conn.execute(text(f"SELECT count(*) FROM {schema}.statements"))).one()
+    assert statements == (1,)
+    assert (await hospital.rows())["lab_results"] == [(12, 3, "LDL 2.9")]
+
+
 async def test_the_count_reaches_the_server_before_the_commit(
     hospital: Hospital,
     stack_temporal: TemporalClient,
@@ -55,14 +141,10 @@ async def test_the_count_reaches_the_server_before_the_commit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("LETHE_TEST_PATIENTS_URL", sql_url)
-    request = request_for(
-        lab_results_locator(hospital), "delete", connection="LETHE_TEST_PATIENTS_URL"
+    request, queue = _on_own_queue(
+        request_for(lab_results_locator(hospital), "delete", connection="LETHE_TEST_PATIENTS_URL"),
+        "sqlcount",
     )
-    region = f"sqlcount{uuid.uuid4().hex[:8]}"  # a queue no other worker serves
-    request = request.model_copy(
-        update={"step": request.step.model_copy(update={"region": region})}
-    )
-    queue = task_queue(region)
     async with Worker(
         stack_temporal,
         task_queue=queue,
