@@ -7,6 +7,7 @@ cleared, or no longer linked to them, while the other's is untouched.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -300,8 +301,43 @@ def eraser(sql_url: str) -> SqlEraser:
 # --- the actions -----------------------------------------------------------------------------
 
 
-async def test_engines_are_cached_per_connection(sql_url: str) -> None:
-    assert SqlEraser.for_connection(sql_url).engine is SqlEraser.for_connection(sql_url).engine
+async def _session(engine: AsyncEngine) -> tuple[int, str]:
+    """The PostgreSQL backend serving a connection from the engine's pool, and its application."""
+    async with engine.connect() as conn:
+        pid = await conn.scalar(text("SELECT pg_backend_pid()"))
+        application = await conn.scalar(text("SELECT current_setting('application_name')"))
+    assert isinstance(pid, int) and isinstance(application, str)
+    return pid, application
+
+
+async def test_erasers_of_one_connection_share_one_pool_of_sessions(sql_url: str) -> None:
+    """A worker opens one pool per connection string, whatever the number of steps: a second
+    eraser runs on the session the first left in the pool; another connection string has its
+    own; disposing closes the sessions on the server."""
+    await sql.dispose_engines()
+    first, application = await _session(SqlEraser.for_connection(sql_url).engine)
+    assert (await _session(SqlEraser.for_connection(sql_url).engine))[0] == first
+
+    other_url = (
+        make_url(sql_url)
+        .update_query_dict({"application_name": "lethe-test-other"})
+        .render_as_string(hide_password=False)
+    )
+    other, other_application = await _session(SqlEraser.for_connection(other_url).engine)
+    assert other != first
+    assert other_application == "lethe-test-other" != application
+
+    await sql.dispose_engines()
+    again, _ = await _session(SqlEraser.for_connection(sql_url).engine)
+    assert again not in (first, other)
+    alive = text("SELECT count(*) FROM pg_stat_activity WHERE pid IN (:first, :other)")
+    async with SqlEraser.for_connection(sql_url).engine.connect() as conn:
+        for _ in range(100):
+            if not await conn.scalar(alive, {"first": first, "other": other}):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the disposed pools' sessions are still open on the server after 10s")
 
 
 async def test_delete_removes_only_the_subjects_row(hospital: Hospital, eraser: SqlEraser) -> None:
