@@ -1,10 +1,18 @@
-"""Smoke tests of the stack's data services, reached through Lethe's settings and probes."""
+"""Smoke tests of the stack's services, reached as Lethe reaches them.
+
+Each connection comes from Lethe's configuration (`lethe.kernel.config`: the settings for
+Temporal and Lethe's own stores, `connection` for the variables a data map names), each service
+is checked by Lethe's probe for it (`lethe.kernel.probes`), and then used with its own client on
+the same connection. A probe of a service that is down says which, and never the secret.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 
+import pytest
 from azure.storage.blob.aio import BlobServiceClient
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
@@ -14,7 +22,86 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 from redis.asyncio import Redis
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from lethe.kernel import probes
+from lethe.kernel.config import Settings, connection
+from lethe.kernel.errors import ServiceUnavailable
+
+SECRET = "s3cret-not-shown"
+DOWN = "127.0.0.1:1"
+"""A port nothing listens on."""
+
+
+def _connection(variable: str) -> str:
+    """The connection a data map names by `variable`, read as the connectors read it."""
+    return connection(variable).get_secret_value()
+
+
+@pytest.fixture(scope="module")
+def sql_url() -> str:
+    """The stack's data-system database (LETHE_STACK_SQL_URL)."""
+    return _connection("LETHE_STACK_SQL_URL")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    """The stack's Redis (LETHE_STACK_REDIS_URL)."""
+    return _connection("LETHE_STACK_REDIS_URL")
+
+
+@pytest.fixture(scope="module")
+def kafka_bootstrap() -> str:
+    """The stack's Kafka broker (LETHE_STACK_KAFKA_BOOTSTRAP)."""
+    return _connection("LETHE_STACK_KAFKA_BOOTSTRAP")
+
+
+@pytest.fixture(scope="module")
+def blob_connection() -> str:
+    """The stack's Azurite (LETHE_STACK_BLOB_CONNECTION)."""
+    return _connection("LETHE_STACK_BLOB_CONNECTION")
+
+
+async def test_every_probe_answers_with_what_it_found(
+    settings: Settings, sql_url: str, redis_url: str, kafka_bootstrap: str, blob_connection: str
+) -> None:
+    temporal = await probes.probe_temporal(settings.temporal_address, settings.temporal_namespace)
+    assert temporal == f"Temporal at {settings.temporal_address}: SERVING"
+    for url in (sql_url, settings.store_url.get_secret_value(), settings.key_store_url):
+        shown = make_url(url).render_as_string(hide_password=True)
+        assert re.fullmatch(
+            rf"database at {re.escape(shown)}: version \d+\.\d+", await probes.probe_sql(url)
+        )
+    redis = make_url(redis_url)
+    assert re.fullmatch(
+        rf"Redis at redis://{redis.host}:{redis.port}: version \d+\.\d+\.\d+",
+        await probes.probe_redis(redis_url),
+    )
+    assert await probes.probe_kafka(kafka_bootstrap) == f"Kafka at {kafka_bootstrap}: 1 broker(s)"
+    endpoint = dict(part.split("=", 1) for part in blob_connection.split(";") if "=" in part)
+    assert (
+        await probes.probe_blob(blob_connection)
+        == f"blob service at {endpoint['BlobEndpoint']}: answering"
+    )
+
+
+async def test_a_probe_of_a_service_that_is_down_names_it_and_keeps_its_secret() -> None:
+    down = {
+        "Temporal at": probes.probe_temporal(DOWN),
+        "database at": probes.probe_sql(f"postgresql+psycopg://lethe:{SECRET}@{DOWN}/lethe"),
+        "Redis at": probes.probe_redis(f"redis://:{SECRET}@{DOWN}/0"),
+        "Kafka at": probes.probe_kafka(DOWN),
+        "blob service at": probes.probe_blob(
+            f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={SECRET};"
+            f"BlobEndpoint=http://{DOWN}/devstoreaccount1;"
+        ),
+    }
+    answers = await asyncio.gather(*down.values(), return_exceptions=True)
+    for service, answer in zip(down, answers, strict=True):
+        assert isinstance(answer, ServiceUnavailable), (service, answer)
+        assert str(answer).startswith(service), answer
+        assert DOWN in str(answer) and SECRET not in str(answer)
 
 
 def _name(prefix: str) -> str:
