@@ -27,10 +27,12 @@ from lethe.activities import ledger as control
 from lethe.activities.connections import close_connections
 from lethe.activities.healthcheck import report_worker
 from lethe.activities.planning import plan_erasure
+from lethe.evidence import store
 from lethe.kernel.config import Settings, load_settings
 from lethe.kernel.database import dispose_all
 from lethe.kernel.errors import LetheError
 from lethe.kernel.regions import task_queue, validate_region
+from lethe.keys import store as key_store
 from lethe.temporal.connection import connect
 from lethe.workflows.erasure import ErasureWorkflow
 from lethe.workflows.healthcheck import HealthCheckWorkflow
@@ -88,6 +90,15 @@ def _runtime(settings: Settings) -> Runtime | None:
     )
 
 
+async def check_stores(settings: Settings, *, control: bool) -> None:
+    """Bring the stores this worker uses to their schemas' heads before it polls: the key store
+    (the payload codec's keys), and Lethe's store for the control plane. With
+    LETHE_DB_MIGRATE=refuse a store that is behind stops the worker here, naming the command."""
+    await key_store.key_engine(settings.key_store_url)
+    if control:
+        await store.engine_for(settings.store_url.get_secret_value())
+
+
 async def serve(
     region: str, settings: Settings, *, control: bool = False, stop: asyncio.Event | None = None
 ) -> None:
@@ -97,6 +108,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await check_stores(settings, control=control)
     client = await connect(settings, runtime=_runtime(settings))
     workers = [build_worker(client, region, settings)]
     if control:

@@ -1,4 +1,5 @@
-"""The `lethe` command line: erasure, holds, audit, workers, health checks, codec keys, demo."""
+"""The `lethe` command line: erasure, holds, audit, workers, health checks, codec keys, schemas,
+demo."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lethe.cli import retry as retry_commands
 from lethe.cli.audit import audit_app
 from lethe.cli.codec import codec_app
 from lethe.cli.common import err, out, run
+from lethe.cli.db import db_app
 from lethe.cli.forget import forget_app
 from lethe.cli.holds import hold_app
 from lethe.contracts import HealthCheckReport, HealthCheckRequest
@@ -34,6 +36,7 @@ app.add_typer(codec_app, name="codec")
 app.add_typer(hold_app, name="hold")
 app.add_typer(audit_app, name="audit")
 app.add_typer(forget_app, name="forget-list")
+app.add_typer(db_app, name="db")
 erasure_commands.register(app)
 retry_commands.register(app)
 codec_server_commands.register(app)

@@ -1,9 +1,13 @@
 """Lethe's own store: the ledger, legal holds, the forget-list and certificates (SQLAlchemy Core).
 
-A SQLite file by default, PostgreSQL in production; tables are created on first use.
+A SQLite file by default, PostgreSQL in production. The tables change only through the
+revisions in `lethe/evidence/migrations/` (a change here without one fails the tests); the
+first use in a process brings the database to their head (`lethe.kernel.database`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
@@ -21,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from lethe.kernel import database
+from lethe.kernel.migrations import Schema
 
 metadata = MetaData()
 
@@ -82,12 +87,21 @@ certificates = Table(
     Column("body", JSON, nullable=False),
 )
 
+schema = Schema(
+    key="store",
+    name="Lethe's store",
+    tables=metadata,
+    versions=Path(__file__).resolve().parent / "migrations",
+    version_table="lethe_store_version",
+    baseline="store_0001",
+)
+
 GENESIS_HASH = "0" * 64
 
 
 async def engine_for(url: str) -> AsyncEngine:
-    """The store's engine for `url`, created once per process, with its tables in place."""
-    return await database.engine_for(url, metadata, _ensure_ledger_head)
+    """The store's engine for `url`, created once per process, its schema at its head."""
+    return await database.engine_for(url, schema, _ensure_ledger_head)
 
 
 async def _ensure_ledger_head(conn: AsyncConnection) -> None:

@@ -9,7 +9,7 @@ import re
 import shlex
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     """Base64 of the 32-byte master key that seals the key service's KEKs (local provider)."""
     keys_store_url: SecretStr | None = None
     """SQLAlchemy URL of the key store (KEKs, data keys); Lethe's store when unset."""
+    db_migrate: Literal["auto", "refuse"] = "auto"
+    """On first use, `auto` brings Lethe's store and the key store to their schemas' heads;
+    `refuse` stops with the command that does (`lethe db upgrade`) when one is behind."""
     keys_max_encryptions: int = Field(default=2**32, ge=1)
     """Encryptions under one data-key version before a new version rolls (NIST SP 800-38D)."""
     keys_cache_seconds: float = Field(default=60.0, ge=0)

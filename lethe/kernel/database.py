@@ -1,7 +1,9 @@
 """Databases Lethe owns (its store, the key store): one engine per URL and process.
 
 A SQLite file by default, PostgreSQL in production. Engines are cached here and closed by
-`dispose` or `dispose_all` (at a worker's shutdown, and between tests).
+`dispose` or `dispose_all` (at a worker's shutdown, and between tests). On an engine's first
+use each schema in it is brought to its head by its migrations, or refused when
+LETHE_DB_MIGRATE=refuse and it is behind (`lethe.kernel.migrations`).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from sqlalchemy import MetaData, event
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from lethe.kernel import migrations
+from lethe.kernel.config import current_settings
 from lethe.kernel.errors import ServiceUnavailable
 
 _engines: dict[str, AsyncEngine] = {}
@@ -29,37 +33,78 @@ def _sqlite_pragmas(dbapi_connection: object, _: object) -> None:
     cursor.close()
 
 
+def new_engine(url: str) -> AsyncEngine:
+    """An engine of its own for `url` (not cached): SQLite's folder made, its pragmas set."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, pool_pre_ping=True)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def unreachable(url: str, schema: migrations.Schema, exc: BaseException) -> ServiceUnavailable:
+    """The error for a database that did not answer: the schema, the URL without its password."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    return ServiceUnavailable(f"{schema.name} at {shown} is not reachable ({type(exc).__name__})")
+
+
 async def engine_for(
     url: str,
-    tables: MetaData,
+    schema: migrations.Schema,
     prepare: Callable[[AsyncConnection], Awaitable[None]] | None = None,
 ) -> AsyncEngine:
-    """The engine for `url`, created once per process, with `tables` in place and `prepare`
-    run once on it (in a transaction of its own) after the tables are made."""
+    """The engine for `url`, created once per process, with `schema` at its head (upgraded, or
+    refused by LETHE_DB_MIGRATE=refuse) and `prepare` run once on it in a transaction of its own."""
     async with _lock:
         engine = _engines.get(url)
         if engine is None:
-            parsed = make_url(url)
-            if parsed.get_backend_name() == "sqlite" and parsed.database:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_async_engine(url, pool_pre_ping=True)
-            if parsed.get_backend_name() == "sqlite":
-                event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-            _engines[url] = engine
-        if (url, id(tables)) not in _ready:
+            engine = _engines[url] = new_engine(url)
+        if (url, id(schema)) not in _ready:
             try:
-                async with engine.begin() as conn:
-                    await conn.run_sync(tables.create_all)
+                await migrations.ensure(engine, schema, current_settings().db_migrate)
                 if prepare is not None:
                     async with engine.begin() as conn:
                         await prepare(conn)
             except (SQLAlchemyError, OSError) as exc:
-                shown = make_url(url).render_as_string(hide_password=True)
-                raise ServiceUnavailable(
-                    f"Lethe's store at {shown} is not reachable ({type(exc).__name__})"
-                ) from None
-            _ready.add((url, id(tables)))
+                raise unreachable(url, schema, exc) from None
+            _ready.add((url, id(schema)))
     return engine
+
+
+async def schema_status(url: str, schema: migrations.Schema) -> migrations.SchemaStatus:
+    """Where `schema` stands in the database at `url`, on an engine of its own; reads only (a
+    SQLite file that does not exist is not made)."""
+    parsed = make_url(url)
+    file = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if file not in (None, "", ":memory:") and not await asyncio.to_thread(Path(str(file)).exists):
+        return migrations.SchemaStatus(
+            schema_key=schema.key,
+            name=schema.name,
+            revision=None,
+            head=migrations.head(schema),
+            state="empty",
+        )
+    engine = new_engine(url)
+    try:
+        return await migrations.status(engine, schema)
+    except (SQLAlchemyError, OSError) as exc:
+        raise unreachable(url, schema, exc) from None
+    finally:
+        await engine.dispose()
+
+
+async def upgrade_schema(url: str, schema: migrations.Schema) -> migrations.Upgraded:
+    """Bring `schema` in the database at `url` to its head, on an engine of its own, whatever
+    LETHE_DB_MIGRATE says (this is the command that setting asks for)."""
+    engine = new_engine(url)
+    try:
+        return await migrations.upgrade(engine, schema)
+    except (SQLAlchemyError, OSError) as exc:
+        raise unreachable(url, schema, exc) from None
+    finally:
+        await engine.dispose()
 
 
 async def dispose(engine: AsyncEngine) -> None:

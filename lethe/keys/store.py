@@ -2,7 +2,8 @@
 
 It lives in Lethe's store unless LETHE_KEYS_STORE_URL names a database of its own, which is
 the better choice in production: a key store restored from a backup is then repaired by the
-forget-list (kept in Lethe's store), which replays every shredding.
+forget-list (kept in Lethe's store), which replays every shredding. The tables change only
+through the revisions in `lethe/keys/migrations/` (a change here without one fails the tests).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 from sqlalchemy import (
@@ -33,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from lethe.kernel import database
+from lethe.kernel.migrations import Schema
 
 key_tables = MetaData()
 
@@ -87,10 +90,19 @@ shredded = Table(
     Column("versions_destroyed", Integer, nullable=False),
 )
 
+schema = Schema(
+    key="keys",
+    name="the key store",
+    tables=key_tables,
+    versions=Path(__file__).resolve().parent / "migrations",
+    version_table="lethe_keys_version",
+    baseline="keys_0001",
+)
+
 
 async def key_engine(url: str) -> AsyncEngine:
-    """The key store's engine, with its tables in place."""
-    return await database.engine_for(url, key_tables)
+    """The key store's engine, created once per process, its schema at its head."""
+    return await database.engine_for(url, schema)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,9 @@ def test_the_wheel_installs_only_lethe(tmp_path: Path) -> None:
     assert "lethe/worker.py" in names
     assert "lethe/policies/packs/gdpr.yaml" in names
     assert "lethe/examples/demo.datamap.yaml" in names
+    assert "lethe/kernel/migrations/env.py" in names
+    assert "lethe/evidence/migrations/store_0001_baseline.py" in names
+    assert "lethe/keys/migrations/keys_0001_baseline.py" in names
 
     target = tmp_path / "site"
     subprocess.run(
@@ -75,6 +78,15 @@ def test_the_wheel_installs_only_lethe(tmp_path: Path) -> None:
         "from lethe.policies.model import load_pack\n"
         "import lethe.policies, pathlib\n"
         "load_pack(pathlib.Path(lethe.policies.__file__).parent / 'packs' / 'gdpr.yaml')\n"
+        # The schemas' migrations run from the installed folder.
+        "import asyncio\n"
+        "from lethe.evidence import store\n"
+        "from lethe.keys import store as key_store\n"
+        "from lethe.kernel.database import upgrade_schema\n"
+        "for schema in (store.schema, key_store.schema):\n"
+        f"    assert str(schema.versions).startswith({str(target)!r}), schema.versions\n"
+        "    done = asyncio.run(upgrade_schema('sqlite+aiosqlite:///lethe.db', schema))\n"
+        "    assert done.to_revision == schema.baseline, done\n"
         "print('ok')\n"
     )
     ran = subprocess.run(
