@@ -13,7 +13,6 @@ import base64
 import dataclasses
 import json
 import os
-import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -32,6 +31,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from temporalio.client import Client as TemporalClient
 
+from harness.worker_process import WorkerProcess as WorkerProcess
 from lethe.examples.seed import (
     BACKUPS_CONTAINER,
     EXPORTS_CONTAINER,
@@ -45,7 +45,6 @@ from lethe.examples.seed import (
     sql_prefix,
 )
 from lethe.kernel.config import Settings
-from lethe.kernel.regions import task_queue
 from lethe.kernel.subjects import subject_ref
 from lethe.sdk.client import Client
 from tests.conftest import stack_variable
@@ -74,63 +73,6 @@ class CliResult:
 
     def __str__(self) -> str:
         return f"lethe {' '.join(self.args)} -> {self.code}\n{self.stdout}\n{self.stderr}"
-
-
-class WorkerProcess:
-    """`python worker.py --region R --control` as an operator runs it, its log in a file."""
-
-    script = "worker.py"
-    """What `start` runs, relative to the repository (a test may run a wrapper of worker.py)."""
-
-    def __init__(self, region: str, env: dict[str, str], log: Path) -> None:
-        """Describe the worker; `start` runs it."""
-        self.region = region
-        self.env = env
-        self.log = log
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self, timeout: float = 30) -> None:
-        """Start the worker and wait until it polls its region's and the control queue."""
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        with self.log.open("ab") as sink:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                self.script,
-                "--region",
-                self.region,
-                "--control",
-                cwd=ROOT,
-                env=self.env,
-                stdout=sink,
-                stderr=sink,
-            )
-        control = self.env["LETHE_CONTROL_QUEUE"]
-        wanted = [f"polling {task_queue(self.region, control)}", f"polling {control}"]
-        async with asyncio.timeout(timeout):
-            while not all(w in self.log.read_text()[offset:] for w in wanted):
-                if self.process.returncode is not None:
-                    pytest.fail(f"the worker exited at start:\n{self.log.read_text()[-3000:]}")
-                await asyncio.sleep(0.1)
-
-    async def kill(self) -> None:
-        """SIGKILL: no shutdown, no finishing of running tasks (a crash)."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        """SIGTERM, as an operator stops it; kill if it does not stop."""
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.process.wait(), 15)
-        except TimeoutError:
-            await self.kill()
-
-    def log_text(self) -> str:
-        """Everything the worker logged."""
-        return self.log.read_text() if self.log.exists() else ""
 
 
 @dataclass
