@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import Column, MetaData, Text, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from lethe.evidence import ledger, store
@@ -119,6 +119,19 @@ async def test_an_empty_database_is_upgraded_to_exactly_the_models(url: str) -> 
     assert [e.hash for e in await ledger.entries(engine)] == hashes
 
 
+async def test_a_model_changed_without_a_migration_shows(url: str) -> None:
+    engine = await store.engine_for(url)
+    changed = MetaData()
+    for table in store.metadata.tables.values():
+        table.to_metadata(changed)
+    changed.tables["lethe_holds"].append_column(Column("court", Text))
+    async with engine.connect() as conn:
+        found = await conn.run_sync(
+            lambda sync: migrations.differences(sync, changed, only=set(store.metadata.tables))
+        )
+    assert found == ["table lethe_holds lacks column court"]
+
+
 async def test_the_baselines_make_what_create_all_made_before_migrations(url: str) -> None:
     """The frozen DDL and the baseline revisions agree, so adoption recognises real databases."""
     engine = await _made_before_migrations(url)
@@ -126,7 +139,6 @@ async def test_the_baselines_make_what_create_all_made_before_migrations(url: st
         for schema in SCHEMAS:
             found = await migrations.status(engine, schema)
             assert (found.state, found.revision, found.problems) == ("unversioned", None, ())
-            assert await _differences_from_models(engine, schema) == [], schema.name
     finally:
         await engine.dispose()
 
@@ -147,6 +159,7 @@ async def test_a_database_made_before_migrations_is_adopted_with_its_ledger_inta
     for schema in SCHEMAS:
         found = await migrations.status(engine, schema)
         assert (found.state, found.revision) == ("current", migrations.head(schema))
+        assert await _differences_from_models(engine, schema) == [], schema.name
     assert await ledger.entries(engine) == entries_before
     report = await ledger.verify_chain(engine)
     assert (report.entries, report.problems) == (5, [])
