@@ -86,6 +86,8 @@ class Hospital:
     subject_key: bytes
     patients: list[Patient]
     kafka_placed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    policy: Path = HERE / "policy.yaml"
+    """The policy pack of the run's workers and commands (LETHE_POLICY)."""
     workers: list[WorkerProcess] = field(default_factory=list)
     _client: Client | None = field(default=None, repr=False)
 
@@ -134,7 +136,7 @@ class Hospital:
         return {
             **os.environ,
             "LETHE_DATAMAP": str(self.datamap),
-            "LETHE_POLICY": str(HERE / "policy.yaml"),
+            "LETHE_POLICY": str(self.policy),
             "LETHE_CONTROL_QUEUE": self.control_queue,
             "LETHE_STORE_URL": self.store_url,
             "LETHE_WORKER_SHUTDOWN_GRACE_SECONDS": "5",

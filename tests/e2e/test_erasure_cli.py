@@ -163,10 +163,10 @@ async def test_a_dpo_erases_a_patient_everywhere_through_the_cli(
     assert outcomes["app-logs/0"]["evidence"]["records_matching"] == 0
     assert len(certificate["ledger_hashes"]) == len(set(certificate["ledger_hashes"]))
 
-    await _check_sql(hospital, ada, grace, before, after)
-    await _check_redis(hospital, ada, grace, before, after)
+    await check_sql(hospital, ada, grace, before, after)
+    await check_redis(hospital, ada, grace, before, after)
     _check_kafka(hospital, ada, grace, before, after, outcomes["patient-events/0"])
-    _check_blobs(hospital, ada, grace, before, after)
+    check_blobs(hospital, ada, grace, before, after)
 
     assert verified.code == 0, str(verified)
     assert "ledger intact" in verified.stdout
@@ -191,7 +191,7 @@ async def test_a_dpo_erases_a_patient_everywhere_through_the_cli(
     assert children == {"RegionalErasureWorkflow"}
 
 
-async def _check_sql(
+async def check_sql(
     hospital: Hospital, ada: Patient, grace: Patient, before: Footprint, after: Footprint
 ) -> None:
     """Ada's patient row is soft-deleted and cleared; her visits and results pseudonymised
@@ -242,7 +242,7 @@ async def _check_sql(
     assert grace_row[1:3] == (grace.full_name, grace.email)
 
 
-async def _check_redis(
+async def check_redis(
     hospital: Hospital, ada: Patient, grace: Patient, before: Footprint, after: Footprint
 ) -> None:
     """Ada's keys and her email's index entry are gone; nothing else changed."""
@@ -294,7 +294,7 @@ def _check_kafka(
     assert [json.loads(r[3] or b"null")["email"] for r in grace_records] == [grace.email]
 
 
-def _check_blobs(
+def check_blobs(
     hospital: Hospital, ada: Patient, grace: Patient, before: Footprint, after: Footprint
 ) -> None:
     """Ada's export is gone, the pre-erasure whole backup is gone, her log records redacted."""
@@ -303,8 +303,7 @@ def _check_blobs(
     assert ada_export in before.blobs and ada_export not in after.blobs
     assert after.blobs[grace_export] == before.blobs[grace_export]
     assert after.tags[grace_export] == {"subject_ref": hospital.ref(grace)}
-    # A whole backup holds everyone; taken before the erasure and past the (zero-day) window,
-    # it must go.
+    # A whole backup holds everyone; taken before the erasure and past the window, it must go.
     backups = [k for k in before.blobs if k.startswith(f"{BACKUPS_CONTAINER}/{BACKUP_PREFIX}")]
     assert backups and not [k for k in after.blobs if k.startswith(BACKUPS_CONTAINER)]
 
