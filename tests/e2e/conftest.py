@@ -191,12 +191,15 @@ class Hospital:
         return await run_lethe(self.env, *args, timeout=timeout)
 
 
-async def run_lethe(env: Mapping[str, str], *args: str, timeout: float = 60) -> CliResult:
-    """Run `lethe ARGS` in the repository with environment `env`; fail the test on a hang."""
+async def run_lethe(
+    env: Mapping[str, str], *args: str, timeout: float = 60, cwd: Path = ROOT
+) -> CliResult:
+    """Run `lethe ARGS` in `cwd` (the repository) with environment `env`; fail the test on a
+    hang. Every test that runs the CLI as a process runs it through here."""
     process = await asyncio.create_subprocess_exec(
         LETHE,
         *args,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

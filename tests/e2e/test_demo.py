@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from pathlib import Path
 
-LETHE = str(Path(sys.executable).parent / "lethe")
+from tests.e2e.conftest import run_lethe
 
 
 async def test_the_demo_erases_one_patient_and_certifies_it(tmp_path: Path) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
-    process = await asyncio.create_subprocess_exec(
-        LETHE,
-        "demo",
-        cwd=tmp_path,
-        env=clean,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-    shown, said = stdout.decode(), stderr.decode()
-    assert process.returncode == 0, said
+    demo = await run_lethe(clean, "demo", timeout=120, cwd=tmp_path)
+    shown, said = demo.stdout, demo.stderr
+    assert demo.code == 0, said
     assert "plan under gdpr@" in shown
     assert "approving as demo-dpo" in said
     assert "│ outcome           │ erased" in shown

@@ -11,14 +11,21 @@ from pathlib import Path
 
 from temporalio.client import Client as TemporalClient
 
+from tests.e2e.conftest import run_lethe
+
 ROOT = Path(__file__).resolve().parents[2]
-LETHE = str(Path(sys.executable).parent / "lethe")
 METRICS = "127.0.0.1:59464"
 
 
-async def _run(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+async def _worker(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run `python worker.py ARGS` to its end; its exit code, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
-        *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        "worker.py",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
@@ -52,9 +59,9 @@ async def test_worker_serves_its_region_exposes_metrics_and_stops_on_sigterm(
     try:
         await _wait_for_line(worker.stderr, "polling lethe-e2e")
 
-        code, stdout, stderr = await _run(LETHE, "ping", "--region", "e2e", "--timeout", "30")
-        assert code == 0, stderr
-        assert "lethe-e2e" in stdout
+        ping = await run_lethe(os.environ, "ping", "--region", "e2e", "--timeout", "30")
+        assert ping.code == 0, str(ping)
+        assert "lethe-e2e" in ping.stdout
 
         metrics = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=10).read().decode()
@@ -72,13 +79,13 @@ async def test_worker_serves_its_region_exposes_metrics_and_stops_on_sigterm(
 
 
 async def test_ping_without_a_worker_says_how_to_start_one(stack_temporal: TemporalClient) -> None:
-    code, _, stderr = await _run(LETHE, "ping", "--region", "nobody-home", "--timeout", "2")
-    assert code == 1
-    assert "no worker answered on lethe-nobody-home" in stderr
-    assert "lethe worker --region nobody-home" in stderr
+    ping = await run_lethe(os.environ, "ping", "--region", "nobody-home", "--timeout", "2")
+    assert ping.code == 1, str(ping)
+    assert "no worker answered on lethe-nobody-home" in ping.stderr
+    assert "lethe worker --region nobody-home" in ping.stderr
 
 
 async def test_a_malformed_region_is_refused_before_anything_starts() -> None:
-    code, _, stderr = await _run(sys.executable, "worker.py", "--region", "EU; DROP TABLE")
+    code, _, stderr = await _worker("--region", "EU; DROP TABLE")
     assert code == 2
     assert "not a valid region name" in stderr

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from lethe.cli.app import app
+from tests.e2e.conftest import run_lethe
 from tests.unit.test_planning import DATAMAP
 
 runner = CliRunner()
@@ -111,7 +109,7 @@ def test_bad_input_is_a_usage_error_naming_the_problem(args: list[str], message:
         assert personal not in result.output
 
 
-def test_a_request_for_a_tenant_the_map_lacks_is_refused_before_connecting() -> None:
+async def test_a_request_for_a_tenant_the_map_lacks_is_refused_before_connecting() -> None:
     """With LETHE_DATAMAP set, the CLI checks tenant and region before any workflow starts
     (the Temporal address is unreachable, so getting that far would fail differently)."""
     env = {
@@ -121,14 +119,11 @@ def test_a_request_for_a_tenant_the_map_lacks_is_refused_before_connecting() -> 
         "LETHE_SUBJECT_KEY": base64.b64encode(b"k" * 32).decode(),
         "COLUMNS": "200",
     }
-    lethe = str(Path(sys.executable).parent / "lethe")
     for args, expected in (
         (["--tenant", "nobody", "--subject", "p-1", "--no-wait"], "UnknownTenant"),
         (["--tenant", "st-mary", "--subject", "p-1", "--region", "us"], "RegionContradiction"),
     ):
-        result = subprocess.run(
-            [lethe, "erase", *args], env=env, capture_output=True, text=True, timeout=60
-        )
-        assert result.returncode == 2, result.stderr
+        result = await run_lethe(env, "erase", *args)
+        assert result.code == 2, str(result)
         assert expected in result.stderr and "cannot be planned" in result.stderr
         assert "127.0.0.1:1" not in result.stderr
