@@ -295,7 +295,9 @@ async def test_a_schema_behind_its_head_is_refused_then_upgraded_keeping_its_row
         assert [tuple(row) for row in rows] == [(1, "a", None)]
 
         # A database upgraded by a newer Lethe is not taken for one to upgrade.
-        with pytest.raises(ForeignSchema, match="revision t_0002 is not one this version"):
+        with pytest.raises(
+            ForeignSchema, match="at revision t_0002, which this version of Lethe does not know"
+        ):
             await migrations.ensure(engine, first, "auto")
     finally:
         await engine.dispose()

@@ -212,10 +212,7 @@ def _status(connection: Connection, schema: Schema) -> SchemaStatus:
         if revision is not None:
             known = {script.revision for script in _script(schema).walk_revisions()}
             if revision not in known:
-                problem = (
-                    f"its revision {revision} is not one this version of Lethe knows "
-                    "(was it upgraded by a newer Lethe?)"
-                )
+                problem = f"revision {revision} is not one this version of Lethe knows"
                 return _found(schema, revision, "foreign", (problem,))
             state: State = "current" if revision == target else "behind"
             return _found(schema, revision, state)
@@ -228,6 +225,12 @@ def _status(connection: Connection, schema: Schema) -> SchemaStatus:
 
 
 def _foreign(status: SchemaStatus) -> ForeignSchema:
+    if status.revision is not None:
+        return ForeignSchema(
+            f"{status.name} is at revision {status.revision}, which this version of Lethe does "
+            f"not know (its head is {status.head}): a newer Lethe has upgraded it. Run that "
+            "version or a later one; nothing was changed."
+        )
     shown = "; ".join(status.problems[:8])
     more = f" (and {len(status.problems) - 8} more)" if len(status.problems) > 8 else ""
     return ForeignSchema(
