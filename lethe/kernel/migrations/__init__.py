@@ -13,6 +13,7 @@ made before migrations is recognised. Every later change is a revision of its ow
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +39,9 @@ State = Literal["current", "behind", "empty", "unversioned", "foreign"]
 before migrations (no revision recorded); tables that are not as Lethe makes them."""
 
 _HERE = Path(__file__).resolve().parent
+_alembic = asyncio.Lock()
+"""Alembic runs a migration through module-level proxies (`alembic.context`, `alembic.op`), so
+one process runs one at a time (taken after the database's lock, so that one is still tried)."""
 
 
 class SchemaError(LetheError):
@@ -280,7 +284,8 @@ async def upgrade(engine: AsyncEngine, schema: Schema) -> Upgraded:
     migrations at the baseline, then apply every later revision; refuse foreign tables."""
     async with engine.connect() as connection:
         await _lock(connection, schema)
-        done = await connection.run_sync(_upgrade, schema)
+        async with _alembic:
+            done = await connection.run_sync(_upgrade, schema)
         await connection.commit()
     return done
 
