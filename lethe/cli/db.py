@@ -50,8 +50,10 @@ def _chosen(settings: Settings, only_store: bool, only_keys: bool) -> list[tuple
 
 @db_app.command("upgrade")
 def upgrade(only_store: StoreOption = False, only_keys: KeysOption = False) -> None:
-    """Bring Lethe's store and the key store (or the one named) to the revision this Lethe
-    needs; tables made before migrations are adopted, tables Lethe did not make are refused."""
+    """Bring Lethe's store and the key store (or the one named) to their heads.
+
+    Tables made before migrations are adopted; tables Lethe did not make are refused.
+    """
     run(_upgrade(only_store, only_keys))
 
 
@@ -73,8 +75,10 @@ async def _upgrade(only_store: bool, only_keys: bool) -> int:
 def status(
     only_store: StoreOption = False, only_keys: KeysOption = False, json: JsonOption = False
 ) -> None:
-    """Each schema's revision beside the head this Lethe needs (reads only); exits 1 when one
-    is not at its head."""
+    """Each schema's revision beside the head this Lethe needs; exits 1 when one is behind.
+
+    Reads only: nothing is made or changed.
+    """
     run(_status(only_store, only_keys, json))
 
 
