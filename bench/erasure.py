@@ -57,7 +57,7 @@ The targets: immediate-phase p95 <= 1 s, and >= 20 erasures per second.
 
 This file is the wiring; the parts are in `bench/erasure_parts/` (the sample data, the data map
 and policy, the raw floor, the orchestration floor's client, following requests, where the time
-goes, the result) and `harness/` (shared with the tests: the stack's environment, the store
+goes, the result) and `bench/harness/` (shared with the tests: the stack's environment, the store
 database, worker processes, clean-up, CPU, statistics, histories, tables).
 """
 
@@ -105,14 +105,14 @@ from bench.erasure_parts.sample_data import (
     seed_all,
 )
 from bench.erasure_parts.where_time_goes import where_time_goes
-from harness.cleanup import Cleanup, remove_tree, stoppable
-from harness.cpu import CpuSample
-from harness.databases import store_database
-from harness.report import show_segments
-from harness.stack import StackNotReady, load_stack_env, stack_variable, temporal_pid
-from harness.stats import percentile
-from harness.worker_process import WorkerDidNotStart, WorkerProcess
-from harness.workflows import delete_workflows
+from bench.harness.cleanup import Cleanup, remove_tree, stoppable
+from bench.harness.cpu import CpuSample
+from bench.harness.databases import store_database
+from bench.harness.report import show_segments
+from bench.harness.stack import StackNotReady, load_stack_env, stack_variable, temporal_pid
+from bench.harness.stats import percentile
+from bench.harness.worker_process import WorkerDidNotStart, WorkerProcess
+from bench.harness.workflows import delete_workflows
 from lethe.kernel.config import load_settings
 from lethe.kernel.errors import LetheError
 from lethe.kernel.regions import task_queue

@@ -34,7 +34,7 @@ Run it after `scripts/stack up`:
 The targets: rotation at least 50% of its raw floor; the codec costs at most 5% of workflow
 throughput, judged by the upper end of its 95% interval so that noise cannot pass it.
 
-This file is the wiring; the parts are in `bench/keys_parts/` and `harness/` (the stack's
+This file is the wiring; the parts are in `bench/keys_parts/` and `bench/harness/` (the stack's
 environment, the database of the run's own, clean-up, CPU, statistics).
 """
 
@@ -58,13 +58,13 @@ from rich.console import Console
 from sqlalchemy.engine import make_url
 
 from bench import BenchError
+from bench.harness.cleanup import Cleanup
+from bench.harness.databases import postgres_database
+from bench.harness.stack import load_stack_env
 from bench.keys_parts.codec_cost import codec_cost
 from bench.keys_parts.per_value import per_value
 from bench.keys_parts.result import TARGET_CODEC_COST, TARGET_REWRAP_RATIO, Result, show
 from bench.keys_parts.rewrap import BATCH, floor_rewrap, lethe_rewrap, seed_deks
-from harness.cleanup import Cleanup
-from harness.databases import postgres_database
-from harness.stack import load_stack_env
 from lethe.kernel.config import load_settings
 from lethe.kernel.database import dispose_all
 from lethe.keys import store as key_store

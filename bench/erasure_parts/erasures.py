@@ -13,7 +13,7 @@ from temporalio.client import Client as TemporalClient
 
 from bench import BenchError
 from bench.erasure_parts.sample_data import request_for
-from harness.workflows import event_seconds, first_event, gather_limited
+from bench.harness.workflows import event_seconds, first_event, gather_limited
 from lethe.contracts import ErasureRequest, ErasureStatus
 from lethe.kernel.errors import LetheError
 from lethe.sdk.client import Client

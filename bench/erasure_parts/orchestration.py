@@ -16,8 +16,8 @@ from temporalio.client import Client as TemporalClient
 from bench import BenchError
 from bench.erasure_parts.erasures import WAIT_TIMEOUT, Sample
 from bench.erasure_parts.sample_data import Names
-from harness.worker_process import WorkerProcess
-from harness.workflows import event_seconds, first_event
+from bench.harness.worker_process import WorkerProcess
+from bench.harness.workflows import event_seconds, first_event
 from lethe.kernel.regions import task_queue
 
 FLOOR_WORKFLOW = "FloorErasureWorkflow"

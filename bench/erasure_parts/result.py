@@ -7,8 +7,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from harness.cpu import CpuSample, spent
-from harness.report import ms
+from bench.harness.cpu import CpuSample, spent
+from bench.harness.report import ms
 
 TARGET_P95 = 1.0
 """Immediate phase p95, seconds."""

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Update
 
 from bench import BenchError
-from harness.cleanup import Cleanup
+from bench.harness.cleanup import Cleanup
 from lethe.contracts import ErasureRequest, Subject
 
 TENANT = "bench"

@@ -7,8 +7,8 @@ from __future__ import annotations
 from temporalio.client import Client as TemporalClient
 
 from bench.erasure_parts.erasures import Sample, is_window_timer
-from harness.timings import Segments, breakdown, counts
-from harness.workflows import fetch_histories
+from bench.harness.timings import Segments, breakdown, counts
+from bench.harness.workflows import fetch_histories
 
 
 async def where_time_goes(

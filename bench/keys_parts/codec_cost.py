@@ -22,8 +22,8 @@ from temporalio.converter import PayloadCodec
 from temporalio.worker import Worker
 
 from bench import BenchError
-from harness.cpu import process_tree_seconds
-from harness.stats import mean_interval
+from bench.harness.cpu import process_tree_seconds
+from bench.harness.stats import mean_interval
 from lethe.codec.converter import codec_from_settings, data_converter
 from lethe.kernel.config import load_settings
 from lethe.temporal.embedded import start_dev_server

@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from temporalio.client import Client as TemporalClient
 
-from harness.worker_process import WorkerProcess as WorkerProcess
+from bench.harness.worker_process import WorkerProcess as WorkerProcess
 from lethe.examples.seed import (
     BACKUPS_CONTAINER,
     EXPORTS_CONTAINER,

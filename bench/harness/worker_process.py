@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.stack import ROOT
+from bench.harness.stack import ROOT
 from lethe.kernel.regions import task_queue
 
 LOG_TAIL = 3000

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 
-from harness.workflows import CLOSED, event_seconds
+from bench.harness.workflows import CLOSED, event_seconds
 
 
 @dataclass

@@ -7,8 +7,8 @@ import statistics
 from rich.console import Console
 from rich.table import Table
 
-from harness.stats import percentile
-from harness.timings import Segments
+from bench.harness.stats import percentile
+from bench.harness.timings import Segments
 
 
 def ms(seconds: float) -> str:
