@@ -22,10 +22,10 @@ from temporalio.client import Client as TemporalClient
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
-from lethe.activities import blob, cache, kafka, key_rotation, logs, shred, sql
 from lethe.activities import ledger as control
-from lethe.activities.connections import close_connections
+from lethe.activities.connectors import Connectors
 from lethe.activities.healthcheck import report_worker
+from lethe.activities.key_rotation import KeyRotations
 from lethe.activities.planning import plan_erasure
 from lethe.evidence import store
 from lethe.kernel.config import Settings, load_settings
@@ -40,12 +40,6 @@ from lethe.workflows.key_rotation import KeyRotationWorkflow
 from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 
 WORKFLOWS: Sequence[type] = (HealthCheckWorkflow, RegionalErasureWorkflow)
-ACTIVITIES: Sequence[Callable[..., Any]] = (
-    report_worker,
-    *(module.erase for module in (sql, kafka, cache, blob, logs, shred)),
-    *(module.verify for module in (sql, kafka, cache, blob, logs, shred)),
-    *(module.preflight for module in (sql, kafka, cache, blob, logs, shred)),
-)
 CONTROL_WORKFLOWS: Sequence[type] = (ErasureWorkflow, KeyRotationWorkflow)
 CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     plan_erasure,
@@ -54,19 +48,21 @@ CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     control.issue,
     control.remember,
     control.listed,
-    *key_rotation.ACTIVITIES,
 )
 
 log = logging.getLogger("lethe.worker")
 
 
-def build_worker(client: TemporalClient, region: str, settings: Settings) -> Worker:
-    """A worker for one region's task queue: the regional workflow and every connector."""
+def build_worker(
+    client: TemporalClient, region: str, settings: Settings, connectors: Connectors
+) -> Worker:
+    """A worker for one region's task queue: the regional workflow and every connector, over
+    `connectors` (the caller opens and closes them)."""
     return Worker(
         client,
         task_queue=task_queue(region, settings.control_queue),
         workflows=list(WORKFLOWS),
-        activities=list(ACTIVITIES),
+        activities=[report_worker, *connectors.activities()],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_grace_seconds),
     )
 
@@ -77,7 +73,7 @@ def build_control_worker(client: TemporalClient, settings: Settings) -> Worker:
         client,
         task_queue=settings.control_queue,
         workflows=list(CONTROL_WORKFLOWS),
-        activities=list(CONTROL_ACTIVITIES),
+        activities=[*CONTROL_ACTIVITIES, *KeyRotations().activities()],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_grace_seconds),
     )
 
@@ -110,10 +106,11 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await check_stores(settings, control=control)
     client = await connect(settings, runtime=_runtime(settings))
-    workers = [build_worker(client, region, settings)]
-    if control:
-        workers.append(build_control_worker(client, settings))
     async with contextlib.AsyncExitStack() as running:
+        connectors = await running.enter_async_context(Connectors())
+        workers = [build_worker(client, region, settings, connectors)]
+        if control:
+            workers.append(build_control_worker(client, settings))
         for worker in workers:
             await running.enter_async_context(worker)
             log.info("worker polling %s", worker.task_queue)
@@ -124,7 +121,6 @@ async def serve(
             "shutting down: finishing running tasks (up to %ss)",
             settings.worker_shutdown_grace_seconds,
         )
-    await close_connections()
     await dispose_all()
     log.info("worker stopped")
 

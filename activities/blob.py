@@ -8,49 +8,40 @@ found somewhere (see `BackupEraser`). What the
 service cannot show (soft delete, versions, holds: Azurite answers 501 for most of them) is
 reported as not checked, never as done.
 
-The module also holds what the log connector (`lethe.activities.logs`) shares: the per-loop client
-cache and the translation of the SDK's errors into Lethe's.
+The module also holds what the log connector (`lethe.activities.logs`) shares: the base over
+one storage account and the translation of the SDK's errors into Lethe's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import weakref
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import parse_qs
 
 from azure.core.async_paging import AsyncItemPaged
 from azure.core.exceptions import (
-    AzureError,
     HttpResponseError,
     ResourceNotFoundError,
-    ServiceRequestError,
-    ServiceResponseError,
 )
-from azure.storage.blob.aio import BlobServiceClient, ContainerClient, LinearRetry
+from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from lethe.activities.attempts import Journal
-from lethe.activities.common import (
-    SchemaMismatch,
-    connector_activities,
-    retained_outcome,
-    verdict,
-)
-from lethe.classification.datamap import BlobBackupLocator, MissingIdentity, render
+from lethe.activities.clients import Clients
+from lethe.activities.common import SchemaMismatch, verdict
+from lethe.activities.connector import Connector
+from lethe.activities.driver_errors import lethe_error, service_code
+from lethe.classification.datamap import BlobBackupLocator, LogLocator, MissingIdentity, render
 from lethe.contracts import Evidence, StepOutcome, StepRequest
-from lethe.kernel.errors import ConfigurationError, LetheError, ServiceUnavailable
+from lethe.kernel.errors import ConfigurationError, LetheError
 
 T = TypeVar("T")
+L = TypeVar("L", bound=BlobBackupLocator | LogLocator)
 
-CONNECTION_TIMEOUT_SECONDS = 5
-READ_TIMEOUT_SECONDS = 60
-RETRY = LinearRetry(backoff=1, retry_total=2, random_jitter_range=1)
-"""The SDK's own retries per call, kept short: Temporal's retry policy does the rest."""
 CONCURRENCY = 16
 """Deletions in flight at once."""
 PREFLIGHT_TIMEOUT_SECONDS = 10
@@ -68,12 +59,6 @@ HOLD_CODES = {
 """Error codes that mean the service refuses to delete because the blob must be kept."""
 _TAG_VALUE = re.compile(r"[A-Za-z0-9 +\-./:=_]{1,256}")
 
-# aiohttp sessions belong to the event loop that opened them, so the cache is per loop.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BlobServiceClient]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 # --- shared with lethe.activities.logs ----------------------------------------------------------
 
 
@@ -87,76 +72,27 @@ def blob_endpoint(connection_string: str) -> str:
     return fields.get("BlobEndpoint", f"account {fields.get('AccountName', '?')}")
 
 
-def blob_service(connection_string: str) -> BlobServiceClient:
-    """The shared client for a connection string on the running event loop."""
-    per_connection = _clients.setdefault(asyncio.get_running_loop(), {})
-    client = per_connection.get(connection_string)
-    if client is None:
-        try:
-            client = BlobServiceClient.from_connection_string(
-                connection_string,
-                retry_policy=RETRY,
-                connection_timeout=CONNECTION_TIMEOUT_SECONDS,
-                read_timeout=READ_TIMEOUT_SECONDS,
-            )
-        except ValueError:
-            raise ConfigurationError(
-                "the blob connection string is malformed (expected an Azure Storage "
-                "connection string with AccountName, AccountKey and BlobEndpoint)"
-            ) from None
-        per_connection[connection_string] = client
-    return client
-
-
-async def close_clients() -> None:
-    """Close the running event loop's blob-service clients (worker shutdown, end of a test
-    session); their containers' clients share the same connections."""
-    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
-        await client.close()
-
-
-def error_code(exc: HttpResponseError) -> str:
-    """The service's error code (`BlobNotFound`, ...), or `unknown`."""
-    headers = getattr(exc.response, "headers", None) or {}
-    code = headers.get("x-ms-error-code")
-    if not code:
-        raw = getattr(exc, "error_code", None)
-        code = getattr(raw, "value", raw)
-    return str(code or "unknown")
-
-
 def is_unsupported(exc: HttpResponseError) -> bool:
     """The service does not implement the call (HTTP 501, Azurite's `APINotImplemented`)."""
-    return exc.status_code == 501 or error_code(exc) in {"APINotImplemented", "NotImplemented"}
+    return exc.status_code == 501 or service_code(exc) in {"APINotImplemented", "NotImplemented"}
 
 
 @contextmanager
 def blob_errors(endpoint: str, system: str, container: str) -> Iterator[None]:
-    """Translate SDK errors into Lethe's, keeping their text (which may hold names) out."""
+    """The SDK's errors as Lethe's (`driver_errors`, keeping their text out); a missing
+    container is a SchemaMismatch naming it."""
     try:
         yield
-    except LetheError:
-        raise
-    except ResourceNotFoundError as exc:
-        if error_code(exc) == "ContainerNotFound":
+    except Exception as exc:
+        if isinstance(exc, ResourceNotFoundError) and service_code(exc) == "ContainerNotFound":
             raise SchemaMismatch(
                 f"blob system {system!r}: container {container!r} does not exist"
             ) from None
-        raise BlobServiceError(
-            f"blob service at {endpoint}: HTTP 404 {error_code(exc)} in container {container!r}"
-        ) from None
-    except HttpResponseError as exc:
-        status, code = exc.status_code or 0, error_code(exc)
-        if (status >= 500 and status != 501) or status in (408, 429):
-            raise ServiceUnavailable(f"blob service at {endpoint}: HTTP {status} {code}") from None
-        raise BlobServiceError(
-            f"blob service at {endpoint} refused a request in container {container!r}: "
-            f"HTTP {status} {code}"
-        ) from None
-    except (ServiceRequestError, ServiceResponseError, TimeoutError) as exc:
-        raise ServiceUnavailable(f"blob service at {endpoint}: {type(exc).__name__}") from None
-    except AzureError as exc:
-        raise ServiceUnavailable(f"blob service at {endpoint}: {type(exc).__name__}") from None
+        what = f"blob service at {endpoint} (container {container!r})"
+        error = None if isinstance(exc, LetheError) else lethe_error(exc, what, BlobServiceError)
+        if error is None:
+            raise
+        raise error from None
 
 
 def sas_problems(
@@ -201,67 +137,10 @@ def _sas_time(value: str | None) -> datetime | None:
         return None
 
 
-async def container_problems(
-    connection_string: str,
-    system: str,
-    container_name: str,
-    prefixes: list[str],
-    tag_query: str | None = None,
-    kind: str = "blob",
-) -> list[str]:
-    """Touching nothing: the container exists, the credentials open it, and listing blobs under
-    each prefix (and finding them by `tag_query`) works; one blob a listing at most. Raises
-    ServiceUnavailable within PREFLIGHT_TIMEOUT_SECONDS when the service does not answer.
-    Problems name the `kind` system."""
-    endpoint = blob_endpoint(connection_string)
-    container = blob_service(connection_string).get_container_client(container_name)
-    in_container = f"container {container_name!r}"
-    named = f"{kind} system {system!r}"
-    with blob_errors(endpoint, system, container_name):
-        async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
-            try:
-                await container.get_container_properties()
-            except ResourceNotFoundError as exc:
-                if error_code(exc) != "ContainerNotFound":
-                    raise
-                return [f"{named}: {in_container} does not exist"]
-            except HttpResponseError as exc:
-                refused = _refusal(exc, named, f"reading the properties of {in_container}")
-                if refused is None:
-                    raise
-                return [refused]
-            listings: list[tuple[str, AsyncItemPaged[Any]]] = [
-                (
-                    f"listing blobs in {in_container}",
-                    container.list_blobs(name_starts_with=prefix or None, results_per_page=1),
-                )
-                for prefix in dict.fromkeys(prefixes)
-            ]
-            if tag_query is not None:
-                listings.append(
-                    (
-                        f"finding blobs by index tag in {in_container}",
-                        container.find_blobs_by_tags(tag_query, results_per_page=1),
-                    )
-                )
-            problems: list[str] = []
-            for doing, listing in listings:
-                try:
-                    async for _ in listing:
-                        break  # one page of one blob: enough to know the call is allowed
-                except HttpResponseError as exc:
-                    refused = _refusal(exc, named, doing)
-                    if refused is None:
-                        raise
-                    if refused not in problems:
-                        problems.append(refused)
-            return problems
-
-
 def _refusal(exc: HttpResponseError, named: str, doing: str) -> str | None:
     """A refusal of the credentials or their rights as a problem of the system `named`; None
     for other errors."""
-    status, code = exc.status_code or 0, error_code(exc)
+    status, code = exc.status_code or 0, service_code(exc)
     if status not in (401, 403):
         return None
     if code in ("AuthenticationFailed", "InvalidAuthenticationInfo", "NoAuthenticationInformation"):
@@ -324,26 +203,78 @@ class _SoftDelete:
     note: str
 
 
-class BlobConnector:
-    """A connector over one storage account, shared per connection string and kind."""
+class BlobConnector(Connector[L]):
+    """A connector over one storage account: its connection string and the worker's client."""
 
-    _instances: ClassVar[dict[tuple[type, str], BlobConnector]] = {}
-
-    def __init__(self, connection_string: str) -> None:
+    def __init__(self, service: BlobServiceClient, connection_string: str) -> None:
+        """Use `service`, the client of the account `connection_string` opens."""
+        self._service = service
         self._connection = connection_string
         self._endpoint = blob_endpoint(connection_string)
 
     @classmethod
-    def for_connection(cls, connection_string: str) -> Self:
-        """The shared connector of this kind for a connection string."""
-        found = BlobConnector._instances.get((cls, connection_string))
-        if not isinstance(found, cls):
-            found = cls(connection_string)
-            BlobConnector._instances[(cls, connection_string)] = found
-        return found
+    def open(cls, clients: Clients, connection: str) -> Self:
+        """The connector for an Azure Storage connection string, over the worker's client."""
+        return cls(clients.blob_service(connection), connection)
+
+    async def container_problems(
+        self,
+        system: str,
+        container_name: str,
+        prefixes: list[str],
+        tag_query: str | None = None,
+        kind: str = "blob",
+    ) -> list[str]:
+        """Touching nothing: the container exists, the credentials open it, and listing blobs under
+        each prefix (and finding them by `tag_query`) works; one blob a listing at most. Raises
+        ServiceUnavailable within PREFLIGHT_TIMEOUT_SECONDS when the service does not answer.
+        Problems name the `kind` system."""
+        endpoint = self._endpoint
+        container = self._service.get_container_client(container_name)
+        in_container = f"container {container_name!r}"
+        named = f"{kind} system {system!r}"
+        with blob_errors(endpoint, system, container_name):
+            async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
+                try:
+                    await container.get_container_properties()
+                except ResourceNotFoundError as exc:
+                    if service_code(exc) != "ContainerNotFound":
+                        raise
+                    return [f"{named}: {in_container} does not exist"]
+                except HttpResponseError as exc:
+                    refused = _refusal(exc, named, f"reading the properties of {in_container}")
+                    if refused is None:
+                        raise
+                    return [refused]
+                listings: list[tuple[str, AsyncItemPaged[Any]]] = [
+                    (
+                        f"listing blobs in {in_container}",
+                        container.list_blobs(name_starts_with=prefix or None, results_per_page=1),
+                    )
+                    for prefix in dict.fromkeys(prefixes)
+                ]
+                if tag_query is not None:
+                    listings.append(
+                        (
+                            f"finding blobs by index tag in {in_container}",
+                            container.find_blobs_by_tags(tag_query, results_per_page=1),
+                        )
+                    )
+                problems: list[str] = []
+                for doing, listing in listings:
+                    try:
+                        async for _ in listing:
+                            break  # one page of one blob: enough to know the call is allowed
+                    except HttpResponseError as exc:
+                        refused = _refusal(exc, named, doing)
+                        if refused is None:
+                            raise
+                        if refused not in problems:
+                            problems.append(refused)
+                return problems
 
 
-class BackupEraser(BlobConnector):
+class BackupEraser(BlobConnector[BlobBackupLocator]):
     """Deletes a subject's backups in one blob container, within the erasure window.
 
     Per-subject blobs (found by `subject_tag` = the subject reference, or under the rendered
@@ -381,13 +312,24 @@ class BackupEraser(BlobConnector):
     holds) is named as not checked in the evidence and the detail, never reported as done.
     """
 
+    kind = "blob"
+    locator_model = BlobBackupLocator
+    actions = ("delete",)
+    checks = (
+        "the container exists and the credentials open it; listing and finding by tag work; "
+        "the shared access signature's permissions and expiry; the prefix and tag render"
+    )
+    proves = (
+        "no blob of the subject remains and no whole backup taken before the erasure is past "
+        "the window; what the service cannot show (versions, holds) is named as not checked"
+    )
+    retries = "the blobs found, heartbeated and confirmed before any is deleted"
+
     async def preflight(self, request: StepRequest) -> list[str]:
         """Touching nothing: the subject's prefix renders and its reference can be a tag
         value, what the connection's signature allows, the container exists and the
         credentials open it, and listing (and finding by tag) there works."""
-        if request.step.action == "retain":
-            return []
-        locator = _locator(request)
+        locator = self.locator(request)
         system = request.step.system
         problems: list[str] = []
         prefixes: list[str] = []
@@ -417,16 +359,12 @@ class BackupEraser(BlobConnector):
         if locator.subject_tag:
             needs["f"] = "find by tags"
         problems += sas_problems(self._connection, system, needs)
-        problems += await container_problems(
-            self._connection, system, locator.container, prefixes, tag_query
-        )
+        problems += await self.container_problems(system, locator.container, prefixes, tag_query)
         return problems
 
     async def erase(self, request: StepRequest) -> StepOutcome:
-        """Delete the subject's blobs and the whole backups past the window; or retain."""
-        if request.step.action == "retain":
-            return retained_outcome(request)
-        locator = _locator(request)
+        """Delete the subject's blobs and the whole backups past the window."""
+        locator = self.locator(request)
         now = datetime.now(UTC)
         journal = Journal.resume(request)
         try:
@@ -511,9 +449,7 @@ class BackupEraser(BlobConnector):
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Check no subject blob and no pre-erasure backup past the window remains."""
-        if request.step.action == "retain" or erased.status == "retained":
-            return erased.model_copy(update={"verified": False})
-        locator = _locator(request)
+        locator = self.locator(request)
         now = datetime.now(UTC)
         with self._errors(request, locator):
             container = await self._container(locator)
@@ -561,13 +497,13 @@ class BackupEraser(BlobConnector):
             yield
 
     async def _container(self, locator: BlobBackupLocator) -> ContainerClient:
-        container = blob_service(self._connection).get_container_client(locator.container)
+        container = self._service.get_container_client(locator.container)
         await container.get_container_properties()  # ContainerNotFound -> SchemaMismatch
         return container
 
     async def _soft_delete(self) -> _SoftDelete:
         try:
-            properties = await blob_service(self._connection).get_service_properties()
+            properties = await self._service.get_service_properties()
         except HttpResponseError as exc:
             if is_unsupported(exc) or exc.status_code == 403:
                 return _SoftDelete(
@@ -659,7 +595,7 @@ class BackupEraser(BlobConnector):
                 result.already_gone += 1
                 result.names.append(name)
             except HttpResponseError as exc:
-                reason = HOLD_CODES.get(error_code(exc))
+                reason = HOLD_CODES.get(service_code(exc))
                 if reason is None:
                     raise
                 result.held[reason] = result.held.get(reason, 0) + 1
@@ -716,15 +652,6 @@ async def _bounded(work: list[Awaitable[T]]) -> list[T]:
 
 def _tag_query(tag: str, ref: str) -> str:
     return f"\"{tag}\" = '{ref}'"
-
-
-def _locator(request: StepRequest) -> BlobBackupLocator:
-    locator = request.step.locator
-    if not isinstance(locator, BlobBackupLocator):
-        raise ConfigurationError(
-            f"step {request.step.id!r} is of kind {request.step.kind!r}, not a blob backup locator"
-        )
-    return locator
 
 
 def _check_prefix_ends_after_placeholder(request: StepRequest, template: str) -> None:
@@ -807,6 +734,3 @@ def _window_detail(
     elif soft.note.startswith("not checked"):
         parts.append("soft delete " + soft.note)
     return "; ".join(parts)
-
-
-erase, verify, preflight = connector_activities("blob", BackupEraser.for_connection)

@@ -16,63 +16,39 @@ from __future__ import annotations
 
 import asyncio
 import re
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 
 from lethe.activities.attempts import Journal
+from lethe.activities.clients import Clients
 from lethe.activities.common import (
     SchemaMismatch,
-    connector_activities,
-    retained_outcome,
     verdict,
 )
+from lethe.activities.connector import Connector
+from lethe.activities.driver_errors import translated
 from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
 from lethe.contracts import StepOutcome, StepRequest
-from lethe.kernel.errors import ConfigurationError, LetheError, ServiceUnavailable
+from lethe.kernel.errors import LetheError
 
 T = TypeVar("T")
 
 SCAN_COUNT = 1000
 """How many slots one SCAN call walks: large enough to be quick, small enough not to block."""
 UNLINK_BATCH = 500
-TIMEOUT_SECONDS = 10.0
 PREFLIGHT_TIMEOUT_SECONDS = 5.0
 """How long a preflight waits for Redis, all its calls together, before it says it is down."""
 _GLOB_CHARACTERS = re.compile(r"([*?\[\]\\])")
-
-# redis.asyncio connections belong to the event loop that opened them, so the cache is per loop.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Redis]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def glob_escape(value: str) -> str:
     """`value` with Redis glob characters (`* ? [ ] \\`) escaped, so that it matches only itself."""
     return _GLOB_CHARACTERS.sub(r"\\\1", value)
-
-
-def redis_client(url: str) -> Redis:
-    """The shared client for `url` on the running event loop, created on first use."""
-    per_url = _clients.setdefault(asyncio.get_running_loop(), {})
-    client = per_url.get(url)
-    if client is None:
-        client = Redis.from_url(
-            url, socket_timeout=TIMEOUT_SECONDS, socket_connect_timeout=TIMEOUT_SECONDS
-        )
-        per_url[url] = client
-    return client
-
-
-async def close_clients() -> None:
-    """Close the running event loop's Redis clients (worker shutdown, end of a test session)."""
-    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
-        await client.aclose()
 
 
 @dataclass(frozen=True)
@@ -99,15 +75,6 @@ class _Targets:
     hash_fields: list[_HashField]
 
 
-def _redis_locator(request: StepRequest) -> RedisLocator:
-    locator = request.step.locator
-    if not isinstance(locator, RedisLocator):
-        raise ConfigurationError(
-            f"step {request.step.id!r} is a Redis step but its locator is not a Redis locator"
-        )
-    return locator
-
-
 def _pattern(index: int, template: str, values: dict[str, str]) -> _Pattern:
     # Rendering every value as "" leaves the template's own text: if that holds no glob
     # character, the pattern names exactly one key and needs no scan of the keyspace.
@@ -127,7 +94,7 @@ def _hash_field(index: int, entry: RedisHashField, values: dict[str, str]) -> _H
 
 def _targets(request: StepRequest) -> _Targets:
     """Render every pattern and hash field first, so a missing identity destroys nothing."""
-    locator = _redis_locator(request)
+    locator = CacheEraser.locator(request)
     values = request.subject.template_values(request.subject_ref)
     return _Targets(
         patterns=[_pattern(i, t, values) for i, t in enumerate(locator.patterns)],
@@ -138,7 +105,7 @@ def _targets(request: StepRequest) -> _Targets:
 def _rendered(request: StepRequest) -> tuple[_Targets, list[str]]:
     """What renders of the locator, and a problem for each template that does not (a missing
     identity), naming the template by index, never a value."""
-    locator = _redis_locator(request)
+    locator = CacheEraser.locator(request)
     system = request.step.system
     values = request.subject.template_values(request.subject_ref)
     patterns: list[_Pattern] = []
@@ -185,8 +152,18 @@ def _where(url: str) -> str:
     return f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
 
 
-class CacheEraser:
-    """Erases and verifies one Redis step: key patterns are unlinked, hash fields deleted."""
+class CacheEraser(Connector[RedisLocator]):
+    """Unlinks the subject's keys and deletes their hash fields in a Redis cache."""
+
+    kind = "redis"
+    locator_model = RedisLocator
+    actions = ("purge",)
+    checks = (
+        "every template renders; Redis answers to these credentials; hash_fields keys are "
+        "hashes or absent; ACL DRYRUN, where the server answers it, allows each command"
+    )
+    proves = "no key matches the patterns and no hash field remains (a scan after the purge)"
+    retries = "the keys and fields found, heartbeated and confirmed before they are removed"
 
     def __init__(self, client: Redis, where: str = "", user: str = "default") -> None:
         """Use `client`; `where` (host:port, no credentials) names the server in errors;
@@ -196,15 +173,14 @@ class CacheEraser:
         self._user = user
 
     @classmethod
-    def for_connection(cls, url: str) -> CacheEraser:
-        """An eraser on the shared client for the Redis at `url`."""
-        return cls(redis_client(url), _where(url), unquote(urlsplit(url).username or "default"))
+    def open(cls, clients: Clients, connection: str) -> Self:
+        """An eraser on the worker's client for the Redis at `connection`."""
+        user = unquote(urlsplit(connection).username or "default")
+        return cls(clients.redis(connection), _where(connection), user)
 
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Unlink the subject's keys and delete their hash fields; `running` until verified."""
         step = request.step
-        if step.action == "retain":
-            return retained_outcome(request)
         targets = _targets(request)
         journal = Journal.resume(request)
         try:
@@ -236,8 +212,6 @@ class CacheEraser:
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Scan again: `done` when no key matches any pattern and no hash field is left."""
         step = request.step
-        if step.action == "retain":
-            return retained_outcome(request)
         targets = _targets(request)
         journal = Journal.current(request) or Journal(request.request_id, step.id)
         keys_left = await self._call(lambda: self._count_keys(targets.patterns, journal))
@@ -263,8 +237,6 @@ class CacheEraser:
         """Touching nothing: every template renders, Redis answers to these credentials, each
         hash_fields key is a hash or absent, and (where the server answers `ACL DRYRUN`) the
         connection's user may run what the step runs on what the locator names."""
-        if request.step.action == "retain":
-            return []
         targets, problems = _rendered(request)
         system = request.step.system
 
@@ -437,11 +409,9 @@ class CacheEraser:
                 return
 
     async def _call(self, work: Callable[[], Awaitable[T]]) -> T:
-        try:
+        # Redis errors can quote keys, which hold subject ids: only the type leaves here.
+        with translated(f"Redis at {self._where}"):
             return await work()
-        except (RedisError, OSError) as exc:
-            # Redis errors can quote keys, which hold subject ids: only the type leaves here.
-            raise ServiceUnavailable(f"Redis at {self._where}: {type(exc).__name__}") from None
 
 
 def _erase_detail(journal: Journal, unlinked: int, removed: int) -> str:
@@ -463,6 +433,3 @@ def _erase_detail(journal: Journal, unlinked: int, removed: int) -> str:
         f"{done} in this attempt; no heartbeat of an earlier attempt arrived, so what it "
         "removed, if anything, is not known"
     )
-
-
-erase, verify, preflight = connector_activities("redis", CacheEraser.for_connection)

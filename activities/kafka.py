@@ -35,20 +35,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AclOperation,
-    AdminClient,
     ConfigResource,
     OffsetSpec,
     ResourceType,
@@ -56,12 +54,13 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from temporalio import activity
 
 from lethe.activities.attempts import heartbeat
+from lethe.activities.clients import Clients
 from lethe.activities.common import (
     SchemaMismatch,
-    connector_activities,
-    retained_outcome,
     verdict,
 )
+from lethe.activities.connector import Connector
+from lethe.activities.driver_errors import lethe_error
 from lethe.activities.kafka_scan import Match, ScanResult, TopicScan, reader
 from lethe.classification.datamap import KafkaTopicLocator, MissingIdentity, render
 from lethe.contracts import Evidence, StepOutcome, StepRequest, StepStatus
@@ -287,38 +286,6 @@ def partition_of(key: bytes, partitions: int) -> int:
 # --- the connector ---------------------------------------------------------------------------
 
 
-_producers: dict[str, Producer] = {}
-_admins: dict[str, AdminClient] = {}
-_brokers: dict[str, dict[str, str]] = {}
-"""The brokers' settings per cluster: static broker configuration, read once."""
-
-
-def producer(bootstrap: str) -> Producer:
-    """The shared idempotent producer for `bootstrap`, created on first use."""
-    found = _producers.get(bootstrap)
-    if found is None:
-        found = _producers[bootstrap] = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "enable.idempotence": True,
-                "acks": "all",
-                # The Java client's partitioner: the tombstone must land on the partition that
-                # holds the key's earlier records, or it shadows nothing.
-                "partitioner": "murmur2_random",
-                "message.timeout.ms": int(TIMEOUT_SECONDS * 1000),
-            }
-        )
-    return found
-
-
-def admin_client(bootstrap: str) -> AdminClient:
-    """The shared admin client for `bootstrap`, created on first use."""
-    found = _admins.get(bootstrap)
-    if found is None:
-        found = _admins[bootstrap] = AdminClient({"bootstrap.servers": bootstrap})
-    return found
-
-
 T = TypeVar("T")
 
 
@@ -343,17 +310,8 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _locator(request: StepRequest) -> KafkaTopicLocator:
-    locator = request.step.locator
-    if not isinstance(locator, KafkaTopicLocator):
-        raise ConfigurationError(
-            f"step {request.step.id!r} is a Kafka step but its locator is not a Kafka topic"
-        )
-    return locator
-
-
 def _key(request: StepRequest) -> tuple[str, bytes]:
-    locator = _locator(request)
+    locator = TombstoneWriter.locator(request)
     if locator.key_template is None:
         raise ConfigurationError(f"step {request.step.id!r}: the topic is not keyed by subject")
     values = request.subject.template_values(request.subject_ref)
@@ -362,7 +320,7 @@ def _key(request: StepRequest) -> tuple[str, bytes]:
 
 def _match(request: StepRequest) -> Match:
     """How the scan of a topic keyed by something else knows the subject's records."""
-    locator = _locator(request)
+    locator = TombstoneWriter.locator(request)
     if locator.value_field is None:
         raise ConfigurationError(f"step {request.step.id!r}: the topic has no value_field")
     values = request.subject.template_values(request.subject_ref)
@@ -529,26 +487,38 @@ class _TombstoneSearch:
         self._consumer.close()
 
 
-class TombstoneWriter:
-    """Erases and verifies one Kafka step: a tombstone for the subject's key, then its deadline."""
+class TombstoneWriter(Connector[KafkaTopicLocator]):
+    """Tombstones the subject's records in a compacted topic, or dates their expiry."""
 
-    def __init__(self, bootstrap: str) -> None:
-        """Use the shared producer and admin client of the cluster at `bootstrap`."""
+    kind = "kafka"
+    locator_model = KafkaTopicLocator
+    actions = ("tombstone", "expire")
+    checks = (
+        "the cluster answers; the topic exists; the key or value template fills; what the "
+        "broker lets this worker do (write, read, describe configs); compaction for value_field"
+    )
+    proves = (
+        "the tombstone is the key's latest record, and the topic's compaction or retention "
+        "settings remove what it shadows by the end of the window (else pending_compaction or "
+        "at_risk, never done)"
+    )
+    retries = "the tombstone found again by its lethe-request and lethe-step headers"
+
+    def __init__(self, clients: Clients, bootstrap: str) -> None:
+        """Use the worker's producer and admin client of the cluster at `bootstrap`."""
+        self._clients = clients
         self._bootstrap = bootstrap
-        self._producer = producer(bootstrap)
-        self._admin = admin_client(bootstrap)
+        self._producer = clients.kafka_producer(bootstrap, TIMEOUT_SECONDS)
+        self._admin = clients.kafka_admin(bootstrap)
 
     @classmethod
-    def for_connection(cls, bootstrap: str) -> TombstoneWriter:
-        """A writer for the cluster whose bootstrap servers are `bootstrap`."""
-        return cls(bootstrap)
+    def open(cls, clients: Clients, connection: str) -> Self:
+        """A writer for the cluster whose bootstrap servers are `connection`."""
+        return cls(clients, connection)
 
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Write a tombstone for the subject's key; `running` until verify sees removal is due."""
-        step = request.step
-        if step.action == "retain":
-            return retained_outcome(request)
-        locator = _locator(request)
+        locator = self.locator(request)
         if locator.removal == "retention":
             return await self._expire(request)
         if locator.value_field is not None:
@@ -573,7 +543,7 @@ class TombstoneWriter:
             what = "tombstone written"
         removal = removal_deadline(settings, _from_ms(delivery.timestamp_ms))
         return StepOutcome(
-            step_id=step.id,
+            step_id=request.step.id,
             status="running",
             affected=1,
             evidence={
@@ -594,9 +564,7 @@ class TombstoneWriter:
         broker reports what this worker may do, that it may write, read and describe the topic.
         Problems name the system and the topic, never the key."""
         step = request.step
-        if step.action == "retain":
-            return []
-        locator = _locator(request)
+        locator = self.locator(request)
         topic = locator.topic
         where = f"Kafka topic {topic!r} of system {step.system!r}"
         problems: list[str] = []
@@ -636,10 +604,7 @@ class TombstoneWriter:
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Read the tombstone back and judge the topic's settings against the erasure window."""
-        step = request.step
-        if step.action == "retain":
-            return retained_outcome(request)
-        locator = _locator(request)
+        locator = self.locator(request)
         if locator.removal == "retention":
             return await self._verify_expiry(request, erased)
         if locator.value_field is not None:
@@ -681,7 +646,7 @@ class TombstoneWriter:
 
     async def _expire(self, request: StepRequest) -> StepOutcome:
         """Nothing written: when the topic's retention has removed what predates the erasure."""
-        topic = _locator(request).topic
+        topic = TombstoneWriter.locator(request).topic
         settings = await self._settings(request, topic)
         removal = _expiry(settings, _utc(request.erasure_started_at))
         return StepOutcome(
@@ -694,7 +659,7 @@ class TombstoneWriter:
 
     async def _verify_expiry(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """The topic's settings now (they may have changed) against the erasure window."""
-        topic = _locator(request).topic
+        topic = TombstoneWriter.locator(request).topic
         settings = await self._settings(request, topic)
         removal = _expiry(settings, _utc(request.erasure_started_at))
         status, gone_by, detail = removal_status(
@@ -711,7 +676,7 @@ class TombstoneWriter:
 
     async def _erase_by_value(self, request: StepRequest) -> StepOutcome:
         """A tombstone for each key whose latest record is the subject's (read from the topic)."""
-        topic = _locator(request).topic
+        topic = TombstoneWriter.locator(request).topic
         settings = await self._settings(request, topic)
         if "compact" not in _policies(settings):
             where = f"Kafka topic {topic!r} of system {request.step.system!r}"
@@ -760,7 +725,7 @@ class TombstoneWriter:
 
     async def _verify_by_value(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Read the topic again: no key's latest record is the subject's; then the deadline."""
-        topic = _locator(request).topic
+        topic = TombstoneWriter.locator(request).topic
         settings = await self._settings(request, topic)
         scan = await self._scan(request, topic)
         still = scan.still_the_subjects()
@@ -816,7 +781,8 @@ class TombstoneWriter:
         rolled_at: datetime | None = None
         if removal.by_compaction and removal.gone_by is not None and removal.gone_by <= now:
             due_ms = tombstone_ms + _setting(settings, "segment.ms")
-            rolled_at = await self._all_rolled(_locator(request).topic, partitions, due_ms)
+            topic = TombstoneWriter.locator(request).topic
+            rolled_at = await self._all_rolled(topic, partitions, due_ms)
             evidence["segment_rolled"] = rolled_at is not None
         status, gone_by, detail = removal_status(
             removal, _utc(request.window_ends_at), now, rolled_at
@@ -927,7 +893,7 @@ class TombstoneWriter:
 
     async def _broker_settings(self) -> dict[str, str]:
         """How often the brokers clean and apply retention: read once per cluster, the slowest."""
-        cached = _brokers.get(self._bootstrap)
+        cached = self._clients.kafka_brokers.get(self._bootstrap)
         if cached is not None:
             return cached
         try:
@@ -949,7 +915,7 @@ class TombstoneWriter:
             for name in BROKER_SETTINGS
             if any(name in entries for entries in described)
         }
-        _brokers[self._bootstrap] = slowest
+        self._clients.kafka_brokers[self._bootstrap] = slowest
         return slowest
 
     async def _described(self, resource: ConfigResource) -> dict[str, str]:
@@ -1006,7 +972,8 @@ class TombstoneWriter:
         error, message = reports[0]
         if error is not None:
             if error.fatal():
-                _producers.pop(self._bootstrap, None)  # an idempotent producer cannot recover
+                # An idempotent producer cannot recover: the next step gets a new one.
+                self._clients.drop_kafka_producer(self._bootstrap)
             raise ServiceUnavailable(f"Kafka at {self._bootstrap}: delivery failed {error.name()}")
         landed, offset = message.partition(), message.offset()
         kind, stamp = message.timestamp()
@@ -1057,9 +1024,8 @@ class TombstoneWriter:
 
     def _unavailable(self, exc: BaseException) -> LetheError:
         # librdkafka's messages can quote keys: only the error's type and code name leave here.
-        code = exc.args[0].name() if exc.args and isinstance(exc.args[0], KafkaError) else ""
-        return ServiceUnavailable(
-            f"Kafka at {self._bootstrap}: {type(exc).__name__} {code}".strip()
+        return lethe_error(exc, f"Kafka at {self._bootstrap}") or ServiceUnavailable(
+            f"Kafka at {self._bootstrap} did not answer ({type(exc).__name__})"
         )
 
 
@@ -1079,6 +1045,3 @@ def _settings_evidence(settings: Mapping[str, str]) -> Evidence:
     for name in (*TOPIC_SETTINGS[1:], *BROKER_SETTINGS):
         evidence[name.replace(".", "_")] = _setting(settings, name)
     return evidence
-
-
-erase, verify, preflight = connector_activities("kafka", TombstoneWriter.for_connection)

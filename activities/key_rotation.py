@@ -1,16 +1,17 @@
 """Key rotation's activities: make a KEK version, rewrap data keys, raise the minimum, retire.
 
 `KeyRotator` does the work on a `KeyService` and Lethe's ledger, testable without Temporal; the
-`keys.*` activities are thin wrappers. Every step is safe to run again: the version is made once
-per rotation id, a rewrap only replaces the wrapping it read (so a key is never wrapped twice,
-and a key shredded meanwhile is not brought back), and the ledger appends once per key.
+`keys.*` activities are thin wrappers, methods of the worker's `KeyRotations`. Every step is safe
+to run again: the version is made once per rotation id, a rewrap only replaces the wrapping it
+read (so a key is never wrapped twice, and a key shredded meanwhile is not brought back), and the
+ledger appends once per key.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
@@ -167,22 +168,68 @@ class KeyRotator:
         )
 
 
-_rotators: dict[Settings, KeyRotator] = {}
+class KeyRotations:
+    """A worker's key-rotation activities, over one rotator it keeps (with its KEK cache) for the
+    process's settings; made new when the settings change or the engines were disposed."""
 
+    def __init__(self) -> None:
+        """No rotator yet: the first activity makes it."""
+        self._rotator: KeyRotator | None = None
+        self._settings: Settings | None = None
 
-async def rotator(settings: Settings | None = None) -> KeyRotator:
-    """The process's rotator for the settings (one key service each, its KEK cache kept)."""
-    settings = settings or current_settings()
-    engine = await key_store.key_engine(settings.key_store_url)
-    found = _rotators.get(settings)
-    if found is None or found.keys.engine is not engine:  # new, or the engines were disposed
-        found = KeyRotator(
-            await open_key_service(settings),
-            await engine_for(settings.store_url.get_secret_value()),
-            cache_seconds=settings.keys_cache_seconds,
-        )
-        _rotators[settings] = found
-    return found
+    def activities(self) -> list[Callable[..., Awaitable[Any]]]:
+        """The `keys.*` activities, for the control worker."""
+        return [
+            self.begin_rotation,
+            self.rewrap,
+            self.count_below,
+            self.raise_min_version,
+            self.retire,
+        ]
+
+    async def rotator(self) -> KeyRotator:
+        """The rotator for the process's settings (one key service, its KEK cache kept)."""
+        settings = current_settings()
+        engine = await key_store.key_engine(settings.key_store_url)
+        found = self._rotator
+        if found is None or self._settings != settings or found.keys.engine is not engine:
+            found = KeyRotator(
+                await open_key_service(settings),
+                await engine_for(settings.store_url.get_secret_value()),
+                cache_seconds=settings.keys_cache_seconds,
+            )
+            self._rotator, self._settings = found, settings
+        return found
+
+    @activity.defn(name="keys.begin_rotation")
+    async def begin_rotation(self, rotation_id: str, requested_by: str) -> RotationPlan:
+        """Make the rotation's KEK version; the target, the versions to retire, the keys to
+        rewrap."""
+        return await _typed((await self.rotator()).begin(rotation_id, requested_by))
+
+    @activity.defn(name="keys.rewrap")
+    async def rewrap(self, call: RewrapCall) -> RewrapProgress:
+        """Rewrap data keys in batches, heartbeating the last key done; a retry resumes there."""
+        details = activity.info().heartbeat_details
+        start = None
+        if details:
+            start = RewrapProgress.model_validate(details[0]).model_copy(update={"resumed": True})
+        return await _typed((await self.rotator()).rewrap(call, start, activity.heartbeat))
+
+    @activity.defn(name="keys.count_below")
+    async def count_below(self, target: int) -> int:
+        """How many data keys a KEK older than `target` still wraps."""
+        return await _typed((await self.rotator()).count_below(target))
+
+    @activity.defn(name="keys.raise_min_version")
+    async def raise_min_version(self, step: VersionStep) -> int:
+        """Raise the minimum decryption version; the keys left below it (0 when raised)."""
+        return await _typed((await self.rotator()).raise_min_version(step))
+
+    @activity.defn(name="keys.retire")
+    async def retire(self, step: VersionStep) -> list[int]:
+        """Destroy the old KEK versions after the grace period; the versions retired."""
+        return await _typed((await self.rotator()).retire(step))
 
 
 async def _typed(work: Awaitable[T]) -> T:
@@ -190,40 +237,3 @@ async def _typed(work: Awaitable[T]) -> T:
         return await work
     except LetheError as exc:
         raise exc.to_application_error() from None
-
-
-@activity.defn(name="keys.begin_rotation")
-async def begin_rotation(rotation_id: str, requested_by: str) -> RotationPlan:
-    """Make the rotation's KEK version; the target, the versions to retire, the keys to rewrap."""
-    return await _typed((await rotator()).begin(rotation_id, requested_by))
-
-
-@activity.defn(name="keys.rewrap")
-async def rewrap(call: RewrapCall) -> RewrapProgress:
-    """Rewrap data keys in batches, heartbeating the last key done; a retry resumes there."""
-    details = activity.info().heartbeat_details
-    start = None
-    if details:
-        start = RewrapProgress.model_validate(details[0]).model_copy(update={"resumed": True})
-    return await _typed((await rotator()).rewrap(call, start, activity.heartbeat))
-
-
-@activity.defn(name="keys.count_below")
-async def count_below(target: int) -> int:
-    """How many data keys a KEK older than `target` still wraps."""
-    return await _typed((await rotator()).count_below(target))
-
-
-@activity.defn(name="keys.raise_min_version")
-async def raise_min_version(step: VersionStep) -> int:
-    """Raise the minimum decryption version; the keys left below it (0 when raised)."""
-    return await _typed((await rotator()).raise_min_version(step))
-
-
-@activity.defn(name="keys.retire")
-async def retire(step: VersionStep) -> list[int]:
-    """Destroy the old KEK versions after the grace period; the versions retired."""
-    return await _typed((await rotator()).retire(step))
-
-
-ACTIVITIES = (begin_rotation, rewrap, count_below, raise_min_version, retire)

@@ -44,15 +44,13 @@ from lethe.activities.blob import (
     PREFLIGHT_TIMEOUT_SECONDS,
     BlobConnector,
     blob_errors,
-    blob_service,
-    container_problems,
-    error_code,
     sas_problems,
 )
-from lethe.activities.common import connector_activities, retained_outcome, verdict
+from lethe.activities.common import verdict
+from lethe.activities.driver_errors import service_code
 from lethe.classification.datamap import LogLocator, MissingIdentity
 from lethe.contracts import Evidence, StepOutcome, StepRequest
-from lethe.kernel.errors import ConfigurationError, LetheError
+from lethe.kernel.errors import LetheError
 
 REDACTED = "[redacted]"
 MARK_REQUEST, MARK_STEP, MARK_RECORDS = "lethe_request", "lethe_step", "lethe_records"
@@ -289,7 +287,7 @@ def _marks(
     }
 
 
-class LogRedactor(BlobConnector):
+class LogRedactor(BlobConnector[LogLocator]):
     """Drops (`delete`) or redacts (`redact`, `anonymize`) a subject's records in log blobs.
 
     Blobs are taken in name order; after each one the activity heartbeats the name of the last
@@ -299,30 +297,32 @@ class LogRedactor(BlobConnector):
     is counted and makes the step `failed`.
     """
 
+    kind = "logs"
+    locator_model = LogLocator
+    actions = ("delete", "redact", "purge", "anonymize")
+    checks = (
+        "a value to find records by; the container exists and listing under the prefix works; "
+        "the signature allows read, list and write; with tenant_field, records carry it"
+    )
+    proves = "no record of the subject is left in any log blob under the prefix"
+    retries = "each rewritten blob's lethe_request, lethe_step and lethe_records metadata"
+
     async def preflight(self, request: StepRequest) -> list[str]:
         """Touching nothing: the action is one logs take, the request gives a value to find
         records by, what the connection's signature allows, the container exists and the
         credentials open it, listing under the prefix works, and with a `tenant_field` the
         first log blob's records carry it."""
-        action = request.step.action
-        if action == "retain":
-            return []
-        locator = _locator(request)
+        locator = self.locator(request)
         system = request.step.system
         problems: list[str] = []
-        if action not in _MODES:
-            problems.append(
-                f"logs system {system!r}: logs cannot {action!r}; use delete, redact, "
-                "anonymize or retain"
-            )
         try:
             subject_values(request, locator)
         except MissingIdentity as exc:
             problems.append(f"logs system {system!r}: {exc}")
         needs = {"r": "read", "l": "list", "w": "write"}
         problems += sas_problems(self._connection, system, needs, kind="logs")
-        found = await container_problems(
-            self._connection, system, locator.container, [locator.prefix], kind="logs"
+        found = await self.container_problems(
+            system, locator.container, [locator.prefix], kind="logs"
         )
         problems += found
         if not found and locator.tenant_field is not None:
@@ -332,24 +332,16 @@ class LogRedactor(BlobConnector):
         return problems
 
     async def erase(self, request: StepRequest) -> StepOutcome:
-        """Drop or redact the subject's records in every log blob under the prefix; or retain."""
-        action = request.step.action
-        if action == "retain":
-            return retained_outcome(request)
-        mode = _MODES.get(action)
-        if mode is None:
-            raise ConfigurationError(
-                f"step {request.step.id!r}: logs cannot {action!r}; use delete, redact, "
-                "anonymize or retain"
-            )
-        locator = _locator(request)
+        """Drop or redact the subject's records in every log blob under the prefix."""
+        locator = self.locator(request)
+        mode = _MODES[request.step.action]
         finder = _Finder.of(request, locator)
         journal = Journal.resume(request)
         progress = _Progress.resumed(journal)
         # What the earlier attempts' last heartbeat that arrived counts (blobs it finished).
         recorded = (progress.affected, progress.rewritten) if progress.last_done else None
         with self._errors(request, locator):
-            container = blob_service(self._connection).get_container_client(locator.container)
+            container = self._service.get_container_client(locator.container)
             names = await self._blob_names(container, locator)
             resumed_from = _resume_at(names, progress.last_done)
             if resumed_from is None:  # that blob is gone: read every blob again, count afresh
@@ -369,7 +361,7 @@ class LogRedactor(BlobConnector):
             )
         records = "records_dropped" if mode == "drop" else "records_redacted"
         evidence: Evidence = {
-            "action": action,
+            "action": request.step.action,
             "blobs_scanned": progress.scanned,
             "blobs_rewritten": progress.rewritten,
             records: progress.affected,
@@ -406,15 +398,13 @@ class LogRedactor(BlobConnector):
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Rescan every log blob: no record may still carry the subject's values (in their
         tenant), and none may carry them without a tenant where the locator names one."""
-        if request.step.action == "retain" or erased.status == "retained":
-            return erased.model_copy(update={"verified": False})
-        locator = _locator(request)
+        locator = self.locator(request)
         finder = _Finder.of(request, locator)
         # Within the erase activity, verify's heartbeats keep erase's record for a retry.
         journal = Journal.current(request) or Journal(request.request_id, request.step.id)
         matching = unparsed = redacted = blobs = unreadable = untenanted = 0
         with self._errors(request, locator):
-            container = blob_service(self._connection).get_container_client(locator.container)
+            container = self._service.get_container_client(locator.container)
             for index, name in enumerate(await self._blob_names(container, locator)):
                 read = await _read(container.get_blob_client(name))
                 if read is not None:
@@ -527,7 +517,7 @@ class LogRedactor(BlobConnector):
         if field is None:
             return None
         system = request.step.system
-        container = blob_service(self._connection).get_container_client(locator.container)
+        container = self._service.get_container_client(locator.container)
         with self._errors(request, locator):
             async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
                 first = None
@@ -575,19 +565,7 @@ async def _read(blob: BlobClient) -> tuple[bytes, str, BlobProperties] | None:
         download = await blob.download_blob()
         content = await download.readall()
     except ResourceNotFoundError as exc:
-        if error_code(exc) == "ContainerNotFound":
+        if service_code(exc) == "ContainerNotFound":
             raise
         return None
     return content, download.properties.etag, download.properties
-
-
-def _locator(request: StepRequest) -> LogLocator:
-    locator = request.step.locator
-    if not isinstance(locator, LogLocator):
-        raise ConfigurationError(
-            f"step {request.step.id!r} is of kind {request.step.kind!r}, not a log locator"
-        )
-    return locator
-
-
-erase, verify, preflight = connector_activities("logs", LogRedactor.for_connection)

@@ -40,10 +40,10 @@ import base64
 import binascii
 import os
 import re
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Self
 
 from sqlalchemy import Connection, func, inspect, select
 from sqlalchemy.engine import URL, make_url
@@ -53,8 +53,10 @@ from sqlalchemy.pool import NullPool
 from temporalio import activity
 
 from lethe.activities.attempts import Journal
-from lethe.activities.common import connector_activities, retained_outcome, verdict
-from lethe.activities.sql_errors import translated
+from lethe.activities.clients import Clients
+from lethe.activities.common import verdict
+from lethe.activities.connector import Connector, UnsupportedStep
+from lethe.activities.driver_errors import translated
 from lethe.classification.datamap import KeysLocator
 from lethe.contracts import Evidence, StepOutcome, StepRequest
 from lethe.kernel.config import current_settings
@@ -90,10 +92,6 @@ _REFUSED_LOGIN = re.compile(
 )
 
 
-class UnsupportedStep(LetheError):
-    """The step is not one the key connector runs: another kind, or an action other than shred."""
-
-
 class KeyStoreRefused(LetheError):
     """The key store refused a statement (a constraint, a permission)."""
 
@@ -112,8 +110,21 @@ class Shredding:
     versions_destroyed: int
 
 
-class KeyShredder:
-    """Shreds and verifies one subject's data keys in one key store."""
+class KeyShredder(Connector[KeysLocator]):
+    """Destroys every version of the subject's data keys in a key store (crypto-shredding)."""
+
+    kind = "keys"
+    locator_model = KeysLocator
+    actions = ("shred",)
+    checks = (
+        "the key store answers to these credentials; its tables and columns; the user's "
+        "privileges (PostgreSQL); this worker's subject key makes the request's reference"
+    )
+    proves = (
+        "no data key of the subject is left, the shredding is recorded, and a canary written "
+        "under the subject's key fails to decrypt with KeyShredded"
+    )
+    retries = "the key store's record of the first shredding, and the canary heartbeated"
 
     def __init__(self, url: str, master_key: bytes, subject_key: bytes) -> None:
         """Use the key store at `url`; the master key opens KEKs (for the canary), the subject
@@ -123,17 +134,16 @@ class KeyShredder:
         self._subject_key = subject_key
 
     @classmethod
-    def for_connection(cls, url: str) -> KeyShredder:
-        """The shredder for a key store URL, with the worker's master and subject keys."""
+    def open(cls, clients: Clients, connection: str) -> Self:
+        """The shredder for a key store URL, with the worker's master and subject keys (the
+        key store is one of Lethe's own databases: `lethe.keys.store` holds its engine)."""
         settings = current_settings()
-        return cls(url, settings.keys_master_key_bytes, settings.subject_key_bytes)
+        return cls(connection, settings.keys_master_key_bytes, settings.subject_key_bytes)
 
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Write a canary (if the subject has a key), then destroy every data-key version."""
         step = request.step
-        _check_step(request)
-        if step.action == "retain":
-            return retained_outcome(request, "keys kept by policy")
+        self.locator(request)
         journal = Journal.resume(request)
         try:
             async with _key_store(step.system):
@@ -189,8 +199,8 @@ class KeyShredder:
         """With a fresh key service: no data key left, the shredding recorded, the canary
         unreadable (`KeyShredded`); `done` or `failed`."""
         step = request.step
-        _check_step(request)
-        if erased.status in ("retained", "failed") or step.action == "retain":
+        self.locator(request)
+        if erased.status in ("retained", "failed"):
             return erased
         async with _key_store(step.system):
             keys = await self._service()  # nothing cached: what the key store says now
@@ -237,9 +247,7 @@ class KeyShredder:
         lets this user do there what the step does; and this worker's LETHE_SUBJECT_KEY makes
         the request's subject reference."""
         step = request.step
-        _check_step(request)
-        if step.action == "retain":
-            return []
+        self.locator(request)
         where = f"key store of system {step.system!r}"
         problems = []
         wrong_ref = _ref_problem(self._subject_key, request)
@@ -253,20 +261,6 @@ class KeyShredder:
         engine = await key_store.key_engine(self._url)
         provider = LocalKekProvider(engine, self._master_key, cache_seconds=0)
         return KeyService(engine, provider, self._subject_key, cache_seconds=0)
-
-
-erase, verify, preflight = connector_activities("keys", KeyShredder.for_connection)
-
-
-def _check_step(request: StepRequest) -> None:
-    step = request.step
-    if step.kind != "keys" or not isinstance(step.locator, KeysLocator):
-        raise UnsupportedStep(f"step {step.id} is a {step.kind} step, not a key store")
-    if step.action not in ("shred", "retain"):
-        raise UnsupportedStep(
-            f"step {step.id}: action {step.action!r} does not apply to a key store; "
-            "use shred or retain"
-        )
 
 
 def _checked_ref(keys: KeyService, request: StepRequest) -> str:
@@ -495,6 +489,6 @@ async def _shredding(engine: AsyncEngine, ref: str) -> Shredding | None:
     return Shredding(row.shredded_at, row.request_id, row.versions_destroyed)
 
 
-def _key_store(system: str) -> AbstractAsyncContextManager[None]:
+def _key_store(system: str) -> translated:
     """Driver errors as Lethe's, naming the system (never the driver's text)."""
     return translated(f"key store of system {system!r}", KeyStoreRefused)

@@ -50,12 +50,11 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import (
@@ -84,7 +83,6 @@ from sqlalchemy import (
     delete,
     false,
     func,
-    inspect,
     literal,
     not_,
     or_,
@@ -93,30 +91,22 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.engine import Connection
-from sqlalchemy.engine.interfaces import ReflectedColumn
-from sqlalchemy.exc import (
-    NoSuchTableError,
-    SQLAlchemyError,
-)
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import NullType
 from temporalio import activity
 
 from lethe.activities.attempts import heartbeat, heartbeat_held
-from lethe.activities.common import (
-    SchemaMismatch,
-    connector_activities,
-    retained_outcome,
-    verdict,
-)
-from lethe.activities.sql_errors import translated
+from lethe.activities.clients import Clients
+from lethe.activities.common import SchemaMismatch, retained_outcome, verdict
+from lethe.activities.connector import Connector
+from lethe.activities.driver_errors import SchemaChanged, translated, undefined_name
+from lethe.activities.sql_schema import Reflected, SchemaCache, Tables
 from lethe.classification.datamap import SqlTableLocator
 from lethe.classification.taxonomy import matches
 from lethe.contracts import Action, Evidence, StepOutcome, StepRequest
-from lethe.kernel.errors import ConfigurationError, LetheError
+from lethe.kernel.errors import LetheError
 
-CONNECT_TIMEOUT_SECONDS = 5
 TEXT_PLACEHOLDER = "erased"
 EMAIL_PLACEHOLDER = "erased@erased.invalid"
 DATE_PLACEHOLDER = date(1900, 1, 1)
@@ -164,39 +154,6 @@ class RowsChanged(LetheError):
     retryable = True
 
 
-class UnsupportedStep(LetheError):
-    """The step is not one the SQL connector runs: another kind, or an action SQL lacks."""
-
-
-_ENGINES: dict[str, AsyncEngine] = {}
-
-
-def engine_for(url: str) -> AsyncEngine:
-    """The cached async engine for a connection string, created on first use."""
-    engine = _ENGINES.get(url)
-    if engine is None:
-        connect_args: dict[str, object] = (
-            {"connect_timeout": CONNECT_TIMEOUT_SECONDS} if url.startswith("postgresql") else {}
-        )
-        try:
-            engine = create_async_engine(url, pool_pre_ping=True, connect_args=connect_args)
-        except (SQLAlchemyError, ValueError, ImportError) as exc:
-            raise ConfigurationError(
-                f"the connection is not a usable async SQLAlchemy URL ({type(exc).__name__}); "
-                "use postgresql+psycopg:// or sqlite+aiosqlite://"
-            ) from None
-        _ENGINES[url] = engine
-    return engine
-
-
-async def dispose_engines() -> None:
-    """Close every cached engine's connections (worker shutdown, end of a test session)."""
-    engines = list(_ENGINES.values())
-    _ENGINES.clear()
-    for engine in engines:
-        await engine.dispose()
-
-
 @dataclass(frozen=True)
 class _Unlink:
     """How `anonymize` breaks the rows' link to the subject: which column, and to what."""
@@ -220,6 +177,8 @@ class _Unlink:
 class _Target:
     """A step's table as the live database has it, with the subject match and what to clear."""
 
+    tables: list[Table]
+    """Every table the step reads: the erased one, then those of its join path."""
     table: Table
     match: ColumnElement[bool]
     """True for the subject's rows: on the table itself or through the join path."""
@@ -263,30 +222,62 @@ class _Counted(BaseModel):
     digest: str | None = None
 
 
-class SqlEraser:
-    """Erases one subject's rows from one table of a relational database."""
+class SqlEraser(Connector[SqlTableLocator]):
+    """Deletes, soft-deletes, pseudonymises or anonymises a subject's rows in one table."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        """Use `engine`; prefer `for_connection`, which shares engines between requests."""
+    kind = "sql"
+    locator_model = SqlTableLocator
+    actions = SQL_ACTIONS
+    checks = (
+        "the database answers; tables, columns and join path exist as mapped; the subject id "
+        "fits its column; anonymize can unlink; the role's privileges (PostgreSQL)"
+    )
+    proves = (
+        "no row matches the subject (delete, anonymize), or every matching row is marked and "
+        "cleared (soft_delete, pseudonymize)"
+    )
+    retries = "the row count heartbeated inside the transaction before the commit"
+
+    def __init__(self, engine: AsyncEngine, schemas: SchemaCache | None = None) -> None:
+        """Use `engine` and the descriptions of its tables in `schemas` (the worker's, from
+        `open`; a cache of its own by default)."""
         self.engine = engine
+        self.schemas = schemas or SchemaCache()
 
     @classmethod
-    def for_connection(cls, url: str) -> SqlEraser:
-        """The eraser for a connection string, over its cached engine."""
-        return cls(engine_for(url))
+    def open(cls, clients: Clients, connection: str) -> Self:
+        """The eraser for a connection string, over the worker's engine and descriptions."""
+        return cls(clients.sql_engine(connection), clients.sql_schemas(connection))
 
     async def erase(self, request: StepRequest) -> StepOutcome:
-        """Delete, soft-delete, pseudonymise or anonymise the subject's rows in one transaction;
-        or retain. A retry that finds the work done reports the earlier attempt's count."""
+        """Delete, soft-delete, pseudonymise or anonymise the subject's rows in one
+        transaction. A retry that finds the work done reports the earlier attempt's count."""
+        return await self._on_current_schema(request, self._erase(request))
+
+    async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
+        """Check the erasure held: rows gone, unlinked, or marked and cleared; `done` or
+        `failed`."""
+        return await self._on_current_schema(request, self._verify(request, erased))
+
+    async def _on_current_schema(
+        self, request: StepRequest, work: Awaitable[StepOutcome]
+    ) -> StepOutcome:
+        """Run `work`; when its statement met tables that changed since they were described,
+        forget the description and read the tables again: what the data map names and the
+        database lacks is a SchemaMismatch naming it, else the step runs again (retryable)."""
+        try:
+            return await work
+        except SchemaChanged as exc:
+            changed = exc
+        # Outside the handler, so that the SchemaMismatch below stands alone.
+        self.schemas.forget(_table_names(self.locator(request)))
+        async with _database(request.step.system), self.engine.connect() as conn:
+            await _target(conn, request, self.schemas, fresh=True)
+        raise changed
+
+    async def _erase(self, request: StepRequest) -> StepOutcome:
         step = request.step
-        locator = _locator(request)
-        if step.action == "retain":
-            return retained_outcome(request, "retained by policy")
-        if step.action not in SQL_ACTIONS:
-            raise UnsupportedStep(
-                f"step {step.id}: action {step.action!r} does not apply to a SQL table; "
-                f"use {', '.join(SQL_ACTIONS)} or retain"
-            )
+        locator = self.locator(request)
         evidence: Evidence = {
             "table": locator.table,
             "action": step.action,
@@ -294,7 +285,7 @@ class SqlEraser:
         }
         attempt, earlier = _attempt(), _earlier_count(request)
         async with _database(step.system), self.engine.connect() as conn:
-            target = await _target(conn, request)
+            target = await _target(conn, request, self.schemas)
             evidence["dialect"] = conn.dialect.name
             if (
                 step.action in ("pseudonymize", "anonymize")
@@ -381,17 +372,13 @@ class SqlEraser:
         so tests/e2e/crash_after_effect.py can end a worker right after it)."""
         await conn.commit()
 
-    async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
-        """Check the erasure held: rows gone, unlinked, or marked and cleared; `done` or
-        `failed`."""
+    async def _verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         step = request.step
-        locator = _locator(request)
-        if erased.status in ("retained", "failed") or step.action == "retain":
+        locator = self.locator(request)
+        if erased.status in ("retained", "failed"):
             return erased
-        if step.action not in SQL_ACTIONS:
-            raise UnsupportedStep(f"step {step.id}: action {step.action!r} has nothing to verify")
         async with _database(step.system), self.engine.connect() as conn:
-            target = await _target(conn, request, unlink=False)
+            target = await _target(conn, request, self.schemas, unlink=False)
             # Anonymised rows cannot be found any more: none may lead to the subject.
             checks = [] if step.action == "anonymize" else _checks(step.action, target)
             counts = (
@@ -457,14 +444,11 @@ class SqlEraser:
         the data map says, the subject id fits, `anonymize` can unlink the rows, and
         (PostgreSQL) the role may do the step."""
         step = request.step
-        locator = _locator(request)
-        if step.action == "retain":
-            return []
-        if step.action not in SQL_ACTIONS:
-            return [f"step {step.id}: action {step.action!r} does not apply to a SQL table"]
+        locator = self.locator(request)
         async with _database(step.system), self.engine.connect() as conn:
             try:
-                await _target(conn, request)
+                # The preflight is the check: it reads the tables afresh.
+                await _target(conn, request, self.schemas, fresh=True)
             except LetheError as exc:
                 return [f"{type(exc).__name__}: {exc}"]
             if conn.dialect.name != "postgresql":
@@ -487,72 +471,62 @@ class SqlEraser:
             ]
 
 
-erase, verify, preflight = connector_activities("sql", SqlEraser.for_connection)
-
-
 # --- the step's target -----------------------------------------------------------------------
 
 
-def _locator(request: StepRequest) -> SqlTableLocator:
-    step = request.step
-    if step.kind != "sql" or not isinstance(step.locator, SqlTableLocator):
-        raise UnsupportedStep(f"step {step.id} is a {step.kind} step, not a SQL table")
-    return step.locator
-
-
-def _database(system: str) -> AbstractAsyncContextManager[None]:
+def _database(system: str) -> translated:
     """Driver errors as Lethe's, naming the system (never the driver's text)."""
-    return translated(f"database of system {system!r}", ChangeRefused)
+    return translated(f"database of system {system!r}", ChangeRefused, schema_changes=True)
 
 
-@dataclass(frozen=True)
-class _Reflected:
-    """One table as the database describes it."""
-
-    columns: list[ReflectedColumn]
-    primary_key: list[str] = field(default_factory=list)
-    foreign_keys: set[str] = field(default_factory=set)
-    """The columns a foreign key constrains."""
+def _table_names(locator: SqlTableLocator) -> list[str]:
+    """The tables a step reads: the erased one, then those of its join path."""
+    return list(dict.fromkeys([locator.table, *(hop.table for hop in locator.via)]))
 
 
-def _reflect(sync_conn: Connection, names: list[str], erased: str) -> dict[str, _Reflected | None]:
-    """Each table's columns; for the erased table also its primary key and foreign keys."""
-    inspector = inspect(sync_conn)
-    found: dict[str, _Reflected | None] = {}
-    schemas: list[str] | None = None
-    for name in names:
-        schema, _, bare = name.rpartition(".")
-        if schema:
-            # SQLite answers an unknown schema with OperationalError, which would read as an outage.
-            schemas = schemas if schemas is not None else inspector.get_schema_names()
-            if schema not in schemas:
-                found[name] = None
-                continue
+async def _target(
+    conn: AsyncConnection,
+    request: StepRequest,
+    schemas: SchemaCache,
+    *,
+    unlink: bool = True,
+    fresh: bool = False,
+) -> _Target:
+    """Describe the step's tables (kept, or `fresh`), check the data map against them, and
+    build the subject match (and, for `anonymize` unless `unlink` is False, how to break the
+    rows' link)."""
+    locator = SqlEraser.locator(request)
+    names = _table_names(locator)
+    reflected, kept = await schemas.tables(conn, names, locator.table, fresh=fresh)
+    if kept:
+        # A kept description may be stale: any mismatch, or a described column the database
+        # no longer has, is checked against the tables read afresh before it counts.
         try:
-            columns = inspector.get_columns(bare, schema=schema or None)
-            if name != erased:
-                found[name] = _Reflected(columns)
-                continue
-            primary = inspector.get_pk_constraint(bare, schema=schema or None)
-            constrained = {
-                column
-                for key in inspector.get_foreign_keys(bare, schema=schema or None)
-                for column in key["constrained_columns"]
-            }
-            found[name] = _Reflected(
-                columns, list(primary.get("constrained_columns") or []), constrained
-            )
-        except NoSuchTableError:
-            found[name] = None
-    return found
+            target = _target_of(request, reflected, conn.dialect.name, unlink=unlink)
+            await _still_described(conn, target)
+            return target
+        except SchemaMismatch:
+            pass
+        except DBAPIError as exc:
+            if not undefined_name(exc):
+                raise
+            await conn.rollback()  # nothing was done yet: the failed probe only
+        reflected, _ = await schemas.tables(conn, names, locator.table, fresh=True)
+    return _target_of(request, reflected, conn.dialect.name, unlink=unlink)
 
 
-async def _target(conn: AsyncConnection, request: StepRequest, *, unlink: bool = True) -> _Target:
-    """Reflect the step's tables, check the data map against them, and build the subject match
-    (and, for `anonymize` unless `unlink` is False, how to break the rows' link)."""
-    step, locator = request.step, _locator(request)
-    names = list(dict.fromkeys([locator.table, *(hop.table for hop in locator.via)]))
-    reflected = await conn.run_sync(_reflect, names, locator.table)
+async def _still_described(conn: AsyncConnection, target: _Target) -> None:
+    """Select every described column of the step's tables, reading no row: fails (UndefinedColumn)
+    when one was dropped since the tables were described."""
+    for table in target.tables:
+        await conn.execute(select(*table.c).limit(0))
+
+
+def _target_of(request: StepRequest, reflected: Tables, dialect: str, *, unlink: bool) -> _Target:
+    """The step's target on tables as `reflected` describes them; SchemaMismatch naming what
+    the data map names and they lack."""
+    step, locator = request.step, SqlEraser.locator(request)
+    names = _table_names(locator)
     metadata = MetaData()
     tables: dict[str, Table] = {}
     for name in names:
@@ -601,7 +575,7 @@ async def _target(conn: AsyncConnection, request: StepRequest, *, unlink: bool =
         hops.append((previous.c[hop.column], joined.c[hop.references]))
         previous, previous_name = joined, hop.table
     subject = column(previous_name, locator.subject_column, "the subject column")
-    value = _subject_value(request.subject.subject_id, subject, previous_name, conn.dialect.name)
+    value = _subject_value(request.subject.subject_id, subject, previous_name, dialect)
     match: ColumnElement[bool] = previous.c[locator.subject_column] == value
     if locator.tenant_column is not None:
         # The subject is (tenant, id): another tenant's subject with the same id stays.
@@ -651,9 +625,10 @@ async def _target(conn: AsyncConnection, request: StepRequest, *, unlink: bool =
             role,
             described=reflected[locator.table],
             references=references,
-            dialect=conn.dialect.name,
+            dialect=dialect,
         )
     return _Target(
+        tables=list(tables.values()),
         table=table,
         match=match,
         soft_delete=soft_delete,
@@ -669,13 +644,13 @@ def _unlink_of(
     col: Column[Any],
     role: str,
     *,
-    described: _Reflected | None,
+    described: Reflected | None,
     references: Column[Any] | None,
     dialect: str,
 ) -> _Unlink:
     """How anonymize breaks the link in `col`, as the data map's `unlink` allows; or
     UnlinkNotPossible, naming the column and what to do instead."""
-    step, locator = request.step, _locator(request)
+    step, locator = request.step, SqlEraser.locator(request)
     where = f"system {step.system!r}: column {col.name!r} of table {locator.table!r} ({role})"
     instead = (
         "make the column nullable, or pseudonymize (keeping the link: still personal data) or "
@@ -741,7 +716,7 @@ async def _found(conn: AsyncConnection, request: StepRequest, target: _Target) -
     digest = None
     if width:
         # Never a hash of the subject id: a key column that holds it is left out.
-        locator = _locator(request)
+        locator = SqlEraser.locator(request)
         hashed = [
             index
             for index, col in enumerate(target.primary_key)
@@ -816,7 +791,7 @@ async def _anonymise(
         ).one()
         seen, linked, uncleared = seen + counts[0], linked + counts[1], uncleared + counts[2]
     if (seen, linked, uncleared) != (len(keys), 0, 0):
-        step, locator = request.step, _locator(request)
+        step, locator = request.step, SqlEraser.locator(request)
         raise ChangeRefused(
             f"system {step.system!r}: after anonymising, {seen} of the {len(keys)} row(s) of "
             f"table {locator.table!r} read back by primary key, {linked} still lead to the "
@@ -848,7 +823,7 @@ async def _surrogates(
         chosen += [value for value in fresh if value not in held]
         if len(chosen) == count:
             return chosen
-    step, locator = request.step, _locator(request)
+    step, locator = request.step, SqlEraser.locator(request)
     raise UnlinkNotPossible(
         f"system {step.system!r}: column {unlink.column.name!r} of table {locator.table!r} "
         f"({unlink.role}): {SURROGATE_DRAWS} draws of random surrogates all met values rows "
@@ -869,7 +844,7 @@ def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
 
 def _erased_detail(request: StepRequest, target: _Target) -> str:
     """What erase did, in words (column names only)."""
-    step, locator = request.step, _locator(request)
+    step, locator = request.step, SqlEraser.locator(request)
     if step.action == "delete":
         return f"deleted the subject's rows from {locator.table}"
     verb = {
@@ -1066,7 +1041,7 @@ def _surrogate_draw(col: Column[Any], dialect: str) -> Callable[[], object] | No
 
 def _soft_delete_value(request: StepRequest, target: _Target) -> dict[str, object]:
     """The soft-delete column's new value: the first deletion time stays (COALESCE)."""
-    locator, col = _locator(request), target.soft_delete
+    locator, col = SqlEraser.locator(request), target.soft_delete
     if col is None:
         raise SoftDeleteNotPossible(
             f"step {request.step.id}: table {locator.table!r} has no soft_delete_column in the "

@@ -330,6 +330,9 @@ System = Annotated[
     Field(discriminator="kind"),
 ]
 SystemKind = Literal["sql", "kafka", "redis", "blob", "logs", "keys"]
+DEFERRED_KINDS: frozenset[SystemKind] = frozenset({"blob", "logs"})
+"""Kinds whose steps wait for the end of the erasure window (backups and logs: GDPR lets them
+go within it); every other kind's steps run at once."""
 
 
 class Tenant(MapModel):

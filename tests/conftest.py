@@ -15,7 +15,8 @@ import pytest
 from temporalio.client import Client as TemporalClient
 from temporalio.testing import WorkflowEnvironment
 
-from lethe.activities.connections import close_connections
+from lethe.activities.clients import Clients
+from lethe.activities.connectors import Connectors
 from lethe.codec import converter as codec
 from lethe.kernel import probes
 from lethe.kernel.config import Settings, load_env_file, load_settings
@@ -47,11 +48,18 @@ async def require(probe: Awaitable[str], service: str) -> None:
         pytest.fail(f"{service} is not available ({exc}): run `scripts/stack up`")
 
 
-@pytest.fixture(scope="session", autouse=True)
-async def _close_connections() -> AsyncIterator[None]:
-    """Close the connectors' shared clients when the session ends, on the loop that opened them."""
-    yield
-    await close_connections()
+@pytest.fixture(scope="session")
+async def clients() -> AsyncIterator[Clients]:
+    """The connectors' clients for the whole session, closed at its end on the loop that
+    opened them (as a worker owns its own)."""
+    async with Clients() as opened:
+        yield opened
+
+
+@pytest.fixture(scope="session")
+def connectors(clients: Clients) -> Connectors:
+    """The connector activities a region's worker runs, over the session's clients."""
+    return Connectors(clients)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from lethe.classification.datamap import (
+    DEFERRED_KINDS,
     BlobBackupLocator,
     KafkaTopicLocator,
     KeysLocator,
@@ -38,9 +39,6 @@ KINDS: dict[type[Locator], SystemKind] = {
     KeysLocator: "keys",
 }
 """The kind of system each locator belongs to."""
-
-DEFERRED_KINDS = frozenset({"blob", "logs"})
-"""Backups and logs wait for the end of the window; everything else is erased at once."""
 
 SYSTEMS: dict[SystemKind, str] = {
     "sql": "patients-db",

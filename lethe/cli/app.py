@@ -14,6 +14,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDReusePolicy
 
 from lethe.cli import codec_server as codec_server_commands
+from lethe.cli import connectors as connector_commands
 from lethe.cli import erasure as erasure_commands
 from lethe.cli import keys as keys_commands
 from lethe.cli import retry as retry_commands
@@ -41,6 +42,7 @@ erasure_commands.register(app)
 retry_commands.register(app)
 codec_server_commands.register(app)
 keys_commands.register(app)
+connector_commands.register(app)
 
 RegionOption = Annotated[str, typer.Option("--region", help="a region, e.g. eu")]
 

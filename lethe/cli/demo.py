@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from lethe import worker as lethe_worker
+from lethe.activities.connectors import Connectors
 from lethe.cli.common import err, out
 from lethe.cli.erasure import follow
 from lethe.cli.views import certificate_view, plan_table, status_view
@@ -73,7 +74,8 @@ async def run_demo() -> int:
         env = await start_dev_server(data_converter(await codec_from_settings(settings)))
     async with (
         env,
-        lethe_worker.build_worker(env.client, REGION, settings),
+        Connectors() as connectors,
+        lethe_worker.build_worker(env.client, REGION, settings, connectors),
         lethe_worker.build_control_worker(env.client, settings),
     ):
         client = Client(env.client, settings)

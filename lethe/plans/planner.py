@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lethe.classification import routing
 from lethe.classification.datamap import (
+    DEFERRED_KINDS,
     BlobBackupLocator,
     BlobSystem,
     DataMap,
@@ -152,7 +153,7 @@ class Planner:
                 kind=system.kind,
                 region=region,
                 connection=system.connection,
-                phase="deferred" if system.kind in ("blob", "logs") else "immediate",
+                phase="deferred" if system.kind in DEFERRED_KINDS else "immediate",
                 **fields,
             )
 

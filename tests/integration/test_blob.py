@@ -24,7 +24,10 @@ from temporalio.testing import ActivityEnvironment
 
 from lethe.activities import blob
 from lethe.activities.blob import BackupEraser, BlobServiceError
-from lethe.activities.common import SchemaMismatch, erase_and_verify
+from lethe.activities.clients import Clients
+from lethe.activities.common import SchemaMismatch
+from lethe.activities.connector import UnsupportedStep, erase_and_verify
+from lethe.activities.connectors import Connectors
 from lethe.classification.datamap import BlobBackupLocator
 from lethe.contracts import Action, StepOutcome, StepRequest, Subject, VerifyRequest
 from lethe.kernel.errors import ConfigurationError, ServiceUnavailable
@@ -93,7 +96,7 @@ def _subjects() -> tuple[tuple[Subject, str], tuple[Subject, str]]:
 
 
 async def test_tagged_and_prefixed_blobs_go_and_another_subjects_stay(
-    blob_connection: str, service: BlobServiceClient, container: ContainerClient
+    clients: Clients, blob_connection: str, service: BlobServiceClient, container: ContainerClient
 ) -> None:
     (a, ref_a), (b, ref_b) = _subjects()
     locator = BlobBackupLocator(
@@ -112,7 +115,7 @@ async def test_tagged_and_prefixed_blobs_go_and_another_subjects_stay(
     try:
         # The same tag in another container is outside the locator.
         await elsewhere.upload_blob("tagged/a.json", b"{}", tags={"subject_ref": ref_a})
-        eraser = BackupEraser.for_connection(blob_connection)
+        eraser = BackupEraser.open(clients, blob_connection)
         request = _request(locator, a, ref_a)
 
         erased = await eraser.erase(request)
@@ -140,7 +143,7 @@ async def test_tagged_and_prefixed_blobs_go_and_another_subjects_stay(
 
 
 async def test_erase_twice_and_concurrently_is_idempotent(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     (a, ref_a), (_, ref_b) = _subjects()
     locator = BlobBackupLocator(
@@ -149,7 +152,7 @@ async def test_erase_twice_and_concurrently_is_idempotent(
     for i in range(6):
         await container.upload_blob(f"a/{i}.json", b"{}", tags={"subject_ref": ref_a})
     await container.upload_blob("b/0.json", b"{}", tags={"subject_ref": ref_b})
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
     request = _request(locator, a, ref_a)
 
     # Two attempts racing (a retry after a lost heartbeat): one deletes, the other finds 404s.
@@ -180,7 +183,7 @@ class _LostAfterDeleting(BackupEraser):
 
 @pytest.mark.parametrize("arrived", [True, False], ids=["plan arrived", "nothing arrived"])
 async def test_a_retry_after_a_lost_worker_keeps_what_the_first_attempt_found(
-    blob_connection: str, container: ContainerClient, arrived: bool
+    clients: Clients, blob_connection: str, container: ContainerClient, arrived: bool
 ) -> None:
     (a, ref_a), (_, ref_b) = _subjects()
     locator = BlobBackupLocator(
@@ -195,7 +198,7 @@ async def test_a_retry_after_a_lost_worker_keeps_what_the_first_attempt_found(
     first.info = dataclasses.replace(first.info, task_queue="lethe-eu")
     first.on_heartbeat = lambda *details: beats.extend(details)
     with pytest.raises(_WorkerLost):
-        await first.run(_LostAfterDeleting(blob_connection).erase, request)
+        await first.run(_LostAfterDeleting.open(clients, blob_connection).erase, request)
     assert beats[0]["lethe_effect"]["planned"] == {"subject_blobs": 2, "whole_backups": 0}
     assert ref_a not in repr(beats)
     assert await _names(container) == ["b/0.json"]
@@ -204,7 +207,9 @@ async def test_a_retry_after_a_lost_worker_keeps_what_the_first_attempt_found(
     retry.info = dataclasses.replace(
         first.info, attempt=2, heartbeat_details=beats[-1:] if arrived else []
     )
-    outcome = await retry.run(erase_and_verify, BackupEraser(blob_connection), request)
+    outcome = await retry.run(
+        erase_and_verify, BackupEraser.open(clients, blob_connection), request
+    )
     assert outcome.status == "done", outcome.detail
     evidence = outcome.evidence
     # What the first attempt's deletions returned never arrived: not known, not made up.
@@ -226,7 +231,7 @@ async def test_a_retry_after_a_lost_worker_keeps_what_the_first_attempt_found(
 
 
 async def test_whole_backups_past_the_window_go_and_later_ones_wait(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     (a, ref_a), _ = _subjects()
     locator = BlobBackupLocator(
@@ -248,7 +253,7 @@ async def test_whole_backups_past_the_window_go_and_later_ones_wait(
     edge = created["db/old.dump"] + (created["db/new.dump"] - created["db/old.dump"]) / 2
     window = datetime.now(UTC) - edge
     request = _request(locator, a, ref_a, started=started, window_ends=started + window)
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
 
     erased = await eraser.erase(request)
     assert erased.status == "running"
@@ -283,7 +288,7 @@ async def test_whole_backups_past_the_window_go_and_later_ones_wait(
 
 
 async def test_verify_fails_while_a_pre_erasure_backup_past_the_window_remains(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     (a, ref_a), _ = _subjects()
     locator = BlobBackupLocator(
@@ -296,7 +301,7 @@ async def test_verify_fails_while_a_pre_erasure_backup_past_the_window_remains(
     await container.upload_blob("exports/a.json", b"{}", tags={"subject_ref": ref_a})
     started = datetime.now(UTC) + timedelta(seconds=2)
     request = _request(locator, a, ref_a, started=started, window_ends=started)
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
     not_erased = StepOutcome(step_id=request.step.id, status="running")
 
     verified = await eraser.verify(request, not_erased)
@@ -308,7 +313,7 @@ async def test_verify_fails_while_a_pre_erasure_backup_past_the_window_remains(
 
 
 async def test_tag_queries_use_the_reference_never_the_raw_id(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     locator = BlobBackupLocator(
         container=container.container_name,
@@ -316,7 +321,7 @@ async def test_tag_queries_use_the_reference_never_the_raw_id(
         subject_prefix="exports/{subject_id}/",
         categories=["user"],
     )
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
 
     # Quotes in the subject id never reach the tag query, and the prefix is literal.
     quoted = Subject(tenant="st-mary", subject_id='o\'brien" or "subject_ref" > \'0')
@@ -346,7 +351,7 @@ async def test_tag_queries_use_the_reference_never_the_raw_id(
 
 
 async def test_a_blob_the_service_will_not_delete_fails_the_step(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     # Azurite answers 501 to legal holds and immutability policies; a lease is the refusal it
     # does implement, and takes the same path.
@@ -357,7 +362,7 @@ async def test_a_blob_the_service_will_not_delete_fails_the_step(
     leased = await container.upload_blob("tagged/leased.json", b"{}", tags={"subject_ref": ref_a})
     await container.upload_blob("tagged/free.json", b"{}", tags={"subject_ref": ref_a})
     lease = await leased.acquire_lease(lease_duration=-1)
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
     request = _request(locator, a, ref_a)
 
     erased = await eraser.erase(request)
@@ -378,7 +383,7 @@ async def test_a_blob_the_service_will_not_delete_fails_the_step(
 
 
 async def test_a_prefix_ending_in_the_subject_id_is_refused(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     # For subject 1, `exports/{subject_id}` would match subject 10's blobs too.
     one = Subject(tenant="st-mary", subject_id="1")
@@ -390,15 +395,17 @@ async def test_a_prefix_ending_in_the_subject_id_is_refused(
     await container.upload_blob("exports/1/a.json", b"{}")
     await container.upload_blob("exports/10/a.json", b"{}")
     with pytest.raises(ConfigurationError, match="ends with a placeholder"):
-        await BackupEraser.for_connection(blob_connection).erase(_request(locator, one, _ref()))
+        await BackupEraser.open(clients, blob_connection).erase(_request(locator, one, _ref()))
     assert await _names(container) == ["exports/1/a.json", "exports/10/a.json"]
 
 
-async def test_missing_container_is_a_schema_mismatch(blob_connection: str) -> None:
+async def test_missing_container_is_a_schema_mismatch(
+    clients: Clients, blob_connection: str
+) -> None:
     (a, ref_a), _ = _subjects()
     missing = _name("missing-")
     locator = BlobBackupLocator(container=missing, subject_tag="subject_ref", categories=["user"])
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
     request = _request(locator, a, ref_a)
     with pytest.raises(SchemaMismatch, match=f"container '{missing}' does not exist"):
         await eraser.erase(request)
@@ -406,32 +413,31 @@ async def test_missing_container_is_a_schema_mismatch(blob_connection: str) -> N
         await eraser.verify(request, StepOutcome(step_id=request.step.id, status="running"))
 
 
-async def test_retain_touches_nothing_and_cites_the_law(
-    blob_connection: str, container: ContainerClient
+async def test_a_retain_step_is_refused_and_touches_nothing(
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     (a, ref_a), _ = _subjects()
     locator = BlobBackupLocator(
         container=container.container_name, subject_tag="subject_ref", categories=["user"]
     )
     await container.upload_blob("tagged/a.json", b"{}", tags={"subject_ref": ref_a})
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
     request = _request(locator, a, ref_a, action="retain")
-    outcome = await eraser.erase(request)
-    assert outcome.status == "retained"
-    assert "45 CFR 164.316(b)(2)" in outcome.detail
-    assert (await eraser.verify(request, outcome)).status == "retained"
+    # The regional workflow records retain steps itself: a connector given one refuses it.
+    with pytest.raises(UnsupportedStep, match="kept by policy"):
+        await eraser.erase(request)
     assert await _names(container) == ["tagged/a.json"]
 
 
 async def test_soft_delete_is_reported_and_moves_gone_by(
-    blob_connection: str, service: BlobServiceClient, container: ContainerClient
+    clients: Clients, blob_connection: str, service: BlobServiceClient, container: ContainerClient
 ) -> None:
     (a, ref_a), _ = _subjects()
     locator = BlobBackupLocator(
         container=container.container_name, subject_tag="subject_ref", categories=["user"]
     )
     await container.upload_blob("tagged/a.json", b"{}", tags={"subject_ref": ref_a})
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
     before = (await service.get_service_properties())["delete_retention_policy"]
     # An account-wide setting: restored at once, whatever happens.
     await service.set_service_properties(
@@ -454,20 +460,20 @@ async def test_soft_delete_is_reported_and_moves_gone_by(
 
 
 async def test_versions_and_soft_delete_evidence_without_deletions(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     (a, ref_a), _ = _subjects()
     locator = BlobBackupLocator(
         container=container.container_name, subject_tag="subject_ref", categories=["user"]
     )
-    outcome = await BackupEraser.for_connection(blob_connection).erase(_request(locator, a, ref_a))
+    outcome = await BackupEraser.open(clients, blob_connection).erase(_request(locator, a, ref_a))
     assert outcome.affected == 0
     assert outcome.evidence["soft_delete"] == "off: deleted blobs are not kept"
     assert outcome.evidence["versions"] == "nothing deleted, so no versions to look for"
     assert outcome.gone_by is None
 
 
-async def test_unreachable_service_is_retryable_and_names_no_key() -> None:
+async def test_unreachable_service_is_retryable_and_names_no_key(clients: Clients) -> None:
     (a, ref_a), _ = _subjects()
     connection = (
         "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
@@ -476,13 +482,13 @@ async def test_unreachable_service_is_retryable_and_names_no_key() -> None:
     )
     locator = BlobBackupLocator(container="patient-exports", subject_tag="t", categories=["user"])
     with pytest.raises(ServiceUnavailable) as caught:
-        await BackupEraser(connection).erase(_request(locator, a, ref_a))
+        await BackupEraser.open(clients, connection).erase(_request(locator, a, ref_a))
     assert "c2VjcmV0" not in str(caught.value)
     assert "127.0.0.1:9" in str(caught.value)
 
 
 async def test_activities_check_the_region_and_type_errors(
-    blob_connection: str, container: ContainerClient
+    connectors: Connectors, blob_connection: str, container: ContainerClient
 ) -> None:
     (a, ref_a), _ = _subjects()
     env = ActivityEnvironment()
@@ -492,21 +498,23 @@ async def test_activities_check_the_region_and_type_errors(
     )
     await container.upload_blob("tagged/a.json", b"{}", tags={"subject_ref": ref_a})
     request = _request(locator, a, ref_a)
-    erased = await env.run(blob.erase, request)
+    erased = await env.run(connectors.activity("blob.erase"), request)
     assert erased.affected == 1
-    verified = await env.run(blob.verify, VerifyRequest(request=request, erased=erased))
+    verified = await env.run(
+        connectors.activity("blob.verify"), VerifyRequest(request=request, erased=erased)
+    )
     assert verified.status == "done"
 
     gone = locator.model_copy(update={"container": _name("missing-")})
     missing = request.model_copy(update={"step": request.step.model_copy(update={"locator": gone})})
     with pytest.raises(ApplicationError) as caught:
-        await env.run(blob.erase, missing)
+        await env.run(connectors.activity("blob.erase"), missing)
     assert caught.value.type == "SchemaMismatch"
     assert caught.value.non_retryable
 
     env.info = dataclasses.replace(env.info, task_queue="lethe-us")
     with pytest.raises(ApplicationError) as caught:
-        await env.run(blob.erase, request)
+        await env.run(connectors.activity("blob.erase"), request)
     assert caught.value.type == "WrongRegion"
 
 
@@ -514,7 +522,7 @@ async def test_activities_check_the_region_and_type_errors(
 
 
 async def test_whole_backups_are_not_touched_when_the_subject_was_found_nowhere(
-    blob_connection: str, container: ContainerClient
+    connectors: Connectors, clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     (a, ref_a), _ = _subjects()
     locator = BlobBackupLocator(
@@ -531,7 +539,7 @@ async def test_whole_backups_are_not_touched_when_the_subject_was_found_nowhere(
     started = datetime.now(UTC)
     found = _request(locator, a, ref_a, started=started, window_ends=started)
     nowhere = found.model_copy(update={"subject_found": False})
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
 
     erased = await eraser.erase(nowhere)
     assert erased.status == "running"
@@ -559,7 +567,7 @@ async def test_whole_backups_are_not_touched_when_the_subject_was_found_nowhere(
     # The activity, as the workflow runs it, says the same.
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
-    outcome = await env.run(blob.erase, nowhere)
+    outcome = await env.run(connectors.activity("blob.erase"), nowhere)
     assert outcome.status == "done", outcome.detail
     assert outcome.evidence["whole_backups"] == blob.NOT_FOUND_NOTE
     assert await _names(container) == ["db/full.dump", "db/older.dump"]
@@ -606,7 +614,7 @@ def _account_sas(connection: str, expiry: datetime, **allowed: bool) -> str:
 
 
 async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     (a, ref_a), _ = _subjects()
     locator = BlobBackupLocator(
@@ -622,7 +630,7 @@ async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
     await container.upload_blob("db/full.dump", b"everyone", metadata={"taken": "nightly"})
     before = await _snapshot(container)
     properties = await container.get_container_properties()
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
 
     assert await eraser.preflight(_request(locator, a, ref_a)) == []
     # Whatever the erasure found elsewhere: preflight only reads.
@@ -637,7 +645,7 @@ async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
         delete=True,
         filter_by_tags=True,
     )
-    signed = BackupEraser(_with(blob_connection, SharedAccessSignature=sas))
+    signed = BackupEraser.open(clients, _with(blob_connection, SharedAccessSignature=sas))
     assert await signed.preflight(_request(locator, a, ref_a)) == []
 
     assert await _snapshot(container) == before
@@ -645,11 +653,11 @@ async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
 
 
 async def test_preflight_names_a_missing_container_identity_and_unsafe_prefix(
-    blob_connection: str, service: BlobServiceClient, container: ContainerClient
+    clients: Clients, blob_connection: str, service: BlobServiceClient, container: ContainerClient
 ) -> None:
     missing = _name("missing-")
     subject = Subject(tenant="st-mary", subject_id="secret-subject-9")
-    eraser = BackupEraser.for_connection(blob_connection)
+    eraser = BackupEraser.open(clients, blob_connection)
     gone = BlobBackupLocator(container=missing, subject_tag="subject_ref", categories=["user"])
 
     assert await eraser.preflight(_request(gone, subject, _ref())) == [
@@ -681,7 +689,7 @@ async def test_preflight_names_a_missing_container_identity_and_unsafe_prefix(
 
 
 async def test_preflight_says_what_the_credentials_do_not_allow(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     (a, ref_a), _ = _subjects()
     locator = BlobBackupLocator(
@@ -698,8 +706,8 @@ async def test_preflight_says_what_the_credentials_do_not_allow(
 
     # A signature that may read, but neither list, delete nor find by tags.
     read_only = _account_sas(blob_connection, datetime.now(UTC) + timedelta(hours=1), read=True)
-    problems = await BackupEraser(
-        _with(blob_connection, SharedAccessSignature=read_only)
+    problems = await BackupEraser.open(
+        clients, _with(blob_connection, SharedAccessSignature=read_only)
     ).preflight(request)
     assert problems == [
         f"{where}: the connection's shared access signature does not allow list (l), "
@@ -714,16 +722,18 @@ async def test_preflight_says_what_the_credentials_do_not_allow(
     expired = _account_sas(
         blob_connection, expired_at, read=True, list=True, delete=True, filter_by_tags=True
     )
-    problems = await BackupEraser(_with(blob_connection, SharedAccessSignature=expired)).preflight(
-        request
-    )
+    problems = await BackupEraser.open(
+        clients, _with(blob_connection, SharedAccessSignature=expired)
+    ).preflight(request)
     assert problems[0] == (
         f"{where}: the connection's shared access signature expired at {expired_at.isoformat()}"
     )
     assert problems[1].startswith(f"{where}: reading the properties of {in_container} was refused")
 
     wrong_key = "c2VjcmV0LWtleS1zaG91bGQtbm90LWxlYWs="
-    [problem] = await BackupEraser(_with(blob_connection, AccountKey=wrong_key)).preflight(request)
+    [problem] = await BackupEraser.open(
+        clients, _with(blob_connection, AccountKey=wrong_key)
+    ).preflight(request)
     assert problem.startswith(f"{where}: ")
     assert "HTTP 403" in problem
     assert wrong_key not in problem
@@ -731,6 +741,8 @@ async def test_preflight_says_what_the_credentials_do_not_allow(
 
 
 async def test_preflight_of_an_unreachable_service_is_quick_and_transient(
+    clients: Clients,
+    connectors: Connectors,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (a, ref_a), _ = _subjects()
@@ -744,7 +756,7 @@ async def test_preflight_of_an_unreachable_service_is_quick_and_transient(
 
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable) as caught:
-        await BackupEraser(connection).preflight(request)
+        await BackupEraser.open(clients, connection).preflight(request)
     assert time.monotonic() - started < blob.PREFLIGHT_TIMEOUT_SECONDS
     assert "127.0.0.1:1" in str(caught.value)
     assert "c2VjcmV0" not in str(caught.value)
@@ -752,8 +764,10 @@ async def test_preflight_of_an_unreachable_service_is_quick_and_transient(
     monkeypatch.setenv(CONNECTION_VARIABLE, connection)
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
-    check = await env.run(blob.preflight, request)
+    check = await env.run(connectors.activity("blob.preflight"), request)
     assert check.transient
     assert check.problems == [f"ServiceUnavailable: {caught.value}"]
     retained = _request(locator, a, ref_a, action="retain")
-    assert (await env.run(blob.preflight, retained)).ready
+    refused = await env.run(connectors.activity("blob.preflight"), retained)
+    assert not refused.ready and not refused.transient
+    assert refused.problems[0].startswith("UnsupportedStep: ")

@@ -15,11 +15,13 @@ from redis.asyncio import Redis
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from lethe.activities import cache
-from lethe.activities.cache import CacheEraser, glob_escape, redis_client
-from lethe.activities.common import SchemaMismatch, erase_and_verify
+from lethe.activities.cache import CacheEraser, glob_escape
+from lethe.activities.clients import Clients
+from lethe.activities.common import SchemaMismatch
+from lethe.activities.connector import UnsupportedStep, erase_and_verify
+from lethe.activities.connectors import Connectors
 from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator
-from lethe.contracts import Action, StepRequest, Subject
+from lethe.contracts import Action, StepOutcome, StepRequest, Subject
 from lethe.kernel.errors import ServiceUnavailable
 from tests.steps import decision, step, step_request
 
@@ -92,12 +94,12 @@ async def _existing(client: Redis, keys: list[str]) -> list[str]:
 
 
 async def test_purge_removes_one_subject_and_leaves_the_other(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     seeded = {sid: await _seed(client, prefix, sid, email) for sid, email in SUBJECTS.items()}
     locator = _locator(prefix)
     request = _request(locator, "1", SUBJECTS["1"])
-    eraser = CacheEraser.for_connection(redis_url)
+    eraser = CacheEraser.open(clients, redis_url)
 
     erased = await eraser.erase(request)
 
@@ -122,12 +124,12 @@ async def test_purge_removes_one_subject_and_leaves_the_other(
 
 
 async def test_erasing_twice_is_harmless_and_reports_nothing_new(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     await _seed(client, prefix, "1", SUBJECTS["1"])
     other = await _seed(client, prefix, "12", SUBJECTS["12"])
     request = _request(_locator(prefix), "1", SUBJECTS["1"])
-    eraser = CacheEraser.for_connection(redis_url)
+    eraser = CacheEraser.open(clients, redis_url)
 
     first = await eraser.erase(request)
     second = await eraser.erase(request)
@@ -158,23 +160,23 @@ def _env(attempt: int = 1, heartbeat_details: list[Any] | None = None) -> Activi
     return env
 
 
-async def _lost_first_attempt(redis_url: str, request: StepRequest) -> list[Any]:
+async def _lost_first_attempt(clients: Clients, redis_url: str, request: StepRequest) -> list[Any]:
     """Run a first attempt whose worker is lost right after the effect; its heartbeats."""
     beats: list[Any] = []
     env = _env()
     env.on_heartbeat = lambda *details: beats.extend(details)
     with pytest.raises(_WorkerLost):
-        await env.run(_LostAfterRemoving(redis_client(redis_url)).erase, request)
+        await env.run(_LostAfterRemoving(clients.redis(redis_url)).erase, request)
     return beats
 
 
 async def test_a_retry_after_a_lost_worker_reports_what_the_first_attempt_found(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     seeded = await _seed(client, prefix, "1", SUBJECTS["1"])
     other = await _seed(client, prefix, "12", SUBJECTS["12"])
     request = _request(_locator(prefix), "1", SUBJECTS["1"])
-    beats = await _lost_first_attempt(redis_url, request)
+    beats = await _lost_first_attempt(clients, redis_url, request)
     # The plan went out before the effect (and nothing after it: the worker was lost).
     assert [b["lethe_effect"]["stage"] for b in beats] == ["planned"]
     assert beats[0]["lethe_effect"]["planned"] == {"keys": 3, "hash_fields": 1}
@@ -182,7 +184,7 @@ async def test_a_retry_after_a_lost_worker_reports_what_the_first_attempt_found(
     assert await _existing(client, seeded) == []
 
     outcome = await _env(attempt=2, heartbeat_details=beats).run(
-        erase_and_verify, CacheEraser.for_connection(redis_url), request
+        erase_and_verify, CacheEraser.open(clients, redis_url), request
     )
     assert outcome.status == "done", outcome.detail
     assert outcome.affected == 4  # what the first attempt found, now gone
@@ -200,27 +202,29 @@ async def test_a_retry_after_a_lost_worker_reports_what_the_first_attempt_found(
     assert await _existing(client, other) == other
 
 
-async def test_the_plan_counts_only_what_exists(redis_url: str, client: Redis, prefix: str) -> None:
+async def test_the_plan_counts_only_what_exists(
+    clients: Clients, redis_url: str, client: Redis, prefix: str
+) -> None:
     seeded = await _seed(client, prefix, "1", SUBJECTS["1"])
     await client.delete(seeded[2])  # the session key, which a literal pattern names
     request = _request(_locator(prefix), "1", SUBJECTS["1"])
     beats: list[Any] = []
     env = _env()
     env.on_heartbeat = lambda *details: beats.extend(details)
-    erased = await env.run(CacheEraser.for_connection(redis_url).erase, request)
+    erased = await env.run(CacheEraser.open(clients, redis_url).erase, request)
     assert beats[0]["lethe_effect"]["planned"] == {"keys": 2, "hash_fields": 1}
     assert (erased.affected, erased.evidence["keys_unlinked"]) == (3, 2)
 
 
 async def test_a_retry_without_any_heartbeat_says_the_first_attempt_s_counts_are_lost(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     await _seed(client, prefix, "1", SUBJECTS["1"])
     request = _request(_locator(prefix), "1", SUBJECTS["1"])
-    await _lost_first_attempt(redis_url, request)
+    await _lost_first_attempt(clients, redis_url, request)
 
     outcome = await _env(attempt=2).run(
-        erase_and_verify, CacheEraser.for_connection(redis_url), request
+        erase_and_verify, CacheEraser.open(clients, redis_url), request
     )
     assert outcome.status == "done", outcome.detail
     assert outcome.evidence["first_attempt_evidence"] == "lost"
@@ -231,20 +235,25 @@ async def test_a_retry_without_any_heartbeat_says_the_first_attempt_s_counts_are
 
 
 async def test_a_retry_counts_what_recorded_attempts_removed(
-    redis_url: str, client: Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors,
+    clients: Clients,
+    redis_url: str,
+    client: Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await _seed(client, prefix, "1", SUBJECTS["1"])
     request = _request(_locator(prefix), "1", SUBJECTS["1"])
     beats: list[Any] = []
     first = _env()
     first.on_heartbeat = lambda *details: beats.extend(details)
-    erased = await first.run(CacheEraser.for_connection(redis_url).erase, request)
+    erased = await first.run(CacheEraser.open(clients, redis_url).erase, request)
     assert erased.evidence["keys_unlinked"] == 3
     assert beats[-1]["lethe_effect"]["stage"] == "erased"  # then the worker is lost verifying
 
     # Its erase's last heartbeat arrived: the retry reports the first attempt's counts.
     again = await _env(attempt=2, heartbeat_details=beats[-1:]).run(
-        erase_and_verify, CacheEraser.for_connection(redis_url), request
+        erase_and_verify, CacheEraser.open(clients, redis_url), request
     )
     assert again.status == "done"
     assert (again.affected, again.evidence["keys_unlinked"]) == (4, 3)
@@ -259,10 +268,12 @@ async def test_a_retry_counts_what_recorded_attempts_removed(
     failing.on_heartbeat = lambda *details: told.extend(details)
     monkeypatch.setenv("LETHE_STACK_REDIS_URL", "redis://127.0.0.1:1/0")
     with pytest.raises(ApplicationError, match="ConnectionError"):
-        await failing.run(cache.erase, later)
+        await failing.run(connectors.activity("redis.erase"), later)
     assert [b["lethe_effect"]["stage"] for b in told] == ["started"]
     monkeypatch.setenv("LETHE_STACK_REDIS_URL", redis_url)
-    retried = await _env(attempt=2, heartbeat_details=told).run(cache.erase, later)
+    retried = await _env(attempt=2, heartbeat_details=told).run(
+        connectors.activity("redis.erase"), later
+    )
     assert retried.status == "done"
     assert retried.evidence["first_attempt_evidence"] == "recorded"
     assert (retried.affected, retried.evidence["keys_unlinked"]) == (4, 3)
@@ -271,12 +282,12 @@ async def test_a_retry_counts_what_recorded_attempts_removed(
 
 @pytest.mark.parametrize("subject_id", ["*", "?", "[0-9]*", "1*", "\\*", "["])
 async def test_glob_characters_in_a_subject_id_match_only_that_subject(
-    redis_url: str, client: Redis, prefix: str, subject_id: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str, subject_id: str
 ) -> None:
     target = await _seed(client, prefix, subject_id, "glob@example.org")
     others = {sid: await _seed(client, prefix, sid, email) for sid, email in SUBJECTS.items()}
     request = _request(_locator(prefix), subject_id, "glob@example.org")
-    eraser = CacheEraser.for_connection(redis_url)
+    eraser = CacheEraser.open(clients, redis_url)
 
     erased = await eraser.erase(request)
 
@@ -289,7 +300,7 @@ async def test_glob_characters_in_a_subject_id_match_only_that_subject(
 
 
 async def test_many_keys_are_scanned_and_unlinked_in_batches(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     pipe = client.pipeline(transaction=False)
     for n in range(2500):
@@ -297,7 +308,7 @@ async def test_many_keys_are_scanned_and_unlinked_in_batches(
         pipe.set(f"{prefix}:patient:12:visit:{n}", "y")
     await pipe.execute()
     request = _request(_locator(prefix), "1", SUBJECTS["1"])
-    eraser = CacheEraser.for_connection(redis_url)
+    eraser = CacheEraser.open(clients, redis_url)
 
     erased = await eraser.erase(request)
 
@@ -309,31 +320,28 @@ async def test_many_keys_are_scanned_and_unlinked_in_batches(
     assert (await eraser.verify(request, erased)).status == "done"
 
 
-async def test_retain_changes_nothing_and_cites_the_decision(
-    redis_url: str, client: Redis, prefix: str
+async def test_a_retain_step_is_refused_and_changes_nothing(
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
+    """The regional workflow records retain steps itself: a connector given one refuses it."""
     keys = await _seed(client, prefix, "1", SUBJECTS["1"])
     request = _request(_locator(prefix), "1", SUBJECTS["1"], action="retain")
-    eraser = CacheEraser.for_connection(redis_url)
+    eraser = CacheEraser.open(clients, redis_url)
 
-    erased = await eraser.erase(request)
+    with pytest.raises(UnsupportedStep, match="kept by policy"):
+        await eraser.erase(request)
 
-    assert erased.status == "retained"
-    assert erased.affected == 0
-    assert "45 CFR 164.316(b)(2)" in erased.detail
-    assert "Art. 17(3)(b)" in erased.detail
     assert await _existing(client, keys) == keys
     assert await client.hget(f"{prefix}:patients:by-email", SUBJECTS["1"]) == "1"
-    assert (await eraser.verify(request, erased)).status == "retained"
 
 
 async def test_verify_fails_while_the_subject_s_data_remains(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     await _seed(client, prefix, "1", SUBJECTS["1"])
     request = _request(_locator(prefix), "1", SUBJECTS["1"])
-    eraser = CacheEraser.for_connection(redis_url)
-    not_erased = await eraser.erase(_request(_locator(prefix), "1", SUBJECTS["1"], "retain"))
+    eraser = CacheEraser.open(clients, redis_url)
+    not_erased = StepOutcome(step_id=request.step.id, status="running")
 
     verified = await eraser.verify(request, not_erased)
 
@@ -345,19 +353,19 @@ async def test_verify_fails_while_the_subject_s_data_remains(
 
 
 async def test_a_missing_identity_destroys_nothing(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     keys = await _seed(client, prefix, "1", SUBJECTS["1"])
     request = _request(_locator(prefix), "1", email=None)
 
     with pytest.raises(MissingIdentity, match=r"\{identity.email\}"):
-        await CacheEraser.for_connection(redis_url).erase(request)
+        await CacheEraser.open(clients, redis_url).erase(request)
 
     assert await _existing(client, keys) == keys
 
 
 async def test_a_hash_field_on_a_key_that_is_not_a_hash_is_a_schema_mismatch(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     keys = await _seed(client, prefix, "1", SUBJECTS["1"])
     await client.delete(f"{prefix}:patients:by-email")
@@ -365,19 +373,21 @@ async def test_a_hash_field_on_a_key_that_is_not_a_hash_is_a_schema_mismatch(
     request = _request(_locator(prefix), "1", SUBJECTS["1"])
 
     with pytest.raises(SchemaMismatch, match=r"hash_fields \[0\] is not a hash"):
-        await CacheEraser.for_connection(redis_url).erase(request)
+        await CacheEraser.open(clients, redis_url).erase(request)
 
     assert await _existing(client, keys) == keys
 
 
-async def test_an_unreachable_redis_is_retryable_and_names_no_key(prefix: str) -> None:
+async def test_an_unreachable_redis_is_retryable_and_names_no_key(
+    clients: Clients, prefix: str
+) -> None:
     request = _request(_locator(prefix), "secret-subject-7", "secret@example.org")
 
     with pytest.raises(ServiceUnavailable) as raised:
-        await CacheEraser.for_connection("redis://127.0.0.1:1/0").erase(request)
+        await CacheEraser.open(clients, "redis://127.0.0.1:1/0").erase(request)
 
     assert raised.value.retryable
-    assert str(raised.value) == "Redis at 127.0.0.1:1: ConnectionError"
+    assert str(raised.value) == "Redis at 127.0.0.1:1 did not answer (ConnectionError)"
     assert raised.value.__cause__ is None
     assert raised.value.__suppress_context__
 
@@ -435,12 +445,12 @@ async def acl_user(client: Redis) -> AsyncIterator[MakeUser]:
 
 
 async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     await _seed(client, prefix, "1", SUBJECTS["1"])
     await client.expire(f"{prefix}:session:1", 600)
     before = await _state(client, prefix)
-    eraser = CacheEraser.for_connection(redis_url)
+    eraser = CacheEraser.open(clients, redis_url)
 
     assert await eraser.preflight(_request(_locator(prefix), "1", SUBJECTS["1"])) == []
     # A hash_fields key that does not exist yet is fine: there is nothing to purge.
@@ -451,13 +461,13 @@ async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
 
 
 async def test_preflight_names_missing_identities_and_a_key_that_is_not_a_hash(
-    redis_url: str, client: Redis, prefix: str
+    clients: Clients, redis_url: str, client: Redis, prefix: str
 ) -> None:
     await _seed(client, prefix, "1", SUBJECTS["1"])
     await client.delete(f"{prefix}:patients:by-email")
     await client.set(f"{prefix}:patients:by-email", "not a hash")
     before = await _state(client, prefix)
-    eraser = CacheEraser.for_connection(redis_url)
+    eraser = CacheEraser.open(clients, redis_url)
 
     wrong_kind = await eraser.preflight(_request(_locator(prefix), "1", SUBJECTS["1"]))
     assert wrong_kind == [
@@ -482,13 +492,13 @@ async def test_preflight_names_missing_identities_and_a_key_that_is_not_a_hash(
 
 
 async def test_preflight_reports_what_the_acl_denies_the_connection_s_user(
-    redis_url: str, client: Redis, prefix: str, acl_user: MakeUser
+    clients: Clients, redis_url: str, client: Redis, prefix: str, acl_user: MakeUser
 ) -> None:
     await _seed(client, prefix, "1", SUBJECTS["1"])
     before = await _state(client, prefix)
     # May read and write the patient and session keys, but not UNLINK, and not touch the hash.
     limited = await acl_user([f"{prefix}:patient:*", f"{prefix}:session:*"], ["-unlink"])
-    eraser = CacheEraser.for_connection(_redis_url(redis_url, limited, f"{limited}-pw"))
+    eraser = CacheEraser.open(clients, _redis_url(redis_url, limited, f"{limited}-pw"))
 
     problems = await eraser.preflight(_request(_locator(prefix), "1", SUBJECTS["1"]))
 
@@ -506,7 +516,7 @@ async def test_preflight_reports_what_the_acl_denies_the_connection_s_user(
 
 
 async def test_preflight_without_the_acl_command_is_not_a_problem_but_bad_credentials_are(
-    redis_url: str, client: Redis, prefix: str, acl_user: MakeUser
+    clients: Clients, redis_url: str, client: Redis, prefix: str, acl_user: MakeUser
 ) -> None:
     await _seed(client, prefix, "1", SUBJECTS["1"])
     before = await _state(client, prefix)
@@ -515,10 +525,10 @@ async def test_preflight_without_the_acl_command_is_not_a_problem_but_bad_creden
     request = _request(_locator(prefix), "1", SUBJECTS["1"])
 
     url = _redis_url(redis_url, plain, f"{plain}-pw")
-    assert await CacheEraser.for_connection(url).preflight(request) == []
+    assert await CacheEraser.open(clients, url).preflight(request) == []
 
     wrong = _redis_url(redis_url, plain, "not-the-password")
-    refused = await CacheEraser.for_connection(wrong).preflight(request)
+    refused = await CacheEraser.open(clients, wrong).preflight(request)
     assert refused == [
         f"Redis system 'session-cache' at {urlsplit(redis_url).netloc} refused the credentials"
     ]
@@ -527,25 +537,29 @@ async def test_preflight_without_the_acl_command_is_not_a_problem_but_bad_creden
 
 
 async def test_preflight_of_an_unreachable_redis_is_quick_and_transient(
-    prefix: str, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors, clients: Clients, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     request = _request(_locator(prefix), "secret-subject-7", "secret@example.org")
-    eraser = CacheEraser.for_connection("redis://127.0.0.1:1/0")
+    eraser = CacheEraser.open(clients, "redis://127.0.0.1:1/0")
 
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable) as raised:
         await eraser.preflight(request)
     assert time.monotonic() - started < 5
-    assert str(raised.value) == "Redis at 127.0.0.1:1: ConnectionError"
+    assert str(raised.value) == "Redis at 127.0.0.1:1 did not answer (ConnectionError)"
 
     # As the activity: a StepCheck, transient, naming no key; a retain step asks nothing.
     monkeypatch.setenv("LETHE_STACK_REDIS_URL", "redis://127.0.0.1:1/0")
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
-    check = await env.run(cache.preflight, request)
+    check = await env.run(connectors.activity("redis.preflight"), request)
     assert check.step_id == "session-cache/0"
     assert check.transient
     assert not check.ready
-    assert check.problems == ["ServiceUnavailable: Redis at 127.0.0.1:1: ConnectionError"]
+    assert check.problems == [
+        "ServiceUnavailable: Redis at 127.0.0.1:1 did not answer (ConnectionError)"
+    ]
     retained = _request(_locator(prefix), "secret-subject-7", None, action="retain")
-    assert (await env.run(cache.preflight, retained)).problems == []
+    refused = await env.run(connectors.activity("redis.preflight"), retained)
+    assert not refused.transient
+    assert refused.problems[0].startswith("UnsupportedStep: ")

@@ -13,7 +13,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 import lethe.activities.kafka
+from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch
+from lethe.activities.connector import UnsupportedStep
 from lethe.activities.kafka import LONG_MAX, TombstoneWriter, partition_of
 from lethe.classification.datamap import KafkaTopicLocator
 from lethe.contracts import Action, StepOutcome, StepRequest, Subject
@@ -162,13 +164,13 @@ async def _sleep_until(moment: datetime) -> None:
 
 
 async def test_tombstone_only_for_the_subject_and_on_the_partition_of_its_records(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(FAST_COMPACTION)
     partitions = _seed(kafka_bootstrap, topic)
     request = _request(topic, "1")
 
-    erased = await TombstoneWriter.for_connection(kafka_bootstrap).erase(request)
+    erased = await TombstoneWriter.open(clients, kafka_bootstrap).erase(request)
 
     assert erased.status == "running"
     assert erased.affected == 1
@@ -188,12 +190,12 @@ async def test_tombstone_only_for_the_subject_and_on_the_partition_of_its_record
 
 
 async def test_compaction_pending_then_at_risk_without_traffic_then_done_and_really_gone(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(FAST_COMPACTION, partitions=1)
     _seed(kafka_bootstrap, topic)
     request = _request(topic, "1")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
     erased = await writer.erase(request)
 
     pending = await writer.verify(request, erased)
@@ -237,12 +239,12 @@ async def test_compaction_pending_then_at_risk_without_traffic_then_done_and_rea
 
 
 async def test_compaction_without_a_lag_bound_is_at_risk(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic({"cleanup.policy": "compact"})
     _seed(kafka_bootstrap, topic)
     request = _request(topic, "1")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
     erased = await writer.erase(request)
     verified = await writer.verify(request, erased)
@@ -257,12 +259,12 @@ async def test_compaction_without_a_lag_bound_is_at_risk(
 
 
 async def test_delete_policy_with_infinite_retention_is_at_risk(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic({"cleanup.policy": "delete", "retention.ms": "-1"})
     _seed(kafka_bootstrap, topic)
     request = _request(topic, "1")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
     verified = await writer.verify(request, await writer.erase(request))
 
@@ -272,14 +274,14 @@ async def test_delete_policy_with_infinite_retention_is_at_risk(
 
 
 async def test_compact_delete_takes_the_retention_bound_when_it_is_earlier(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(
         {"cleanup.policy": "compact,delete", "retention.ms": "60000", "segment.ms": "60000"}
     )
     _seed(kafka_bootstrap, topic)
     request = _request(topic, "1")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
     erased = await writer.erase(request)
     verified = await writer.verify(request, erased)
@@ -295,12 +297,12 @@ async def test_compact_delete_takes_the_retention_bound_when_it_is_earlier(
 
 
 async def test_a_bound_after_the_erasure_window_is_at_risk(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic({"cleanup.policy": "delete", "retention.ms": str(90 * 86_400_000)})
     _seed(kafka_bootstrap, topic)
     request = _request(topic, "1")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
     verified = await writer.verify(request, await writer.erase(request))
 
@@ -309,14 +311,14 @@ async def test_a_bound_after_the_erasure_window_is_at_risk(
 
 
 async def test_erasing_twice_for_the_same_request_and_step_writes_one_tombstone(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(FAST_COMPACTION)
     _seed(kafka_bootstrap, topic)
     # The application's own tombstone for the key (no Lethe headers) is not Lethe's evidence.
     _produce(kafka_bootstrap, topic, [(b"patient:1", None)])
     request = _request(topic, "1")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
     first = await writer.erase(request)
     # Later traffic on the partition, then the retry (as after a crash before completion).
@@ -344,11 +346,11 @@ async def test_erasing_twice_for_the_same_request_and_step_writes_one_tombstone(
 
 
 async def test_another_request_for_the_same_key_writes_its_own_tombstone(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(FAST_COMPACTION)
     _seed(kafka_bootstrap, topic)
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
     first = await writer.erase(_request(topic, "1"))
     other = await writer.erase(_request(topic, "1", request_id="req-2"))
@@ -364,13 +366,13 @@ async def test_another_request_for_the_same_key_writes_its_own_tombstone(
 
 
 async def test_the_search_for_an_earlier_tombstone_is_bounded_by_offset_and_time(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     """From an earlier attempt's heartbeat offset, or from the erasure's start by timestamp."""
     topic = make_topic(FAST_COMPACTION, partitions=1)
     _seed(kafka_bootstrap, topic)
     request = _request(topic, "1")
-    erased = await TombstoneWriter.for_connection(kafka_bootstrap).erase(request)
+    erased = await TombstoneWriter.open(clients, kafka_bootstrap).erase(request)
     offset = erased.evidence["offset"]
     stamp = erased.evidence["tombstone_time_ms"]
     assert isinstance(offset, int) and isinstance(stamp, int)
@@ -415,24 +417,23 @@ async def test_partition_of_places_keys_as_the_java_partitioner_does(
 
 
 async def test_preflight_of_a_good_topic_finds_nothing_and_writes_nothing(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(FAST_COMPACTION)
     _seed(kafka_bootstrap, topic)
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
     before = _read_all(kafka_bootstrap, topic)
 
     assert await writer.preflight(_request(topic, "1")) == []
-    assert await writer.preflight(_request(topic, "1", action="retain")) == []
     assert _read_all(kafka_bootstrap, topic) == before
 
 
 async def test_preflight_names_a_missing_topic_and_does_not_create_it(
-    kafka_bootstrap: str, admin: AdminClient
+    clients: Clients, kafka_bootstrap: str, admin: AdminClient
 ) -> None:
     topic = f"test-kafka-missing-{uuid.uuid4().hex[:10]}"
 
-    problems = await TombstoneWriter.for_connection(kafka_bootstrap).preflight(
+    problems = await TombstoneWriter.open(clients, kafka_bootstrap).preflight(
         _request(topic, "secret-subject-3")
     )
 
@@ -445,12 +446,12 @@ async def test_preflight_names_a_missing_topic_and_does_not_create_it(
 
 
 async def test_preflight_names_a_key_template_the_request_cannot_fill(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(FAST_COMPACTION)
     request = _request(topic, "secret-subject-4", key_template="patient:{identity.mrn}")
 
-    problems = await TombstoneWriter.for_connection(kafka_bootstrap).preflight(request)
+    problems = await TombstoneWriter.open(clients, kafka_bootstrap).preflight(request)
 
     assert len(problems) == 1
     assert f"Kafka topic '{topic}' of system 'patient-events'" in problems[0]
@@ -458,31 +459,28 @@ async def test_preflight_names_a_key_template_the_request_cannot_fill(
     assert "secret" not in problems[0]
 
 
-async def test_preflight_of_an_unreachable_broker_raises_within_seconds(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Clients of their own, dropped afterwards, so they stop reconnecting to the dead address.
-    monkeypatch.setattr(lethe.activities.kafka, "_producers", {})
-    monkeypatch.setattr(lethe.activities.kafka, "_admins", {})
-    writer = TombstoneWriter.for_connection("127.0.0.1:1")
-    started = time.monotonic()
+async def test_preflight_of_an_unreachable_broker_raises_within_seconds() -> None:
+    # Clients of their own, closed afterwards, so they stop reconnecting to the dead address.
+    async with Clients() as clients:
+        writer = TombstoneWriter.open(clients, "127.0.0.1:1")
+        started = time.monotonic()
 
-    with pytest.raises(ServiceUnavailable) as raised:
-        await writer.preflight(_request("patient-profile", "secret-subject-7"))
+        with pytest.raises(ServiceUnavailable) as raised:
+            await writer.preflight(_request("patient-profile", "secret-subject-7"))
 
     assert time.monotonic() - started < 10
     assert raised.value.retryable
-    assert str(raised.value).startswith("Kafka at 127.0.0.1:1: ")
+    assert str(raised.value).startswith("Kafka at 127.0.0.1:1")
     assert "secret" not in str(raised.value)
 
 
 async def test_verify_fails_when_the_recorded_offset_is_not_the_tombstone(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(FAST_COMPACTION, partitions=1)
     _seed(kafka_bootstrap, topic)
     request = _request(topic, "1")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
     erased = await writer.erase(request)
     # Offset 1 holds Grace's first profile, not a tombstone.
     wrong = StepOutcome.model_validate(
@@ -497,51 +495,49 @@ async def test_verify_fails_when_the_recorded_offset_is_not_the_tombstone(
 
 
 async def test_a_missing_topic_is_a_schema_mismatch_and_produces_nothing(
-    kafka_bootstrap: str, admin: AdminClient
+    clients: Clients, kafka_bootstrap: str, admin: AdminClient
 ) -> None:
     topic = f"test-kafka-missing-{uuid.uuid4().hex[:10]}"
 
     with pytest.raises(SchemaMismatch, match=f"Kafka topic '{topic}' of system 'patient-events'"):
-        await TombstoneWriter.for_connection(kafka_bootstrap).erase(_request(topic, "1"))
+        await TombstoneWriter.open(clients, kafka_bootstrap).erase(_request(topic, "1"))
 
     # Producing would have made the broker auto-create the topic.
     await asyncio.sleep(0.5)
     assert topic not in admin.list_topics(timeout=10).topics
 
 
-async def test_retain_writes_nothing_and_cites_the_decision(
-    kafka_bootstrap: str, make_topic: MakeTopic
+async def test_a_retain_step_is_refused_and_writes_nothing(
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
+    """The regional workflow records retain steps itself: a connector given one refuses it."""
     topic = make_topic(FAST_COMPACTION)
     _seed(kafka_bootstrap, topic)
     request = _request(topic, "1", action="retain")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
-    erased = await writer.erase(request)
+    with pytest.raises(UnsupportedStep, match="kept by policy"):
+        await writer.erase(request)
 
-    assert erased.status == "retained"
-    assert "GDPR Art. 17(1)" in erased.detail
     assert _tombstones(_read_all(kafka_bootstrap, topic)) == []
-    assert (await writer.verify(request, erased)).status == "retained"
 
 
 async def test_an_unreachable_broker_is_retryable_and_names_no_key(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(lethe.activities.kafka, "TIMEOUT_SECONDS", 1.0)
-    # Clients of their own, dropped afterwards, so they stop reconnecting to the dead address.
-    monkeypatch.setattr(lethe.activities.kafka, "_producers", {})
-    monkeypatch.setattr(lethe.activities.kafka, "_admins", {})
     request = _request("patient-profile", "secret-subject-7")
-    writer = TombstoneWriter.for_connection("127.0.0.1:1")
+    # Clients of their own, closed afterwards, so they stop reconnecting to the dead address.
+    async with Clients() as clients:
+        writer = TombstoneWriter.open(clients, "127.0.0.1:1")
 
-    with pytest.raises(ServiceUnavailable) as raised:
-        await writer.erase(request)
+        with pytest.raises(ServiceUnavailable) as raised:
+            await writer.erase(request)
 
     assert raised.value.retryable
-    assert str(raised.value).startswith("Kafka at 127.0.0.1:1: ")
+    assert str(raised.value).startswith("Kafka at 127.0.0.1:1")
     assert "secret" not in str(raised.value)
     assert raised.value.__cause__ is None
     # librdkafka's own text can quote keys; it never reaches the message.
     leaked = writer._unavailable(KafkaException("failed for key patient:secret-subject-7"))
-    assert str(leaked) == "Kafka at 127.0.0.1:1: KafkaException"
+    assert str(leaked) == "Kafka at 127.0.0.1:1 did not answer (KafkaException)"

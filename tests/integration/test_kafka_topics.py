@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+from lethe.activities.clients import Clients
 from lethe.activities.kafka import TombstoneWriter
 from lethe.classification.datamap import KafkaTopicLocator
 from lethe.contracts import Action, StepRequest, Subject
@@ -63,24 +64,24 @@ def _seed(bootstrap: str, topic: str) -> None:
 
 
 def _claims_topic(
-    bootstrap: str, make_topic: MakeTopic
+    clients: Clients, bootstrap: str, make_topic: MakeTopic
 ) -> tuple[str, StepRequest, TombstoneWriter]:
     """A compacted topic of the claims above, the request erasing member 1, and a writer."""
     topic = make_topic(FAST_COMPACTION)
     _seed(bootstrap, topic)
-    return topic, _claims(_by_member(topic), "tombstone"), TombstoneWriter.for_connection(bootstrap)
+    return topic, _claims(_by_member(topic), "tombstone"), TombstoneWriter.open(clients, bootstrap)
 
 
 async def test_a_topic_keyed_by_claim_tombstones_the_claims_whose_latest_record_is_the_subjects(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic(FAST_COMPACTION)
     _seed(kafka_bootstrap, topic)
     before = _read_all(kafka_bootstrap, topic)
     request = _claims(_by_member(topic), "tombstone")
 
-    assert await TombstoneWriter.for_connection(kafka_bootstrap).preflight(request) == []
-    erased = await TombstoneWriter.for_connection(kafka_bootstrap).erase(request)
+    assert await TombstoneWriter.open(clients, kafka_bootstrap).preflight(request) == []
+    erased = await TombstoneWriter.open(clients, kafka_bootstrap).erase(request)
 
     assert erased.status == "running"
     assert erased.affected == 2
@@ -100,16 +101,16 @@ async def test_a_topic_keyed_by_claim_tombstones_the_claims_whose_latest_record_
     partitions = {key: partition for partition, _, key, _ in before}
     assert all(partitions[key] == partition for partition, _, key, _ in stones)
 
-    verified = await TombstoneWriter.for_connection(kafka_bootstrap).verify(request, erased)
+    verified = await TombstoneWriter.open(clients, kafka_bootstrap).verify(request, erased)
     assert verified.verified
     assert verified.status in ("pending_compaction", "at_risk", "done"), verified.detail
     assert verified.evidence["keys_still_the_subjects"] == 0
 
 
 async def test_erasing_again_reuses_the_first_attempts_tombstones(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
-    topic, request, writer = _claims_topic(kafka_bootstrap, make_topic)
+    topic, request, writer = _claims_topic(clients, kafka_bootstrap, make_topic)
 
     first = await writer.erase(request)
     second = await writer.erase(request)
@@ -122,9 +123,9 @@ async def test_erasing_again_reuses_the_first_attempts_tombstones(
 
 
 async def test_a_record_of_the_subject_written_after_the_erasure_fails_verification(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
-    topic, request, writer = _claims_topic(kafka_bootstrap, make_topic)
+    topic, request, writer = _claims_topic(clients, kafka_bootstrap, make_topic)
     erased = await writer.erase(request)
     _produce(kafka_bootstrap, topic, [(b"claim:c9", json.dumps({"member": "1"}).encode())])
 
@@ -135,9 +136,9 @@ async def test_a_record_of_the_subject_written_after_the_erasure_fails_verificat
 
 
 async def test_a_record_that_is_not_json_makes_the_step_at_risk(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
-    topic, request, writer = _claims_topic(kafka_bootstrap, make_topic)
+    topic, request, writer = _claims_topic(clients, kafka_bootstrap, make_topic)
     _produce(kafka_bootstrap, topic, [(b"claim:c7", b"member=1;amount=3")])
 
     verified = await writer.verify(request, await writer.erase(request))
@@ -148,12 +149,12 @@ async def test_a_record_that_is_not_json_makes_the_step_at_risk(
 
 
 async def test_a_topic_that_is_not_compacted_cannot_be_edited_by_value(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic({"cleanup.policy": "delete"})
     _seed(kafka_bootstrap, topic)
     request = _claims(_by_member(topic), "tombstone")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
     problems = await writer.preflight(request)
 
@@ -162,7 +163,7 @@ async def test_a_topic_that_is_not_compacted_cannot_be_edited_by_value(
 
 
 async def test_a_topic_left_to_retention_writes_nothing_and_gives_its_date(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     settings = {"cleanup.policy": "delete", "retention.ms": "3600000", "segment.ms": "600000"}
     topic = make_topic(settings)
@@ -170,7 +171,7 @@ async def test_a_topic_left_to_retention_writes_nothing_and_gives_its_date(
     before = _read_all(kafka_bootstrap, topic)
     locator = KafkaTopicLocator(topic=topic, removal="retention", categories=["user.financial"])
     request = _claims(locator, "expire")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
     assert await writer.preflight(request) == []
     erased = await writer.erase(request)
@@ -186,12 +187,12 @@ async def test_a_topic_left_to_retention_writes_nothing_and_gives_its_date(
 
 
 async def test_a_topic_whose_retention_never_removes_anything_is_at_risk(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     topic = make_topic({"cleanup.policy": "delete", "retention.ms": "-1"})
     locator = KafkaTopicLocator(topic=topic, removal="retention", categories=["user.financial"])
     request = _claims(locator, "expire")
-    writer = TombstoneWriter.for_connection(kafka_bootstrap)
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
 
     verified = await writer.verify(request, await writer.erase(request))
 

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client as TemporalClient
 from temporalio.worker import Worker
 
-from lethe.activities import key_rotation
+from lethe.activities.key_rotation import KeyRotations
 from lethe.contracts import Subject
 from lethe.evidence import ledger
 from lethe.evidence.store import engine_for
@@ -224,7 +224,7 @@ async def test_rotation_under_encrypt_and_decrypt_traffic_loses_nothing(
             temporal,
             task_queue=queue,
             workflows=[KeyRotationWorkflow],
-            activities=list(key_rotation.ACTIVITIES),
+            activities=KeyRotations().activities(),
         ):
             await asyncio.sleep(1)  # traffic before the rotation
             before = traffic.encrypted

@@ -22,13 +22,15 @@ from azure.storage.blob import (
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 from temporalio.testing import ActivityEnvironment
 
-from lethe.activities import logs
 from lethe.activities.blob import PREFLIGHT_TIMEOUT_SECONDS
-from lethe.activities.common import SchemaMismatch, erase_and_verify
+from lethe.activities.clients import Clients
+from lethe.activities.common import SchemaMismatch
+from lethe.activities.connector import UnsupportedStep, erase_and_verify
+from lethe.activities.connectors import Connectors
 from lethe.activities.logs import LogRedactor, _digest
 from lethe.classification.datamap import LogLocator, MissingIdentity
 from lethe.contracts import Action, StepOutcome, StepRequest, Subject
-from lethe.kernel.errors import ConfigurationError, ServiceUnavailable
+from lethe.kernel.errors import ServiceUnavailable
 from tests.steps import decision, step, step_request
 
 CONNECTION_VARIABLE = "LETHE_STACK_BLOB_CONNECTION"
@@ -118,11 +120,11 @@ async def _etag(container: ContainerClient, name: str) -> str:
 
 
 async def test_delete_drops_only_the_subjects_records(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
     untouched = await _etag(container, "portal/2.jsonl")
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
     request = _request(f.locator, f.a)
 
     erased = await redactor.erase(request)
@@ -170,10 +172,10 @@ async def test_delete_drops_only_the_subjects_records(
 
 
 async def test_redact_replaces_the_subjects_fields_and_keeps_the_record(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
     request = _request(f.locator, f.a, action="redact")
 
     erased = await redactor.erase(request)
@@ -204,11 +206,11 @@ async def test_redact_replaces_the_subjects_fields_and_keeps_the_record(
 
 
 async def test_verify_fails_while_records_remain(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
     request = _request(f.locator, f.b)
-    verified = await LogRedactor.for_connection(blob_connection).verify(
+    verified = await LogRedactor.open(clients, blob_connection).verify(
         request, StepOutcome(step_id=request.step.id, status="running")
     )
     assert verified.status == "failed"
@@ -217,7 +219,7 @@ async def test_verify_fails_while_records_remain(
 
 
 async def test_a_concurrent_write_is_kept_not_lost(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
     late = _line(ts="t9", patient_id="1002", msg="written while Lethe was rewriting")
@@ -234,7 +236,7 @@ async def test_a_concurrent_write_is_kept_not_lost(
                 await blob.upload_blob(read[0] + late + b"\n", overwrite=True)
             return read
 
-    erased = await RacingRedactor(blob_connection).erase(_request(f.locator, f.a))
+    erased = await RacingRedactor.open(clients, blob_connection).erase(_request(f.locator, f.a))
     assert erased.evidence["write_conflicts_retried"] == 1
     assert erased.affected == 3
     content = await _content(container, "portal/1.jsonl")
@@ -271,7 +273,7 @@ async def _two_blobs_of_a(container: ContainerClient) -> Fixture:
 
 
 async def test_a_retry_resumes_after_the_last_blob_an_earlier_attempt_heartbeated(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _two_blobs_of_a(container)
     request = _request(f.locator, f.a)
@@ -279,7 +281,7 @@ async def test_a_retry_resumes_after_the_last_blob_an_earlier_attempt_heartbeate
     beats: list[Any] = []
     first.on_heartbeat = lambda *details: beats.append(details[0])
     with pytest.raises(_WorkerLost):
-        await first.run(_LostAfterFirstBlob(blob_connection).erase, request)
+        await first.run(_LostAfterFirstBlob.open(clients, blob_connection).erase, request)
     assert beats == []  # the worker was lost before the heartbeat after the first blob
     # Say the heartbeat after the first blob did arrive: the retry resumes after that blob.
     beats = [
@@ -294,7 +296,7 @@ async def test_a_retry_resumes_after_the_last_blob_an_earlier_attempt_heartbeate
     retry = _env(attempt=2, heartbeat_details=beats)
     retried: list[Any] = []
     retry.on_heartbeat = lambda *details: retried.append(details[0])
-    erased = await retry.run(LogRedactor(blob_connection).erase, request)
+    erased = await retry.run(LogRedactor.open(clients, blob_connection).erase, request)
 
     assert erased.evidence["resumed_from_blob"] == 1
     assert erased.affected == 4  # 3 from the earlier attempt, 1 now
@@ -310,15 +312,15 @@ async def test_a_retry_resumes_after_the_last_blob_an_earlier_attempt_heartbeate
 
 
 async def test_a_retry_without_heartbeats_finds_the_earlier_rewrite_by_its_marks(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _two_blobs_of_a(container)
     request = _request(f.locator, f.a)
     with pytest.raises(_WorkerLost):
-        await _env().run(_LostAfterFirstBlob(blob_connection).erase, request)
+        await _env().run(_LostAfterFirstBlob.open(clients, blob_connection).erase, request)
     rewritten = await _etag(container, "portal/1.jsonl")
 
-    erased = await _env(attempt=2).run(LogRedactor(blob_connection).erase, request)
+    erased = await _env(attempt=2).run(LogRedactor.open(clients, blob_connection).erase, request)
 
     assert erased.evidence["resumed_from_blob"] == 0
     assert erased.affected == 4
@@ -334,18 +336,18 @@ async def test_a_retry_without_heartbeats_finds_the_earlier_rewrite_by_its_marks
 
 
 async def test_a_retry_whose_last_blob_is_gone_reads_every_blob_again(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _two_blobs_of_a(container)
     request = _request(f.locator, f.a)
     with pytest.raises(_WorkerLost):
-        await _env().run(_LostAfterFirstBlob(blob_connection).erase, request)
+        await _env().run(_LostAfterFirstBlob.open(clients, blob_connection).erase, request)
     gone = {
         "lethe_effect": {"request": request.request_id, "step": "app-logs/0", "attempt": 1},
         "progress": {"last_done": _digest("portal/0-rotated-away.jsonl"), "affected": 9},
     }
     erased = await _env(attempt=2, heartbeat_details=[gone]).run(
-        LogRedactor(blob_connection).erase, request
+        LogRedactor.open(clients, blob_connection).erase, request
     )
     assert erased.evidence["resumed_from_blob"] == 0
     assert erased.affected == 4  # by the marks and this attempt, not the lost blob's 9
@@ -353,7 +355,7 @@ async def test_a_retry_whose_last_blob_is_gone_reads_every_blob_again(
 
 
 async def test_a_retry_after_a_worker_lost_while_verifying_keeps_the_erase_counts(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _two_blobs_of_a(container)
     request = _request(f.locator, f.a)
@@ -367,10 +369,12 @@ async def test_a_retry_after_a_worker_lost_while_verifying_keeps_the_erase_count
     beats: list[Any] = []
     first.on_heartbeat = lambda *details: beats.append(details[0])
     with pytest.raises(_WorkerLost):
-        await first.run(erase_and_verify, LostWhileVerifying(blob_connection), request)
+        await first.run(
+            erase_and_verify, LostWhileVerifying.open(clients, blob_connection), request
+        )
 
     outcome = await _env(attempt=2, heartbeat_details=beats[-1:]).run(
-        erase_and_verify, LogRedactor(blob_connection), request
+        erase_and_verify, LogRedactor.open(clients, blob_connection), request
     )
     assert outcome.status == "done", outcome.detail
     assert outcome.affected == 4
@@ -380,7 +384,7 @@ async def test_a_retry_after_a_worker_lost_while_verifying_keeps_the_erase_count
 
 
 async def test_a_tenant_field_leaves_another_tenants_subject_with_the_same_id(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     lines = [
         _line(ts="t1", tenant="st-mary", patient_id="1001", email="ada@example.org", msg="a"),
@@ -402,7 +406,7 @@ async def test_a_tenant_field_leaves_another_tenants_subject_with_the_same_id(
     )
     mary = Subject(tenant="st-mary", subject_id="1001", identities={"email": "ada@example.org"})
     luke = mary.model_copy(update={"tenant": "st-luke"})
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
     request = _request(locator, mary, action="redact")
     assert await redactor.preflight(request) == []
 
@@ -433,7 +437,7 @@ async def test_a_tenant_field_leaves_another_tenants_subject_with_the_same_id(
 
 
 async def test_records_with_the_subjects_values_and_no_tenant_are_left_and_fail_verify(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     lines = [
         _line(ts="t1", tenant="st-mary", patient_id="1001", msg="ours"),
@@ -449,7 +453,7 @@ async def test_records_with_the_subjects_values_and_no_tenant_are_left_and_fail_
         categories=["user.unique_id"],
     )
     request = _request(locator, Subject(tenant="st-mary", subject_id="1001"))
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
 
     erased = await redactor.erase(request)
     assert erased.affected == 1
@@ -466,11 +470,11 @@ async def test_records_with_the_subjects_values_and_no_tenant_are_left_and_fail_
 
 
 async def test_preflight_names_a_tenant_field_the_logs_do_not_carry(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)  # records without any tenant field
     before = await _snapshot(container)
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
     scoped = f.locator.model_copy(update={"tenant_field": "tenant"})
 
     problems = await redactor.preflight(_request(scoped, f.a))
@@ -488,14 +492,14 @@ async def test_preflight_names_a_tenant_field_the_logs_do_not_carry(
 
 
 async def test_append_blobs_with_the_subject_fail_clearly(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
     append = container.get_blob_client("portal/3.jsonl")
     await append.create_append_blob()
     await append.append_block(_line(patient_id="1001") + b"\n")
     before = await _content(container, "portal/3.jsonl")
-    erased = await LogRedactor.for_connection(blob_connection).erase(_request(f.locator, f.a))
+    erased = await LogRedactor.open(clients, blob_connection).erase(_request(f.locator, f.a))
     assert erased.status == "failed"
     assert erased.evidence["blobs_not_rewritable"] == 1
     assert "append or page blob" in erased.detail
@@ -504,11 +508,11 @@ async def test_append_blobs_with_the_subject_fail_clearly(
 
 
 async def test_a_blob_that_is_not_json_lines_is_reported_unchecked(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
     await container.upload_blob("portal/old.jsonl.gz", gzip.compress(_line(patient_id="1001")))
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
     request = _request(f.locator, f.a)
     erased = await redactor.erase(request)
     assert erased.evidence["blobs_without_json"] == 1
@@ -519,7 +523,7 @@ async def test_a_blob_that_is_not_json_lines_is_reported_unchecked(
 
 
 async def test_missing_identities_are_named(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
     by_email = LogLocator(
@@ -530,18 +534,18 @@ async def test_missing_identities_are_named(
     )
     no_email = Subject(tenant="st-mary", subject_id="1001")
     with pytest.raises(MissingIdentity, match=r"identity\.email"):
-        await LogRedactor.for_connection(blob_connection).erase(_request(by_email, no_email))
+        await LogRedactor.open(clients, blob_connection).erase(_request(by_email, no_email))
 
     # With patient_id available, the email mapping is skipped, not an error.
-    erased = await LogRedactor.for_connection(blob_connection).erase(_request(f.locator, no_email))
+    erased = await LogRedactor.open(clients, blob_connection).erase(_request(f.locator, no_email))
     assert erased.affected == 2  # t1 and t5; t3 carries only the email
 
 
-async def test_missing_container_retain_and_unsupported_action(
-    blob_connection: str, container: ContainerClient
+async def test_missing_container_retain_and_unsupported_action_are_refused(
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
     missing = f.locator.model_copy(update={"container": _name("missing-")})
     with pytest.raises(SchemaMismatch, match="does not exist"):
         await redactor.erase(_request(missing, f.a))
@@ -550,20 +554,19 @@ async def test_missing_container_retain_and_unsupported_action(
             _request(missing, f.a), StepOutcome(step_id="app-logs/0", status="running")
         )
 
-    retained = await redactor.erase(_request(f.locator, f.a, action="retain"))
-    assert retained.status == "retained"
-    assert "GDPR Art. 17(3)(e) (legal claims)" in retained.detail
-
-    with pytest.raises(ConfigurationError, match="logs cannot 'tombstone'"):
+    # The regional workflow records retain steps itself: a connector given one refuses it.
+    with pytest.raises(UnsupportedStep, match="kept by policy"):
+        await redactor.erase(_request(f.locator, f.a, action="retain"))
+    with pytest.raises(UnsupportedStep, match="logs cannot 'tombstone'"):
         await redactor.erase(_request(f.locator, f.a, action="tombstone"))
     assert await _content(container, "portal/1.jsonl") == b"\n".join(f.mixed) + b"\n"
 
 
 async def test_evidence_holds_no_personal_data(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
     request = _request(f.locator, f.a, action="redact")
     erased = await redactor.erase(request)
     verified = await redactor.verify(request, erased)
@@ -586,11 +589,11 @@ async def _snapshot(container: ContainerClient) -> list[tuple[str, str, bytes]]:
 
 
 async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
     before = await _snapshot(container)
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
 
     for action in ("delete", "redact", "anonymize"):
         assert await redactor.preflight(_request(f.locator, f.a, action=action)) == [], action
@@ -602,11 +605,11 @@ async def test_preflight_passes_for_a_good_locator_and_changes_nothing(
 
 
 async def test_preflight_names_a_missing_container_identity_and_action(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
     before = await _snapshot(container)
-    redactor = LogRedactor.for_connection(blob_connection)
+    redactor = LogRedactor.open(clients, blob_connection)
     missing = f.locator.model_copy(update={"container": _name("missing-")})
 
     assert await redactor.preflight(_request(missing, f.a)) == [
@@ -614,19 +617,23 @@ async def test_preflight_names_a_missing_container_identity_and_action(
     ]
     by_email = f.locator.model_copy(update={"fields": {"email": "identity.email"}})
     no_email = Subject(tenant="st-mary", subject_id="1001")
-    problems = await redactor.preflight(_request(by_email, no_email, action="tombstone"))
+    with pytest.raises(
+        UnsupportedStep,
+        match="logs system 'app-logs': logs cannot 'tombstone'; use delete, redact, purge, "
+        "anonymize",
+    ):
+        await redactor.preflight(_request(by_email, no_email, action="tombstone"))
+    problems = await redactor.preflight(_request(by_email, no_email))
     assert problems == [
-        "logs system 'app-logs': logs cannot 'tombstone'; use delete, redact, anonymize or retain",
         f"logs system 'app-logs': the log locator in container '{container.container_name}' "
         "finds records by identity.email; the request gives none of them",
     ]
     assert "1001" not in repr(problems)
-    assert await redactor.preflight(_request(missing, f.a, action="retain")) == []
     assert await _snapshot(container) == before
 
 
 async def test_preflight_says_what_a_signature_does_not_allow(
-    blob_connection: str, container: ContainerClient
+    clients: Clients, blob_connection: str, container: ContainerClient
 ) -> None:
     f = await _seed(container)
     before = await _snapshot(container)
@@ -640,14 +647,17 @@ async def test_preflight_says_what_a_signature_does_not_allow(
     )
     signed = f"BlobEndpoint={parts['BlobEndpoint']};SharedAccessSignature={sas}"
 
-    assert await LogRedactor(signed).preflight(_request(f.locator, f.a)) == [
+    assert await LogRedactor.open(clients, signed).preflight(_request(f.locator, f.a)) == [
         "logs system 'app-logs': the connection's shared access signature does not allow write (w)"
     ]
     assert await _snapshot(container) == before
 
 
 async def test_preflight_of_an_unreachable_service_is_quick_and_transient(
-    container: ContainerClient, monkeypatch: pytest.MonkeyPatch
+    clients: Clients,
+    connectors: Connectors,
+    container: ContainerClient,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     f = await _seed(container)
     connection = (
@@ -659,7 +669,7 @@ async def test_preflight_of_an_unreachable_service_is_quick_and_transient(
 
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable) as caught:
-        await LogRedactor(connection).preflight(request)
+        await LogRedactor.open(clients, connection).preflight(request)
     assert time.monotonic() - started < PREFLIGHT_TIMEOUT_SECONDS
     assert "127.0.0.1:1" in str(caught.value)
     assert "c2VjcmV0" not in str(caught.value)
@@ -667,6 +677,6 @@ async def test_preflight_of_an_unreachable_service_is_quick_and_transient(
     monkeypatch.setenv(CONNECTION_VARIABLE, connection)
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
-    check = await env.run(logs.preflight, request)
+    check = await env.run(connectors.activity("logs.preflight"), request)
     assert check.transient
     assert check.problems == [f"ServiceUnavailable: {caught.value}"]

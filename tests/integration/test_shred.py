@@ -24,7 +24,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from lethe.activities import shred
-from lethe.activities.common import erase_and_verify
+from lethe.activities.connector import UnsupportedStep, erase_and_verify
+from lethe.activities.connectors import Connectors
 from lethe.activities.shred import KeyShredder, canary_place
 from lethe.classification.datamap import KeysLocator
 from lethe.contracts import Action, StepOutcome, StepRequest, Subject
@@ -153,7 +154,7 @@ async def test_a_retry_shreds_again_and_still_succeeds(
 
 
 async def test_a_retried_activity_keeps_the_first_attempts_canary(
-    keys: KeyService, keys_url: str, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors, keys: KeyService, keys_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(CONNECTION_VARIABLE, keys_url)
     ada, _ = _subjects()
@@ -163,7 +164,7 @@ async def test_a_retried_activity_keeps_the_first_attempts_canary(
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
     env.on_heartbeat = lambda *details: beats.extend(details)
-    first = await env.run(shred.erase, request)
+    first = await env.run(connectors.activity("keys.erase"), request)
     assert first.status == "done"
     # The canary and what is about to go were sent before the keys were destroyed.
     planned = beats[0]
@@ -177,7 +178,7 @@ async def test_a_retried_activity_keeps_the_first_attempts_canary(
     retry.info = dataclasses.replace(
         env.info, task_queue="lethe-eu", attempt=2, heartbeat_details=beats
     )
-    again = await retry.run(shred.erase, request)
+    again = await retry.run(connectors.activity("keys.erase"), request)
     assert again.status == "done", again.detail
     assert again.evidence["canary"] == first.evidence["canary"]
     assert again.evidence["canary_decryption"] == "KeyShredded"
@@ -197,7 +198,11 @@ class _LostAfterShredding(KeyService):
 
 @pytest.mark.parametrize("arrived", [True, False], ids=["plan arrived", "nothing arrived"])
 async def test_a_worker_lost_right_after_shredding_leaves_its_evidence(
-    keys: KeyService, keys_url: str, monkeypatch: pytest.MonkeyPatch, arrived: bool
+    connectors: Connectors,
+    keys: KeyService,
+    keys_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    arrived: bool,
 ) -> None:
     monkeypatch.setenv(CONNECTION_VARIABLE, keys_url)
     monkeypatch.setattr(shred, "KeyService", _LostAfterShredding)
@@ -209,7 +214,7 @@ async def test_a_worker_lost_right_after_shredding_leaves_its_evidence(
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
     env.on_heartbeat = lambda *details: beats.extend(details)
     with pytest.raises(_WorkerLost):
-        await env.run(shred.erase, request)
+        await env.run(connectors.activity("keys.erase"), request)
     assert [b["lethe_effect"]["stage"] for b in beats] == ["planned"]
     monkeypatch.setattr(shred, "KeyService", KeyService)
 
@@ -217,7 +222,7 @@ async def test_a_worker_lost_right_after_shredding_leaves_its_evidence(
     retry.info = dataclasses.replace(
         env.info, attempt=2, heartbeat_details=beats if arrived else []
     )
-    again = await retry.run(shred.erase, request)
+    again = await retry.run(connectors.activity("keys.erase"), request)
     assert again.status == "done", again.detail
     evidence = again.evidence
     # The key store's record of the first shredding is this request's: it says what went.
@@ -236,7 +241,11 @@ async def test_a_worker_lost_right_after_shredding_leaves_its_evidence(
 
 
 async def test_a_replay_retried_after_a_lost_worker_says_what_it_cannot_know(
-    shredder: KeyShredder, keys: KeyService, keys_url: str, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors,
+    shredder: KeyShredder,
+    keys: KeyService,
+    keys_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(CONNECTION_VARIABLE, keys_url)
     ada, _ = _subjects()
@@ -254,14 +263,14 @@ async def test_a_replay_retried_after_a_lost_worker_says_what_it_cannot_know(
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
     env.on_heartbeat = lambda *details: beats.extend(details)
     with pytest.raises(_WorkerLost):
-        await env.run(shred.erase, replay)
+        await env.run(connectors.activity("keys.erase"), replay)
     monkeypatch.setattr(shred, "KeyService", KeyService)
     assert await key_rows(keys, erasure.subject_ref) == []
 
     for details, said in ((beats, "planned"), ([], "lost")):
         retry = ActivityEnvironment()
         retry.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=details)
-        again = await retry.run(shred.erase, replay)
+        again = await retry.run(connectors.activity("keys.erase"), replay)
         assert again.status == "done", again.detail
         # The key store's record is the first erasure's: how many this replay destroyed before
         # its worker was lost is not known, and the evidence does not make it up.
@@ -357,18 +366,22 @@ async def test_a_subject_without_keys_is_shredded_without_making_one(
         await keys.encrypt(ada, b"late event", WHERE)
 
 
-async def test_a_retain_step_keeps_the_keys(shredder: KeyShredder, keys: KeyService) -> None:
+async def test_a_retain_step_is_refused_and_keeps_the_keys(
+    shredder: KeyShredder, keys: KeyService
+) -> None:
+    """The regional workflow records retain steps itself: a connector given one refuses it."""
     ada, _ = _subjects()
     sealed = await keys.encrypt(ada, b"ada", WHERE)
     request = _request(keys, ada, action="retain")
-    outcome = await erase_and_verify(shredder, request)
-    assert outcome.status == "retained"
-    assert "45 CFR 164.501" in outcome.detail
+    with pytest.raises(UnsupportedStep, match="kept by policy"):
+        await erase_and_verify(shredder, request)
+    with pytest.raises(UnsupportedStep, match="kept by policy"):
+        await shredder.preflight(request)
     assert await keys.decrypt(sealed, WHERE, cached=False) == b"ada"
 
 
 async def test_activities_refuse_another_region_a_foreign_subject_key_and_other_actions(
-    keys: KeyService, keys_url: str, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors, keys: KeyService, keys_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(CONNECTION_VARIABLE, keys_url)
     ada, _ = _subjects()
@@ -378,14 +391,14 @@ async def test_activities_refuse_another_region_a_foreign_subject_key_and_other_
 
     env.info = dataclasses.replace(env.info, task_queue="lethe-us")
     with pytest.raises(ApplicationError) as caught:
-        await env.run(shred.erase, request)
+        await env.run(connectors.activity("keys.erase"), request)
     assert caught.value.type == "WrongRegion"
     assert caught.value.non_retryable
 
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
     foreign = request.model_copy(update={"subject_ref": "ab" * 16})
     with pytest.raises(ApplicationError) as caught:
-        await env.run(shred.erase, foreign)
+        await env.run(connectors.activity("keys.erase"), foreign)
     assert caught.value.type == "ConfigurationError"
     assert "LETHE_SUBJECT_KEY" in caught.value.message
     assert "nothing was shredded" in caught.value.message
@@ -395,12 +408,12 @@ async def test_activities_refuse_another_region_a_foreign_subject_key_and_other_
         update={"step": request.step.model_copy(update={"action": "delete"})}
     )
     with pytest.raises(ApplicationError) as caught:
-        await env.run(shred.erase, deleting)
+        await env.run(connectors.activity("keys.erase"), deleting)
     assert caught.value.type == "UnsupportedStep"
 
     monkeypatch.delenv(CONNECTION_VARIABLE)
     with pytest.raises(ApplicationError) as caught:
-        await env.run(shred.erase, request)
+        await env.run(connectors.activity("keys.erase"), request)
     assert caught.value.type == "ConfigurationError"
     assert CONNECTION_VARIABLE in caught.value.message
 
@@ -456,7 +469,6 @@ async def test_preflight_passes_for_a_good_key_store_and_changes_nothing(
 
     assert await shredder.preflight(_request(keys, ada)) == []
     assert await shredder.preflight(_request(keys, grace)) == []  # no key yet: nothing to shred
-    assert await shredder.preflight(_request(keys, ada, action="retain")) == []
 
     assert await _dump(keys_url) == before
 
@@ -498,7 +510,11 @@ async def test_preflight_of_an_empty_database_names_the_missing_tables_and_makes
 
 
 async def test_preflight_names_a_database_that_does_not_exist_and_refused_credentials(
-    keys: KeyService, keys_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors,
+    keys: KeyService,
+    keys_url: str,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ada, _ = _subjects()
     request = _request(keys, ada)
@@ -528,13 +544,17 @@ async def test_preflight_names_a_database_that_does_not_exist_and_refused_creden
     monkeypatch.setenv(CONNECTION_VARIABLE, missing)
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
-    check = await env.run(shred.preflight, request)
+    check = await env.run(connectors.activity("keys.preflight"), request)
     assert check.problems == [f"{where}: the database its URL names does not exist"]
     assert not check.transient
 
 
 async def test_preflight_of_an_unreachable_key_store_is_quick_and_transient(
-    keys: KeyService, keys_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors,
+    keys: KeyService,
+    keys_url: str,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ada, _ = _subjects()
     request = _request(keys, ada)
@@ -551,7 +571,7 @@ async def test_preflight_of_an_unreachable_key_store_is_quick_and_transient(
     monkeypatch.setenv(CONNECTION_VARIABLE, url)
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
-    check = await env.run(shred.preflight, request)
+    check = await env.run(connectors.activity("keys.preflight"), request)
     assert check.transient
     assert check.problems == [f"ServiceUnavailable: {caught.value}"]
 

@@ -19,7 +19,7 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from lethe.activities.common import erase_and_verify
+from lethe.activities.connector import erase_and_verify
 from lethe.activities.shred import KeyShredder
 from lethe.classification.datamap import KeysLocator
 from lethe.contracts import StepRequest, Subject

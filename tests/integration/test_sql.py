@@ -40,8 +40,10 @@ from sqlalchemy.schema import AddConstraint, CreateSchema, DropSchema
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from lethe.activities import sql
+from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch
+from lethe.activities.connector import UnsupportedStep
+from lethe.activities.connectors import Connectors
 from lethe.activities.sql import (
     ChangeRefused,
     NoPlaceholder,
@@ -106,12 +108,6 @@ class Hospital:
             return await conn.run_sync(
                 lambda sync: inspect(sync).get_table_names(schema=self.schema)
             )
-
-
-@pytest.fixture(scope="module", autouse=True)
-async def _close_engines() -> AsyncIterator[None]:
-    yield
-    await sql.dispose_engines()
 
 
 @pytest.fixture
@@ -293,9 +289,9 @@ def assert_unchained(error: BaseException) -> None:
 
 
 @pytest.fixture
-def eraser(sql_url: str) -> SqlEraser:
+def eraser(clients: Clients, sql_url: str) -> SqlEraser:
     """The connector as the activity builds it: over the cached engine for the URL."""
-    return SqlEraser.for_connection(sql_url)
+    return SqlEraser.open(clients, sql_url)
 
 
 # --- the actions -----------------------------------------------------------------------------
@@ -311,27 +307,32 @@ async def _session(engine: AsyncEngine) -> tuple[int, str]:
 
 
 async def test_erasers_of_one_connection_share_one_pool_of_sessions(sql_url: str) -> None:
-    """A worker opens one pool per connection string, whatever the number of steps: a second
-    eraser runs on the session the first left in the pool; another connection string has its
-    own; disposing closes the sessions on the server."""
-    await sql.dispose_engines()
-    first, application = await _session(SqlEraser.for_connection(sql_url).engine)
-    assert (await _session(SqlEraser.for_connection(sql_url).engine))[0] == first
+    """A worker's clients hold one pool per connection string, whatever the number of steps: a
+    second eraser runs on the session the first left in the pool; another connection string
+    has its own; closing the clients (the worker stopping) closes the sessions on the server."""
+    async with Clients() as clients:
+        first, application = await _session(SqlEraser.open(clients, sql_url).engine)
+        assert (await _session(SqlEraser.open(clients, sql_url).engine))[0] == first
 
-    other_url = (
-        make_url(sql_url)
-        .update_query_dict({"application_name": "lethe-test-other"})
-        .render_as_string(hide_password=False)
-    )
-    other, other_application = await _session(SqlEraser.for_connection(other_url).engine)
-    assert other != first
-    assert other_application == "lethe-test-other" != application
+        other_url = (
+            make_url(sql_url)
+            .update_query_dict({"application_name": "lethe-test-other"})
+            .render_as_string(hide_password=False)
+        )
+        other, other_application = await _session(SqlEraser.open(clients, other_url).engine)
+        assert other != first
+        assert other_application == "lethe-test-other" != application
 
-    await sql.dispose_engines()
-    again, _ = await _session(SqlEraser.for_connection(sql_url).engine)
-    assert again not in (first, other)
+    async with Clients() as clients:
+        again, _ = await _session(SqlEraser.open(clients, sql_url).engine)
+        assert again not in (first, other)
+        await _sessions_closed(SqlEraser.open(clients, sql_url).engine, first, other)
+
+
+async def _sessions_closed(engine: AsyncEngine, first: int, other: int) -> None:
+    """Wait until the server has no session `first` or `other` any more (or fail)."""
     alive = text("SELECT count(*) FROM pg_stat_activity WHERE pid IN (:first, :other)")
-    async with SqlEraser.for_connection(sql_url).engine.connect() as conn:
+    async with engine.connect() as conn:
         for _ in range(100):
             if not await conn.scalar(alive, {"first": first, "other": other}):
                 break
@@ -685,15 +686,16 @@ async def test_verify_fails_when_an_anonymised_row_leads_to_the_subject_again(
     assert "still lead to the subject" in verified.detail
 
 
-async def test_retain_changes_nothing_and_cites_the_law(
+async def test_a_retain_step_is_refused_and_changes_nothing(
     hospital: Hospital, eraser: SqlEraser
 ) -> None:
+    """The regional workflow records retain steps itself: a connector given one refuses it."""
     before = await hospital.rows()
     request = request_for(patients_locator(hospital), "retain")
-    erased, verified = await erase_and_verify(eraser, request)
-    assert (erased.status, erased.affected) == ("retained", 0)
-    assert CITATION in erased.detail
-    assert verified.status == "retained"
+    with pytest.raises(UnsupportedStep, match="kept by policy"):
+        await eraser.erase(request)
+    with pytest.raises(UnsupportedStep, match="kept by policy"):
+        await eraser.preflight(request)
     assert await hospital.rows() == before
 
 
@@ -826,6 +828,50 @@ async def test_a_missing_table_or_column_is_a_schema_mismatch(
     assert_no_subject_id(message)
     assert_unchained(raised.value)
     assert await hospital.rows() == before
+
+
+async def test_a_step_reads_the_catalog_once_for_erase_and_verify(
+    hospital: Hospital, eraser: SqlEraser
+) -> None:
+    """Erase and verify of a step, and the next step on the same tables, share one description
+    of the tables (kept for a short time per engine and table)."""
+    reads = eraser.schemas.reads
+    await erase_and_verify(eraser, request_for(patients_locator(hospital), "soft_delete"))
+    assert eraser.schemas.reads == reads + 1
+    await erase_and_verify(eraser, request_for(patients_locator(hospital), "soft_delete", B))
+    assert eraser.schemas.reads == reads + 1
+
+
+@pytest.mark.parametrize("action", ["soft_delete", "delete"])
+async def test_a_column_dropped_after_the_tables_were_described_is_a_schema_mismatch(
+    hospital: Hospital, eraser: SqlEraser, action: Action
+) -> None:
+    """A kept description goes stale when a mapped column is dropped: the next step's statement
+    fails, the tables are read again, and the step fails naming the column; nothing changed."""
+    await erase_and_verify(eraser, request_for(patients_locator(hospital), "soft_delete"))
+    async with hospital.engine.begin() as conn:
+        await conn.execute(text(f"ALTER TABLE {hospital.name('patients')} DROP COLUMN phone"))
+    before = await _rows_of(hospital, "patients")
+    reads = eraser.schemas.reads
+
+    with pytest.raises(SchemaMismatch) as raised:
+        await eraser.erase(request_for(patients_locator(hospital), action, B))
+
+    assert not raised.value.retryable
+    assert str(raised.value) == (
+        f"system {SYSTEM!r}: table {hospital.name('patients')!r} has no column 'phone' "
+        "(a personal column)"
+    )
+    assert eraser.schemas.reads == reads + 1  # read again once the statement failed
+    assert await _rows_of(hospital, "patients") == before
+    assert_unchained(raised.value)
+
+
+async def _rows_of(hospital: Hospital, table: str) -> list[tuple[Any, ...]]:
+    """A table's rows as they are now (the hospital's own metadata may name dropped columns)."""
+    async with hospital.engine.connect() as conn:
+        result = await conn.execute(text(f"SELECT * FROM {hospital.name(table)} ORDER BY 1"))
+        return [tuple(row) for row in result]
 
 
 async def test_soft_delete_needs_a_soft_delete_column(
@@ -1007,11 +1053,13 @@ async def test_a_role_that_may_delete_but_not_update_can_delete(
             await conn.execute(text(f"DROP ROLE {role}"))
 
 
-async def test_an_unreachable_database_is_retryable_and_says_nothing_secret() -> None:
+async def test_an_unreachable_database_is_retryable_and_says_nothing_secret(
+    clients: Clients,
+) -> None:
     url = "postgresql+psycopg://lethe:s3cret-pw@127.0.0.1:1/patients"
     locator = SqlTableLocator(table="patients", subject_column="patient_id", columns={"x": "user"})
     with pytest.raises(ServiceUnavailable) as raised:
-        await SqlEraser.for_connection(url).erase(request_for(locator, "delete"))
+        await SqlEraser.open(clients, url).erase(request_for(locator, "delete"))
     message = str(raised.value)
     assert raised.value.retryable and SYSTEM in message
     assert "s3cret" not in message and "127.0.0.1" not in message
@@ -1022,7 +1070,7 @@ async def test_an_unreachable_database_is_retryable_and_says_nothing_secret() ->
 
 
 async def test_activities_run_in_their_region_and_type_their_errors(
-    hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors, hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LETHE_TEST_PATIENTS_URL", sql_url)
     env = ActivityEnvironment()
@@ -1030,8 +1078,10 @@ async def test_activities_run_in_their_region_and_type_their_errors(
     request = request_for(
         patients_locator(hospital), "soft_delete", connection="LETHE_TEST_PATIENTS_URL"
     )
-    erased = await env.run(sql.erase, request)
-    verified = await env.run(sql.verify, VerifyRequest(request=request, erased=erased))
+    erased = await env.run(connectors.activity("sql.erase"), request)
+    verified = await env.run(
+        connectors.activity("sql.verify"), VerifyRequest(request=request, erased=erased)
+    )
     # The erase activity verifies too (one round trip a step); verify alone agrees.
     assert (erased.status, verified.status) == ("done", "done")
 
@@ -1041,13 +1091,13 @@ async def test_activities_run_in_their_region_and_type_their_errors(
         connection="LETHE_TEST_PATIENTS_URL",
     )
     with pytest.raises(ApplicationError) as raised:
-        await env.run(sql.erase, broken)
+        await env.run(connectors.activity("sql.erase"), broken)
     assert raised.value.type == "SchemaMismatch" and raised.value.non_retryable
     assert_no_subject_id(str(raised.value))
 
     env.info = dataclasses.replace(env.info, task_queue="lethe-us")
     with pytest.raises(ApplicationError) as raised:
-        await env.run(sql.erase, request)
+        await env.run(connectors.activity("sql.erase"), request)
     assert raised.value.type == "WrongRegion"
 
 
@@ -1074,12 +1124,12 @@ def _activity_env(monkeypatch: pytest.MonkeyPatch, sql_url: str) -> ActivityEnvi
 
 
 async def _first_attempt(
-    env: ActivityEnvironment, request: StepRequest
+    connectors: Connectors, env: ActivityEnvironment, request: StepRequest
 ) -> tuple[StepOutcome, list[Any]]:
     """Run the erase activity once, as attempt 1; its outcome and what it heartbeated."""
     beats: list[Any] = []
     env.on_heartbeat = lambda *details: beats.extend(details)
-    outcome = await env.run(sql.erase, request)
+    outcome = await env.run(connectors.activity("sql.erase"), request)
     return outcome, beats
 
 
@@ -1101,6 +1151,7 @@ def _retry(env: ActivityEnvironment, details: list[Any]) -> list[Any]:
     ],
 )
 async def test_a_retry_after_the_commit_reports_the_rows_of_the_first_attempt(
+    connectors: Connectors,
     hospital: Hospital,
     sql_url: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -1110,7 +1161,7 @@ async def test_a_retry_after_the_commit_reports_the_rows_of_the_first_attempt(
 ) -> None:
     env = _activity_env(monkeypatch, sql_url)
     request = request_for(make(hospital), action, connection="LETHE_TEST_PATIENTS_URL")
-    first, beats = await _first_attempt(env, request)
+    first, beats = await _first_attempt(connectors, env, request)
     assert (first.affected, first.evidence["rows_changed"]) == (rows, rows)
     [counted] = beats  # counted inside the transaction, before any row changed
     assert (counted["step"], counted["action"], counted["attempt"]) == (request.step.id, action, 1)
@@ -1120,7 +1171,7 @@ async def test_a_retry_after_the_commit_reports_the_rows_of_the_first_attempt(
     after_first = await hospital.rows()
 
     again = _retry(env, beats)
-    retried = await env.run(sql.erase, request)
+    retried = await env.run(connectors.activity("sql.erase"), request)
     assert (retried.status, retried.verified) == ("done", True)
     assert retried.affected == rows  # not 0: the first attempt's count
     evidence = retried.evidence
@@ -1136,15 +1187,15 @@ async def test_a_retry_after_the_commit_reports_the_rows_of_the_first_attempt(
 
 
 async def test_a_retry_whose_first_attempt_heartbeat_never_arrived_says_so(
-    hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors, hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = _activity_env(monkeypatch, sql_url)
     request = request_for(
         lab_results_locator(hospital), "delete", connection="LETHE_TEST_PATIENTS_URL"
     )
-    await _first_attempt(env, request)
+    await _first_attempt(connectors, env, request)
     beats = _retry(env, [])  # heartbeats are best-effort: none reached the server
-    retried = await env.run(sql.erase, request)
+    retried = await env.run(connectors.activity("sql.erase"), request)
     assert (retried.status, retried.affected) == ("done", 0)
     assert retried.evidence["rows_from_attempt"] is None
     assert "counted_by_attempt" not in retried.evidence
@@ -1153,7 +1204,7 @@ async def test_a_retry_whose_first_attempt_heartbeat_never_arrived_says_so(
 
 
 async def test_a_retry_whose_first_attempt_rolled_back_does_the_work_itself(
-    hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors, hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Attempt 1 heartbeated its count and was lost before its commit: nothing changed, so
     attempt 2 erases and reports its own rows."""
@@ -1171,7 +1222,7 @@ async def test_a_retry_whose_first_attempt_rolled_back_does_the_work_itself(
         "digest": "0" * 64,
     }
     beats = _retry(env, [lost])
-    retried = await env.run(sql.erase, request)
+    retried = await env.run(connectors.activity("sql.erase"), request)
     assert (retried.affected, retried.evidence["rows_changed"]) == (2, 2)
     assert "rows_from_attempt" not in retried.evidence
     assert [b["attempt"] for b in beats] == [2]
@@ -1179,7 +1230,7 @@ async def test_a_retry_whose_first_attempt_rolled_back_does_the_work_itself(
 
 
 async def test_a_retry_changes_no_row_the_first_attempt_changed(
-    hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors, hospital: Hospital, sql_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Updates touch only rows not yet erased: the soft-deleted row is not written again (its
     row version, PostgreSQL's xmin, stays the first attempt's)."""
@@ -1189,10 +1240,10 @@ async def test_a_retry_changes_no_row_the_first_attempt_changed(
     )
     patients = hospital.table("patients")
     version = select(text("xmin::text")).select_from(patients).where(patients.c.patient_id == A)
-    _, beats = await _first_attempt(env, request)
+    _, beats = await _first_attempt(connectors, env, request)
     async with hospital.engine.connect() as conn:
         first = (await conn.execute(version)).scalar_one()
     _retry(env, beats)
-    assert (await env.run(sql.erase, request)).evidence["rows_changed"] == 0
+    assert (await env.run(connectors.activity("sql.erase"), request)).evidence["rows_changed"] == 0
     async with hospital.engine.connect() as conn:
         assert (await conn.execute(version)).scalar_one() == first

@@ -23,18 +23,17 @@ from temporalio.client import Client as TemporalClient
 from temporalio.common import RetryPolicy
 from temporalio.worker import Worker
 
-from lethe.activities import sql
+from lethe.activities.connectors import Connectors
 from lethe.contracts import StepOutcome, StepRequest
 from lethe.kernel.regions import task_queue
 from tests.integration.test_sql import (
     Hospital,
-    _close_engines,
     hospital,
     lab_results_locator,
     request_for,
 )
 
-__all__ = ["_close_engines", "hospital"]  # fixtures, shared with test_sql.py
+__all__ = ["hospital"]  # fixtures, shared with test_sql.py
 
 
 @workflow.defn(sandboxed=False)  # defined beside the test, which imports non-workflow code
@@ -83,6 +82,7 @@ def _on_own_queue(request: StepRequest, name: str) -> tuple[StepRequest, str]:
 
 
 async def test_a_statement_slower_than_the_heartbeat_timeout_runs_once(
+    connectors: Connectors,
     hospital: Hospital,
     stack_temporal: TemporalClient,
     sql_url: str,
@@ -113,7 +113,10 @@ async def test_a_statement_slower_than_the_heartbeat_timeout_runs_once(
     )
     workflow_id = f"sql-slow-{uuid.uuid4()}"
     async with Worker(
-        stack_temporal, task_queue=queue, workflows=[OneSlowSqlStep], activities=[sql.erase]
+        stack_temporal,
+        task_queue=queue,
+        workflows=[OneSlowSqlStep],
+        activities=[connectors.activity("sql.erase")],
     ):
         outcome = await stack_temporal.execute_workflow(
             OneSlowSqlStep.run, request, id=workflow_id, task_queue=queue
@@ -135,6 +138,7 @@ async def test_a_statement_slower_than_the_heartbeat_timeout_runs_once(
 
 
 async def test_the_count_reaches_the_server_before_the_commit(
+    connectors: Connectors,
     hospital: Hospital,
     stack_temporal: TemporalClient,
     sql_url: str,
@@ -149,7 +153,7 @@ async def test_the_count_reaches_the_server_before_the_commit(
         stack_temporal,
         task_queue=queue,
         workflows=[OneSqlStep],
-        activities=[sql.erase],
+        activities=[connectors.activity("sql.erase")],
     ):
         outcome = await stack_temporal.execute_workflow(
             OneSqlStep.run, request, id=f"sql-count-{uuid.uuid4()}", task_queue=queue

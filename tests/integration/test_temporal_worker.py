@@ -12,6 +12,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from lethe import worker as lethe_worker
+from lethe.activities.connectors import Connectors
 from lethe.codec.converter import ENCODING
 from lethe.contracts import HealthCheckRequest
 from lethe.kernel.config import Settings
@@ -43,7 +44,10 @@ async def test_round_trip_through_lethe_worker_stores_only_ciphertext(
 ) -> None:
     region = "smoke"
     workflow_id = f"healthcheck-{uuid.uuid4()}"
-    async with lethe_worker.build_worker(stack_temporal, region, settings):
+    async with (
+        Connectors() as connectors,
+        lethe_worker.build_worker(stack_temporal, region, settings, connectors),
+    ):
         report = await stack_temporal.execute_workflow(
             HealthCheckWorkflow.run,
             HealthCheckRequest(token=MARKER),

@@ -25,9 +25,10 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.testing import ActivityEnvironment
 
-from lethe.activities import sql
+from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch
-from lethe.activities.sql import SqlEraser, SubjectIdDoesNotFit, engine_for
+from lethe.activities.connectors import Connectors
+from lethe.activities.sql import SqlEraser, SubjectIdDoesNotFit
 from lethe.classification.datamap import SqlTableLocator
 from lethe.contracts import Action, StepRequest, Subject
 from tests.steps import decision, step, step_request
@@ -61,10 +62,16 @@ lab_results = Table(
 
 @pytest.fixture
 async def eraser(tmp_path: Path) -> AsyncIterator[SqlEraser]:
-    """An eraser over a fresh SQLite file holding two subjects."""
+    """An eraser over a fresh SQLite file holding two subjects, on clients of its own (closed
+    afterwards, as a worker closes its own)."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'patients.db'}"
-    engine = engine_for(url)
-    async with engine.begin() as conn:
+    async with Clients() as clients:
+        yield await _seeded(SqlEraser.open(clients, url))
+
+
+async def _seeded(eraser: SqlEraser) -> SqlEraser:
+    """`eraser` with the two subjects' rows in its database."""
+    async with eraser.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
         await conn.execute(
             insert(patients),
@@ -97,10 +104,7 @@ async def eraser(tmp_path: Path) -> AsyncIterator[SqlEraser]:
                 {"id": 11, "appointment_id": 2, "result": "r2"},
             ],
         )
-    try:
-        yield SqlEraser.for_connection(url)
-    finally:
-        await sql.dispose_engines()
+    return eraser
 
 
 async def rows(engine: AsyncEngine, table: Table) -> list[tuple[Any, ...]]:
@@ -200,7 +204,7 @@ async def test_anonymise_unlinks_the_subject_column_itself(eraser: SqlEraser) ->
 
 
 async def test_a_retry_after_the_commit_reports_the_first_attempts_rows(
-    eraser: SqlEraser, monkeypatch: pytest.MonkeyPatch
+    connectors: Connectors, eraser: SqlEraser, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A delete whose worker was lost after the commit: the retry finds nothing, and reports
     the rows the first attempt heartbeated before committing instead of 0."""
@@ -211,14 +215,14 @@ async def test_a_retry_after_the_commit_reports_the_first_attempts_rows(
     beats: list[Any] = []
     env.on_heartbeat = lambda *details: beats.extend(details)
     request = request_for(PATIENTS, "delete")
-    first = await env.run(sql.erase, request)
+    first = await env.run(connectors.activity("sql.erase"), request)
     assert (first.affected, [b["rows"] for b in beats]) == (1, [1])
     env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=list(beats))
-    retried = await env.run(sql.erase, request)
+    retried = await env.run(connectors.activity("sql.erase"), request)
     assert (retried.status, retried.affected) == ("done", 1)
     assert (retried.evidence["rows_from_attempt"], retried.evidence["rows_changed"]) == (1, 0)
     env.info = dataclasses.replace(env.info, attempt=3, heartbeat_details=[])
-    unknown = await env.run(sql.erase, request)
+    unknown = await env.run(connectors.activity("sql.erase"), request)
     assert (unknown.affected, unknown.evidence["rows_from_attempt"]) == (0, None)
 
 

@@ -15,6 +15,7 @@ from temporalio.client import Client as TemporalClient
 
 from lethe.activities import blob
 from lethe.activities.blob import BackupEraser
+from lethe.activities.clients import Clients
 from lethe.classification.datamap import BlobBackupLocator
 from lethe.contracts import StepRequest, Subject
 from lethe.kernel.config import Settings
@@ -94,8 +95,11 @@ async def test_the_backup_connector_finds_the_blob_a_service_tagged_with_tag_for
     container.upload("exports/grace.json", {TAG: tag_for(TENANT, "p-2", KEY)})
     container.upload("exports/stale.json", {TAG: tag_for(TENANT, PATIENT, OTHER_KEY)})
     request, locator = _request(_control_plane_ref(KEY))
-    eraser = BackupEraser("AccountName=a;AccountKey=k;BlobEndpoint=http://127.0.0.1:9/a")
-    found = await eraser._subject_blobs(cast(ContainerClient, container), request, locator)
+    async with Clients() as clients:
+        eraser = BackupEraser.open(
+            clients, "AccountName=a;AccountKey=k;BlobEndpoint=http://127.0.0.1:9/a"
+        )
+        found = await eraser._subject_blobs(cast(ContainerClient, container), request, locator)
     assert found == ["exports/ada.json"]
     assert container.queries == [f"\"{TAG}\" = '{tag_for(TENANT, PATIENT, KEY)}'"]
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, DateTime, MetaData, String, Table, insert, select
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from lethe.activities.sql import SqlEraser, engine_for
+from lethe.activities.sql import SqlEraser
 from lethe.classification.datamap import SqlTableLocator, load_datamap
 from lethe.classification.routing import NoSystemHoldsTenant, RegionContradiction
 from lethe.contracts import ErasureRequest, Plan, Subject
@@ -176,7 +177,7 @@ members = Table(
 
 async def test_a_shared_table_is_erased_only_for_the_subjects_tenant(tmp_path: Path) -> None:
     """Two tenants each have a member `m-1`: erasing one leaves the other's row untouched."""
-    engine = engine_for(f"sqlite+aiosqlite:///{tmp_path / 'members.db'}")
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'members.db'}")
     async with engine.begin() as conn:
         await conn.run_sync(members.metadata.create_all)
         await conn.execute(

@@ -36,7 +36,11 @@ KEYS_SYSTEM = """\
     connection: LETHE_KEYS_STORE_URL
     categories: [user.contact, user.health_and_medical]
 """
-EVIDENCE: dict[str, str | int] = {"versions_destroyed": 2, "canary": "c2hyZWRkZWQtY2FuYXJ5", "canary_kept": "yes"}
+EVIDENCE: dict[str, str | int] = {
+    "versions_destroyed": 2,
+    "canary": "c2hyZWRkZWQtY2FuYXJ5",
+    "canary_kept": "yes",
+}
 
 
 async def test_a_shred_step_leaves_its_evidence_in_the_ledger(

@@ -19,7 +19,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from lethe.activities import key_rotation
+from lethe.activities.key_rotation import KeyRotations
 from lethe.contracts import Subject
 from lethe.evidence import ledger
 from lethe.evidence.store import engine_for
@@ -94,7 +94,7 @@ async def test_rotating_100000_data_keys_across_runs(
         client,
         task_queue=QUEUE,
         workflows=[KeyRotationWorkflow],
-        activities=list(key_rotation.ACTIVITIES),
+        activities=KeyRotations().activities(),
     ):
         handle, joined = await start_rotation(client, QUEUE, request)
         assert (handle.id, joined) == ("key-rotation-lethe-rotation-test", False)

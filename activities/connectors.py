@@ -1,0 +1,114 @@
+"""A worker's connectors: every kind, registered once, over clients the worker owns.
+
+`Connectors` is the object a region's worker makes at start and closes when it stops (as in
+temporalio/samples-python `hello_activity_method`): its activities (`<kind>.erase`,
+`<kind>.verify`, `<kind>.preflight` for each kind) share its clients, and no client outlives
+it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from temporalio import activity
+
+from lethe.activities.blob import BackupEraser
+from lethe.activities.cache import CacheEraser
+from lethe.activities.clients import Clients
+from lethe.activities.common import step_connection
+from lethe.activities.connector import (
+    Connector,
+    ConnectorInfo,
+    checked,
+    erase_and_verify,
+    guarded,
+)
+from lethe.activities.kafka import TombstoneWriter
+from lethe.activities.logs import LogRedactor
+from lethe.activities.shred import KeyShredder
+from lethe.activities.sql import SqlEraser
+from lethe.contracts import StepCheck, StepOutcome, StepRequest, VerifyRequest
+
+KINDS: tuple[type[Connector[Any]], ...] = (
+    SqlEraser,
+    TombstoneWriter,
+    CacheEraser,
+    BackupEraser,
+    LogRedactor,
+    KeyShredder,
+)
+"""Every connector, one per kind of system the data map knows."""
+
+
+def describe() -> list[ConnectorInfo]:
+    """What each connector is and can do, from its code."""
+    return [kind.describe() for kind in KINDS]
+
+
+class Connectors:
+    """One worker's connectors: their clients, opened on first use and closed with `close`,
+    and the activities that use them."""
+
+    def __init__(self, clients: Clients | None = None) -> None:
+        """Over `clients` (a new set by default, which `close` closes)."""
+        self.clients = clients or Clients()
+        self._activities: dict[str, Callable[..., Awaitable[Any]]] = {}
+        for kind in KINDS:
+            self._activities.update(self._activities_of(kind))
+
+    def activities(self) -> Sequence[Callable[..., Awaitable[Any]]]:
+        """Every connector activity, for a region's worker."""
+        return list(self._activities.values())
+
+    def activity(self, name: str) -> Callable[..., Awaitable[Any]]:
+        """One activity by its name (`sql.erase`)."""
+        return self._activities[name]
+
+    def connector(self, kind: type[Connector[Any]], request: StepRequest) -> Connector[Any]:
+        """The connector for a step's system, over this worker's clients."""
+        kind.locator(request)  # refuse a step of another kind before reading its connection
+        return kind.open(self.clients, step_connection(request))
+
+    def _activities_of(
+        self, kind: type[Connector[Any]]
+    ) -> dict[str, Callable[..., Awaitable[Any]]]:
+        name = kind.kind
+
+        @activity.defn(name=f"{name}.erase")
+        async def erase(request: StepRequest) -> StepOutcome:
+            return await guarded(
+                request, lambda: erase_and_verify(self.connector(kind, request), request)
+            )
+
+        @activity.defn(name=f"{name}.verify")
+        async def verify(check: VerifyRequest) -> StepOutcome:
+            request = check.request
+            return await guarded(
+                request, lambda: self.connector(kind, request).verify(request, check.erased)
+            )
+
+        @activity.defn(name=f"{name}.preflight")
+        async def preflight(request: StepRequest) -> StepCheck:
+            return await checked(request, lambda: self.connector(kind, request))
+
+        erase.__doc__ = f"Erase one {name} step of a subject, then verify it (this region only)."
+        verify.__doc__ = f"Verify one {name} step of a subject again."
+        preflight.__doc__ = f"Check one {name} step before anything is destroyed; touch nothing."
+        return {f"{name}.erase": erase, f"{name}.verify": verify, f"{name}.preflight": preflight}
+
+    async def close(self) -> None:
+        """Close every client the connectors opened."""
+        await self.clients.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
