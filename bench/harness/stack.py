@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lethe.kernel.config import load_env_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 """The repository."""
 STACK_ENV = ROOT / ".stack" / "env"
 TEMPORAL_PID = ROOT / ".stack" / "temporal" / "pid"

@@ -7,9 +7,10 @@ from typing import Any
 from temporalio.common import SearchAttributeKey
 
 KIND = SearchAttributeKey.for_keyword("LetheKind")
-"""Which workflow: `erasure`, `retention` or `key-rotation`."""
+"""Which workflow: `erasure`, `erasure-dry-run`, `erasure-replay` or `key-rotation`."""
 STATUS = SearchAttributeKey.for_keyword("LetheStatus")
-"""Where a request stands, e.g. `planning`, `awaiting-approval`, `done`."""
+"""Where a request stands: an `ErasureState` (`planning`, `awaiting_approval`, `on_hold`,
+`completed`, ...)."""
 TENANT = SearchAttributeKey.for_keyword("LetheTenant")
 """The tenant (an organisation, not a person)."""
 SUBJECT_REF = SearchAttributeKey.for_keyword("LetheSubjectRef")
