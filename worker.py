@@ -23,6 +23,7 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from lethe.activities import ledger as control
+from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
 from lethe.activities.healthcheck import report_worker
 from lethe.activities.key_rotation import KeyRotations
@@ -107,8 +108,8 @@ async def serve(
     await check_stores(settings, control=control)
     client = await connect(settings, runtime=_runtime(settings))
     async with contextlib.AsyncExitStack() as running:
-        connectors = await running.enter_async_context(Connectors())
-        workers = [build_worker(client, region, settings, connectors)]
+        clients = await running.enter_async_context(Clients())
+        workers = [build_worker(client, region, settings, Connectors(clients))]
         if control:
             workers.append(build_control_worker(client, settings))
         for worker in workers:

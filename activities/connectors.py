@@ -1,16 +1,15 @@
 """A worker's connectors: every kind, registered once, over clients the worker owns.
 
-`Connectors` is the object a region's worker makes at start and closes when it stops (as in
-temporalio/samples-python `hello_activity_method`): its activities (`<kind>.erase`,
-`<kind>.verify`, `<kind>.preflight` for each kind) share its clients, and no client outlives
-it.
+`Connectors` is the object a region's worker makes at start over its `Clients`, which it closes
+when it stops (as in temporalio/samples-python `hello_activity_method`): its activities
+(`<kind>.erase`, `<kind>.verify`, `<kind>.preflight` for each kind) share those clients, and no
+client outlives the worker.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from temporalio import activity
 
@@ -48,12 +47,12 @@ def describe() -> list[ConnectorInfo]:
 
 
 class Connectors:
-    """One worker's connectors: their clients, opened on first use and closed with `close`,
-    and the activities that use them."""
+    """One worker's connectors: the activities of every kind, over the worker's clients (which
+    the worker opens and closes)."""
 
-    def __init__(self, clients: Clients | None = None) -> None:
-        """Over `clients` (a new set by default, which `close` closes)."""
-        self.clients = clients or Clients()
+    def __init__(self, clients: Clients) -> None:
+        """Over `clients`."""
+        self.clients = clients
         self._activities: dict[str, Callable[..., Awaitable[Any]]] = {}
         for kind in KINDS:
             self._activities.update(self._activities_of(kind))
@@ -97,18 +96,3 @@ class Connectors:
         verify.__doc__ = f"Verify one {name} step of a subject again."
         preflight.__doc__ = f"Check one {name} step before anything is destroyed; touch nothing."
         return {f"{name}.erase": erase, f"{name}.verify": verify, f"{name}.preflight": preflight}
-
-    async def close(self) -> None:
-        """Close every client the connectors opened."""
-        await self.clients.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from lethe import worker as lethe_worker
+from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
 from lethe.cli.common import err, out
 from lethe.cli.erasure import follow
@@ -74,8 +75,8 @@ async def run_demo() -> int:
         env = await start_dev_server(data_converter(await codec_from_settings(settings)))
     async with (
         env,
-        Connectors() as connectors,
-        lethe_worker.build_worker(env.client, REGION, settings, connectors),
+        Clients() as clients,
+        lethe_worker.build_worker(env.client, REGION, settings, Connectors(clients)),
         lethe_worker.build_control_worker(env.client, settings),
     ):
         client = Client(env.client, settings)

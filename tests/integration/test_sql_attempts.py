@@ -36,40 +36,26 @@ from tests.integration.test_sql import (
 __all__ = ["hospital"]  # fixtures, shared with test_sql.py
 
 
+SLOW_SECONDS = 6
+"""How long the slow statement sleeps: three heartbeat timeouts of the slow test."""
+
+
 @workflow.defn(sandboxed=False)  # defined beside the test, which imports non-workflow code
 class OneSqlStep:
-    """Runs one SQL step's erase activity, as the regional workflow does."""
+    """Runs one SQL step's erase activity, as the regional workflow does, with the heartbeat
+    timeout and the attempts given."""
 
     @workflow.run
-    async def run(self, request: StepRequest) -> StepOutcome:
+    async def run(self, request: StepRequest, heartbeat_seconds: int, attempts: int) -> StepOutcome:
         outcome: StepOutcome = await workflow.execute_activity(
             "sql.erase",
             request,
             result_type=StepOutcome,
             start_to_close_timeout=timedelta(seconds=60),
-            heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=1),
-        )
-        return outcome
-
-
-SLOW_SECONDS = 6
-"""How long the slow statement sleeps: three times the heartbeat timeout below."""
-
-
-@workflow.defn(sandboxed=False)
-class OneSlowSqlStep:
-    """Runs one SQL step's erase activity with a heartbeat timeout of two seconds, retried."""
-
-    @workflow.run
-    async def run(self, request: StepRequest) -> StepOutcome:
-        outcome: StepOutcome = await workflow.execute_activity(
-            "sql.erase",
-            request,
-            result_type=StepOutcome,
-            start_to_close_timeout=timedelta(seconds=60),
-            heartbeat_timeout=timedelta(seconds=2),
-            retry_policy=RetryPolicy(maximum_attempts=3, initial_interval=timedelta(seconds=1)),
+            heartbeat_timeout=timedelta(seconds=heartbeat_seconds),
+            retry_policy=RetryPolicy(
+                maximum_attempts=attempts, initial_interval=timedelta(seconds=1)
+            ),
         )
         return outcome
 
@@ -115,11 +101,11 @@ async def test_a_statement_slower_than_the_heartbeat_timeout_runs_once(
     async with Worker(
         stack_temporal,
         task_queue=queue,
-        workflows=[OneSlowSqlStep],
+        workflows=[OneSqlStep],
         activities=[connectors.activity("sql.erase")],
     ):
         outcome = await stack_temporal.execute_workflow(
-            OneSlowSqlStep.run, request, id=workflow_id, task_queue=queue
+            OneSqlStep.run, args=[request, 2, 3], id=workflow_id, task_queue=queue
         )
     history = await stack_temporal.get_workflow_handle(workflow_id).fetch_history()
     started = [
@@ -156,7 +142,7 @@ async def test_the_count_reaches_the_server_before_the_commit(
         activities=[connectors.activity("sql.erase")],
     ):
         outcome = await stack_temporal.execute_workflow(
-            OneSqlStep.run, request, id=f"sql-count-{uuid.uuid4()}", task_queue=queue
+            OneSqlStep.run, args=[request, 30, 1], id=f"sql-count-{uuid.uuid4()}", task_queue=queue
         )
     assert (outcome.status, outcome.affected) == ("done", 2)
     assert outcome.evidence["count_confirmed"] is True

@@ -40,14 +40,11 @@ async def _raw_client(client: TemporalClient) -> TemporalClient:
 
 
 async def test_round_trip_through_lethe_worker_stores_only_ciphertext(
-    stack_temporal: TemporalClient, settings: Settings
+    stack_temporal: TemporalClient, settings: Settings, connectors: Connectors
 ) -> None:
     region = "smoke"
     workflow_id = f"healthcheck-{uuid.uuid4()}"
-    async with (
-        Connectors() as connectors,
-        lethe_worker.build_worker(stack_temporal, region, settings, connectors),
-    ):
+    async with lethe_worker.build_worker(stack_temporal, region, settings, connectors):
         report = await stack_temporal.execute_workflow(
             HealthCheckWorkflow.run,
             HealthCheckRequest(token=MARKER),

@@ -73,8 +73,9 @@ def test_a_connector_takes_only_its_own_steps(kind: type[Connector[Any]]) -> Non
 
 
 async def test_a_worker_s_activities_are_every_kind_s_three_under_their_workflow_names() -> None:
-    async with Connectors() as connectors:
-        names = {getattr(a, "__temporal_activity_definition").name for a in connectors.activities()}
+    async with Clients() as clients:
+        activities = Connectors(clients).activities()
+    names = {getattr(a, "__temporal_activity_definition").name for a in activities}
     assert names == {
         f"{k}.{op}" for k in get_args(SystemKind) for op in ("erase", "verify", "preflight")
     }
@@ -90,7 +91,8 @@ async def test_an_activity_refuses_a_step_of_another_kind_before_reading_any_con
     request = request.model_copy(
         update={"step": request.step.model_copy(update={"connection": "LETHE_STACK_SQL_URL"})}
     )
-    async with Connectors() as connectors:
+    async with Clients() as clients:
+        connectors = Connectors(clients)
         with pytest.raises(ApplicationError) as caught:
             await env.run(connectors.activity("sql.erase"), request)
         check = await env.run(connectors.activity("sql.preflight"), request)
