@@ -10,9 +10,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, NamedTuple
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from lethe.classification.taxonomy import UnknownCategory, category
 from lethe.kernel.errors import LetheError
@@ -22,6 +30,8 @@ from lethe.kernel.yamlfile import load_model
 SQL_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 SQL_TABLE = r"^([A-Za-z_][A-Za-z0-9_]{0,62}\.)?[A-Za-z_][A-Za-z0-9_]{0,62}$"
 ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
+JSON_PATH = r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$"
+"""A field of a JSON value, dotted for nested objects: `member.id`."""
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _PLACEHOLDER_NAME = re.compile(r"^(subject_id|tenant|subject_ref|identity\.[a-z][a-z0-9_]*)$")
 
@@ -94,6 +104,190 @@ class SystemBase(MapModel):
     region is the system's. Only those tenants' erasures plan a step here."""
 
 
+DateTrigger = Literal["created", "last_activity", "closed"]
+"""The events a retention period can run from: a record's creation, the subject's last activity,
+or the closing of what the record belongs to (an account, an encounter)."""
+TRIGGERS: tuple[DateTrigger, ...] = ("created", "last_activity", "closed")
+
+
+def _date_column(name: str) -> str:
+    if "." in name:
+        raise ValueError(
+            f"{name[:70]!r} names another table: a date or scope column is a column of the "
+            "table itself (a column of a `via` table cannot date its rows)"
+        )
+    if not re.fullmatch(SQL_NAME, name):
+        raise ValueError(
+            f"{name[:70]!r} is not a SQL column name: letters, digits and _, starting with a "
+            "letter or _, at most 63 characters"
+        )
+    return name
+
+
+def _json_field(path: str) -> str:
+    if not re.fullmatch(JSON_PATH, path):
+        raise ValueError(
+            f"{path[:70]!r} is not a field of a JSON record: names of letters, digits, _ and -, "
+            "dotted for nested objects (e.g. meta.ts)"
+        )
+    return path
+
+
+def _scope_key(key: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", key):
+        raise ValueError(
+            f"{key[:70]!r} is not a scope key: lower-case letters, digits and _, starting with a "
+            "letter, as a retention rule's where: names it (e.g. tenant)"
+        )
+    return key
+
+
+ScopeKey = Annotated[str, AfterValidator(_scope_key)]
+"""What a retention rule may be narrowed to (`tenant`, `ward`, ...), as its `where:` names it."""
+SqlDateColumn = Annotated[str, AfterValidator(_date_column)]
+LogField = Annotated[str, AfterValidator(_json_field)]
+
+
+class RetentionDates(MapModel):
+    """Which field of a locator's records dates them for each retention trigger.
+
+    A retention rule counts its period from `created`, `last_activity` or `closed`; a locator
+    names the field holding that date for the triggers its records have (at least one). A record
+    whose date is null is reported and kept, unless `nulls: delete`. `scopes` names the field
+    holding each key a rule may be narrowed to (`{tenant: tenant_id}` for a rule saying
+    `where: {tenant: [st-mary]}`). Each kind of locator has its own subclass, which says what a
+    field is there.
+    """
+
+    created: str | None = None
+    last_activity: str | None = None
+    closed: str | None = None
+    nulls: Literal["report", "delete"] = "report"
+    """What a sweep does with a record whose date is null: report it and keep it, or delete it."""
+    scopes: dict[ScopeKey, str] = {}
+    """Scope key -> the field holding it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise ValueError(
+                        f"{str(key)[:40]!r} is not a trigger: give the date field for created, "
+                        "last_activity or closed (and optionally nulls, scopes)"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _a_trigger(self) -> RetentionDates:
+        if not self.triggers:
+            raise ValueError(
+                "give the field that dates the records for at least one trigger: created, "
+                "last_activity or closed"
+            )
+        return self
+
+    @property
+    def triggers(self) -> dict[DateTrigger, str]:
+        """Each trigger the locator's records have -> the field dating them for it."""
+        given: dict[DateTrigger, str | None] = {
+            "created": self.created,
+            "last_activity": self.last_activity,
+            "closed": self.closed,
+        }
+        return {trigger: name for trigger, name in given.items() if name is not None}
+
+
+class SqlRetentionDates(RetentionDates):
+    """A table's dates: columns of the table itself (DATE, TIMESTAMP, DATETIME; `lethe datamap
+    check --live` checks that they are), and scope columns beside them (`{tenant: tenant_id}`)."""
+
+    created: SqlDateColumn | None = None
+    last_activity: SqlDateColumn | None = None
+    closed: SqlDateColumn | None = None
+    scopes: dict[ScopeKey, SqlDateColumn] = {}
+
+
+class LogRetentionDates(RetentionDates):
+    """A log record's dates: fields of the JSON record (`ts`, `meta.closed_at`), ISO 8601."""
+
+    created: LogField | None = None
+    last_activity: LogField | None = None
+    closed: LogField | None = None
+    scopes: dict[ScopeKey, LogField] = {}
+
+
+class _OwnDates(RetentionDates):
+    """Dates a system keeps for every record itself: only `created`, one of `_dates`; never null,
+    never scoped inside the locator."""
+
+    _record: ClassVar[str] = "a record"
+    _how: ClassVar[str] = ""
+    _dates: ClassVar[tuple[str, ...]] = ()
+    _no_scope: ClassVar[str] = ""
+
+    @field_validator("created")
+    @classmethod
+    def _own_date(cls, value: str | None) -> str | None:
+        if value is not None and value not in cls._dates:
+            raise ValueError(
+                f"{value[:70]!r} cannot date {cls._record}: it is dated {cls._how}, so give "
+                f"created: {' or '.join(cls._dates)}"
+            )
+        return value
+
+    @field_validator("last_activity", "closed")
+    @classmethod
+    def _created_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            raise ValueError(
+                f"{cls._record} has no {info.field_name} date: it is dated only by created "
+                f"({' or '.join(cls._dates)})"
+            )
+        return value
+
+    @field_validator("nulls")
+    @classmethod
+    def _never_null(cls, value: str) -> str:
+        if value != "report":
+            raise ValueError(f"{cls._record} always has its date, so nulls does not apply")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _unscoped(cls, value: dict[str, str]) -> dict[str, str]:
+        if value:
+            raise ValueError(cls._no_scope)
+        return value
+
+
+class BlobRetentionDates(_OwnDates):
+    """A backup blob is dated only by `created`: its `creation_time` or its `last_modified`
+    property (the storage service's, never the blob's content). A container is one scope."""
+
+    _record = "a backup blob"
+    _how = "by the storage service's own property"
+    _dates = ("creation_time", "last_modified")
+    _no_scope = (
+        "a backup blob has no fields to scope a rule by: give each scope a container (a locator) "
+        "of its own"
+    )
+
+
+class KafkaRetentionDates(_OwnDates):
+    """A topic's records are dated by their own timestamp (`created: timestamp`): Kafka removes
+    them by age for the whole topic (`retention.ms`), so no other trigger and no scope apply."""
+
+    _record = "a Kafka record"
+    _how = "by its own timestamp, from which Kafka's retention runs"
+    _dates = ("timestamp",)
+    _no_scope = (
+        "Kafka removes a topic's records by age for the whole topic (retention.ms), so a rule "
+        "cannot be scoped inside it"
+    )
+
+
 class SqlJoin(MapModel):
     """One hop of a join path: `column` of this table references `references` of `table`."""
 
@@ -123,6 +317,8 @@ class SqlTableLocator(MapModel):
     random value of the column's type, a different one for each row, that no row it could
     reference holds). Unset: NULL where the column is nullable, else a surrogate where no
     foreign key constrains it; where neither is possible the step fails its preflight."""
+    retention: SqlRetentionDates | None = None
+    """The columns of this table (never of a `via` table) dating its rows for retention."""
 
     @field_validator("strategy")
     @classmethod
@@ -148,8 +344,6 @@ class SqlSystem(SystemBase):
     tables: list[SqlTableLocator] = Field(min_length=1)
 
 
-JSON_PATH = r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$"
-"""A field of a JSON value, dotted for nested objects: `member.id`."""
 TopicRemoval = Literal["retention", "crypto_shred"]
 
 
@@ -177,6 +371,8 @@ class KafkaTopicLocator(MapModel):
     removal: TopicRemoval | None = None
     shredded_by: str | None = None
     categories: list[CategoryKey] = Field(min_length=1)
+    retention: KafkaRetentionDates | None = None
+    """`created: timestamp`: the records are dated by their own timestamp."""
 
     _template = field_validator("key_template")(
         lambda value: None if value is None else _checked_template(value)
@@ -217,7 +413,11 @@ class RedisHashField(MapModel):
 
 
 class RedisLocator(MapModel):
-    """Keys (glob patterns after rendering) and hash fields holding the subject's data."""
+    """Keys (glob patterns after rendering) and hash fields holding the subject's data.
+
+    No retention dates: a cache's keys expire by their TTL, which a sweep reconciles with the
+    policy rather than dating each key.
+    """
 
     patterns: list[str] = []
     hash_fields: list[RedisHashField] = []
@@ -257,6 +457,8 @@ class BlobBackupLocator(MapModel):
     """The system whose whole backups lie under `whole_backup_prefix`: an erasure handles them
     only when that system is in its plan."""
     categories: list[CategoryKey] = Field(min_length=1)
+    retention: BlobRetentionDates | None = None
+    """`created: creation_time` (or `last_modified`): the blob's own property dates it."""
 
     _prefix = field_validator("subject_prefix")(
         lambda v: _checked_template(v) if v is not None else v
@@ -287,6 +489,8 @@ class LogLocator(MapModel):
     """The log field holding the tenant: a record is the subject's only if it names their
     tenant. Required where the system holds several tenants."""
     categories: list[CategoryKey] = Field(min_length=1)
+    retention: LogRetentionDates | None = None
+    """The fields of a JSON record dating it for retention (e.g. `created: ts`)."""
 
     @field_validator("fields")
     @classmethod
@@ -420,6 +624,20 @@ class DataMap(MapModel):
                 "system of the data map"
             )
 
+    def locators(self) -> list[PlacedLocator]:
+        """Every locator of the map, in map order, with the path to it inside the map."""
+        placed: list[PlacedLocator] = []
+        for index, system in enumerate(self.systems):
+            if isinstance(system, KeysSystem):
+                placed.append(PlacedLocator(("systems", index), system, system.locator))
+                continue
+            field, locators = _LOCATORS[system.kind], getattr(system, _LOCATORS[system.kind])
+            placed.extend(
+                PlacedLocator(("systems", index, field, n), system, locator)
+                for n, locator in enumerate(locators)
+            )
+        return placed
+
     def system(self, name: str) -> System:
         """The system called `name`."""
         for system in self.systems:
@@ -436,6 +654,38 @@ class DataMap(MapModel):
     def systems_of(self, tenant: str) -> list[System]:
         """The systems that may hold data of `tenant`'s subjects, in map order."""
         return [system for system in self.systems if tenant in self.holders(system)]
+
+
+_LOCATORS: dict[SystemKind, str] = {
+    "sql": "tables",
+    "kafka": "topics",
+    "redis": "keys",
+    "blob": "backups",
+    "logs": "logs",
+}
+"""The field holding each kind's locators (a keys system is its own one locator)."""
+Locator = (
+    SqlTableLocator
+    | KafkaTopicLocator
+    | RedisLocator
+    | BlobBackupLocator
+    | LogLocator
+    | KeysLocator
+)
+
+
+class PlacedLocator(NamedTuple):
+    """A locator, its system, and the path to it inside the map (`systems[0].tables[2]`)."""
+
+    path: tuple[str | int, ...]
+    system: SqlSystem | KafkaSystem | RedisSystem | BlobSystem | LogsSystem | KeysSystem
+    locator: Locator
+
+    @property
+    def retention(self) -> RetentionDates | None:
+        """The fields dating the locator's records, where it gives them."""
+        found: RetentionDates | None = getattr(self.locator, "retention", None)
+        return found
 
 
 _TENANT_SCOPED = ("{tenant}", "{subject_ref}")
