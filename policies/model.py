@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -121,27 +121,159 @@ class ErasurePolicy(PackModel):
         return rules
 
 
-Trigger = Literal["created", "last_activity", "account_closed", "encounter_end"]
+Trigger = Literal["created", "last_activity", "closed"]
+"""What a retention period counts from: the record's creation, the subject's last activity, or
+the closing of what the record belongs to (an account, an encounter, a matter). The data map
+names the date column of each trigger. `created` comes first; the other two come after it."""
+RetentionKind = Literal["obligation", "limit"]
+RetentionAction = Literal["delete", "anonymize", "soft_delete"]
+ScopeKey = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+ScopeValue = Annotated[str, Field(min_length=1, max_length=200)]
+
+# Old spellings a pack may still carry, and what to write instead.
+_OLD_TRIGGERS = {"account_closed": "closed", "encounter_end": "closed"}
 
 
 class RetentionRule(PackModel):
-    """How long a category must (obligation) or may be kept in some regions, and what then."""
+    """How long a category is kept in some regions (and scopes), and why.
+
+    An `obligation` is a law that says keep at least `period`: nothing (no erasure, no sweep)
+    removes the data before it ends. A `limit` says keep at most `period`: the sweep then applies
+    `action`. Both count from `trigger`. A year is 365 days (`6y` = 2190 days): a law counted in
+    calendar years may need the leap days added (`6y2d`).
+    """
 
     id: RuleId = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,80}$")
     category: CategoryKey
+    kind: RetentionKind
+    """`obligation` (keep at least `period`) or `limit` (keep at most `period`)."""
+    period: timedelta
+    """How long: `6y`, `395d`, `12w` (a year is 365 days); `period_days: N` is read as `Nd`."""
+    trigger: Trigger = "created"
+    action: RetentionAction | None = None
+    """A limit's action once its period has passed (default `delete`); an obligation removes
+    nothing, so it has none."""
     regions: list[str] = []
     """The regions (jurisdictions) where the rule applies; empty means everywhere."""
-    period_days: int = Field(ge=1)
-    trigger: Trigger = "created"
-    action: Literal["delete", "anonymize"] = "delete"
-    obligation: bool = False
-    """True when the law requires keeping the data for the period: erasure must then retain it."""
+    where: dict[ScopeKey, list[ScopeValue]] = {}
+    """Only data whose scope key has one of these values, e.g. `{tenant: [st-mary]}`; the data
+    map says which column holds each key. Empty: all data of the category."""
     citation: str = Field(min_length=3)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_spelling(cls, data: object) -> object:
+        """Old spellings are refused or mapped, each with the rule's id and what to write."""
+        if not isinstance(data, dict):
+            return data
+        rule = data.get("id", "?")
+        if "obligation" in data:
+            old = data["obligation"]
+            written = str(old).lower() if isinstance(old, bool) else repr(old)
+            kind = "obligation" if old is True else "limit" if old is False else None
+            say = f"write `kind: {kind}`" if kind else "write `kind: obligation` or `kind: limit`"
+            raise ValueError(
+                f"retention rule {rule!r}: `obligation: {written}` is no longer read: {say} "
+                "(obligation: keep at least the period; limit: keep at most the period)"
+            )
+        if "kind" not in data:
+            raise ValueError(
+                f"retention rule {rule!r} says neither `kind: obligation` (keep at least the "
+                "period) nor `kind: limit` (keep at most the period): say which"
+            )
+        trigger = data.get("trigger")
+        if isinstance(trigger, str) and trigger in _OLD_TRIGGERS:
+            raise ValueError(
+                f"retention rule {rule!r}: trigger `{trigger}` is now "
+                f"`{_OLD_TRIGGERS[trigger]}` (the data map names its date column)"
+            )
+        for field, allowed in (
+            ("kind", RetentionKind),
+            ("trigger", Trigger),
+            ("action", RetentionAction),
+        ):
+            value = data.get(field)
+            if value is not None and value not in get_args(allowed):
+                raise ValueError(
+                    f"retention rule {rule!r}: {field} {value!r} is not one of "
+                    f"{', '.join(get_args(allowed))}"
+                )
+        if "period_days" in data:
+            if "period" in data:
+                raise ValueError(
+                    f"retention rule {rule!r}: give the period once, `period` (e.g. 6y or "
+                    "395d) or `period_days`, not both"
+                )
+            days = data["period_days"]
+            if not isinstance(days, int) or isinstance(days, bool):
+                raise ValueError(
+                    f"retention rule {rule!r}: period_days must be a whole number of days, "
+                    f"not {days!r}"
+                )
+            data = {k: v for k, v in data.items() if k != "period_days"}
+            data["period"] = timedelta(days=days)
+        period = data.get("period")
+        if isinstance(period, str) and period.strip().startswith("-"):
+            raise ValueError(
+                f"retention rule {rule!r}: period {period.strip()} is below zero: give a length "
+                "above zero (e.g. 6y or 395d)"
+            )
+        if isinstance(period, str):
+            try:
+                parsed = parse_duration(period, years=True)
+            except ValueError as exc:
+                raise ValueError(f"retention rule {rule!r}: period: {exc}") from None
+            data = {**data, "period": parsed}
+        elif isinstance(period, int | float) and not isinstance(period, bool):
+            raise ValueError(
+                f"retention rule {rule!r}: period {period!r} has no unit: say `{period}d` "
+                f"or `{period}y`"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _sound(self) -> RetentionRule:
+        if self.period <= timedelta(0):
+            raise ValueError(
+                f"retention rule {self.id!r}: period {format_duration(self.period, years=True)} "
+                "is not a length of time: give one above zero (e.g. 6y or 395d)"
+            )
+        if self.kind == "obligation" and self.action is not None:
+            raise ValueError(
+                f"retention rule {self.id!r} is an obligation (keep at least): it removes "
+                f"nothing, so it takes no `action`; add a `kind: limit` rule to {self.action} "
+                "the data after a time"
+            )
+        if len(set(self.regions)) != len(self.regions) or not all(self.regions):
+            raise ValueError(f"retention rule {self.id!r}: regions must be distinct names")
+        for key, values in self.where.items():
+            if not values:
+                raise ValueError(
+                    f"retention rule {self.id!r}: where.{key} lists no value: name at least "
+                    f"one, or drop `{key}`"
+                )
+            if len(set(values)) != len(values):
+                raise ValueError(f"retention rule {self.id!r}: where.{key} repeats a value")
+        return self
+
     @property
-    def period(self) -> timedelta:
-        """The retention period."""
-        return timedelta(days=self.period_days)
+    def removal(self) -> RetentionAction | None:
+        """What a limit does once its period has passed (`delete` unless it says); None for an
+        obligation."""
+        if self.kind == "obligation":
+            return None
+        return self.action or "delete"
+
+    @property
+    def period_text(self) -> str:
+        """The period as a pack writes it (`6y`, `395d`)."""
+        return format_duration(self.period, years=True)
+
+    @property
+    def summary(self) -> str:
+        """`<id> (keep at least|at most <period> from <trigger>)`, as decisions name a rule."""
+        kept = "keep at least" if self.kind == "obligation" else "keep at most"
+        return f"{self.id} ({kept} {self.period_text} from {self.trigger})"
 
 
 class PolicyPack(PackModel):
@@ -152,6 +284,18 @@ class PolicyPack(PackModel):
     description: str = ""
     erasure: ErasurePolicy
     retention: list[RetentionRule] = []
+
+    @field_validator("retention")
+    @classmethod
+    def _one_rule_per_id(cls, rules: list[RetentionRule]) -> list[RetentionRule]:
+        ids = [rule.id for rule in rules]
+        repeated = sorted({rule for rule in ids if ids.count(rule) > 1})
+        if repeated:
+            raise ValueError(
+                f"retention rule id(s) {', '.join(repeated)} used twice: decisions name rules by "
+                "id, so give each its own"
+            )
+        return rules
 
     @property
     def label(self) -> str:

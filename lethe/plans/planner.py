@@ -69,7 +69,7 @@ class Planner:
             step
             for system in holding
             if not request.systems or system.name in request.systems
-            for step in self._steps(system, held)
+            for step in self._steps(system, held, subject.tenant)
         ]
         steps = _shredded_topics(steps, held, subject.tenant)
         if not steps and request.systems:
@@ -142,9 +142,14 @@ class Planner:
             )
         return ""
 
-    def _steps(self, system: System, held: set[str]) -> list[Step]:
-        """The steps of one system; whole backups only of systems that hold the subject."""
+    def _steps(self, system: System, held: set[str], tenant: str) -> list[Step]:
+        """The steps of one system; whole backups only of systems that hold the subject.
+
+        Retention rules scoped by tenant (`where: {tenant: [...]}`) apply to the subject's
+        tenant; an obligation scoped by anything else is assumed to apply (kept: the safe side).
+        """
         region = system.region
+        scope = {"tenant": tenant}
 
         def step(index: int, **fields: object) -> Step:
             return Step(
@@ -160,7 +165,9 @@ class Planner:
         if isinstance(system, SqlSystem):
             steps = []
             for index, table in enumerate(system.tables):
-                by_column = {c: decide(self.pack, k, region) for c, k in table.columns.items()}
+                by_column = {
+                    c: decide(self.pack, k, region, scope) for c, k in table.columns.items()
+                }
                 action, kept, used = sql_action(system.name, table, by_column)
                 steps.append(
                     step(index, locator=table, action=action, keep_columns=kept, decisions=used)
@@ -172,7 +179,7 @@ class Planner:
                 locator.backup_of is not None and locator.backup_of not in held
             ):
                 continue
-            decisions = [decide(self.pack, key, region) for key in locator.categories]
+            decisions = [decide(self.pack, key, region, scope) for key in locator.categories]
             removal = locator.removal if isinstance(locator, KafkaTopicLocator) else None
             action, used = locator_action(
                 system.kind, None, decisions, where=f"{system.name}/{index}", removal=removal
