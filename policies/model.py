@@ -6,9 +6,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from lethe.classification.datamap import CategoryKey, Strategy
+from lethe.classification.datamap import CategoryKey, DateTrigger, ScopeKey, Strategy
 from lethe.kernel.deadlines import format_duration, parse_duration
 from lethe.kernel.yamlfile import load_model
 
@@ -121,14 +129,16 @@ class ErasurePolicy(PackModel):
         return rules
 
 
-Trigger = Literal["created", "last_activity", "closed"]
+Trigger = DateTrigger
 """What a retention period counts from: the record's creation, the subject's last activity, or
 the closing of what the record belongs to (an account, an encounter, a matter). The data map
-names the date column of each trigger. `created` comes first; the other two come after it."""
+names the field dating each trigger (the same three). `created` comes first; the other two
+come after it."""
 RetentionKind = Literal["obligation", "limit"]
 RetentionAction = Literal["delete", "anonymize", "soft_delete"]
-ScopeKey = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
 ScopeValue = Annotated[str, Field(min_length=1, max_length=200)]
+
+_SCOPE_KEY: TypeAdapter[str] = TypeAdapter(ScopeKey)
 
 # Old spellings a pack may still carry, and what to write instead.
 _OLD_TRIGGERS = {"account_closed": "closed", "encounter_end": "closed"}
@@ -198,6 +208,14 @@ class RetentionRule(PackModel):
                     f"retention rule {rule!r}: {field} {value!r} is not one of "
                     f"{', '.join(get_args(allowed))}"
                 )
+        where = data.get("where")
+        if isinstance(where, dict):
+            for key in where:
+                try:
+                    _SCOPE_KEY.validate_python(key)
+                except ValidationError as exc:
+                    message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"retention rule {rule!r}: where: {message}") from None
         if "period_days" in data:
             if "period" in data:
                 raise ValueError(

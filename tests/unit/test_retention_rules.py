@@ -420,6 +420,7 @@ def test_a_limit_deletes_unless_it_says_and_an_obligation_removes_nothing() -> N
         ({"kind": "obligation", "action": "delete"}, "is an obligation (keep at least)"),
         ({"where": {"tenant": []}}, r"where.tenant lists no value"),
         ({"regions": ["eu", "eu"]}, "regions must be distinct"),
+        ({"where": {"Ward": ["a"]}}, "where: 'Ward' is not a scope key"),
     ],
 )
 def test_bad_rules_are_refused_naming_the_rule(
