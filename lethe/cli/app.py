@@ -21,6 +21,7 @@ from lethe.cli import retry as retry_commands
 from lethe.cli.audit import audit_app
 from lethe.cli.codec import codec_app
 from lethe.cli.common import err, out, run
+from lethe.cli.datamap import datamap_app
 from lethe.cli.db import db_app
 from lethe.cli.forget import forget_app
 from lethe.cli.holds import hold_app
@@ -38,6 +39,7 @@ app.add_typer(hold_app, name="hold")
 app.add_typer(audit_app, name="audit")
 app.add_typer(forget_app, name="forget-list")
 app.add_typer(db_app, name="db")
+app.add_typer(datamap_app, name="datamap")
 erasure_commands.register(app)
 retry_commands.register(app)
 codec_server_commands.register(app)
