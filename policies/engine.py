@@ -88,9 +88,10 @@ class RetentionDecision(BaseModel):
     keep_at_most: RetentionRule | None = None
     overridden: list[str] = []
     """One sentence per obligation that holds the limit back, naming both rules."""
-    assumed: list[str] = []
-    """Rules scoped by a key the caller did not give: an obligation is assumed to apply (the
-    safe side: keep), a limit is not (nothing is removed on a guess)."""
+    assumed: dict[str, str] = {}
+    """Rules scoped by a key the caller did not give, by id, with what was assumed: an
+    obligation applies (the safe side: keep), a limit does not (nothing is removed on a
+    guess)."""
 
     @property
     def rules(self) -> list[str]:
@@ -119,7 +120,7 @@ class RetentionDecision(BaseModel):
         return max([dates[self.keep_at_most.trigger] + self.keep_at_most.period, *ends])
 
 
-def _in_scope(rule: RetentionRule, scope: Mapping[str, str], assumed: list[str]) -> bool:
+def _in_scope(rule: RetentionRule, scope: Mapping[str, str], assumed: dict[str, str]) -> bool:
     """True if the rule's `where` admits the scope; a key the scope lacks is decided on the safe
     side (an obligation applies, a limit does not) and recorded in `assumed`."""
     unknown = sorted(key for key in rule.where if key not in scope)
@@ -129,9 +130,9 @@ def _in_scope(rule: RetentionRule, scope: Mapping[str, str], assumed: list[str])
         return True
     keys = ", ".join(unknown)
     if rule.kind == "obligation":
-        assumed.append(f"{rule.summary} applies only to some {keys}; none given: kept")
+        assumed[rule.id] = f"{rule.summary} applies only to some {keys}; none given: kept"
         return True
-    assumed.append(f"{rule.summary} applies only to some {keys}; none given: not applied")
+    assumed[rule.id] = f"{rule.summary} applies only to some {keys}; none given: not applied"
     return False
 
 
@@ -186,7 +187,7 @@ def retention_for(
     specific).
     """
     given = dict(scope or {})
-    assumed: list[str] = []
+    assumed: dict[str, str] = {}
     applying = [
         rule
         for rule in pack.retention
@@ -227,10 +228,14 @@ def decide(
     """What erasure does to one category of data held in `region`: `retain` while a retention
     obligation keeps it (exactly the obligations `retention_for` reports), else the most
     specific erasure rule, else the pack's default."""
-    obligations = retention_for(pack, category, region, scope).obligations
+    retention = retention_for(pack, category, region, scope)
+    obligations = retention.obligations
     if obligations:
         longest, others = obligations[0], obligations[1:]
         also = "".join(f"; also {rule.summary}" for rule in others)
+        also += "".join(
+            f" ({retention.assumed[r.id]})" for r in obligations if r.id in retention.assumed
+        )
         return Decision(
             rule=longest.id,
             category=category,

@@ -334,9 +334,11 @@ def test_an_obligation_scoped_by_a_key_not_given_is_kept_a_limit_is_not_applied(
     decision = retention_for(pack, "user.financial", "us", {"tenant": "st-mary"})
     assert [rule.id for rule in decision.obligations] == ["sox.audit-trail"]
     assert decision.keep_at_most is None
-    assert len(decision.assumed) == 2
-    assert "sox.audit-trail" in decision.assumed[0] and "kept" in decision.assumed[0]
-    assert "not applied" in decision.assumed[1]
+    assert set(decision.assumed) == {"sox.audit-trail", "gdpr.financial.storage-limit"}
+    assert decision.assumed["sox.audit-trail"].endswith("some state; none given: kept")
+    assert decision.assumed["gdpr.financial.storage-limit"].endswith("none given: not applied")
+    retained = decide(pack, "user.financial", "us", {"tenant": "st-mary"})
+    assert retained.exception is not None and "none given: kept" in retained.exception
 
 
 def test_erasure_retains_under_a_tenant_scoped_obligation_for_that_tenant_only() -> None:
