@@ -151,12 +151,15 @@ def _report(result: MapCheck, as_json: bool) -> None:
         typer.echo(str(problem))
     if result.ok:
         typer.echo(
-            f"ok: {result.file}: {result.systems} systems, {result.locators} locators, "
-            f"{result.dated} with retention dates"
+            f"ok: {result.file}: {_count(result.systems, 'system')}, "
+            f"{_count(result.locators, 'locator')}, {result.dated} with retention dates"
         )
     else:
-        count = len(result.problems)
-        typer.echo(f"{count} problem{'s' if count > 1 else ''} in {result.file}", err=True)
+        typer.echo(f"{_count(len(result.problems), 'problem')} in {result.file}", err=True)
+
+
+def _count(number: int | None, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 _PROBLEM = re.compile(r"(?P<line>\d+): (?P<rest>.*)")
@@ -237,8 +240,7 @@ async def _check_system(
             system.name, table, retention, tables[table.table]
         ):
             found.append((("systems", index, "tables", n, *where), what, table.table, column))
-    count = len(dated)
-    return status("checked", f"{count} table{'s' if count > 1 else ''} with retention dates"), found
+    return status("checked", f"{_count(len(dated), 'table')} with retention dates"), found
 
 
 async def _reflect(clients: Clients, system: SqlSystem, url: str, names: list[str]) -> Tables:
