@@ -210,7 +210,7 @@ class SqlRetentionDates(RetentionDates):
 
 
 class LogRetentionDates(RetentionDates):
-    """A log record's dates: fields of the JSON record (`ts`, `meta.closed_at`), ISO 8601."""
+    """A log record's dates: fields of the JSON record, dotted for nested ones (`meta.ts`)."""
 
     created: LogField | None = None
     last_activity: LogField | None = None
