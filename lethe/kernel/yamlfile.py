@@ -32,11 +32,16 @@ def _locate(node: yaml.Node, loc: tuple[int | str, ...]) -> tuple[tuple[int | st
     """
     path: list[int | str] = []
     line = node.start_mark.line + 1
-    for part in loc:
+    for index, part in enumerate(loc):
         child: yaml.Node | None = None
         if isinstance(node, yaml.MappingNode):
+            spelled_as_value = any(
+                isinstance(v, yaml.ScalarNode) and v.value == part for _, v in node.value
+            )
+            # `kind: logs` with a `logs:` list: the member comes first, then the same key.
+            repeated = index + 1 < len(loc) and loc[index + 1] == part
             child = next((v for k, v in node.value if k.value == part), None)
-            if child is None and any(v.value == part for _, v in node.value):
+            if spelled_as_value and (child is None or repeated):
                 continue
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
             child = node.value[part] if part < len(node.value) else None

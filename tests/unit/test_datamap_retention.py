@@ -74,8 +74,7 @@ PATH = {
     "sql": r"systems\[0\]\.tables\[0\]\.retention",
     "kafka": r"systems\[1\]\.topics\[0\]\.retention",
     "blob": r"systems\[2\]\.backups\[0\]\.retention",
-    # yamlfile keeps the union's tag `logs` where it is also the field's name (reported)
-    "logs": r"systems\[3\]\.(logs\.)?logs\[0\]\.retention",
+    "logs": r"systems\[3\]\.logs\[0\]\.retention",
 }
 
 
