@@ -9,15 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lethe.classification.datamap import (
-    BlobBackupLocator,
-    KafkaTopicLocator,
-    KeysLocator,
-    LogLocator,
-    RedisLocator,
-    SqlTableLocator,
-    SystemKind,
-)
+from lethe.classification.datamap import Locator, SystemKind
 
 
 class Contract(BaseModel):
@@ -63,15 +55,6 @@ StepStatus = Literal[
 ]
 """`done` only when erased and verified; `pending_compaction` and `at_risk` are Kafka's honest
 answers when the topic's settings delay or cannot guarantee removal."""
-
-Locator = (
-    SqlTableLocator
-    | KafkaTopicLocator
-    | RedisLocator
-    | BlobBackupLocator
-    | LogLocator
-    | KeysLocator
-)
 
 
 def _unprintable(value: str) -> str:

@@ -16,12 +16,13 @@ from lethe.classification.datamap import (
     BlobBackupLocator,
     KafkaTopicLocator,
     KeysLocator,
+    Locator,
     LogLocator,
     RedisLocator,
     SqlTableLocator,
     SystemKind,
 )
-from lethe.contracts import Action, Decision, Locator, Phase, Step, StepRequest, Subject
+from lethe.contracts import Action, Decision, Phase, Step, StepRequest, Subject
 
 TENANT = "st-mary"
 SUBJECT_ID = "p-1"

@@ -19,6 +19,7 @@ from lethe.classification.datamap import (
     BlobBackupLocator,
     KafkaTopicLocator,
     KeysLocator,
+    Locator,
     LogLocator,
     RedisHashField,
     RedisLocator,
@@ -26,7 +27,7 @@ from lethe.classification.datamap import (
     SystemKind,
 )
 from lethe.cli.connectors import markdown
-from lethe.contracts import Action, Locator, StepRequest
+from lethe.contracts import Action, StepRequest
 from tests.steps import step, step_request
 
 ROOT = Path(__file__).resolve().parents[2]
