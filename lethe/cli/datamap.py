@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,13 +27,12 @@ from lethe.classification.datamap import (
 )
 from lethe.cli.common import JsonOption
 from lethe.kernel.errors import ConfigurationError, LetheError
-from lethe.kernel.yamlfile import InvalidFile
+from lethe.kernel.yamlfile import TOP_LEVEL, InvalidFile, UnreadableFile, dotted, locate
 
 datamap_app = typer.Typer(help="The data map: check it before a sweep runs.", no_args_is_help=True)
 
 DATE_TYPES = (types.Date, types.DateTime)
 """Column types that hold a date: DATE, TIMESTAMP, DATETIME (SQLite: the declared type)."""
-TOP = "(top level)"
 MapPath = tuple[str | int, ...]
 """A path inside the map as the file spells it: `("systems", 0, "tables", 2)`."""
 
@@ -45,7 +43,7 @@ class Problem(BaseModel):
 
     file: str
     line: int | None = None
-    path: str = TOP
+    path: str = TOP_LEVEL
     problem: str
     system: str | None = None
     table: str | None = None
@@ -110,32 +108,25 @@ def check(
     if datamap is None:
         typer.echo("error: name the data map: --datamap FILE, or set LETHE_DATAMAP", err=True)
         raise typer.Exit(2)
-    try:
-        text = datamap.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        problem = f"cannot be read ({why})"
-        if as_json:
-            unreadable = MapCheck(
-                file=str(datamap), ok=False, problems=[Problem(file=str(datamap), problem=problem)]
-            )
-            typer.echo(unreadable.model_dump_json(indent=2))
-        else:
-            typer.echo(f"error: {datamap}: {problem}", err=True)
-        raise typer.Exit(2) from None
     result = MapCheck(file=str(datamap), ok=False)
     try:
         loaded = load_datamap(datamap)
+    except UnreadableFile as exc:
+        if as_json:
+            result.problems = _problems(exc)
+            typer.echo(result.model_dump_json(indent=2))
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except InvalidFile as exc:
-        result.problems = map_problems(datamap, exc)
+        result.problems = _problems(exc)
     else:
         placed = loaded.locators()
         result.systems, result.locators = len(loaded.systems), len(placed)
         result.dated = sum(p.retention is not None for p in placed)
         if live:
-            result.live, result.problems = asyncio.run(
-                check_live(loaded, datamap, yaml.compose(text, Loader=yaml.SafeLoader))
-            )
+            tree = yaml.compose(datamap.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+            result.live, result.problems = asyncio.run(check_live(loaded, datamap, tree))
     result.ok = not result.problems
     _report(result, as_json)
     raise typer.Exit(0 if result.ok else 1)
@@ -162,23 +153,12 @@ def _count(number: int | None, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-_PROBLEM = re.compile(r"(?P<line>\d+): (?P<rest>.*)")
-
-
-def map_problems(file: Path, error: InvalidFile) -> list[Problem]:
-    """The problems `load_datamap` found, one per line of its message (`file:line: path: what`)."""
-    problems = []
-    for text in str(error).splitlines():
-        found = _PROBLEM.fullmatch(text.removeprefix(f"{file}:"))
-        if found is None:
-            problems.append(Problem(file=str(file), problem=text))
-            continue
-        line, rest = int(found["line"]), found["rest"]
-        path, sep, what = rest.partition(": ")
-        if not sep or rest.startswith("not valid YAML"):
-            path, what = TOP, rest
-        problems.append(Problem(file=str(file), line=line, path=path, problem=what))
-    return problems
+def _problems(error: InvalidFile) -> list[Problem]:
+    """The problems `load_datamap` found, as the command reports them."""
+    return [
+        Problem(file=str(error.file), line=p.line, path=p.path or TOP_LEVEL, problem=p.problem)
+        for p in error.problems
+    ]
 
 
 async def check_live(
@@ -195,8 +175,8 @@ async def check_live(
             problems.extend(
                 Problem(
                     file=str(file),
-                    line=_line(tree, path),
-                    path=_dotted(path),
+                    line=locate(tree, path)[1] if tree is not None else None,
+                    path=dotted(path),
                     problem=what,
                     system=system.name,
                     table=table,
@@ -293,27 +273,3 @@ def _declared(kind: types.TypeEngine[object]) -> str:
         return str(kind)
     except CompileError:
         return type(kind).__name__
-
-
-def _dotted(path: MapPath) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text or TOP
-
-
-def _line(tree: yaml.Node | None, path: MapPath) -> int | None:
-    """The 1-based line of the deepest node of the file along `path`."""
-    if tree is None:
-        return None
-    node, line = tree, tree.start_mark.line + 1
-    for part in path:
-        child: yaml.Node | None = None
-        if isinstance(node, yaml.MappingNode):
-            child = next((value for key, value in node.value if key.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            child = node.value[part] if part < len(node.value) else None
-        if child is None:
-            break
-        node, line = child, child.start_mark.line + 1
-    return line
