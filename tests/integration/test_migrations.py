@@ -372,21 +372,10 @@ async def test_a_worker_refusing_a_schema_behind_stops_at_start(tmp_path: Path) 
         "LETHE_DB_MIGRATE": "refuse",
         "LETHE_TEMPORAL_ADDRESS": "127.0.0.1:9",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "worker.py",
-        "--region",
-        "eu",
-        "--control",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 2, stderr.decode()
-    assert "lethe worker: the key store is at revision none" in stderr.decode()
-    assert "`lethe db upgrade`" in stderr.decode()
+    code, stderr = await _worker_ends(env)
+    assert code == 2, stderr
+    assert "lethe worker: the key store is at revision none" in stderr
+    assert "`lethe db upgrade`" in stderr
 
     env["LETHE_DB_MIGRATE"] = "auto"
     upgraded = await run_lethe(env, "db", "upgrade")
@@ -395,6 +384,13 @@ async def test_a_worker_refusing_a_schema_behind_stops_at_start(tmp_path: Path) 
     assert status.code == 0, status
     # Both at their heads now: the same worker gets past the check (and fails on Temporal).
     env["LETHE_DB_MIGRATE"] = "refuse"
+    _, stderr = await _worker_ends(env)
+    assert "revision" not in stderr
+    assert "Temporal" in stderr, stderr
+
+
+async def _worker_ends(env: dict[str, str]) -> tuple[int | None, str]:
+    """Run `worker.py --region eu --control` with `env` until it ends: its exit code, stderr."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "worker.py",
@@ -407,5 +403,4 @@ async def test_a_worker_refusing_a_schema_behind_stops_at_start(tmp_path: Path) 
         stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert "revision" not in stderr.decode()
-    assert "Temporal" in stderr.decode(), stderr.decode()
+    return process.returncode, stderr.decode()

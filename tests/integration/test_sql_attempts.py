@@ -60,11 +60,37 @@ class OneSqlStep:
         return outcome
 
 
-def _on_own_queue(request: StepRequest, name: str) -> tuple[StepRequest, str]:
-    """The request moved to a region, and so a task queue, that no other worker serves."""
-    region = f"{name}{uuid.uuid4().hex[:8]}"
-    step = request.step.model_copy(update={"region": region})
-    return request.model_copy(update={"step": step}), task_queue(region)
+async def _delete_lab_results(
+    connectors: Connectors,
+    hospital: Hospital,
+    temporal: TemporalClient,
+    workflow_id: str,
+    *,
+    heartbeat_seconds: int,
+    attempts: int,
+) -> StepOutcome:
+    """Delete the subject's lab results (LETHE_TEST_PATIENTS_URL) in one `OneSqlStep` run, on a
+    region, and so a task queue, that no other worker serves."""
+    request = request_for(
+        lab_results_locator(hospital), "delete", connection="LETHE_TEST_PATIENTS_URL"
+    )
+    region = f"sql{uuid.uuid4().hex[:8]}"
+    request = request.model_copy(
+        update={"step": request.step.model_copy(update={"region": region})}
+    )
+    queue = task_queue(region)
+    async with Worker(
+        temporal,
+        task_queue=queue,
+        workflows=[OneSqlStep],
+        activities=[connectors.activity("sql.erase")],
+    ):
+        return await temporal.execute_workflow(
+            OneSqlStep.run,
+            args=[request, heartbeat_seconds, attempts],
+            id=workflow_id,
+            task_queue=queue,
+        )
 
 
 async def test_a_statement_slower_than_the_heartbeat_timeout_runs_once(
@@ -93,20 +119,10 @@ async def test_a_statement_slower_than_the_heartbeat_timeout_runs_once(
                 f"FOR EACH STATEMENT EXECUTE FUNCTION {schema}.slow()"
             )
         )
-    request, queue = _on_own_queue(
-        request_for(lab_results_locator(hospital), "delete", connection="LETHE_TEST_PATIENTS_URL"),
-        "sqlslow",
-    )
     workflow_id = f"sql-slow-{uuid.uuid4()}"
-    async with Worker(
-        stack_temporal,
-        task_queue=queue,
-        workflows=[OneSqlStep],
-        activities=[connectors.activity("sql.erase")],
-    ):
-        outcome = await stack_temporal.execute_workflow(
-            OneSqlStep.run, args=[request, 2, 3], id=workflow_id, task_queue=queue
-        )
+    outcome = await _delete_lab_results(
+        connectors, hospital, stack_temporal, workflow_id, heartbeat_seconds=2, attempts=3
+    )
     history = await stack_temporal.get_workflow_handle(workflow_id).fetch_history()
     started = [
         e.activity_task_started_event_attributes
@@ -131,19 +147,14 @@ async def test_the_count_reaches_the_server_before_the_commit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("LETHE_TEST_PATIENTS_URL", sql_url)
-    request, queue = _on_own_queue(
-        request_for(lab_results_locator(hospital), "delete", connection="LETHE_TEST_PATIENTS_URL"),
-        "sqlcount",
-    )
-    async with Worker(
+    outcome = await _delete_lab_results(
+        connectors,
+        hospital,
         stack_temporal,
-        task_queue=queue,
-        workflows=[OneSqlStep],
-        activities=[connectors.activity("sql.erase")],
-    ):
-        outcome = await stack_temporal.execute_workflow(
-            OneSqlStep.run, args=[request, 30, 1], id=f"sql-count-{uuid.uuid4()}", task_queue=queue
-        )
+        f"sql-count-{uuid.uuid4()}",
+        heartbeat_seconds=30,
+        attempts=1,
+    )
     assert (outcome.status, outcome.affected) == ("done", 2)
     assert outcome.evidence["count_confirmed"] is True
     assert (await hospital.rows())["lab_results"] == [(12, 3, "LDL 2.9")]
