@@ -17,6 +17,7 @@ _DURATION_WITH_YEARS = re.compile(r"(?:\d+[ywdhms])+")
 YEAR = timedelta(days=365)
 """A year in a retention period: 365 days, always (a fixed length, like every duration here;
 laws that count calendar years keep at most one day more per leap year)."""
+_UNITS["y"] = YEAR  # accepted only where years are (`parse_duration(..., years=True)`)
 
 
 def add_months(moment: datetime, months: int) -> datetime:
@@ -45,10 +46,7 @@ def parse_duration(text: str, *, years: bool = False) -> timedelta:
         )
     try:
         return sum(
-            (
-                int(number) * (YEAR if unit == "y" else _UNITS[unit])
-                for number, unit in _PART.findall(cleaned)
-            ),
+            (int(number) * _UNITS[unit] for number, unit in _PART.findall(cleaned)),
             start=timedelta(0),
         )
     except OverflowError:
