@@ -20,7 +20,15 @@ from lethe.activities.attempts import kept_alive
 from lethe.activities.clients import Clients
 from lethe.activities.common import check_region
 from lethe.classification.datamap import DEFERRED_KINDS, SystemKind
-from lethe.contracts import Action, Phase, StepCheck, StepOutcome, StepRequest
+from lethe.contracts import (
+    Action,
+    Phase,
+    StepCheck,
+    StepOutcome,
+    StepRequest,
+    SweepBatch,
+    SweepResult,
+)
 from lethe.kernel.errors import LetheError
 
 L = TypeVar("L", bound=BaseModel)
@@ -85,6 +93,12 @@ class Connector(ABC, Generic[L]):
         credentials work, what the locator names exists with the permissions the step needs.
         Each problem in words (no personal data); empty when ready. Raise ServiceUnavailable
         when the system does not answer."""
+
+    async def sweep(self, batch: SweepBatch) -> SweepResult:
+        """One batch of a retention sweep over one task: remove (or, dry run, count) what is
+        past its limit and outside every obligation and hold, and report drift; the next
+        cursor, or `done`. A connector without a sweep refuses."""
+        raise UnsupportedStep(f"the {self.kind} connector has no retention sweep")
 
     @classmethod
     def locator(cls, request: StepRequest) -> L:

@@ -13,6 +13,7 @@ from typing import Any
 
 from temporalio import activity
 
+from lethe.activities.attempts import kept_alive
 from lethe.activities.blob import BackupEraser
 from lethe.activities.cache import CacheEraser
 from lethe.activities.clients import Clients
@@ -20,6 +21,7 @@ from lethe.activities.common import step_connection
 from lethe.activities.connector import (
     Connector,
     ConnectorInfo,
+    UnsupportedStep,
     checked,
     erase_and_verify,
     guarded,
@@ -28,7 +30,17 @@ from lethe.activities.kafka import TombstoneWriter
 from lethe.activities.logs import LogRedactor
 from lethe.activities.shred import KeyShredder
 from lethe.activities.sql import SqlEraser
-from lethe.contracts import StepCheck, StepOutcome, StepRequest, VerifyRequest
+from lethe.activities.sweeps import check_sweep_region
+from lethe.contracts import (
+    StepCheck,
+    StepOutcome,
+    StepRequest,
+    SweepBatch,
+    SweepResult,
+    VerifyRequest,
+)
+from lethe.kernel.config import connection
+from lethe.kernel.errors import LetheError
 
 KINDS: tuple[type[Connector[Any]], ...] = (
     SqlEraser,
@@ -92,7 +104,28 @@ class Connectors:
         async def preflight(request: StepRequest) -> StepCheck:
             return await checked(request, lambda: self.connector(kind, request))
 
+        @activity.defn(name=f"{name}.sweep")
+        async def sweep(batch: SweepBatch) -> SweepResult:
+            try:
+                check_sweep_region(batch)
+                async with kept_alive():
+                    if batch.task.kind != name:
+                        raise UnsupportedStep(
+                            f"task {batch.task.id} is a {batch.task.kind} task; the {name} "
+                            "sweep does not run it"
+                        )
+                    secret = connection(batch.task.connection).get_secret_value()
+                    return await kind.open(self.clients, secret).sweep(batch)
+            except LetheError as exc:
+                raise exc.to_application_error() from None
+
         erase.__doc__ = f"Erase one {name} step of a subject, then verify it (this region only)."
         verify.__doc__ = f"Verify one {name} step of a subject again."
         preflight.__doc__ = f"Check one {name} step before anything is destroyed; touch nothing."
-        return {f"{name}.erase": erase, f"{name}.verify": verify, f"{name}.preflight": preflight}
+        sweep.__doc__ = f"One batch of a retention sweep over one {name} task (this region only)."
+        return {
+            f"{name}.erase": erase,
+            f"{name}.verify": verify,
+            f"{name}.preflight": preflight,
+            f"{name}.sweep": sweep,
+        }

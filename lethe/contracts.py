@@ -532,3 +532,209 @@ class ForgetListAdd(Contract):
     subject_ref: str
     request_id: str
     systems: list[str]
+
+
+# --- retention -------------------------------------------------------------------------------
+
+RetentionAction = Literal["delete", "anonymize", "soft_delete"]
+"""What a storage limit does to data past its period."""
+SweepStatus = Literal["done", "kept", "failed", "running"]
+"""`done`: what was due is gone (or counted, in a plan); `kept`: the task removes nothing, for
+the reason it gives (no limit, a hold on the whole locator, a date it lacks); `failed`: an
+error stopped it, named in `detail`."""
+
+
+class RuleTerm(Contract):
+    """One retention rule as a sweep applies it: how long from which date, and why."""
+
+    rule: str
+    category: str
+    kind: Literal["obligation", "limit"]
+    period: timedelta
+    trigger: Literal["created", "last_activity", "closed"]
+    action: RetentionAction | None = None
+    """A limit's action; None for an obligation."""
+    citation: str
+
+
+class ScopeMatch(Contract):
+    """Which records of a locator a task covers, by one scope field (a rule's `where`): those
+    whose value is one of `values`; or, with `values` empty, those whose value is none of
+    `others` (and not null); or, with `null`, those with no value."""
+
+    key: str
+    field: str
+    """The column or record field holding the key."""
+    values: list[str] = []
+    others: list[str] = []
+    null: bool = False
+
+
+class SweepTask(Contract):
+    """One locator (or one scope of it) of one system, and the rules a sweep applies there."""
+
+    id: str
+    """`<system>/<locator index>`, with `/<segment>` when scopes split the locator."""
+    system: str
+    kind: SystemKind
+    region: str
+    connection: str
+    """The name of the environment variable holding the system's connection."""
+    locator: Locator
+    tenants: list[str]
+    """The tenants whose data the system holds (a tenant hold covers them)."""
+    categories: list[str]
+    scope: list[ScopeMatch] = []
+    """Empty: every record of the locator."""
+    limit: RuleTerm | None = None
+    """The storage limit that removes records; None: nothing is removed here."""
+    obligations: list[RuleTerm] = []
+    """Every obligation keeping the records, longest first: a record goes only once all ended."""
+    dates: dict[Literal["created", "last_activity", "closed"], str] = {}
+    """The field dating the records for each trigger the locator has."""
+    nulls: Literal["report", "delete"] = "report"
+    kept: str | None = None
+    """Why the task removes nothing (no limit applies, the limit's date is not mapped, an
+    obligation counts from a date the locator lacks): reported, and no activity runs."""
+
+    @property
+    def rules(self) -> list[str]:
+        """The ids of the rules deciding the task: the limit, then the obligations."""
+        return [term.rule for term in ([self.limit] if self.limit else []) + self.obligations]
+
+
+class SweepPlan(Contract):
+    """What a sweep covers: every task, by the data map and the policy pack."""
+
+    pack: str
+    tasks: list[SweepTask]
+    warnings: list[str] = []
+    """Rules no locator holds data for, and the like: said, never fatal."""
+
+
+class SweepRequest(Contract):
+    """A retention sweep to run (or, with `dry_run`, to count: `lethe retention plan`)."""
+
+    requested_by: str = Field(min_length=1, max_length=200)
+    dry_run: bool = False
+    apply: bool = False
+    """Also change settings that drift from the rules (Kafka topics' configs, Redis TTLs)."""
+    rules: list[str] = []
+    """Only tasks these rules decide; empty: all."""
+    systems: list[str] = []
+    """Only these systems; empty: all."""
+    batch_size: int = Field(default=5000, ge=1, le=100_000)
+    samples: int = Field(default=3, ge=0, le=20)
+    """A dry run's row keys per task (never personal data: none where the keys are)."""
+    state: SweepState | None = None
+    """Carried across continue-as-new; None when the sweep starts."""
+
+
+class Drift(Contract):
+    """One setting of a system that breaks a rule: too short breaks an obligation, too long (or
+    none) a limit."""
+
+    target: str
+    """The topic, or the key pattern (never a key)."""
+    setting: str
+    """`retention.ms`, `cleanup.policy`, ..., or `ttl`."""
+    found: str
+    wanted: str
+    breaks: str
+    """The rule it breaks and how (`gdpr.device.storage-limit: kept longer than 90d`)."""
+    count: int = 1
+    """Keys with this drift (Redis); 1 for a topic setting."""
+    fixed: bool = False
+
+
+class SweepBatch(Contract):
+    """One call of a region's `<kind>.sweep`: the next batch of one task."""
+
+    run_id: str
+    task: SweepTask
+    now: datetime
+    """The sweep's reference time: a record is due when its period ended before it."""
+    cursor: list[str | int | float | None] | None = None
+    """Where the last batch ended (a SQL keyset, a blob name); None: from the start."""
+    batch_size: int
+    holds: list[Hold] = []
+    """The active legal holds, read by the workflow before this batch."""
+    dry_run: bool = False
+    apply: bool = False
+    samples: int = 0
+
+
+class SweepResult(Contract):
+    """What one batch found and did; never personal data."""
+
+    task_id: str
+    removed: int = 0
+    """Rows deleted, anonymised or soft-deleted; blobs deleted; log lines removed. In a dry
+    run, what would go."""
+    held: int = 0
+    """Due, but kept for a legal hold."""
+    undated: int = 0
+    """Records with no date for the limit (or an obligation), reported and kept."""
+    cursor: list[str | int | float | None] | None = None
+    """Where the next batch starts; None with `done`."""
+    done: bool = False
+    first: str | None = None
+    last: str | None = None
+    """The range of dates this batch covered (ISO), for the ledger."""
+    drift: list[Drift] = []
+    samples: list[str] = []
+    detail: str = ""
+
+
+class TaskReport(Contract):
+    """One task's totals in a sweep report."""
+
+    task_id: str
+    system: str
+    kind: SystemKind
+    rules: list[str]
+    citations: dict[str, str]
+    action: RetentionAction | None = None
+    status: SweepStatus
+    removed: int = 0
+    held: int = 0
+    undated: int = 0
+    batches: int = 0
+    drift: list[Drift] = []
+    samples: list[str] = []
+    detail: str = ""
+
+
+class SweepState(Contract):
+    """A sweep's progress: the plan, each task's totals, and where the current task is."""
+
+    started_at: datetime
+    plan: SweepPlan
+    reports: list[TaskReport] = []
+    """One per task started so far, in plan order."""
+    cursor: list[str | int | float | None] | None = None
+    """Where the current (last) task's next batch starts."""
+
+
+class SweepReport(Contract):
+    """What a sweep did (or, dry run, would do), per task: closes the run, kept in the store."""
+
+    run_id: str
+    requested_by: str
+    dry_run: bool
+    apply: bool
+    pack: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    tasks: list[TaskReport]
+    warnings: list[str] = []
+
+    @property
+    def removed(self) -> int:
+        """Records removed (or, dry run, due) over every task."""
+        return sum(task.removed for task in self.tasks)
+
+    @property
+    def held(self) -> int:
+        """Records kept for legal holds over every task."""
+        return sum(task.held for task in self.tasks)

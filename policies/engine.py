@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict
 
 from lethe.classification.datamap import SqlTableLocator, Strategy, SystemKind, TopicRemoval
 from lethe.classification.taxonomy import matches, specificity
-from lethe.contracts import Action, Decision
+from lethe.contracts import Action, Decision, RetentionAction
 from lethe.kernel.errors import LetheError
-from lethe.policies.model import PolicyPack, RetentionAction, RetentionRule, Trigger
+from lethe.policies.model import PolicyPack, RetentionRule, Trigger
 
 # How much of the data a strategy keeps: when a locator's categories disagree, the one that
 # keeps the most wins, because a reason to keep (a law) outweighs a reason to erase. A

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from lethe.classification.datamap import CategoryKey, DateTrigger, ScopeKey, Strategy
+from lethe.contracts import RetentionAction
 from lethe.kernel.deadlines import format_duration, parse_duration
 from lethe.kernel.yamlfile import load_model
 
@@ -135,7 +136,6 @@ the closing of what the record belongs to (an account, an encounter, a matter). 
 names the field dating each trigger (the same three). `created` comes first; the other two
 come after it."""
 RetentionKind = Literal["obligation", "limit"]
-RetentionAction = Literal["delete", "anonymize", "soft_delete"]
 ScopeValue = Annotated[str, Field(min_length=1, max_length=200)]
 
 _SCOPE_KEY: TypeAdapter[str] = TypeAdapter(ScopeKey)
