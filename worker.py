@@ -23,6 +23,7 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from lethe.activities import ledger as control
+from lethe.activities import retention
 from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
 from lethe.activities.healthcheck import report_worker
@@ -39,9 +40,10 @@ from lethe.workflows.erasure import ErasureWorkflow
 from lethe.workflows.healthcheck import HealthCheckWorkflow
 from lethe.workflows.key_rotation import KeyRotationWorkflow
 from lethe.workflows.regional_erasure import RegionalErasureWorkflow
+from lethe.workflows.retention import RetentionSweepWorkflow
 
 WORKFLOWS: Sequence[type] = (HealthCheckWorkflow, RegionalErasureWorkflow)
-CONTROL_WORKFLOWS: Sequence[type] = (ErasureWorkflow, KeyRotationWorkflow)
+CONTROL_WORKFLOWS: Sequence[type] = (ErasureWorkflow, KeyRotationWorkflow, RetentionSweepWorkflow)
 CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     plan_erasure,
     control.record,
@@ -49,6 +51,9 @@ CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     control.issue,
     control.remember,
     control.listed,
+    retention.plan,
+    retention.active_holds,
+    retention.keep_report,
 )
 
 log = logging.getLogger("lethe.worker")
@@ -69,7 +74,8 @@ def build_worker(
 
 
 def build_control_worker(client: TemporalClient, settings: Settings) -> Worker:
-    """The control plane's worker: erasure, key rotation, planning, holds, ledger, certificates."""
+    """The control plane's worker: erasure, key rotation, retention sweeps, planning, holds,
+    ledger, certificates."""
     return Worker(
         client,
         task_queue=settings.control_queue,

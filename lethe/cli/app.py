@@ -17,6 +17,7 @@ from lethe.cli import codec_server as codec_server_commands
 from lethe.cli import connectors as connector_commands
 from lethe.cli import erasure as erasure_commands
 from lethe.cli import keys as keys_commands
+from lethe.cli import retention as retention_commands
 from lethe.cli import retry as retry_commands
 from lethe.cli.audit import audit_app
 from lethe.cli.codec import codec_app
@@ -44,6 +45,7 @@ erasure_commands.register(app)
 retry_commands.register(app)
 codec_server_commands.register(app)
 keys_commands.register(app)
+retention_commands.register(app)
 connector_commands.register(app)
 
 RegionOption = Annotated[str, typer.Option("--region", help="a region, e.g. eu")]

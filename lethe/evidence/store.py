@@ -1,4 +1,5 @@
-"""Lethe's own store: the ledger, legal holds, the forget-list and certificates (SQLAlchemy Core).
+"""Lethe's own store: the ledger, legal holds, the forget-list, certificates and sweep reports
+(SQLAlchemy Core).
 
 A SQLite file by default, PostgreSQL in production. The tables change only through the
 revisions in `lethe/evidence/migrations/` (a change here without one fails the tests); the
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     DateTime,
     Integer,
@@ -84,6 +86,16 @@ certificates = Table(
     Column("request_id", String(100), primary_key=True),
     Column("subject_ref", String(64), nullable=False, index=True),
     Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("body", JSON, nullable=False),
+)
+
+sweep_reports = Table(
+    "lethe_sweep_reports",
+    metadata,
+    Column("run_id", String(200), primary_key=True),
+    Column("started_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("dry_run", Boolean, nullable=False),
     Column("body", JSON, nullable=False),
 )
 

@@ -7,7 +7,8 @@ from typing import Any
 from temporalio.common import SearchAttributeKey
 
 KIND = SearchAttributeKey.for_keyword("LetheKind")
-"""Which workflow: `erasure`, `erasure-dry-run`, `erasure-replay` or `key-rotation`."""
+"""Which workflow: `erasure`, `erasure-dry-run`, `erasure-replay`, `key-rotation`,
+`retention-sweep` or `retention-plan` (a sweep's dry run)."""
 STATUS = SearchAttributeKey.for_keyword("LetheStatus")
 """Where a request stands: an `ErasureState` (`planning`, `awaiting_approval`, `on_hold`,
 `completed`, ...)."""

@@ -1,0 +1,41 @@
+"""Control-plane activities of a retention sweep: its plan, the active holds, its report."""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from lethe.activities.planning import planner_from_settings
+from lethe.contracts import Hold, SweepPlan, SweepReport, SweepRequest
+from lethe.evidence import holds, sweep_reports
+from lethe.evidence.store import engine_for
+from lethe.kernel.config import current_settings
+from lethe.kernel.errors import LetheError
+from lethe.plans.retention import plan_sweep
+
+
+@activity.defn(name="retention.plan")
+async def plan(request: SweepRequest) -> SweepPlan:
+    """The sweep's tasks from the configured data map and pack; a conflict the pack cannot
+    decide, or a filter naming nothing, fails without retrying."""
+    try:
+        planner = planner_from_settings()
+        return plan_sweep(
+            planner.datamap, planner.pack, rules=request.rules, systems=request.systems
+        )
+    except LetheError as exc:
+        raise exc.to_application_error() from None
+
+
+@activity.defn(name="holds.active")
+async def active_holds() -> list[Hold]:
+    """Every legal hold in force now."""
+    store = await engine_for(current_settings().store_url.get_secret_value())
+    return await holds.list_holds(store)
+
+
+@activity.defn(name="retention.keep_report")
+async def keep_report(report: SweepReport) -> None:
+    """Keep a sweep's report (once, whatever the retries)."""
+    await sweep_reports.keep(
+        await engine_for(current_settings().store_url.get_secret_value()), report
+    )
