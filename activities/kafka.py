@@ -61,9 +61,17 @@ from lethe.activities.common import (
 )
 from lethe.activities.connector import Connector
 from lethe.activities.driver_errors import lethe_error
+from lethe.activities.kafka_retention import TopicRetention
 from lethe.activities.kafka_scan import Match, ScanResult, TopicScan, reader
 from lethe.classification.datamap import KafkaTopicLocator, MissingIdentity, render
-from lethe.contracts import Evidence, StepOutcome, StepRequest, StepStatus
+from lethe.contracts import (
+    Evidence,
+    StepOutcome,
+    StepRequest,
+    StepStatus,
+    SweepBatch,
+    SweepResult,
+)
 from lethe.kernel.errors import ConfigurationError, LetheError, ServiceUnavailable
 
 TIMEOUT_SECONDS = 15.0
@@ -643,6 +651,11 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         # A tombstone no longer in the log was itself removed by compaction or retention: fine.
         evidence["tombstone_present"] = read.offset == offset
         return await self._judged(request, erased, evidence, settings, tombstone_ms, [partition])
+
+    async def sweep(self, batch: SweepBatch) -> SweepResult:
+        """The task's topic settings against its retention rules: drift reported and, with
+        `apply`, changed (`lethe.activities.kafka_retention`)."""
+        return await TopicRetention(self._admin, self._bootstrap, TIMEOUT_SECONDS).sweep(batch)
 
     async def _expire(self, request: StepRequest) -> StepOutcome:
         """Nothing written: when the topic's retention has removed what predates the erasure."""
