@@ -36,7 +36,7 @@ from lethe.activities.common import SchemaMismatch, verdict
 from lethe.activities.connector import Connector
 from lethe.activities.driver_errors import lethe_error, service_code
 from lethe.classification.datamap import BlobBackupLocator, LogLocator, MissingIdentity, render
-from lethe.contracts import Evidence, StepOutcome, StepRequest
+from lethe.contracts import Evidence, StepOutcome, StepRequest, SweepBatch, SweepResult
 from lethe.kernel.errors import ConfigurationError, LetheError
 
 T = TypeVar("T")
@@ -488,6 +488,13 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
             _window_detail(len(whole.inside), last_due, soft, whole, checking=True),
             gone_by=_latest(last_due, earlier),
         )
+
+    async def sweep(self, batch: SweepBatch) -> SweepResult:
+        """One page of a retention sweep: the locator's backups past their period deleted, those
+        under an obligation or a hold kept (`lethe.activities.blob_retention`)."""
+        from lethe.activities.blob_retention import sweep_backups  # it imports this module
+
+        return await sweep_backups(self._service, self._endpoint, batch)
 
     # --- the steps ---------------------------------------------------------------------------
 
