@@ -19,6 +19,7 @@ alike. Compaction is never given up: `compact` becomes `compact,delete`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -61,6 +62,8 @@ REFUSALS = (
     KafkaError.INVALID_REQUEST,
 )
 """Broker answers to a change that retrying will not alter."""
+READ_BACK_SECONDS = 5.0
+"""How long a changed topic is read again until it shows the change."""
 Report = Callable[[str, str, str, str | None, bool], None]
 """Records one drift: (setting, wanted, breaks, value to set or None, removes sooner)."""
 
@@ -246,7 +249,7 @@ class TopicRetention:
         detail = _held_detail(holds) if any(c.sooner for c in changes) and holds.any else ""
         if made:
             await self._alter(task, topic, {c.drift.setting: str(c.value) for c in made})
-            now = await self._settings(task, topic)
+            now = await self._read_back(task, topic, made)
             changes = [_fixed(c, now) if c in made else c for c in changes]
         return SweepResult(
             task_id=task.id, done=True, drift=[c.drift for c in changes], detail=detail
@@ -265,6 +268,18 @@ class TopicRetention:
             for name, entry in entries.items()
             if name in SETTINGS and entry.value is not None
         }
+
+    async def _read_back(
+        self, task: SweepTask, topic: str, made: Sequence[Change]
+    ) -> dict[str, str]:
+        """The settings after a change: a broker serves a change it accepted a moment later, so
+        they are read again until they show it, for up to `READ_BACK_SECONDS`."""
+        deadline = time.monotonic() + READ_BACK_SECONDS
+        while True:
+            now = await self._settings(task, topic)
+            if all(_fixed(c, now).drift.fixed for c in made) or time.monotonic() > deadline:
+                return now
+            await asyncio.sleep(0.2)
 
     async def _alter(self, task: SweepTask, topic: str, values: Mapping[str, str]) -> None:
         resource = ConfigResource(
