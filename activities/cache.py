@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, ResponseError
 
 from lethe.activities.attempts import Journal
+from lethe.activities.cache_retention import KeyRetention
 from lethe.activities.clients import Clients
 from lethe.activities.common import (
     SchemaMismatch,
@@ -33,7 +34,7 @@ from lethe.activities.common import (
 from lethe.activities.connector import Connector
 from lethe.activities.driver_errors import translated
 from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
-from lethe.contracts import StepOutcome, StepRequest
+from lethe.contracts import StepOutcome, StepRequest, SweepBatch, SweepResult
 from lethe.kernel.errors import LetheError
 
 T = TypeVar("T")
@@ -251,6 +252,11 @@ class CacheEraser(Connector[RedisLocator]):
                 ]
 
         return problems + await self._call(checks)
+
+    async def sweep(self, batch: SweepBatch) -> SweepResult:
+        """One page of the task's keys against its retention rules: TTL drift reported and,
+        with `apply`, set (`lethe.activities.cache_retention`)."""
+        return await KeyRetention(self._client, self._where).sweep(batch)
 
     async def _login_problem(self, system: str) -> str | None:
         """A problem when Redis refuses this connection (credentials, database); raises
