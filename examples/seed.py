@@ -229,9 +229,67 @@ async def seed_sql(url: str, patients: int | Sequence[Patient], prefix: str = ""
         await engine.dispose()
 
 
+SESSION_DAYS = 180
+"""How far back the seeded portal sessions go: about half of them are past the GDPR pack's 90
+days since the last activity."""
+
+
+def sessions_table(prefix: str = "", metadata: MetaData | None = None) -> Table:
+    """The table `<prefix>portal_sessions`: each patient's sign-ins to the patient portal, with
+    the device's IP address, dated by when the session started and was last seen."""
+    return Table(
+        f"{prefix}portal_sessions",
+        metadata or MetaData(),
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("patient_id", String(64), nullable=False),
+        Column("ip_address", String(45), nullable=False),
+        Column("started_at", DateTime(timezone=True), nullable=False),
+        Column("last_seen_at", DateTime(timezone=True)),
+    )
+
+
+def portal_sessions(
+    patients: Sequence[Patient], per_patient: int = 6, *, now: datetime | None = None
+) -> list[dict[str, object]]:
+    """Made-up sessions, `per_patient` each, spread evenly over the last SESSION_DAYS days."""
+    now = now or datetime.now(UTC)
+    rows: list[dict[str, object]] = []
+    for n, patient in enumerate(patients):
+        for k in range(per_patient):
+            started = now - timedelta(days=SESSION_DAYS * (k + 0.5) / per_patient, hours=n)
+            rows.append(
+                {
+                    "id": n * per_patient + k + 1,
+                    "patient_id": patient.patient_id,
+                    "ip_address": f"192.0.2.{(n * per_patient + k) % 250 + 1}",
+                    "started_at": started,
+                    "last_seen_at": started + timedelta(minutes=20),
+                }
+            )
+    return rows
+
+
+async def seed_sessions(
+    url: str, patients: int | Sequence[Patient], prefix: str = "", per_patient: int = 6
+) -> int:
+    """Create `<prefix>portal_sessions` (if missing) and add each patient's sessions; how many."""
+    table = sessions_table(prefix)
+    rows = portal_sessions(_patients(patients), per_patient)
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(table.metadata.create_all)
+            if rows:
+                await conn.execute(insert(table), rows)
+    finally:
+        await engine.dispose()
+    return len(rows)
+
+
 async def drop_sql(url: str, prefix: str) -> None:
-    """Drop the tables `seed_sql` created under `prefix`."""
+    """Drop the tables `seed_sql` and `seed_sessions` created under `prefix`."""
     metadata, *_ = hospital_tables(prefix)
+    sessions_table(prefix, metadata)
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:

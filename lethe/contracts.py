@@ -626,6 +626,8 @@ class SweepRequest(Contract):
     batch_size: int = Field(default=5000, ge=1, le=100_000)
     samples: int = Field(default=3, ge=0, le=20)
     """A dry run's row keys per task (never personal data: none where the keys are)."""
+    batches_per_run: int = Field(default=500, ge=1, le=10_000)
+    """Batches before the workflow continues as new (sooner when Temporal suggests it)."""
     state: SweepState | None = None
     """Carried across continue-as-new; None when the sweep starts."""
 
@@ -653,7 +655,7 @@ class SweepBatch(Contract):
     run_id: str
     task: SweepTask
     now: datetime
-    """The sweep's reference time: a record is due when its period ended before it."""
+    """The sweep's `as_of`: a record is due when its period ended before it."""
     cursor: list[str | int | float | None] | None = None
     """Where the last batch ended (a SQL keyset, a blob name); None: from the start."""
     batch_size: int
@@ -709,6 +711,8 @@ class SweepState(Contract):
     """A sweep's progress: the plan, each task's totals, and where the current task is."""
 
     started_at: datetime
+    as_of: datetime
+    """The moment the sweep judges by: when the schedule meant it to run, else its start."""
     plan: SweepPlan
     reports: list[TaskReport] = []
     """One per task started so far, in plan order."""
@@ -725,6 +729,9 @@ class SweepReport(Contract):
     apply: bool
     pack: str
     started_at: datetime
+    as_of: datetime
+    """The moment the sweep judged by (its scheduled time, else its start): a record was due
+    when its period had ended by then."""
     finished_at: datetime | None = None
     tasks: list[TaskReport]
     warnings: list[str] = []

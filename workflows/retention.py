@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
@@ -57,8 +57,8 @@ SWEEP_TIMEOUT = timedelta(minutes=10)
 SWEEP_HEARTBEAT = timedelta(minutes=1)
 SWEEP_SPAN = timedelta(minutes=30)
 """How long one batch may keep failing (an outage) before its task is reported failed."""
-BATCHES_PER_RUN = 500
-"""Batches before the sweep continues as new (sooner if Temporal suggests it)."""
+SCHEDULED_AT = SearchAttributeKey.for_datetime("TemporalScheduledStartTime")
+"""Set by a Temporal Schedule on the runs it starts: the moment the run was due."""
 MAX_SAMPLES = 20
 
 
@@ -93,7 +93,10 @@ class RetentionSweepWorkflow:
                 start_to_close_timeout=CONTROL_TIMEOUT,
                 retry_policy=CONTROL_RETRY,
             )
-            self._state = SweepState(started_at=workflow.now(), plan=plan)
+            scheduled = workflow.info().typed_search_attributes.get(SCHEDULED_AT)
+            self._state = SweepState(
+                started_at=workflow.now(), as_of=scheduled or workflow.now(), plan=plan
+            )
             await self._ledger(
                 [self._entry("retention.started", "started", details=self._start_details())]
             )
@@ -132,7 +135,7 @@ class RetentionSweepWorkflow:
             batch = SweepBatch(
                 run_id=workflow.info().workflow_id,
                 task=task,
-                now=self._current.started_at,
+                now=self._current.as_of,
                 cursor=self._current.cursor,
                 batch_size=self._request.batch_size,
                 holds=holds,
@@ -171,7 +174,7 @@ class RetentionSweepWorkflow:
                 await self._ledger(self._drift_entries(done))
                 return
             if (
-                self._batches_this_run >= BATCHES_PER_RUN
+                self._batches_this_run >= self._request.batches_per_run
                 or workflow.info().is_continue_as_new_suggested()
             ):
                 workflow.continue_as_new(self._request.model_copy(update={"state": self._current}))
@@ -213,6 +216,7 @@ class RetentionSweepWorkflow:
             apply=self._request.apply,
             pack=state.plan.pack,
             started_at=state.started_at,
+            as_of=state.as_of,
             finished_at=workflow.now() if finished else None,
             tasks=state.reports,
             warnings=state.plan.warnings,
@@ -253,6 +257,7 @@ class RetentionSweepWorkflow:
         plan = self._current.plan
         return {
             "pack": plan.pack,
+            "as_of": self._current.as_of.isoformat(),
             "tasks": len(plan.tasks),
             "kept": sum(1 for task in plan.tasks if task.kept),
             "apply": self._request.apply,

