@@ -104,7 +104,7 @@ from lethe.activities.driver_errors import SchemaChanged, translated, undefined_
 from lethe.activities.sql_schema import Reflected, SchemaCache, Tables
 from lethe.classification.datamap import SqlTableLocator
 from lethe.classification.taxonomy import matches
-from lethe.contracts import Action, Evidence, StepOutcome, StepRequest
+from lethe.contracts import Action, Evidence, StepOutcome, StepRequest, SweepBatch, SweepResult
 from lethe.kernel.errors import LetheError
 
 TEXT_PLACEHOLDER = "erased"
@@ -258,6 +258,13 @@ class SqlEraser(Connector[SqlTableLocator]):
         """Check the erasure held: rows gone, unlinked, or marked and cleared; `done` or
         `failed`."""
         return await self._on_current_schema(request, self._verify(request, erased))
+
+    async def sweep(self, batch: SweepBatch) -> SweepResult:
+        """One batch of a retention sweep over one table (`lethe.activities.sql_retention`)."""
+        # Imported here: the sweep builds on this module's helpers.
+        from lethe.activities.sql_retention import sweep_table
+
+        return await sweep_table(self.engine, self.schemas, batch)
 
     async def _on_current_schema(
         self, request: StepRequest, work: Awaitable[StepOutcome]
