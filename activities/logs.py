@@ -49,7 +49,7 @@ from lethe.activities.blob import (
 from lethe.activities.common import verdict
 from lethe.activities.driver_errors import service_code
 from lethe.classification.datamap import LogLocator, MissingIdentity
-from lethe.contracts import Evidence, StepOutcome, StepRequest
+from lethe.contracts import Evidence, StepOutcome, StepRequest, SweepBatch, SweepResult
 from lethe.kernel.errors import LetheError
 
 REDACTED = "[redacted]"
@@ -441,6 +441,13 @@ class LogRedactor(BlobConnector[LogLocator]):
         if problems and erased.detail:
             problems.append(erased.detail)
         return verdict(erased, evidence, problems)
+
+    async def sweep(self, batch: SweepBatch) -> SweepResult:
+        """One batch of a retention sweep: the lines past their period dropped from a few log
+        blobs, those under an obligation or a hold kept (`lethe.activities.logs_retention`)."""
+        from lethe.activities.logs_retention import sweep_logs  # it imports this module
+
+        return await sweep_logs(self._service, self._endpoint, batch)
 
     # --- one blob ------------------------------------------------------------------------------
 
