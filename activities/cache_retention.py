@@ -36,6 +36,7 @@ from lethe.activities.sweeps import SweepHolds, sweep_holds
 from lethe.classification.datamap import RedisLocator, render, template_fields
 from lethe.contracts import Drift, RuleTerm, SweepBatch, SweepResult, SweepTask
 from lethe.kernel.deadlines import format_duration
+from lethe.kernel.errors import ConfigurationError
 
 SCAN_COUNT = 1000
 """How many slots one SCAN call walks at most."""
@@ -282,6 +283,22 @@ class _Page:
             self.notes.append(text)
 
 
+def _start(batch: SweepBatch) -> tuple[int, int]:
+    """Where the batch starts: [pattern index, SCAN cursor]; ConfigurationError for a cursor
+    that is not one this sweep returned."""
+    cursor = batch.cursor
+    if cursor is None:
+        return 0, 0
+    if len(cursor) == 2:
+        index, position = cursor
+        if isinstance(index, int) and isinstance(position, int) and min(index, position) >= 0:
+            return index, position
+    raise ConfigurationError(
+        f"task {batch.task.id}: a Redis sweep resumes from [pattern index, SCAN cursor], "
+        "which this cursor is not"
+    )
+
+
 class KeyRetention:
     """Compares the TTLs of a Redis cache's keys with retention rules and, asked to, sets them."""
 
@@ -297,9 +314,7 @@ class KeyRetention:
         scanned = targets(task.locator)
         rules = bounds(task)
         holds = sweep_holds(task, batch.holds)
-        index, position = (
-            (int(batch.cursor[0] or 0), int(batch.cursor[1] or 0)) if batch.cursor else (0, 0)
-        )
+        index, position = _start(batch)
         page = _Page()
         seen = pages = 0
         async with translated(f"Redis at {self._where}"):

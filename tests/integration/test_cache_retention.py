@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from lethe.activities.cache import glob_escape
+from lethe.activities.cache_retention import owner, targets
 from lethe.activities.connectors import Connectors
-from lethe.classification.datamap import DataMap
+from lethe.classification.datamap import DataMap, RedisLocator
 from lethe.contracts import Drift, Hold, SweepBatch, SweepResult, SweepTask
 from lethe.kernel.config import Settings
 from lethe.kernel.subjects import subject_ref
@@ -349,3 +351,40 @@ async def test_a_hold_on_the_whole_task_changes_nothing(
     assert _by_found(applied) == {"no TTL": (3, False), "TTL > 7776000s (90d)": (2, False)}
     assert await _ttls(client, keys["none"]) == [-1, -1, -1]
     assert all(ttl > 300 * DAY_MS for ttl in await _ttls(client, keys["long"]))
+
+
+def test_a_key_names_its_subject_only_where_its_pattern_says_so_unambiguously() -> None:
+    [plain, tenanted, free, glued] = targets(
+        RedisLocator(
+            patterns=[
+                "s:{subject_id}:*",
+                "t:{tenant}:[ab]?:{subject_id}",
+                "u:*:{subject_id}:*",
+                "v:id-{subject_id}",
+            ],
+            categories=["user.contact"],
+        )
+    )
+    assert plain.match == "s:*:*" and glued.match == "v:id-*"
+    assert owner(plain, b"s:42:profile:x") == ("42", None)
+    assert owner(tenanted, b"t:st-mary:a7:42") == ("42", "st-mary")
+    assert owner(tenanted, b"t:st-mary:c7:42") is None  # not a key of the pattern
+    assert owner(free, b"u:a:42:b") == ("42", None)
+    assert owner(free, b"u:a:b:c:d") is None  # 'b' or 'c': the key does not say
+    assert owner(glued, b"v:id-42") is None  # not a whole segment
+    assert owner(plain, b"s:\xff:x") is None
+
+
+async def test_an_unreachable_redis_or_a_foreign_cursor_is_a_clear_error(
+    connectors: Connectors, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = _sessions(prefix)
+    with pytest.raises(ApplicationError) as foreign:
+        await _call(connectors, task, ["a", "b", "c"])
+    assert foreign.value.type == "ConfigurationError" and foreign.value.non_retryable
+
+    monkeypatch.setenv("LETHE_STACK_REDIS_URL", "redis://127.0.0.1:1/0")
+    with pytest.raises(ApplicationError) as down:
+        await _call(connectors, task, apply=True)
+    assert down.value.type == "ServiceUnavailable" and not down.value.non_retryable
+    assert str(down.value).endswith("Redis at 127.0.0.1:1 did not answer (ConnectionError)")
