@@ -245,8 +245,9 @@ class TopicRetention:
         if not (batch.apply and not batch.dry_run and changes):
             return SweepResult(task_id=task.id, done=True, drift=[c.drift for c in changes])
         holds = sweep_holds(task, batch.holds)
-        made = [c for c in changes if c.value is not None and not (c.sooner and holds.any)]
-        detail = _held_detail(holds) if any(c.sooner for c in changes) and holds.any else ""
+        settable = [c for c in changes if c.value is not None]
+        made = [c for c in settable if not (c.sooner and holds.any)]
+        detail = _held_detail(holds) if len(made) < len(settable) else ""
         if made:
             await self._alter(task, topic, {c.drift.setting: str(c.value) for c in made})
             now = await self._read_back(task, topic, made)
