@@ -47,7 +47,7 @@ def judged(task: SweepTask, dates: Mapping[DateTrigger, datetime | None], now: d
     """Whether a record dated `dates` (trigger -> date) is due under the task's limit and
     obligations at `now`: `undated` when a date it needs is missing (a missing limit date is
     only due with `nulls: delete`; a missing obligation date always keeps the record)."""
-    limit = task.limit
+    limit, now = task.limit, aware(now)
     if limit is None:
         return "kept"
     obligations = [(term, dates.get(term.trigger)) for term in task.obligations]

@@ -260,7 +260,8 @@ class LogSweep:
         tenant_key = self._tenant_scope or self._locator.tenant_field
         tenant = _value(record, tenant_key) if tenant_key else None
         tenants = [tenant] if isinstance(tenant, str) else self._task.tenants
-        return holds.keeps_subject(subject, tenants)
+        # With no tenant to look the subject up under, whose it is cannot be told: kept.
+        return not tenants or holds.keeps_subject(subject, tenants)
 
     def _marks(self, metadata: Mapping[str, str] | None, lines: int) -> dict[str, str]:
         kept = {
