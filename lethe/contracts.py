@@ -628,6 +628,11 @@ class SweepRequest(Contract):
     """A dry run's row keys per task (never personal data: none where the keys are)."""
     batches_per_run: int = Field(default=500, ge=1, le=10_000)
     """Batches before the workflow continues as new (sooner when Temporal suggests it)."""
+    retry_span: timedelta = Field(
+        default=timedelta(minutes=30), ge=timedelta(seconds=1), le=timedelta(days=1)
+    )
+    """How long a batch may keep failing (a system down) before its task is reported failed
+    and the sweep goes on; errors of the map or the schema fail it at once."""
     state: SweepState | None = None
     """Carried across continue-as-new; None when the sweep starts."""
 

@@ -52,11 +52,10 @@ SWEEP_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=2),
     maximum_attempts=0,
 )
-"""Transient failures retry until SWEEP_SPAN; configuration errors fail the task at once."""
+"""Transient failures retry for the request's `retry_span`; configuration errors fail the task
+at once."""
 SWEEP_TIMEOUT = timedelta(minutes=10)
 SWEEP_HEARTBEAT = timedelta(minutes=1)
-SWEEP_SPAN = timedelta(minutes=30)
-"""How long one batch may keep failing (an outage) before its task is reported failed."""
 SCHEDULED_AT = SearchAttributeKey.for_datetime("TemporalScheduledStartTime")
 """Set by a Temporal Schedule on the runs it starts: the moment the run was due."""
 MAX_SAMPLES = 20
@@ -152,7 +151,7 @@ class RetentionSweepWorkflow:
                     task_queue=task_queue(task.region, workflow.info().task_queue),
                     activity_id=f"{task.id}#{report.batches + 1}",
                     start_to_close_timeout=SWEEP_TIMEOUT,
-                    schedule_to_close_timeout=SWEEP_SPAN,
+                    schedule_to_close_timeout=self._request.retry_span,
                     heartbeat_timeout=SWEEP_HEARTBEAT,
                     retry_policy=SWEEP_RETRY,
                 )
