@@ -47,6 +47,7 @@ from sqlalchemy import (
     Update,
     Uuid,
     and_,
+    any_,
     case,
     delete,
     false,
@@ -60,6 +61,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 
@@ -83,10 +85,14 @@ from lethe.activities.sql_schema import SchemaCache, Tables
 from lethe.activities.sweeps import SweepHolds, sweep_holds, tenant_field
 from lethe.classification.datamap import SqlTableLocator
 from lethe.contracts import RetentionAction, ScopeMatch, SweepBatch, SweepResult, SweepTask
+from lethe.kernel.config import current_settings
 from lethe.kernel.errors import LetheError
+from lethe.kernel.subjects import subject_ref
 
 DATE_TYPES = (Date, DateTime)
 """Column types that date a row: DATE, TIMESTAMP, DATETIME (SQLite: the declared type)."""
+PARTITION = 5_000
+"""Rows fetched at a time when a batch's or a dry run's candidates are judged for subject holds."""
 RECORD = "sql.sweep"
 """The kind of a batch's heartbeat, which a retry of the same cursor returns."""
 VERBS: dict[RetentionAction, str] = {
@@ -115,6 +121,7 @@ class _Plan:
 
     batch: SweepBatch
     locator: SqlTableLocator
+    dialect: str
     table: Table
     date: Column[Any]
     """The limit's date column."""
@@ -244,8 +251,9 @@ async def _batch(conn: AsyncConnection, plan: _Plan) -> SweepResult:
         scanned, keep = await _judged(conn, plan, plan.holder(where, order, size))
         kept = len(keep)
         removed = []
-        for chunk in _chunks([row[1:] for row in scanned if row not in keep]):
-            statement = _change(plan, _keyed(plan.key, chunk), due)
+        go = [row[1:] for row in scanned if row not in keep]
+        for chunk in [go] if _by_array(plan) and go else _chunks(go):
+            statement = _change(plan, _among(plan, chunk), due)
             removed += [tuple(row) for row in (await conn.execute(statement)).all()]
         last = scanned[-1] if scanned else None
         more = len(scanned) == size
@@ -270,7 +278,7 @@ async def _batch(conn: AsyncConnection, plan: _Plan) -> SweepResult:
 def _change(plan: _Plan, rows: Select[Any] | ColumnElement[bool], due: ColumnElement[bool]) -> Any:
     """The statement removing `rows` (a query of keys, or a condition) that are still due, as
     the database has them now; it returns each row's (date, *key)."""
-    match = _in(plan.key, rows) if isinstance(rows, Select) else rows
+    match = _in(plan, rows) if isinstance(rows, Select) else rows
     statement: Delete | Update
     if plan.action == "delete":
         statement = delete(plan.table).where(match, due)
@@ -288,19 +296,24 @@ async def _judged(
     scanned: dict[Row, None] = {}
     keep: set[Row] = set()
     judged: dict[tuple[str, str | None], bool] = {}
+    # SweepHolds.keeps_subject, with the key read once: it reads the settings on every call,
+    # which costs more than the rest of a batch of thousands of rows.
+    key = current_settings().subject_key_bytes
+    held = plan.holds.subjects
     result = await conn.stream(candidates)
-    async for row in result:
-        position = tuple(row[:width])
-        scanned.setdefault(position)
-        subject, tenant = row[width], row[width + 1]
-        if subject is None:
-            continue
-        pair = (str(subject), None if tenant is None else str(tenant))
-        if pair not in judged:
-            tenants = [pair[1]] if pair[1] is not None else plan.task.tenants
-            judged[pair] = plan.holds.keeps_subject(pair[0], tenants)
-        if judged[pair]:
-            keep.add(position)
+    async for rows in result.partitions(PARTITION):
+        for row in rows:
+            position = tuple(row[:width])
+            scanned.setdefault(position)
+            subject, tenant = row[width], row[width + 1]
+            if subject is None:
+                continue
+            pair = (str(subject), None if tenant is None else str(tenant))
+            if pair not in judged:
+                tenants = [pair[1]] if pair[1] is not None else plan.task.tenants
+                judged[pair] = any(subject_ref(t, pair[0], key) in held for t in tenants)
+            if judged[pair]:
+                keep.add(position)
     return list(scanned), keep
 
 
@@ -375,10 +388,28 @@ def _detail(plan: _Plan, removed: int, held: int) -> str:
 # --- the keyset ------------------------------------------------------------------------------
 
 
-def _in(key: list[Column[Any]], picked: Select[Any]) -> ColumnElement[bool]:
-    if len(key) == 1:
-        return key[0].in_(picked)
-    return tuple_(*key).in_(picked)
+def _in(plan: _Plan, picked: Select[Any]) -> ColumnElement[bool]:
+    """True for the rows whose key `picked` selects."""
+    if _by_array(plan):
+        # `IN (SELECT ...)` lets PostgreSQL's planner hash-join a scan of the whole table; an
+        # array makes it find the batch first, then each row by the primary key.
+        return plan.key[0] == any_(func.array(picked.scalar_subquery()))
+    if len(plan.key) == 1:
+        return plan.key[0].in_(picked)
+    return tuple_(*plan.key).in_(picked)
+
+
+def _among(plan: _Plan, keys: Sequence[Row]) -> ColumnElement[bool]:
+    """True for the rows whose key is one of `keys` (at most KEY_CHUNK, but on PostgreSQL with
+    a one-column key)."""
+    if _by_array(plan):
+        col = plan.key[0]
+        return col == any_(literal([key[0] for key in keys], ARRAY(col.type)))
+    return _keyed(plan.key, keys)
+
+
+def _by_array(plan: _Plan) -> bool:
+    return plan.dialect == "postgresql" and len(plan.key) == 1
 
 
 def _past(order: Sequence[Column[Any]], after: Row) -> ColumnElement[bool]:
@@ -629,6 +660,7 @@ def _plan_of(batch: SweepBatch, reflected: Tables, dialect: str, holds: SweepHol
     return _Plan(
         batch=batch,
         locator=locator,
+        dialect=dialect,
         table=table,
         date=date_col,
         key=key,

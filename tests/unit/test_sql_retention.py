@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import (
     Column,
+    Date,
     DateTime,
     Integer,
     MetaData,
@@ -68,6 +69,14 @@ lab_results = Table(
     Column("taken_at", DateTime),
 )
 no_key = Table("no_key", metadata, Column("patient_id", String(40)), Column("at", DateTime))
+events = Table(
+    "events",
+    metadata,
+    Column("site", String(20), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("patient_id", String(40)),
+    Column("on_day", Date),
+)
 
 
 def term(
@@ -451,3 +460,31 @@ async def test_anonymize_refuses_a_link_it_cannot_null(eraser: SqlEraser) -> Non
     locator = visits_locator(unlink="surrogate")
     with pytest.raises(UnlinkNotPossible, match="patient_id"):
         await sweep_all(eraser, sweep_task(locator, limit=term(action="anonymize")))
+
+
+async def test_a_composite_key_and_a_date_column(eraser: SqlEraser) -> None:
+    # A DATE is past only once its whole day is: 2025-05-31 is, 2025-06-01 (NOW - 365d) not.
+    days = [date(2025, 5, 31), date(2025, 6, 1), date(2024, 1, 1), None]
+    rows = [
+        {"site": site, "seq": n, "patient_id": f"p-{n % 3}", "on_day": days[n % 4]}
+        for site in ("b", "a", "B", "ä")
+        for n in range(8)
+    ]
+    await seed(eraser, rows, events)
+    locator = SqlTableLocator.model_validate(
+        {
+            "table": "events",
+            "subject_column": "patient_id",
+            "columns": {"patient_id": "user.health_and_medical"},
+            "retention": {"created": "on_day"},
+        }
+    )
+    results = await sweep_all(eraser, sweep_task(locator), size=3, holds=[subject_hold("p-1")])
+    async with eraser.engine.connect() as conn:
+        left = {tuple(row) for row in (await conn.execute(select(events.c.site, events.c.seq)))}
+    gone = {(r["site"], r["seq"]) for r in rows if r["on_day"] in days[::2]}
+    held = {(r["site"], r["seq"]) for r in rows if r["on_day"] in days[::2] and r["seq"] % 3 == 1}
+    assert left == {(r["site"], r["seq"]) for r in rows} - (gone - held)
+    assert totals(results) == (len(gone - held), len(held), 8)
+    assert all(len(r.cursor or [None] * 3) == 3 for r in results)
+    assert results[0].first == "2024-01-01"
