@@ -465,12 +465,13 @@ async def test_anonymize_refuses_a_link_it_cannot_null(eraser: SqlEraser) -> Non
 async def test_a_composite_key_and_a_date_column(eraser: SqlEraser) -> None:
     # A DATE is past only once its whole day is: 2025-05-31 is, 2025-06-01 (NOW - 365d) not.
     days = [date(2025, 5, 31), date(2025, 6, 1), date(2024, 1, 1), None]
-    rows = [
-        {"site": site, "seq": n, "patient_id": f"p-{n % 3}", "on_day": days[n % 4]}
-        for site in ("b", "a", "B", "ä")
-        for n in range(8)
-    ]
-    await seed(eraser, rows, events)
+    keys = [(site, n) for site in ("b", "a", "B", "ä") for n in range(8)]
+    rows = [{"site": k[0], "seq": k[1], "patient_id": f"p-{k[1] % 3}"} for k in keys]
+    await seed(
+        eraser,
+        [{**row, "on_day": days[k[1] % 4]} for row, k in zip(rows, keys, strict=True)],
+        events,
+    )
     locator = SqlTableLocator.model_validate(
         {
             "table": "events",
@@ -482,9 +483,9 @@ async def test_a_composite_key_and_a_date_column(eraser: SqlEraser) -> None:
     results = await sweep_all(eraser, sweep_task(locator), size=3, holds=[subject_hold("p-1")])
     async with eraser.engine.connect() as conn:
         left = {tuple(row) for row in (await conn.execute(select(events.c.site, events.c.seq)))}
-    gone = {(r["site"], r["seq"]) for r in rows if r["on_day"] in days[::2]}
-    held = {(r["site"], r["seq"]) for r in rows if r["on_day"] in days[::2] and r["seq"] % 3 == 1}
-    assert left == {(r["site"], r["seq"]) for r in rows} - (gone - held)
+    gone = {k for k in keys if k[1] % 4 in (0, 2)}
+    held = {k for k in gone if k[1] % 3 == 1}
+    assert left == set(keys) - (gone - held)
     assert totals(results) == (len(gone - held), len(held), 8)
     assert all(len(r.cursor or [None] * 3) == 3 for r in results)
     assert results[0].first == "2024-01-01"
