@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Boolean,
@@ -102,6 +102,7 @@ VERBS: dict[RetentionAction, str] = {
 }
 
 Row = tuple[Any, ...]
+Trigger = Literal["created", "last_activity", "closed"]
 Cursor = list[str | int | float | None]
 Holder = Callable[[ColumnElement[bool], Sequence[ColumnElement[Any]], int | None], Select[Any]]
 
@@ -239,7 +240,7 @@ async def _batch(conn: AsyncConnection, plan: _Plan) -> SweepResult:
     if plan.holder is None:
         picked = select(*plan.key).where(where).order_by(*order).limit(size)
         removed = [tuple(row) for row in (await conn.execute(_change(plan, picked, due))).all()]
-        kept = 0
+        covered, kept = removed, 0
         # The database may order text keys otherwise than Python, but every returned row is at
         # most the batch's last, and nothing of the batch is left: resuming there skips nothing.
         last = max(removed, key=lambda row: _position(row, nulls_walk)) if removed else None
@@ -257,7 +258,8 @@ async def _batch(conn: AsyncConnection, plan: _Plan) -> SweepResult:
             removed += [tuple(row) for row in (await conn.execute(statement)).all()]
         last = scanned[-1] if scanned else None
         more = len(scanned) == size
-    dates = sorted(row[0] for row in removed if row[0] is not None)
+        covered = scanned
+    dates = sorted(row[0] for row in covered if row[0] is not None)
     result = SweepResult(
         task_id=task.id,
         removed=len(removed),
@@ -548,10 +550,10 @@ class _Tables:
         found: Column[Any] = self.tables[table].c[name]
         return found
 
-    def dated(self, trigger: str) -> Column[Any]:
+    def dated(self, trigger: Trigger) -> Column[Any]:
         """The column dating the rows for `trigger`; SchemaMismatch when it is missing or not a
         date."""
-        name = self.task.dates.get(trigger)  # type: ignore[call-overload]
+        name = self.task.dates.get(trigger)
         if name is None:
             raise SchemaMismatch(
                 f"task {self.task.id}: the data map gives table {self.locator.table!r} no "

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch
+from lethe.activities.driver_errors import SchemaChanged
 from lethe.activities.sql import SqlEraser, UnlinkNotPossible
 from lethe.activities.sql_retention import SweepNotPossible
 from lethe.classification.datamap import SqlJoin, SqlRetentionDates, SqlTableLocator
@@ -489,3 +490,45 @@ async def test_a_composite_key_and_a_date_column(eraser: SqlEraser) -> None:
     assert totals(results) == (len(gone - held), len(held), 8)
     assert all(len(r.cursor or [None] * 3) == 3 for r in results)
     assert results[0].first == "2024-01-01"
+
+
+async def test_a_column_dropped_mid_sweep_is_named_and_nothing_goes(eraser: SqlEraser) -> None:
+    await seed(eraser, [visit(n, 400, closed_days=800) for n in range(6)])
+    task = sweep_task(obligations=[term("obligation", YEAR, "closed")])
+    first = await eraser.sweep(SweepBatch(run_id="r", task=task, now=NOW, batch_size=2))
+    assert first.removed == 2
+    async with eraser.engine.begin() as conn:
+        await conn.exec_driver_sql("ALTER TABLE visits DROP COLUMN closed_at")
+    # The kept description still has the column: the statement fails, the description goes.
+    batch = SweepBatch(run_id="r", task=task, now=NOW, batch_size=2, cursor=first.cursor)
+    with pytest.raises(SchemaChanged) as changed:
+        await eraser.sweep(batch)
+    assert changed.value.retryable
+    with pytest.raises(SchemaMismatch, match=r"table 'visits' has no column 'closed_at'"):
+        await eraser.sweep(batch)
+    assert len(await ids(eraser.engine)) == 4
+
+
+async def test_anonymize_through_a_join_path_unlinks_the_first_hop(eraser: SqlEraser) -> None:
+    await seed(eraser, [visit(1, 1)])
+    old, new = [(NOW - timedelta(days=d)).replace(tzinfo=None) for d in (400, 3)]
+    labs = [
+        {"id": 1, "visit_id": 1, "result": "r1", "taken_at": old},
+        {"id": 2, "visit_id": 1, "result": "r2", "taken_at": new},
+    ]
+    await seed(eraser, labs, lab_results)
+    locator = SqlTableLocator.model_validate(
+        {
+            "table": "lab_results",
+            "subject_column": "patient_id",
+            "via": [SqlJoin(column="visit_id", table="visits", references="id")],
+            "columns": {"result": "user.health_and_medical"},
+            "retention": {"created": "taken_at"},
+        }
+    )
+    task = sweep_task(locator, limit=term(action="anonymize"))
+    assert totals(await sweep_all(eraser, task, holds=[subject_hold("p-9")])) == (1, 0, 0)
+    async with eraser.engine.connect() as conn:
+        rows = sorted(tuple(row) for row in (await conn.execute(select(lab_results))).all())
+    assert rows == [(1, None, None, old), (2, 1, "r2", new)]
+    assert totals(await sweep_all(eraser, task)) == (0, 0, 0)
