@@ -7,7 +7,8 @@ inside each statement, so a row updated during a sweep is judged by its date at 
 
 Batches walk the table by (limit date, primary key), ascending, one statement and one
 transaction a batch: `DELETE|UPDATE ... WHERE key IN (SELECT key ... ORDER BY date, key LIMIT n)
-AND <due> RETURNING date, key`, the same on PostgreSQL and SQLite. The cursor is `[date, *key]`.
+AND <due> RETURNING date, key` (on PostgreSQL, with a one-column key, `key = ANY(ARRAY(SELECT
+...))`, so that the rows are found by the key's index). The cursor is `[date, *key]`.
 Rows with no limit date are kept and counted, or with `nulls: delete` swept after the dated ones
 in a second walk by key alone, its cursor `[None, *key]`. A deleted row is gone and an updated
 one no longer due, so a batch run again from the same cursor removes nothing twice; after its
@@ -108,8 +109,8 @@ Holder = Callable[[ColumnElement[bool], Sequence[ColumnElement[Any]], int | None
 
 
 class SweepNotPossible(LetheError):
-    """The table cannot be swept as the task asks: no primary key to walk it by, or no way to
-    clear or unlink its rows in place."""
+    """The table cannot be swept as the task asks: a date the task needs is not mapped, no
+    primary key to walk it by, or no way to clear its rows in place."""
 
 
 class CursorDoesNotFit(LetheError):
@@ -206,7 +207,7 @@ async def sweep_table(engine: AsyncEngine, schemas: SchemaCache, batch: SweepBat
 
 def _earlier(batch: SweepBatch) -> SweepResult | None:
     """The result an earlier attempt committed and heartbeated for this very batch, if any."""
-    if not activity.in_activity():
+    if batch.dry_run or not activity.in_activity():
         return None
     details = activity.info().heartbeat_details
     last = details[-1] if details else None
@@ -436,15 +437,17 @@ def _decoded(plan: _Plan, cursor: Cursor | None) -> tuple[bool, Row | None]:
     """(whether the cursor is in the walk of undated rows, the position after which it goes on)."""
     if cursor is None:
         return False, None
+    problem = CursorDoesNotFit(
+        f"task {plan.task.id}: the sweep's cursor does not fit the primary key of table "
+        f"{plan.locator.table!r} ({', '.join(col.name for col in plan.key)}); start the sweep again"
+    )
+    if not cursor:
+        raise problem
     nulls_walk = cursor[0] is None
     columns = plan.key if nulls_walk else [plan.date, *plan.key]
     values = cursor[1:] if nulls_walk else cursor
     if nulls_walk and not values:
         return True, None
-    problem = CursorDoesNotFit(
-        f"task {plan.task.id}: the sweep's cursor does not fit the primary key of table "
-        f"{plan.locator.table!r} ({', '.join(col.name for col in plan.key)}); start the sweep again"
-    )
     if len(values) != len(columns):
         raise problem
     try:
@@ -555,9 +558,9 @@ class _Tables:
         date."""
         name = self.task.dates.get(trigger)
         if name is None:
-            raise SchemaMismatch(
+            raise SweepNotPossible(
                 f"task {self.task.id}: the data map gives table {self.locator.table!r} no "
-                f"{trigger} date"
+                f"{trigger} date, so nothing can be judged due"
             )
         col = self.column(name, f"the {trigger} date")
         if not isinstance(col.type, DATE_TYPES):

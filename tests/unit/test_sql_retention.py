@@ -28,7 +28,7 @@ from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch
 from lethe.activities.driver_errors import SchemaChanged
 from lethe.activities.sql import SqlEraser, UnlinkNotPossible
-from lethe.activities.sql_retention import SweepNotPossible
+from lethe.activities.sql_retention import CursorDoesNotFit, SweepNotPossible
 from lethe.classification.datamap import SqlJoin, SqlRetentionDates, SqlTableLocator
 from lethe.contracts import (
     Hold,
@@ -532,3 +532,14 @@ async def test_anonymize_through_a_join_path_unlinks_the_first_hop(eraser: SqlEr
         rows = sorted(tuple(row) for row in (await conn.execute(select(lab_results))).all())
     assert rows == [(1, None, None, old), (2, 1, "r2", new)]
     assert totals(await sweep_all(eraser, task)) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("cursor", [[], ["not a date", 1], ["2025-01-01T00:00:00", 1, 2]])
+async def test_a_cursor_that_does_not_fit_is_refused(
+    eraser: SqlEraser, cursor: list[str | int]
+) -> None:
+    await seed(eraser, [visit(1, 400)])
+    batch = SweepBatch(run_id="r", task=sweep_task(), now=NOW, batch_size=5, cursor=list(cursor))
+    with pytest.raises(CursorDoesNotFit, match=r"primary key of table 'visits' \(id\)"):
+        await eraser.sweep(batch)
+    assert await ids(eraser.engine) == {1}
