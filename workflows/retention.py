@@ -118,11 +118,11 @@ class RetentionSweepWorkflow:
 
     async def _sweep(self, index: int, task: SweepTask) -> None:
         """Run one task to its end: batch after batch, each with the holds of its moment."""
-        state = self._current
-        if index == len(state.reports):
+        if index == len(self._current.reports):
             self._set(index, self._open(task), cursor=None)
         if task.kept is not None:
-            self._set(index, state.reports[index].model_copy(update={"status": "kept"}))
+            kept = self._current.reports[index].model_copy(update={"status": "kept"})
+            self._set(index, kept)
             return
         while True:
             holds: list[Hold] = await workflow.execute_local_activity(

@@ -60,29 +60,20 @@ def register(app: typer.Typer) -> None:
 
 
 def report_view(report: SweepReport) -> Group:
-    """A sweep's report: one row per task, then warnings."""
+    """A sweep's report: a row per task that ran, then what each found, the tasks kept whole
+    and why, and the warnings."""
     verb = "would remove" if report.dry_run else "removed"
     table = Table(
         title=(
             f"{'dry run' if report.dry_run else 'sweep'} {report.run_id} under {report.pack}, "
-            f"as of {when(report.as_of)}, started {when(report.started_at)}"
-            + (f", finished {when(report.finished_at)}" if report.finished_at else ", running")
+            f"as of {when(report.as_of)}" + ("" if report.finished_at else " (running)")
         ),
         title_justify="left",
     )
-    for column in ("task", "status", "rules", "action", verb, "held", "undated", "notes"):
+    for column in ("task", "status", "rules", "action", verb, "held", "undated"):
         table.add_column(column, overflow="fold")
-    for task in report.tasks:
-        notes = [task.detail] if task.detail else []
-        notes += [
-            f"{d.target} {d.setting}: {d.found} -> {d.wanted}"
-            + (" (fixed)" if d.fixed else "")
-            + (f" x{d.count}" if d.count > 1 else "")
-            + f"; {d.breaks}"
-            for d in task.drift
-        ]
-        if task.samples:
-            notes.append("e.g. " + ", ".join(task.samples))
+    ran = [task for task in report.tasks if task.status != "kept"]
+    for task in ran:
         table.add_row(
             task.task_id,
             task.status,
@@ -91,9 +82,24 @@ def report_view(report: SweepReport) -> Group:
             str(task.removed),
             str(task.held),
             str(task.undated),
-            "\n".join(notes),
         )
-    lines: list[str] = [f"warning: {warning}" for warning in report.warnings]
+    lines: list[str] = []
+    for task in ran:
+        notes = [task.detail] if task.detail else []
+        notes += [
+            f"{d.target} {d.setting} {d.found} -> {d.wanted}"
+            + (" (fixed)" if d.fixed else "")
+            + (f" on {d.count} keys" if d.count > 1 else "")
+            + f": {d.breaks}"
+            for d in task.drift
+        ]
+        if task.samples:
+            notes.append("e.g. " + ", ".join(task.samples))
+        lines += [f"{task.task_id}: {note}" for note in notes]
+    lines += [
+        f"kept {task.task_id}: {task.detail}" for task in report.tasks if task.status == "kept"
+    ]
+    lines += [f"warning: {warning}" for warning in report.warnings]
     lines.append(
         f"{verb} {report.removed}; kept for legal holds {report.held}; "
         f"{sum(1 for t in report.tasks if t.status == 'failed')} task(s) failed"
