@@ -9,6 +9,7 @@ found by the reference of each record's subject (under each tenant the record ma
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -46,12 +47,17 @@ class SweepHolds:
         """Some hold keeps some records of the task."""
         return bool(self.whole or self.tenants or self.subjects)
 
+    @functools.cached_property
+    def _key(self) -> bytes:
+        return current_settings().subject_key_bytes
+
     def keeps_subject(self, subject_id: str, tenants: Iterable[str]) -> bool:
         """True if a subject hold covers this subject id under any of these tenants."""
         if not self.subjects:
             return False
-        key = current_settings().subject_key_bytes
-        return any(subject_ref(tenant, subject_id, key) in self.subjects for tenant in tenants)
+        return any(
+            subject_ref(tenant, subject_id, self._key) in self.subjects for tenant in tenants
+        )
 
 
 def tenant_field(task: SweepTask) -> str | None:
