@@ -324,6 +324,10 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
         "the window; what the service cannot show (versions, holds) is named as not checked"
     )
     retries = "the blobs found, heartbeated and confirmed before any is deleted"
+    sweeps = (
+        "blobs past the period by their own date deleted (If-Match); whole backups kept while "
+        "a subject or tenant hold bears on the system"
+    )
 
     async def preflight(self, request: StepRequest) -> list[str]:
         """Touching nothing: the subject's prefix renders and its reference can be a tag

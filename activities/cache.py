@@ -165,6 +165,10 @@ class CacheEraser(Connector[RedisLocator]):
     )
     proves = "no key matches the patterns and no hash field remains (a scan after the purge)"
     retries = "the keys and fields found, heartbeated and confirmed before they are removed"
+    sweeps = (
+        "every key under the patterns carries a TTL within the limit (drift per pattern); "
+        "apply sets it with PEXPIRE ... LT"
+    )
 
     def __init__(self, client: Redis, where: str = "", user: str = "default") -> None:
         """Use `client`; `where` (host:port, no credentials) names the server in errors;

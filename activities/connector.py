@@ -57,6 +57,7 @@ class ConnectorInfo(BaseModel):
     preflight: str
     verify: str
     retry: str
+    sweep: str
 
 
 class Connector(ABC, Generic[L]):
@@ -73,6 +74,8 @@ class Connector(ABC, Generic[L]):
     """What `verify` proves."""
     retries: ClassVar[str]
     """How a retry after a lost worker knows the first attempt's effect."""
+    sweeps: ClassVar[str] = "no retention sweep"
+    """What a retention sweep does in this kind of system (`sweep`)."""
 
     @classmethod
     @abstractmethod
@@ -137,6 +140,7 @@ class Connector(ABC, Generic[L]):
             preflight=cls.checks,
             verify=cls.proves,
             retry=cls.retries,
+            sweep=cls.sweeps,
         )
 
 

@@ -511,6 +511,10 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         "at_risk, never done)"
     )
     retries = "the tombstone found again by its lethe-request and lethe-step headers"
+    sweeps = (
+        "retention.ms, cleanup.policy, max.compaction.lag.ms and delete.retention.ms against "
+        "the rules (drift), changed with apply by incremental alter-configs"
+    )
 
     def __init__(self, clients: Clients, bootstrap: str) -> None:
         """Use the worker's producer and admin client of the cluster at `bootstrap`."""

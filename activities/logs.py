@@ -306,6 +306,7 @@ class LogRedactor(BlobConnector[LogLocator]):
     )
     proves = "no record of the subject is left in any log blob under the prefix"
     retries = "each rewritten blob's lethe_request, lethe_step and lethe_records metadata"
+    sweeps = "each log blob rewritten without its lines past the period (If-Match), the rest as is"
 
     async def preflight(self, request: StepRequest) -> list[str]:
         """Touching nothing: the action is one logs take, the request gives a value to find

@@ -237,6 +237,10 @@ class SqlEraser(Connector[SqlTableLocator]):
         "cleared (soft_delete, pseudonymize)"
     )
     retries = "the row count heartbeated inside the transaction before the commit"
+    sweeps = (
+        "rows past the limit and every obligation, outside holds, deleted, soft-deleted or "
+        "anonymised in keyset batches by (date, key), one transaction each"
+    )
 
     def __init__(self, engine: AsyncEngine, schemas: SchemaCache | None = None) -> None:
         """Use `engine` and the descriptions of its tables in `schemas` (the worker's, from

@@ -337,7 +337,14 @@ def _add(report: TaskReport, result: SweepResult) -> TaskReport:
             "batches": report.batches + 1,
             "drift": _merged(report.drift, result.drift),
             "samples": (report.samples + result.samples)[:MAX_SAMPLES],
-            "detail": result.detail or report.detail,
+            # A batch's detail speaks of that batch; the totals are the report's columns.
+            "detail": (
+                result.detail
+                if report.batches == 0
+                else f"{report.batches + 1} batches; the last: {result.detail}"
+                if result.detail
+                else report.detail
+            ),
         }
     )
 

@@ -12,7 +12,15 @@ from lethe.activities.connector import ConnectorInfo
 from lethe.activities.connectors import describe
 from lethe.cli.common import JsonOption, out
 
-MARKDOWN_COLUMNS = ("kind", "locator", "actions", "phase", "preflight checks", "verify proves")
+MARKDOWN_COLUMNS = (
+    "kind",
+    "locator",
+    "actions",
+    "phase",
+    "preflight checks",
+    "verify proves",
+    "retention sweep",
+)
 
 
 def markdown(infos: list[ConnectorInfo]) -> str:
@@ -29,6 +37,7 @@ def markdown(infos: list[ConnectorInfo]) -> str:
             info.phase,
             info.preflight,
             info.verify,
+            info.sweep,
         )
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
@@ -46,6 +55,7 @@ def _table(info: ConnectorInfo) -> Table:
     table.add_row("preflight checks", info.preflight)
     table.add_row("verify proves", info.verify)
     table.add_row("after a lost worker", info.retry)
+    table.add_row("retention sweep", info.sweep)
     return table
 
 
