@@ -52,7 +52,7 @@ CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     control.remember,
     control.listed,
     retention.plan,
-    retention.active_holds,
+    retention.next_batch,
     retention.keep_report,
 )
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from temporalio import activity
 
 from lethe.activities.planning import planner_from_settings
-from lethe.contracts import Hold, SweepPlan, SweepReport, SweepRequest
-from lethe.evidence import holds, sweep_reports
+from lethe.contracts import Hold, LedgerRecord, SweepPlan, SweepReport, SweepRequest
+from lethe.evidence import holds, ledger, sweep_reports
 from lethe.evidence.store import engine_for
 from lethe.kernel.config import current_settings
 from lethe.kernel.errors import LetheError
@@ -26,10 +26,16 @@ async def plan(request: SweepRequest) -> SweepPlan:
         raise exc.to_application_error() from None
 
 
-@activity.defn(name="holds.active")
-async def active_holds() -> list[Hold]:
-    """Every legal hold in force now."""
+@activity.defn(name="retention.next_batch")
+async def next_batch(entries: list[LedgerRecord]) -> list[Hold]:
+    """Between two batches of a sweep: append the last one's ledger entries (each once, whatever
+    the retries), then every legal hold in force, for the next."""
     store = await engine_for(current_settings().store_url.get_secret_value())
+    try:
+        for entry in entries:
+            await ledger.append(store, **entry.model_dump())
+    except LetheError as exc:
+        raise exc.to_application_error() from None
     return await holds.list_holds(store)
 
 

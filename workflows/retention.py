@@ -124,13 +124,18 @@ class RetentionSweepWorkflow:
             kept = self._current.reports[index].model_copy(update={"status": "kept"})
             self._set(index, kept)
             return
+        pending: list[LedgerRecord] = []
         while True:
+            # One local activity between batches: the last batch's ledger entry, then the holds
+            # in force for the next.
             holds: list[Hold] = await workflow.execute_local_activity(
-                "holds.active",
+                "retention.next_batch",
+                pending,
                 result_type=list[Hold],
                 start_to_close_timeout=CONTROL_TIMEOUT,
                 retry_policy=CONTROL_RETRY,
             )
+            pending = []
             batch = SweepBatch(
                 run_id=workflow.info().workflow_id,
                 task=task,
@@ -166,16 +171,17 @@ class RetentionSweepWorkflow:
             self._set(index, report, cursor=result.cursor)
             self._batches_this_run += 1
             if not self._request.dry_run and (result.removed or result.held):
-                await self._ledger([self._batch_entry(task, report, result)])
+                pending = [self._batch_entry(task, report, result)]
             if result.done:
                 done = report.model_copy(update={"status": "done"})
                 self._set(index, done, cursor=None)
-                await self._ledger(self._drift_entries(done))
+                await self._ledger(pending + self._drift_entries(done))
                 return
             if (
                 self._batches_this_run >= self._request.batches_per_run
                 or workflow.info().is_continue_as_new_suggested()
             ):
+                await self._ledger(pending)
                 workflow.continue_as_new(self._request.model_copy(update={"state": self._current}))
 
     @property

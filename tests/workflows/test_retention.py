@@ -166,7 +166,7 @@ def _workers(env: WorkflowEnvironment, clients: Clients, sweep: Any = None) -> l
             workflows=[RetentionSweepWorkflow],
             activities=[
                 retention.plan,
-                retention.active_holds,
+                retention.next_batch,
                 retention.keep_report,
                 control.record,
             ],
