@@ -4,7 +4,8 @@ directly, on PostgreSQL, in the same run.
 Run it after `scripts/stack up`:
 
     .venv/bin/python bench/retention.py [--rows 2000000] [--batch 5000] [--lethe-first]
-                                        [--json FILE] [--strict] [--keep-workflows]
+                                        [--timeout 1200] [--json FILE] [--strict]
+                                        [--keep-workflows]
 
 Set-up, all named for this run and removed at the end (also after an error or Ctrl-C): a
 PostgreSQL database of its own on the stack's server holding one table, `portal_sessions(id
@@ -109,7 +110,9 @@ async def floor_side(engine: AsyncEngine, rows: int, batch_size: int) -> Side:
     return Side(removed=removed, batches=batches, cost=meter.cost)
 
 
-async def run(rows: int, batch_size: int, *, lethe_first: bool, keep_workflows: bool) -> Result:
+async def run(
+    rows: int, batch_size: int, timeout: float, *, lethe_first: bool, keep_workflows: bool
+) -> Result:
     """Set up, measure both sides, clean up."""
     load_stack_env()
     server = stack_variable("LETHE_STACK_SQL_URL")
@@ -152,7 +155,7 @@ async def run(rows: int, batch_size: int, *, lethe_first: bool, keep_workflows: 
         async def lethe_side() -> Side:
             console.print(f"Lethe: RetentionSweepWorkflow on {control}, workers in this process")
             await fresh_table(engine, rows)
-            swept = await lethe_sweep(temporal, settings, batch_size, started)
+            swept = await lethe_sweep(temporal, settings, batch_size, started, timeout)
             report = swept.report
             task = report.tasks[0] if len(report.tasks) == 1 else None
             if task is None or task.status != "done" or report.removed != expired_count(rows):
@@ -200,6 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--batch", type=at_least(1), default=5000, help="rows per batch, both sides (5000)"
     )
     parser.add_argument("--lethe-first", action="store_true", help="measure Lethe first")
+    parser.add_argument(
+        "--timeout",
+        type=at_least(10),
+        default=1200,
+        help="seconds Lethe's sweep may take before the run fails (1200)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the target is missed")
     parser.add_argument(
@@ -216,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run(
                     args.rows,
                     args.batch,
+                    args.timeout,
                     lethe_first=args.lethe_first,
                     keep_workflows=args.keep_workflows,
                 )

@@ -7,6 +7,7 @@ limit. The plan is checked before anything runs: one SQL task, deleting after 90
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +69,16 @@ class Swept:
 
 
 async def lethe_sweep(
-    temporal: TemporalClient, settings: Settings, batch_size: int, started: list[str]
+    temporal: TemporalClient,
+    settings: Settings,
+    batch_size: int,
+    started: list[str],
+    timeout: float,
 ) -> Swept:
     """Run one sweep to its report with this process's workers, timed from the start call to
     the report (planning, every batch and its ledger entry, the report kept); its workflow id
-    is added to `started` as soon as it runs."""
+    is added to `started` as soon as it runs. BenchError when it has no report after `timeout`
+    seconds (a workflow task failing again and again never ends the workflow)."""
     await check_stores(settings, control=True)
     request = SweepRequest(requested_by="bench-retention", batch_size=batch_size)
     async with contextlib.AsyncExitStack() as running:
@@ -85,6 +91,13 @@ async def lethe_sweep(
         async with measured() as meter:
             run_id = await start_sweep(temporal, settings, request)
             started.append(run_id)
-            report = await follow(temporal, run_id)
+            try:
+                async with asyncio.timeout(timeout):
+                    report = await follow(temporal, run_id)
+            except TimeoutError:
+                raise BenchError(
+                    f"sweep {run_id} gave no report within {timeout:.0f} s (see the worker's "
+                    "messages above)"
+                ) from None
     assert meter.cost is not None
     return Swept(report=report, run_id=run_id, cost=meter.cost)

@@ -2,9 +2,9 @@
 
 A batch is one `<kind>.sweep` activity. The cycle of a batch runs from the previous batch's
 completion to its own: the workflow task that follows the completion (its wait for the worker,
-then, inside it, the ledger entry of the previous batch and the holds read for this one, both
-local activities, and the rest of the task up to scheduling the activity), the activity's wait
-in the region's queue, and its run. Local activities leave markers whose data holds the moment
+then, inside it, the local activities between batches, which write the last batch's ledger
+entry and read the holds for this one, and the rest of the task up to scheduling the
+activity), the activity's wait in the region's queue, and its run. Local activities leave markers whose data holds the moment
 each completed, so the task is split at those moments. The segments of a cycle add up to it.
 """
 
@@ -22,8 +22,6 @@ from temporalio.client import Client as TemporalClient
 from bench.harness.workflows import event_seconds
 
 QUEUED_WFT = "workflow task: queued (the last batch done -> task started)"
-LEDGER = "ledger.record of the last batch (local activity)"
-HOLDS = "holds.active for this batch (local activity)"
 REST = "rest of the workflow task (-> activity scheduled)"
 QUEUED = "sql.sweep: queued (scheduled -> started)"
 RAN = "sql.sweep: ran (started -> completed)"
@@ -73,7 +71,7 @@ def _one_run(events: Sequence[HistoryEvent], first_run: bool, found: _Run) -> No
     started_at = event_seconds(events[0])
     done: float | None = None  # the last batch's completion
     task_started: float | None = None
-    locals_done: dict[str, float] = {}
+    locals_done: list[tuple[str, float]] = []
     scheduled: dict[int, float] = {}
     begun: dict[int, float] = {}
     batches = 0
@@ -84,7 +82,7 @@ def _one_run(events: Sequence[HistoryEvent], first_run: bool, found: _Run) -> No
         elif kind == kinds.EVENT_TYPE_MARKER_RECORDED:
             local = _local_activity(event)
             if local is not None:
-                locals_done[local[0]] = local[1]
+                locals_done.append(local)
         elif kind == kinds.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             name = event.activity_task_scheduled_event_attributes.activity_type.name
             if not name.endswith(".sweep"):
@@ -94,12 +92,12 @@ def _one_run(events: Sequence[HistoryEvent], first_run: bool, found: _Run) -> No
                 if first_run and not batches:
                     found.once[BEFORE] = at - started_at
             elif task_started is not None:
-                ledger = locals_done.get("ledger.record", task_started)
-                holds = locals_done.get("holds.active", ledger)
                 found.add(QUEUED_WFT, task_started - done)
-                found.add(LEDGER, ledger - task_started)
-                found.add(HOLDS, holds - ledger)
-                found.add(REST, at - holds)
+                previous = task_started
+                for name, completed in locals_done:
+                    found.add(f"{name} (local activity)", completed - previous)
+                    previous = completed
+                found.add(REST, at - previous)
         elif kind == kinds.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             attributes = event.activity_task_started_event_attributes
             if attributes.scheduled_event_id in scheduled:
@@ -117,7 +115,7 @@ def _one_run(events: Sequence[HistoryEvent], first_run: bool, found: _Run) -> No
                 if done is not None:
                     found.add(CYCLE, at - done)
             batches += 1
-            done, task_started, locals_done = at, None, {}
+            done, task_started, locals_done = at, None, []
         elif kind == kinds.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED and done is not None:
             found.once[AFTER] = at - done
 
@@ -129,9 +127,11 @@ async def where_time_goes(temporal: TemporalClient, workflow_id: str) -> dict[st
     runs = await histories(temporal, workflow_id)
     for index, events in enumerate(runs):
         _one_run(events, index == 0, found)
+    last = (QUEUED, RAN, CYCLE)
+    order = [name for name in found.segments if name not in last] + list(last)
     figures = {
         name: statistics.fmean(values) * 1000
-        for name in (QUEUED_WFT, LEDGER, HOLDS, REST, QUEUED, RAN, CYCLE)
+        for name in order
         if (values := found.segments.get(name))
     }
     figures.update({name: seconds * 1000 for name, seconds in found.once.items()})
