@@ -281,8 +281,8 @@ class SqlEraser(Connector[SqlTableLocator]):
         except SchemaChanged as exc:
             changed = exc
         # Outside the handler, so that the SchemaMismatch below stands alone.
-        self.schemas.forget(_table_names(self.locator(request)))
-        async with _database(request.step.system), self.engine.connect() as conn:
+        self.schemas.forget(table_names(self.locator(request)))
+        async with database_errors(request.step.system), self.engine.connect() as conn:
             await _target(conn, request, self.schemas, fresh=True)
         raise changed
 
@@ -295,7 +295,7 @@ class SqlEraser(Connector[SqlTableLocator]):
             "join_hops": len(locator.via),
         }
         attempt, earlier = _attempt(), _earlier_count(request)
-        async with _database(step.system), self.engine.connect() as conn:
+        async with database_errors(step.system), self.engine.connect() as conn:
             target = await _target(conn, request, self.schemas)
             evidence["dialect"] = conn.dialect.name
             if (
@@ -388,7 +388,7 @@ class SqlEraser(Connector[SqlTableLocator]):
         locator = self.locator(request)
         if erased.status in ("retained", "failed"):
             return erased
-        async with _database(step.system), self.engine.connect() as conn:
+        async with database_errors(step.system), self.engine.connect() as conn:
             target = await _target(conn, request, self.schemas, unlink=False)
             # Anonymised rows cannot be found any more: none may lead to the subject.
             checks = [] if step.action == "anonymize" else _checks(step.action, target)
@@ -456,7 +456,7 @@ class SqlEraser(Connector[SqlTableLocator]):
         (PostgreSQL) the role may do the step."""
         step = request.step
         locator = self.locator(request)
-        async with _database(step.system), self.engine.connect() as conn:
+        async with database_errors(step.system), self.engine.connect() as conn:
             try:
                 # The preflight is the check: it reads the tables afresh.
                 await _target(conn, request, self.schemas, fresh=True)
@@ -485,14 +485,51 @@ class SqlEraser(Connector[SqlTableLocator]):
 # --- the step's target -----------------------------------------------------------------------
 
 
-def _database(system: str) -> translated:
+def database_errors(system: str) -> translated:
     """Driver errors as Lethe's, naming the system (never the driver's text)."""
     return translated(f"database of system {system!r}", ChangeRefused, schema_changes=True)
 
 
-def _table_names(locator: SqlTableLocator) -> list[str]:
+def table_names(locator: SqlTableLocator) -> list[str]:
     """The tables a step reads: the erased one, then those of its join path."""
     return list(dict.fromkeys([locator.table, *(hop.table for hop in locator.via)]))
+
+
+def described_tables(system: str, names: Sequence[str], reflected: Tables) -> dict[str, Table]:
+    """The tables `names` as `reflected` describes them, by name; SchemaMismatch naming one the
+    database lacks."""
+    metadata = MetaData()
+    tables: dict[str, Table] = {}
+    for name in names:
+        described = reflected[name]
+        if described is None:
+            raise SchemaMismatch(f"system {system!r} has no table {name!r}")
+        schema, _, bare = name.rpartition(".")
+        tables[name] = Table(
+            bare,
+            metadata,
+            *(
+                Column(
+                    c["name"],
+                    c["type"],
+                    nullable=c["nullable"],
+                    primary_key=c["name"] in described.primary_key,
+                )
+                for c in described.columns
+            ),
+            schema=schema or None,
+        )
+    return tables
+
+
+def described_column(system: str, table: Table, name: str, role: str) -> Column[Any]:
+    """`table`'s column `name`; SchemaMismatch naming it and its `role` when the table lacks it."""
+    if name not in table.c:
+        raise SchemaMismatch(
+            f"system {system!r}: table {table.fullname!r} has no column {name!r} ({role})"
+        )
+    found: Column[Any] = table.c[name]
+    return found
 
 
 async def _target(
@@ -507,7 +544,7 @@ async def _target(
     build the subject match (and, for `anonymize` unless `unlink` is False, how to break the
     rows' link)."""
     locator = SqlEraser.locator(request)
-    names = _table_names(locator)
+    names = table_names(locator)
     reflected, kept = await schemas.tables(conn, names, locator.table, fresh=fresh)
     if kept:
         # A kept description may be stale: any mismatch, or a described column the database
@@ -537,36 +574,10 @@ def _target_of(request: StepRequest, reflected: Tables, dialect: str, *, unlink:
     """The step's target on tables as `reflected` describes them; SchemaMismatch naming what
     the data map names and they lack."""
     step, locator = request.step, SqlEraser.locator(request)
-    names = _table_names(locator)
-    metadata = MetaData()
-    tables: dict[str, Table] = {}
-    for name in names:
-        described = reflected[name]
-        if described is None:
-            raise SchemaMismatch(f"system {step.system!r} has no table {name!r}")
-        schema, _, bare = name.rpartition(".")
-        tables[name] = Table(
-            bare,
-            metadata,
-            *(
-                Column(
-                    c["name"],
-                    c["type"],
-                    nullable=c["nullable"],
-                    primary_key=c["name"] in described.primary_key,
-                )
-                for c in described.columns
-            ),
-            schema=schema or None,
-        )
+    tables = described_tables(step.system, table_names(locator), reflected)
 
     def column(table: str, name: str, role: str) -> Column[Any]:
-        if name not in tables[table].c:
-            raise SchemaMismatch(
-                f"system {step.system!r}: table {table!r} has no column {name!r} ({role})"
-            )
-        found: Column[Any] = tables[table].c[name]
-        return found
+        return described_column(step.system, tables[table], name, role)
 
     table = tables[locator.table]
     personal = {name: column(locator.table, name, "a personal column") for name in locator.columns}
@@ -586,7 +597,7 @@ def _target_of(request: StepRequest, reflected: Tables, dialect: str, *, unlink:
         hops.append((previous.c[hop.column], joined.c[hop.references]))
         previous, previous_name = joined, hop.table
     subject = column(previous_name, locator.subject_column, "the subject column")
-    value = _subject_value(request.subject.subject_id, subject, previous_name, dialect)
+    value = subject_value(request.subject.subject_id, subject, previous_name, dialect)
     match: ColumnElement[bool] = previous.c[locator.subject_column] == value
     if locator.tenant_column is not None:
         # The subject is (tenant, id): another tenant's subject with the same id stays.
@@ -618,7 +629,7 @@ def _target_of(request: StepRequest, reflected: Tables, dialect: str, *, unlink:
             clear[name] = (
                 None
                 if col.nullable
-                else _placeholder(col, locator.columns[name], step.system, locator.table)
+                else placeholder(col, locator.columns[name], step.system, locator.table)
             )
     broken = None
     if step.action == "anonymize" and unlink and (clear or link in personal):
@@ -694,7 +705,7 @@ def _unlink_of(
     draw = _surrogate_draw(col, dialect)
     if draw is None:
         raise UnlinkNotPossible(
-            f"{where} is of type {_type_name(col)}, which has no random surrogate (Lethe draws "
+            f"{where} is of type {type_name(col)}, which has no random surrogate (Lethe draws "
             "them for text of 16 characters or more, 32- and 64-bit integers and UUIDs): "
             + ("use `unlink: null`" if col.nullable else instead)
         )
@@ -788,7 +799,7 @@ async def _anonymise(
     ]
     oks = [ok for _, ok in _checks("anonymize", target)]
     seen = linked = uncleared = 0
-    for chunk in _chunks(keys):
+    for chunk in key_chunks(keys):
         counts = (
             await conn.execute(
                 select(
@@ -797,7 +808,7 @@ async def _anonymise(
                     func.coalesce(func.sum(case((and_(true(), *oks), 0), else_=1)), 0),
                 )
                 .select_from(target.table)
-                .where(_keyed(target.primary_key, chunk))
+                .where(keyed(target.primary_key, chunk))
             )
         ).one()
         seen, linked, uncleared = seen + counts[0], linked + counts[1], uncleared + counts[2]
@@ -829,7 +840,7 @@ async def _surrogates(
                 fresh.append(value)
         held: set[object] = set()
         for col in unlink.taken:
-            for chunk in _chunks(fresh):
+            for chunk in key_chunks(fresh):
                 held.update((await conn.execute(select(col).where(col.in_(chunk)))).scalars())
         chosen += [value for value in fresh if value not in held]
         if len(chosen) == count:
@@ -842,14 +853,15 @@ async def _surrogates(
     )
 
 
-def _keyed(primary_key: list[Column[Any]], keys: Sequence[tuple[Any, ...]]) -> ColumnElement[bool]:
+def keyed(primary_key: list[Column[Any]], keys: Sequence[tuple[Any, ...]]) -> ColumnElement[bool]:
     """True for the rows whose primary key is one of `keys`."""
     if len(primary_key) == 1:
         return primary_key[0].in_([key[0] for key in keys])
     return tuple_(*primary_key).in_(list(keys))
 
 
-def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+def key_chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    """`items` in chunks of KEY_CHUNK, so that no `IN` list of keys grows unbounded."""
     return [items[start : start + KEY_CHUNK] for start in range(0, len(items), KEY_CHUNK)]
 
 
@@ -950,12 +962,12 @@ def _earlier_detail(attempt: int, earlier: _Counted | None) -> str:
 # --- values ----------------------------------------------------------------------------------
 
 
-def _subject_value(subject_id: str, col: Column[Any], table: str, dialect: str) -> object:
+def subject_value(subject_id: str, col: Column[Any], table: str, dialect: str) -> object:
     """The subject id converted to the subject column's type, or SubjectIdDoesNotFit."""
     kind = col.type
     does_not_fit = SubjectIdDoesNotFit(
         f"the subject id does not fit column {col.name!r} of table {table!r} "
-        f"(type {_type_name(col)})"
+        f"(type {type_name(col)})"
     )
     if isinstance(kind, NullType):
         return subject_id  # SQLite columns declared without a type compare as given
@@ -989,7 +1001,7 @@ def _subject_value(subject_id: str, col: Column[Any], table: str, dialect: str) 
     raise does_not_fit
 
 
-def _placeholder(col: Column[Any], category: str, system: str, table: str) -> object:
+def placeholder(col: Column[Any], category: str, system: str, table: str) -> object:
     """An anonymous, type-valid value for a NOT NULL personal column."""
     kind = col.type
     if isinstance(kind, String) and not isinstance(kind, Enum):
@@ -1017,7 +1029,7 @@ def _placeholder(col: Column[Any], category: str, system: str, table: str) -> ob
         return b""
     raise NoPlaceholder(
         f"system {system!r}: column {col.name!r} of table {table!r} is NOT NULL and of type "
-        f"{_type_name(col)}, which has no anonymous placeholder; make it nullable, keep it, or "
+        f"{type_name(col)}, which has no anonymous placeholder; make it nullable, keep it, or "
         "delete the rows instead"
     )
 
@@ -1069,7 +1081,7 @@ def _soft_delete_value(request: StepRequest, target: _Target) -> dict[str, objec
         return {col.name: True}
     raise SoftDeleteNotPossible(
         f"system {request.step.system!r}: soft-delete column {col.name!r} of table "
-        f"{locator.table!r} is of type {_type_name(col)}; Lethe sets a timestamp, date or boolean"
+        f"{locator.table!r} is of type {type_name(col)}; Lethe sets a timestamp, date or boolean"
     )
 
 
@@ -1090,7 +1102,8 @@ def _checks(action: str, target: _Target) -> list[tuple[str, ColumnElement[bool]
     return checks
 
 
-def _type_name(col: Column[Any]) -> str:
+def type_name(col: Column[Any]) -> str:
+    """The column's SQL type as the dialect names it, else the type's class name."""
     try:
         return str(col.type)
     except SQLAlchemyError:

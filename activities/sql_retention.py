@@ -41,7 +41,6 @@ from sqlalchemy import (
     Delete,
     FromClause,
     LargeBinary,
-    MetaData,
     Numeric,
     Select,
     Table,
@@ -74,13 +73,15 @@ from lethe.activities.sql import (
     SoftDeleteNotPossible,
     SubjectIdDoesNotFit,
     UnlinkNotPossible,
-    _chunks,
-    _database,
-    _keyed,
-    _placeholder,
-    _subject_value,
-    _table_names,
-    _type_name,
+    database_errors,
+    described_column,
+    described_tables,
+    key_chunks,
+    keyed,
+    placeholder,
+    subject_value,
+    table_names,
+    type_name,
 )
 from lethe.activities.sql_schema import SchemaCache, Tables
 from lethe.activities.sweeps import SweepHolds, sweep_holds, tenant_field
@@ -182,7 +183,7 @@ async def sweep_table(engine: AsyncEngine, schemas: SchemaCache, batch: SweepBat
         return earlier
     holds = sweep_holds(task, batch.holds)
     try:
-        async with _database(task.system), engine.connect() as conn:
+        async with database_errors(task.system), engine.connect() as conn:
             plan = await _plan(conn, batch, schemas, holds)
             if holds.whole:
                 return await _held_whole(conn, plan)
@@ -191,7 +192,7 @@ async def sweep_table(engine: AsyncEngine, schemas: SchemaCache, batch: SweepBat
             result = await _batch(conn, plan)
             await conn.commit()
     except SchemaChanged:
-        schemas.forget(_table_names(locator))  # the retry reads the tables again
+        schemas.forget(table_names(locator))  # the retry reads the tables again
         raise
     heartbeat(
         {
@@ -254,7 +255,7 @@ async def _batch(conn: AsyncConnection, plan: _Plan) -> SweepResult:
         kept = len(keep)
         removed = []
         go = [row[1:] for row in scanned if row not in keep]
-        for chunk in [go] if _by_array(plan) and go else _chunks(go):
+        for chunk in [go] if _by_array(plan) and go else key_chunks(go):
             statement = _change(plan, _among(plan, chunk), due)
             removed += [tuple(row) for row in (await conn.execute(statement)).all()]
         last = scanned[-1] if scanned else None
@@ -408,7 +409,7 @@ def _among(plan: _Plan, keys: Sequence[Row]) -> ColumnElement[bool]:
     if _by_array(plan):
         col = plan.key[0]
         return col == any_(literal([key[0] for key in keys], ARRAY(col.type)))
-    return _keyed(plan.key, keys)
+    return keyed(plan.key, keys)
 
 
 def _by_array(plan: _Plan) -> bool:
@@ -504,7 +505,7 @@ async def _plan(
     match the data map)."""
     locator = batch.task.locator
     assert isinstance(locator, SqlTableLocator)
-    names = _table_names(locator)
+    names = table_names(locator)
     reflected, kept = await schemas.tables(conn, names, locator.table)
     if kept:
         try:
@@ -520,38 +521,14 @@ class _Tables:
 
     def __init__(self, task: SweepTask, locator: SqlTableLocator, reflected: Tables) -> None:
         self.task, self.locator = task, locator
-        metadata = MetaData()
-        self.tables: dict[str, Table] = {}
-        for name in _table_names(locator):
-            described = reflected[name]
-            if described is None:
-                raise SchemaMismatch(f"system {task.system!r} has no table {name!r}")
-            schema, _, bare = name.rpartition(".")
-            self.tables[name] = Table(
-                bare,
-                metadata,
-                *(
-                    Column(
-                        c["name"],
-                        c["type"],
-                        nullable=c["nullable"],
-                        primary_key=c["name"] in described.primary_key,
-                    )
-                    for c in described.columns
-                ),
-                schema=schema or None,
-            )
+        self.tables = described_tables(task.system, table_names(locator), reflected)
         self.table = self.tables[locator.table]
 
     def column(self, name: str, role: str, table: str | None = None) -> Column[Any]:
         """A column of the swept table (or of `table`), or SchemaMismatch naming it."""
-        table = table or self.locator.table
-        if name not in self.tables[table].c:
-            raise SchemaMismatch(
-                f"system {self.task.system!r}: table {table!r} has no column {name!r} ({role})"
-            )
-        found: Column[Any] = self.tables[table].c[name]
-        return found
+        return described_column(
+            self.task.system, self.tables[table or self.locator.table], name, role
+        )
 
     def dated(self, trigger: Trigger) -> Column[Any]:
         """The column dating the rows for `trigger`; SchemaMismatch when it is missing or not a
@@ -566,7 +543,7 @@ class _Tables:
         if not isinstance(col.type, DATE_TYPES):
             raise SchemaMismatch(
                 f"system {self.task.system!r}: column {name!r} of table {self.locator.table!r} "
-                f"(the {trigger} date) is {_type_name(col)}, not a date or time type (DATE, "
+                f"(the {trigger} date) is {type_name(col)}, not a date or time type (DATE, "
                 "TIMESTAMP, DATETIME)"
             )
         return col
@@ -710,7 +687,7 @@ def _fitting(values: Sequence[str], col: Column[Any], dialect: str) -> list[obje
     fitting: list[object] = []
     for value in values:
         try:
-            fitting.append(_subject_value(value, col, "", dialect))
+            fitting.append(subject_value(value, col, "", dialect))
         except SubjectIdDoesNotFit:
             continue
     return fitting
@@ -766,7 +743,7 @@ def _action(
                 f"system {system!r}: column {name!r} of table {locator.table!r} is personal and "
                 "part of the primary key, which anonymize cannot clear; delete the rows instead"
             )
-        clear[name] = None if col.nullable else _placeholder(col, category, system, locator.table)
+        clear[name] = None if col.nullable else placeholder(col, category, system, locator.table)
     cleared = [
         tables.table.c[name].is_(None)
         if value is None
@@ -787,7 +764,7 @@ def _marked(
     if isinstance(kind, Boolean):
         return {col.name: True}, or_(col.is_(None), col.is_(False))
     raise SoftDeleteNotPossible(
-        f"system {task.system!r}: soft-delete column {col.name!r} is of type {_type_name(col)}; "
+        f"system {task.system!r}: soft-delete column {col.name!r} is of type {type_name(col)}; "
         "Lethe sets a timestamp, date or boolean"
     )
 
