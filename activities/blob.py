@@ -612,7 +612,7 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
                 result.held[reason] = result.held.get(reason, 0) + 1
             journal.alive(blobs_deleted=result.deleted, blobs_already_gone=result.already_gone)
 
-        await _bounded([delete(name) for name in names])
+        await bounded([delete(name) for name in names])
         return result
 
     async def _delete_versions(
@@ -636,7 +636,7 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
             return len(found)
 
         try:
-            counts = await _bounded([versions(name) for name in names])
+            counts = await bounded([versions(name) for name in names])
         except HttpResponseError as exc:
             if is_unsupported(exc) or exc.status_code == 400:
                 return (
@@ -651,7 +651,8 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
         return "checked: none listed (versioning is off, or the service keeps no versions)", 0
 
 
-async def _bounded(work: list[Awaitable[T]]) -> list[T]:
+async def bounded(work: list[Awaitable[T]]) -> list[T]:
+    """The results of `work` in order, at most CONCURRENCY of them awaited at once."""
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def one(item: Awaitable[T]) -> T:

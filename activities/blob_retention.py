@@ -27,7 +27,7 @@ from azure.core.exceptions import HttpResponseError, ResourceModifiedError, Reso
 from azure.storage.blob import BlobProperties
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
-from lethe.activities.blob import HOLD_CODES, _bounded, aware, blob_errors
+from lethe.activities.blob import HOLD_CODES, aware, blob_errors, bounded
 from lethe.activities.driver_errors import service_code
 from lethe.activities.sweeps import SweepHolds, sweep_holds
 from lethe.classification.datamap import BlobBackupLocator, DateTrigger
@@ -99,11 +99,51 @@ def hold_detail(holds: SweepHolds) -> str:
     return "kept for legal hold(s) " + ", ".join(holds.whole) + " on the whole task"
 
 
+async def listed_page(
+    container: ContainerClient, batch: SweepBatch, prefix: str, most: int, *, tags: bool = False
+) -> tuple[list[BlobProperties], str | None]:
+    """The page of the container's blobs under `prefix` (at most `most`, fewer with a smaller
+    batch size, with their `tags`) that the batch's cursor starts, and the next page's marker."""
+    listing = container.list_blobs(
+        name_starts_with=prefix or None,
+        include=["tags"] if tags else None,
+        results_per_page=min(batch.batch_size, most),
+    )
+    return await one_page(listing, marker_of(batch))
+
+
 @dataclass
-class _Counts:
+class PageCounts:
+    """What a batch over one listing page counts for its result."""
+
     removed: int = 0
     held: int = 0
     undated: int = 0
+    samples: list[str] = field(default_factory=list)
+
+
+def page_result(
+    task: SweepTask, counts: PageCounts, marker: str | None, dated: list[datetime], detail: str
+) -> SweepResult:
+    """A batch's result over one listing page: its counts, the range of the `dated` records,
+    and the next page's `marker` as the cursor (none: done)."""
+    first, last = date_range(dated)
+    return SweepResult(
+        task_id=task.id,
+        removed=counts.removed,
+        held=counts.held,
+        undated=counts.undated,
+        cursor=[marker] if marker else None,
+        done=marker is None,
+        first=first,
+        last=last,
+        samples=counts.samples,
+        detail=detail,
+    )
+
+
+@dataclass
+class _Counts(PageCounts):
     whole_held: int = 0
     """Due whole backups kept because some subject hold is active."""
     prefixed_held: int = 0
@@ -112,7 +152,6 @@ class _Counts:
     """Why the service refused to delete (a HOLD_CODES reason) -> how many blobs."""
     changed: int = 0
     """Due blobs replaced since they were listed: not deleted."""
-    samples: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -149,12 +188,9 @@ class BackupSweep:
         locator = self._locator
         with blob_errors(self._endpoint, task.system, locator.container):
             container = self._service.get_container_client(locator.container)
-            listing = container.list_blobs(
-                name_starts_with=self._listing_prefix() or None,
-                include=["tags"] if locator.subject_tag else None,
-                results_per_page=min(batch.batch_size, PAGE_LIMIT),
+            blobs, marker = await listed_page(
+                container, batch, self._listing_prefix(), PAGE_LIMIT, tags=bool(locator.subject_tag)
             )
-            blobs, marker = await one_page(listing, marker_of(batch))
             for blob in blobs:
                 covered = self._covered(blob)
                 if covered is None:
@@ -174,19 +210,7 @@ class BackupSweep:
                 counts.removed = len(due)
             else:
                 await self._delete(container, due, counts)
-        first, last = date_range(dated)
-        return SweepResult(
-            task_id=task.id,
-            removed=counts.removed,
-            held=counts.held,
-            undated=counts.undated,
-            cursor=[marker] if marker else None,
-            done=marker is None,
-            first=first,
-            last=last,
-            samples=counts.samples,
-            detail=self._detail(counts),
-        )
+        return page_result(task, counts, marker, dated, self._detail(counts))
 
     def _check(self) -> None:
         """Refuse what a backup sweep cannot judge: a date that is not a blob property, a
@@ -264,7 +288,7 @@ class BackupSweep:
                 counts.refused[reason] = counts.refused.get(reason, 0) + 1
                 counts.held += 1
 
-        await _bounded([delete(blob) for blob in due])
+        await bounded([delete(blob) for blob in due])
 
     def _detail(self, counts: _Counts) -> str:
         parts = []

@@ -164,7 +164,7 @@ def rewrite(
     out: list[bytes] = []
     matched = unparsed = redacted = records = untenanted = 0
     for line in content.split(b"\n"):
-        record = _record(line)
+        record = json_record(line)
         if record is None:
             unparsed += bool(line.strip())
             out.append(line)
@@ -172,7 +172,7 @@ def rewrite(
         records += 1
         owner = record.get(tenant_field) if tenant_field is not None else tenant
         ours = owner == tenant
-        if not any(_holds(record.get(name), value) for name, value in values.items()):
+        if not any(field_text(record.get(name)) == value for name, value in values.items()):
             redacted += ours and any(record.get(name) == REDACTED for name in fields)
             out.append(line)
             continue
@@ -197,7 +197,8 @@ def rewrite(
     )
 
 
-def _record(line: bytes) -> dict[str, Any] | None:
+def json_record(line: bytes) -> dict[str, Any] | None:
+    """The line as a JSON object; None for a blank line, or one that is not a JSON object."""
     if not line.strip():
         return None
     try:
@@ -207,13 +208,14 @@ def _record(line: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _holds(field_value: object, value: str) -> bool:
-    if isinstance(field_value, str):
-        return field_value == value
-    # A numeric id logged as a number is still the subject's id.
-    if isinstance(field_value, int) and not isinstance(field_value, bool):
-        return str(field_value) == value
-    return False
+def field_text(value: object) -> str | None:
+    """A record's scalar as the text it is compared by (an id logged as a number is still the
+    id); None for anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 @dataclass(frozen=True)
@@ -260,31 +262,68 @@ def _resume_at(names: list[str], last_done: str | None) -> int | None:
     return None
 
 
-def _marked(metadata: Mapping[str, str] | None, request: StepRequest) -> int | None:
-    """How many records this request's step dropped or redacted in a blob, by the blob's
-    metadata; None when this step did not rewrite it (or another rewrite came after)."""
+def marked_count(
+    metadata: Mapping[str, str] | None, marks: Mapping[str, str], count: str
+) -> int | None:
+    """The number under `count` in a blob's metadata (0 when it is not one) if the blob carries
+    every one of `marks`; None when it does not (it was not rewritten by them, or since)."""
     found = {k.lower(): v for k, v in (metadata or {}).items()}
-    if (found.get(MARK_REQUEST), found.get(MARK_STEP)) != (request.request_id, request.step.id):
+    if any(found.get(name) != value for name, value in marks.items()):
         return None
-    count = found.get(MARK_RECORDS, "")
-    return int(count) if count.isdigit() else 0
+    number = found.get(count, "")
+    return int(number) if number.isdigit() else 0
 
 
-def _marks(
-    metadata: Mapping[str, str] | None, request: StepRequest, records: int
-) -> dict[str, str]:
-    """The blob's metadata with this step's marks for `records` records."""
-    kept = {
-        k: v
-        for k, v in (metadata or {}).items()
-        if k.lower() not in (MARK_REQUEST, MARK_STEP, MARK_RECORDS)
-    }
-    return {
-        **kept,
-        MARK_REQUEST: request.request_id,
-        MARK_STEP: request.step.id,
-        MARK_RECORDS: str(records),
-    }
+def with_marks(metadata: Mapping[str, str] | None, marks: Mapping[str, str]) -> dict[str, str]:
+    """The blob's metadata with `marks` (lower-case names) in place of any earlier ones."""
+    kept = {k: v for k, v in (metadata or {}).items() if k.lower() not in marks}
+    return {**kept, **marks}
+
+
+def _step_marks(request: StepRequest) -> dict[str, str]:
+    """The marks of a blob this request's step rewrote (with MARK_RECORDS, how many records)."""
+    return {MARK_REQUEST: request.request_id, MARK_STEP: request.step.id}
+
+
+async def read_blob(blob: BlobClient) -> tuple[bytes, str, BlobProperties] | None:
+    """The blob's content, etag and properties; None when it no longer exists (a missing
+    container raises)."""
+    try:
+        download = await blob.download_blob()
+        content = await download.readall()
+    except ResourceNotFoundError as exc:
+        if service_code(exc) == "ContainerNotFound":
+            raise
+        return None
+    return content, download.properties.etag, download.properties
+
+
+async def swap_blob(
+    blob: BlobClient,
+    content: bytes,
+    etag: str,
+    properties: BlobProperties,
+    metadata: dict[str, str],
+) -> None:
+    """Replace the blob by a block blob of `content` with `metadata`, only if it is still at
+    `etag` (else ResourceModifiedError); its content settings and tags stay."""
+    settings = properties.content_settings
+    await blob.upload_blob(
+        content,
+        blob_type=BlobType.BLOCKBLOB,
+        overwrite=True,
+        etag=etag,
+        match_condition=MatchConditions.IfNotModified,
+        content_settings=ContentSettings(
+            content_type=settings.content_type,
+            content_encoding=settings.content_encoding,
+            content_language=settings.content_language,
+            content_disposition=settings.content_disposition,
+            cache_control=settings.cache_control,
+        ),
+        metadata=metadata,
+        tags=await blob.get_blob_tags() if properties.tag_count else None,
+    )
 
 
 class LogRedactor(BlobConnector[LogLocator]):
@@ -407,7 +446,7 @@ class LogRedactor(BlobConnector[LogLocator]):
         with self._errors(request, locator):
             container = self._service.get_container_client(locator.container)
             for index, name in enumerate(await self._blob_names(container, locator)):
-                read = await _read(container.get_blob_client(name))
+                read = await read_blob(container.get_blob_client(name))
                 if read is not None:
                     found = finder.rewrite(read[0], "drop")
                     matching += found.matched
@@ -474,7 +513,7 @@ class LogRedactor(BlobConnector[LogLocator]):
                 progress.unparsed += result.unparsed
                 progress.unreadable += result.unreadable(content)
                 progress.untenanted += result.untenanted
-                earlier = _marked(properties.metadata, request)
+                earlier = marked_count(properties.metadata, _step_marks(request), MARK_RECORDS)
                 if earlier is not None:  # rewritten by an earlier attempt of this step
                     progress.earlier_rewritten += 1
                     progress.earlier_records += earlier
@@ -485,22 +524,13 @@ class LogRedactor(BlobConnector[LogLocator]):
             if properties.blob_type != BlobType.BLOCKBLOB:
                 progress.not_rewritable += 1
                 return
+            marks = {
+                **_step_marks(request),
+                MARK_RECORDS: str((earlier or 0) + result.matched),
+            }
             try:
-                await blob.upload_blob(
-                    result.content,
-                    blob_type=BlobType.BLOCKBLOB,
-                    overwrite=True,
-                    etag=etag,
-                    match_condition=MatchConditions.IfNotModified,
-                    content_settings=ContentSettings(
-                        content_type=properties.content_settings.content_type,
-                        content_encoding=properties.content_settings.content_encoding,
-                        content_language=properties.content_settings.content_language,
-                        content_disposition=properties.content_settings.content_disposition,
-                        cache_control=properties.content_settings.cache_control,
-                    ),
-                    metadata=_marks(properties.metadata, request, (earlier or 0) + result.matched),
-                    tags=await blob.get_blob_tags() if properties.tag_count else None,
+                await swap_blob(
+                    blob, result.content, etag, properties, with_marks(properties.metadata, marks)
                 )
             except ResourceModifiedError:
                 progress.conflicts += 1
@@ -515,7 +545,7 @@ class LogRedactor(BlobConnector[LogLocator]):
 
     async def _read(self, blob: BlobClient) -> tuple[bytes, str, BlobProperties] | None:
         """The blob's content, etag and properties; None when it no longer exists."""
-        return await _read(blob)
+        return await read_blob(blob)
 
     async def _tenant_problem(self, request: StepRequest, locator: LogLocator) -> str | None:
         """A problem when the first log blob under the prefix holds JSON records and none of
@@ -549,7 +579,7 @@ class LogRedactor(BlobConnector[LogLocator]):
         lines = sample.split(b"\n")
         if len(sample) == SAMPLE_BYTES:
             lines = lines[:-1]  # the last line may be cut short
-        records = [record for record in map(_record, lines) if record is not None]
+        records = [record for record in map(json_record, lines) if record is not None]
         if not records or any(isinstance(r.get(field), str) for r in records):
             return None
         return (
@@ -566,14 +596,3 @@ class LogRedactor(BlobConnector[LogLocator]):
 
     async def _blob_names(self, container: ContainerClient, locator: LogLocator) -> list[str]:
         return [blob.name async for blob in container.list_blobs(name_starts_with=locator.prefix)]
-
-
-async def _read(blob: BlobClient) -> tuple[bytes, str, BlobProperties] | None:
-    try:
-        download = await blob.download_blob()
-        content = await download.readall()
-    except ResourceNotFoundError as exc:
-        if service_code(exc) == "ContainerNotFound":
-            raise
-        return None
-    return content, download.properties.etag, download.properties

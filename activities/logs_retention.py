@@ -26,19 +26,28 @@ from typing import Any, Literal
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
-from azure.storage.blob import BlobProperties, BlobType, ContentSettings
+from azure.storage.blob import BlobProperties, BlobType
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from lethe.activities.blob import blob_errors
 from lethe.activities.blob_retention import (
-    date_range,
+    PageCounts,
     hold_detail,
     judged,
-    marker_of,
-    one_page,
+    listed_page,
+    page_result,
 )
 from lethe.activities.driver_errors import service_code
-from lethe.activities.logs import ATTEMPTS, LogBlobBusy, _read, _record
+from lethe.activities.logs import (
+    ATTEMPTS,
+    LogBlobBusy,
+    field_text,
+    json_record,
+    marked_count,
+    read_blob,
+    swap_blob,
+    with_marks,
+)
 from lethe.activities.sweeps import sweep_holds, tenant_field
 from lethe.classification.datamap import DateTrigger, LogLocator
 from lethe.contracts import ScopeMatch, SweepBatch, SweepResult
@@ -70,10 +79,7 @@ class _Blob:
 
 
 @dataclass
-class _Counts:
-    removed: int = 0
-    held: int = 0
-    undated: int = 0
+class _Counts(PageCounts):
     unparsed: int = 0
     records: int = 0
     dated: int = 0
@@ -122,25 +128,11 @@ class LogSweep:
         counts = _Counts()
         with blob_errors(self._endpoint, task.system, locator.container):
             container = self._service.get_container_client(locator.container)
-            listing = container.list_blobs(
-                name_starts_with=locator.prefix or None,
-                results_per_page=min(batch.batch_size, LOG_BLOBS_PER_CALL),
-            )
-            blobs, marker = await one_page(listing, marker_of(batch))
+            blobs, marker = await listed_page(container, batch, locator.prefix, LOG_BLOBS_PER_CALL)
             for blob in blobs:
                 await self._sweep_blob(container.get_blob_client(blob.name), counts)
-        first, last = date_range([d for d in (counts.earliest, counts.latest) if d is not None])
-        return SweepResult(
-            task_id=task.id,
-            removed=counts.removed,
-            held=counts.held,
-            undated=counts.undated,
-            cursor=[marker] if marker else None,
-            done=marker is None,
-            first=first,
-            last=last,
-            detail=self._detail(counts),
-        )
+        dated = [d for d in (counts.earliest, counts.latest) if d is not None]
+        return page_result(task, counts, marker, dated, self._detail(counts))
 
     # --- one blob ------------------------------------------------------------------------------
 
@@ -152,7 +144,7 @@ class LogSweep:
                 return
             content, etag, properties = read
             judged_blob = self._judge(content)
-            earlier = 0 if self._batch.dry_run else _swept(properties.metadata, self._mark)
+            earlier = 0 if self._batch.dry_run else self._swept(properties.metadata)
             if self._batch.dry_run or not judged_blob.removed:
                 counts.add(judged_blob, judged_blob.removed + earlier)
                 return
@@ -162,16 +154,8 @@ class LogSweep:
                 return
             try:
                 if judged_blob.rest:
-                    await blob.upload_blob(
-                        judged_blob.content,
-                        blob_type=BlobType.BLOCKBLOB,
-                        overwrite=True,
-                        etag=etag,
-                        match_condition=MatchConditions.IfNotModified,
-                        content_settings=_settings(properties),
-                        metadata=self._marks(properties.metadata, earlier + judged_blob.removed),
-                        tags=await blob.get_blob_tags() if properties.tag_count else None,
-                    )
+                    metadata = self._marks(properties.metadata, earlier + judged_blob.removed)
+                    await swap_blob(blob, judged_blob.content, etag, properties, metadata)
                     counts.rewritten += 1
                 else:
                     await blob.delete_blob(
@@ -195,7 +179,7 @@ class LogSweep:
 
     async def _read(self, blob: BlobClient) -> tuple[bytes, str, BlobProperties] | None:
         """The blob's content, etag and properties; None when it no longer exists."""
-        return await _read(blob)
+        return await read_blob(blob)
 
     def _judge(self, content: bytes) -> _Blob:
         """Each line of `content` judged; the kept ones joined as they were."""
@@ -206,7 +190,7 @@ class LogSweep:
             if not line.strip():
                 out.append(line)
                 continue
-            record = _record(line)
+            record = json_record(line)
             if record is None:
                 result.unparsed += 1
                 result.undated += 1
@@ -253,7 +237,7 @@ class LogSweep:
                 return True
         if not holds.subjects:
             return False
-        subject = _text(record.get(self._subject_field)) if self._subject_field else None
+        subject = field_text(record.get(self._subject_field)) if self._subject_field else None
         if subject is None:
             # No subject id to look up; any other value naming someone keeps it.
             return any(record.get(name) is not None for name in self._locator.fields)
@@ -264,12 +248,13 @@ class LogSweep:
         return not tenants or holds.keeps_subject(subject, tenants)
 
     def _marks(self, metadata: Mapping[str, str] | None, lines: int) -> dict[str, str]:
-        kept = {
-            k: v
-            for k, v in (metadata or {}).items()
-            if k.lower() not in (MARK_SWEEP, MARK_SWEEP_LINES)
-        }
-        return {**kept, MARK_SWEEP: self._mark, MARK_SWEEP_LINES: str(lines)}
+        """The blob's metadata with this sweep's marks, for `lines` dropped lines."""
+        return with_marks(metadata, {MARK_SWEEP: self._mark, MARK_SWEEP_LINES: str(lines)})
+
+    def _swept(self, metadata: Mapping[str, str] | None) -> int:
+        """How many lines this sweep's task dropped in a blob before (an earlier attempt of this
+        batch), by the blob's marks; 0 when it did not rewrite it."""
+        return marked_count(metadata, {MARK_SWEEP: self._mark}, MARK_SWEEP_LINES) or 0
 
     def _detail(self, counts: _Counts) -> str:
         parts = []
@@ -308,15 +293,6 @@ def _value(record: Mapping[str, Any], name: str) -> Any:
     return value
 
 
-def _text(value: object) -> str | None:
-    """A scalar as the text a scope or a subject id compares by; None for anything else."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
 def _date(value: object) -> datetime | None:
     """An ISO 8601 date (a naive one taken as UTC), or seconds or milliseconds since the epoch;
     None for anything else."""
@@ -339,31 +315,10 @@ def _in_scope(match: ScopeMatch, record: Mapping[str, Any]) -> bool:
     value = _value(record, match.field)
     if match.null:
         return value is None
-    text = _text(value)
+    text = field_text(value)
     if text is None:
         return False
     return text in match.values if match.values else text not in match.others
-
-
-def _swept(metadata: Mapping[str, str] | None, mark: str) -> int:
-    """How many lines this sweep's task dropped in a blob before (an earlier attempt of this
-    batch), by the blob's marks; 0 when it did not rewrite it."""
-    found = {k.lower(): v for k, v in (metadata or {}).items()}
-    if found.get(MARK_SWEEP) != mark:
-        return 0
-    count = found.get(MARK_SWEEP_LINES, "")
-    return int(count) if count.isdigit() else 0
-
-
-def _settings(properties: BlobProperties) -> ContentSettings:
-    settings = properties.content_settings
-    return ContentSettings(
-        content_type=settings.content_type,
-        content_encoding=settings.content_encoding,
-        content_language=settings.content_language,
-        content_disposition=settings.content_disposition,
-        cache_control=settings.cache_control,
-    )
 
 
 def _bounds(moments: list[datetime | None]) -> tuple[datetime | None, datetime | None]:
