@@ -7,39 +7,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any
 
 import pytest
-from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+from azure.storage.blob.aio import ContainerClient
 from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
 
 from lethe.activities.blob_retention import BackupSweep, _Counts, _Due
 from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
 from lethe.classification.datamap import BlobBackupLocator
-from lethe.contracts import Hold, HoldScope, RuleTerm, SweepBatch, SweepResult, SweepTask
+from lethe.contracts import HoldScope, SweepResult, SweepTask
+from tests import sweeps
 
-CONNECTION_VARIABLE = "LETHE_STACK_BLOB_CONNECTION"
+from .test_blob import container, service
+
+__all__ = ["container", "service"]  # fixtures, shared with test_blob.py
+
 LIMIT = timedelta(days=30)
-
-
-def _name(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
-
-
-def _term(kind: Literal["obligation", "limit"], period: timedelta) -> RuleTerm:
-    return RuleTerm(
-        rule=f"test.backups.{kind}",
-        category="user",
-        kind=kind,
-        period=period,
-        trigger="created",
-        action="delete" if kind == "limit" else None,
-        citation="GDPR Art. 5(1)(e)" if kind == "limit" else "45 CFR 164.316(b)(2)(i)",
-    )
 
 
 def _task(
@@ -48,93 +35,19 @@ def _task(
     dated: str = "last_modified",
     obligations: Sequence[timedelta] = (),
 ) -> SweepTask:
-    return SweepTask(
-        id="backups/0",
-        system="backups",
-        kind="blob",
-        region="eu",
-        connection=CONNECTION_VARIABLE,
-        locator=locator,
-        tenants=["st-mary"],
-        categories=["user"],
-        limit=_term("limit", LIMIT),
-        obligations=[_term("obligation", period) for period in obligations],
+    return sweeps.sweep_task(
+        locator,
+        limit=sweeps.term("limit", LIMIT),
+        obligations=[sweeps.term("obligation", period) for period in obligations],
         dates={"created": dated},
     )
 
 
-def _batch(
-    task: SweepTask,
-    now: datetime,
-    *,
-    batch_size: int = 100,
-    holds: Sequence[Hold] = (),
-    dry_run: bool = False,
-    cursor: list[str | int | float | None] | None = None,
-) -> SweepBatch:
-    return SweepBatch(
-        run_id="sweep-test",
-        task=task,
-        now=now,
-        cursor=cursor,
-        batch_size=batch_size,
-        holds=list(holds),
-        dry_run=dry_run,
-        samples=3,
-    )
-
-
-def _hold(scope: HoldScope, value: str, *, released: bool = False) -> Hold:
-    at = datetime.now(UTC)
-    return Hold(
-        id=_name("hold-"),
-        matter="litigation",
-        scope=scope,
-        value=value,
-        placed_by="dpo@example.org",
-        placed_at=at,
-        released_by="dpo@example.org" if released else None,
-        released_at=at if released else None,
-    )
-
-
-def _env(queue: str = "lethe-eu") -> ActivityEnvironment:
-    env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, task_queue=queue)
-    return env
-
-
-async def _sweep(connectors: Connectors, batch: SweepBatch) -> list[SweepResult]:
-    """Every call of the task, as the workflow makes them: on with each cursor until done."""
-    results: list[SweepResult] = []
-    env = _env()
-    while True:
-        result = await env.run(connectors.activity("blob.sweep"), batch)
-        results.append(result)
-        if result.done:
-            assert result.cursor is None
-            return results
-        assert result.cursor is not None and result.cursor != batch.cursor
-        assert len(results) < 50
-        batch = batch.model_copy(update={"cursor": result.cursor})
-
-
-@pytest.fixture
-async def container(blob_connection: str) -> AsyncIterator[ContainerClient]:
-    """A fresh container, removed after the test."""
-    async with BlobServiceClient.from_connection_string(blob_connection) as service:
-        client = await service.create_container(_name("backups-"))
-        try:
-            yield client
-        finally:
-            await client.delete_container()
-
-
-async def _contents(container: ContainerClient) -> dict[str, bytes]:
-    return {
-        b.name: await (await container.download_blob(b.name)).readall()
-        async for b in container.list_blobs()
-    }
+async def _sweep(
+    connectors: Connectors, task: SweepTask, now: datetime, **options: Any
+) -> list[SweepResult]:
+    """Every call of the task as of `now` (a batch's `options`), until done."""
+    return await sweeps.sweep_all(connectors, sweeps.sweep_batch(task, now, **options))
 
 
 async def _state(container: ContainerClient) -> list[tuple[str, str, str]]:
@@ -199,14 +112,14 @@ async def test_due_backups_go_page_by_page_and_the_rest_stay_byte_identical(
     connectors: Connectors, container: ContainerClient
 ) -> None:
     b = await _backups(container)
-    batch = _batch(_task(b.locator), b.now, batch_size=3)
+    batch = sweeps.sweep_batch(_task(b.locator), b.now, batch_size=3)
 
-    results = await _sweep(connectors, batch)
+    results = await sweeps.sweep_all(connectors, batch)
 
     assert len(results) == 3  # 8 blobs, 3 a page
     assert sum(r.removed for r in results) == len(b.old) == 4
     assert sum(r.held + r.undated for r in results) == 0
-    assert await _contents(container) == {**b.new, **b.outside}
+    assert await sweeps.contents(container) == {**b.new, **b.outside}
     snapshots = [i async for i in container.list_blobs(include=["snapshots"]) if i.snapshot]
     assert snapshots == []
     dated = [r for r in results if r.first is not None]
@@ -217,14 +130,14 @@ async def test_due_backups_go_page_by_page_and_the_rest_stay_byte_identical(
     assert all(r.samples == [] for r in results)  # samples only in a dry run
 
     # A retried call (same cursor) finds nothing more due: nothing removed twice, nothing else.
-    again = await _sweep(connectors, batch)
+    again = await sweeps.sweep_all(connectors, batch)
     assert sum(r.removed for r in again) == 0
-    assert await _contents(container) == {**b.new, **b.outside}
+    assert await sweeps.contents(container) == {**b.new, **b.outside}
 
     # A year on, the newer backups are due too; the blobs the locator does not cover stay.
-    later = await _sweep(connectors, _batch(_task(b.locator), b.now + timedelta(days=365)))
+    later = await _sweep(connectors, _task(b.locator), b.now + timedelta(days=365))
     assert [r.removed for r in later] == [2]
-    assert await _contents(container) == b.outside
+    assert await sweeps.contents(container) == b.outside
 
 
 async def test_an_obligation_keeps_backups_past_their_limit(
@@ -235,24 +148,21 @@ async def test_an_obligation_keeps_backups_past_their_limit(
     year_on = datetime.now(UTC) + timedelta(days=400)
 
     kept = await _sweep(
-        connectors, _batch(_task(b.locator, obligations=[timedelta(days=6 * 365)]), year_on)
+        connectors, _task(b.locator, obligations=[timedelta(days=6 * 365)]), year_on
     )
     assert sum(r.removed for r in kept) == 0
-    assert await _contents(container) == everything
+    assert await sweeps.contents(container) == everything
 
     # Once every obligation has ended, the limit decides.
     ended = await _sweep(
         connectors,
-        _batch(
-            _task(b.locator, obligations=[timedelta(days=6 * 365), timedelta(days=100)]), year_on
-        ),
+        _task(b.locator, obligations=[timedelta(days=6 * 365), timedelta(days=100)]),
+        year_on,
     )
     assert sum(r.removed for r in ended) == 0  # the longest obligation still runs
-    past = await _sweep(
-        connectors, _batch(_task(b.locator, obligations=[timedelta(days=100)]), year_on)
-    )
+    past = await _sweep(connectors, _task(b.locator, obligations=[timedelta(days=100)]), year_on)
     assert sum(r.removed for r in past) == len(b.old) + len(b.new)
-    assert await _contents(container) == b.outside
+    assert await sweeps.contents(container) == b.outside
 
 
 async def test_dated_by_creation_time_or_by_last_change(
@@ -268,14 +178,14 @@ async def test_dated_by_creation_time_or_by_last_change(
     assert await _changed(container, "db/full.dump") > created
     now = created + LIMIT + timedelta(milliseconds=500)
 
-    by_change = await _sweep(connectors, _batch(_task(locator, dated="last_modified"), now))
+    by_change = await _sweep(connectors, _task(locator, dated="last_modified"), now)
     assert [r.removed for r in by_change] == [0]
-    assert await _contents(container) == {"db/full.dump": b"everyone"}
+    assert await sweeps.contents(container) == {"db/full.dump": b"everyone"}
 
-    by_creation = await _sweep(connectors, _batch(_task(locator, dated="creation_time"), now))
+    by_creation = await _sweep(connectors, _task(locator, dated="creation_time"), now)
     assert [r.removed for r in by_creation] == [1]
     assert by_creation[0].first == created.isoformat()
-    assert await _contents(container) == {}
+    assert await sweeps.contents(container) == {}
 
 
 # --- holds ------------------------------------------------------------------------------------
@@ -285,28 +195,28 @@ async def test_a_subject_hold_keeps_their_blobs_and_every_whole_backup(
     connectors: Connectors, container: ContainerClient
 ) -> None:
     b = await _backups(container)
-    hold = _hold("subject", b.ref_a)
+    hold = sweeps.hold("subject", b.ref_a)
     task = _task(b.locator)
 
-    results = await _sweep(connectors, _batch(task, b.now, holds=[hold]))
+    results = await _sweep(connectors, task, b.now, holds=[hold])
 
     # Only the other subject's due blob goes: a's is held, and whole backups hold a too.
     assert sum(r.removed for r in results) == 1
     assert sum(r.held for r in results) == 3
     assert "2 due whole backup(s) kept" in " ".join(r.detail for r in results)
     assert b.ref_a not in repr([r.model_dump() for r in results])
-    left = await _contents(container)
+    left = await sweeps.contents(container)
     assert "exports/b-1.json" not in left
     assert left == {
         k: v for k, v in {**b.old, **b.new, **b.outside}.items() if k != "exports/b-1.json"
     }
 
     # Released, the hold keeps nothing.
-    released = _hold("subject", b.ref_a, released=True)
-    after = await _sweep(connectors, _batch(task, b.now, holds=[released]))
+    released = sweeps.hold("subject", b.ref_a, released=True)
+    after = await _sweep(connectors, task, b.now, holds=[released])
     assert sum(r.removed for r in after) == 3
     assert sum(r.held for r in after) == 0
-    assert await _contents(container) == {**b.new, **b.outside}
+    assert await sweeps.contents(container) == {**b.new, **b.outside}
 
 
 @pytest.mark.parametrize(("scope", "value"), [("tenant", "st-mary"), ("system", "backups")])
@@ -314,18 +224,18 @@ async def test_a_hold_on_the_whole_task_keeps_everything(
     connectors: Connectors, container: ContainerClient, scope: HoldScope, value: str
 ) -> None:
     b = await _backups(container)
-    hold = _hold(scope, value)
+    hold = sweeps.hold(scope, value)
     everything = {**b.old, **b.new, **b.outside}
 
-    results = await _sweep(connectors, _batch(_task(b.locator), b.now, holds=[hold]))
+    results = await _sweep(connectors, _task(b.locator), b.now, holds=[hold])
 
     assert sum(r.removed for r in results) == 0
     assert sum(r.held for r in results) == len(b.old)
     assert all(hold.id in r.detail for r in results)
-    assert await _contents(container) == everything
+    assert await sweeps.contents(container) == everything
 
     # Another tenant's hold does not bear on this system.
-    other = await _sweep(connectors, _batch(_task(b.locator), b.now, holds=[_hold("tenant", "x")]))
+    other = await _sweep(connectors, _task(b.locator), b.now, holds=[sweeps.hold("tenant", "x")])
     assert sum(r.removed for r in other) == len(b.old)
 
 
@@ -337,9 +247,9 @@ async def test_a_dry_run_counts_and_touches_nothing(
 ) -> None:
     b = await _backups(container)
     before = await _state(container)
-    hold = _hold("subject", b.ref_b)
+    hold = sweeps.hold("subject", b.ref_b)
 
-    results = await _sweep(connectors, _batch(_task(b.locator), b.now, dry_run=True, holds=[hold]))
+    results = await _sweep(connectors, _task(b.locator), b.now, dry_run=True, holds=[hold])
 
     # b's due blob is held, and so are the whole backups (they hold b too): a's would go.
     assert sum(r.removed for r in results) == 1
@@ -347,7 +257,7 @@ async def test_a_dry_run_counts_and_touches_nothing(
     # Samples: only whole backups' names, which name no subject; whole backups are kept while a
     # subject hold is active, so none here, and two without the hold.
     assert [s for r in results for s in r.samples] == []
-    unheld = await _sweep(connectors, _batch(_task(b.locator), b.now, dry_run=True))
+    unheld = await _sweep(connectors, _task(b.locator), b.now, dry_run=True)
     assert sum(r.removed for r in unheld) == 4
     assert sorted(s for r in unheld for s in r.samples) == [
         "db/2026-01-01.dump",
@@ -355,7 +265,7 @@ async def test_a_dry_run_counts_and_touches_nothing(
     ]
     after = await _state(container)
     assert after == before
-    assert await _contents(container) == {**b.old, **b.new, **b.outside}
+    assert await sweeps.contents(container) == {**b.old, **b.new, **b.outside}
 
 
 # --- a blob replaced meanwhile, and bad input ---------------------------------------------------
@@ -380,23 +290,25 @@ async def test_a_backup_replaced_after_listing_is_not_deleted(
     now = datetime.now(UTC) + timedelta(days=400)
     service = clients.blob_service(blob_connection)
 
-    result = await _ReplacedMeanwhile(service, "azurite", _batch(_task(locator), now)).run()
+    result = await _ReplacedMeanwhile(
+        service, "azurite", sweeps.sweep_batch(_task(locator), now)
+    ).run()
 
     assert result.removed == 1
     assert result.done
     assert "1 due blob(s) changed since they were listed" in result.detail
-    assert await _contents(container) == {"db/1.dump": b"replaced"}
+    assert await sweeps.contents(container) == {"db/1.dump": b"replaced"}
 
 
 async def test_a_missing_container_is_named_and_another_region_refused(
     connectors: Connectors, container: ContainerClient
 ) -> None:
     missing = BlobBackupLocator(
-        container=_name("missing-"), whole_backup_prefix="db/", categories=["user"]
+        container=sweeps.unique("missing-"), whole_backup_prefix="db/", categories=["user"]
     )
-    batch = _batch(_task(missing), datetime.now(UTC))
+    batch = sweeps.sweep_batch(_task(missing), datetime.now(UTC))
     with pytest.raises(ApplicationError) as caught:
-        await _env().run(connectors.activity("blob.sweep"), batch)
+        await sweeps.sweep_once(connectors, batch)
     assert caught.value.type == "SchemaMismatch"
     assert caught.value.non_retryable
     assert missing.container in str(caught.value)
@@ -405,11 +317,11 @@ async def test_a_missing_container_is_named_and_another_region_refused(
     here = BlobBackupLocator(
         container=container.container_name, whole_backup_prefix="db/", categories=["user"]
     )
-    late = _batch(_task(here), datetime.now(UTC) + timedelta(days=400))
+    late = sweeps.sweep_batch(_task(here), datetime.now(UTC) + timedelta(days=400))
     with pytest.raises(ApplicationError) as caught:
-        await _env("lethe-us").run(connectors.activity("blob.sweep"), late)
+        await sweeps.sweep_once(connectors, late, env=sweeps.region_env("us"))
     assert caught.value.type == "WrongRegion"
-    assert await _contents(container) == {"db/1.dump": b"everyone"}
+    assert await sweeps.contents(container) == {"db/1.dump": b"everyone"}
 
 
 async def test_blobs_found_by_subject_prefix_are_swept_and_kept_by_any_subject_hold(
@@ -426,12 +338,12 @@ async def test_blobs_found_by_subject_prefix_are_swept_and_kept_by_any_subject_h
     task = _task(locator)
     now = datetime.now(UTC) + timedelta(days=400)
 
-    held = await _sweep(connectors, _batch(task, now, holds=[_hold("subject", uuid.uuid4().hex)]))
+    held = await _sweep(connectors, task, now, holds=[sweeps.hold("subject", uuid.uuid4().hex)])
     assert (sum(r.removed for r in held), sum(r.held for r in held)) == (0, 2)
     assert "found by subject_prefix kept" in held[-1].detail
-    dry = await _sweep(connectors, _batch(task, now, dry_run=True))
+    dry = await _sweep(connectors, task, now, dry_run=True)
     assert [(r.removed, r.samples) for r in dry] == [(2, [])]  # their names hold subject ids
 
-    swept = await _sweep(connectors, _batch(task, now))
+    swept = await _sweep(connectors, task, now)
     assert sum(r.removed for r in swept) == 2
-    assert await _contents(container) == {"exports/readme.txt": b"not a subject's"}
+    assert await sweeps.contents(container) == {"exports/readme.txt": b"not a subject's"}

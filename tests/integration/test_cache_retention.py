@@ -6,26 +6,22 @@ pack; the sweep runs as the `redis.sweep` activity of a worker in region eu, pag
 
 from __future__ import annotations
 
-import dataclasses
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
 
-from lethe.activities.cache import glob_escape
 from lethe.activities.cache_retention import owner, targets
 from lethe.activities.connectors import Connectors
-from lethe.classification.datamap import DataMap, RedisLocator
-from lethe.contracts import Drift, Hold, SweepBatch, SweepResult, SweepTask
-from lethe.kernel.config import Settings
-from lethe.kernel.subjects import subject_ref
-from lethe.plans.retention import plan_sweep
-from lethe.policies.model import PolicyPack
+from lethe.classification.datamap import RedisLocator
+from lethe.contracts import Drift, SweepResult, SweepTask
+from tests.sweeps import hold, planned_task, subject_hold, sweep_all, sweep_batch, sweep_once
+
+from .test_cache import client, prefix
+
+__all__ = ["client", "prefix"]  # fixtures, shared with test_cache.py
 
 DAY = 86_400
 DAY_MS = DAY * 1000
@@ -49,98 +45,21 @@ RULES = [
 ]
 
 
-@pytest.fixture
-async def prefix(redis_url: str) -> AsyncIterator[str]:
-    """A key prefix of this test's own; its keys are removed afterwards."""
-    name = f"test-cache-retention:{uuid.uuid4().hex[:10]}"
-    yield name
-    client = Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{glob_escape(name)}:*")]
-        if keys:
-            await client.unlink(*keys)
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[Redis]:
-    """A client of the stack's Redis for seeding and checking, apart from the connector's."""
-    redis = Redis.from_url(redis_url, decode_responses=True)
-    yield redis
-    await redis.aclose()
-
-
 def _task(keys: dict[str, Any]) -> SweepTask:
     """The one sweep task of a map with one Redis locator (`keys`) under the rules above."""
-    datamap = DataMap.model_validate(
-        {
-            "regions": ["eu"],
-            "tenants": {"st-mary": {"region": "eu"}},
-            "systems": [
-                {
-                    "name": "session-cache",
-                    "kind": "redis",
-                    "region": "eu",
-                    "connection": "LETHE_STACK_REDIS_URL",
-                    "keys": [keys],
-                }
-            ],
-        }
-    )
-    pack = PolicyPack.model_validate(
-        {
-            "name": "test",
-            "version": "1",
-            "erasure": {"default": {"citation": "GDPR Art. 17"}},
-            "retention": RULES,
-        }
-    )
-    [task] = plan_sweep(datamap, pack).tasks
-    assert task.kept is None
-    return task
+    return planned_task({"name": "session-cache", "kind": "redis", "keys": [keys]}, RULES)
 
 
 def _sessions(prefix: str, category: str = "user.contact") -> SweepTask:
     return _task({"patterns": [f"{prefix}:session:{{subject_id}}:*"], "categories": [category]})
 
 
-async def _call(
-    connectors: Connectors,
-    task: SweepTask,
-    cursor: list[str | int | float | None] | None = None,
-    *,
-    batch_size: int = 1000,
-    apply: bool = False,
-    dry_run: bool = False,
-    holds: list[Hold] | None = None,
-) -> SweepResult:
-    env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
-    batch = SweepBatch(
-        run_id="sweep-1",
-        task=task,
-        now=NOW,
-        cursor=cursor,
-        batch_size=batch_size,
-        apply=apply,
-        dry_run=dry_run,
-        holds=holds or [],
-    )
-    result: SweepResult = await env.run(connectors.activity("redis.sweep"), batch)
-    return result
-
-
 async def _sweep(
-    connectors: Connectors, task: SweepTask, **options: Any
+    connectors: Connectors, task: SweepTask, *, batch_size: int = 1000, **options: Any
 ) -> tuple[list[SweepResult], dict[tuple[str, str], Drift]]:
     """Every call until done, and their drift summed by target and problem (as the workflow)."""
-    results: list[SweepResult] = []
-    cursor: list[str | int | float | None] | None = None
-    while not results or not results[-1].done:
-        assert len(results) < 1000
-        results.append(await _call(connectors, task, cursor, **options))
-        cursor = results[-1].cursor
+    batch = sweep_batch(task, NOW, batch_size=batch_size, **options)
+    results = await sweep_all(connectors, batch, most=1000)
     summed: dict[tuple[str, str], Drift] = {}
     for result in results:
         assert result.removed == 0 and result.samples == []
@@ -282,21 +201,14 @@ async def test_a_shared_hash_is_reported_unless_the_whole_hash_expires_within_th
 
 
 async def test_keys_of_a_subject_under_a_legal_hold_get_no_ttl(
-    connectors: Connectors, client: Redis, prefix: str, settings: Settings
+    connectors: Connectors, client: Redis, prefix: str
 ) -> None:
     held, free = f"{prefix}:session:1:a", f"{prefix}:session:2:a"
     for key in (held, free):
         await client.set(key, "x")
-    hold = Hold(
-        id="hold-1",
-        matter="m-1",
-        scope="subject",
-        value=subject_ref("st-mary", "1", settings.subject_key_bytes),
-        placed_by="dpo",
-        placed_at=NOW,
-    )
+    legal_hold = subject_hold("st-mary", "1")
 
-    [result], applied = await _sweep(connectors, _sessions(prefix), apply=True, holds=[hold])
+    [result], applied = await _sweep(connectors, _sessions(prefix), apply=True, holds=[legal_hold])
 
     assert result.held == 1
     [drift] = applied.values()
@@ -314,16 +226,9 @@ async def test_a_pattern_that_does_not_name_its_subject_gets_no_ttl_under_a_subj
     task = _task(
         {"patterns": [f"{prefix}:token-of-{{subject_id}}"], "categories": ["user.contact"]}
     )
-    hold = Hold(
-        id="hold-2",
-        matter="m-2",
-        scope="subject",
-        value="f" * 32,
-        placed_by="dpo",
-        placed_at=NOW,
+    [result], applied = await _sweep(
+        connectors, task, apply=True, holds=[hold("subject", "f" * 32)]
     )
-
-    [result], applied = await _sweep(connectors, task, apply=True, holds=[hold])
 
     assert result.held == 1
     assert [(d.count, d.fixed) for d in applied.values()] == [(1, False)]
@@ -335,19 +240,12 @@ async def test_a_hold_on_the_whole_task_changes_nothing(
     connectors: Connectors, client: Redis, prefix: str
 ) -> None:
     keys = await _seed(client, prefix)
-    hold = Hold(
-        id="hold-3",
-        matter="m-3",
-        scope="system",
-        value="session-cache",
-        placed_by="dpo",
-        placed_at=NOW,
-    )
+    legal_hold = hold("system", "session-cache")
 
-    [result], applied = await _sweep(connectors, _sessions(prefix), apply=True, holds=[hold])
+    [result], applied = await _sweep(connectors, _sessions(prefix), apply=True, holds=[legal_hold])
 
     assert result.held == 5
-    assert "hold-3" in result.detail
+    assert legal_hold.id in result.detail
     assert _by_found(applied) == {"no TTL": (3, False), "TTL > 7776000s (90d)": (2, False)}
     assert await _ttls(client, keys["none"]) == [-1, -1, -1]
     assert all(ttl > 300 * DAY_MS for ttl in await _ttls(client, keys["long"]))
@@ -380,11 +278,11 @@ async def test_an_unreachable_redis_or_a_foreign_cursor_is_a_clear_error(
 ) -> None:
     task = _sessions(prefix)
     with pytest.raises(ApplicationError) as foreign:
-        await _call(connectors, task, ["a", "b", "c"])
+        await sweep_once(connectors, sweep_batch(task, NOW, cursor=["a", "b", "c"]))
     assert foreign.value.type == "ConfigurationError" and foreign.value.non_retryable
 
     monkeypatch.setenv("LETHE_STACK_REDIS_URL", "redis://127.0.0.1:1/0")
     with pytest.raises(ApplicationError) as down:
-        await _call(connectors, task, apply=True)
+        await sweep_once(connectors, sweep_batch(task, NOW, apply=True))
     assert down.value.type == "ServiceUnavailable" and not down.value.non_retryable
     assert str(down.value).endswith("Redis at 127.0.0.1:1 did not answer (ConnectionError)")

@@ -7,7 +7,6 @@ activity of a worker in region eu.
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,13 +17,10 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
 
 from lethe.activities.connectors import Connectors
-from lethe.classification.datamap import DataMap
-from lethe.contracts import Hold, SweepBatch, SweepResult, SweepTask
-from lethe.plans.retention import plan_sweep
-from lethe.policies.model import PolicyPack
+from lethe.contracts import SweepResult, SweepTask
+from tests.sweeps import hold, planned_task, sweep_batch, sweep_once
 
 from .test_kafka import MakeTopic, admin, make_topic
 
@@ -50,62 +46,20 @@ NOW = datetime(2026, 12, 7, tzinfo=UTC)
 
 def _task(topic: str, *categories: str) -> SweepTask:
     """The one sweep task of a map with `topic` (holding `categories`) under the pack above."""
-    datamap = DataMap.model_validate(
+    topics = [
         {
-            "regions": ["eu"],
-            "tenants": {"st-mary": {"region": "eu"}},
-            "systems": [
-                {
-                    "name": "events",
-                    "kind": "kafka",
-                    "region": "eu",
-                    "connection": "LETHE_STACK_KAFKA_BOOTSTRAP",
-                    "topics": [
-                        {
-                            "topic": topic,
-                            "key_template": "patient:{subject_id}",
-                            "categories": list(categories),
-                            "retention": {"created": "timestamp"},
-                        }
-                    ],
-                }
-            ],
+            "topic": topic,
+            "key_template": "patient:{subject_id}",
+            "categories": list(categories),
+            "retention": {"created": "timestamp"},
         }
-    )
-    pack = PolicyPack.model_validate(
-        {
-            "name": "test",
-            "version": "1",
-            "erasure": {"default": {"citation": "GDPR Art. 17"}},
-            "retention": [LIMIT, OBLIGATION],
-        }
-    )
-    [task] = plan_sweep(datamap, pack).tasks
-    assert task.kept is None
-    return task
+    ]
+    return planned_task({"name": "events", "kind": "kafka", "topics": topics}, [LIMIT, OBLIGATION])
 
 
-async def _sweep(
-    connectors: Connectors,
-    task: SweepTask,
-    *,
-    apply: bool = False,
-    dry_run: bool = False,
-    holds: list[Hold] | None = None,
-) -> SweepResult:
-    env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
-    batch = SweepBatch(
-        run_id="sweep-1",
-        task=task,
-        now=NOW,
-        batch_size=100,
-        apply=apply,
-        dry_run=dry_run,
-        holds=holds or [],
-    )
-    result: SweepResult = await env.run(connectors.activity("kafka.sweep"), batch)
-    return result
+async def _sweep(connectors: Connectors, task: SweepTask, **options: Any) -> SweepResult:
+    """One `kafka.sweep` call: a topic is one batch."""
+    return await sweep_once(connectors, sweep_batch(task, NOW, **options))
 
 
 def _configs(admin: AdminClient, topic: str) -> dict[str, Any]:
@@ -188,15 +142,7 @@ async def test_a_topic_too_short_for_an_obligation_is_reported_and_raised_by_app
     assert _configs(admin, topic)["retention.ms"] == str(7 * DAY_MS)
 
     # An obligation's change keeps records longer: a legal hold does not stop it.
-    hold = Hold(
-        id="hold-1",
-        matter="m-1",
-        scope="system",
-        value="events",
-        placed_by="dpo",
-        placed_at=NOW,
-    )
-    applied = await _sweep(connectors, task, apply=True, holds=[hold])
+    applied = await _sweep(connectors, task, apply=True, holds=[hold("system", "events")])
 
     assert _drift(applied) == {"retention.ms": (str(7 * DAY_MS), seven_years, True)}
     assert _configs(admin, topic)["retention.ms"] == seven_years
@@ -208,19 +154,12 @@ async def test_a_legal_hold_stops_apply_from_shortening_a_topic(
 ) -> None:
     topic = make_topic({"retention.ms": "-1"}, partitions=1)
     task = _task(topic, "user.contact")
-    hold = Hold(
-        id="hold-7",
-        matter="m-7",
-        scope="category",
-        value="user.contact",
-        placed_by="dpo",
-        placed_at=NOW,
-    )
+    legal_hold = hold("category", "user.contact")
 
-    result = await _sweep(connectors, task, apply=True, holds=[hold])
+    result = await _sweep(connectors, task, apply=True, holds=[legal_hold])
 
     assert _drift(result) == {"retention.ms": ("-1", str(90 * DAY_MS), False)}
-    assert "hold-7" in result.detail and "not changed" in result.detail
+    assert legal_hold.id in result.detail and "not changed" in result.detail
     assert _configs(admin, topic)["retention.ms"] == "-1"
 
 

@@ -6,58 +6,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import pytest
 from azure.storage.blob import BlobProperties
-from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
+from azure.storage.blob.aio import BlobClient, ContainerClient
 from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
 
 from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
 from lethe.activities.logs_retention import LogSweep
 from lethe.classification.datamap import LogLocator, LogRetentionDates
-from lethe.contracts import (
-    Hold,
-    HoldScope,
-    RuleTerm,
-    ScopeMatch,
-    SweepBatch,
-    SweepResult,
-    SweepTask,
-)
-from lethe.kernel.config import current_settings
-from lethe.kernel.subjects import subject_ref
+from lethe.contracts import Hold, ScopeMatch, SweepBatch, SweepResult, SweepTask
+from tests import sweeps
 
-CONNECTION_VARIABLE = "LETHE_STACK_BLOB_CONNECTION"
+from .test_logs import container
+
+__all__ = ["container"]  # a fixture, shared with test_logs.py
+
 LIMIT = timedelta(days=365)
 NOW = datetime.now(UTC)
 OLD = (NOW - timedelta(days=800)).isoformat()
 RECENT = (NOW - timedelta(days=10)).isoformat()
 
 
-def _name(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
-
-
 def _line(**record: Any) -> bytes:
     return json.dumps(record).encode()
-
-
-def _term(kind: Literal["obligation", "limit"], period: timedelta) -> RuleTerm:
-    return RuleTerm(
-        rule=f"test.logs.{kind}",
-        category="user.unique_id",
-        kind=kind,
-        period=period,
-        trigger="created",
-        action="delete" if kind == "limit" else None,
-        citation="GDPR Art. 5(1)(e)" if kind == "limit" else "SOX-style audit trail",
-    )
 
 
 def _locator(
@@ -86,98 +62,27 @@ def _task(
     tenants: Sequence[str] = ("st-mary",),
 ) -> SweepTask:
     assert locator.retention is not None
-    return SweepTask(
-        id="portal-logs/0",
+    return sweeps.sweep_task(
+        locator,
         system="portal-logs",
-        kind="logs",
-        region="eu",
-        connection=CONNECTION_VARIABLE,
-        locator=locator,
-        tenants=list(tenants),
-        categories=["user.unique_id"],
-        scope=list(scope),
-        limit=_term("limit", LIMIT),
-        obligations=[_term("obligation", period) for period in obligations],
-        dates=dict(locator.retention.triggers),
+        limit=sweeps.term("limit", LIMIT),
+        obligations=[sweeps.term("obligation", period) for period in obligations],
+        dates=locator.retention.triggers,
+        tenants=tenants,
+        scope=scope,
         nulls=nulls,
     )
 
 
 def _batch(
-    task: SweepTask,
-    *,
-    now: datetime = NOW,
-    batch_size: int = 100,
-    holds: Sequence[Hold] = (),
-    dry_run: bool = False,
-    run_id: str | None = None,
+    task: SweepTask, *, batch_size: int = 100, holds: Sequence[Hold] = (), dry_run: bool = False
 ) -> SweepBatch:
-    return SweepBatch(
-        run_id=run_id or _name("sweep-"),
-        task=task,
-        now=now,
-        batch_size=batch_size,
-        holds=list(holds),
-        dry_run=dry_run,
-        samples=3,
-    )
+    return sweeps.sweep_batch(task, NOW, batch_size=batch_size, holds=holds, dry_run=dry_run)
 
 
-def _hold(scope: HoldScope, value: str) -> Hold:
-    return Hold(
-        id=_name("hold-"),
-        matter="litigation",
-        scope=scope,
-        value=value,
-        placed_by="dpo@example.org",
-        placed_at=datetime.now(UTC),
-    )
-
-
-def _env(queue: str = "lethe-eu") -> ActivityEnvironment:
-    env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, task_queue=queue)
-    return env
-
-
-async def _sweep(connectors: Connectors, batch: SweepBatch) -> list[SweepResult]:
-    """Every call of the task, as the workflow makes them: on with each cursor until done."""
-    results: list[SweepResult] = []
-    while True:
-        result = await _env().run(connectors.activity("logs.sweep"), batch)
-        results.append(result)
-        if result.done:
-            assert result.cursor is None
-            return results
-        assert result.cursor is not None and result.cursor != batch.cursor
-        assert len(results) < 50
-        batch = batch.model_copy(update={"cursor": result.cursor})
-
-
-def _total(results: list[SweepResult]) -> tuple[int, int, int]:
-    return (
-        sum(r.removed for r in results),
-        sum(r.held for r in results),
-        sum(r.undated for r in results),
-    )
-
-
-@pytest.fixture
-async def container(blob_connection: str) -> AsyncIterator[ContainerClient]:
-    """A fresh container, removed after the test."""
-    async with BlobServiceClient.from_connection_string(blob_connection) as service:
-        client = await service.create_container(_name("app-logs-"))
-        try:
-            yield client
-        finally:
-            await client.delete_container()
-
-
-async def _contents(container: ContainerClient) -> dict[str, bytes]:
-    return {
-        b.name: await (await container.download_blob(b.name)).readall()
-        async for b in container.list_blobs()
-    }
+async def _sweep(connectors: Connectors, task: SweepTask, **options: Any) -> list[SweepResult]:
+    """Every call of the task (a batch's `options`), until done."""
+    return await sweeps.sweep_all(connectors, _batch(task, **options))
 
 
 async def _etags(container: ContainerClient) -> dict[str, str]:
@@ -239,11 +144,11 @@ async def test_due_lines_go_and_the_rest_stay_byte_identical(
     untouched = (await _etags(container))["portal/3.jsonl"]
     batch = _batch(_task(_locator(container)), batch_size=2)
 
-    results = await _sweep(connectors, batch)
+    results = await sweeps.sweep_all(connectors, batch)
 
     assert len(results) == 2  # three blobs under the prefix, two a call
-    assert _total(results) == (3 + 3, 0, 4)
-    assert await _contents(container) == logs.kept  # portal/2.jsonl: all due, deleted
+    assert sweeps.totals(results) == (3 + 3, 0, 4)
+    assert await sweeps.contents(container) == logs.kept  # portal/2.jsonl: all due, deleted
     assert (await _etags(container))["portal/3.jsonl"] == untouched
     rewritten = await container.get_blob_client("portal/1.jsonl").get_blob_properties()
     assert rewritten.metadata["app"] == "portal"
@@ -259,13 +164,13 @@ async def test_due_lines_go_and_the_rest_stay_byte_identical(
 
     # The first call again (its result lost): nothing more goes; the rewritten blob's marks
     # count its lines again, the deleted blob is gone and counts none.
-    again = await _env().run(connectors.activity("logs.sweep"), batch)
+    again = await sweeps.sweep_once(connectors, batch)
     assert again.removed == 3
-    assert await _contents(container) == logs.kept
+    assert await sweeps.contents(container) == logs.kept
     # A later sweep (another run) finds nothing due in what is left.
-    later = await _sweep(connectors, _batch(_task(_locator(container))))
-    assert _total(later) == (0, 0, 4)
-    assert await _contents(container) == logs.kept
+    later = await _sweep(connectors, _task(_locator(container)))
+    assert sweeps.totals(later) == (0, 0, 4)
+    assert await sweeps.contents(container) == logs.kept
 
 
 async def test_an_obligation_keeps_lines_and_nulls_delete_takes_undated_records(
@@ -274,15 +179,15 @@ async def test_an_obligation_keeps_lines_and_nulls_delete_takes_undated_records(
     logs = await _seed(container)
     locator = _locator(container)
 
-    kept = await _sweep(connectors, _batch(_task(locator, obligations=[timedelta(days=7 * 365)])))
-    assert _total(kept) == (0, 0, 4)
-    assert await _contents(container) == logs.seeded
+    kept = await _sweep(connectors, _task(locator, obligations=[timedelta(days=7 * 365)]))
+    assert sweeps.totals(kept) == (0, 0, 4)
+    assert await sweeps.contents(container) == logs.seeded
 
     # nulls: delete takes records without a usable date; lines that are not JSON stay.
-    gone = await _sweep(connectors, _batch(_task(locator, nulls="delete")))
-    assert _total(gone) == (6 + 3, 0, 1)
+    gone = await _sweep(connectors, _task(locator, nulls="delete"))
+    assert sweeps.totals(gone) == (6 + 3, 0, 1)
     mixed = logs.seeded["portal/1.jsonl"].split(b"\n")
-    assert (await _contents(container))["portal/1.jsonl"] == b"\n".join(
+    assert (await sweeps.contents(container))["portal/1.jsonl"] == b"\n".join(
         mixed[i] for i in (1, 2, 8, 9, 10)
     )
 
@@ -294,16 +199,12 @@ async def test_a_nested_date_field(connectors: Connectors, container: ContainerC
         _line(meta="not an object", msg="undated"),
     ]
     await container.upload_blob("portal/n.jsonl", b"\n".join(lines))  # no final newline
-    results = await _sweep(connectors, _batch(_task(_locator(container, dated="meta.ts"))))
-    assert _total(results) == (1, 0, 1)
-    assert await _contents(container) == {"portal/n.jsonl": lines[1] + b"\n" + lines[2]}
+    results = await _sweep(connectors, _task(_locator(container, dated="meta.ts")))
+    assert sweeps.totals(results) == (1, 0, 1)
+    assert await sweeps.contents(container) == {"portal/n.jsonl": lines[1] + b"\n" + lines[2]}
 
 
 # --- holds and scopes -------------------------------------------------------------------------
-
-
-def _ref(tenant: str, subject_id: str) -> str:
-    return subject_ref(tenant, subject_id, current_settings().subject_key_bytes)
 
 
 async def test_a_subject_hold_keeps_their_lines_only(
@@ -320,14 +221,14 @@ async def test_a_subject_hold_keeps_their_lines_only(
     ]
     await container.upload_blob("portal/h.jsonl", _join(lines))
     locator = _locator(container, tenant_field="tenant")
-    hold = _hold("subject", _ref("st-mary", "1001"))
+    hold = sweeps.subject_hold("st-mary", "1001")
 
-    results = await _sweep(
-        connectors, _batch(_task(locator, tenants=["st-mary", "st-luke"]), holds=[hold])
-    )
+    results = await _sweep(connectors, _task(locator, tenants=["st-mary", "st-luke"]), holds=[hold])
 
-    assert _total(results) == (3, 3, 0)
-    assert await _contents(container) == {"portal/h.jsonl": _join([lines[i] for i in (0, 1, 4, 6)])}
+    assert sweeps.totals(results) == (3, 3, 0)
+    assert await sweeps.contents(container) == {
+        "portal/h.jsonl": _join([lines[i] for i in (0, 1, 4, 6)])
+    }
     assert "1001" not in repr([r.model_dump() for r in results])
 
 
@@ -346,24 +247,24 @@ async def test_tenant_holds_and_scopes_by_record_fields(
 
     # Without a tenant field in the map, a tenant hold keeps the whole task.
     unscoped = _task(_locator(container), tenants=tenants)
-    whole = await _sweep(connectors, _batch(unscoped, holds=[(hold := _hold("tenant", "st-luke"))]))
-    assert _total(whole) == (0, 4, 0)
+    whole = await _sweep(connectors, unscoped, holds=[(hold := sweeps.hold("tenant", "st-luke"))])
+    assert sweeps.totals(whole) == (0, 4, 0)
     assert hold.id in whole[0].detail
-    assert await _contents(container) == {"portal/t.jsonl": _join(lines)}
+    assert await sweeps.contents(container) == {"portal/t.jsonl": _join(lines)}
 
     # A scope selects records by field: only st-mary's here, and st-luke's are held.
     only = [ScopeMatch(key="tenant", field="org", values=["st-mary", "st-luke"])]
     task = _task(scoped, scope=only, tenants=tenants)
-    results = await _sweep(connectors, _batch(task, holds=[_hold("tenant", "st-luke")]))
-    assert _total(results) == (1, 1, 0)
-    assert await _contents(container) == {"portal/t.jsonl": _join(lines[1:])}
+    results = await _sweep(connectors, task, holds=[sweeps.hold("tenant", "st-luke")])
+    assert sweeps.totals(results) == (1, 1, 0)
+    assert await sweeps.contents(container) == {"portal/t.jsonl": _join(lines[1:])}
 
     # The others (not listed, not null), then the ones with no value.
     others = [ScopeMatch(key="tenant", field="org", others=["st-mary", "st-luke"])]
-    assert _total(await _sweep(connectors, _batch(_task(scoped, scope=others)))) == (1, 0, 0)
+    assert sweeps.totals(await _sweep(connectors, _task(scoped, scope=others))) == (1, 0, 0)
     nulls = [ScopeMatch(key="tenant", field="org", null=True)]
-    assert _total(await _sweep(connectors, _batch(_task(scoped, scope=nulls)))) == (1, 0, 0)
-    assert await _contents(container) == {"portal/t.jsonl": _join(lines[1:2])}
+    assert sweeps.totals(await _sweep(connectors, _task(scoped, scope=nulls))) == (1, 0, 0)
+    assert await sweeps.contents(container) == {"portal/t.jsonl": _join(lines[1:2])}
 
 
 # --- dry run, a concurrent writer, bad input ----------------------------------------------------
@@ -374,11 +275,11 @@ async def test_a_dry_run_counts_and_touches_nothing(
 ) -> None:
     logs = await _seed(container)
     before = await _etags(container)
-    results = await _sweep(connectors, _batch(_task(_locator(container)), dry_run=True))
-    assert _total(results) == (6, 0, 4)
+    results = await _sweep(connectors, _task(_locator(container)), dry_run=True)
+    assert sweeps.totals(results) == (6, 0, 4)
     assert all(r.samples == [] for r in results)
     assert await _etags(container) == before
-    assert await _contents(container) == logs.seeded
+    assert await sweeps.contents(container) == logs.seeded
 
 
 async def test_lines_written_during_the_rewrite_are_kept(
@@ -407,7 +308,7 @@ async def test_lines_written_during_the_rewrite_are_kept(
 
     assert racing.raced
     assert result.removed == 3 + 1 + 3  # portal/1's, the late due line, portal/2's
-    content = (await _contents(container))["portal/1.jsonl"]
+    content = (await sweeps.contents(container))["portal/1.jsonl"]
     assert content == logs.kept["portal/1.jsonl"] + late_kept + b"\n"
 
 
@@ -415,16 +316,16 @@ async def test_a_missing_container_is_named_and_another_region_refused(
     connectors: Connectors, container: ContainerClient
 ) -> None:
     logs = await _seed(container)
-    missing = _locator(container).model_copy(update={"container": _name("missing-")})
+    missing = _locator(container).model_copy(update={"container": sweeps.unique("missing-")})
     with pytest.raises(ApplicationError) as caught:
-        await _env().run(connectors.activity("logs.sweep"), _batch(_task(missing)))
+        await sweeps.sweep_once(connectors, _batch(_task(missing)))
     assert caught.value.type == "SchemaMismatch"
     assert caught.value.non_retryable
     assert missing.container in str(caught.value)
 
     with pytest.raises(ApplicationError) as caught:
-        await _env("lethe-us").run(
-            connectors.activity("logs.sweep"), _batch(_task(_locator(container)))
+        await sweeps.sweep_once(
+            connectors, _batch(_task(_locator(container))), env=sweeps.region_env("us")
         )
     assert caught.value.type == "WrongRegion"
-    assert await _contents(container) == logs.seeded
+    assert await sweeps.contents(container) == logs.seeded

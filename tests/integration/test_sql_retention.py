@@ -23,6 +23,7 @@ from temporalio.testing import ActivityEnvironment
 
 from lethe.activities.connectors import Connectors
 from lethe.contracts import Hold, ScopeMatch, SweepBatch, SweepResult, SweepTask
+from tests.sweeps import region_env, sweep_all, sweep_batch, sweep_once, totals
 from tests.unit.test_sql_retention import (
     NOW,
     YEAR,
@@ -30,7 +31,6 @@ from tests.unit.test_sql_retention import (
     subject_hold,
     sweep_task,
     term,
-    totals,
     visits_locator,
 )
 
@@ -96,29 +96,14 @@ class Visits:
 
     async def sweep(self, batch: SweepBatch) -> SweepResult:
         """One `sql.sweep` activity call."""
-        result = await self.env.run(self.connectors.activity("sql.sweep"), batch)
-        assert isinstance(result, SweepResult)
-        return result
+        return await sweep_once(self.connectors, batch, env=self.env)
 
     async def sweep_all(
         self, task: SweepTask, *, holds: Sequence[Hold] = (), size: int = SIZE
     ) -> list[SweepResult]:
         """Call `sql.sweep` with the last cursor until it is done."""
-        results: list[SweepResult] = []
-        cursor: list[Any] | None = None
-        while not results or not results[-1].done:
-            batch = SweepBatch(
-                run_id="run-1",
-                task=task,
-                now=NOW,
-                cursor=cursor,
-                batch_size=size,
-                holds=list(holds),
-            )
-            results.append(await self.sweep(batch))
-            cursor = results[-1].cursor
-            assert len(results) < 200
-        return results
+        batch = sweep_batch(task, NOW, batch_size=size, holds=holds)
+        return await sweep_all(self.connectors, batch, env=self.env, most=200)
 
 
 async def seeded(visits: Visits, rows: int) -> None:
@@ -163,8 +148,7 @@ async def visits(
     monkeypatch.setenv("LETHE_TEST_SWEEP_URL", sql_url)
     schema = f"lethe_sweep_{uuid.uuid4().hex[:10]}"
     engine = create_async_engine(sql_url)
-    env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    env = region_env()
     beats: list[Any] = []
     env.on_heartbeat = lambda *details: beats.extend(details)
     made = Visits(engine, schema, env, connectors, beats)
@@ -186,17 +170,7 @@ async def test_exactly_the_expired_rows_outside_holds_go(visits: Visits) -> None
     task = visits.task()
 
     # The dry run counts, in one call, and touches nothing.
-    dry = await visits.sweep(
-        SweepBatch(
-            run_id="run-1",
-            task=task,
-            now=NOW,
-            batch_size=SIZE,
-            holds=holds,
-            dry_run=True,
-            samples=3,
-        )
-    )
+    dry = await visits.sweep(sweep_batch(task, NOW, batch_size=SIZE, holds=holds, dry_run=True))
     assert (dry.removed, dry.held, dry.undated, dry.done) == (97_796, 2_004, 400, True)
     assert len(dry.samples) == 3
     assert await visits.scalar("SELECT count(*) FROM visits") == ROWS
@@ -231,8 +205,8 @@ async def test_without_holds_one_statement_a_batch_removes_every_expired_row(
 async def test_a_retried_batch_removes_nothing_twice(visits: Visits) -> None:
     await seeded(visits, 20_000)
     task = visits.task()
-    first = await visits.sweep(SweepBatch(run_id="r", task=task, now=NOW, batch_size=1000))
-    second_batch = SweepBatch(run_id="r", task=task, now=NOW, cursor=first.cursor, batch_size=1000)
+    first = await visits.sweep(sweep_batch(task, NOW, batch_size=1000, run_id="r"))
+    second_batch = sweep_batch(task, NOW, cursor=first.cursor, batch_size=1000, run_id="r")
     second = await visits.sweep(second_batch)
     left = await visits.scalar("SELECT count(*) FROM visits")
     assert left == 20_000 - 2000
@@ -333,7 +307,7 @@ async def test_a_bad_date_column_is_refused_and_nothing_goes(
     await seeded(visits, 1_000)
     await visits.snapshot("false")
     locator = visits_locator(table=f"{visits.schema}.visits", retention={"created": created})
-    batch = SweepBatch(run_id="r", task=visits.task(locator=locator), now=NOW, batch_size=100)
+    batch = sweep_batch(visits.task(locator=locator), NOW)
     with pytest.raises(ApplicationError) as raised:
         await visits.sweep(batch)
     assert raised.value.type == "SchemaMismatch" and raised.value.non_retryable

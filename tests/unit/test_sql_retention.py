@@ -42,6 +42,7 @@ from lethe.contracts import (
 )
 from lethe.kernel.config import current_settings
 from lethe.kernel.subjects import subject_ref
+from tests.sweeps import totals
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
@@ -173,15 +174,6 @@ async def sweep_all(
         assert result.cursor is not None and result.cursor != cursor
         cursor = result.cursor
         assert len(results) < 1000
-
-
-def totals(results: Sequence[SweepResult]) -> tuple[int, int, int]:
-    """(removed, held, undated) over a sweep's batches."""
-    return (
-        sum(r.removed for r in results),
-        sum(r.held for r in results),
-        sum(r.undated for r in results),
-    )
 
 
 async def ids(engine: AsyncEngine, table: Table = visits) -> set[int]:

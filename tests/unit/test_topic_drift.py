@@ -3,40 +3,22 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal
 
 from lethe.activities.kafka_retention import Change, topic_drift
+from lethe.classification.datamap import DateTrigger
 from lethe.contracts import RuleTerm
+from tests.sweeps import term
 
 DAY_MS = 86_400_000
 FOREVER_MAX_LAG = "9223372036854775807"
 
 
-def _limit(
-    days: int, trigger: Literal["created", "last_activity", "closed"] = "created"
-) -> RuleTerm:
-    return RuleTerm(
-        rule="gdpr.device.storage-limit",
-        category="user.device",
-        kind="limit",
-        period=timedelta(days=days),
-        trigger=trigger,
-        action="delete",
-        citation="GDPR Art. 5(1)(e)",
-    )
+def _limit(days: int, trigger: DateTrigger = "created") -> RuleTerm:
+    return term("limit", timedelta(days=days), trigger=trigger, rule="gdpr.device.storage-limit")
 
 
-def _obligation(
-    days: int, trigger: Literal["created", "last_activity", "closed"] = "created"
-) -> RuleTerm:
-    return RuleTerm(
-        rule="sox.audit-trail",
-        category="user.financial",
-        kind="obligation",
-        period=timedelta(days=days),
-        trigger=trigger,
-        citation="17 CFR 210.2-06",
-    )
+def _obligation(days: int, trigger: DateTrigger = "created") -> RuleTerm:
+    return term("obligation", timedelta(days=days), trigger=trigger, rule="sox.audit-trail")
 
 
 def _topic(
