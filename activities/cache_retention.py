@@ -104,46 +104,42 @@ def _shown(milliseconds: int) -> str:
 def drift(target: str, problem: Problem, rules: Bounds, count: int, fixed: bool) -> Drift:
     """The drift of `count` keys of `target` with `problem` (the same words on every page, so
     the workflow can sum them)."""
-    most, least = rules.most_ms, rules.least_ms
-    if problem == "short":
-        assert rules.obligation is not None and least is not None
-        return Drift(
-            target=target,
-            setting="ttl",
-            found=f"TTL < {_shown(least)}",
-            wanted=f"TTL >= {_shown(least)}",
-            breaks=f"{rules.obligation.rule}: keys expire before the {_period(rules.obligation)} "
-            "they must be kept",
-            count=count,
-            fixed=fixed,
-        )
-    assert rules.limit is not None and most is not None
-    wanted = f"TTL <= {_shown(most)}"
-    rule = rules.limit.rule
-    if problem == "field":
-        return Drift(
-            target=target,
-            setting="ttl",
-            found=f"no TTL <= {_shown(most)} on the hash",
-            wanted=f"{wanted} on the hash, or the field in a key of its own",
-            breaks=f"{rule}: a hash field cannot expire alone on Redis 7.0, and the hash "
-            f"holding it is kept longer than {_period(rules.limit)}",
-            count=count,
-            fixed=fixed,
-        )
-    if problem == "none":
-        found, how = "no TTL", "keys kept for ever, with no TTL"
-    else:
-        found, how = f"TTL > {_shown(most)}", f"keys kept longer than {_shown(most)}"
+    found, wanted, breaks = _words(problem, rules)
     return Drift(
         target=target,
         setting="ttl",
         found=found,
         wanted=wanted,
-        breaks=f"{rule}: {how}",
+        breaks=breaks,
         count=count,
         fixed=fixed,
     )
+
+
+def _words(problem: Problem, rules: Bounds) -> tuple[str, str, str]:
+    """For keys with `problem`: the TTL they have, the TTL the rules want, and which rule they
+    break and how."""
+    most, least = rules.most_ms, rules.least_ms
+    if problem == "short":
+        assert rules.obligation is not None and least is not None
+        return (
+            f"TTL < {_shown(least)}",
+            f"TTL >= {_shown(least)}",
+            f"{rules.obligation.rule}: keys expire before the {_period(rules.obligation)} "
+            "they must be kept",
+        )
+    assert rules.limit is not None and most is not None
+    wanted, rule = f"TTL <= {_shown(most)}", rules.limit.rule
+    if problem == "field":
+        return (
+            f"no TTL <= {_shown(most)} on the hash",
+            f"{wanted} on the hash, or the field in a key of its own",
+            f"{rule}: a hash field cannot expire alone on Redis 7.0, and the hash holding it is "
+            f"kept longer than {_period(rules.limit)}",
+        )
+    if problem == "none":
+        return "no TTL", wanted, f"{rule}: keys kept for ever, with no TTL"
+    return f"TTL > {_shown(most)}", wanted, f"{rule}: keys kept longer than {_shown(most)}"
 
 
 def _period(term: RuleTerm) -> str:
