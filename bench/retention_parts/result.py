@@ -77,7 +77,7 @@ def show(console: Console, result: Result) -> None:
         "rows deleted per second",
         f"{result.lethe_rows_per_s:,.0f}",
         f"{result.floor_rows_per_s:,.0f}",
-        f"{result.ratio:.2f}",
+        f"{result.ratio:.3f}",
     )
     table.add_row(
         "elapsed, s",
@@ -122,7 +122,7 @@ def show(console: Console, result: Result) -> None:
     aim = "reached" if result.aim_met else "not reached"
     console.print(
         f"target Lethe >= {TARGET_RATIO:.0%} of the floor's rows/s: {verdict} "
-        f"({result.ratio:.0%}); aim {AIM_RATIO:.0%}: {aim}"
+        f"({result.ratio:.1%}); aim {AIM_RATIO:.0%}: {aim}"
     )
 
 

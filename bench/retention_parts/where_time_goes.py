@@ -4,8 +4,9 @@ A batch is one `<kind>.sweep` activity. The cycle of a batch runs from the previ
 completion to its own: the workflow task that follows the completion (its wait for the worker,
 then, inside it, the local activities between batches, which write the last batch's ledger
 entry and read the holds for this one, and the rest of the task up to scheduling the
-activity), the activity's wait in the region's queue, and its run. Local activities leave markers whose data holds the moment
-each completed, so the task is split at those moments. The segments of a cycle add up to it.
+activity), the activity's wait in the region's queue, and its run. Local activities leave
+markers whose data holds the moment each completed, so the task is split at those moments. The
+segments of a cycle add up to it.
 """
 
 from __future__ import annotations
