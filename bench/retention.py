@@ -234,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BenchError, LetheError, StackNotReady) as exc:
         console.print(f"[red]bench: {exc}[/red]")
         return 2
+    except Exception:
+        # A driver or server error: the run failed, which is exit 2, not a missed target.
+        console.print_exception()
+        return 2
     except asyncio.CancelledError:
         console.print("[yellow]bench: stopped; what the run created is removed[/yellow]")
         return 130
