@@ -179,35 +179,72 @@ async def sweep_table(engine: AsyncEngine, schemas: SchemaCache, batch: SweepBat
     if task.limit is None or task.kept:
         return SweepResult(task_id=task.id, done=True, detail=task.kept or "no storage limit")
     earlier = _earlier(batch)
-    if earlier is not None:
-        return earlier
     holds = sweep_holds(task, batch.holds)
     try:
         async with database_errors(task.system), engine.connect() as conn:
             plan = await _plan(conn, batch, schemas, holds)
+            if earlier is not None and await _committed(conn, plan, earlier):
+                return SweepResult.model_validate(earlier["result"])
             if holds.whole:
                 return await _held_whole(conn, plan)
             if batch.dry_run:
                 return await _dry_run(conn, plan)
-            result = await _batch(conn, plan)
+            result, to, kept = await _batch(conn, plan)
+            if result.removed:
+                # Told before the commit: a worker lost between the commit and the completion
+                # leaves the batch's count to the retry, which finds its range empty.
+                heartbeat(
+                    {
+                        "kind": RECORD,
+                        "run": batch.run_id,
+                        "task": task.id,
+                        "from": batch.cursor,
+                        "to": to,
+                        "kept": kept,
+                        "result": result.model_dump(mode="json"),
+                    }
+                )
             await conn.commit()
     except SchemaChanged:
         schemas.forget(table_names(locator))  # the retry reads the tables again
         raise
-    heartbeat(
-        {
-            "kind": RECORD,
-            "run": batch.run_id,
-            "task": task.id,
-            "from": batch.cursor,
-            "result": result.model_dump(mode="json"),
-        }
-    )
+    if earlier is None and _retried():
+        result = result.model_copy(update={"detail": _unrecorded(plan, result)})
     return result
 
 
-def _earlier(batch: SweepBatch) -> SweepResult | None:
-    """The result an earlier attempt committed and heartbeated for this very batch, if any."""
+def _retried() -> bool:
+    return activity.in_activity() and activity.info().attempt > 1
+
+
+def _unrecorded(plan: _Plan, result: SweepResult) -> str:
+    """The detail of a retried batch whose earlier attempt sent no record: it may have removed
+    rows (at most a batch) before the worker was lost, which no count includes."""
+    return (
+        f"{result.detail}; an earlier attempt of this batch left no record: up to "
+        f"{plan.batch.batch_size} row(s) it may have removed are not counted"
+    )
+
+
+async def _committed(conn: AsyncConnection, plan: _Plan, told: dict[str, Any]) -> bool:
+    """Whether an earlier attempt's batch, told before its commit, was committed: its range
+    holds no more rows it would remove than the ones it kept for holds (rolled back, the rows
+    it removed would all be back)."""
+    nulls_walk, after = _decoded(plan, told.get("from"))
+    _, upto = _decoded(plan, told.get("to"))
+    if upto is None:
+        return False
+    order = plan.key if nulls_walk else [plan.date, *plan.key]
+    within = and_(plan.undated_due if nulls_walk else plan.dated, plan.free)
+    within = and_(within, not_(_past(order, upto)))
+    if after is not None:
+        within = and_(within, _past(order, after))
+    (left,) = await _counts(conn, plan, within)
+    return left <= int(told.get("kept", 0))
+
+
+def _earlier(batch: SweepBatch) -> dict[str, Any] | None:
+    """What an earlier attempt told of this very batch just before its commit, if anything."""
     if batch.dry_run or not activity.in_activity():
         return None
     details = activity.info().heartbeat_details
@@ -220,18 +257,19 @@ def _earlier(batch: SweepBatch) -> SweepResult | None:
         batch.cursor,
     ):
         return None
-    return SweepResult.model_validate(last.get("result"))
+    return last
 
 
 # --- one batch -------------------------------------------------------------------------------
 
 
-async def _batch(conn: AsyncConnection, plan: _Plan) -> SweepResult:
-    """Remove the next batch of due rows (not committed), with the first batch's counts."""
+async def _batch(conn: AsyncConnection, plan: _Plan) -> tuple[SweepResult, Cursor | None, int]:
+    """Remove the next batch of due rows (not committed), with the first batch's counts; and
+    where the batch ends and how many rows in it were kept for subject holds."""
     batch, task = plan.batch, plan.task
     nulls_walk, after = _decoded(plan, batch.cursor)
     if nulls_walk and task.nulls != "delete":
-        return SweepResult(task_id=task.id, done=True)
+        return SweepResult(task_id=task.id, done=True), None, 0
     held = undated = 0
     if batch.cursor is None:
         undated, held = await _counts(conn, plan, plan.undated, and_(plan.due, plan.held_tenant))
@@ -271,12 +309,12 @@ async def _batch(conn: AsyncConnection, plan: _Plan) -> SweepResult:
         last=_iso(dates[-1]) if dates else None,
         detail=_detail(plan, len(removed), held + kept),
     )
-    if more and last is not None:
-        cursor = _encoded(_position(last, nulls_walk), nulls_walk)
-        return result.model_copy(update={"cursor": cursor})
+    to = _encoded(_position(last, nulls_walk), nulls_walk) if last is not None else None
+    if more and to is not None:
+        return result.model_copy(update={"cursor": to}), to, kept
     if not nulls_walk and task.nulls == "delete":
-        return result.model_copy(update={"cursor": [None]})
-    return result.model_copy(update={"done": True})
+        return result.model_copy(update={"cursor": [None]}), to, kept
+    return result.model_copy(update={"done": True}), to, kept
 
 
 def _change(plan: _Plan, rows: Select[Any] | ColumnElement[bool], due: ColumnElement[bool]) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -221,11 +221,13 @@ async def test_a_retried_batch_removes_nothing_twice(visits: Visits) -> None:
     assert await visits.scalar("SELECT count(*) FROM visits") == left
 
     # The heartbeat never arrived: the retry takes the next rows, never the same ones again,
-    # and never a row that is not due.
+    # and never a row that is not due; it says that an earlier attempt may have removed rows
+    # no count includes.
     visits.env.info = dataclasses.replace(visits.env.info, heartbeat_details=[])
     await visits.snapshot(EXPIRED)
     blind = await visits.sweep(second_batch)
     assert blind.removed == 1000
+    assert "left no record: up to 1000 row(s) it may have removed are not counted" in blind.detail
     assert await visits.scalar("SELECT count(*) FROM visits") == left - 1000
     assert (
         await visits.scalar(
@@ -319,3 +321,30 @@ async def test_a_bad_date_column_is_refused_and_nothing_goes(
 def test_the_fixture_periods_are_clear_of_the_limit() -> None:
     # Expired rows are 400 days old or more, the others 299 or less: the limit is a year.
     assert timedelta(days=299) < YEAR < timedelta(days=400)
+
+
+async def test_a_batch_told_but_rolled_back_is_done_again_by_its_retry(
+    visits: Visits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's record leaves before its commit; the commit fails (the worker is lost), so
+    the rows are back: the retry finds its range full, and removes and counts them again."""
+    await seeded(visits, 10_000)
+    task = visits.task()
+    batch = sweep_batch(task, NOW, batch_size=1000, run_id="r")
+    real_commit = AsyncConnection.commit
+
+    async def lost(self: AsyncConnection) -> None:
+        raise ConnectionResetError("the worker is lost at the commit")
+
+    monkeypatch.setattr(AsyncConnection, "commit", lost)
+    with pytest.raises(Exception, match=r"lost at the commit|did not answer"):
+        await visits.sweep(batch)
+    monkeypatch.setattr(AsyncConnection, "commit", real_commit)
+    told = visits.beats[-1]
+    assert told["from"] is None and told["to"] is not None and told["result"]["removed"] == 1000
+    assert await visits.scalar("SELECT count(*) FROM visits") == 10_000  # rolled back
+
+    visits.env.info = dataclasses.replace(visits.env.info, attempt=2, heartbeat_details=[told])
+    again = await visits.sweep(batch)
+    assert again.removed == 1000 and "no record" not in again.detail
+    assert await visits.scalar("SELECT count(*) FROM visits") == 9_000
