@@ -299,14 +299,14 @@ async def _batch(conn: AsyncConnection, plan: _Plan) -> tuple[SweepResult, Curso
         last = scanned[-1] if scanned else None
         more = len(scanned) == size
         covered = scanned
-    dates = sorted(row[0] for row in covered if row[0] is not None)
+    dates = [row[0] for row in covered if row[0] is not None]
     result = SweepResult(
         task_id=task.id,
         removed=len(removed),
         held=held + kept,
         undated=undated,
-        first=_iso(dates[0]) if dates else None,
-        last=_iso(dates[-1]) if dates else None,
+        first=_iso(min(dates)) if dates else None,
+        last=_iso(max(dates)) if dates else None,
         detail=_detail(plan, len(removed), held + kept),
     )
     to = _encoded(_position(last, nulls_walk), nulls_walk) if last is not None else None

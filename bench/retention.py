@@ -3,7 +3,7 @@ directly, on PostgreSQL, in the same run.
 
 Run it after `scripts/stack up`:
 
-    .venv/bin/python bench/retention.py [--rows 2000000] [--batch 5000] [--lethe-first]
+    .venv/bin/python bench/retention.py [--rows 2000000] [--batch 20000] [--lethe-first]
                                         [--timeout 1200] [--json FILE] [--strict]
                                         [--keep-workflows]
 
@@ -81,6 +81,7 @@ from bench.retention_parts.sweep import (
     write_datamap,
 )
 from bench.retention_parts.where_time_goes import where_time_goes
+from lethe.contracts import SWEEP_BATCH
 from lethe.kernel.config import load_settings
 from lethe.kernel.database import dispose_all
 from lethe.kernel.errors import LetheError
@@ -200,7 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=at_least(2), default=2_000_000, help="rows (2,000,000)")
     parser.add_argument(
-        "--batch", type=at_least(1), default=5000, help="rows per batch, both sides (5000)"
+        "--batch",
+        type=at_least(1),
+        default=SWEEP_BATCH,
+        help=f"rows per batch, both sides ({SWEEP_BATCH})",
     )
     parser.add_argument("--lethe-first", action="store_true", help="measure Lethe first")
     parser.add_argument(

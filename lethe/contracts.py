@@ -612,6 +612,13 @@ class SweepPlan(Contract):
     """Rules no locator holds data for, and the like: said, never fatal."""
 
 
+SWEEP_BATCH = 20_000
+"""Records per sweep batch by default: a DELETE of 20,000 indexed rows takes about 0.3 s on
+PostgreSQL here, short enough to hold row locks briefly and to respect a new legal hold within a
+batch, long enough that Temporal's round trip between batches costs under a quarter of the time
+(`bench/retention.py`)."""
+
+
 class SweepRequest(Contract):
     """A retention sweep to run (or, with `dry_run`, to count: `lethe retention plan`)."""
 
@@ -623,7 +630,8 @@ class SweepRequest(Contract):
     """Only tasks these rules decide; empty: all."""
     systems: list[str] = []
     """Only these systems; empty: all."""
-    batch_size: int = Field(default=5000, ge=1, le=100_000)
+    batch_size: int = Field(default=SWEEP_BATCH, ge=1, le=100_000)
+    """Records a batch takes (one transaction of a SQL table)."""
     samples: int = Field(default=3, ge=0, le=20)
     """A dry run's row keys per task (never personal data: none where the keys are)."""
     batches_per_run: int = Field(default=500, ge=1, le=10_000)

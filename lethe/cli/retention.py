@@ -19,7 +19,7 @@ from temporalio.client import Client as TemporalClient
 from lethe.cli.common import ByOption, JsonOption, actor, err, out, run, valid
 from lethe.cli.keys import parse_duration, schedule_app
 from lethe.cli.views import when
-from lethe.contracts import SweepReport, SweepRequest
+from lethe.contracts import SWEEP_BATCH, SweepReport, SweepRequest
 from lethe.kernel.config import load_settings
 from lethe.kernel.deadlines import format_duration
 from lethe.sdk import retention as sweeps
@@ -140,7 +140,7 @@ async def _follow(temporal: TemporalClient, run_id: str) -> SweepReport:
 def plan(
     rule: RuleOption = None,
     system: SystemOption = None,
-    batch_size: BatchOption = 5000,
+    batch_size: BatchOption = SWEEP_BATCH,
     samples: Annotated[int, typer.Option(min=0, max=20, help="row keys shown per task")] = 3,
     json: JsonOption = False,
     by: ByOption = "",
@@ -165,7 +165,7 @@ def run_sweep(
     system: SystemOption = None,
     apply: ApplyOption = False,
     wait: Annotated[bool, typer.Option("--wait", help="show progress until the report")] = False,
-    batch_size: BatchOption = 5000,
+    batch_size: BatchOption = SWEEP_BATCH,
     json: JsonOption = False,
     by: ByOption = "",
 ) -> None:
@@ -272,7 +272,7 @@ def schedule(
             help="how late a missed sweep may still start (after an outage)",
         ),
     ] = sweeps.DEFAULT_CATCHUP,
-    batch_size: BatchOption = 5000,
+    batch_size: BatchOption = SWEEP_BATCH,
     by: ByOption = "",
 ) -> None:
     """Create or update the Schedule running a retention sweep every DURATION (skipped while
