@@ -209,10 +209,12 @@ async def _status(json: bool) -> int:
     running_id = await sweeps.running_sweep(temporal, settings.control_queue)
     running = await sweeps.sweep_progress(temporal, running_id) if running_id else None
     recent = await sweeps.recent(settings, limit=10)
+    ended = await sweeps.ended_without_report(temporal, settings.control_queue)
     if json:
         body = {
             "running": running.model_dump(mode="json") if running else None,
             "recent": [r.model_dump(mode="json") for r in recent],
+            "ended_without_report": [e.model_dump(mode="json") for e in ended],
         }
         out.print_json(data=body)
         return 0
@@ -236,6 +238,12 @@ async def _status(json: bool) -> int:
             str(sum(1 for t in report.tasks if t.status == "failed")),
         )
     out.print(table)
+    for sweep in ended:
+        out.print(
+            f"{sweep.run_id} ({when(sweep.started_at)}) {sweep.status} without a report: "
+            f"{sweep.reason or 'no reason recorded'}",
+            highlight=False,
+        )
     return 0
 
 

@@ -28,7 +28,7 @@ from temporalio.client import (
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 
-from lethe.contracts import SweepReport, SweepRequest
+from lethe.contracts import Contract, SweepReport, SweepRequest
 from lethe.evidence import sweep_reports
 from lethe.evidence.store import engine_for
 from lethe.kernel.config import Settings
@@ -75,6 +75,52 @@ async def running_sweep(temporal: TemporalClient, control_queue: str) -> str | N
             return None  # a server without Lethe's search attributes
         raise
     return found[0] if found else None
+
+
+class EndedSweep(Contract):
+    """A sweep (or dry run) that ended without a report: failed, cancelled, terminated or
+    timed out, and why."""
+
+    run_id: str
+    status: str
+    started_at: datetime | None = None
+    reason: str = ""
+
+
+async def ended_without_report(
+    temporal: TemporalClient, control_queue: str, limit: int = 10
+) -> list[EndedSweep]:
+    """The latest sweeps on this control queue that ended without a report (a pack conflict,
+    a data map that cannot be read, a termination), newest first, each with its reason."""
+    query = (
+        f"{sa.KIND.name} IN ('{KIND}', '{DRY_RUN_KIND}') AND TaskQueue = '{control_queue}' "
+        "AND ExecutionStatus != 'Running' AND ExecutionStatus != 'Completed' "
+        "AND ExecutionStatus != 'ContinuedAsNew'"
+    )
+    ended: list[EndedSweep] = []
+    try:
+        async for execution in temporal.list_workflows(query, limit=limit):
+            reason = ""
+            try:
+                await temporal.get_workflow_handle(execution.id, run_id=execution.run_id).result(
+                    follow_runs=False
+                )
+            except WorkflowFailureError as exc:
+                reason = failure_reason(exc)
+            status = execution.status.name.lower() if execution.status else "unknown"
+            ended.append(
+                EndedSweep(
+                    run_id=execution.id,
+                    status=status,
+                    started_at=execution.start_time,
+                    reason=reason,
+                )
+            )
+    except RPCError as exc:
+        if exc.status in (RPCStatusCode.UNIMPLEMENTED, RPCStatusCode.INVALID_ARGUMENT):
+            return []
+        raise
+    return ended
 
 
 async def start_sweep(temporal: TemporalClient, settings: Settings, request: SweepRequest) -> str:

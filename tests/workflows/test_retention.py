@@ -372,3 +372,49 @@ async def test_a_schedule_sweeps_month_after_month_each_as_of_its_time(
     assert await _left(url) == {r["id"] for r in rows} - {
         r["id"] for r in _due(rows, reports[-1].as_of)
     }
+
+
+CONFLICTING = """
+  - id: device.created-limit
+    category: user.device.ip_address
+    kind: limit
+    period: 30d
+    trigger: created
+    action: delete
+    citation: "a second limit, counted from another date"
+"""
+
+
+@pytest.mark.timeout(120)
+async def test_a_pack_conflict_fails_the_sweep_before_anything_and_status_says_why(
+    local_env: WorkflowEnvironment, setup: tuple[Settings, str]
+) -> None:
+    settings, url = setup
+    now = await local_env.get_current_time()
+    rows = _rows(120, now)
+    await _seed(url, rows)
+    datamap = DATAMAP.replace(
+        "columns:\n", "columns:\n          device_id: user.device.device_id\n"
+    )
+    await asyncio.to_thread(Path(os.environ["LETHE_DATAMAP"]).write_text, datamap)
+    await asyncio.to_thread(Path(os.environ["LETHE_POLICY"]).write_text, PACK + CONFLICTING)
+    async with Clients() as clients:
+        workers = _workers(local_env, clients)
+        async with workers[0], workers[1]:
+            run_id = await sweeps.start_sweep(
+                local_env.client, settings, SweepRequest(requested_by="dpo")
+            )
+            with pytest.raises(sweeps.SweepFailed) as failed:
+                await sweeps.follow(local_env.client, run_id)
+    message = str(failed.value)
+    assert "PolicyConflict" in message
+    assert "'device.created-limit'" in message and "'device.storage-limit'" in message
+    assert await _left(url) == {row["id"] for row in rows}  # nothing touched
+    ended: list[sweeps.EndedSweep] = []
+    for _ in range(100):
+        ended = await sweeps.ended_without_report(local_env.client, CONTROL)
+        if any(sweep.run_id == run_id for sweep in ended):
+            break
+        await asyncio.sleep(0.1)
+    (mine,) = [sweep for sweep in ended if sweep.run_id == run_id]
+    assert mine.status == "failed" and "PolicyConflict" in mine.reason
