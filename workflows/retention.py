@@ -55,7 +55,9 @@ SWEEP_RETRY = RetryPolicy(
 """Transient failures retry for the request's `retry_span`; configuration errors fail the task
 at once."""
 SWEEP_TIMEOUT = timedelta(minutes=10)
-SWEEP_HEARTBEAT = timedelta(minutes=1)
+SWEEP_HEARTBEAT = timedelta(seconds=20)
+"""A batch heartbeats while it works (every third of this); a worker lost mid-batch is noticed
+after this long, and the batch runs again elsewhere."""
 SCHEDULED_AT = SearchAttributeKey.for_datetime("TemporalScheduledStartTime")
 """Set by a Temporal Schedule on the runs it starts: the moment the run was due."""
 MAX_SAMPLES = 20

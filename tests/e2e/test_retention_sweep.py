@@ -574,16 +574,13 @@ async def test_a_worker_killed_mid_batch_loses_nothing_and_removes_nothing_twice
 
 
 @pytest.mark.timeout(240)
-async def test_a_batch_committed_by_a_worker_that_dies_before_telling_is_counted(
+async def test_a_batch_committed_by_a_worker_that_dies_before_completing_is_counted_once(
     deployment: Deployment,
 ) -> None:
     """10,000 sessions, half expired. The first batch commits, then its worker ends before the
-    batch's heartbeat (its result) or its completion leaves. The rows must come out right
-    whatever happens; the ledger must count the batch. It does not yet (a known bug, so this
-    test ends as an expected failure while it lasts): the retry of the batch, finding no
-    heartbeat, removes the next 2,000 rows from the same cursor and counts only those, so the
-    report and the ledger say 3,000 of the 5,000 rows removed. The bound asserted meanwhile: at
-    most one batch uncounted per crash, never more counted than removed."""
+    activity completes. The rows must come out right, and the ledger must count the batch once:
+    the batch told its result (and where it ends) before its commit, so the retry finds its
+    range emptied and returns that result instead of sweeping the next rows as if new."""
     rows, expired_rows = 10_000, 5_000
     await deployment.seed(1, rows)
     before = await deployment.rows()
