@@ -26,7 +26,6 @@ from temporalio.client import (
     WorkflowFailureError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.service import RPCError, RPCStatusCode
 
 from lethe.contracts import Contract, SweepReport, SweepRequest
 from lethe.evidence import sweep_reports
@@ -36,7 +35,7 @@ from lethe.kernel.deadlines import format_duration
 from lethe.kernel.errors import LetheError, failure_reason
 from lethe.kernel.regions import CONTROL_QUEUE as DEFAULT_CONTROL_QUEUE
 from lethe.sdk.client import answer
-from lethe.sdk.schedules import upsert_schedule
+from lethe.sdk.schedules import listed, upsert_schedule
 from lethe.temporal import search_attributes as sa
 from lethe.workflows.retention import DRY_RUN_KIND, KIND, RetentionSweepWorkflow
 
@@ -68,13 +67,8 @@ async def running_sweep(temporal: TemporalClient, control_queue: str) -> str | N
         f"{sa.KIND.name} = '{KIND}' AND TaskQueue = '{control_queue}' "
         "AND ExecutionStatus = 'Running'"
     )
-    try:
-        found = [execution.id async for execution in temporal.list_workflows(query, limit=1)]
-    except RPCError as exc:
-        if exc.status in (RPCStatusCode.UNIMPLEMENTED, RPCStatusCode.INVALID_ARGUMENT):
-            return None  # a server without Lethe's search attributes
-        raise
-    return found[0] if found else None
+    found = await listed(temporal, query, limit=1)
+    return found[0].id if found else None
 
 
 class EndedSweep(Contract):
@@ -98,28 +92,20 @@ async def ended_without_report(
         "AND ExecutionStatus != 'ContinuedAsNew'"
     )
     ended: list[EndedSweep] = []
-    try:
-        async for execution in temporal.list_workflows(query, limit=limit):
-            reason = ""
-            try:
-                await temporal.get_workflow_handle(execution.id, run_id=execution.run_id).result(
-                    follow_runs=False
-                )
-            except WorkflowFailureError as exc:
-                reason = failure_reason(exc)
-            status = execution.status.name.lower() if execution.status else "unknown"
-            ended.append(
-                EndedSweep(
-                    run_id=execution.id,
-                    status=status,
-                    started_at=execution.start_time,
-                    reason=reason,
-                )
+    for execution in await listed(temporal, query, limit):
+        reason = ""
+        try:
+            await temporal.get_workflow_handle(execution.id, run_id=execution.run_id).result(
+                follow_runs=False
             )
-    except RPCError as exc:
-        if exc.status in (RPCStatusCode.UNIMPLEMENTED, RPCStatusCode.INVALID_ARGUMENT):
-            return []
-        raise
+        except WorkflowFailureError as exc:
+            reason = failure_reason(exc)
+        status = execution.status.name.lower() if execution.status else "unknown"
+        ended.append(
+            EndedSweep(
+                run_id=execution.id, status=status, started_at=execution.start_time, reason=reason
+            )
+        )
     return ended
 
 

@@ -28,7 +28,6 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
 
 from lethe.kernel.deadlines import format_duration
 from lethe.kernel.errors import LetheError, failure_reason
@@ -41,7 +40,7 @@ from lethe.keys.rotation import (
     rotation_workflow_id,
 )
 from lethe.sdk.client import answer
-from lethe.sdk.schedules import upsert_schedule
+from lethe.sdk.schedules import listed, upsert_schedule
 from lethe.temporal import search_attributes as sa
 from lethe.workflows.key_rotation import KeyRotationWorkflow
 
@@ -64,12 +63,8 @@ async def running_rotation(temporal: TemporalClient, control_queue: str) -> str 
         f"{sa.KIND.name} = '{KIND}' AND TaskQueue = '{control_queue}' "
         "AND ExecutionStatus = 'Running'"
     )
-    try:
-        found = [execution.id async for execution in temporal.list_workflows(query, limit=10)]
-    except RPCError as exc:
-        if exc.status in (RPCStatusCode.UNIMPLEMENTED, RPCStatusCode.INVALID_ARGUMENT):
-            return None  # a server without (Lethe's) visibility: the fixed id still joins
-        raise
+    # Without visibility nothing is found, and the fixed id still joins.
+    found = [execution.id for execution in await listed(temporal, query, limit=10)]
     fixed = rotation_workflow_id(control_queue)
     return fixed if fixed in found else (found[0] if found else None)
 

@@ -1,5 +1,6 @@
-"""Temporal Schedules Lethe keeps (key rotation, retention sweeps): created, or updated in
-place when one of that id exists."""
+"""What Lethe's scheduled workflows (key rotation, retention sweeps) share: their Schedule,
+created or updated in place, and finding their runs in visibility (a scheduled run's id carries
+its start time, so only visibility finds it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from temporalio.client import (
     ScheduleAlreadyRunningError,
     ScheduleUpdate,
     ScheduleUpdateInput,
+    WorkflowExecution,
 )
+from temporalio.service import RPCError, RPCStatusCode
 
 
 async def upsert_schedule(
@@ -32,3 +35,14 @@ async def upsert_schedule(
         await handle.update(replace)
     described = await handle.describe()
     return created, list(described.info.next_action_times)
+
+
+async def listed(temporal: TemporalClient, query: str, limit: int) -> list[WorkflowExecution]:
+    """The workflows visibility lists for `query`, newest first; none from a server without
+    Lethe's search attributes (or without visibility)."""
+    try:
+        return [execution async for execution in temporal.list_workflows(query, limit=limit)]
+    except RPCError as exc:
+        if exc.status in (RPCStatusCode.UNIMPLEMENTED, RPCStatusCode.INVALID_ARGUMENT):
+            return []
+        raise

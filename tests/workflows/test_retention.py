@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -154,13 +155,22 @@ async def _left(url: str) -> set[int]:
     return ids
 
 
-def _workers(env: WorkflowEnvironment, clients: Clients, sweep: Any = None) -> list[Worker]:
-    connectors = Connectors(clients)
-    regional = list(connectors.activities())
-    if sweep is not None:  # in place of the real sql.sweep, which it wraps
-        regional = [a for a in regional if a is not connectors.activity("sql.sweep")] + [sweep]
-    return [
-        Worker(
+SweepActivity = Callable[[SweepBatch], Awaitable[SweepResult]]
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    env: WorkflowEnvironment, wrap: Callable[[SweepActivity], SweepActivity] | None = None
+) -> AsyncIterator[None]:
+    """A control worker and region eu's worker over clients of their own; `wrap` puts an
+    activity around the real `sql.sweep` in its place."""
+    async with Clients() as clients:
+        connectors = Connectors(clients)
+        regional = list(connectors.activities())
+        if wrap is not None:
+            real = connectors.activity("sql.sweep")
+            regional = [a for a in regional if a is not real] + [wrap(real)]
+        control_worker = Worker(
             env.client,
             task_queue=CONTROL,
             workflows=[RetentionSweepWorkflow],
@@ -170,9 +180,9 @@ def _workers(env: WorkflowEnvironment, clients: Clients, sweep: Any = None) -> l
                 retention.keep_report,
                 control.record,
             ],
-        ),
-        Worker(env.client, task_queue=REGION_QUEUE, activities=regional),
-    ]
+        )
+        async with control_worker, Worker(env.client, task_queue=REGION_QUEUE, activities=regional):
+            yield
 
 
 async def _sweep(
@@ -203,11 +213,9 @@ async def test_a_long_sweep_continues_as_new_and_removes_each_expired_row_once(
     rows = _rows(300, now)
     await _seed(url, rows)
     request = SweepRequest(requested_by="dpo", batch_size=20, batches_per_run=3)
-    async with Clients() as clients:
-        workers = _workers(time_skipping_env, clients)
-        async with workers[0], workers[1]:
-            report = await _sweep(time_skipping_env, settings, request)
-            runs = await _runs(time_skipping_env, report.run_id)
+    async with _running(time_skipping_env):
+        report = await _sweep(time_skipping_env, settings, request)
+        runs = await _runs(time_skipping_env, report.run_id)
 
     due = {row["id"] for row in _due(rows, now)}
     assert len(due) == 211  # 90 to 300 days back (a day and an hour beyond the limit's edge)
@@ -235,10 +243,8 @@ async def test_a_long_sweep_continues_as_new_and_removes_each_expired_row_once(
 async def _sweep_again(
     env: WorkflowEnvironment, settings: Settings, request: SweepRequest
 ) -> SweepReport:
-    async with Clients() as clients:
-        workers = _workers(env, clients)
-        async with workers[0], workers[1]:
-            return await _sweep(env, settings, request)
+    async with _running(env):
+        return await _sweep(env, settings, request)
 
 
 @pytest.mark.timeout(180)
@@ -253,13 +259,11 @@ async def test_a_hold_placed_after_the_first_batch_is_respected_from_the_next(
     ref = subject_ref(TENANT, held_patient, settings.subject_key_bytes)
     calls: list[SweepBatch] = []
 
-    async with Clients() as clients:
-        real = Connectors(clients).activity("sql.sweep")
-
+    def then_hold(real: SweepActivity) -> SweepActivity:
         @activity.defn(name="sql.sweep")
         async def sweep_then_hold(batch: SweepBatch) -> SweepResult:
             """The real sweep; after its first batch, a DPO places a hold on one patient."""
-            result: SweepResult = await real(batch)
+            result = await real(batch)
             calls.append(batch)
             if len(calls) == 1:
                 store = await engine_for(settings.store_url.get_secret_value())
@@ -273,11 +277,12 @@ async def test_a_hold_placed_after_the_first_batch_is_respected_from_the_next(
                 )
             return result
 
-        workers = _workers(time_skipping_env, clients, sweep=sweep_then_hold)
-        async with workers[0], workers[1]:
-            report = await _sweep(
-                time_skipping_env, settings, SweepRequest(requested_by="dpo", batch_size=25)
-            )
+        return sweep_then_hold
+
+    async with _running(time_skipping_env, then_hold):
+        report = await _sweep(
+            time_skipping_env, settings, SweepRequest(requested_by="dpo", batch_size=25)
+        )
 
     assert calls[0].holds == [] and all(len(batch.holds) == 1 for batch in calls[1:])
     due = _due(rows, now)
@@ -303,11 +308,9 @@ async def test_a_system_that_does_not_answer_fails_its_task_and_the_others_finis
     rows = _rows(120, now)
     await _seed(url, rows)
     await asyncio.to_thread(Path(os.environ["LETHE_DATAMAP"]).write_text, DATAMAP + UNREACHABLE)
-    async with Clients() as clients:
-        workers = _workers(local_env, clients)
-        async with workers[0], workers[1]:
-            request = SweepRequest(requested_by="dpo", retry_span=timedelta(seconds=4))
-            report = await _sweep(local_env, settings, request)
+    async with _running(local_env):
+        request = SweepRequest(requested_by="dpo", retry_span=timedelta(seconds=4))
+        report = await _sweep(local_env, settings, request)
 
     by_id = {task.task_id: task for task in report.tasks}
     assert by_id["sessions-db/0"].status == "done"
@@ -332,31 +335,29 @@ async def test_a_schedule_sweeps_month_after_month_each_as_of_its_time(
     await _seed(url, rows)
     every = timedelta(days=30)
     request = SweepRequest(requested_by="schedule-test", batch_size=50)
-    async with Clients() as clients:
-        workers = _workers(local_env, clients)
-        async with workers[0], workers[1]:
-            schedule_id, created, upcoming = await sweeps.schedule_sweeps(
-                local_env.client, settings, every, request
-            )
-            schedule = local_env.client.get_schedule_handle(schedule_id)
-            try:
-                assert created and schedule_id == f"lethe-retention-{CONTROL}"
-                assert upcoming and upcoming[0] > now
-                await schedule.backfill(
-                    ScheduleBackfill(
-                        start_at=now - 6 * every,
-                        end_at=now,
-                        overlap=ScheduleOverlapPolicy.BUFFER_ALL,
-                    )
+    async with _running(local_env):
+        schedule_id, created, upcoming = await sweeps.schedule_sweeps(
+            local_env.client, settings, every, request
+        )
+        schedule = local_env.client.get_schedule_handle(schedule_id)
+        try:
+            assert created and schedule_id == f"lethe-retention-{CONTROL}"
+            assert upcoming and upcoming[0] > now
+            await schedule.backfill(
+                ScheduleBackfill(
+                    start_at=now - 6 * every,
+                    end_at=now,
+                    overlap=ScheduleOverlapPolicy.BUFFER_ALL,
                 )
-                reports: list[SweepReport] = []
-                for _ in range(600):
-                    reports = await sweeps.recent(settings)
-                    if len(reports) == 6:
-                        break
-                    await asyncio.sleep(0.1)
-            finally:
-                await schedule.delete()
+            )
+            reports: list[SweepReport] = []
+            for _ in range(600):
+                reports = await sweeps.recent(settings)
+                if len(reports) == 6:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await schedule.delete()
 
     assert len(reports) == 6, [r.run_id for r in reports]
     reports.sort(key=lambda report: report.as_of)
@@ -398,14 +399,12 @@ async def test_a_pack_conflict_fails_the_sweep_before_anything_and_status_says_w
     )
     await asyncio.to_thread(Path(os.environ["LETHE_DATAMAP"]).write_text, datamap)
     await asyncio.to_thread(Path(os.environ["LETHE_POLICY"]).write_text, PACK + CONFLICTING)
-    async with Clients() as clients:
-        workers = _workers(local_env, clients)
-        async with workers[0], workers[1]:
-            run_id = await sweeps.start_sweep(
-                local_env.client, settings, SweepRequest(requested_by="dpo")
-            )
-            with pytest.raises(sweeps.SweepFailed) as failed:
-                await sweeps.follow(local_env.client, run_id)
+    async with _running(local_env):
+        run_id = await sweeps.start_sweep(
+            local_env.client, settings, SweepRequest(requested_by="dpo")
+        )
+        with pytest.raises(sweeps.SweepFailed) as failed:
+            await sweeps.follow(local_env.client, run_id)
     message = str(failed.value)
     assert "PolicyConflict" in message
     assert "'device.created-limit'" in message and "'device.storage-limit'" in message
