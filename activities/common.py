@@ -62,13 +62,13 @@ def worker_region() -> str:
     return activity.info().task_queue.removeprefix(prefix)
 
 
-def check_region(request: StepRequest) -> None:
-    """Refuse a step whose system lives in another region than this worker's."""
-    region = worker_region()
-    if request.step.region != region:
+def check_region(system: str, region: str) -> None:
+    """Refuse work on `system`, which lives in `region`, unless this worker serves that region."""
+    served = worker_region()
+    if region != served:
         raise WrongRegion(
-            f"system {request.step.system!r} is in region {request.step.region!r}; "
-            f"this worker serves {region!r} and holds no credentials for it"
+            f"system {system!r} is in region {region!r}; "
+            f"this worker serves {served!r} and holds no credentials for it"
         )
 
 

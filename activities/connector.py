@@ -161,11 +161,11 @@ async def erase_and_verify(connector: Connector[Any], request: StepRequest) -> S
     )
 
 
-async def guarded(request: StepRequest, work: Callable[[], Awaitable[T]]) -> T:
-    """Run a connector call for a step: region checked first, kept alive by heartbeats while it
-    works, Lethe errors typed for Temporal."""
+async def guarded(system: str, region: str, work: Callable[[], Awaitable[T]]) -> T:
+    """Run a connector call (a step's or a sweep batch's) on `system` in `region`: region
+    checked first, kept alive by heartbeats while it works, Lethe errors typed for Temporal."""
     try:
-        check_region(request)
+        check_region(system, region)
         async with kept_alive():
             return await work()
     except LetheError as exc:
@@ -177,7 +177,7 @@ async def checked(request: StepRequest, connector: Callable[[], Connector[Any]])
     unreachable system is `transient`). It never raises: the workflow decides what to do."""
     step_id = request.step.id
     try:
-        check_region(request)
+        check_region(request.step.system, request.step.region)
         async with kept_alive():
             problems = await connector().preflight(request)
     except LetheError as exc:

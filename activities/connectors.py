@@ -13,7 +13,6 @@ from typing import Any
 
 from temporalio import activity
 
-from lethe.activities.attempts import kept_alive
 from lethe.activities.blob import BackupEraser
 from lethe.activities.cache import CacheEraser
 from lethe.activities.clients import Clients
@@ -30,7 +29,6 @@ from lethe.activities.kafka import TombstoneWriter
 from lethe.activities.logs import LogRedactor
 from lethe.activities.shred import KeyShredder
 from lethe.activities.sql import SqlEraser
-from lethe.activities.sweeps import check_sweep_region
 from lethe.contracts import (
     StepCheck,
     StepOutcome,
@@ -40,7 +38,6 @@ from lethe.contracts import (
     VerifyRequest,
 )
 from lethe.kernel.config import connection
-from lethe.kernel.errors import LetheError
 
 KINDS: tuple[type[Connector[Any]], ...] = (
     SqlEraser,
@@ -89,15 +86,20 @@ class Connectors:
 
         @activity.defn(name=f"{name}.erase")
         async def erase(request: StepRequest) -> StepOutcome:
+            step = request.step
             return await guarded(
-                request, lambda: erase_and_verify(self.connector(kind, request), request)
+                step.system,
+                step.region,
+                lambda: erase_and_verify(self.connector(kind, request), request),
             )
 
         @activity.defn(name=f"{name}.verify")
         async def verify(check: VerifyRequest) -> StepOutcome:
             request = check.request
             return await guarded(
-                request, lambda: self.connector(kind, request).verify(request, check.erased)
+                request.step.system,
+                request.step.region,
+                lambda: self.connector(kind, request).verify(request, check.erased),
             )
 
         @activity.defn(name=f"{name}.preflight")
@@ -106,18 +108,17 @@ class Connectors:
 
         @activity.defn(name=f"{name}.sweep")
         async def sweep(batch: SweepBatch) -> SweepResult:
-            try:
-                check_sweep_region(batch)
-                async with kept_alive():
-                    if batch.task.kind != name:
-                        raise UnsupportedStep(
-                            f"task {batch.task.id} is a {batch.task.kind} task; the {name} "
-                            "sweep does not run it"
-                        )
-                    secret = connection(batch.task.connection).get_secret_value()
-                    return await kind.open(self.clients, secret).sweep(batch)
-            except LetheError as exc:
-                raise exc.to_application_error() from None
+            task = batch.task
+
+            async def one_batch() -> SweepResult:
+                if task.kind != name:
+                    raise UnsupportedStep(
+                        f"task {task.id} is a {task.kind} task; the {name} sweep does not run it"
+                    )
+                secret = connection(task.connection).get_secret_value()
+                return await kind.open(self.clients, secret).sweep(batch)
+
+            return await guarded(task.system, task.region, one_batch)
 
         erase.__doc__ = f"Erase one {name} step of a subject, then verify it (this region only)."
         verify.__doc__ = f"Verify one {name} step of a subject again."

@@ -1,4 +1,4 @@
-"""What every kind's retention sweep shares: the region check, and which legal holds keep what.
+"""What every kind's retention sweep shares: which legal holds keep what.
 
 A sweep batch arrives with the active holds, read by the workflow just before it. A hold on the
 system, or on a category of the locator (or a parent of one), keeps the whole task. A tenant hold
@@ -13,21 +13,10 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lethe.activities.common import WrongRegion, worker_region
 from lethe.classification.taxonomy import matches
-from lethe.contracts import Hold, SweepBatch, SweepTask
+from lethe.contracts import Hold, SweepTask
 from lethe.kernel.config import current_settings
 from lethe.kernel.subjects import subject_ref
-
-
-def check_sweep_region(batch: SweepBatch) -> None:
-    """Refuse a task whose system lives in another region than this worker's."""
-    region, task = worker_region(), batch.task
-    if task.region != region:
-        raise WrongRegion(
-            f"system {task.system!r} is in region {task.region!r}; this worker serves "
-            f"{region!r} and holds no credentials for it"
-        )
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,10 @@ with workflow.unsafe.imports_passed_through():
     from lethe.kernel.errors import failure_reason
     from lethe.kernel.regions import task_queue
     from lethe.temporal import search_attributes as sa
+    from lethe.workflows.erasure import CONTROL_RETRY, CONTROL_TIMEOUT
 
 KIND = "retention-sweep"
 DRY_RUN_KIND = "retention-plan"
-ACTOR = "lethe-retention"
-CONTROL_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=20,
-)
-CONTROL_TIMEOUT = timedelta(seconds=60)
 SWEEP_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
