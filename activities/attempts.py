@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from temporalio import activity
 
-from lethe.contracts import Evidence, StepRequest
+from lethe.contracts import BatchStepRequest, Evidence, StepRequest
 
 RECORD = "lethe_effect"
 """The key of a heartbeat's details that holds the step's record."""
@@ -161,10 +161,10 @@ class Journal:
     _nonce: str = ""
 
     @classmethod
-    def resume(cls, request: StepRequest) -> Journal:
-        """This attempt's journal, from the earlier attempts' last heartbeat; also what
-        `current` answers for the rest of the activity."""
-        journal = cls(request.request_id, request.step.id)
+    def resume(cls, request: StepRequest | BatchStepRequest) -> Journal:
+        """This attempt's journal (of one subject's step, or of one batch's), from the earlier
+        attempts' last heartbeat; also what `current` answers for the rest of the activity."""
+        journal = cls(_journal_id(request), request.step.id)
         if activity.in_activity():
             info = activity.info()
             journal.attempt = info.attempt
@@ -173,12 +173,12 @@ class Journal:
         return journal
 
     @classmethod
-    def current(cls, request: StepRequest) -> Journal | None:
+    def current(cls, request: StepRequest | BatchStepRequest) -> Journal | None:
         """The journal this activity's erase of the step made, if it made one (verify runs
         after erase in the same activity, and its heartbeats must keep erase's record)."""
         journal = _current.get()
         if journal is None or (journal.request_id, journal.step_id) != (
-            request.request_id,
+            _journal_id(request),
             request.step.id,
         ):
             return None
@@ -306,6 +306,13 @@ class Journal:
         reached its effect: the SDK sends an attempt's last heartbeat before its failure."""
         if self.stage == "started":
             self.beat()
+
+
+def _journal_id(request: StepRequest | BatchStepRequest) -> str:
+    """Whose effect a journal tells: a request's, or one batch's of a bulk request."""
+    if isinstance(request, BatchStepRequest):
+        return f"{request.request_id}#{request.batch}"
+    return request.request_id
 
 
 async def _confirmed(nonce: str) -> bool:

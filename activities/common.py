@@ -8,7 +8,7 @@ from datetime import datetime
 
 from temporalio import activity
 
-from lethe.contracts import Evidence, StepOutcome, StepRequest
+from lethe.contracts import BatchStepRequest, Evidence, StepOutcome, StepRequest
 from lethe.kernel.config import connection, current_settings
 from lethe.kernel.errors import LetheError
 from lethe.kernel.regions import deployment_prefix
@@ -72,6 +72,6 @@ def check_region(system: str, region: str) -> None:
         )
 
 
-def step_connection(request: StepRequest) -> str:
+def step_connection(request: StepRequest | BatchStepRequest) -> str:
     """The connection string of the step's system, read from the variable the data map names."""
     return connection(request.step.connection).get_secret_value()

@@ -22,6 +22,8 @@ from lethe.activities.common import check_region
 from lethe.classification.datamap import DEFERRED_KINDS, SystemKind
 from lethe.contracts import (
     Action,
+    BatchStepOutcome,
+    BatchStepRequest,
     Phase,
     StepCheck,
     StepOutcome,
@@ -67,7 +69,7 @@ class Connector(ABC, Generic[L]):
     locator_model: ClassVar[type[BaseModel]]
     actions: ClassVar[tuple[Action, ...]]
     batches: ClassVar[bool] = False
-    """Whether one call erases a batch of subjects (issue 12); for now one subject a call."""
+    """Whether `erase_batch` erases a batch of subjects in few round trips (bulk erasure)."""
     checks: ClassVar[str]
     """What `preflight` checks, touching nothing."""
     proves: ClassVar[str]
@@ -97,6 +99,18 @@ class Connector(ABC, Generic[L]):
         Each problem in words (no personal data); empty when ready. Raise ServiceUnavailable
         when the system does not answer."""
 
+    async def erase_batch(self, batch: BatchStepRequest) -> BatchStepOutcome:
+        """Erase one step for a batch of subjects in few round trips, then verify it: one
+        outcome per subject, in the batch's order (`done` only when verified). A connector
+        whose `batches` is false refuses."""
+        raise UnsupportedStep(f"the {self.kind} connector does not erase batches")
+
+    async def verify_batch(
+        self, batch: BatchStepRequest, erased: BatchStepOutcome
+    ) -> BatchStepOutcome:
+        """Check again what `erase_batch` did for a batch (a re-check, e.g. after compaction)."""
+        raise UnsupportedStep(f"the {self.kind} connector does not verify batches")
+
     async def sweep(self, batch: SweepBatch) -> SweepResult:
         """One batch of a retention sweep over one task: remove (or, dry run, count) what is
         past its limit and outside every obligation and hold, and report drift; the next
@@ -104,7 +118,7 @@ class Connector(ABC, Generic[L]):
         raise UnsupportedStep(f"the {self.kind} connector has no retention sweep")
 
     @classmethod
-    def locator(cls, request: StepRequest) -> L:
+    def locator(cls, request: StepRequest | BatchStepRequest) -> L:
         """The step's locator, once the step is known to be one this connector takes; else
         UnsupportedStep (the one check of every connector)."""
         step = request.step

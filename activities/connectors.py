@@ -30,6 +30,8 @@ from lethe.activities.logs import LogRedactor
 from lethe.activities.shred import KeyShredder
 from lethe.activities.sql import SqlEraser
 from lethe.contracts import (
+    BatchStepOutcome,
+    BatchStepRequest,
     StepCheck,
     StepOutcome,
     StepRequest,
@@ -74,7 +76,9 @@ class Connectors:
         """One activity by its name (`sql.erase`)."""
         return self._activities[name]
 
-    def connector(self, kind: type[Connector[Any]], request: StepRequest) -> Connector[Any]:
+    def connector(
+        self, kind: type[Connector[Any]], request: StepRequest | BatchStepRequest
+    ) -> Connector[Any]:
         """The connector for a step's system, over this worker's clients."""
         kind.locator(request)  # refuse a step of another kind before reading its connection
         return kind.open(self.clients, step_connection(request))
@@ -106,6 +110,13 @@ class Connectors:
         async def preflight(request: StepRequest) -> StepCheck:
             return await checked(request, lambda: self.connector(kind, request))
 
+        @activity.defn(name=f"{name}.erase_batch")
+        async def erase_batch(batch: BatchStepRequest) -> BatchStepOutcome:
+            step = batch.step
+            return await guarded(
+                step.system, step.region, lambda: self.connector(kind, batch).erase_batch(batch)
+            )
+
         @activity.defn(name=f"{name}.sweep")
         async def sweep(batch: SweepBatch) -> SweepResult:
             task = batch.task
@@ -123,10 +134,12 @@ class Connectors:
         erase.__doc__ = f"Erase one {name} step of a subject, then verify it (this region only)."
         verify.__doc__ = f"Verify one {name} step of a subject again."
         preflight.__doc__ = f"Check one {name} step before anything is destroyed; touch nothing."
+        erase_batch.__doc__ = f"Erase, then verify, one {name} step for a batch of subjects."
         sweep.__doc__ = f"One batch of a retention sweep over one {name} task (this region only)."
         return {
             f"{name}.erase": erase,
             f"{name}.verify": verify,
             f"{name}.preflight": preflight,
+            f"{name}.erase_batch": erase_batch,
             f"{name}.sweep": sweep,
         }

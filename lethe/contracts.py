@@ -758,3 +758,70 @@ class SweepReport(Contract):
     def held(self) -> int:
         """Records kept for legal holds over every task."""
         return sum(task.held for task in self.tasks)
+
+
+# --- bulk erasure ----------------------------------------------------------------------------
+
+BULK_BATCH = 500
+"""Subjects in one batch of a bulk erasure unless the request says otherwise."""
+BULK_MAX_SUBJECTS = 1_000_000
+"""The most subjects one bulk request takes (a subjects file longer than this is refused)."""
+
+
+class BulkSubject(Contract):
+    """One subject of a batch: its reference, and the subject for the connectors."""
+
+    subject_ref: str
+    subject: Subject
+
+
+class BatchStepRequest(Contract):
+    """One step of a bulk erasure for one batch of subjects: the same step, many subjects."""
+
+    request_id: str
+    """The bulk request's id (ledger entries and connector marks carry it)."""
+    batch: int = Field(ge=0)
+    step: Step
+    subjects: list[BulkSubject] = Field(min_length=1)
+    erasure_started_at: datetime
+    window_ends_at: datetime
+    found: list[str] | None = None
+    """The references found somewhere in the immediate phase (whole backups are touched only
+    for them); None means every subject counts as found (the immediate phase itself)."""
+
+    def single(self, item: BulkSubject) -> StepRequest:
+        """The one-subject request for `item` of this batch (the same step and window)."""
+        return StepRequest(
+            request_id=f"{self.request_id}/{item.subject_ref}",
+            subject_ref=item.subject_ref,
+            subject=item.subject,
+            step=self.step,
+            erasure_started_at=self.erasure_started_at,
+            window_ends_at=self.window_ends_at,
+            subject_found=self.found is None or item.subject_ref in self.found,
+        )
+
+
+class SubjectOutcome(Contract):
+    """What one step did for one subject of a batch."""
+
+    subject_ref: str
+    status: StepStatus
+    affected: int = 0
+    detail: str = ""
+
+
+class BatchStepOutcome(Contract):
+    """What one step did for a batch: one outcome per subject, in the batch's order, and what
+    the step proves for all of them."""
+
+    step_id: str
+    outcomes: list[SubjectOutcome]
+    evidence: Evidence = {}
+    detail: str = ""
+    gone_by: datetime | None = None
+
+    @property
+    def affected(self) -> int:
+        """Records, rows, keys or blobs changed for the whole batch."""
+        return sum(outcome.affected for outcome in self.outcomes)
