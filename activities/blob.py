@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,14 +36,29 @@ from lethe.activities.common import SchemaMismatch, verdict
 from lethe.activities.connector import Connector
 from lethe.activities.driver_errors import lethe_error, service_code
 from lethe.classification.datamap import BlobBackupLocator, LogLocator, MissingIdentity, render
-from lethe.contracts import Evidence, StepOutcome, StepRequest, SweepBatch, SweepResult
+from lethe.contracts import (
+    BatchStepOutcome,
+    BatchStepRequest,
+    BulkSubject,
+    Evidence,
+    StepOutcome,
+    StepRequest,
+    SubjectOutcome,
+    SweepBatch,
+    SweepResult,
+)
 from lethe.kernel.errors import ConfigurationError, LetheError
 
 T = TypeVar("T")
 L = TypeVar("L", bound=BlobBackupLocator | LogLocator)
 
 CONCURRENCY = 16
-"""Deletions in flight at once."""
+"""Deletions (and a batch's per-subject look-ups) in flight at once."""
+RANGE_PAGE = 5000
+"""Blobs one page of a batch's range query over the tag returns (the service's most)."""
+RANGE_PAGES_PER_SUBJECTS = 4
+"""A batch's one range query may read one page per this many subjects at most: past that, one
+query a subject (CONCURRENCY at once) costs fewer calls, and the batch falls back to them."""
 PREFLIGHT_TIMEOUT_SECONDS = 10
 """How long a preflight waits for the blob service, all its calls together."""
 NOT_FOUND_NOTE = "not touched: the subject was found in no system and is not on the forget-list"
@@ -163,6 +178,65 @@ class _Deletions:
     held: dict[str, int] = field(default_factory=dict)
     """Why the service refused (a HOLD_CODES reason) -> how many blobs."""
     names: list[str] = field(default_factory=list)
+    """Deleted now or already gone."""
+    fresh: list[str] = field(default_factory=list)
+    """Deleted by this call."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Blob name -> why the service refused to delete it."""
+
+
+@dataclass
+class _Found:
+    """A batch's own blobs, each with the index in the batch of the subject whose it is."""
+
+    owner: dict[str, int] = field(default_factory=dict)
+    calls: int = 0
+    """Calls (pages included) it took to find them."""
+    lookup: str = "none"
+    """How the tag was looked up: `range` (one query for the batch) or `per subject`."""
+    unfindable: dict[int, str] = field(default_factory=dict)
+    """Subject index -> why their prefix could not be made (no personal data)."""
+
+    def add(self, names: Iterable[str], index: int) -> None:
+        for name in names:
+            self.owner.setdefault(name, index)
+
+    def each(self, size: int, names: Iterable[str] | None = None) -> list[int]:
+        """How many of `names` (of every blob found when None) are each subject's."""
+        counts = [0] * size
+        for name in self.owner if names is None else names:
+            if name in self.owner:
+                counts[self.owner[name]] += 1
+        return counts
+
+
+def batch_of_one(request: StepRequest) -> BatchStepRequest:
+    """`request` as a batch of its one subject: the single path runs the batch code. Whole
+    backups count the subject as found only when the request says so."""
+    return BatchStepRequest(
+        request_id=request.request_id,
+        batch=0,
+        step=request.step,
+        subjects=[BulkSubject(subject_ref=request.subject_ref, subject=request.subject)],
+        erasure_started_at=request.erasure_started_at,
+        window_ends_at=request.window_ends_at,
+        found=None if request.subject_found else [],
+    )
+
+
+def subject_found(batch: BatchStepRequest, item: BulkSubject) -> bool:
+    """The erasure found the subject somewhere (or they are on the forget-list)."""
+    return batch.found is None or item.subject_ref in batch.found
+
+
+def counts_of(value: object, size: int) -> list[int]:
+    """A heartbeated list of per-subject counts, `size` long (zeros where it says nothing)."""
+    counts = [0] * size
+    if isinstance(value, list) and len(value) == size:
+        for i, n in enumerate(value):
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                counts[i] = n
+    return counts
 
 
 @dataclass(frozen=True)
@@ -201,6 +275,30 @@ class _SoftDelete:
     days: int | None
     """Days deleted blobs stay recoverable; None when off or unknown."""
     note: str
+
+
+@dataclass(frozen=True)
+class _Erased:
+    """What an erase did for a batch (its journal tells what earlier attempts did)."""
+
+    found: _Found
+    subject: _Deletions
+    expired: _Deletions
+    whole: _WholeBackups
+    soft_delete: _SoftDelete
+    versions_note: str
+    each: list[int]
+    """Each subject's blobs deleted, by this attempt and the earlier ones as far as known."""
+    now: datetime
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What a check found for a batch: the subjects' blobs left, the whole backups."""
+
+    found: _Found
+    whole: _WholeBackups
+    now: datetime
 
 
 class BlobConnector(Connector[L]):
@@ -367,65 +465,13 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
         return problems
 
     async def erase(self, request: StepRequest) -> StepOutcome:
-        """Delete the subject's blobs and the whole backups past the window."""
-        locator = self.locator(request)
-        now = datetime.now(UTC)
+        """Delete the subject's blobs and the whole backups past the window: the batch code
+        with a batch of one, under the request's own journal."""
         journal = Journal.resume(request)
-        try:
-            with self._errors(request, locator):
-                container, soft_delete = await asyncio.gather(
-                    self._container(locator), self._soft_delete()
-                )
-                subject_names = await self._subject_blobs(container, request, locator)
-                whole = await self._whole_backups(container, request, locator, now)
-                await journal.plan(subject_blobs=len(subject_names), whole_backups=len(whole.past))
-                subject = _Deletions()
-                if locator.subject_tag or locator.subject_prefix:
-                    subject = await self._delete_subject_blobs(container, subject_names, journal)
-                expired = await self._expire(container, whole.past, journal)
-                versions_note, versions_deleted = await self._delete_versions(
-                    container, subject.names + expired.names
-                )
-        except LetheError:
-            journal.failed()
-            raise
-        journal.erased(
-            subject_blobs_deleted=subject.deleted,
-            whole_backups_deleted=expired.deleted,
-            versions_deleted=versions_deleted,
-        )
-
-        evidence: Evidence = {
-            "action": request.step.action,
-            "subject_blobs_deleted": journal.total("subject_blobs_deleted", "subject_blobs"),
-            "subject_blobs_already_gone": subject.already_gone,
-            "whole_backups_deleted": journal.total("whole_backups_deleted", "whole_backups"),
-            "whole_backups_already_gone": expired.already_gone,
-            "whole_backups_inside_window": whole.count(len(whole.inside)),
-            "whole_backups_next_due_at": _iso(
-                min((whole.due(b) for b in whole.inside), default=None)
-            ),
-            "whole_backups_after_erasure": whole.count(whole.after),
-            "whole_backups": whole.note,
-            "held": sum(subject.held.values()) + sum(expired.held.values()),
-            "soft_delete": soft_delete.note,
-            "soft_delete_days": soft_delete.days,
-            "versions": versions_note,
-            "versions_deleted": journal.total("versions_deleted"),
-            **journal.evidence(),
-        }
+        done = await self._erase(batch_of_one(request), journal)
+        evidence: Evidence = {"action": request.step.action, **self._erase_evidence(done, journal)}
         affected = journal.affected("subject_blobs_deleted", "whole_backups_deleted")
-        # Deleted by this attempt or an earlier one (which may have, when its heartbeats are lost).
-        deleted_now = (
-            journal.affected("subject_blobs_deleted", "whole_backups_deleted", "versions_deleted")
-            or journal.earlier == "lost"
-        )
-        lingering = (
-            now + timedelta(days=soft_delete.days) if soft_delete.days and deleted_now else None
-        )
-        last_due = max((whole.due(b) for b in whole.inside), default=None)
-        gone_by = _latest(lingering, last_due)
-        held = _merge(subject.held, expired.held)
+        held = _merge(done.subject.held, done.expired.held)
         if held:
             return StepOutcome(
                 step_id=request.step.id,
@@ -433,52 +479,33 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
                 affected=affected,
                 evidence=evidence,
                 detail=_held_detail(held),
-                gone_by=gone_by,
+                gone_by=_gone_by(done, journal),
             )
         return StepOutcome(
             step_id=request.step.id,
             status="running",
             affected=affected,
             evidence=evidence,
-            detail="; ".join(
-                d
-                for d in (
-                    _window_detail(len(whole.inside), last_due, soft_delete, whole),
-                    _earlier_detail(journal),
-                )
-                if d
-            ),
-            gone_by=gone_by,
+            detail=_erased_detail(done, journal),
+            gone_by=_gone_by(done, journal),
         )
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Check no subject blob and no pre-erasure backup past the window remains."""
-        locator = self.locator(request)
-        now = datetime.now(UTC)
-        with self._errors(request, locator):
-            container = await self._container(locator)
-            remaining = len(await self._subject_blobs(container, request, locator))
-            whole = await self._whole_backups(container, request, locator, now)
-
+        checked = await self._check(batch_of_one(request))
+        whole = checked.whole
+        remaining = len(checked.found.owner)
         last_due = max((whole.due(b) for b in whole.inside), default=None)
-        earlier = erased.gone_by if erased.gone_by and aware(erased.gone_by) > now else None
+        earlier = erased.gone_by if erased.gone_by and aware(erased.gone_by) > checked.now else None
         evidence: Evidence = {
             "subject_blobs_remaining": remaining,
-            "whole_backups_past_window": whole.count(len(whole.past)),
-            "remaining_inside_window": whole.count(len(whole.inside)),
-            "whole_backups_after_erasure": whole.count(whole.after),
-            "whole_backups": whole.note,
+            **_whole_evidence(whole),
             "soft_delete": erased.evidence.get("soft_delete"),
             "versions": erased.evidence.get("versions"),
         }
-        problems: list[str] = []
-        if remaining:
-            problems.append(f"{remaining} of the subject's blob(s) remain")
+        problems = _remaining_problems(remaining)
         if whole.past:
-            problems.append(
-                f"{len(whole.past)} whole backup(s) taken before the erasure are past the "
-                "window and still exist"
-            )
+            problems.append(_past_problem(whole))
         if problems and erased.status == "failed" and erased.detail:
             problems.append(erased.detail)
         days = erased.evidence.get("soft_delete_days")
@@ -493,6 +520,81 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
             gone_by=_latest(last_due, earlier),
         )
 
+    async def erase_batch(self, batch: BatchStepRequest) -> BatchStepOutcome:
+        """Delete a batch's blobs (by one range query over the tag where it costs fewer calls
+        than a query a subject) and, judged once for the batch, the whole backups past the
+        window when the erasure found one of its subjects; then verify. One journal a batch."""
+        journal = Journal.resume(batch)
+        done = await self._erase(batch, journal)
+        checked = await self._check(batch)
+        size = len(batch.subjects)
+        remaining = checked.found.each(size)
+        whole_problem = _whole_problem(done.expired.held, checked.whole)
+        outcomes = []
+        for index, item in enumerate(batch.subjects):
+            held = _merge(
+                *(
+                    {reason: 1}
+                    for name, reason in done.subject.refused.items()
+                    if done.found.owner.get(name) == index
+                )
+            )
+            problems = [why for why in (done.found.unfindable.get(index),) if why]
+            problems += [_held_detail(held)] if held else _remaining_problems(remaining[index])
+            if whole_problem and subject_found(batch, item):
+                problems.append(whole_problem)
+            outcomes.append(_subject_outcome(item, problems, done.each[index]))
+        evidence: Evidence = {
+            "action": batch.step.action,
+            **_batch_evidence(batch, done.found),
+            **self._erase_evidence(done, journal),
+            "subject_blobs_remaining": len(checked.found.owner),
+            **_whole_evidence(checked.whole),
+        }
+        detail = _erased_detail(done, journal)
+        return BatchStepOutcome(
+            step_id=batch.step.id,
+            outcomes=outcomes,
+            evidence=evidence,
+            detail=detail,
+            gone_by=_gone_by(done, journal),
+        )
+
+    async def verify_batch(
+        self, batch: BatchStepRequest, erased: BatchStepOutcome
+    ) -> BatchStepOutcome:
+        """Check again that no blob of the batch's subjects remains and, for the subjects the
+        erasure found, that no pre-erasure backup past the window does."""
+        checked = await self._check(batch)
+        whole = checked.whole
+        remaining = checked.found.each(len(batch.subjects))
+        before = {outcome.subject_ref: outcome for outcome in erased.outcomes}
+        outcomes = []
+        for index, item in enumerate(batch.subjects):
+            problems = [why for why in (checked.found.unfindable.get(index),) if why]
+            problems += _remaining_problems(remaining[index])
+            if whole.past and subject_found(batch, item):
+                problems.append(_past_problem(whole))
+            was = before.get(item.subject_ref)
+            if problems and was is not None and was.status == "failed" and was.detail:
+                problems.append(was.detail)
+            outcomes.append(_subject_outcome(item, problems, was.affected if was else 0))
+        last_due = max((whole.due(b) for b in whole.inside), default=None)
+        earlier = erased.gone_by if erased.gone_by and aware(erased.gone_by) > checked.now else None
+        return BatchStepOutcome(
+            step_id=batch.step.id,
+            outcomes=outcomes,
+            evidence={
+                **_batch_evidence(batch, checked.found),
+                "subject_blobs_remaining": len(checked.found.owner),
+                **_whole_evidence(whole),
+            },
+            detail=_window_detail(
+                len(whole.inside), last_due, _SoftDelete(None, ""), whole, checking=True
+            ),
+            gone_by=_latest(last_due, earlier),
+        )
+
     async def sweep(self, batch: SweepBatch) -> SweepResult:
         """One page of a retention sweep: the locator's backups past their period deleted, those
         under an obligation or a hold kept (`lethe.activities.blob_retention`)."""
@@ -503,9 +605,85 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
     # --- the steps ---------------------------------------------------------------------------
 
     @contextmanager
-    def _errors(self, request: StepRequest, locator: BlobBackupLocator) -> Iterator[None]:
+    def _errors(
+        self, request: StepRequest | BatchStepRequest, locator: BlobBackupLocator
+    ) -> Iterator[None]:
         with blob_errors(self._endpoint, request.step.system, locator.container):
             yield
+
+    async def _erase(self, batch: BatchStepRequest, journal: Journal) -> _Erased:
+        """The effect for a batch: its subjects' blobs and the whole backups past the window
+        deleted, the plan (counts) heartbeated and confirmed first, the result after."""
+        locator = self.locator(batch)
+        now = datetime.now(UTC)
+        size = len(batch.subjects)
+        base, unconfirmed = _earlier_each(journal, size)
+        try:
+            with self._errors(batch, locator):
+                container, soft_delete = await asyncio.gather(
+                    self._container(locator), self._soft_delete()
+                )
+                found = await self._find(container, batch, locator)
+                whole = await self._whole_backups(container, batch, locator, now)
+                planned = found.each(size)
+                journal.progress["found_each"] = [
+                    max(a, b) for a, b in zip(planned, unconfirmed, strict=True)
+                ]
+                await journal.plan(subject_blobs=len(found.owner), whole_backups=len(whole.past))
+                subject = _Deletions()
+                if locator.subject_tag or locator.subject_prefix:
+                    subject = await self._delete_subject_blobs(
+                        container, list(found.owner), journal
+                    )
+                expired = await self._expire(container, whole.past, journal)
+                versions_note, versions_deleted = await self._delete_versions(
+                    container, subject.names + expired.names
+                )
+        except LetheError:
+            journal.failed()
+            raise
+        made = found.each(size, subject.fresh)
+        each = [b + max(n, u) for b, n, u in zip(base, made, unconfirmed, strict=True)]
+        journal.progress.pop("found_each", None)
+        journal.progress["each"] = each
+        journal.erased(
+            subject_blobs_deleted=subject.deleted,
+            whole_backups_deleted=expired.deleted,
+            versions_deleted=versions_deleted,
+        )
+        return _Erased(found, subject, expired, whole, soft_delete, versions_note, each, now)
+
+    def _erase_evidence(self, done: _Erased, journal: Journal) -> Evidence:
+        """What an erase tells of the blobs it deleted and the whole backups it judged."""
+        whole, subject, expired = done.whole, done.subject, done.expired
+        return {
+            "subject_blobs_deleted": journal.total("subject_blobs_deleted", "subject_blobs"),
+            "subject_blobs_already_gone": subject.already_gone,
+            "whole_backups_deleted": journal.total("whole_backups_deleted", "whole_backups"),
+            "whole_backups_already_gone": expired.already_gone,
+            "whole_backups_inside_window": whole.count(len(whole.inside)),
+            "whole_backups_next_due_at": _iso(
+                min((whole.due(b) for b in whole.inside), default=None)
+            ),
+            "whole_backups_after_erasure": whole.count(whole.after),
+            "whole_backups": whole.note,
+            "held": sum(subject.held.values()) + sum(expired.held.values()),
+            "soft_delete": done.soft_delete.note,
+            "soft_delete_days": done.soft_delete.days,
+            "versions": done.versions_note,
+            "versions_deleted": journal.total("versions_deleted"),
+            **journal.evidence(),
+        }
+
+    async def _check(self, batch: BatchStepRequest) -> _Checked:
+        """What is left of a batch's blobs and of the whole backups; touches nothing."""
+        locator = self.locator(batch)
+        now = datetime.now(UTC)
+        with self._errors(batch, locator):
+            container = await self._container(locator)
+            found = await self._find(container, batch, locator)
+            whole = await self._whole_backups(container, batch, locator, now)
+        return _Checked(found, whole, now)
 
     async def _container(self, locator: BlobBackupLocator) -> ContainerClient:
         container = self._service.get_container_client(locator.container)
@@ -532,39 +710,108 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
     async def _subject_blobs(
         self, container: ContainerClient, request: StepRequest, locator: BlobBackupLocator
     ) -> list[str]:
-        names: list[str] = []
+        """The names of one subject's blobs."""
+        return list((await self._find(container, batch_of_one(request), locator)).owner)
+
+    async def _find(
+        self, container: ContainerClient, batch: BatchStepRequest, locator: BlobBackupLocator
+    ) -> _Found:
+        """The batch's subjects' own blobs: by tag, and under each one's rendered prefix."""
+        found = _Found()
         if locator.subject_tag:
-            if not _TAG_VALUE.fullmatch(request.subject_ref):
-                raise BlobServiceError(
-                    "the subject reference is not a valid blob index tag value "
-                    "(letters, digits, space and + - . / : = _ only)"
-                )
-            query = _tag_query(locator.subject_tag, request.subject_ref)
-            names.extend([b.name async for b in container.find_blobs_by_tags(query)])
+            await self._find_by_tag(container, batch, locator.subject_tag, found)
         if locator.subject_prefix:
-            _check_prefix_ends_after_placeholder(request, locator.subject_prefix)
-            prefix = render(
-                locator.subject_prefix, request.subject.template_values(request.subject_ref)
+            await self._find_by_prefix(container, batch, locator.subject_prefix, found)
+        return found
+
+    async def _find_by_tag(
+        self, container: ContainerClient, batch: BatchStepRequest, tag: str, found: _Found
+    ) -> None:
+        """Tagged blobs: one range query for a batch where it pays, else one query a subject
+        (the service's tag filter has no OR), CONCURRENCY at once."""
+        refs = {item.subject_ref: index for index, item in enumerate(batch.subjects)}
+        if not all(_TAG_VALUE.fullmatch(ref) for ref in refs):
+            raise BlobServiceError(
+                "the subject reference is not a valid blob index tag value "
+                "(letters, digits, space and + - . / : = _ only)"
             )
-            names.extend([b.name async for b in container.list_blobs(name_starts_with=prefix)])
-        return list(dict.fromkeys(names))
+        if len(refs) > 1 and await self._find_in_range(container, tag, refs, found):
+            return
+        found.lookup = "per subject"
+
+        async def one(ref: str, index: int) -> None:
+            query = _tag_query(tag, ref)
+            found.add([b.name async for b in container.find_blobs_by_tags(query)], index)
+            found.calls += 1
+
+        await bounded([one(ref, index) for ref, index in refs.items()])
+
+    async def _find_in_range(
+        self, container: ContainerClient, tag: str, refs: dict[str, int], found: _Found
+    ) -> bool:
+        """The batch's tagged blobs by one query from its least reference to its greatest,
+        keeping those whose tag is one of the batch's. References are uniform, so the range
+        spans most blobs tagged at all: False (nothing kept) once it has read one page per
+        RANGE_PAGES_PER_SUBJECTS subjects and more remain."""
+        budget = max(1, len(refs) // RANGE_PAGES_PER_SUBJECTS)
+        query = f"\"{tag}\" >= '{min(refs)}' AND \"{tag}\" <= '{max(refs)}'"
+        kept: dict[str, int] = {}
+        pages = container.find_blobs_by_tags(query, results_per_page=RANGE_PAGE).by_page()
+        read = 0
+        async for page in pages:
+            read += 1
+            if read > budget:
+                found.calls += read
+                return False
+            async for item in page:
+                index = refs.get((item.tags or {}).get(tag, ""))
+                if index is not None:
+                    kept.setdefault(item.name, index)
+        found.calls += read
+        found.lookup = "range"
+        for name, index in kept.items():
+            found.add([name], index)
+        return True
+
+    async def _find_by_prefix(
+        self, container: ContainerClient, batch: BatchStepRequest, template: str, found: _Found
+    ) -> None:
+        """Blobs under each subject's rendered prefix: one listing a subject, CONCURRENCY at
+        once. In a batch, a subject whose prefix cannot be made is `unfindable` (alone, the
+        error is raised)."""
+        _check_prefix_ends_after_placeholder(batch, template)
+
+        async def one(index: int, item: BulkSubject) -> None:
+            try:
+                prefix = render(template, item.subject.template_values(item.subject_ref))
+            except MissingIdentity as exc:
+                if len(batch.subjects) == 1:
+                    raise
+                found.unfindable[index] = f"subject_prefix: {exc}"
+                return
+            found.add([b.name async for b in container.list_blobs(name_starts_with=prefix)], index)
+            found.calls += 1
+
+        await bounded([one(index, item) for index, item in enumerate(batch.subjects)])
 
     async def _whole_backups(
         self,
         container: ContainerClient,
-        request: StepRequest,
+        batch: BatchStepRequest,
         locator: BlobBackupLocator,
         now: datetime,
     ) -> _WholeBackups:
-        started = aware(request.erasure_started_at)
-        window = aware(request.window_ends_at) - started
+        """The whole backups, dated, judged once for the batch: listed only when the erasure
+        found at least one of its subjects."""
+        started = aware(batch.erasure_started_at)
+        window = aware(batch.window_ends_at) - started
         past: list[_Backup] = []
         inside: list[_Backup] = []
         after = 0
         if locator.whole_backup_prefix is None:
             return _WholeBackups(past=past, inside=inside, after=after, window=window)
-        if not request.subject_found:
-            # They hold everyone: expiring them for a subject who is in none of them (an id
+        if not any(subject_found(batch, item) for item in batch.subjects):
+            # They hold everyone: expiring them for subjects who are in none of them (an id
             # such as `*`) would destroy every other subject's backups. Not even listed.
             return _WholeBackups(past, inside, after, window, note=NOT_FOUND_NOTE)
         async for blob in container.list_blobs(name_starts_with=locator.whole_backup_prefix):
@@ -582,7 +829,7 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
     async def _delete_subject_blobs(
         self, container: ContainerClient, names: list[str], journal: Journal
     ) -> _Deletions:
-        """The effect on the subject's own blobs: each deleted with its snapshots."""
+        """The effect on the subjects' own blobs: each deleted with its snapshots."""
         return await self._delete(container, names, journal)
 
     async def _expire(
@@ -602,6 +849,7 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
                 await container.delete_blob(name, delete_snapshots="include")
                 result.deleted += 1
                 result.names.append(name)
+                result.fresh.append(name)
             except ResourceNotFoundError:
                 result.already_gone += 1
                 result.names.append(name)
@@ -610,6 +858,7 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
                 if reason is None:
                     raise
                 result.held[reason] = result.held.get(reason, 0) + 1
+                result.refused[name] = reason
             journal.alive(blobs_deleted=result.deleted, blobs_already_gone=result.already_gone)
 
         await bounded([delete(name) for name in names])
@@ -666,7 +915,9 @@ def _tag_query(tag: str, ref: str) -> str:
     return f"\"{tag}\" = '{ref}'"
 
 
-def _check_prefix_ends_after_placeholder(request: StepRequest, template: str) -> None:
+def _check_prefix_ends_after_placeholder(
+    request: StepRequest | BatchStepRequest, template: str
+) -> None:
     # `exports/{subject_id}` for subject 1 would also match `exports/10/...`: another
     # subject's blobs. Only the subject reference, always 32 hex digits, may end a prefix.
     if template.endswith("}") and not template.endswith("{subject_ref}"):
@@ -699,6 +950,84 @@ def _held_detail(held: dict[str, int]) -> str:
         "the service refused to delete "
         + ", ".join(parts)
         + ": the subject's data stays until the hold is released or the policy expires"
+    )
+
+
+def _earlier_each(journal: Journal, size: int) -> tuple[list[int], list[int]]:
+    """Each subject's blobs that earlier attempts deleted (their last result that arrived), and
+    those an earlier attempt was about to delete when its heartbeats stopped."""
+    earlier = journal.earlier_progress
+    base = counts_of(earlier.get("each"), size)
+    if journal.earlier != "planned":
+        return base, [0] * size
+    return base, counts_of(earlier.get("found_each"), size)
+
+
+def _gone_by(done: _Erased, journal: Journal) -> datetime | None:
+    """When what the erase leaves is due: the last backup inside the window, and the soft
+    delete's retention of what it (or an earlier attempt) deleted."""
+    # Deleted by this attempt or an earlier one (which may have, when its heartbeats are lost).
+    deleted_now = (
+        journal.affected("subject_blobs_deleted", "whole_backups_deleted", "versions_deleted")
+        or journal.earlier == "lost"
+    )
+    days = done.soft_delete.days
+    lingering = done.now + timedelta(days=days) if days and deleted_now else None
+    last_due = max((done.whole.due(b) for b in done.whole.inside), default=None)
+    return _latest(lingering, last_due)
+
+
+def _erased_detail(done: _Erased, journal: Journal) -> str:
+    last_due = max((done.whole.due(b) for b in done.whole.inside), default=None)
+    window = _window_detail(len(done.whole.inside), last_due, done.soft_delete, done.whole)
+    return "; ".join(d for d in (window, _earlier_detail(journal)) if d)
+
+
+def _whole_evidence(whole: _WholeBackups) -> Evidence:
+    """What a check tells of the whole backups (None: not counted, since not touched)."""
+    return {
+        "whole_backups_past_window": whole.count(len(whole.past)),
+        "remaining_inside_window": whole.count(len(whole.inside)),
+        "whole_backups_after_erasure": whole.count(whole.after),
+        "whole_backups": whole.note,
+    }
+
+
+def _batch_evidence(batch: BatchStepRequest, found: _Found) -> Evidence:
+    """What only a batch's evidence tells: its subjects, and how their blobs were found."""
+    return {
+        "subjects": len(batch.subjects),
+        "subjects_found": sum(subject_found(batch, item) for item in batch.subjects),
+        "subjects_unfindable": len(found.unfindable),
+        "tag_lookup": found.lookup,
+        "lookup_calls": found.calls,
+    }
+
+
+def _remaining_problems(remaining: int) -> list[str]:
+    return [f"{remaining} of the subject's blob(s) remain"] if remaining else []
+
+
+def _past_problem(whole: _WholeBackups) -> str:
+    return (
+        f"{len(whole.past)} whole backup(s) taken before the erasure are past the window and "
+        "still exist"
+    )
+
+
+def _whole_problem(held: dict[str, int], whole: _WholeBackups) -> str:
+    """Why whole backups fail every found subject of a batch: refused, or still there."""
+    if held:
+        return "whole backups: " + _held_detail(held)
+    return _past_problem(whole) if whole.past else ""
+
+
+def _subject_outcome(item: BulkSubject, problems: list[str], affected: int) -> SubjectOutcome:
+    return SubjectOutcome(
+        subject_ref=item.subject_ref,
+        status="failed" if problems else "done",
+        affected=affected,
+        detail="; ".join(problems),
     )
 
 
