@@ -825,3 +825,173 @@ class BatchStepOutcome(Contract):
     def affected(self) -> int:
         """Records, rows, keys or blobs changed for the whole batch."""
         return sum(outcome.affected for outcome in self.outcomes)
+
+
+BulkPhase = Literal["immediate", "deferred", "held"]
+"""`held`: subjects set aside for a legal hold, taken again (every step) once it is released."""
+BulkState = Literal[
+    "planning",
+    "preflight_failed",
+    "awaiting_approval",
+    "erasing",
+    "paused",
+    "on_hold",
+    "waiting_window",
+    "completed",
+    "cancelled",
+    "rejected",
+]
+SubjectStatus = Literal["pending", "erased", "incomplete", "failed", "held", "skipped", "joined"]
+"""Where one subject of a bulk request stands: `skipped` (on the forget-list: erased before),
+`joined` (a single request for the subject was running: its certificate is the evidence),
+`held` (a legal hold on the subject: waits), `incomplete` (a step not yet proven gone)."""
+
+
+class BulkCounts(Contract):
+    """Subjects of a bulk request by where they stand."""
+
+    total: int = 0
+    erased: int = 0
+    incomplete: int = 0
+    failed: int = 0
+    held: int = 0
+    skipped: int = 0
+    joined: int = 0
+
+    @property
+    def settled(self) -> int:
+        """Subjects with nothing more to do in this phase (held ones are not settled)."""
+        return self.erased + self.incomplete + self.failed + self.skipped + self.joined
+
+
+class BulkStepTotals(Contract):
+    """What one step did over every batch so far."""
+
+    step_id: str
+    system: str
+    phase: Phase
+    statuses: dict[str, int] = {}
+    affected: int = 0
+
+
+class BulkProgress(Contract):
+    """A bulk request as its workflow knows it: the `progress` query's answer, carried across
+    continue-as-new, and (closed) the bulk certificate's body."""
+
+    bulk_id: str
+    tenant: str
+    state: BulkState = "planning"
+    phase: BulkPhase = "immediate"
+    received_at: datetime
+    deadline: datetime | None = None
+    started_at: datetime | None = None
+    window_ends_at: datetime | None = None
+    completed_at: datetime | None = None
+    approval: ApprovalDecision | None = None
+    paused_by: str | None = None
+    cancelled_by: str | None = None
+    cursor: int = 0
+    """The last subject (by its place in the file) this phase has taken."""
+    batches: int = 0
+    """Batches recorded so far, over both phases."""
+    counts: BulkCounts = BulkCounts()
+    steps: list[BulkStepTotals] = []
+    failures: dict[str, int] = {}
+    """Subjects' step failures by reason (the reason's kind, never an id)."""
+    held_by: list[str] = []
+    """Holds blocking steps for every subject (tenant, system or category holds)."""
+    preflight: list[StepCheck] = []
+    roots: int = 0
+    """Merkle roots recorded (one per batch and phase; the roots themselves are in the ledger)."""
+    plan: Plan | None = None
+
+
+class BulkRequest(Contract):
+    """What starts a bulk erasure: the subjects are staged in Lethe's store, never here."""
+
+    bulk_id: str = Field(pattern=r"^bulk-[0-9a-f]{12}$")
+    tenant: str
+    region: str | None = None
+    requested_by: str = Field(min_length=1, max_length=200)
+    reason: str = Field(default="", max_length=500)
+    source: Literal["file", "offboard"] = "file"
+    total: int = Field(ge=0, le=BULK_MAX_SUBJECTS)
+    systems: list[str] = []
+    batch_size: int = Field(default=BULK_BATCH, ge=1, le=5000)
+    batches_per_run: int = Field(default=20, ge=1)
+    received_at: datetime
+    progress: BulkProgress | None = None
+    """Where a run continued-as-new left off."""
+
+
+class BulkBatch(Contract):
+    """The next batch of a phase: the subjects to erase, and what was set aside and why."""
+
+    last_seq: int
+    """The place of the last subject looked at (taken or set aside); the next batch starts after."""
+    subjects: list[BulkSubject] = []
+    set_aside: dict[str, int] = {}
+    """Subjects not taken, by status: `skipped`, `joined`, `held`."""
+    blocked_by: list[str] = []
+    """Holds on the tenant, a system or a category that block a step of the plan: the batch
+    waits (nothing taken)."""
+    found: list[str] | None = None
+    """In the deferred phase, the subjects found somewhere in the immediate phase (whole
+    backups are touched only for them); None in the other phases."""
+
+
+class BulkBatchQuery(Contract):
+    """Which batch to take next."""
+
+    bulk_id: str
+    tenant: str
+    phase: BulkPhase
+    after_seq: int
+    size: int
+    steps: list[Step]
+    held_again: bool = False
+    """Take subjects set aside as held (a re-check after holds changed), not pending ones."""
+
+
+class BulkBatchRecord(Contract):
+    """One batch's outcomes, to record: a Merkle root over (subject, step, outcome) leaves in
+    one ledger entry, the subjects' statuses (a later phase keeps the worst), the forget-list
+    (subjects not listed yet)."""
+
+    bulk_id: str
+    tenant: str
+    phase: BulkPhase
+    batch: int
+    subjects: list[str]
+    """The batch's subject references, in order (the outcomes' order)."""
+    outcomes: list[BatchStepOutcome]
+    systems: list[str]
+    """The plan's systems (the forget-list keeps them, for a replay after a restore)."""
+
+
+class BulkRecorded(Contract):
+    """What recording a batch gave: the root, its ledger entry, and the statuses it set."""
+
+    root: str
+    ledger_hash: str
+    statuses: dict[str, int]
+    failures: dict[str, int] = {}
+
+
+class SubjectsQuery(Contract):
+    """One page of the subjects a locator holds for a tenant (tenant offboarding)."""
+
+    request_id: str
+    tenant: str
+    step: Step
+    after: str | None = None
+    """The last subject id of the previous page (pages go in subject id order)."""
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class SubjectsPage(Contract):
+    """Subjects found in one locator, with the identities it holds for them."""
+
+    subjects: list[Subject]
+    next_after: str | None = None
+    """Where the next page starts; None when this was the last."""
