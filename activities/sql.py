@@ -50,11 +50,11 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import (
@@ -75,9 +75,11 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
     Time,
     Uuid,
     and_,
+    any_,
     bindparam,
     case,
     delete,
@@ -91,12 +93,13 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import NullType
 from temporalio import activity
 
-from lethe.activities.attempts import heartbeat, heartbeat_held
+from lethe.activities.attempts import Journal, heartbeat, heartbeat_held
 from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch, retained_outcome, verdict
 from lethe.activities.connector import Connector
@@ -104,7 +107,18 @@ from lethe.activities.driver_errors import SchemaChanged, translated, undefined_
 from lethe.activities.sql_schema import Reflected, SchemaCache, Tables
 from lethe.classification.datamap import SqlTableLocator
 from lethe.classification.taxonomy import matches
-from lethe.contracts import Action, Evidence, StepOutcome, StepRequest, SweepBatch, SweepResult
+from lethe.contracts import (
+    Action,
+    BatchStepOutcome,
+    BatchStepRequest,
+    BulkSubject,
+    Evidence,
+    StepOutcome,
+    StepRequest,
+    SubjectOutcome,
+    SweepBatch,
+    SweepResult,
+)
 from lethe.kernel.errors import LetheError
 
 TEXT_PLACEHOLDER = "erased"
@@ -123,6 +137,11 @@ COUNT_CONFIRM_SECONDS = 2.0
 """How long erase waits, before committing, for Temporal to hold the count it heartbeated."""
 _INTEGER = re.compile(r"-?[0-9]{1,20}")
 _DECIMAL = re.compile(r"-?[0-9]{1,40}(\.[0-9]{1,40})?")
+ROWS = "rows"
+"""The key of a batch heartbeat's progress holding each subject's row count, by reference."""
+T = TypeVar("T")
+_Still = tuple[int, list[int]]
+"""A subject's rows still matching, and how many fail each check."""
 
 
 class SubjectIdDoesNotFit(LetheError):
@@ -175,13 +194,26 @@ class _Unlink:
 
 @dataclass(frozen=True)
 class _Target:
-    """A step's table as the live database has it, with the subject match and what to clear."""
+    """A step's table as the live database has it, with the batch's subjects' match and what to
+    clear."""
 
     tables: list[Table]
     """Every table the step reads: the erased one, then those of its join path."""
     table: Table
     match: ColumnElement[bool]
-    """True for the subject's rows: on the table itself or through the join path."""
+    """True for the rows of the batch's subjects (those whose id fits the subject column): on
+    the table itself or through the join path; for the statements that change rows."""
+    source: FromClause
+    """The erased table joined along the path up to the subject column: for the reads that
+    tell each row's subject."""
+    found_by: ColumnElement[bool]
+    """`match` on `source`."""
+    owner: list[ColumnElement[Any]]
+    """On `source`, whose row it is: the subject column (and the tenant column)."""
+    owners: dict[tuple[object, ...], list[int]]
+    """The batch's subjects (their indexes) by the values `owner` has for their rows."""
+    unfit: dict[int, SubjectIdDoesNotFit]
+    """The subjects (by index) whose id does not fit the subject column: matched by nothing."""
     soft_delete: Column[Any] | None
     kept: list[str]
     primary_key: list[Column[Any]] = field(default_factory=list)
@@ -192,24 +224,64 @@ class _Target:
     """For `anonymize`: the link to break."""
 
 
+@dataclass
+class _Rows:
+    """One subject's rows as erase's transaction found (and locked) them."""
+
+    matched: int = 0
+    """Rows of the subject: on the table itself or through the join path."""
+    pending: int = 0
+    """Of those, rows not yet in the erased state: what the step changes."""
+    keys: dict[tuple[Any, ...], None] = field(default_factory=dict)
+    """The matched rows' primary keys (empty when the table has none)."""
+
+
 @dataclass(frozen=True)
 class _Found:
-    """The subject's rows as erase's transaction found (and locked) them, before changing any."""
+    """The batch's rows as erase's transaction found (and locked) them, before changing any."""
 
-    matched: int
-    """Rows of the subject: on the table itself or through the join path."""
-    pending: int
-    """Of those, rows not yet in the erased state: what the step changes."""
-    keys: list[tuple[Any, ...]]
-    """The primary keys of the pending rows (empty when the table has no primary key)."""
-    digest: str | None
-    """SHA-256 of the step and the matched rows' primary keys (without the subject column, when
-    it is part of the key: never a hash of the subject id); None without a primary key."""
+    subjects: dict[int, _Rows] = field(default_factory=dict)
+    """By the subject's index in the batch; a subject without rows is missing."""
+    keys: list[tuple[Any, ...]] = field(default_factory=list)
+    """The primary keys of the pending rows, each once (empty when the table has none)."""
+    pending: int = 0
+    """Rows the step changes, each counted once whichever subjects it belongs to."""
+
+    def of(self, index: int) -> _Rows:
+        """The rows of the batch's subject `index`."""
+        return self.subjects.get(index) or _Rows()
+
+
+@dataclass(frozen=True)
+class _Erasure:
+    """What erase's transaction did for a batch."""
+
+    target: _Target
+    dialect: str
+    found: _Found
+    changed: int
+    """Rows changed, each counted once."""
+    retained: str | None = None
+    """Why nothing was done, when every personal column is kept."""
+
+
+class _Ledger(Protocol):
+    """How an erase tells a later attempt what it found and changed (heartbeats)."""
+
+    async def plan(self, batch: BatchStepRequest, target: _Target, found: _Found) -> None:
+        """Inside the transaction, before any row changes: what was found."""
+
+    async def confirm(self, changed: int) -> None:
+        """Just before the commit."""
+
+    def erased(self, changed: int) -> None:
+        """After the commit."""
 
 
 class _Counted(BaseModel):
-    """What an attempt heartbeats inside its transaction, before it changes any row: how many
-    of the subject's rows the step covers and changes, and which (a digest of their keys)."""
+    """What a one-subject erase heartbeats inside its transaction, before it changes any row:
+    how many of the subject's rows the step covers and changes, and which (a digest of their
+    keys)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -228,6 +300,7 @@ class SqlEraser(Connector[SqlTableLocator]):
     kind = "sql"
     locator_model = SqlTableLocator
     actions = SQL_ACTIONS
+    batches = True
     checks = (
         "the database answers; tables, columns and join path exist as mapped; the subject id "
         "fits its column; anonymize can unlink; the role's privileges (PostgreSQL)"
@@ -255,13 +328,33 @@ class SqlEraser(Connector[SqlTableLocator]):
 
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Delete, soft-delete, pseudonymise or anonymise the subject's rows in one
-        transaction. A retry that finds the work done reports the earlier attempt's count."""
+        transaction (a batch of one). A retry that finds the work done reports the earlier
+        attempt's count."""
         return await self._on_current_schema(request, self._erase(request))
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Check the erasure held: rows gone, unlinked, or marked and cleared; `done` or
         `failed`."""
         return await self._on_current_schema(request, self._verify(request, erased))
+
+    async def erase_batch(self, batch: BatchStepRequest) -> BatchStepOutcome:
+        """Erase a batch of subjects' rows in one transaction (one statement per table), then
+        verify them (one query): an outcome per subject. A subject whose id does not fit the
+        subject column fails alone; a retry reports what an earlier attempt changed."""
+        journal = _Journaled(batch)
+        try:
+            done = await self._on_current_schema(batch, self._erase_rows(batch, journal))
+        except LetheError:
+            journal.journal.failed()
+            raise
+        return await self.verify_batch(batch, journal.outcome(batch, done))
+
+    async def verify_batch(
+        self, batch: BatchStepRequest, erased: BatchStepOutcome
+    ) -> BatchStepOutcome:
+        """Check the erasure held for every subject of the batch that erase did not fail or
+        retain, in one query: `done` or `failed` each."""
+        return await self._on_current_schema(batch, self._verify_batch(batch, erased))
 
     async def sweep(self, batch: SweepBatch) -> SweepResult:
         """One batch of a retention sweep over one table (`lethe.activities.sql_retention`)."""
@@ -271,8 +364,8 @@ class SqlEraser(Connector[SqlTableLocator]):
         return await sweep_table(self.engine, self.schemas, batch)
 
     async def _on_current_schema(
-        self, request: StepRequest, work: Awaitable[StepOutcome]
-    ) -> StepOutcome:
+        self, request: StepRequest | BatchStepRequest, work: Awaitable[T]
+    ) -> T:
         """Run `work`; when its statement met tables that changed since they were described,
         forget the description and read the tables again: what the data map names and the
         database lacks is a SchemaMismatch naming it, else the step runs again (retryable)."""
@@ -282,173 +375,138 @@ class SqlEraser(Connector[SqlTableLocator]):
             changed = exc
         # Outside the handler, so that the SchemaMismatch below stands alone.
         self.schemas.forget(table_names(self.locator(request)))
+        batch = request if isinstance(request, BatchStepRequest) else one_batch(request)
         async with database_errors(request.step.system), self.engine.connect() as conn:
-            await _target(conn, request, self.schemas, fresh=True)
+            await _target(conn, batch, self.schemas, fresh=True)
         raise changed
 
-    async def _erase(self, request: StepRequest) -> StepOutcome:
-        step = request.step
-        locator = self.locator(request)
-        evidence: Evidence = {
-            "table": locator.table,
-            "action": step.action,
-            "join_hops": len(locator.via),
-        }
-        attempt, earlier = _attempt(), _earlier_count(request)
+    async def _erase_rows(self, batch: BatchStepRequest, ledger: _Ledger) -> _Erasure:
+        """Find (and lock) the batch's rows, tell `ledger`, change them with one statement and
+        commit: one transaction for the batch."""
+        step = batch.step
+        locator = self.locator(batch)
         async with database_errors(step.system), self.engine.connect() as conn:
-            target = await _target(conn, request, self.schemas)
-            evidence["dialect"] = conn.dialect.name
+            target = await _target(conn, batch, self.schemas)
+            dialect = conn.dialect.name
             if (
                 step.action in ("pseudonymize", "anonymize")
                 and not target.clear
                 and target.unlink is None
             ):
-                return retained_outcome(
-                    request, f"every personal column of {locator.table} is kept"
-                )
+                why = f"every personal column of {locator.table} is kept"
+                return _Erasure(target, dialect, _Found(), 0, retained=why)
             values = dict(target.clear)
             if step.action == "soft_delete":
-                values.update(_soft_delete_value(request, target))
-            found = await _found(conn, request, target)
-            kept_from = earlier if earlier is not None and not found.pending else None
-            counted = None
-            if kept_from is not None:
-                _heartbeat(kept_from)  # the count of the attempt that did the work stays
-            elif found.pending or attempt == 1:
-                counted = _Counted(
-                    step=step.id,
-                    action=step.action,
-                    attempt=attempt,
-                    rows=found.matched,
-                    changed=found.pending,
-                    digest=found.digest,
-                )
-                _heartbeat(counted)
-            if step.action == "delete":
-                changed = max(
-                    (await conn.execute(delete(target.table).where(target.match))).rowcount, 0
-                )
-            elif step.action == "anonymize":
-                changed = await _anonymise(conn, request, target, found, values)
-            elif found.pending:
-                result = await conn.execute(
-                    update(target.table)
-                    .where(target.match & _pending(step.action, target))
-                    .values(values)
-                )
-                changed = max(result.rowcount, 0)
-            else:
-                changed = 0
-            if changed < found.pending and step.action != "delete":
-                # The rows are locked: a trigger or rule skipped some, which no retry mends.
-                raise ChangeRefused(
-                    f"system {step.system!r}: {changed} of the {found.pending} locked row(s) of "
-                    f"table {locator.table!r} changed (a trigger or rule?); nothing was committed"
-                )
-            if changed != found.pending:
-                raise RowsChanged(
-                    f"system {step.system!r}: the subject's rows in table {locator.table!r} "
-                    f"changed while the step ran ({found.pending} counted, {changed} changed); "
-                    "nothing was committed, the step runs again"
-                )
-            if counted is not None and changed:
-                evidence["count_confirmed"] = await _confirmed(counted)
+                values.update(_soft_delete_value(batch, target))
+            if not target.owners:
+                return _Erasure(target, dialect, _Found(), 0)  # no subject's id fits
+            found = await _found(conn, batch, target)
+            await ledger.plan(batch, target, found)
+            changed = await _change(conn, batch, target, found, values)
+            _check_changed(batch, found.pending, changed)
+            await ledger.confirm(changed)
             await self._commit(conn)
-        affected = found.matched
-        evidence.update(
-            rows=affected,
-            rows_changed=changed,
-            columns_cleared=len(target.clear),
-            columns_kept=len(target.kept),
-        )
-        detail = _erased_detail(request, target)
-        if target.unlink is not None:
-            evidence.update(
-                unlinked_column=target.unlink.column.name,
-                unlinked_to=target.unlink.to,
-                rows_checked=changed,
-            )
-        if attempt > 1:
-            evidence["attempt"] = attempt
-            if not found.pending:
-                affected, more = _earlier_evidence(kept_from, found)
-                evidence.update(more, rows=affected)
-                detail += "; " + _earlier_detail(attempt, kept_from)
-        return StepOutcome(
-            step_id=step.id, status="running", affected=affected, evidence=evidence, detail=detail
-        )
+        ledger.erased(changed)
+        return _Erasure(target, dialect, found, changed)
 
     async def _commit(self, conn: AsyncConnection) -> None:
         """Commit the step's transaction: once this returns, the effect is made (its own method,
         so tests/e2e/crash_after_effect.py can end a worker right after it)."""
         await conn.commit()
 
+    async def _erase(self, request: StepRequest) -> StepOutcome:
+        counts = _Counts(request)
+        done = await self._erase_rows(one_batch(request), counts)
+        if 0 in done.target.unfit:
+            raise done.target.unfit[0]
+        if done.retained is not None:
+            return retained_outcome(request, done.retained)
+        return counts.outcome(request, done)
+
+    async def _checked(
+        self, batch: BatchStepRequest
+    ) -> tuple[_Target, list[tuple[str, ColumnElement[bool]]], dict[int, _Still]]:
+        """The step's target, the checks of an erased row, and for each subject with rows
+        still matching: how many, and how many fail each check (one query for the batch)."""
+        async with database_errors(batch.step.system), self.engine.connect() as conn:
+            target = await _target(conn, batch, self.schemas, unlink=False)
+            # Anonymised rows cannot be found any more: none may lead to the subject.
+            action = batch.step.action
+            checks = [] if action == "anonymize" else _checks(action, target)
+            still: dict[int, _Still] = {}
+            if not target.owners:
+                return target, checks, still
+            query = (
+                select(
+                    *target.owner,
+                    func.count(),
+                    *(func.coalesce(func.sum(case((ok, 0), else_=1)), 0) for _, ok in checks),
+                )
+                .select_from(target.source)
+                .where(target.found_by)
+                .group_by(*target.owner)
+            )
+            width = len(target.owner)
+            for row in (await conn.execute(query)).all():
+                for index in target.owners.get(tuple(row[:width]), []):
+                    matching, failing = still.get(index, (0, [0] * len(checks)))
+                    counts = [int(n) for n in row[width + 1 :]]
+                    still[index] = (
+                        matching + int(row[width]),
+                        [a + b for a, b in zip(failing, counts, strict=True)],
+                    )
+        return target, checks, still
+
     async def _verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
-        step = request.step
-        locator = self.locator(request)
         if erased.status in ("retained", "failed"):
             return erased
-        async with database_errors(step.system), self.engine.connect() as conn:
-            target = await _target(conn, request, self.schemas, unlink=False)
-            # Anonymised rows cannot be found any more: none may lead to the subject.
-            checks = [] if step.action == "anonymize" else _checks(step.action, target)
-            counts = (
-                await conn.execute(
-                    select(
-                        func.count(),
-                        *(func.coalesce(func.sum(case((ok, 0), else_=1)), 0) for _, ok in checks),
-                    )
-                    .select_from(target.table)
-                    .where(target.match)
-                )
-            ).one()
-        matching, failing = int(counts[0]), [int(n) for n in counts[1:]]
-        evidence: Evidence = {
-            "table": locator.table,
-            "action": step.action,
-            "rows_matching": matching,
-        }
-        if step.action == "delete":
-            evidence["rows_remaining"] = matching
-            if matching:
-                return verdict(
-                    erased,
-                    evidence,
-                    [f"{matching} row(s) of {locator.table} still match the subject after delete"],
-                )
-        if step.action == "anonymize":
-            evidence["rows_linked"] = matching
-            if matching:
-                return verdict(
-                    erased,
-                    evidence,
-                    [
-                        f"{matching} row(s) of {locator.table} still lead to the subject after "
-                        "anonymize"
-                    ],
-                )
-            checked = erased.evidence.get("rows_checked")
-            return verdict(
-                erased,
-                evidence,
-                [],
-                f"verified anonymize in {locator.table}: no row leads to the subject any more"
-                + (
-                    f"; the {checked} row(s) changed were read back by primary key, cleared and "
-                    "unlinked, before the commit"
-                    if isinstance(checked, int) and checked
-                    else ""
-                ),
+        target, checks, still = await self._checked(one_batch(request))
+        if 0 in target.unfit:
+            raise target.unfit[0]
+        matching, failing = still.get(0, (0, [0] * len(checks)))
+        evidence, problems, done = _judged(
+            request, checks, matching, failing, erased.evidence.get("rows_checked")
+        )
+        return verdict(erased, evidence, problems, done)
+
+    async def _verify_batch(
+        self, batch: BatchStepRequest, erased: BatchStepOutcome
+    ) -> BatchStepOutcome:
+        open_ = [i for i, o in enumerate(erased.outcomes) if o.status not in ("retained", "failed")]
+        if not open_:
+            return erased
+        _, checks, still = await self._checked(batch)
+        outcomes = list(erased.outcomes)
+        matching_rows = 0
+        for index in open_:
+            matching, failing = still.get(index, (0, [0] * len(checks)))
+            matching_rows += matching
+            _, problems, _ = _judged(batch, checks, matching, failing, None)
+            was = outcomes[index]
+            outcomes[index] = was.model_copy(
+                update={
+                    "status": "failed" if problems else "done",
+                    "detail": "; ".join([*([was.detail] if was.detail else []), *problems]),
+                }
             )
-        for (name, _), count in zip(checks, failing, strict=True):
-            evidence[f"rows_not_cleared.{name}"] = count
-        problems = [
-            f"{n} of the subject's row(s) in {locator.table} still have column "
-            f"{name} {'unset' if name == locator.soft_delete_column else 'uncleared'}"
-            for (name, _), n in zip(checks, failing, strict=True)
-            if n
-        ]
-        return verdict(erased, evidence, problems, f"verified {step.action} in {locator.table}")
+        failed = sum(1 for index in open_ if outcomes[index].status == "failed")
+        locator = self.locator(batch)
+        evidence: Evidence = {
+            **erased.evidence,
+            "rows_matching": matching_rows,
+            "subjects_verified": len(open_),
+            "subjects_failed_verify": failed,
+        }
+        done = f"verified {batch.step.action} in {locator.table} for {len(open_)} subject(s)"
+        if failed:
+            done += f"; {failed} still have rows not erased"
+        return erased.model_copy(
+            update={
+                "outcomes": outcomes,
+                "evidence": evidence,
+                "detail": "; ".join(d for d in (erased.detail, done) if d),
+            }
+        )
 
     async def preflight(self, request: StepRequest) -> list[str]:
         """Touching nothing: the database answers, the tables, columns and join path are as
@@ -459,9 +517,11 @@ class SqlEraser(Connector[SqlTableLocator]):
         async with database_errors(step.system), self.engine.connect() as conn:
             try:
                 # The preflight is the check: it reads the tables afresh.
-                await _target(conn, request, self.schemas, fresh=True)
+                target = await _target(conn, one_batch(request), self.schemas, fresh=True)
             except LetheError as exc:
                 return [f"{type(exc).__name__}: {exc}"]
+            if 0 in target.unfit:
+                return [f"{SubjectIdDoesNotFit.__name__}: {target.unfit[0]}"]
             if conn.dialect.name != "postgresql":
                 return []  # SQLite has no privileges to check
             needed = {locator.table: "DELETE" if step.action == "delete" else "UPDATE"}
@@ -480,6 +540,64 @@ class SqlEraser(Connector[SqlTableLocator]):
                     )
                 ).scalar_one()
             ]
+
+
+def one_batch(request: StepRequest) -> BatchStepRequest:
+    """A one-subject request as a batch of one (the same request id and step): the single path
+    runs the batch code."""
+    return BatchStepRequest(
+        request_id=request.request_id,
+        batch=0,
+        step=request.step,
+        subjects=[BulkSubject(subject_ref=request.subject_ref, subject=request.subject)],
+        erasure_started_at=request.erasure_started_at,
+        window_ends_at=request.window_ends_at,
+        found=None if request.subject_found else [],
+    )
+
+
+def _judged(
+    request: StepRequest | BatchStepRequest,
+    checks: list[tuple[str, ColumnElement[bool]]],
+    matching: int,
+    failing: list[int],
+    checked: object,
+) -> tuple[Evidence, list[str], str]:
+    """What verify found for one subject: its evidence, its problems, and what it says when
+    there are none. `checked`: the rows erase read back before the commit (anonymize)."""
+    step, locator = request.step, SqlEraser.locator(request)
+    evidence: Evidence = {"table": locator.table, "action": step.action, "rows_matching": matching}
+    if step.action == "delete":
+        evidence["rows_remaining"] = matching
+        if matching:
+            return (
+                evidence,
+                [f"{matching} row(s) of {locator.table} still match the subject after delete"],
+                "",
+            )
+    if step.action == "anonymize":
+        evidence["rows_linked"] = matching
+        if matching:
+            problem = (
+                f"{matching} row(s) of {locator.table} still lead to the subject after anonymize"
+            )
+            return evidence, [problem], ""
+        done = f"verified anonymize in {locator.table}: no row leads to the subject any more"
+        if isinstance(checked, int) and checked:
+            done += (
+                f"; the {checked} row(s) changed were read back by primary key, cleared and "
+                "unlinked, before the commit"
+            )
+        return evidence, [], done
+    for (name, _), count in zip(checks, failing, strict=True):
+        evidence[f"rows_not_cleared.{name}"] = count
+    problems = [
+        f"{n} of the subject's row(s) in {locator.table} still have column "
+        f"{name} {'unset' if name == locator.soft_delete_column else 'uncleared'}"
+        for (name, _), n in zip(checks, failing, strict=True)
+        if n
+    ]
+    return evidence, problems, f"verified {step.action} in {locator.table}"
 
 
 # --- the step's target -----------------------------------------------------------------------
@@ -534,23 +652,23 @@ def described_column(system: str, table: Table, name: str, role: str) -> Column[
 
 async def _target(
     conn: AsyncConnection,
-    request: StepRequest,
+    batch: BatchStepRequest,
     schemas: SchemaCache,
     *,
     unlink: bool = True,
     fresh: bool = False,
 ) -> _Target:
     """Describe the step's tables (kept, or `fresh`), check the data map against them, and
-    build the subject match (and, for `anonymize` unless `unlink` is False, how to break the
-    rows' link)."""
-    locator = SqlEraser.locator(request)
+    build the batch's subjects' match (and, for `anonymize` unless `unlink` is False, how to
+    break the rows' link)."""
+    locator = SqlEraser.locator(batch)
     names = table_names(locator)
     reflected, kept = await schemas.tables(conn, names, locator.table, fresh=fresh)
     if kept:
         # A kept description may be stale: any mismatch, or a described column the database
         # no longer has, is checked against the tables read afresh before it counts.
         try:
-            target = _target_of(request, reflected, conn.dialect.name, unlink=unlink)
+            target = _target_of(batch, reflected, conn.dialect.name, unlink=unlink)
             await _still_described(conn, target)
             return target
         except SchemaMismatch:
@@ -560,7 +678,7 @@ async def _target(
                 raise
             await conn.rollback()  # nothing was done yet: the failed probe only
         reflected, _ = await schemas.tables(conn, names, locator.table, fresh=True)
-    return _target_of(request, reflected, conn.dialect.name, unlink=unlink)
+    return _target_of(batch, reflected, conn.dialect.name, unlink=unlink)
 
 
 async def _still_described(conn: AsyncConnection, target: _Target) -> None:
@@ -570,10 +688,12 @@ async def _still_described(conn: AsyncConnection, target: _Target) -> None:
         await conn.execute(select(*table.c).limit(0))
 
 
-def _target_of(request: StepRequest, reflected: Tables, dialect: str, *, unlink: bool) -> _Target:
+def _target_of(
+    batch: BatchStepRequest, reflected: Tables, dialect: str, *, unlink: bool
+) -> _Target:
     """The step's target on tables as `reflected` describes them; SchemaMismatch naming what
     the data map names and they lack."""
-    step, locator = request.step, SqlEraser.locator(request)
+    step, locator = batch.step, SqlEraser.locator(batch)
     tables = described_tables(step.system, table_names(locator), reflected)
 
     def column(table: str, name: str, role: str) -> Column[Any]:
@@ -589,20 +709,24 @@ def _target_of(request: StepRequest, reflected: Tables, dialect: str, *, unlink:
     # (or to the erased table itself) compares the right rows.
     hops: list[tuple[ColumnElement[Any], ColumnElement[Any]]] = []
     previous: FromClause = table
+    source: FromClause = table
     previous_name = locator.table
     for index, hop in enumerate(locator.via, 1):
         column(previous_name, hop.column, f"the join column of hop {index}")
         column(hop.table, hop.references, f"the column hop {index} references")
         joined = tables[hop.table].alias(f"lethe_path_{index}")
         hops.append((previous.c[hop.column], joined.c[hop.references]))
+        source = source.join(joined, previous.c[hop.column] == joined.c[hop.references])
         previous, previous_name = joined, hop.table
     subject = column(previous_name, locator.subject_column, "the subject column")
-    value = subject_value(request.subject.subject_id, subject, previous_name, dialect)
-    match: ColumnElement[bool] = previous.c[locator.subject_column] == value
+    owner: list[ColumnElement[Any]] = [previous.c[locator.subject_column]]
     if locator.tenant_column is not None:
         # The subject is (tenant, id): another tenant's subject with the same id stays.
         column(previous_name, locator.tenant_column, "the tenant column")
-        match = match & (previous.c[locator.tenant_column] == request.subject.tenant)
+        owner.append(previous.c[locator.tenant_column])
+    owners, unfit = _owners(batch, subject, previous_name, dialect, tenant=len(owner) > 1)
+    found_by = _subjects_match(owner, subject, owners, dialect)
+    match = found_by
     for outer, inner in reversed(hops):
         match = outer.in_(select(inner).where(match))
 
@@ -642,7 +766,7 @@ def _target_of(request: StepRequest, reflected: Tables, dialect: str, *, unlink:
             tables[locator.via[0].table].c[locator.via[0].references] if locator.via else None
         )
         broken = _unlink_of(
-            request,
+            batch,
             table.c[link],
             role,
             described=reflected[locator.table],
@@ -653,6 +777,11 @@ def _target_of(request: StepRequest, reflected: Tables, dialect: str, *, unlink:
         tables=list(tables.values()),
         table=table,
         match=match,
+        source=source,
+        found_by=found_by,
+        owner=owner,
+        owners=owners,
+        unfit=unfit,
         soft_delete=soft_delete,
         kept=kept,
         primary_key=list(table.primary_key.columns),
@@ -661,8 +790,61 @@ def _target_of(request: StepRequest, reflected: Tables, dialect: str, *, unlink:
     )
 
 
+def _owners(
+    batch: BatchStepRequest, subject: Column[Any], table: str, dialect: str, *, tenant: bool
+) -> tuple[dict[tuple[object, ...], list[int]], dict[int, SubjectIdDoesNotFit]]:
+    """The batch's subjects (indexes) by their subject column value (and tenant), and those
+    whose id does not fit the column."""
+    owners: dict[tuple[object, ...], list[int]] = {}
+    unfit: dict[int, SubjectIdDoesNotFit] = {}
+    for index, item in enumerate(batch.subjects):
+        try:
+            value = subject_value(item.subject.subject_id, subject, table, dialect)
+        except SubjectIdDoesNotFit as exc:
+            unfit[index] = exc
+            continue
+        key = (value, item.subject.tenant) if tenant else (value,)
+        owners.setdefault(key, []).append(index)
+    return owners, unfit
+
+
+def _subjects_match(
+    owner: list[ColumnElement[Any]],
+    subject: Column[Any],
+    owners: dict[tuple[object, ...], list[int]],
+    dialect: str,
+) -> ColumnElement[bool]:
+    """True for the rows of `owners`: `subject = ANY(:ids)` on PostgreSQL, an expanding `IN`
+    elsewhere; with a tenant column, one such test per tenant of the batch."""
+    by_tenant: dict[object, list[object]] = {}
+    for key in owners:
+        by_tenant.setdefault(key[1] if len(key) > 1 else None, []).append(key[0])
+    parts: list[ColumnElement[bool]] = []
+    for tenant, values in by_tenant.items():
+        if dialect == "postgresql":
+            ids = bindparam(None, value=values, type_=ARRAY(_element_type(subject)))
+            one: ColumnElement[bool] = owner[0] == any_(ids)
+        else:
+            one = owner[0].in_(values)
+        parts.append(one if len(owner) == 1 else and_(owner[1] == tenant, one))
+    return or_(false(), *parts)
+
+
+def _element_type(col: Column[Any]) -> Any:
+    """The type of the ids' array for `col`, without a length, precision or scale: a cast to
+    one would cut or round an id until it matched someone else's."""
+    kind = col.type
+    if isinstance(kind, String):
+        return Text()
+    if isinstance(kind, Float):
+        return Float()
+    if isinstance(kind, Numeric):
+        return Numeric()
+    return kind
+
+
 def _unlink_of(
-    request: StepRequest,
+    request: BatchStepRequest,
     col: Column[Any],
     role: str,
     *,
@@ -724,51 +906,110 @@ def _pending(action: str, target: _Target) -> ColumnElement[bool]:
     return not_(and_(*oks)) if oks else false()
 
 
-async def _found(conn: AsyncConnection, request: StepRequest, target: _Target) -> _Found:
-    """The subject's rows; for an update, locked until the commit (PostgreSQL FOR UPDATE, which
-    needs the UPDATE privilege a delete does not have; SQLite locks the database). A delete
-    that then removes another number of rows than counted fails with RowsChanged."""
-    still = case((_pending(request.step.action, target), 1), else_=0)
-    width = len(target.primary_key)
-    query = select(*target.primary_key, still).select_from(target.table).where(target.match)
-    if request.step.action != "delete":
-        query = query.with_for_update()
-    rows = (await conn.execute(query)).all()
-    keys = [tuple(row[:width]) for row in rows]
-    digest = None
-    if width:
-        # Never a hash of the subject id: a key column that holds it is left out.
-        locator = SqlEraser.locator(request)
-        hashed = [
-            index
-            for index, col in enumerate(target.primary_key)
-            if locator.via or col.name != locator.subject_column
-        ]
-        listed = sorted([str(key[index]) for index in hashed] for key in keys)
-        digest = hashlib.sha256(json.dumps([request.step.id, listed]).encode()).hexdigest()
-    return _Found(
-        matched=len(rows),
-        pending=sum(1 for row in rows if row[width]),
-        keys=[key for key, row in zip(keys, rows, strict=True) if row[width]] if width else [],
-        digest=digest,
+async def _found(conn: AsyncConnection, batch: BatchStepRequest, target: _Target) -> _Found:
+    """The batch's rows, each with its subject (one statement); for an update, locked until
+    the commit (PostgreSQL FOR UPDATE, which needs the UPDATE privilege a delete does not have;
+    SQLite locks the database). A delete that then removes another number of rows than
+    counted fails with RowsChanged."""
+    still = case((_pending(batch.step.action, target), 1), else_=0)
+    owned, width = len(target.owner), len(target.primary_key)
+    query = (
+        select(*target.owner, *target.primary_key, still)
+        .select_from(target.source)
+        .where(target.found_by)
     )
+    if batch.step.action != "delete":
+        query = query.with_for_update(of=target.table)
+    subjects: dict[int, _Rows] = {}
+    pending: dict[tuple[Any, ...], None] = {}
+    unkeyed = 0
+    for row in (await conn.execute(query)).all():
+        key, changes = tuple(row[owned : owned + width]), bool(row[owned + width])
+        for index in target.owners.get(tuple(row[:owned]), []):
+            rows = subjects.setdefault(index, _Rows())
+            if width and key in rows.keys:
+                continue  # met twice along the path: one row
+            rows.matched += 1
+            rows.pending += changes
+            if width:
+                rows.keys[key] = None
+        if changes and width:
+            pending[key] = None
+        elif changes:
+            unkeyed += 1
+    return _Found(subjects=subjects, keys=list(pending), pending=len(pending) + unkeyed)
 
 
-async def _anonymise(
+def _digest(batch: BatchStepRequest, target: _Target, rows: _Rows) -> str | None:
+    """SHA-256 of the step and a subject's matched rows' primary keys (without the subject
+    column, when it is part of the key: never a hash of the subject id); None without a
+    primary key."""
+    if not target.primary_key:
+        return None
+    locator = SqlEraser.locator(batch)
+    hashed = [
+        index
+        for index, col in enumerate(target.primary_key)
+        if locator.via or col.name != locator.subject_column
+    ]
+    listed = sorted([str(key[index]) for index in hashed] for key in rows.keys)
+    return hashlib.sha256(json.dumps([batch.step.id, listed]).encode()).hexdigest()
+
+
+async def _change(
     conn: AsyncConnection,
-    request: StepRequest,
+    batch: BatchStepRequest,
     target: _Target,
     found: _Found,
     values: dict[str, object],
 ) -> int:
-    """Clear and unlink the found rows, each by its primary key, then read them back by key:
-    every one must be cleared and lead to the subject no more (else ChangeRefused, and the
-    transaction is rolled back). The number of rows changed."""
+    """Delete, clear or anonymise the batch's rows: one statement for the batch (anonymize:
+    one by key, then a read-back). The number of rows changed."""
+    action = batch.step.action
+    if action == "delete":
+        return max((await conn.execute(delete(target.table).where(target.match))).rowcount, 0)
+    if action == "anonymize":
+        return await _anonymise(conn, batch, target, found.keys, values)
+    if not found.pending:
+        return 0
+    result = await conn.execute(
+        update(target.table).where(target.match & _pending(action, target)).values(values)
+    )
+    return max(result.rowcount, 0)
+
+
+def _check_changed(batch: BatchStepRequest, pending: int, changed: int) -> None:
+    """ChangeRefused or RowsChanged unless the statement changed the rows counted."""
+    step, locator = batch.step, SqlEraser.locator(batch)
+    if changed < pending and step.action != "delete":
+        # The rows are locked: a trigger or rule skipped some, which no retry mends.
+        raise ChangeRefused(
+            f"system {step.system!r}: {changed} of the {pending} locked row(s) of "
+            f"table {locator.table!r} changed (a trigger or rule?); nothing was committed"
+        )
+    if changed != pending:
+        raise RowsChanged(
+            f"system {step.system!r}: the subject's rows in table {locator.table!r} "
+            f"changed while the step ran ({pending} counted, {changed} changed); "
+            "nothing was committed, the step runs again"
+        )
+
+
+async def _anonymise(
+    conn: AsyncConnection,
+    batch: BatchStepRequest,
+    target: _Target,
+    found: list[tuple[Any, ...]],
+    values: dict[str, object],
+) -> int:
+    """Clear and unlink the found rows (their primary keys), each by its key, then read them
+    back by key: every one must be cleared and lead to no subject of the batch any more (else
+    ChangeRefused, and the transaction is rolled back). The number of rows changed."""
     unlink = target.unlink
     assert unlink is not None  # _target plans it for every anonymize step with work to do
-    if not found.keys:
+    if not found:
         return 0
-    new = await _surrogates(conn, request, unlink, len(found.keys))
+    new = await _surrogates(conn, batch, unlink, len(found))
     key_names = [f"lethe_key_{index}" for index in range(len(target.primary_key))]
     statement = (
         update(target.table)
@@ -786,7 +1027,7 @@ async def _anonymise(
         statement,
         [
             {**dict(zip(key_names, key, strict=True)), "lethe_unlink": value}
-            for key, value in zip(found.keys, new, strict=True)
+            for key, value in zip(found, new, strict=True)
         ],
     )
     changed = max(result.rowcount, 0)
@@ -795,7 +1036,7 @@ async def _anonymise(
     at = names.index(unlink.column.name) if unlink.column.name in names else None
     keys = [
         key if at is None else (*key[:at], value, *key[at + 1 :])
-        for key, value in zip(found.keys, new, strict=True)
+        for key, value in zip(found, new, strict=True)
     ]
     oks = [ok for _, ok in _checks("anonymize", target)]
     seen = linked = uncleared = 0
@@ -813,7 +1054,7 @@ async def _anonymise(
         ).one()
         seen, linked, uncleared = seen + counts[0], linked + counts[1], uncleared + counts[2]
     if (seen, linked, uncleared) != (len(keys), 0, 0):
-        step, locator = request.step, SqlEraser.locator(request)
+        step, locator = batch.step, SqlEraser.locator(batch)
         raise ChangeRefused(
             f"system {step.system!r}: after anonymising, {seen} of the {len(keys)} row(s) of "
             f"table {locator.table!r} read back by primary key, {linked} still lead to the "
@@ -823,7 +1064,7 @@ async def _anonymise(
 
 
 async def _surrogates(
-    conn: AsyncConnection, request: StepRequest, unlink: _Unlink, count: int
+    conn: AsyncConnection, batch: BatchStepRequest, unlink: _Unlink, count: int
 ) -> list[object]:
     """`count` new values for the link column: NULLs, or distinct random surrogates that no
     row holds in the columns they must not equal."""
@@ -845,7 +1086,7 @@ async def _surrogates(
         chosen += [value for value in fresh if value not in held]
         if len(chosen) == count:
             return chosen
-    step, locator = request.step, SqlEraser.locator(request)
+    step, locator = batch.step, SqlEraser.locator(batch)
     raise UnlinkNotPossible(
         f"system {step.system!r}: column {unlink.column.name!r} of table {locator.table!r} "
         f"({unlink.role}): {SURROGATE_DRAWS} draws of random surrogates all met values rows "
@@ -865,7 +1106,7 @@ def key_chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
     return [items[start : start + KEY_CHUNK] for start in range(0, len(items), KEY_CHUNK)]
 
 
-def _erased_detail(request: StepRequest, target: _Target) -> str:
+def _erased_detail(request: StepRequest | BatchStepRequest, target: _Target) -> str:
     """What erase did, in words (column names only)."""
     step, locator = request.step, SqlEraser.locator(request)
     if step.action == "delete":
@@ -895,6 +1136,198 @@ def _erased_detail(request: StepRequest, target: _Target) -> str:
 def _attempt() -> int:
     """This activity's attempt (1 outside an activity)."""
     return activity.info().attempt if activity.in_activity() else 1
+
+
+class _Counts:
+    """The ledger of a one-subject erase: the subject's row count (`_Counted`), heartbeated
+    inside the transaction before the change; a retry that finds nothing left reports it."""
+
+    def __init__(self, request: StepRequest) -> None:
+        self.attempt, self.earlier = _attempt(), _earlier_count(request)
+        self.kept_from: _Counted | None = None
+        self.counted: _Counted | None = None
+        self.confirmed: bool | None = None
+        self.digest: str | None = None
+
+    async def plan(self, batch: BatchStepRequest, target: _Target, found: _Found) -> None:
+        """Heartbeat the count (or, when nothing is left, the earlier attempt's again)."""
+        rows = found.of(0)
+        self.digest = _digest(batch, target, rows)
+        earlier = self.earlier
+        self.kept_from = earlier if earlier is not None and not rows.pending else None
+        if self.kept_from is not None:
+            _heartbeat(self.kept_from)  # the count of the attempt that did the work stays
+        elif rows.pending or self.attempt == 1:
+            self.counted = _Counted(
+                step=batch.step.id,
+                action=batch.step.action,
+                attempt=self.attempt,
+                rows=rows.matched,
+                changed=rows.pending,
+                digest=self.digest,
+            )
+            _heartbeat(self.counted)
+
+    async def confirm(self, changed: int) -> None:
+        """Ask Temporal whether it holds the count before the commit."""
+        if self.counted is not None and changed:
+            self.confirmed = await _confirmed(self.counted)
+
+    def erased(self, changed: int) -> None:
+        """Nothing more to tell: the count stays the last heartbeat."""
+
+    def outcome(self, request: StepRequest, done: _Erasure) -> StepOutcome:
+        """The step's outcome (`running` until verified), with the earlier attempt's count
+        when this one found nothing left to change."""
+        step, locator, target = request.step, SqlEraser.locator(request), done.target
+        rows = done.found.of(0)
+        evidence: Evidence = {
+            "table": locator.table,
+            "action": step.action,
+            "join_hops": len(locator.via),
+            "dialect": done.dialect,
+        }
+        if self.confirmed is not None:
+            evidence["count_confirmed"] = self.confirmed
+        affected = rows.matched
+        evidence.update(_erased_evidence(target, rows.matched, done.changed))
+        detail = _erased_detail(request, target)
+        if self.attempt > 1:
+            evidence["attempt"] = self.attempt
+            if not rows.pending:
+                affected, more = _earlier_evidence(self.kept_from, rows, self.digest)
+                evidence.update(more, rows=affected)
+                detail += "; " + _earlier_detail(self.attempt, self.kept_from)
+        return StepOutcome(
+            step_id=step.id, status="running", affected=affected, evidence=evidence, detail=detail
+        )
+
+
+class _Journaled:
+    """The ledger of a batch's erase: the batch's journal (`Journal.resume`), its plan (rows
+    to change) heartbeated before the change with each subject's row count keyed by its
+    reference, what was changed after the commit. A retry reports, for a subject whose rows it
+    finds erased, the count an earlier attempt heartbeated, not 0."""
+
+    def __init__(self, batch: BatchStepRequest) -> None:
+        self.journal = Journal.resume(batch)
+        told = self.journal.earlier_progress.get(ROWS)
+        self.earlier: dict[str, int] | None = None
+        if isinstance(told, Mapping):
+            self.earlier = {str(ref): n for ref, n in told.items() if isinstance(n, int) and n >= 0}
+        self.rows: dict[int, int] = {}
+        """Each subject's reported row count, by index."""
+        self.kept: set[int] = set()
+        """The subjects whose count is an earlier attempt's."""
+
+    async def plan(self, batch: BatchStepRequest, target: _Target, found: _Found) -> None:
+        """Heartbeat each subject's row count and the rows to change, and wait (briefly) until
+        Temporal holds them."""
+        self.count(batch, found)
+        self.journal.progress[ROWS] = {
+            batch.subjects[index].subject_ref: n for index, n in self.rows.items() if n
+        }
+        await self.journal.plan(rows_changed=found.pending)
+
+    def count(self, batch: BatchStepRequest, found: _Found) -> None:
+        """Each subject's row count: its own, or, when this retry finds nothing left to change,
+        the count an earlier attempt heartbeated."""
+        retry = self.journal.attempt > 1
+        for index, item in enumerate(batch.subjects):
+            rows = found.of(index)
+            told = (self.earlier or {}).get(item.subject_ref)
+            if retry and not rows.pending and told is not None:
+                self.rows[index] = told
+                self.kept.add(index)
+            else:
+                self.rows[index] = rows.matched
+
+    async def confirm(self, changed: int) -> None:
+        """Nothing: the plan waited for Temporal already."""
+
+    def erased(self, changed: int) -> None:
+        """Heartbeat the rows changed."""
+        self.journal.erased(rows_changed=changed)
+
+    def outcome(self, batch: BatchStepRequest, done: _Erasure) -> BatchStepOutcome:
+        """One outcome per subject (`running` until verified; `failed` for an id that does not
+        fit, `retained` when every column is kept), and the batch's evidence (counts only)."""
+        if done.retained is not None:
+            detail = retained_outcome(batch.single(batch.subjects[0]), done.retained).detail
+            return BatchStepOutcome(
+                step_id=batch.step.id,
+                outcomes=[
+                    SubjectOutcome(subject_ref=s.subject_ref, status="retained", detail=detail)
+                    for s in batch.subjects
+                ],
+                detail=detail,
+            )
+        if not self.rows:
+            self.count(batch, done.found)
+        outcomes = [self._subject(index, item, done) for index, item in enumerate(batch.subjects)]
+        locator, target = SqlEraser.locator(batch), done.target
+        evidence: Evidence = {
+            "table": locator.table,
+            "action": batch.step.action,
+            "join_hops": len(locator.via),
+            "dialect": done.dialect,
+            "subjects": len(batch.subjects),
+            "subjects_not_fitting": len(target.unfit),
+            **_erased_evidence(target, sum(o.affected for o in outcomes), done.changed),
+            **self.journal.evidence(),
+        }
+        if self.journal.attempt > 1:
+            evidence["attempt"] = self.journal.attempt
+            evidence["subjects_counted_by_earlier_attempt"] = len(self.kept)
+        return BatchStepOutcome(
+            step_id=batch.step.id,
+            outcomes=outcomes,
+            evidence=evidence,
+            detail=_erased_detail(batch, target),
+        )
+
+    def _subject(self, index: int, item: BulkSubject, done: _Erasure) -> SubjectOutcome:
+        unfit = done.target.unfit.get(index)
+        if unfit is not None:
+            return SubjectOutcome(subject_ref=item.subject_ref, status="failed", detail=str(unfit))
+        detail = ""
+        if index in self.kept:
+            detail = (
+                f"an earlier attempt had done it ({self.rows[index]} row(s), as it heartbeated "
+                f"before committing); attempt {self.journal.attempt} found nothing left to change"
+            )
+        elif self.journal.attempt > 1 and not done.found.of(index).pending:
+            detail = (
+                f"attempt {self.journal.attempt} found nothing left to change, and no earlier "
+                "attempt's count for this subject arrived, so how many rows an earlier attempt "
+                "changed is not known"
+                if self.earlier is None
+                else ""
+            )
+        return SubjectOutcome(
+            subject_ref=item.subject_ref,
+            status="running",
+            affected=self.rows.get(index, 0),
+            detail=detail,
+        )
+
+
+def _erased_evidence(target: _Target, rows: int, changed: int) -> Evidence:
+    """The counts erase reports: rows found and changed, columns cleared and kept, the link
+    broken."""
+    evidence: Evidence = {
+        "rows": rows,
+        "rows_changed": changed,
+        "columns_cleared": len(target.clear),
+        "columns_kept": len(target.kept),
+    }
+    if target.unlink is not None:
+        evidence.update(
+            unlinked_column=target.unlink.column.name,
+            unlinked_to=target.unlink.to,
+            rows_checked=changed,
+        )
+    return evidence
 
 
 def _heartbeat(counted: _Counted) -> None:
@@ -931,17 +1364,19 @@ def _earlier_count(request: StepRequest) -> _Counted | None:
     return counted
 
 
-def _earlier_evidence(earlier: _Counted | None, found: _Found) -> tuple[int, Evidence]:
+def _earlier_evidence(
+    earlier: _Counted | None, rows: _Rows, digest: str | None
+) -> tuple[int, Evidence]:
     """For a retry that found nothing left to change: the count to report and the evidence."""
     if earlier is None:
-        return found.matched, {"rows_from_attempt": None}
+        return rows.matched, {"rows_from_attempt": None}
     evidence: Evidence = {
         "rows_from_attempt": earlier.rows,
         "counted_by_attempt": earlier.attempt,
     }
-    if found.matched and found.digest is not None and earlier.digest is not None:
+    if rows.matched and digest is not None and earlier.digest is not None:
         # Rows that stay (soft delete, pseudonymise) can be compared with those counted then.
-        evidence["rows_same_as_attempt"] = found.digest == earlier.digest
+        evidence["rows_same_as_attempt"] = digest == earlier.digest
     return earlier.rows, evidence
 
 
@@ -1062,7 +1497,7 @@ def _surrogate_draw(col: Column[Any], dialect: str) -> Callable[[], object] | No
     return None
 
 
-def _soft_delete_value(request: StepRequest, target: _Target) -> dict[str, object]:
+def _soft_delete_value(request: BatchStepRequest, target: _Target) -> dict[str, object]:
     """The soft-delete column's new value: the first deletion time stays (COALESCE)."""
     locator, col = SqlEraser.locator(request), target.soft_delete
     if col is None:
