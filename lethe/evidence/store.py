@@ -1,5 +1,5 @@
-"""Lethe's own store: the ledger, legal holds, the forget-list, certificates and sweep reports
-(SQLAlchemy Core).
+"""Lethe's own store: the ledger, legal holds, the forget-list, certificates, sweep reports and
+bulk erasures' subjects, batches and Merkle leaves (SQLAlchemy Core).
 
 A SQLite file by default, PostgreSQL in production. The tables change only through the
 revisions in `lethe/evidence/migrations/` (a change here without one fails the tests); the
@@ -15,11 +15,14 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
+    UniqueConstraint,
     insert,
     select,
 )
@@ -97,6 +100,48 @@ sweep_reports = Table(
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("dry_run", Boolean, nullable=False),
     Column("body", JSON, nullable=False),
+)
+
+bulk_subjects = Table(
+    "lethe_bulk_subjects",
+    metadata,
+    Column("bulk_id", String(100), nullable=False),
+    Column("seq", Integer, nullable=False, autoincrement=False),
+    Column("subject_ref", String(64), nullable=False),
+    Column("sealed", Text, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("detail", String(200), nullable=False),
+    Column("batch", Integer),
+    PrimaryKeyConstraint("bulk_id", "seq", name="pk_lethe_bulk_subjects"),
+    UniqueConstraint("bulk_id", "subject_ref", name="uq_lethe_bulk_subjects_ref"),
+)
+
+bulk_batches = Table(
+    "lethe_bulk_batches",
+    metadata,
+    Column("bulk_id", String(100), nullable=False),
+    Column("phase", String(20), nullable=False),
+    Column("batch", Integer, nullable=False, autoincrement=False),
+    Column("size", Integer, nullable=False),
+    Column("root", String(64), nullable=False),
+    Column("ledger_hash", String(64), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("bulk_id", "phase", "batch", name="pk_lethe_bulk_batches"),
+)
+
+bulk_leaves = Table(
+    "lethe_bulk_leaves",
+    metadata,
+    Column("bulk_id", String(100), nullable=False),
+    Column("phase", String(20), nullable=False),
+    Column("batch", Integer, nullable=False, autoincrement=False),
+    Column("idx", Integer, nullable=False, autoincrement=False),
+    Column("subject_ref", String(64), nullable=False),
+    Column("step_id", String(200), nullable=False),
+    Column("status", String(30), nullable=False),
+    Column("affected", Integer, nullable=False),
+    PrimaryKeyConstraint("bulk_id", "phase", "batch", "idx", name="pk_lethe_bulk_leaves"),
+    Index("ix_lethe_bulk_leaves_subject", "bulk_id", "subject_ref"),
 )
 
 schema = Schema(
