@@ -58,7 +58,8 @@ RANGE_PAGE = 5000
 """Blobs one page of a batch's range query over the tag returns (the service's most)."""
 RANGE_PAGES_PER_SUBJECTS = 4
 """A batch's one range query may read one page per this many subjects at most: past that, one
-query a subject (CONCURRENCY at once) costs fewer calls, and the batch falls back to them."""
+query a subject (CONCURRENCY at once) costs fewer calls, and the batch falls back to them (a
+batch of fewer subjects goes straight to them)."""
 PREFLIGHT_TIMEOUT_SECONDS = 10
 """How long a preflight waits for the blob service, all its calls together."""
 NOT_FOUND_NOTE = "not touched: the subject was found in no system and is not on the forget-list"
@@ -387,6 +388,14 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
     erasure of someone who exists nowhere (an id of `*`) destroys no one else's backups, and
     the evidence says why (`whole_backups`).
 
+    A batch of subjects (`erase_batch`, bulk erasure) takes the same code as one subject (a
+    batch of one): its tagged blobs are found by one range query from the batch's least
+    reference to its greatest, keeping the blobs whose tag is one of the batch's (the tag
+    filter has no OR); when that would read more than a page per RANGE_PAGES_PER_SUBJECTS
+    subjects, by one query a subject, CONCURRENCY at once, as prefixes always are. Whole
+    backups are judged once for the batch, and touched only when the erasure found one of its
+    subjects. One journal tells the batch's plan and result; per-subject counts ride in it.
+
     Preflight touches nothing: it checks the container, the credentials and what they allow
     (listing; a shared access signature's permissions and expiry), and that the locator's
     prefix and tag can be made from the request.
@@ -413,6 +422,7 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
     kind = "blob"
     locator_model = BlobBackupLocator
     actions = ("delete",)
+    batches = True
     checks = (
         "the container exists and the credentials open it; listing and finding by tag work; "
         "the shared access signature's permissions and expiry; the prefix and tag render"
@@ -735,7 +745,8 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
                 "the subject reference is not a valid blob index tag value "
                 "(letters, digits, space and + - . / : = _ only)"
             )
-        if len(refs) > 1 and await self._find_in_range(container, tag, refs, found):
+        budget = len(refs) // RANGE_PAGES_PER_SUBJECTS
+        if budget and await self._find_in_range(container, tag, refs, budget, found):
             return
         found.lookup = "per subject"
 
@@ -747,13 +758,17 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
         await bounded([one(ref, index) for ref, index in refs.items()])
 
     async def _find_in_range(
-        self, container: ContainerClient, tag: str, refs: dict[str, int], found: _Found
+        self,
+        container: ContainerClient,
+        tag: str,
+        refs: dict[str, int],
+        budget: int,
+        found: _Found,
     ) -> bool:
         """The batch's tagged blobs by one query from its least reference to its greatest,
         keeping those whose tag is one of the batch's. References are uniform, so the range
-        spans most blobs tagged at all: False (nothing kept) once it has read one page per
-        RANGE_PAGES_PER_SUBJECTS subjects and more remain."""
-        budget = max(1, len(refs) // RANGE_PAGES_PER_SUBJECTS)
+        spans most blobs tagged at all: False (nothing kept) once it has read `budget` pages
+        and more remain."""
         query = f"\"{tag}\" >= '{min(refs)}' AND \"{tag}\" <= '{max(refs)}'"
         kept: dict[str, int] = {}
         pages = container.find_blobs_by_tags(query, results_per_page=RANGE_PAGE).by_page()
