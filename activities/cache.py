@@ -10,18 +10,28 @@ Erase first finds what is there (the keys the patterns match, the hash fields pr
 it in a heartbeat and waits until the server holds it, then removes it and tells what it
 removed (`lethe.activities.attempts`). Removing is idempotent; a retry after a lost worker reports
 the earlier attempt's counts when they arrived, and says what it knows when they did not.
+
+One code path erases a batch of subjects (bulk erasure, `erase_batch`) and one subject (`erase`,
+a batch of one). A pattern whose template has no glob character of its own names one key per
+subject: pipelined EXISTS and UNLINK, no SCAN. A glob template is one SCAN pass for the whole
+batch, over the subjects' common literal prefix (a batch of one: its own pattern), each key
+matched here against every subject's glob as Redis would. Hash fields: pipelined HEXISTS and
+HDEL. Each subject's counts are exact (one UNLINK or HDEL per key or field, pipelined) and ride
+in the batch's heartbeats, so a retry knows them; a subject whose templates do not render or
+whose hash key is not a hash fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Self, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import AuthenticationError, ResponseError
 
 from lethe.activities.attempts import Journal
@@ -34,14 +44,23 @@ from lethe.activities.common import (
 from lethe.activities.connector import Connector
 from lethe.activities.driver_errors import translated
 from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
-from lethe.contracts import StepOutcome, StepRequest, SweepBatch, SweepResult
+from lethe.contracts import (
+    BatchStepOutcome,
+    BatchStepRequest,
+    Evidence,
+    StepOutcome,
+    StepRequest,
+    SubjectOutcome,
+    SweepBatch,
+    SweepResult,
+)
 from lethe.kernel.errors import LetheError
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 
 SCAN_COUNT = 1000
 """How many slots one SCAN call walks: large enough to be quick, small enough not to block."""
-UNLINK_BATCH = 500
 PREFLIGHT_TIMEOUT_SECONDS = 5.0
 """How long a preflight waits for Redis, all its calls together, before it says it is down."""
 _GLOB_CHARACTERS = re.compile(r"([*?\[\]\\])")
@@ -159,6 +178,7 @@ class CacheEraser(Connector[RedisLocator]):
     kind = "redis"
     locator_model = RedisLocator
     actions = ("purge",)
+    batches = True
     checks = (
         "every template renders; Redis answers to these credentials; hash_fields keys are "
         "hashes or absent; ACL DRYRUN, where the server answers it, allows each command"
@@ -176,6 +196,8 @@ class CacheEraser(Connector[RedisLocator]):
         self._client = client
         self._where = where
         self._user = user
+        self.scans = 0
+        """SCAN calls this eraser made (a batch's evidence says how many)."""
 
     @classmethod
     def open(cls, clients: Clients, connection: str) -> Self:
@@ -184,58 +206,120 @@ class CacheEraser(Connector[RedisLocator]):
         return cls(clients.redis(connection), _where(connection), user)
 
     async def erase(self, request: StepRequest) -> StepOutcome:
-        """Unlink the subject's keys and delete their hash fields; `running` until verified."""
-        step = request.step
-        targets = _targets(request)
+        """Unlink the subject's keys and delete their hash fields; `running` until verified.
+        The batch code (`erase_batch`) with a batch of one; a subject's problem is raised."""
+        self.locator(request)
         journal = Journal.resume(request)
-        try:
-            await self._call(lambda: self._check_hashes(targets.hash_fields))
-            keys, existing = await self._call(lambda: self._find_keys(targets.patterns, journal))
-            fields = await self._call(lambda: self._present_fields(targets.hash_fields))
-            await journal.plan(keys=existing, hash_fields=len(fields))
-            unlinked, removed = await self._call(lambda: self._remove(keys, fields))
-        except LetheError:
+        purged = await self._purge([request], journal)
+        problem = purged.subjects[0].problem
+        if problem is not None:
             journal.failed()
-            raise
-        journal.erased(keys_unlinked=unlinked, hash_fields_removed=removed)
-        keys_unlinked = journal.total("keys_unlinked", "keys")
-        fields_removed = journal.total("hash_fields_removed", "hash_fields")
+            raise problem
         return StepOutcome(
-            step_id=step.id,
+            step_id=request.step.id,
             status="running",
             affected=journal.affected(),
             evidence={
-                "patterns": len(targets.patterns),
-                "hash_fields": len(targets.hash_fields),
-                "keys_unlinked": keys_unlinked,
-                "hash_fields_removed": fields_removed,
+                "patterns": len(purged.subjects[0].patterns),
+                "hash_fields": len(purged.subjects[0].hash_fields),
+                "keys_unlinked": journal.total("keys_unlinked", "keys"),
+                "hash_fields_removed": journal.total("hash_fields_removed", "hash_fields"),
                 **journal.evidence(),
             },
-            detail=_erase_detail(journal, unlinked, removed),
+            detail=_erase_detail(journal, purged.unlinked, purged.removed),
         )
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
-        """Scan again: `done` when no key matches any pattern and no hash field is left."""
-        step = request.step
-        targets = _targets(request)
-        journal = Journal.current(request) or Journal(request.request_id, step.id)
-        keys_left = await self._call(lambda: self._count_keys(targets.patterns, journal))
-        fields_left = await self._call(lambda: self._count_hash_fields(targets.hash_fields))
+        """Look again: `done` when no key matches any pattern and no hash field is left."""
+        self.locator(request)
+        journal = Journal.current(request) or Journal(request.request_id, request.step.id)
+        subjects, found = await self._call(lambda: self._state([request], journal))
+        problem = subjects[0].problem
+        if problem is not None:
+            raise problem
+        keys_left, fields_left = found[0].existing, len(found[0].fields)
         evidence = {
             **erased.evidence,
             "keys_remaining": keys_left,
             "hash_fields_remaining": fields_left,
         }
-        problems = (
-            [
-                f"{keys_left} key(s) still match the patterns and {fields_left} hash "
-                "field(s) remain after the purge"
-            ]
-            if keys_left or fields_left
-            else []
+        problems = [_left_detail(keys_left, fields_left)] if keys_left or fields_left else []
+        return verdict(erased, evidence, problems, _CLEAN)
+
+    async def erase_batch(self, batch: BatchStepRequest) -> BatchStepOutcome:
+        """Purge a batch of subjects: one SCAN pass per glob template for the whole batch,
+        pipelined EXISTS, UNLINK, HEXISTS and HDEL; then verify it the same way. A subject
+        whose templates do not render, or whose hash key is not a hash, fails alone."""
+        locator = self.locator(batch)
+        requests = [batch.single(item) for item in batch.subjects]
+        journal = Journal.resume(batch)
+        purged = await self._purge(requests, journal)
+        checked, left = await self._call(lambda: self._state(requests, journal))
+        earlier = _Earlier.of(journal, len(requests))
+        outcomes = [
+            _subject_outcome(
+                request.subject_ref,
+                purged.subjects[i].problem or checked[i].problem,
+                left[i],
+                earlier.affected(i, purged.made[i]),
+                _subject_detail(journal, earlier, i, purged.made[i]),
+            )
+            for i, request in enumerate(requests)
+        ]
+        evidence: Evidence = {
+            "subjects": len(requests),
+            "subjects_failed": sum(o.status == "failed" for o in outcomes),
+            "patterns": len(locator.patterns),
+            "hash_fields": len(locator.hash_fields),
+            "keys_unlinked": journal.total("keys_unlinked", "keys"),
+            "hash_fields_removed": journal.total("hash_fields_removed", "hash_fields"),
+            "keys_remaining": sum(found.existing for found in left),
+            "hash_fields_remaining": sum(len(found.fields) for found in left),
+            "scan_calls": self.scans,
+            **journal.evidence(),
+        }
+        done = sum(o.status == "done" for o in outcomes)
+        return BatchStepOutcome(
+            step_id=batch.step.id,
+            outcomes=outcomes,
+            evidence=evidence,
+            detail=f"{done} of {len(outcomes)} subject(s) done; "
+            + _erase_detail(journal, purged.unlinked, purged.removed),
         )
-        return verdict(
-            erased, evidence, problems, "no key matches the patterns and no hash field remains"
+
+    async def verify_batch(
+        self, batch: BatchStepRequest, erased: BatchStepOutcome
+    ) -> BatchStepOutcome:
+        """Look again for every subject of the batch (the same single pass per template):
+        `done` for each with no key and no hash field left."""
+        self.locator(batch)
+        requests = [batch.single(item) for item in batch.subjects]
+        journal = Journal.current(batch) or Journal(batch.request_id, batch.step.id)
+        checked, left = await self._call(lambda: self._state(requests, journal))
+        before = {o.subject_ref: o for o in erased.outcomes}
+        outcomes = []
+        for i, request in enumerate(requests):
+            earlier = before.get(request.subject_ref)
+            outcomes.append(
+                _subject_outcome(
+                    request.subject_ref,
+                    checked[i].problem,
+                    left[i],
+                    earlier.affected if earlier is not None else 0,
+                    "looked again",
+                )
+            )
+        return BatchStepOutcome(
+            step_id=batch.step.id,
+            outcomes=outcomes,
+            evidence={
+                **erased.evidence,
+                "keys_remaining": sum(found.existing for found in left),
+                "hash_fields_remaining": sum(len(found.fields) for found in left),
+                "scan_calls": self.scans,
+            },
+            detail=f"{sum(o.status == 'done' for o in outcomes)} of {len(outcomes)} subject(s) "
+            "hold nothing",
         )
 
     async def preflight(self, request: StepRequest) -> list[str]:
@@ -326,93 +410,140 @@ class CacheEraser(Connector[RedisLocator]):
                 )
         return problems
 
-    async def _find_keys(
-        self, patterns: list[_Pattern], journal: Journal
-    ) -> tuple[list[bytes | str], int]:
-        """The keys to unlink: those the glob patterns match now, and every key a literal
-        pattern names (unlinking one that is absent does nothing); and how many exist now."""
-        found: dict[bytes | str, None] = {}
-        for pattern in patterns:
-            if pattern.key is None:
-                async for keys in self._scan(pattern, journal):
-                    found.update(dict.fromkeys(keys))
-        literal = [p.key for p in patterns if p.key is not None and p.key not in found]
-        existing = len(found)
-        if literal:
-            pipe = self._client.pipeline(transaction=False)
-            for key in literal:
-                pipe.exists(key)
-            existing += sum(await pipe.execute())
-        return [*found, *dict.fromkeys(literal)], existing
+    async def _purge(self, requests: list[StepRequest], journal: Journal) -> _Purge:
+        """The effect for every subject that renders: find (one pass per glob template),
+        heartbeat the plan, then unlink and delete; per-subject counts."""
+        try:
+            subjects = await self._call(lambda: self._prepared(requests))
+            purge = _Purge(subjects, [(0, 0)] * len(subjects))
+            if all(subject.problem is not None for subject in subjects):
+                return purge
+            found = await self._call(lambda: self._find(subjects, journal))
+            keys: dict[bytes, bool] = {}
+            for each in found:
+                for key, exists in each.keys.items():
+                    keys[key] = keys.get(key, False) or exists
+            fields = list(dict.fromkeys(pair for each in found for pair in each.fields))
+            earlier = _Earlier.of(journal, len(subjects))
+            journal.progress[_PER_SUBJECT] = {
+                "made": earlier.made,
+                "planned": [[each.existing, len(each.fields)] for each in found],
+            }
+            await journal.plan(keys=sum(keys.values()), hash_fields=len(fields))
+            unlinked, removed = await self._call(lambda: self._remove(list(keys), fields))
+        except LetheError:
+            journal.failed()
+            raise
+        by_key = dict(zip(keys, unlinked, strict=True))
+        by_field = dict(zip(fields, removed, strict=True))
+        purge.made = [
+            (sum(by_key[k] for k in each.keys), sum(by_field[f] for f in each.fields))
+            for each in found
+        ]
+        purge.unlinked, purge.removed = sum(unlinked), sum(removed)
+        journal.progress[_PER_SUBJECT] = {
+            "made": [
+                [k + m[0], f + m[1]] for (k, f), m in zip(earlier.made, purge.made, strict=True)
+            ],
+            "planned": [],
+        }
+        journal.erased(keys_unlinked=purge.unlinked, hash_fields_removed=purge.removed)
+        return purge
 
-    async def _present_fields(self, hash_fields: list[_HashField]) -> list[_HashField]:
-        """The hash fields that exist now."""
-        if not hash_fields:
-            return []
-        pipe = self._client.pipeline(transaction=False)
-        for entry in hash_fields:
-            pipe.hexists(entry.key, entry.field)
-        present = await pipe.execute()
-        return [entry for entry, there in zip(hash_fields, present, strict=True) if there]
+    async def _state(
+        self, requests: list[StepRequest], journal: Journal
+    ) -> tuple[list[_Subject], list[_Found]]:
+        """What each subject has in Redis now (the same search as the purge's)."""
+        subjects = await self._prepared(requests)
+        return subjects, await self._find(subjects, journal)
+
+    async def _prepared(self, requests: list[StepRequest]) -> list[_Subject]:
+        """Every subject's rendered templates, or its problem: a missing identity, a hash-field
+        key that holds something else than a hash (one pipelined TYPE per key)."""
+        subjects: list[_Subject] = []
+        for request in requests:
+            try:
+                targets = _targets(request)
+            except MissingIdentity as exc:
+                subjects.append(_Subject([], [], exc))
+                continue
+            subjects.append(_Subject(targets.patterns, targets.hash_fields))
+        hash_keys = list(dict.fromkeys(e.key for s in subjects for e in s.hash_fields))
+        kinds = await self._pipelined(hash_keys, lambda pipe, key: pipe.type(key))
+        wrong = {key for key, kind in zip(hash_keys, kinds, strict=True) if kind not in _HASHES}
+        for subject in subjects:
+            bad = [e.index for e in subject.hash_fields if e.key in wrong]
+            if bad:
+                subject.problem = SchemaMismatch(
+                    f"Redis at {self._where}: the key of hash_fields {bad} is not a hash"
+                )
+        return subjects
+
+    async def _find(self, subjects: list[_Subject], journal: Journal) -> list[_Found]:
+        """What each subject without a problem has now: the keys its glob patterns match (one
+        SCAN pass per template for all subjects, matched here), the keys its literal patterns
+        name (pipelined EXISTS), and its hash fields that exist (pipelined HEXISTS)."""
+        found = [_Found() for _ in subjects]
+        live = [(i, s) for i, s in enumerate(subjects) if s.problem is None]
+        globs: dict[int, list[tuple[int, str]]] = {}
+        for i, subject in live:
+            for pattern in subject.patterns:
+                if pattern.key is None:
+                    globs.setdefault(pattern.index, []).append((i, pattern.match))
+        for index, owned in sorted(globs.items()):
+            matcher = _Matcher(owned)
+            async for keys in self._scan(index, matcher.match, journal):
+                for key in map(_raw, keys):
+                    for owner in matcher.owners(key):
+                        found[owner].keys[key] = True
+        literal = list(
+            dict.fromkeys(_raw(p.key) for _, s in live for p in s.patterns if p.key is not None)
+        )
+        answers = await self._pipelined(literal, lambda pipe, key: pipe.exists(key))
+        exists = dict(zip(literal, answers, strict=True))
+        pairs = list(dict.fromkeys((e.key, e.field) for _, s in live for e in s.hash_fields))
+        answers = await self._pipelined(pairs, lambda pipe, pair: pipe.hexists(*pair))
+        present = dict(zip(pairs, answers, strict=True))
+        for i, subject in live:
+            for pattern in subject.patterns:
+                if pattern.key is not None:
+                    key = _raw(pattern.key)
+                    found[i].keys[key] = found[i].keys.get(key, False) or bool(exists[key])
+            found[i].fields = [
+                pair
+                for pair in dict.fromkeys((e.key, e.field) for e in subject.hash_fields)
+                if present[pair]
+            ]
+        return found
 
     async def _remove(
-        self, keys: list[bytes | str], hash_fields: list[_HashField]
-    ) -> tuple[int, int]:
-        """The effect: unlink `keys` and delete `hash_fields`; how many of each went."""
-        if not keys and not hash_fields:
-            return 0, 0
-        pipe = self._client.pipeline(transaction=False)
-        for start in range(0, len(keys), UNLINK_BATCH):
-            pipe.unlink(*keys[start : start + UNLINK_BATCH])
-        for entry in hash_fields:
-            pipe.hdel(entry.key, entry.field)
-        answers = await pipe.execute()
-        batches = -(-len(keys) // UNLINK_BATCH)
-        return sum(answers[:batches]), sum(answers[batches:])
+        self, keys: list[bytes], hash_fields: list[tuple[str, str]]
+    ) -> tuple[list[int], list[int]]:
+        """The effect: unlink `keys` and delete `hash_fields` (pipelined, one command each,
+        so each subject's count is exact); what each removed."""
+        unlinked = await self._pipelined(keys, lambda pipe, key: pipe.unlink(key))
+        removed = await self._pipelined(hash_fields, lambda pipe, pair: pipe.hdel(*pair))
+        return [int(n) for n in unlinked], [int(n) for n in removed]
 
-    async def _check_hashes(self, hash_fields: list[_HashField]) -> None:
-        """Refuse, before anything is deleted, a hash-field key that holds something else."""
-        if not hash_fields:
-            return
-        pipe = self._client.pipeline(transaction=False)
-        for entry in hash_fields:
-            pipe.type(entry.key)
-        kinds = await pipe.execute()
-        wrong = [
-            e.index
-            for e, kind in zip(hash_fields, kinds, strict=True)
-            if kind not in (b"hash", b"none")
-        ]
-        if wrong:
-            raise SchemaMismatch(
-                f"Redis at {self._where}: the key of hash_fields {wrong} is not a hash"
-            )
+    async def _pipelined(
+        self, items: Sequence[Item], command: Callable[[Pipeline, Item], object]
+    ) -> list[Any]:
+        """`command` for every item, pipelined, PIPELINE_CHUNK commands a round trip."""
+        answers: list[Any] = []
+        for start in range(0, len(items), PIPELINE_CHUNK):
+            pipe = self._client.pipeline(transaction=False)
+            for item in items[start : start + PIPELINE_CHUNK]:
+                command(pipe, item)
+            answers.extend(await pipe.execute())
+        return answers
 
-    async def _count_keys(self, patterns: list[_Pattern], journal: Journal) -> int:
-        left = 0
-        for pattern in patterns:
-            if pattern.key is not None:
-                left += await self._client.exists(pattern.key)
-                continue
-            async for keys in self._scan(pattern, journal):
-                left += len(keys)
-        return left
-
-    async def _count_hash_fields(self, hash_fields: list[_HashField]) -> int:
-        if not hash_fields:
-            return 0
-        await self._check_hashes(hash_fields)
-        pipe = self._client.pipeline(transaction=False)
-        for entry in hash_fields:
-            pipe.hexists(entry.key, entry.field)
-        return sum(bool(found) for found in await pipe.execute())
-
-    async def _scan(self, pattern: _Pattern, journal: Journal) -> AsyncIterator[list[bytes | str]]:
+    async def _scan(self, index: int, match: str, journal: Journal) -> AsyncIterator[list[Any]]:
         cursor, pages = 0, 0
         while True:
-            cursor, keys = await self._client.scan(cursor, match=pattern.match, count=SCAN_COUNT)
+            cursor, keys = await self._client.scan(cursor, match=match, count=SCAN_COUNT)
             pages += 1
-            journal.alive(scanning=f"pattern {pattern.index}: {pages} scan page(s)")
+            self.scans += 1
+            journal.alive(scanning=f"pattern {index}: {pages} scan page(s)")
             if keys:
                 yield keys
             if cursor == 0:
@@ -443,3 +574,232 @@ def _erase_detail(journal: Journal, unlinked: int, removed: int) -> str:
         f"{done} in this attempt; no heartbeat of an earlier attempt arrived, so what it "
         "removed, if anything, is not known"
     )
+
+
+PIPELINE_CHUNK = 1000
+"""Commands in one pipelined round trip (TYPE, EXISTS, HEXISTS, UNLINK, HDEL)."""
+_PER_SUBJECT = "per_subject"
+"""The key of a batch's heartbeat progress with each subject's counts, in the batch's order."""
+_HASHES = (b"hash", b"none", "hash", "none")
+_CLEAN = "no key matches the patterns and no hash field remains"
+
+
+@dataclass
+class _Subject:
+    """One subject of a batch: what its templates render to, or why it is left out."""
+
+    patterns: list[_Pattern]
+    hash_fields: list[_HashField]
+    problem: LetheError | None = None
+
+
+@dataclass
+class _Found:
+    """What one subject has in Redis now."""
+
+    keys: dict[bytes, bool] = field(default_factory=dict)
+    """The keys to unlink (glob matches, and every key a literal pattern names): exists now?"""
+    fields: list[tuple[str, str]] = field(default_factory=list)
+    """Its hash fields (key, field) that exist now."""
+
+    @property
+    def existing(self) -> int:
+        """How many of its keys exist now."""
+        return sum(self.keys.values())
+
+
+@dataclass
+class _Purge:
+    """What an attempt's purge did: each subject's problem and (keys, fields) removed."""
+
+    subjects: list[_Subject]
+    made: list[tuple[int, int]]
+    unlinked: int = 0
+    removed: int = 0
+
+
+@dataclass
+class _Earlier:
+    """Each subject's counts that earlier attempts of a batch heartbeated: what they removed,
+    and what the last one was about to remove when its heartbeats stopped."""
+
+    made: list[list[int]]
+    planned: list[list[int]]
+
+    @classmethod
+    def of(cls, journal: Journal, size: int) -> _Earlier:
+        """From the journal's earlier progress, for a batch of `size` subjects."""
+        told = journal.earlier_progress.get(_PER_SUBJECT)
+        told = told if isinstance(told, Mapping) else {}
+        planned = _pairs(told.get("planned"), size) if journal.unconfirmed else _pairs(None, size)
+        return cls(_pairs(told.get("made"), size), planned)
+
+    def affected(self, index: int, made: tuple[int, int]) -> int:
+        """What the step touched for subject `index`, at least (as `Journal.affected`)."""
+        return sum(self.made[index]) + max(sum(made), sum(self.planned[index]))
+
+
+def _pairs(value: object, size: int) -> list[list[int]]:
+    """`size` (keys, fields) counts from a heartbeat, or zeros when it holds none that fit."""
+
+    def count(n: object) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+    if not isinstance(value, list) or len(value) != size:
+        return [[0, 0] for _ in range(size)]
+    if all(isinstance(p, list) and len(p) == 2 and all(map(count, p)) for p in value):
+        return [[int(n) for n in p] for p in value]
+    return [[0, 0] for _ in range(size)]
+
+
+class _Matcher:
+    """One glob template rendered for every subject of a batch: one SCAN MATCH for them all
+    (their common literal prefix), and the subjects whose glob matches a key, as Redis
+    matches (byte-wise; `* ? [...] [^...] \\`)."""
+
+    def __init__(self, owned: list[tuple[int, str]]) -> None:
+        """`owned`: (the subject's position in the batch, its rendered glob)."""
+        globs = list(dict.fromkeys(glob for _, glob in owned))
+        prefixes = [_literal_prefix(glob) for _, glob in owned]
+        self.match = globs[0] if len(globs) == 1 else glob_escape(_common_prefix(prefixes)) + "*"
+        self._by_prefix: dict[bytes, list[tuple[int, re.Pattern[bytes]]]] = {}
+        for (owner, glob), prefix in zip(owned, prefixes, strict=True):
+            entry = (owner, _glob_regex(glob))
+            self._by_prefix.setdefault(prefix.encode(), []).append(entry)
+        self._lengths = sorted({len(prefix) for prefix in self._by_prefix})
+
+    def owners(self, key: bytes) -> list[int]:
+        """The subjects (positions) whose glob matches `key`."""
+        return [
+            owner
+            for n in self._lengths
+            if len(key) >= n
+            for owner, regex in self._by_prefix.get(key[:n], ())
+            if regex.fullmatch(key)
+        ]
+
+
+def _common_prefix(texts: list[str]) -> str:
+    first, last = min(texts), max(texts)
+    n = 0
+    while n < len(first) and first[n] == last[n]:
+        n += 1
+    return first[:n]
+
+
+def _literal_prefix(glob: str) -> str:
+    """The text every key `glob` matches starts with (up to its first glob character)."""
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        if glob[i] == "\\" and i + 1 < len(glob):
+            out.append(glob[i + 1])
+            i += 2
+            continue
+        if glob[i] in "*?[":
+            break
+        out.append(glob[i])
+        i += 1
+    return "".join(out)
+
+
+def _glob_regex(glob: str) -> re.Pattern[bytes]:
+    """A regular expression matching (fullmatch) the keys a Redis glob matches."""
+    data, parts, i = glob.encode(), [], 0
+    while i < len(data):
+        byte = data[i : i + 1]
+        if byte == b"\\" and i + 1 < len(data):
+            parts.append(re.escape(data[i + 1 : i + 2]))
+            i += 2
+        elif byte == b"*":
+            parts.append(b".*")
+            i += 1
+        elif byte == b"?":
+            parts.append(b".")
+            i += 1
+        elif byte == b"[":
+            part, i = _glob_class(data, i + 1)
+            parts.append(part)
+        else:
+            parts.append(re.escape(byte))
+            i += 1
+    return re.compile(b"".join(parts), re.DOTALL)
+
+
+def _glob_class(data: bytes, i: int) -> tuple[bytes, int]:
+    """The regular expression of the `[...]` class starting after its `[` at `i`, and where
+    the glob goes on (Redis: `^` negates, `\\` escapes, `a-z` either way, open to the end)."""
+    negate = data[i : i + 1] == b"^"
+    i += negate
+    items: list[bytes] = []
+    while i < len(data):
+        byte = data[i : i + 1]
+        if byte == b"\\" and i + 1 < len(data):
+            items.append(re.escape(data[i + 1 : i + 2]))
+            i += 2
+        elif byte == b"]":
+            i += 1
+            break
+        elif i + 2 < len(data) and data[i + 1 : i + 2] == b"-":
+            low, high = sorted((data[i], data[i + 2]))
+            items.append(re.escape(bytes([low])) + b"-" + re.escape(bytes([high])))
+            i += 3
+        else:
+            items.append(re.escape(byte))
+            i += 1
+    if not items:
+        return (b"." if negate else b"(?!)"), i
+    return b"[" + (b"^" if negate else b"") + b"".join(items) + b"]", i
+
+
+def _raw(key: bytes | str) -> bytes:
+    return key.encode() if isinstance(key, str) else key
+
+
+def _left_detail(keys: int, fields: int) -> str:
+    return (
+        f"{keys} key(s) still match the patterns and {fields} hash field(s) remain after the purge"
+    )
+
+
+def _subject_outcome(
+    ref: str, problem: LetheError | None, left: _Found, affected: int, detail: str
+) -> SubjectOutcome:
+    """One subject's verified outcome: `failed` with its problem, or with what is left."""
+    if problem is not None:
+        return SubjectOutcome(
+            subject_ref=ref,
+            status="failed",
+            affected=affected,
+            detail=f"{type(problem).__name__}: {problem}",
+        )
+    if left.existing or left.fields:
+        return SubjectOutcome(
+            subject_ref=ref,
+            status="failed",
+            affected=affected,
+            detail=f"{detail}; {_left_detail(left.existing, len(left.fields))}",
+        )
+    return SubjectOutcome(
+        subject_ref=ref, status="done", affected=affected, detail=f"{detail}; {_CLEAN}"
+    )
+
+
+def _subject_detail(journal: Journal, earlier: _Earlier, index: int, made: tuple[int, int]) -> str:
+    """What the purge did for one subject of a batch, and what earlier attempts told of it."""
+    done = f"unlinked {made[0]} key(s), removed {made[1]} hash field(s)"
+    if journal.earlier == "lost":
+        return (
+            f"{done}; no heartbeat of an earlier attempt arrived, so what it removed, if "
+            "anything, is not known"
+        )
+    keys, fields = earlier.planned[index]
+    if keys or fields:
+        return (
+            f"{done}; an earlier attempt had found {keys} key(s) and {fields} hash field(s) "
+            "and was about to remove them when its worker was lost"
+        )
+    keys, fields = earlier.made[index]
+    if keys or fields:
+        return f"{done} in this attempt; earlier attempts removed {keys} key(s), {fields} field(s)"
+    return done
