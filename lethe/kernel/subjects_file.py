@@ -40,6 +40,7 @@ _BOMS = {  # UTF-32's before UTF-16's: they start alike
     b"\xfe\xff": "UTF-16",
 }
 _UTF8_BOM = b"\xef\xbb\xbf"
+_NUL = "holds NUL bytes: the file is UTF-16 or binary; save it as UTF-8"
 _NAME_RULE = "lower-case letters, digits and _, starting with a letter, at most 31"
 
 
@@ -152,7 +153,7 @@ class _Lines:
             if self.number == 1:
                 raw = self._first(raw)
             if b"\x00" in raw:
-                raise self._error("holds NUL bytes: the file is UTF-16 or binary; save it as UTF-8")
+                raise self._error(_NUL if self.number == 1 else "holds a NUL byte")
             try:
                 self.last = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
