@@ -30,6 +30,8 @@ from lethe.kernel.yamlfile import load_model
 SQL_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 SQL_TABLE = r"^([A-Za-z_][A-Za-z0-9_]{0,62}\.)?[A-Za-z_][A-Za-z0-9_]{0,62}$"
 ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
+IDENTITY_NAME = r"[a-z][a-z0-9_]{0,30}"
+"""An identity's name, as a subject's identities name them (`email`, `mrn`)."""
 JSON_PATH = r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$"
 """A field of a JSON value, dotted for nested objects: `member.id`."""
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -319,6 +321,28 @@ class SqlTableLocator(MapModel):
     foreign key constrains it; where neither is possible the step fails its preflight."""
     retention: SqlRetentionDates | None = None
     """The columns of this table (never of a `via` table) dating its rows for retention."""
+    identities: dict[str, str] = {}
+    """Identity name (lower-case, as a request's identities name them: `email`, `mrn`) -> the
+    column of this table (never of a `via` table) holding it. Tenant offboarding reads them with
+    each subject it finds here, so that locators needing `{identity.NAME}` can be erased."""
+
+    @field_validator("identities")
+    @classmethod
+    def _identity_columns(cls, identities: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        table = info.data.get("table", "?")
+        for name, column in identities.items():
+            if not re.fullmatch(IDENTITY_NAME, name):
+                raise ValueError(
+                    f"table {table!r}: identity {name[:40]!r} is not an identity name: lower-case "
+                    "letters, digits and _, starting with a letter, at most 31 characters (email)"
+                )
+            if not re.fullmatch(SQL_NAME, column):
+                raise ValueError(
+                    f"table {table!r}: identity {name!r} names {column[:70]!r}, which is not "
+                    "a SQL column name of the table: letters, digits and _, starting with a letter "
+                    "or _, at most 63 characters"
+                )
+        return identities
 
     @field_validator("strategy")
     @classmethod

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lethe.classification.datamap import MissingIdentity, load_datamap, render
+from lethe.classification.datamap import MissingIdentity, SqlSystem, load_datamap, render
 from lethe.kernel.yamlfile import InvalidFile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,3 +100,33 @@ def test_render_fills_and_escapes_values_only() -> None:
     assert render("{identity.email}", values) == "x@y"
     with pytest.raises(MissingIdentity, match=r"\{identity.mrn\}"):
         render("m:{identity.mrn}", values)
+
+
+def test_a_table_maps_identities_to_its_columns(tmp_path: Path) -> None:
+    text = BASE + "        identities: {email: email, mrn: _mrn2}\n"
+    mapped, plain = (load_datamap(_write(tmp_path, t)).systems[0] for t in (text, BASE))
+    assert isinstance(mapped, SqlSystem) and isinstance(plain, SqlSystem)
+    assert mapped.tables[0].identities == {"email": "email", "mrn": "_mrn2"}
+    assert plain.tables[0].identities == {}
+
+
+@pytest.mark.parametrize(
+    ("identities", "expected"),
+    [
+        ("{Email: email}", r"table 'people': identity 'Email' is not an identity name"),
+        ("{e-mail: email}", r"table 'people': identity 'e-mail' is not an identity name"),
+        ("{email: e-mail}", r"table 'people': identity 'email' names 'e-mail', which is not"),
+        ("{email: other.email}", r"identity 'email' names 'other.email', which is not a SQL"),
+        ("{email: 7up}", r"identity 'email' names '7up'"),
+        ("{email: [a]}", r"identities.email: Input should be a valid string"),
+        ("[email]", r"identities: Input should be a valid dictionary"),
+    ],
+)
+def test_a_bad_identity_column_names_the_table_and_identity(
+    tmp_path: Path, identities: str, expected: str
+) -> None:
+    path = _write(tmp_path, BASE + f"        identities: {identities}\n")
+    with pytest.raises(InvalidFile, match=r"map.yaml:\d+: systems\[0\].tables\[0\]"):
+        load_datamap(path)
+    with pytest.raises(InvalidFile, match=expected):
+        load_datamap(path)
