@@ -58,6 +58,7 @@ from typing import Any, Literal, Protocol, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import (
+    CHAR,
     BigInteger,
     Boolean,
     Column,
@@ -212,6 +213,8 @@ class _Target:
     """On `source`, whose row it is: the subject column (and the tenant column)."""
     owners: dict[tuple[object, ...], list[int]]
     """The batch's subjects (their indexes) by the values `owner` has for their rows."""
+    padded: tuple[bool, ...]
+    """Which of `owner` are CHAR columns (whose values come back padded with blanks)."""
     unfit: dict[int, SubjectIdDoesNotFit]
     """The subjects (by index) whose id does not fit the subject column: matched by nothing."""
     soft_delete: Column[Any] | None
@@ -448,7 +451,7 @@ class SqlEraser(Connector[SqlTableLocator]):
             )
             width = len(target.owner)
             for row in (await conn.execute(query)).all():
-                for index in target.owners.get(tuple(row[:width]), []):
+                for index in target.owners.get(_owned(row[:width], target.padded), []):
                     matching, failing = still.get(index, (0, [0] * len(checks)))
                     counts = [int(n) for n in row[width + 1 :]]
                     still[index] = (
@@ -724,7 +727,8 @@ def _target_of(
         # The subject is (tenant, id): another tenant's subject with the same id stays.
         column(previous_name, locator.tenant_column, "the tenant column")
         owner.append(previous.c[locator.tenant_column])
-    owners, unfit = _owners(batch, subject, previous_name, dialect, tenant=len(owner) > 1)
+    padded = tuple(isinstance(col.type, CHAR) for col in owner)
+    owners, unfit = _owners(batch, subject, previous_name, dialect, padded=padded)
     found_by = _subjects_match(owner, subject, owners, dialect)
     match = found_by
     for outer, inner in reversed(hops):
@@ -781,6 +785,7 @@ def _target_of(
         found_by=found_by,
         owner=owner,
         owners=owners,
+        padded=padded,
         unfit=unfit,
         soft_delete=soft_delete,
         kept=kept,
@@ -791,21 +796,36 @@ def _target_of(
 
 
 def _owners(
-    batch: BatchStepRequest, subject: Column[Any], table: str, dialect: str, *, tenant: bool
+    batch: BatchStepRequest,
+    subject: Column[Any],
+    table: str,
+    dialect: str,
+    *,
+    padded: tuple[bool, ...],
 ) -> tuple[dict[tuple[object, ...], list[int]], dict[int, SubjectIdDoesNotFit]]:
     """The batch's subjects (indexes) by their subject column value (and tenant), and those
     whose id does not fit the column."""
     owners: dict[tuple[object, ...], list[int]] = {}
     unfit: dict[int, SubjectIdDoesNotFit] = {}
+    tenant = len(padded) > 1
     for index, item in enumerate(batch.subjects):
         try:
             value = subject_value(item.subject.subject_id, subject, table, dialect)
         except SubjectIdDoesNotFit as exc:
             unfit[index] = exc
             continue
-        key = (value, item.subject.tenant) if tenant else (value,)
+        key = _owned((value, item.subject.tenant) if tenant else (value,), padded)
         owners.setdefault(key, []).append(index)
     return owners, unfit
+
+
+def _owned(values: Sequence[Any], padded: Sequence[bool]) -> tuple[object, ...]:
+    """A row's subject (and tenant) as the key of `_Target.owners`: the text of a CHAR column
+    without the trailing blanks it is padded with (its comparison ignores them too)."""
+    return tuple(
+        value.rstrip(" ") if pad and isinstance(value, str) else value
+        for value, pad in zip(values, padded, strict=True)
+    )
 
 
 def _subjects_match(
@@ -925,7 +945,7 @@ async def _found(conn: AsyncConnection, batch: BatchStepRequest, target: _Target
     unkeyed = 0
     for row in (await conn.execute(query)).all():
         key, changes = tuple(row[owned : owned + width]), bool(row[owned + width])
-        for index in target.owners.get(tuple(row[:owned]), []):
+        for index in target.owners.get(_owned(row[:owned], target.padded), []):
             rows = subjects.setdefault(index, _Rows())
             if width and key in rows.keys:
                 continue  # met twice along the path: one row
@@ -1040,7 +1060,7 @@ async def _anonymise(
     ]
     oks = [ok for _, ok in _checks("anonymize", target)]
     seen = linked = uncleared = 0
-    for chunk in key_chunks(keys):
+    for among in _among(conn, target.primary_key, keys):
         counts = (
             await conn.execute(
                 select(
@@ -1049,7 +1069,7 @@ async def _anonymise(
                     func.coalesce(func.sum(case((and_(true(), *oks), 0), else_=1)), 0),
                 )
                 .select_from(target.table)
-                .where(keyed(target.primary_key, chunk))
+                .where(among)
             )
         ).one()
         seen, linked, uncleared = seen + counts[0], linked + counts[1], uncleared + counts[2]
@@ -1081,8 +1101,8 @@ async def _surrogates(
                 fresh.append(value)
         held: set[object] = set()
         for col in unlink.taken:
-            for chunk in key_chunks(fresh):
-                held.update((await conn.execute(select(col).where(col.in_(chunk)))).scalars())
+            for among in _among(conn, [col], [(value,) for value in fresh]):
+                held.update((await conn.execute(select(col).where(among))).scalars())
         chosen += [value for value in fresh if value not in held]
         if len(chosen) == count:
             return chosen
@@ -1099,6 +1119,18 @@ def keyed(primary_key: list[Column[Any]], keys: Sequence[tuple[Any, ...]]) -> Co
     if len(primary_key) == 1:
         return primary_key[0].in_([key[0] for key in keys])
     return tuple_(*primary_key).in_(list(keys))
+
+
+def _among(
+    conn: AsyncConnection, cols: list[Column[Any]], keys: Sequence[tuple[Any, ...]]
+) -> list[ColumnElement[bool]]:
+    """Conditions that together find the rows whose `cols` are one of `keys`: on PostgreSQL
+    with one column, one `= ANY(:keys)` whatever their number; else `IN` lists of KEY_CHUNK."""
+    if conn.dialect.name == "postgresql" and len(cols) == 1:
+        values = [key[0] for key in keys]
+        array = bindparam(None, value=values, type_=ARRAY(_element_type(cols[0])))
+        return [cols[0] == any_(array)]
+    return [keyed(cols, chunk) for chunk in key_chunks(keys)]
 
 
 def key_chunks(items: Sequence[Any]) -> list[Sequence[Any]]:

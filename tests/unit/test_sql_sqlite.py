@@ -30,7 +30,7 @@ from lethe.activities.common import SchemaMismatch
 from lethe.activities.connectors import Connectors
 from lethe.activities.sql import SqlEraser, SubjectIdDoesNotFit
 from lethe.classification.datamap import SqlTableLocator
-from lethe.contracts import Action, StepRequest, Subject
+from lethe.contracts import Action, BatchStepRequest, BulkSubject, StepRequest, Subject
 from tests.steps import decision, step, step_request
 
 A, B = "p-1", "p-2"
@@ -255,3 +255,47 @@ async def test_missing_names_are_a_schema_mismatch(
     with pytest.raises(SchemaMismatch, match=missing):
         await eraser.erase(request_for({**PATIENTS, **changes}, "soft_delete"))
     assert await rows(eraser.engine, patients) == before
+
+
+def batch_for(locator: dict[str, object], action: Action, ids: list[str]) -> BatchStepRequest:
+    """A batch step request for `ids` (references ref-0, ref-1, ...)."""
+    one = request_for(locator, action)
+    return BatchStepRequest(
+        request_id="bulk-1",
+        batch=0,
+        step=one.step,
+        subjects=[
+            BulkSubject(subject_ref=f"ref-{n}", subject=Subject(tenant="st-mary", subject_id=i))
+            for n, i in enumerate(ids)
+        ],
+        erasure_started_at=one.erasure_started_at,
+        window_ends_at=one.window_ends_at,
+    )
+
+
+async def test_a_batch_through_a_join_with_an_id_that_does_not_fit(eraser: SqlEraser) -> None:
+    """An expanding IN on SQLite: both subjects' lab results go in one statement; an id that
+    does not fit the integer subject column fails alone; one without rows is done with 0."""
+    batch = batch_for(LAB_RESULTS, "delete", ["1", "abc", "2", "3"])
+    outcome = await eraser.erase_batch(batch)
+    assert [(o.subject_ref, o.status, o.affected) for o in outcome.outcomes] == [
+        ("ref-0", "done", 1),
+        ("ref-1", "failed", 0),
+        ("ref-2", "done", 1),
+        ("ref-3", "done", 0),
+    ]
+    assert "does not fit" in outcome.outcomes[1].detail
+    assert "abc" not in outcome.model_dump_json()
+    assert await rows(eraser.engine, lab_results) == []
+    assert len(await rows(eraser.engine, appointments)) == 2  # the path is only read
+
+
+async def test_a_batch_soft_delete_on_sqlite(eraser: SqlEraser) -> None:
+    outcome = await eraser.erase_batch(batch_for(PATIENTS, "soft_delete", [A, B, "p-3"]))
+    assert [(o.status, o.affected) for o in outcome.outcomes] == [
+        ("done", 1),
+        ("done", 1),
+        ("done", 0),
+    ]
+    assert outcome.evidence["rows_changed"] == 2
+    assert [r[1] for r in await rows(eraser.engine, patients)] == ["erased", "erased"]
