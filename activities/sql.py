@@ -41,6 +41,19 @@ count on unchanged. Heartbeats are sent asynchronously, so before committing era
 Temporal, for up to two seconds, whether it holds the count (`count_confirmed`); the commit goes
 ahead either way, and when no count arrived the retry says so: `rows_from_attempt` is None and
 the detail says the earlier count is not known.
+
+Batches (bulk erasure): `erase_batch` erases one step for a batch of subjects in one
+transaction, with one statement per table: the subjects' ids as one array parameter
+(`subject = ANY(:ids)` on PostgreSQL, grouped by tenant when the table has a tenant column; an
+expanding `IN` on SQLite). One read, before the change, finds (and locks) the batch's rows with
+each row's subject, which gives each subject's count; verification is one grouped query that
+says which subjects still have rows not erased. A subject whose id does not fit the subject
+column is that subject's own `failed` outcome. The single-subject `erase` and `verify` are the
+same code with a batch of one (`one_batch`); only what they heartbeat differs: the single step
+its row count (above), a batch its journal (`Journal.resume(batch)`: the rows to change as the
+plan, each subject's row count by reference in the record's progress, the rows changed after
+the commit), so that a retry that finds a subject's rows erased reports the count an earlier
+attempt heartbeated for it.
 """
 
 from __future__ import annotations
