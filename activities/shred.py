@@ -27,6 +27,18 @@ arrive.
 A forget-list replay after the key store is restored from a backup runs this same step: the
 restored keys of every erased subject are destroyed again.
 
+A batch of subjects (bulk erasure, `erase_batch`) runs the same code as one subject (`erase`, a
+batch of one): the key store's records and key counts read in one query each, ONE canary, the
+plan heartbeated, then every subject's data keys deleted and every shredding recorded in ONE
+transaction (each subject locked as `lethe.keys.store` locks one), and verified in two queries
+and one decryption. The batch's canary is written under the first subject with a data key and
+no earlier shredding, and stands for the batch because one transaction destroyed every key of
+the batch: its KeyShredded proves that transaction committed and that the key service refuses
+what it shredded; each subject's own proof is that no data key of it is left and its shredding
+is recorded. A subject whose reference is not this worker's fails alone. Per-subject counts come
+from the key store's records (durable: written in the transaction), or, for a replay of an
+earlier erasure's subjects, from per-subject counts in the batch's heartbeats.
+
 Preflight, before anything is destroyed, reads only: on a connection of its own (the shared
 engine would make missing tables), it checks that the key store answers, holds the tables the
 step uses, lets the user do there what the step does (PostgreSQL says), and that this worker's
@@ -40,12 +52,14 @@ import base64
 import binascii
 import os
 import re
-from dataclasses import dataclass
-from datetime import datetime
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
-from sqlalchemy import Connection, func, inspect, select
+from sqlalchemy import Connection, delete, func, insert, inspect, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -58,7 +72,16 @@ from lethe.activities.common import verdict
 from lethe.activities.connector import Connector, UnsupportedStep
 from lethe.activities.driver_errors import translated
 from lethe.classification.datamap import KeysLocator
-from lethe.contracts import Evidence, StepOutcome, StepRequest
+from lethe.contracts import (
+    BatchStepOutcome,
+    BatchStepRequest,
+    Evidence,
+    Step,
+    StepOutcome,
+    StepRequest,
+    Subject,
+    SubjectOutcome,
+)
 from lethe.kernel.config import current_settings
 from lethe.kernel.errors import (
     ConfigurationError,
@@ -116,6 +139,7 @@ class KeyShredder(Connector[KeysLocator]):
     kind = "keys"
     locator_model = KeysLocator
     actions = ("shred",)
+    batches = True
     checks = (
         "the key store answers to these credentials; its tables and columns; the user's "
         "privileges (PostgreSQL); this worker's subject key makes the request's reference"
@@ -141,105 +165,190 @@ class KeyShredder(Connector[KeysLocator]):
         return cls(connection, settings.keys_master_key_bytes, settings.subject_key_bytes)
 
     async def erase(self, request: StepRequest) -> StepOutcome:
-        """Write a canary (if the subject has a key), then destroy every data-key version."""
-        step = request.step
+        """Write a canary (if the subject has a key), then destroy every data-key version: the
+        batch code (`erase_batch`) with a batch of one; the subject's problem is raised."""
         self.locator(request)
         journal = Journal.resume(request)
-        try:
-            async with _key_store(step.system):
-                keys = await self._service()
-                ref = _checked_ref(keys, request)
-                prior = await _shredding(keys.engine, ref)
-                canary, note = await _canary(keys, request, ref, prior)
-                if canary is not None:
-                    journal.progress["canary"] = canary  # in every heartbeat from now on
-                await journal.plan(versions=await _count_keys(keys.engine, ref))
-                destroyed = await keys.shred(ref, request.subject.tenant, request.request_id)
-                record = await _shredding(keys.engine, ref)
-        except LetheError:
+        item = _Item(request.subject_ref, request.subject)
+        done = await self._shred(request.step, [item], request.request_id, journal)
+        problem = done.problems[0]
+        if problem is not None:
             journal.failed()
-            raise
-        journal.erased(versions_destroyed=destroyed)
-        if record is None:  # written and committed a moment ago: only a restore running now
-            raise ServiceUnavailable(
-                f"key store of system {step.system!r} lost the record of the shredding just "
-                "written (is it being restored?); shredding again"
-            )
-        evidence: Evidence = {
-            "versions_destroyed": journal.total("versions_destroyed", "versions"),
-            "shredded_at": record.shredded_at.isoformat(),
-            "shredding_request": record.request_id,
-            "shredding_versions_destroyed": record.versions_destroyed,
-            "canary": canary,
-            **journal.evidence(),
-        }
-        affected = journal.affected()
-        if prior is None or prior.request_id == request.request_id:
-            # The key store decides: no earlier shredding (so no earlier attempt destroyed a
-            # key), or the first shredding was this request's and its record says how many.
-            earlier = prior.versions_destroyed if prior is not None else 0
-            affected = earlier + destroyed
-            evidence["versions_destroyed"] = affected
-            if prior is not None or journal.earlier is not None:
-                evidence.update(
-                    first_attempt_evidence="key store",
-                    earlier_versions_destroyed=earlier,
-                    retry_versions_destroyed=destroyed,
-                )
-        return StepOutcome(
-            step_id=step.id,
-            status="running",
-            affected=affected,
-            evidence=evidence,
-            detail=f"destroyed {destroyed} data-key version(s); canary {note}"
-            + _earlier_detail(evidence, prior is not None),
-        )
+            raise problem
+        return _erased(request, done, journal)
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """With a fresh key service: no data key left, the shredding recorded, the canary
         unreadable (`KeyShredded`); `done` or `failed`."""
-        step = request.step
         self.locator(request)
         if erased.status in ("retained", "failed"):
             return erased
-        async with _key_store(step.system):
-            keys = await self._service()  # nothing cached: what the key store says now
-            ref = _checked_ref(keys, request)
-            remaining = await _count_keys(keys.engine, ref)
-            record = await _shredding(keys.engine, ref)
-            canary = erased.evidence.get("canary")
-            outcome = None
-            if isinstance(canary, str):
-                outcome = await _try_canary(keys, canary, request.request_id)
+        ref = request.subject_ref
+        canary = erased.evidence.get("canary")
+        checked = await self._check(
+            request.step, [_Item(ref, request.subject)], canary, request.request_id
+        )
+        problem = checked.problems[0]
+        if problem is not None:
+            raise problem
+        remaining, record = checked.remaining.get(ref, 0), checked.record.get(ref)
         evidence: Evidence = {
             **erased.evidence,
             "data_keys_remaining": remaining,
             "shredding_recorded": record is not None,
-            "canary_decryption": outcome,
+            "canary_decryption": checked.canary,
         }
-        problems = []
-        if remaining:
-            problems.append(
-                f"{remaining} data-key version(s) of the subject are still in the key store "
-                "(made after the shredding, or restored)"
-            )
-        if record is None:
-            problems.append(
-                "the key store has no record of the shredding, so it would make the subject "
-                "new keys"
-            )
-        if outcome is not None and outcome != KeyShredded.__name__:
-            problems.append(
-                "the canary still decrypts"
-                if outcome == "decrypted"
-                else f"the canary failed with {outcome}, not as a shredded key does"
-            )
-        proof = (
-            "the canary fails to decrypt (KeyShredded)"
-            if outcome is not None
-            else "no canary to try"
+        problems = _problems(remaining, record, checked.canary)
+        return verdict(erased, evidence, problems, f"no data key left; {_proof(checked.canary)}")
+
+    async def erase_batch(self, batch: BatchStepRequest) -> BatchStepOutcome:
+        """Shred a batch of subjects: one canary (under the first subject with a key), the
+        plan heartbeated, every subject's data keys destroyed and its shredding recorded in ONE
+        transaction; then verified in a few queries. A subject whose reference is not this
+        worker's fails alone."""
+        self.locator(batch)
+        items = [_Item(s.subject_ref, s.subject) for s in batch.subjects]
+        journal = Journal.resume(batch)
+        done = await self._shred(batch.step, items, batch.request_id, journal)
+        checked = await self._check(batch.step, items, done.canary, batch.request_id)
+        outcomes = [
+            _subject_outcome(item, i, done, checked, batch.request_id, journal)
+            for i, item in enumerate(items)
+        ]
+        live = [i for i, problem in enumerate(done.problems) if problem is None]
+        decided = all(_by_key_store(done, items[i].ref, batch.request_id) for i in live)
+        evidence: Evidence = {
+            "subjects": len(items),
+            "subjects_failed": sum(o.status == "failed" for o in outcomes),
+            "versions_destroyed": (
+                sum(outcomes[i].affected for i in live)
+                if decided
+                else journal.total("versions_destroyed", "versions")
+            ),
+            "shredded_subjects": len(checked.record),
+            "data_keys_remaining": sum(checked.remaining.values()),
+            "canary": done.canary,
+            "canary_subject": done.canary_ref,
+            "canary_decryption": checked.canary,
+            **journal.evidence(),
+        }
+        finished = sum(o.status == "done" for o in outcomes)
+        return BatchStepOutcome(
+            step_id=batch.step.id,
+            outcomes=outcomes,
+            evidence=evidence,
+            detail=f"{finished} of {len(items)} subject(s) done; destroyed "
+            f"{sum(done.destroyed.values())} data-key version(s) in one transaction; canary "
+            f"{done.note}; {_proof(checked.canary)}",
         )
-        return verdict(erased, evidence, problems, f"no data key left; {proof}")
+
+    async def verify_batch(
+        self, batch: BatchStepRequest, erased: BatchStepOutcome
+    ) -> BatchStepOutcome:
+        """Check again, in a few queries: each subject has no data key and a shredding record;
+        the batch's canary still fails with KeyShredded."""
+        self.locator(batch)
+        items = [_Item(s.subject_ref, s.subject) for s in batch.subjects]
+        canary = erased.evidence.get("canary")
+        checked = await self._check(batch.step, items, canary, batch.request_id)
+        canary_ref = erased.evidence.get("canary_subject")
+        affected = {o.subject_ref: o.affected for o in erased.outcomes}
+        outcomes = []
+        for i, item in enumerate(items):
+            problem = checked.problems[i]
+            found = (
+                [f"{type(problem).__name__}: {problem}"]
+                if problem is not None
+                else _problems(
+                    checked.remaining.get(item.ref, 0),
+                    checked.record.get(item.ref),
+                    checked.canary if item.ref == canary_ref else None,
+                )
+            )
+            outcomes.append(
+                SubjectOutcome(
+                    subject_ref=item.ref,
+                    status="failed" if found else "done",
+                    affected=affected.get(item.ref, 0),
+                    detail="; ".join(found) or "no data key left; the shredding is recorded",
+                )
+            )
+        return BatchStepOutcome(
+            step_id=batch.step.id,
+            outcomes=outcomes,
+            evidence={
+                **erased.evidence,
+                "shredded_subjects": len(checked.record),
+                "data_keys_remaining": sum(checked.remaining.values()),
+                "canary_decryption": checked.canary,
+            },
+            detail=f"{sum(o.status == 'done' for o in outcomes)} of {len(items)} subject(s) "
+            f"hold no data key; {_proof(checked.canary)}",
+        )
+
+    async def _shred(
+        self, step: Step, items: list[_Item], request_id: str, journal: Journal
+    ) -> _Shredded:
+        """The effect for every subject whose reference is this worker's: the canary, the
+        plan heartbeated (and confirmed), every data key destroyed and recorded, in one
+        transaction; what the key store said before and after."""
+        done = _Shredded([_ref_error(self._subject_key, step.id, item) for item in items])
+        live = list({i.ref: i for i, p in zip(items, done.problems, strict=True) if p is None})
+        subjects = {item.ref: item for item in items}
+        if not live:
+            return done
+        done.earlier = _EarlierVersions.of(journal, len(items))
+        try:
+            async with _key_store(step.system):
+                keys = await self._service()
+                done.prior = await _shreddings(keys.engine, live)
+                versions = await _key_counts(keys.engine, live)
+                await _canary(keys, [subjects[ref] for ref in live], request_id, done, versions)
+                if done.canary is not None:
+                    journal.progress["canary"] = done.canary  # in every heartbeat from now on
+                    versions = await _key_counts(keys.engine, live)  # the canary may add one
+                journal.progress[_PER_SUBJECT] = {
+                    "made": done.earlier.made,
+                    "planned": [versions.get(item.ref, 0) for item in items],
+                }
+                await journal.plan(versions=sum(versions.values()))
+                done.destroyed = await _destroy(keys, [subjects[ref] for ref in live], request_id)
+                done.record = await _shreddings(keys.engine, live)
+        except LetheError:
+            journal.failed()
+            raise
+        journal.progress[_PER_SUBJECT] = {
+            "made": [
+                made + (done.destroyed.get(item.ref, 0) if problem is None else 0)
+                for made, item, problem in zip(done.earlier.made, items, done.problems, strict=True)
+            ],
+            "planned": [],
+        }
+        journal.erased(versions_destroyed=sum(done.destroyed.values()))
+        if any(ref not in done.record for ref in live):
+            # Written and committed a moment ago: only a restore running now.
+            raise ServiceUnavailable(
+                f"key store of system {step.system!r} lost the record of the shredding just "
+                "written (is it being restored?); shredding again"
+            )
+        return done
+
+    async def _check(
+        self, step: Step, items: list[_Item], canary: object, request_id: str
+    ) -> _Checked:
+        """With a fresh key service (nothing cached): each subject's data keys left and its
+        shredding record (two queries for the batch), and what decrypting the canary does."""
+        checked = _Checked([_ref_error(self._subject_key, step.id, item) for item in items])
+        live = list({i.ref: i for i, p in zip(items, checked.problems, strict=True) if p is None})
+        if not live:
+            return checked
+        async with _key_store(step.system):
+            keys = await self._service()
+            checked.remaining = await _key_counts(keys.engine, live)
+            checked.record = await _shreddings(keys.engine, live)
+            if isinstance(canary, str):
+                checked.canary = await _try_canary(keys, canary, request_id)
+        return checked
 
     async def preflight(self, request: StepRequest) -> list[str]:
         """Touching nothing (no table is made, no key read): the key store answers to these
@@ -263,17 +372,6 @@ class KeyShredder(Connector[KeysLocator]):
         return KeyService(engine, provider, self._subject_key, cache_seconds=0)
 
 
-def _checked_ref(keys: KeyService, request: StepRequest) -> str:
-    """The subject reference, refused unless this worker's subject key makes the same one:
-    otherwise the shredding would hit another (or no) subject's keys."""
-    ref = request.subject_ref
-    if not _REF.fullmatch(ref):
-        raise UnsupportedStep(f"step {request.step.id}: the subject reference is malformed")
-    if keys.subject_ref(request.subject.tenant, request.subject.subject_id) != ref:
-        raise ConfigurationError(f"{_FOREIGN_REF}; nothing was shredded")
-    return ref
-
-
 _FOREIGN_REF = (
     "this worker's LETHE_SUBJECT_KEY is not the one the request's subject reference was made "
     "with, so the key store names the subject differently"
@@ -281,7 +379,7 @@ _FOREIGN_REF = (
 
 
 def _ref_problem(subject_key: bytes, request: StepRequest) -> str | None:
-    """What `_checked_ref` would refuse, in words; None when the reference is this worker's."""
+    """What `_ref_error` would refuse, in words; None when the reference is this worker's."""
     ref = request.subject_ref
     if not _REF.fullmatch(ref):
         return "the subject reference is malformed"
@@ -386,31 +484,52 @@ async def _privilege_problems(conn: AsyncConnection, where: str, tables: set[str
 
 
 async def _canary(
-    keys: KeyService, request: StepRequest, ref: str, prior: Shredding | None
-) -> tuple[str | None, str]:
-    """The canary (base64) and how it came about; erase heartbeats it before any key is
-    destroyed. `prior` is the key store's record of an earlier shredding, if there is one."""
-    earlier = _earlier_canary(ref)
+    keys: KeyService, items: list[_Item], request_id: str, done: _Shredded, versions: dict[str, int]
+) -> None:
+    """The canary (base64), the subject it is written for, and how it came about, into `done`;
+    erase heartbeats it before any key is destroyed. One canary for a batch: under the first
+    subject with a data key and no earlier shredding."""
+    one = len(items) == 1
+    earlier = _earlier_canary({item.ref for item in items})
     if earlier is not None:
-        return earlier, "kept from an earlier attempt"
-    if prior is not None and prior.request_id == request.request_id:
-        return None, (
+        done.canary, done.canary_ref = earlier
+        done.note = "kept from an earlier attempt"
+        return
+    if any(prior.request_id == request_id for prior in done.prior.values()):
+        done.note = (
             "lost: an earlier attempt of this request shredded the keys, and the heartbeat "
             "that carried its canary did not arrive"
         )
-    if prior is not None or await key_store.shredding_of(keys.engine, ref) is not None:
-        return None, "not written: the subject's keys were shredded before"
-    if await key_store.latest_key(keys.engine, ref) is None:
-        return None, "not written: the subject has no data key"
+        return
+    fresh = [item for item in items if item.ref not in done.prior and versions.get(item.ref)]
+    if not fresh:
+        if done.prior:
+            done.note = (
+                "not written: the subject's keys were shredded before"
+                if one
+                else "not written: no subject of the batch has a data key not shredded before"
+            )
+        else:
+            done.note = (
+                "not written: the subject has no data key"
+                if one
+                else "not written: no subject of the batch has a data key"
+            )
+        return
+    item = fresh[0]
     try:
         sealed = await keys.encrypt(
-            request.subject, os.urandom(CANARY_BYTES), canary_place(request.request_id)
+            item.subject, os.urandom(CANARY_BYTES), canary_place(request_id)
         )
     except KeyServiceError as exc:
         # The canary is the proof, not the erasure: a key that cannot encrypt is shredded anyway.
-        return None, f"not written: {type(exc).__name__}"
-    canary = base64.b64encode(sealed).decode()
-    return canary, f"written under data-key version {ciphertext.parse(sealed)[0].dek_version}"
+        done.note = f"not written: {type(exc).__name__}"
+        return
+    done.canary, done.canary_ref = base64.b64encode(sealed).decode(), item.ref
+    version = ciphertext.parse(sealed)[0].dek_version
+    done.note = f"written under data-key version {version}" + (
+        "" if one else f" of subject {item.ref}, whose keys go in the batch's one transaction"
+    )
 
 
 def _earlier_detail(evidence: Evidence, first_was_earlier: bool) -> str:
@@ -438,8 +557,9 @@ def _earlier_detail(evidence: Evidence, first_was_earlier: bool) -> str:
     return ""
 
 
-def _earlier_canary(ref: str) -> str | None:
-    """The canary an earlier attempt of this activity heartbeated, if it is this subject's."""
+def _earlier_canary(refs: set[str]) -> tuple[str, str] | None:
+    """The canary an earlier attempt of this activity heartbeated, if it is one of these
+    subjects', and its subject."""
     if not activity.in_activity():
         return None
     for details in activity.info().heartbeat_details:
@@ -450,8 +570,8 @@ def _earlier_canary(ref: str) -> str | None:
             header, _, _ = ciphertext.parse(base64.b64decode(canary, validate=True))
         except (binascii.Error, KeyServiceError):
             continue
-        if header.subject_ref == ref:
-            return canary
+        if header.subject_ref in refs:
+            return canary, header.subject_ref
     return None
 
 
@@ -467,28 +587,275 @@ async def _try_canary(keys: KeyService, canary: str, request_id: str) -> str:
     return "decrypted"
 
 
-async def _count_keys(engine: AsyncEngine, ref: str) -> int:
-    query = (
-        select(func.count())
-        .select_from(key_store.data_keys)
-        .where(key_store.data_keys.c.subject_ref == ref)
-    )
-    async with engine.connect() as conn:
-        return int((await conn.execute(query)).scalar_one())
-
-
-async def _shredding(engine: AsyncEngine, ref: str) -> Shredding | None:
-    table = key_store.shredded
-    query = select(table.c.shredded_at, table.c.request_id, table.c.versions_destroyed).where(
-        table.c.subject_ref == ref
-    )
-    async with engine.connect() as conn:
-        row = (await conn.execute(query)).first()
-    if row is None:
-        return None
-    return Shredding(row.shredded_at, row.request_id, row.versions_destroyed)
-
-
 def _key_store(system: str) -> translated:
     """Driver errors as Lethe's, naming the system (never the driver's text)."""
     return translated(f"key store of system {system!r}", KeyStoreRefused)
+
+
+_PER_SUBJECT = "per_subject"
+"""The key of a batch's heartbeat progress with each subject's version counts, in order."""
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One subject of a batch: its reference, and the subject (for the canary)."""
+
+    ref: str
+    subject: Subject
+
+
+@dataclass
+class _EarlierVersions:
+    """Each subject's versions that earlier attempts of a batch heartbeated: destroyed, and
+    about to be destroyed when the last one's heartbeats stopped."""
+
+    made: list[int]
+    planned: list[int]
+
+    @classmethod
+    def of(cls, journal: Journal, size: int) -> _EarlierVersions:
+        """From the journal's earlier progress, for a batch of `size` subjects."""
+        told = journal.earlier_progress.get(_PER_SUBJECT)
+        told = told if isinstance(told, Mapping) else {}
+        planned = _counts(told.get("planned"), size) if journal.unconfirmed else [0] * size
+        return cls(_counts(told.get("made"), size), planned)
+
+
+def _counts(value: object, size: int) -> list[int]:
+    """`size` counts from a heartbeat, or zeros when it holds none that fit."""
+    if not isinstance(value, list) or len(value) != size:
+        return [0] * size
+    if all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+        return [int(n) for n in value]
+    return [0] * size
+
+
+@dataclass
+class _Shredded:
+    """What an attempt's shredding found and did, per subject reference."""
+
+    problems: list[LetheError | None]
+    """Per subject of the batch: why it was left out (its reference is not this worker's)."""
+    prior: dict[str, Shredding] = field(default_factory=dict)
+    """The key store's records of earlier shreddings, before this attempt."""
+    record: dict[str, Shredding] = field(default_factory=dict)
+    """The records after it."""
+    destroyed: dict[str, int] = field(default_factory=dict)
+    """Versions this attempt destroyed."""
+    canary: str | None = None
+    canary_ref: str | None = None
+    note: str = ""
+    """How the canary came about."""
+    earlier: _EarlierVersions = field(default_factory=lambda: _EarlierVersions([], []))
+
+
+@dataclass
+class _Checked:
+    """What the key store holds now, per subject reference, and what the canary does."""
+
+    problems: list[LetheError | None]
+    remaining: dict[str, int] = field(default_factory=dict)
+    record: dict[str, Shredding] = field(default_factory=dict)
+    canary: str | None = None
+    """`decrypted` or the error's name; None when there is no canary to try."""
+
+
+def _ref_error(subject_key: bytes, step_id: str, item: _Item) -> LetheError | None:
+    """Why the subject's reference is refused (malformed, or not made by this worker's subject
+    key, so the shredding would hit another or no subject's keys); None when it is fine."""
+    if not _REF.fullmatch(item.ref):
+        return UnsupportedStep(f"step {step_id}: the subject reference is malformed")
+    if subject_ref(item.subject.tenant, item.subject.subject_id, subject_key) != item.ref:
+        return ConfigurationError(f"{_FOREIGN_REF}; nothing was shredded")
+    return None
+
+
+def _by_key_store(done: _Shredded, ref: str, request_id: str) -> bool:
+    """Whether the key store's record says what this request destroyed for `ref`: no earlier
+    shredding (so no earlier attempt destroyed a key), or the first one was this request's."""
+    prior = done.prior.get(ref)
+    return prior is None or prior.request_id == request_id
+
+
+def _affected(done: _Shredded, index: int, ref: str, request_id: str) -> int:
+    """Versions the step destroyed for the subject at `index`: from the key store's record
+    when it is this request's, else what the attempts heartbeated (at least)."""
+    destroyed = done.destroyed.get(ref, 0)
+    prior = done.prior.get(ref)
+    if _by_key_store(done, ref, request_id):
+        return (prior.versions_destroyed if prior is not None else 0) + destroyed
+    return done.earlier.made[index] + max(destroyed, done.earlier.planned[index])
+
+
+def _erased(request: StepRequest, done: _Shredded, journal: Journal) -> StepOutcome:
+    """The one-subject outcome of erase, and its evidence."""
+    ref = request.subject_ref
+    destroyed, record, prior = done.destroyed[ref], done.record[ref], done.prior.get(ref)
+    evidence: Evidence = {
+        "versions_destroyed": journal.total("versions_destroyed", "versions"),
+        "shredded_at": record.shredded_at.isoformat(),
+        "shredding_request": record.request_id,
+        "shredding_versions_destroyed": record.versions_destroyed,
+        "canary": done.canary,
+        **journal.evidence(),
+    }
+    affected = journal.affected()
+    if _by_key_store(done, ref, request.request_id):
+        affected = _affected(done, 0, ref, request.request_id)
+        evidence["versions_destroyed"] = affected
+        if prior is not None or journal.earlier is not None:
+            evidence.update(
+                first_attempt_evidence="key store",
+                earlier_versions_destroyed=affected - destroyed,
+                retry_versions_destroyed=destroyed,
+            )
+    return StepOutcome(
+        step_id=request.step.id,
+        status="running",
+        affected=affected,
+        evidence=evidence,
+        detail=f"destroyed {destroyed} data-key version(s); canary {done.note}"
+        + _earlier_detail(evidence, prior is not None),
+    )
+
+
+def _subject_outcome(
+    item: _Item, index: int, done: _Shredded, checked: _Checked, request_id: str, journal: Journal
+) -> SubjectOutcome:
+    """One subject's verified outcome in a batch."""
+    problem = done.problems[index]
+    if problem is not None:
+        return SubjectOutcome(
+            subject_ref=item.ref, status="failed", detail=f"{type(problem).__name__}: {problem}"
+        )
+    problems = _problems(
+        checked.remaining.get(item.ref, 0),
+        checked.record.get(item.ref),
+        checked.canary if item.ref == done.canary_ref else None,
+    )
+    detail = f"destroyed {done.destroyed.get(item.ref, 0)} data-key version(s)"
+    prior = done.prior.get(item.ref)
+    if prior is not None and prior.request_id == request_id:
+        detail += (
+            f"; the key store's record says this request's first shredding destroyed "
+            f"{prior.versions_destroyed} version(s)"
+        )
+    elif journal.earlier == "lost":
+        detail += "; no heartbeat of an earlier attempt arrived: what it destroyed is not known"
+    elif done.earlier.planned[index]:
+        detail += (
+            f"; an earlier attempt had found {done.earlier.planned[index]} version(s) and was "
+            "about to destroy them when its worker was lost"
+        )
+    return SubjectOutcome(
+        subject_ref=item.ref,
+        status="failed" if problems else "done",
+        affected=_affected(done, index, item.ref, request_id),
+        detail="; ".join([detail, *problems]) if problems else f"{detail}; no data key left",
+    )
+
+
+def _problems(remaining: int, record: Shredding | None, canary: str | None) -> list[str]:
+    """What keeps a subject's shredding from being proven, in words."""
+    problems = []
+    if remaining:
+        problems.append(
+            f"{remaining} data-key version(s) of the subject are still in the key store "
+            "(made after the shredding, or restored)"
+        )
+    if record is None:
+        problems.append(
+            "the key store has no record of the shredding, so it would make the subject new keys"
+        )
+    if canary is not None and canary != KeyShredded.__name__:
+        problems.append(
+            "the canary still decrypts"
+            if canary == "decrypted"
+            else f"the canary failed with {canary}, not as a shredded key does"
+        )
+    return problems
+
+
+def _proof(canary: str | None) -> str:
+    return "the canary fails to decrypt (KeyShredded)" if canary is not None else "no canary to try"
+
+
+async def _destroy(keys: KeyService, items: list[_Item], request_id: str) -> dict[str, int]:
+    """The effect: every subject's data keys destroyed and its shredding recorded, in one
+    transaction. One subject goes through `KeyService.shred` (the key store's one-subject
+    transaction, the same statements); a batch through `_shred_many`."""
+    if len(items) == 1:
+        item = items[0]
+        return {item.ref: await keys.shred(item.ref, item.subject.tenant, request_id)}
+    destroyed = await _shred_many(keys.engine, items, request_id)
+    for item in items:
+        keys.forget(item.ref)
+    return destroyed
+
+
+async def _shred_many(engine: AsyncEngine, items: list[_Item], request_id: str) -> dict[str, int]:
+    """In ONE transaction, with every subject locked (in reference order, so two batches never
+    wait on each other in a circle): delete every data-key version of every subject, and record
+    the shredding of each subject not recorded before (an earlier record is kept: it is the
+    first shredding). Versions destroyed per reference."""
+    keys, marks = key_store.data_keys, key_store.shredded
+    tenants = {item.ref: item.subject.tenant for item in items}
+    refs = sorted(tenants)
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(_LOCK_ALL, {"refs": refs})
+        gone = await conn.execute(
+            delete(keys).where(keys.c.subject_ref.in_(refs)).returning(keys.c.subject_ref)
+        )
+        destroyed = Counter(gone.scalars())
+        known = await conn.execute(select(marks.c.subject_ref).where(marks.c.subject_ref.in_(refs)))
+        recorded = set(known.scalars())
+        now = datetime.now(UTC)
+        rows = [
+            {
+                "subject_ref": ref,
+                "tenant": tenants[ref],
+                "shredded_at": now,
+                "request_id": request_id,
+                "versions_destroyed": destroyed[ref],
+            }
+            for ref in refs
+            if ref not in recorded
+        ]
+        if rows:
+            await conn.execute(insert(marks), rows)
+    return {ref: destroyed[ref] for ref in refs}
+
+
+_LOCK_ALL = text(
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(ref, 0))) "
+    "FROM (SELECT unnest(CAST(:refs AS text[])) AS ref ORDER BY ref) AS ordered"
+)
+"""The advisory lock `lethe.keys.store` takes for one subject, taken for every subject of a
+batch in one statement (PostgreSQL)."""
+
+
+async def _key_counts(engine: AsyncEngine, refs: list[str]) -> dict[str, int]:
+    """Data-key versions per subject reference (absent: none), in one query."""
+    table = key_store.data_keys
+    query = (
+        select(table.c.subject_ref, func.count())
+        .where(table.c.subject_ref.in_(refs))
+        .group_by(table.c.subject_ref)
+    )
+    async with engine.connect() as conn:
+        return {ref: int(n) for ref, n in await conn.execute(query)}
+
+
+async def _shreddings(engine: AsyncEngine, refs: list[str]) -> dict[str, Shredding]:
+    """The key store's shredding records of these subject references, in one query."""
+    table = key_store.shredded
+    query = select(
+        table.c.subject_ref, table.c.shredded_at, table.c.request_id, table.c.versions_destroyed
+    ).where(table.c.subject_ref.in_(refs))
+    async with engine.connect() as conn:
+        rows = await conn.execute(query)
+        return {
+            row.subject_ref: Shredding(row.shredded_at, row.request_id, row.versions_destroyed)
+            for row in rows
+        }
