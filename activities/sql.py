@@ -325,7 +325,10 @@ class SqlEraser(Connector[SqlTableLocator]):
         "no row matches the subject (delete, anonymize), or every matching row is marked and "
         "cleared (soft_delete, pseudonymize)"
     )
-    retries = "the row count heartbeated inside the transaction before the commit"
+    retries = (
+        "the row count heartbeated inside the transaction before the commit (a batch: each "
+        "subject's count, by reference, in the batch's journal)"
+    )
     sweeps = (
         "rows past the limit and every obligation, outside holds, deleted, soft-deleted or "
         "anonymised in keyset batches by (date, key), one transaction each"
