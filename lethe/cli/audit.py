@@ -15,8 +15,10 @@ from rich.table import Table
 from lethe.cli.common import ByOption, JsonOption, actor, err, out, run
 from lethe.cli.views import when
 from lethe.contracts import ErasureState, LedgerEntry, RequestSummary, TimelineEvent
-from lethe.evidence import audit, ledger
+from lethe.evidence import audit, bulk, ledger
 from lethe.evidence.store import engine_for
+from lethe.kernel import database
+from lethe.kernel.config import load_settings
 from lethe.sdk.client import Client
 from lethe.temporal import history as history_lib
 from lethe.temporal import search_attributes as sa
@@ -26,21 +28,33 @@ audit_app = typer.Typer(help="For auditors: the ledger, histories, requests.", n
 
 @audit_app.command("verify")
 def verify() -> None:
-    """Check the ledger's hash chain: any altered, removed or reordered entry is reported."""
+    """Check the ledger's hash chain (any altered, removed or reordered entry is reported) and
+    every bulk batch's Merkle root (recomputed from its leaves, against its ledger entry)."""
     run(_verify())
 
 
 async def _verify() -> int:
-    client = await Client.connect()
-    report = await ledger.verify_chain(
-        await engine_for(client.settings.store_url.get_secret_value())
-    )
-    if report.intact:
-        out.print(f"ledger intact: {report.entries} entries, every hash and link checks out")
-        return 0
-    for problem in report.problems:
-        err.print(f"[red]broken:[/red] {problem}")
-    return 1
+    engine = await engine_for(load_settings().store_url.get_secret_value())
+    try:
+        chain = await ledger.verify_chain(engine)
+        batches = await bulk.bulk_report(engine)
+    finally:
+        await database.dispose(engine)
+    if chain.intact:
+        out.print(f"ledger intact: {chain.entries} entries, every hash and link checks out")
+    _broken(chain.problems)
+    counted = f"{batches.batches} bulk batches, {batches.leaves} leaves"
+    if batches.problems:
+        err.print(f"bulk batches checked: {counted}")
+    else:
+        out.print(f"bulk batches intact: {counted}, every Merkle root checks out")
+    _broken(batches.problems)
+    return 0 if chain.intact and not batches.problems else 1
+
+
+def _broken(problems: list[str]) -> None:
+    for problem in problems:
+        err.print(f"[red]broken:[/red] {escape(problem)}", highlight=False)
 
 
 MAX_REASON_CHARS = 500
