@@ -34,10 +34,15 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateSchema, DropSchema
+from temporalio import activity, workflow
+from temporalio.client import Client as TemporalClient
+from temporalio.common import RetryPolicy
 from temporalio.testing import ActivityEnvironment
+from temporalio.worker import Worker
 
+from lethe.activities.attempts import kept_alive
 from lethe.activities.connectors import Connectors
 from lethe.activities.sql import SqlEraser, one_batch
 from lethe.classification.datamap import SqlTableLocator
@@ -525,3 +530,61 @@ async def test_a_char_subject_column_counts_each_subjects_rows(ward: Ward) -> No
         ("done", 0),
     ]
     assert outcome.evidence["rows_changed"] == 6
+
+
+class LosesItsWorker(SqlEraser):
+    """Commits, then fails as a worker lost before the activity completes (once)."""
+
+    commits = 0
+
+    async def _commit(self, conn: AsyncConnection) -> None:
+        await super()._commit(conn)
+        LosesItsWorker.commits += 1
+        if LosesItsWorker.commits == 1:
+            raise RuntimeError("the worker was lost after the commit")
+
+
+@workflow.defn(sandboxed=False)  # defined beside the test, which imports non-workflow code
+class OneSqlBatch:
+    """Runs one batch's erase activity with a retry, as the bulk workflow would."""
+
+    @workflow.run
+    async def run(self, batch: BatchStepRequest) -> BatchStepOutcome:
+        outcome: BatchStepOutcome = await workflow.execute_activity(
+            "test.sql.erase_batch",
+            batch,
+            result_type=BatchStepOutcome,
+            start_to_close_timeout=timedelta(seconds=60),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=2, initial_interval=timedelta(seconds=1)),
+        )
+        return outcome
+
+
+async def test_a_retry_through_temporal_reports_the_rows_the_lost_attempt_erased(
+    ward: Ward, stack_temporal: TemporalClient
+) -> None:
+    """Attempt 1 commits and is lost before completing; the plan it heartbeated (and waited
+    for) reached the server, so attempt 2, finding every row erased, reports each subject's
+    rows as attempt 1 counted them, not 0."""
+    LosesItsWorker.commits = 0
+
+    @activity.defn(name="test.sql.erase_batch")
+    async def erase_batch(batch: BatchStepRequest) -> BatchStepOutcome:
+        async with kept_alive():
+            return await LosesItsWorker(ward.engine).erase_batch(batch)
+
+    batch = batch_of(lab_results_locator(ward), "delete", [sid(n) for n in range(30)])
+    queue = f"lethe-test-sql-batch-{uuid.uuid4().hex[:8]}"
+    async with Worker(
+        stack_temporal, task_queue=queue, workflows=[OneSqlBatch], activities=[erase_batch]
+    ):
+        outcome = await stack_temporal.execute_workflow(
+            OneSqlBatch.run, batch, id=f"sql-batch-{uuid.uuid4()}", task_queue=queue
+        )
+    assert LosesItsWorker.commits == 2
+    assert [(o.status, o.affected) for o in outcome.outcomes] == [("done", 2)] * 30
+    assert outcome.evidence["first_attempt_evidence"] == "planned"
+    assert (outcome.evidence["attempt"], outcome.evidence["rows_changed"]) == (2, 0)
+    assert outcome.evidence["earlier_found_rows_changed"] == 60
+    assert "an earlier attempt had done it (2 row(s)" in outcome.outcomes[0].detail
