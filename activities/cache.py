@@ -430,17 +430,19 @@ class CacheEraser(Connector[RedisLocator]):
                 "planned": [[each.existing, len(each.fields)] for each in found],
             }
             await journal.plan(keys=sum(keys.values()), hash_fields=len(fields))
-            unlinked, removed = await self._call(lambda: self._remove(list(keys), fields))
+            answers = _Answers()
+            purge.unlinked, purge.removed = await self._call(
+                lambda: self._remove(list(keys), fields, answers)
+            )
         except LetheError:
             journal.failed()
             raise
-        by_key = dict(zip(keys, unlinked, strict=True))
-        by_field = dict(zip(fields, removed, strict=True))
+        by_key = dict(zip(keys, answers.unlinked, strict=True))
+        by_field = dict(zip(fields, answers.removed, strict=True))
         purge.made = [
             (sum(by_key[k] for k in each.keys), sum(by_field[f] for f in each.fields))
             for each in found
         ]
-        purge.unlinked, purge.removed = sum(unlinked), sum(removed)
         journal.progress[_PER_SUBJECT] = {
             "made": [
                 [k + m[0], f + m[1]] for (k, f), m in zip(earlier.made, purge.made, strict=True)
@@ -517,13 +519,16 @@ class CacheEraser(Connector[RedisLocator]):
         return found
 
     async def _remove(
-        self, keys: list[bytes], hash_fields: list[tuple[str, str]]
-    ) -> tuple[list[int], list[int]]:
-        """The effect: unlink `keys` and delete `hash_fields` (pipelined, one command each,
-        so each subject's count is exact); what each removed."""
+        self, keys: list[bytes], hash_fields: list[tuple[str, str]], answers: _Answers
+    ) -> tuple[int, int]:
+        """The effect: unlink `keys` and delete `hash_fields`, pipelined, one command each
+        (what each answered goes into `answers`, so each subject's count is exact); how many
+        of each went."""
         unlinked = await self._pipelined(keys, lambda pipe, key: pipe.unlink(key))
         removed = await self._pipelined(hash_fields, lambda pipe, pair: pipe.hdel(*pair))
-        return [int(n) for n in unlinked], [int(n) for n in removed]
+        answers.unlinked = [int(n) for n in unlinked]
+        answers.removed = [int(n) for n in removed]
+        return sum(answers.unlinked), sum(answers.removed)
 
     async def _pipelined(
         self, items: Sequence[Item], command: Callable[[Pipeline, Item], object]
@@ -616,6 +621,14 @@ class _Purge:
     made: list[tuple[int, int]]
     unlinked: int = 0
     removed: int = 0
+
+
+@dataclass
+class _Answers:
+    """What each UNLINK and HDEL of the effect answered, in the order they were sent."""
+
+    unlinked: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -293,8 +293,8 @@ class KeyShredder(Connector[KeysLocator]):
         plan heartbeated (and confirmed), every data key destroyed and recorded, in one
         transaction; what the key store said before and after."""
         done = _Shredded([_ref_error(self._subject_key, step.id, item) for item in items])
-        live = list({i.ref: i for i, p in zip(items, done.problems, strict=True) if p is None})
-        subjects = {item.ref: item for item in items}
+        subjects = {i.ref: i for i, p in zip(items, done.problems, strict=True) if p is None}
+        live = list(subjects)
         if not live:
             return done
         done.earlier = _EarlierVersions.of(journal, len(items))
