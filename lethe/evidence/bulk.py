@@ -526,49 +526,58 @@ async def _batch_leaves(conn: AsyncConnection, bulk_id: str, phase: str, batch: 
     return list((await conn.execute(query)).all())
 
 
-async def _proof(conn: AsyncConnection, bulk_id: str, mine: Any) -> SubjectProof:
-    """The proof of one leaf row, from its batch's leaves, batch row and ledger entry."""
-    rows = await _batch_leaves(conn, bulk_id, mine.phase, mine.batch)
-    index = next(i for i, row in enumerate(rows) if row.idx == mine.idx)
-    batch_row = (
-        await conn.execute(
-            select(bulk_batches.c.root).where(
-                bulk_batches.c.bulk_id == bulk_id,
-                bulk_batches.c.phase == mine.phase,
-                bulk_batches.c.batch == mine.batch,
-            )
-        )
-    ).first()
-    entry = await _ledger_entry(conn, batch_key(bulk_id, mine.phase, mine.batch))
-    return SubjectProof(
-        bulk_id=bulk_id,
-        subject_ref=mine.subject_ref,
-        phase=mine.phase,
-        batch=mine.batch,
-        step_id=mine.step_id,
-        status=mine.status,
-        affected=mine.affected,
-        index=index,
-        size=len(rows),
-        proof=merkle.inclusion_proof([_row_leaf(row) for row in rows], index),
-        root=batch_row.root if batch_row is not None else "",
-        ledger_root=str(entry.details.get("root")) if entry is not None else None,
-        ledger_seq=entry.seq if entry is not None else None,
-        ledger_hash=entry.hash if entry is not None else None,
+async def _batch_proofs(
+    conn: AsyncConnection, bulk_id: str, phase: str, batch: int, mine: Sequence[Any]
+) -> list[SubjectProof]:
+    """The proofs of `mine`, leaf rows of one batch, from the batch's leaves, its row and its
+    ledger entry."""
+    rows = await _batch_leaves(conn, bulk_id, phase, batch)
+    data = [_row_leaf(row) for row in rows]
+    places = {row.idx: index for index, row in enumerate(rows)}
+    where = (
+        bulk_batches.c.bulk_id == bulk_id,
+        bulk_batches.c.phase == phase,
+        bulk_batches.c.batch == batch,
     )
+    root = (await conn.execute(select(bulk_batches.c.root).where(*where))).scalar()
+    entry = await _ledger_entry(conn, batch_key(bulk_id, phase, batch))
+    return [
+        SubjectProof(
+            bulk_id=bulk_id,
+            subject_ref=row.subject_ref,
+            phase=phase,
+            batch=batch,
+            step_id=row.step_id,
+            status=row.status,
+            affected=row.affected,
+            index=places[row.idx],
+            size=len(rows),
+            proof=merkle.inclusion_proof(data, places[row.idx]),
+            root=root or "",
+            ledger_root=str(entry.details.get("root")) if entry is not None else None,
+            ledger_seq=entry.seq if entry is not None else None,
+            ledger_hash=entry.hash if entry is not None else None,
+        )
+        for row in mine
+    ]
 
 
 async def proofs(engine: AsyncEngine, bulk_id: str, subject_ref: str) -> list[SubjectProof]:
     """Every outcome recorded for the subject in the bulk request, each with its proof, in the
-    order recorded (phase, batch, place in the batch)."""
+    order recorded (by ledger entry, then place in the batch)."""
     query = (
         select(bulk_leaves)
         .where(bulk_leaves.c.bulk_id == bulk_id, bulk_leaves.c.subject_ref == subject_ref)
         .order_by(bulk_leaves.c.phase, bulk_leaves.c.batch, bulk_leaves.c.idx)
     )
+    found: list[SubjectProof] = []
     async with engine.connect() as conn:
         mine = (await conn.execute(query)).all()
-        return [await _proof(conn, bulk_id, row) for row in mine]
+        batches = sorted({(row.phase, row.batch) for row in mine})
+        for phase, batch in batches:
+            rows = [row for row in mine if (row.phase, row.batch) == (phase, batch)]
+            found += await _batch_proofs(conn, bulk_id, phase, batch, rows)
+    return sorted(found, key=lambda p: (p.ledger_seq or 0, p.index))
 
 
 BatchId = tuple[str, str, int]

@@ -199,6 +199,43 @@ async def test_recording_a_batch_again_is_idempotent_and_other_leaves_are_refuse
     with pytest.raises(bulk.BulkMalformed, match="more than once"):
         await bulk.record_batch(engine, bulk_id, "immediate", 1, leaves + leaves[:1], "lethe")
     assert await bulk.verify_bulk(engine, bulk_id) == []
+    proofs = await bulk.proofs(engine, bulk_id, _ref(1))
+    assert [(p.phase, p.step_id) for p in proofs] == [
+        ("immediate", "patients-db-1"),
+        ("immediate", "events-topic-1"),
+        ("immediate", "keys-1"),
+        ("deferred", "patients-db-1"),
+    ]
+    assert all(bulk.check_proof(p) for p in proofs)
+
+
+async def test_a_batch_whose_rows_were_lost_after_its_ledger_entry_is_completed_by_a_retry(
+    store: Store,
+) -> None:
+    """The ledger entry is written first: a crash before the rows leaves the entry, which
+    `verify_bulk` reports until the retried activity writes the rows under the same entry."""
+    engine, bulk_id = store.engine, "bulk-000000000011"
+    leaves = _leaves(list(range(1, 6)))
+    first = await bulk.record_batch(engine, bulk_id, "immediate", 0, leaves, "lethe")
+    async with engine.begin() as conn:
+        await conn.execute(delete(bulk_leaves).where(bulk_leaves.c.bulk_id == bulk_id))
+        await conn.execute(delete(bulk_batches).where(bulk_batches.c.bulk_id == bulk_id))
+    assert await bulk.verify_bulk(engine, bulk_id) == [
+        f"ledger entry {first.ledger_seq} records a bulk batch the store does not hold"
+    ]
+    retried = await bulk.record_batch(engine, bulk_id, "immediate", 0, leaves, "lethe")
+    assert (retried.ledger_seq, retried.ledger_hash, retried.root) == (
+        first.ledger_seq,
+        first.ledger_hash,
+        first.root,
+    )
+    assert await bulk.verify_bulk(engine, bulk_id) == []
+    assert len(await ledger.entries(engine, bulk_id)) == 1
+    with pytest.raises(BatchConflict, match="the ledger holds batch 0"):
+        async with engine.begin() as conn:
+            await conn.execute(delete(bulk_leaves).where(bulk_leaves.c.bulk_id == bulk_id))
+            await conn.execute(delete(bulk_batches).where(bulk_batches.c.bulk_id == bulk_id))
+        await bulk.record_batch(engine, bulk_id, "immediate", 0, leaves[1:], "lethe")
 
 
 async def _two_batches(engine: AsyncEngine, bulk_id: str) -> None:
