@@ -1335,6 +1335,7 @@ class _Journaled:
         )
 
     def _subject(self, index: int, item: BulkSubject, done: _Erasure) -> SubjectOutcome:
+        """One subject's outcome of erase (before verify)."""
         unfit = done.target.unfit.get(index)
         if unfit is not None:
             return SubjectOutcome(subject_ref=item.subject_ref, status="failed", detail=str(unfit))
@@ -1344,13 +1345,10 @@ class _Journaled:
                 f"an earlier attempt had done it ({self.rows[index]} row(s), as it heartbeated "
                 f"before committing); attempt {self.journal.attempt} found nothing left to change"
             )
-        elif self.journal.attempt > 1 and not done.found.of(index).pending:
+        elif self.earlier is None and self.journal.attempt > 1 and not done.found.of(index).pending:
             detail = (
                 f"attempt {self.journal.attempt} found nothing left to change, and no earlier "
-                "attempt's count for this subject arrived, so how many rows an earlier attempt "
-                "changed is not known"
-                if self.earlier is None
-                else ""
+                "attempt's count arrived, so how many rows an earlier attempt changed is not known"
             )
         return SubjectOutcome(
             subject_ref=item.subject_ref,
