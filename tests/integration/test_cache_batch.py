@@ -18,6 +18,7 @@ from temporalio.testing import ActivityEnvironment
 
 from lethe.activities.cache import SCAN_COUNT, CacheEraser, glob_escape
 from lethe.activities.clients import Clients
+from lethe.activities.connectors import Connectors
 from lethe.classification.datamap import RedisHashField, RedisLocator
 from lethe.contracts import BatchStepOutcome, BatchStepRequest, BulkSubject, Subject
 from tests.steps import decision, step
@@ -326,3 +327,29 @@ async def test_verify_batch_finds_what_came_back(
         1,
         1,
     )
+
+
+async def test_the_worker_s_activity_erases_a_batch(
+    connectors: Connectors, raw: Redis, prefix: str
+) -> None:
+    ids = [f"s{n}" for n in range(40)] + GLOB_IDS
+    await _seed(raw, prefix, ids + DECOY_IDS)
+    before = await _dumps(raw, prefix)
+    batch = _batch(_locator(prefix), ids)
+
+    beats: list[Any] = []
+    env = _env()
+    env.on_heartbeat = lambda *details: beats.extend(details)
+    outcome = await env.run(connectors.activity("redis.erase_batch"), batch)
+
+    assert _statuses(outcome) == {"done"}
+    assert {o.affected for o in outcome.outcomes} == {5}
+    # One journal for the batch: its plan, then what it removed.
+    assert [b["lethe_effect"]["stage"] for b in beats] == ["planned", "erased"]
+    assert {b["lethe_effect"]["request"] for b in beats} == {f"{batch.request_id}#0"}
+    assert beats[-1]["lethe_effect"]["made"] == {
+        "keys_unlinked": 4 * 44,
+        "hash_fields_removed": 44,
+    }
+    named = {k.encode() for n, sid in enumerate(ids) for k in _named(prefix, sid, n)}
+    assert await _dumps(raw, prefix) == {k: v for k, v in before.items() if k not in named}

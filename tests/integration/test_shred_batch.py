@@ -21,6 +21,7 @@ from sqlalchemy import event, insert, select
 from temporalio.testing import ActivityEnvironment
 
 from lethe.activities import shred
+from lethe.activities.connectors import Connectors
 from lethe.activities.shred import KeyShredder, canary_place
 from lethe.classification.datamap import KeysLocator
 from lethe.contracts import BatchStepOutcome, BatchStepRequest, BulkSubject, Subject
@@ -32,6 +33,7 @@ from tests.key_stores import fresh_key_store, key_rows, key_service
 from tests.steps import decision, step
 
 WHERE = place("kafka", "patient-events", "email")
+CONNECTION_VARIABLE = "LETHE_TEST_SHRED_BATCH_KEYS_URL"
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +314,29 @@ async def test_a_replay_after_a_restore_retried_says_what_it_cannot_know(
     lost = await _env(2).run(shredder.erase_batch, replay)
     assert lost.evidence["first_attempt_evidence"] == "lost"
     assert "is not known" in lost.outcomes[0].detail
+
+
+async def test_the_worker_s_activity_shreds_a_batch(
+    connectors: Connectors, keys: KeyService, keys_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CONNECTION_VARIABLE, keys_url)
+    subjects = _subjects(30)
+    sealed = await _seal(keys, subjects)
+    batch = _batch(keys, subjects)
+    batch = batch.model_copy(
+        update={"step": batch.step.model_copy(update={"connection": CONNECTION_VARIABLE})}
+    )
+    beats: list[Any] = []
+    env = _env()
+    env.on_heartbeat = lambda *details: beats.extend(details)
+
+    outcome = await env.run(connectors.activity("keys.erase_batch"), batch)
+
+    assert _statuses(outcome) == {"done"}
+    assert [o.affected for o in outcome.outcomes] == [1] * 30
+    assert [b["lethe_effect"]["stage"] for b in beats] == ["planned", "erased"]
+    assert {b["lethe_effect"]["request"] for b in beats} == {f"{batch.request_id}#3"}
+    assert beats[0]["canary"] == outcome.evidence["canary"]
+    assert beats[-1]["lethe_effect"]["made"] == {"versions_destroyed": 30}
+    with pytest.raises(KeyShredded):
+        await keys.decrypt(sealed[subjects[29].subject_id], WHERE, cached=False)
