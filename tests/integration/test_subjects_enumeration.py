@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, insert, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.schema import CreateSchema, DropSchema
 
+from lethe.activities.cache import SCAN_COUNT, glob_escape
+from lethe.activities.cache_subjects import InvalidCursor, redis_subjects
 from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch
 from lethe.activities.connector import UnsupportedStep
@@ -30,6 +33,7 @@ from lethe.classification.datamap import (
     SqlTableLocator,
 )
 from lethe.contracts import Subject, SubjectsPage, SubjectsQuery
+from lethe.kernel.subjects import tag_for
 from tests.steps import step
 
 TENANT = "st-mary"
@@ -360,3 +364,133 @@ async def test_reading_subjects_changes_no_row(
     await every_page(clients, members(clinic))
     assert await every_row() == before  # the same rows, never rewritten (xmin unchanged)
     await engine.dispose()
+
+
+# --- Redis -------------------------------------------------------------------------------------
+
+CACHED = 2500
+"""St Mary's subjects with cached sessions: three pages of 1000, or more."""
+
+
+@pytest.fixture
+async def cache(redis_url: str) -> AsyncIterator[tuple[Redis, str]]:
+    """A client of the stack's Redis and a key prefix of this test's own (removed afterwards)."""
+    prefix = f"test-subjects:{uuid.uuid4().hex[:10]}"
+    client = Redis.from_url(redis_url)
+    yield client, prefix
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{glob_escape(prefix)}:*")]
+        if keys:
+            await client.unlink(*keys)
+    finally:
+        await client.aclose()
+
+
+async def every_redis_page(
+    clients: Clients, locator: RedisLocator, *, limit: int = 1000, tenant: str = TENANT
+) -> list[SubjectsPage]:
+    """Every page of the tenant's subjects in a cache, following the SCAN cursor."""
+    pages: list[SubjectsPage] = []
+    after: str | None = None
+    while True:
+        page = await redis_subjects(
+            clients, query(locator, after=after, limit=limit, tenant=tenant)
+        )
+        pages.append(page)
+        if page.next_after is None:
+            return pages
+        assert len(pages) < 1000, "the pages do not end"
+        after = page.next_after
+
+
+async def test_a_cache_gives_every_subject_of_the_tenant_over_pages(
+    clients: Clients, cache: tuple[Redis, str]
+) -> None:
+    client, prefix = cache
+    sessions = {f"{prefix}:session:{TENANT}:{member_id(n)}": b"s" for n in range(CACHED)}
+    sessions |= {f"{prefix}:session:{OTHER}:{member_id(n)}": b"s" for n in range(300)}
+    sessions[f"{prefix}:session:{OTHER}:john-only"] = b"s"
+    await client.mset(sessions)
+    locator = RedisLocator(
+        patterns=[f"{prefix}:session:{{tenant}}:{{subject_id}}"], categories=["user.account"]
+    )
+    pages = await every_redis_page(clients, locator)
+    found = ids(pages)
+    # A page stops once it holds the limit (a SCAN call's keys are taken whole).
+    assert len(pages) >= 3 and all(len(p.subjects) <= 1000 + SCAN_COUNT for p in pages)
+    assert all(len(p.subjects) >= 1000 for p in pages[:-1])
+    assert set(found) == {member_id(n) for n in range(CACHED)}
+    assert all(p.subjects == sorted(p.subjects, key=lambda s: s.subject_id) for p in pages)
+    assert all(len({s.subject_id for s in p.subjects}) == len(p.subjects) for p in pages)
+    assert all(s.tenant == TENANT and s.identities == {} for p in pages for s in p.subjects)
+    john = ids(await every_redis_page(clients, locator, tenant=OTHER, limit=50))
+    assert set(john) == {member_id(n) for n in range(300)} | {"john-only"}
+
+
+async def test_keys_not_matching_the_template_exactly_are_skipped(
+    clients: Clients, cache: tuple[Redis, str]
+) -> None:
+    client, prefix = cache
+    odd = "a*b[c]?d\\e"  # glob characters and a backslash: read back intact
+    await client.mset(
+        {
+            f"{prefix}:patient:{TENANT}:p-1:profile": b"v",
+            f"{prefix}:patient:{TENANT}:p-1:visits": b"v",  # the same subject: once
+            # Ambiguous under `:*`: read as the shortest id (p-3), whose purge matches the key.
+            f"{prefix}:patient:{TENANT}:p-3:x:profile": b"v",
+            f"{prefix}:patient:{TENANT}:{odd}:profile": b"v",
+            f"{prefix}:patient:{TENANT}:p-2": b"v",  # no :<suffix>: not the template's key
+            f"{prefix}:patient:{TENANT}::profile": b"v",  # an empty id
+            f"{prefix}:patient:{OTHER}:p-9:profile": b"v",  # another tenant's
+            f"{prefix}:patient:{TENANT}-x:p-8:profile": b"v",  # a tenant named alike
+            f"{prefix}:visit:{TENANT}:p-6": b"v",  # another prefix, no pattern names it
+            f"{prefix}:patient:{TENANT}:{'x' * 300}:profile": b"v",  # no subject has that id
+        }
+    )
+    await client.set(f"{prefix}:patient:{TENANT}:".encode() + b"\xff\xfe:profile", b"v")
+    locator = RedisLocator(
+        patterns=[
+            f"{prefix}:patient:{{tenant}}:{{subject_id}}:*",
+            f"{prefix}:by-ref:{{subject_ref}}",  # no subject id in it: tells no subject
+        ],
+        categories=["user"],
+    )
+    page = await redis_subjects(clients, query(locator, limit=100))
+    assert [s.subject_id for s in page.subjects] == sorted(["p-1", "p-3", odd])
+    assert page.next_after is None
+
+
+async def test_patterns_under_prefixes_and_references_of_the_tenant(
+    clients: Clients, cache: tuple[Redis, str]
+) -> None:
+    client, prefix = cache
+    mine, theirs = tag_for(TENANT, "p-5"), tag_for(OTHER, "p-5")
+    await client.mset(
+        {
+            f"{prefix}:a:{TENANT}:p-4": b"v",
+            f"{prefix}:a:{TENANT}:p:9": b"v",  # an id with the separator, whole: nothing follows
+            f"{prefix}:b:{mine}:p-5": b"v",  # the tenant's reference of p-5
+            f"{prefix}:b:{theirs}:p-6": b"v",  # another tenant's reference (of p-5): not p-6's
+            f"{prefix}:b:{mine}:p-7": b"v",  # a reference that is not p-7's
+            f"{prefix}:c:{TENANT}:x@y.example:p-8": b"v",  # an identity in the key
+        }
+    )
+    locator = RedisLocator(
+        patterns=[
+            f"{prefix}:a:{{tenant}}:{{subject_id}}",
+            f"{prefix}:b:{{subject_ref}}:{{subject_id}}",
+            f"{prefix}:c:{{tenant}}:{{identity.email}}:{{subject_id}}",
+        ],
+        categories=["user"],
+    )
+    page = await redis_subjects(clients, query(locator, limit=100))
+    assert [s.subject_id for s in page.subjects] == ["p-4", "p-5", "p-8", "p:9"]
+    assert page.next_after is None
+
+
+async def test_a_redis_page_refuses_what_is_no_cursor(clients: Clients, redis_url: str) -> None:
+    locator = RedisLocator(patterns=["s:{tenant}:{subject_id}"], categories=["user"])
+    with pytest.raises(InvalidCursor):
+        await redis_subjects(clients, query(locator, after="m-00001"))
+    with pytest.raises(UnsupportedStep):
+        await redis_subjects(clients, query(members(Clinic("s", "u"))))
