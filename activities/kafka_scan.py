@@ -1,10 +1,11 @@
 """Reading a whole topic for the keys whose latest record holds the subject in a value field.
 
 For topics keyed by something other than the subject (a claim id, with the member inside the
-JSON value). The scan reads every partition from its start to where it ended when the scan
-began, and keeps, per key, only where its latest record is and whether that record is the
-subject's, or a tombstone this request's step wrote. Values are parsed and compared in memory,
-never kept or shown; keys stay inside the connector.
+JSON value). One scan serves a whole batch of subjects: it reads every partition from its start
+to where it ended when the scan began, and keeps, per key, only where its latest record is and
+which subjects of the batch (by their index) that record holds, or whether it is a tombstone this
+request's step (and batch) wrote. Values are parsed and compared in memory, never kept or shown;
+keys stay inside the connector.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from lethe.kernel.errors import ServiceUnavailable
 
 READ_BATCH = 500
 """How many records the scan takes from the consumer at a time."""
+SUBJECT_HEADER = "lethe-subject"
+"""The header of a batch's tombstone naming the subject's reference (not personal data)."""
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,18 @@ class Latest:
     partition: int
     offset: int
     timestamp_ms: int
-    subjects: bool
-    """The record holds the subject in the value field (and their tenant, if mapped)."""
+    whose: frozenset[int]
+    """The subjects (indices of the scan's matches) the record holds in the value field (and
+    their tenant, if mapped)."""
     ours: bool
     """A tombstone with this request's and step's headers."""
+    owner: str | None = None
+    """The subject reference an `ours` tombstone names (`lethe-subject`), if it names one."""
+
+    @property
+    def subjects(self) -> bool:
+        """The record is one of the batch's subjects'."""
+        return bool(self.whose)
 
 
 @dataclass
@@ -40,14 +51,14 @@ class ScanResult:
     """What the scan found, per key and in all."""
 
     latest: dict[bytes, Latest] = field(default_factory=dict)
-    ever: set[bytes] = field(default_factory=set)
-    """Keys with a record of the subject anywhere in the log."""
+    ever: dict[bytes, set[int]] = field(default_factory=dict)
+    """Keys with a record of a subject anywhere in the log, and whose."""
     records: int = 0
     unreadable: int = 0
     """Records whose value is not a JSON object: nobody can tell whose they are."""
 
     def still_the_subjects(self) -> list[Latest]:
-        """The keys whose latest record is the subject's."""
+        """The keys whose latest record is a subject's."""
         return list(self.to_tombstone().values())
 
     def to_tombstone(self) -> dict[bytes, Latest]:
@@ -59,14 +70,14 @@ class ScanResult:
         subject's records under them may be compacted away already)."""
         return [latest for latest in self.latest.values() if latest.ours]
 
-    def superseded(self) -> int:
-        """Keys that held the subject's records but whose latest record is someone else's:
-        compaction removes the subject's older records, and nothing is written for them."""
-        return sum(
-            1
-            for key, latest in self.latest.items()
-            if key in self.ever and not latest.subjects and not latest.ours
-        )
+    def superseded(self) -> dict[int, int]:
+        """Per subject, the keys that held their records but whose latest record is someone
+        else's: compaction removes the older records, and nothing is written for them."""
+        counts: dict[int, int] = {}
+        for key, latest in self.latest.items():
+            for index in self.ever.get(key, set()) - latest.whose if not latest.ours else ():
+                counts[index] = counts.get(index, 0) + 1
+        return counts
 
 
 def field_value(value: object, path: str) -> object:
@@ -104,6 +115,28 @@ class Match:
         )
 
 
+class Matches:
+    """A batch's matches, looked up by the value a record holds (not tried one by one)."""
+
+    def __init__(self, matches: Sequence[Match]) -> None:
+        self._fields: dict[str, dict[str, list[int]]] = {}
+        self._matches = list(matches)
+        for index, match in enumerate(self._matches):
+            self._fields.setdefault(match.value_field, {}).setdefault(match.value, []).append(index)
+
+    def whose(self, document: object) -> frozenset[int]:
+        """The indices of the matches a parsed value holds."""
+        found: set[int] = set()
+        for path, by_value in self._fields.items():
+            value = field_value(document, path)
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                continue
+            found.update(
+                i for i in by_value.get(str(value), ()) if self._matches[i].holds(document)
+            )
+        return frozenset(found)
+
+
 def reader(bootstrap: str, group: str, *, partition_eof: bool = False) -> Consumer:
     """A consumer that reads assigned partitions from where it is told and commits nothing
     (`group` only because the client wants one: assign() joins no group)."""
@@ -128,11 +161,11 @@ class TopicScan:
         bootstrap: str,
         topic: str,
         partitions: int,
-        match: Match,
+        matches: Sequence[Match],
         marks: Sequence[tuple[str, bytes]],
         timeout: float,
     ) -> None:
-        self._bootstrap, self._topic, self._match = bootstrap, topic, match
+        self._bootstrap, self._topic, self._matches = bootstrap, topic, Matches(matches)
         self._marks, self._timeout = list(marks), timeout
         self._consumer = reader(bootstrap, "lethe-scan", partition_eof=True)
         self._ends: dict[int, int] = {}
@@ -203,11 +236,14 @@ class TopicScan:
         kind, stamp = message.timestamp()
         if kind == TIMESTAMP_NOT_AVAILABLE:
             stamp = int(time.time() * 1000)
-        subjects = ours = False
+        whose: frozenset[int] = frozenset()
+        ours, owner = False, None
         if value is None:
             headers = message.headers() or []
             pairs = list(headers.items()) if isinstance(headers, dict) else headers
             ours = all(mark in pairs for mark in self._marks)
+            named = dict(pairs).get(SUBJECT_HEADER) if ours else None
+            owner = named.decode(errors="replace") if isinstance(named, bytes) else None
         else:
             try:
                 document = json.loads(value)
@@ -215,10 +251,11 @@ class TopicScan:
                 document = None
             if not isinstance(document, dict):
                 result.unreadable += 1
-            subjects = self._match.holds(document)
-        if subjects:
-            result.ever.add(key)
-        result.latest[key] = Latest(partition, offset, stamp, subjects, ours)
+            else:
+                whose = self._matches.whose(document)
+        if whose:
+            result.ever.setdefault(key, set()).update(whose)
+        result.latest[key] = Latest(partition, offset, stamp, whose, ours, owner)
 
     def close(self) -> None:
         """Close the consumer."""
