@@ -20,16 +20,18 @@ never shown; a page may then hold fewer subjects than `limit`, or none, and stil
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
     Column,
     ColumnElement,
+    Enum,
     FromClause,
     Select,
     String,
+    Table,
     Text,
     case,
     cast,
@@ -123,23 +125,15 @@ def subjects_statement(
         _identity(column(locator.table, name, f"the column of identity {identity!r}"))
         for identity, name in locator.identities.items()
     ]
-    source: FromClause = tables[locator.table]
-    previous, previous_name = source, locator.table
-    for index, hop in enumerate(locator.via, 1):
-        column(previous_name, hop.column, f"the join column of hop {index}")
-        column(hop.table, hop.references, f"the column hop {index} references")
-        # Aliased as the connector does, so a path passing a table twice joins the right rows.
-        joined = tables[hop.table].alias(f"lethe_path_{index}")
-        source = source.join(joined, previous.c[hop.column] == joined.c[hop.references])
-        previous, previous_name = joined, hop.table
-    described = column(previous_name, locator.subject_column, "the subject column")
-    subject = previous.c[locator.subject_column]
+    source, last, last_name = _path(locator, tables, column)
+    described = column(last_name, locator.subject_column, "the subject column")
+    subject = last.c[locator.subject_column]
     where: list[ColumnElement[bool]] = [subject.is_not(None)]
     if locator.tenant_column is not None:
-        column(previous_name, locator.tenant_column, "the tenant column")
-        where.append(previous.c[locator.tenant_column] == query.tenant)
+        column(last_name, locator.tenant_column, "the tenant column")
+        where.append(last.c[locator.tenant_column] == query.tenant)
     if query.after is not None:
-        where.append(subject > subject_value(query.after, described, previous_name, dialect))
+        where.append(subject > subject_value(query.after, described, last_name, dialect))
     return (
         select(subject, *identities)
         .select_from(source)
@@ -150,9 +144,29 @@ def subjects_statement(
     )
 
 
+def _path(
+    locator: SqlTableLocator,
+    tables: dict[str, Table],
+    column: Callable[[str, str, str], Column[Any]],
+) -> tuple[FromClause, FromClause, str]:
+    """The table joined along its `via` path, the path's last table (the subject column's) and
+    its name; each hop's columns checked (`column` raises SchemaMismatch naming a missing one)."""
+    source: FromClause = tables[locator.table]
+    last, last_name = source, locator.table
+    for index, hop in enumerate(locator.via, 1):
+        column(last_name, hop.column, f"the join column of hop {index}")
+        column(hop.table, hop.references, f"the column hop {index} references")
+        # Aliased as the connector does, so a path passing a table twice joins the right rows.
+        joined = tables[hop.table].alias(f"lethe_path_{index}")
+        source = source.join(joined, last.c[hop.column] == joined.c[hop.references])
+        last, last_name = joined, hop.table
+    return source, last, last_name
+
+
 def _identity(col: Column[Any]) -> ColumnElement[Any]:
     """The least non-blank value of an identity column among a subject's rows, as text."""
-    value: ColumnElement[Any] = col if isinstance(col.type, String) else cast(col, Text)
+    text = isinstance(col.type, String) and not isinstance(col.type, Enum)
+    value: ColumnElement[Any] = col if text else cast(col, Text)
     return func.min(case((func.trim(value) != "", value)))
 
 
