@@ -169,6 +169,35 @@ def aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def batch_of_one(request: StepRequest) -> BatchStepRequest:
+    """`request` as a batch of its one subject: the single path runs the batch code. Whole
+    backups count the subject as found only when the request says so."""
+    return BatchStepRequest(
+        request_id=request.request_id,
+        batch=0,
+        step=request.step,
+        subjects=[BulkSubject(subject_ref=request.subject_ref, subject=request.subject)],
+        erasure_started_at=request.erasure_started_at,
+        window_ends_at=request.window_ends_at,
+        found=None if request.subject_found else [],
+    )
+
+
+def subject_found(batch: BatchStepRequest, item: BulkSubject) -> bool:
+    """The erasure found the subject somewhere (or they are on the forget-list)."""
+    return batch.found is None or item.subject_ref in batch.found
+
+
+def counts_of(value: object, size: int) -> list[int]:
+    """A heartbeated list of per-subject counts, `size` long (zeros where it says nothing)."""
+    counts = [0] * size
+    if isinstance(value, list) and len(value) == size:
+        for i, n in enumerate(value):
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                counts[i] = n
+    return counts
+
+
 # --- the backup connector ----------------------------------------------------------------------
 
 
@@ -209,35 +238,6 @@ class _Found:
             if name in self.owner:
                 counts[self.owner[name]] += 1
         return counts
-
-
-def batch_of_one(request: StepRequest) -> BatchStepRequest:
-    """`request` as a batch of its one subject: the single path runs the batch code. Whole
-    backups count the subject as found only when the request says so."""
-    return BatchStepRequest(
-        request_id=request.request_id,
-        batch=0,
-        step=request.step,
-        subjects=[BulkSubject(subject_ref=request.subject_ref, subject=request.subject)],
-        erasure_started_at=request.erasure_started_at,
-        window_ends_at=request.window_ends_at,
-        found=None if request.subject_found else [],
-    )
-
-
-def subject_found(batch: BatchStepRequest, item: BulkSubject) -> bool:
-    """The erasure found the subject somewhere (or they are on the forget-list)."""
-    return batch.found is None or item.subject_ref in batch.found
-
-
-def counts_of(value: object, size: int) -> list[int]:
-    """A heartbeated list of per-subject counts, `size` long (zeros where it says nothing)."""
-    counts = [0] * size
-    if isinstance(value, list) and len(value) == size:
-        for i, n in enumerate(value):
-            if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
-                counts[i] = n
-    return counts
 
 
 @dataclass(frozen=True)

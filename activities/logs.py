@@ -597,7 +597,10 @@ class LogRedactor(BlobConnector[LogLocator]):
         "the signature allows read, list and write; with tenant_field, records carry it"
     )
     proves = "no record of the subject is left in any log blob under the prefix"
-    retries = "each rewritten blob's lethe_request, lethe_step and lethe_records metadata"
+    retries = (
+        "each rewritten blob's lethe_request, lethe_step and lethe_records metadata "
+        "(and a batch's lethe_subjects)"
+    )
     sweeps = "each log blob rewritten without its lines past the period (If-Match), the rest as is"
 
     async def preflight(self, request: StepRequest) -> list[str]:

@@ -352,3 +352,26 @@ async def test_a_subject_without_a_value_to_find_fails_alone(
     assert "finds records by identity.email" in failed[0][1].detail
     assert outcome.evidence["subjects_unfindable"] == 1
     assert counted.writes == Counter({name: 1 for name in seeded.holding()})
+
+
+async def test_verify_fails_only_the_subject_whose_record_is_back(
+    container: ContainerClient, counted: Counting
+) -> None:
+    seeded = await _seed(container)
+    batch = _batch(seeded)
+    erased = await counted.erase_batch(batch)
+    assert {o.status for o in erased.outcomes} == {"done"}
+    # A late writer logs subject 3 again (and someone else) after the erasure.
+    late = {"ts": "late", "patient_id": "p-3", "msg": "login"}
+    other = {"ts": "late", "patient_id": f"p-{SUBJECTS + 1}", "msg": "login"}
+    await container.upload_blob(
+        "portal/9-late.jsonl", json.dumps(late).encode() + b"\n" + json.dumps(other).encode()
+    )
+
+    verified = await counted.verify_batch(batch, erased)
+
+    failed = [(i, o) for i, o in enumerate(verified.outcomes) if o.status != "done"]
+    assert [i for i, _ in failed] == [3]
+    assert failed[0][1].detail == "1 log record(s) still carry the subject's values"
+    assert verified.evidence["records_matching"] == 1
+    assert [o.affected for o in verified.outcomes] == seeded.expected()
