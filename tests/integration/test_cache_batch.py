@@ -353,3 +353,52 @@ async def test_the_worker_s_activity_erases_a_batch(
     }
     named = {k.encode() for n, sid in enumerate(ids) for k in _named(prefix, sid, n)}
     assert await _dumps(raw, prefix) == {k: v for k, v in before.items() if k not in named}
+
+
+async def test_the_batch_matches_keys_exactly_as_redis_does(
+    clients: Clients, redis_url: str, raw: Redis, prefix: str
+) -> None:
+    """The same keys under two prefixes: one purged as a batch (matched here), the other one
+    subject at a time (SCAN MATCH with each subject's own pattern: Redis matches). What is
+    left must be the same, for globs with classes, negation, ranges either way and escapes."""
+
+    def locator(under: str) -> RedisLocator:
+        return RedisLocator(
+            patterns=[
+                f"{under}:a:[^x]?:{{subject_id}}*",
+                f"{under}:b:*[0-9z-w]:{{subject_id}}",
+                f"{under}:c:\\[{{subject_id}}\\]?",
+            ],
+            categories=["user.contact"],
+        )
+
+    ids = ["s1", "s2", "*", "?", "[0-9]", "\\", "s1*", "-"]
+    decoys = ["s10", "s", "x", "5", "[", "]"]
+    relative = [
+        f"{shape}:{sid}{tail}"
+        for sid in ids + decoys
+        for shape in [f"a:{c1}{c2}" for c1 in "xay^" for c2 in "1?*"]
+        + [f"b:{mid}{last}" for mid in ("", "q", "q5") for last in "5wxz-y"]
+        for tail in ("", "0", ":k")
+    ] + [f"c:[{sid}]{tail}" for sid in ids + decoys for tail in ("", "!", "!!")]
+    batched, single = f"{prefix}:batched", f"{prefix}:single"
+    pipe = raw.pipeline(transaction=False)
+    for key in relative:
+        pipe.set(f"{batched}:{key}", "v")
+        pipe.set(f"{single}:{key}", "v")
+    await pipe.execute()
+    eraser = CacheEraser.open(clients, redis_url)
+
+    outcome = await eraser.erase_batch(_batch(locator(batched), ids))
+    for item in _batch(locator(single), ids).subjects:
+        await eraser.erase(_batch(locator(single), [item.subject.subject_id]).single(item))
+
+    async def left(under: str) -> set[bytes]:
+        found = raw.scan_iter(match=f"{glob_escape(under)}:*", count=1000)
+        return {key[len(under) + 1 :] async for key in found}
+
+    assert _statuses(outcome) == {"done"}
+    kept = await left(batched)
+    assert kept == await left(single)
+    assert 0 < len(kept) < len(set(relative))
+    assert outcome.evidence["keys_unlinked"] == len(set(relative)) - len(kept)
