@@ -441,6 +441,15 @@ def _expiry(settings: Mapping[str, str], erasure_started_at: datetime) -> Remova
     return retention_bound(settings, erasure_started_at)
 
 
+def _search_since(request: StepRequest | BatchStepRequest) -> int:
+    """Since when (ms) a tombstone of the step's earlier attempts can be stamped: the erasure's
+    start, or the first attempt of this activity if later, less the clock skew allowed."""
+    since = _utc(request.erasure_started_at)
+    if activity.in_activity():
+        since = max(since, _utc(activity.info().scheduled_time))
+    return int((since - CLOCK_SKEW).timestamp() * 1000)
+
+
 def _heartbeat(topic: str, offsets: Mapping[int, int]) -> None:
     """Tell a later attempt where to look: the step's tombstones, if any, are at or after
     `offsets` (per partition; nothing of them is earlier). Outside an activity, nothing."""
@@ -481,6 +490,7 @@ class _Search:
     ) -> None:
         self._bootstrap, self._topic = bootstrap, topic
         self._wanted = {partition: set(keys) for partition, keys in wanted.items()}
+        """Per partition, the keys whose tombstone is not found yet."""
         self._marks = list(marks)
         self._consumer = reader(bootstrap, "lethe-erase", partition_eof=True)
         self._open: set[int] = set()
@@ -552,14 +562,14 @@ class _Search:
             return ""
         self.nexts[partition] = offset + 1
         key = message.key()
-        if key in self._wanted[partition] and key not in self.found and self._ours(message):
+        missing = self._wanted[partition]  # the keys of the partition not found yet
+        if key in missing and self._ours(message):
             kind, stamp = message.timestamp()
             if kind == TIMESTAMP_NOT_AVAILABLE:
                 stamp = int(time.time() * 1000)
             self.found[key] = _Delivery(partition=partition, offset=offset, timestamp_ms=stamp)
-        if self.nexts[partition] >= self.ends[partition] or self._wanted[partition] <= set(
-            self.found
-        ):
+            missing.discard(key)
+        if self.nexts[partition] >= self.ends[partition] or not missing:
             self._close(partition)
         return ""
 
@@ -1229,11 +1239,12 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         leaves that for the retry).
 
         The search starts where an earlier attempt's heartbeat says it was about to produce,
-        else at the first record stamped after the erasure began (less the clock skew allowed),
-        and ends at each partition's end when it began; it heartbeats as it reads.
+        else at the first record stamped after the erasure began, or after the activity's first
+        attempt was scheduled if later (less the clock skew allowed): a bulk request's later
+        batches do not read the traffic since the request began. It ends at each partition's
+        end when it began, and heartbeats as it reads.
         """
-        since = _utc(job.request.erasure_started_at) - CLOCK_SKEW
-        since_ms = int(since.timestamp() * 1000)
+        since_ms = _search_since(job.request)
         earlier = _earlier_offsets(topic)
         search = await self._in_thread(_Search, self._bootstrap, topic, wanted, job.marks)
         try:
