@@ -442,3 +442,37 @@ async def test_a_retry_after_a_lost_worker_looks_where_the_first_attempt_heartbe
     assert [o.status for o in retry.outcomes] == ["pending_compaction"] * 60
     _, tombstones = _latest(kafka_bootstrap, topic)
     assert tombstones == 60
+
+
+async def test_a_tombstone_the_broker_refuses_fails_its_subject_alone(
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    """Subject 999's key is longer than the topic takes (max.message.bytes): the broker refuses
+    its tombstone; the subjects whose keys are on the other partitions are erased."""
+    topic = make_topic({**COMPACTED, "max.message.bytes": "2000"})
+    parts = "abcdef"
+    template = "patient:" + "".join(f"{{identity.{part}}}" for part in parts)
+    refused = ("patient:" + "x" * 3000).encode()
+    keys = {n: f"patient:{n}-----".encode() for n in range(30)}
+    ids = [n for n, key in keys.items() if partition_of(key, 3) != partition_of(refused, 3)]
+    identities = {n: {"a": str(n), **dict.fromkeys(parts[1:], "-")} for n in ids}
+    identities[999] = dict.fromkeys(parts, "x" * 500)
+    _produce(kafka_bootstrap, topic, [(keys[n], b"{}") for n in ids])
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
+
+    outcome = await writer.erase_batch(
+        _batch(_by_key(topic, template), "tombstone", [*ids, 999], identities=identities)
+    )
+
+    assert [o.status for o in outcome.outcomes] == ["pending_compaction"] * len(ids) + ["failed"]
+    assert outcome.outcomes[-1].detail == (
+        f"ServiceUnavailable: Kafka at {kafka_bootstrap}: delivery failed MSG_SIZE_TOO_LARGE"
+    )
+    assert outcome.evidence["subjects_failed"] == 1
+    assert outcome.evidence["tombstones_written"] == len(ids)
+    latest, tombstones = _latest(kafka_bootstrap, topic)
+    assert tombstones == len(ids) and refused not in latest
+    assert all(latest[keys[n]][2] is None for n in ids)
+    # The worker's producer goes on: the next batch's tombstones are delivered.
+    again = await writer.erase_batch(_batch(_by_key(topic), "tombstone", ids[:3], number=1))
+    assert [o.status for o in again.outcomes] == ["pending_compaction"] * 3
