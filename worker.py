@@ -22,8 +22,8 @@ from temporalio.client import Client as TemporalClient
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
+from lethe.activities import bulk, retention
 from lethe.activities import ledger as control
-from lethe.activities import retention
 from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
 from lethe.activities.healthcheck import report_worker
@@ -36,6 +36,7 @@ from lethe.kernel.errors import LetheError
 from lethe.kernel.regions import task_queue, validate_region
 from lethe.keys import store as key_store
 from lethe.temporal.connection import connect
+from lethe.workflows.bulk_erasure import BulkErasureWorkflow
 from lethe.workflows.erasure import ErasureWorkflow
 from lethe.workflows.healthcheck import HealthCheckWorkflow
 from lethe.workflows.key_rotation import KeyRotationWorkflow
@@ -43,7 +44,12 @@ from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 from lethe.workflows.retention import RetentionSweepWorkflow
 
 WORKFLOWS: Sequence[type] = (HealthCheckWorkflow, RegionalErasureWorkflow)
-CONTROL_WORKFLOWS: Sequence[type] = (ErasureWorkflow, KeyRotationWorkflow, RetentionSweepWorkflow)
+CONTROL_WORKFLOWS: Sequence[type] = (
+    ErasureWorkflow,
+    BulkErasureWorkflow,
+    KeyRotationWorkflow,
+    RetentionSweepWorkflow,
+)
 CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     plan_erasure,
     control.record,
@@ -54,6 +60,11 @@ CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     retention.plan,
     retention.next_batch,
     retention.keep_report,
+    bulk.plan_bulk,
+    bulk.stage_found,
+    bulk.next_batch,
+    bulk.record_batch,
+    bulk.finish,
 )
 
 log = logging.getLogger("lethe.worker")

@@ -15,6 +15,7 @@ from temporalio import activity
 
 from lethe.activities.blob import BackupEraser
 from lethe.activities.cache import CacheEraser
+from lethe.activities.cache_subjects import redis_subjects
 from lethe.activities.clients import Clients
 from lethe.activities.common import step_connection
 from lethe.activities.connector import (
@@ -29,12 +30,15 @@ from lethe.activities.kafka import TombstoneWriter
 from lethe.activities.logs import LogRedactor
 from lethe.activities.shred import KeyShredder
 from lethe.activities.sql import SqlEraser
+from lethe.activities.sql_subjects import sql_subjects
 from lethe.contracts import (
     BatchStepOutcome,
     BatchStepRequest,
     StepCheck,
     StepOutcome,
     StepRequest,
+    SubjectsPage,
+    SubjectsQuery,
     SweepBatch,
     SweepResult,
     VerifyRequest,
@@ -52,6 +56,11 @@ KINDS: tuple[type[Connector[Any]], ...] = (
 """Every connector, one per kind of system the data map knows."""
 
 
+SubjectLister = Callable[[Clients, SubjectsQuery], Awaitable[SubjectsPage]]
+SUBJECT_LISTS: dict[str, SubjectLister] = {"sql": sql_subjects, "redis": redis_subjects}
+"""Kinds whose connectors list a tenant's subjects (`<kind>.subjects`, tenant offboarding)."""
+
+
 def describe() -> list[ConnectorInfo]:
     """What each connector is and can do, from its code."""
     return [kind.describe() for kind in KINDS]
@@ -67,6 +76,8 @@ class Connectors:
         self._activities: dict[str, Callable[..., Awaitable[Any]]] = {}
         for kind in KINDS:
             self._activities.update(self._activities_of(kind))
+        for name, lister in SUBJECT_LISTS.items():
+            self._activities[f"{name}.subjects"] = self._subjects_of(name, lister)
 
     def activities(self) -> Sequence[Callable[..., Awaitable[Any]]]:
         """Every connector activity, for a region's worker."""
@@ -82,6 +93,15 @@ class Connectors:
         """The connector for a step's system, over this worker's clients."""
         kind.locator(request)  # refuse a step of another kind before reading its connection
         return kind.open(self.clients, step_connection(request))
+
+    def _subjects_of(self, name: str, lister: SubjectLister) -> Callable[..., Awaitable[Any]]:
+        @activity.defn(name=f"{name}.subjects")
+        async def subjects(query: SubjectsQuery) -> SubjectsPage:
+            step = query.step
+            return await guarded(step.system, step.region, lambda: lister(self.clients, query))
+
+        subjects.__doc__ = f"One page of a tenant's subjects in one {name} step (reading only)."
+        return subjects
 
     def _activities_of(
         self, kind: type[Connector[Any]]

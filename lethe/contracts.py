@@ -827,10 +827,12 @@ class BatchStepOutcome(Contract):
         return sum(outcome.affected for outcome in self.outcomes)
 
 
-BulkPhase = Literal["immediate", "deferred", "held"]
-"""`held`: subjects set aside for a legal hold, taken again (every step) once it is released."""
+BulkPhase = Literal["discover", "immediate", "deferred", "held"]
+"""`discover`: an offboarding finds the tenant's subjects (reading only); `held`: subjects set
+aside for a legal hold, taken again (every step) once it is released."""
 BulkState = Literal[
     "planning",
+    "discovering",
     "preflight_failed",
     "awaiting_approval",
     "erasing",
@@ -850,6 +852,8 @@ SubjectStatus = Literal["pending", "erased", "incomplete", "failed", "held", "sk
 class BulkCounts(Contract):
     """Subjects of a bulk request by where they stand."""
 
+    model_config = ConfigDict(frozen=False)  # part of BulkProgress, which the workflow keeps
+
     total: int = 0
     erased: int = 0
     incomplete: int = 0
@@ -867,6 +871,8 @@ class BulkCounts(Contract):
 class BulkStepTotals(Contract):
     """What one step did over every batch so far."""
 
+    model_config = ConfigDict(frozen=False)  # part of BulkProgress, which the workflow keeps
+
     step_id: str
     system: str
     phase: Phase
@@ -877,6 +883,10 @@ class BulkStepTotals(Contract):
 class BulkProgress(Contract):
     """A bulk request as its workflow knows it: the `progress` query's answer, carried across
     continue-as-new, and (closed) the bulk certificate's body."""
+
+    model_config = ConfigDict(frozen=False)
+    """The workflow's own state, updated in place as batches finish (every other contract is a
+    frozen message)."""
 
     bulk_id: str
     tenant: str
@@ -901,6 +911,11 @@ class BulkProgress(Contract):
     held_by: list[str] = []
     """Holds blocking steps for every subject (tenant, system or category holds)."""
     preflight: list[StepCheck] = []
+    discovered: dict[str, int] = {}
+    """An offboarding's subjects found per step (a subject found in several counts in each)."""
+    discover_step: int = 0
+    discover_after: str | None = None
+    """Where an offboarding's discovery stands: the step it lists, and after which subject."""
     roots: int = 0
     """Merkle roots recorded (one per batch and phase; the roots themselves are in the ledger)."""
     plan: Plan | None = None
@@ -924,6 +939,13 @@ class BulkRequest(Contract):
     """Where a run continued-as-new left off."""
 
 
+class BulkFound(Contract):
+    """Subjects an offboarding found in one page of one locator, to stage."""
+
+    bulk_id: str
+    subjects: list[Subject]
+
+
 class BulkBatch(Contract):
     """The next batch of a phase: the subjects to erase, and what was set aside and why."""
 
@@ -938,6 +960,8 @@ class BulkBatch(Contract):
     found: list[str] | None = None
     """In the deferred phase, the subjects found somewhere in the immediate phase (whole
     backups are touched only for them); None in the other phases."""
+    counts: dict[str, int] = {}
+    """The request's subjects by status in Lethe's store, after this batch was taken."""
 
 
 class BulkBatchQuery(Contract):
@@ -975,7 +999,10 @@ class BulkRecorded(Contract):
     root: str
     ledger_hash: str
     statuses: dict[str, int]
+    """The batch's subjects by the status they now have."""
     failures: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    """The request's subjects by status in Lethe's store, after this batch."""
 
 
 class SubjectsQuery(Contract):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -518,39 +519,17 @@ class ErasureWorkflow:
     ) -> list[StepCheck]:
         """Each step checked by its own region's worker, in parallel, touching nothing."""
         now = workflow.now()
-        checking = [step for step in steps if step.action != "retain"]
-
-        async def check(step: Step) -> StepCheck:
-            request = StepRequest(
+        return await preflight(
+            steps,
+            lambda step: StepRequest(
                 request_id=start.request_id,
                 subject_ref=start.subject_ref,
                 subject=start.request.subject,
                 step=step,
                 erasure_started_at=now,
                 window_ends_at=now + plan.window_length,
-            )
-            try:
-                found: StepCheck = await workflow.execute_activity(
-                    f"{step.kind}.preflight",
-                    request,
-                    result_type=StepCheck,
-                    task_queue=task_queue(step.region, workflow.info().task_queue),
-                    schedule_to_close_timeout=PREFLIGHT_TIMEOUT,
-                    retry_policy=RetryPolicy(maximum_attempts=1),
-                )
-                return found
-            except ActivityError as error:
-                return StepCheck(
-                    step_id=step.id,
-                    problems=[
-                        f"the worker of region {step.region!r} did not check the step "
-                        f"({failure_reason(error)}); is `lethe worker --region "
-                        f"{step.region}` running?"
-                    ],
-                    transient=True,
-                )
-
-        return list(await asyncio.gather(*(check(step) for step in checking)))
+            ),
+        )
 
     def _retry_until(self) -> datetime:
         """Until when steps retry transient failures: a margin before the deadline."""
@@ -754,3 +733,33 @@ def _overall(outcomes: list[StepOutcome]) -> Outcome:
     if statuses <= {*DONE_STATES, "pending_compaction"}:
         return "erased_pending_compaction"
     return "incomplete"
+
+
+async def preflight(steps: list[Step], request: Callable[[Step], StepRequest]) -> list[StepCheck]:
+    """Each destructive step checked by its own region's worker, in parallel, touching nothing
+    (`request` makes a step's request); a region whose worker does not answer is a transient
+    problem of its steps."""
+
+    async def check(step: Step) -> StepCheck:
+        try:
+            found: StepCheck = await workflow.execute_activity(
+                f"{step.kind}.preflight",
+                request(step),
+                result_type=StepCheck,
+                task_queue=task_queue(step.region, workflow.info().task_queue),
+                schedule_to_close_timeout=PREFLIGHT_TIMEOUT,
+                retry_policy=RetryPolicy(maximum_attempts=1),
+            )
+            return found
+        except ActivityError as error:
+            return StepCheck(
+                step_id=step.id,
+                problems=[
+                    f"the worker of region {step.region!r} did not check the step "
+                    f"({failure_reason(error)}); is `lethe worker --region "
+                    f"{step.region}` running?"
+                ],
+                transient=True,
+            )
+
+    return list(await asyncio.gather(*(check(s) for s in steps if s.action != "retain")))

@@ -20,6 +20,7 @@ from lethe.cli import keys as keys_commands
 from lethe.cli import retention as retention_commands
 from lethe.cli import retry as retry_commands
 from lethe.cli.audit import audit_app
+from lethe.cli.bulk import bulk_app, offboard
 from lethe.cli.codec import codec_app
 from lethe.cli.common import err, out, run
 from lethe.cli.datamap import datamap_app
@@ -36,6 +37,8 @@ app = typer.Typer(
     help="Lethe: durable erasure, retention and key management.", no_args_is_help=True
 )
 app.add_typer(codec_app, name="codec")
+app.add_typer(bulk_app, name="bulk")
+app.command()(offboard)
 app.add_typer(hold_app, name="hold")
 app.add_typer(audit_app, name="audit")
 app.add_typer(forget_app, name="forget-list")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,6 +11,7 @@ from rich.live import Live
 
 from lethe.classification.datamap import load_datamap
 from lethe.classification.routing import systems_of
+from lethe.cli.bulk import erase_many, progress_view, proofs_view
 from lethe.cli.common import (
     ByOption,
     JsonOption,
@@ -30,10 +32,19 @@ from lethe.cli.views import (
     status_view,
     when,
 )
-from lethe.contracts import ApprovalDecision, ErasureRequest, ErasureStatus, Extension, Subject
+from lethe.contracts import (
+    BULK_BATCH,
+    ApprovalDecision,
+    ErasureRequest,
+    ErasureStatus,
+    Extension,
+    Subject,
+)
+from lethe.evidence.bulk import check_proof
 from lethe.kernel.config import load_settings
 from lethe.kernel.errors import LetheError
-from lethe.sdk.client import Client, RequestFailed
+from lethe.sdk import bulk
+from lethe.sdk.client import Client, RequestFailed, UnknownRequest
 
 POLL_SECONDS = 1.0
 SETTLED = (
@@ -74,8 +85,8 @@ def _identities(pairs: list[str]) -> dict[str, str]:
 def erase(
     tenant: Annotated[str, typer.Option("--tenant", help="the subject's tenant")],
     subject: Annotated[
-        str, typer.Option("--subject", help="the subject id (never shown or logged)")
-    ],
+        str | None, typer.Option("--subject", help="the subject id (never shown or logged)")
+    ] = None,
     identity: Annotated[
         list[str], typer.Option("--identity", help="another identifier, NAME=VALUE (repeatable)")
     ] = [],  # noqa: B006 - typer reads the default, never mutates it
@@ -87,8 +98,44 @@ def erase(
     ] = False,
     wait: Annotated[bool, typer.Option(help="show progress until a person or time is next")] = True,
     json: JsonOption = False,
+    subjects_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--subjects-file",
+            help="erase many subjects of the tenant: CSV with a subject_id column (other "
+            "columns are identities) or JSON lines; a bulk request",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=5000, help="subjects per batch (--subjects-file)")
+    ] = BULK_BATCH,
 ) -> None:
-    """Erase a subject everywhere the data map says their data lives (or --dry-run the plan)."""
+    """Erase a subject everywhere the data map says their data lives (or --dry-run the plan);
+    with --subjects-file, every subject of a file, in batches (a bulk request)."""
+    if (subject is None) == (subjects_file is None):
+        raise typer.BadParameter("give either --subject or --subjects-file")
+    if subjects_file is not None:
+        if identity or dry_run:
+            raise typer.BadParameter(
+                "--identity and --dry-run are for one subject; a subjects file gives identities "
+                "as columns"
+            )
+        run(
+            erase_many(
+                tenant=tenant,
+                subjects_file=subjects_file,
+                region=region,
+                reason=reason,
+                by=actor(by),
+                batch_size=batch_size,
+                wait=wait,
+                json=json,
+            )
+        )
+        return
+    assert subject is not None
     request = valid(
         lambda: ErasureRequest(
             subject=Subject(tenant=tenant, subject_id=subject, identities=_identities(identity)),
@@ -330,7 +377,22 @@ async def _certificate(
     request: str | None, tenant: str | None, subject: str | None, json: bool
 ) -> int:
     client = await Client.connect()
-    found = await client.certificate(request_id(client, request, tenant, subject))
+    if request is not None and request.startswith("bulk-"):
+        current = await bulk.progress(client, request)
+        out.print_json(current.model_dump_json()) if json else out.print(progress_view(current))
+        return 0
+    try:
+        found = await client.certificate(request_id(client, request, tenant, subject))
+    except UnknownRequest:
+        if tenant is None or subject is None:
+            raise
+        # Not a request of its own: the subject may have been erased by a bulk request.
+        proofs = await bulk.subject_proofs(client, tenant, subject)
+        if json:
+            out.print_json(data=[p.model_dump(mode="json") for p in proofs])
+        else:
+            out.print(proofs_view(proofs))
+        return 0 if all(check_proof(p) for p in proofs) else 1
     if json:
         # The summary (failures with reasons, caveats with dates) first, then the evidence.
         out.print_json(data={"summary": found.summary(), **found.model_dump(mode="json")})

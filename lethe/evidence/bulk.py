@@ -17,25 +17,27 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Protocol, get_args
 
 from pydantic import Field
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from lethe.contracts import BULK_MAX_SUBJECTS, BulkSubject, Contract, StepStatus, Subject
+from lethe.contracts import (
+    BULK_MAX_SUBJECTS,
+    BulkSubject,
+    Contract,
+    StepStatus,
+    Subject,
+    SubjectStatus,
+)
 from lethe.evidence import ledger, merkle
 from lethe.evidence.forget_list import seal, unseal
 from lethe.evidence.store import bulk_batches, bulk_leaves, bulk_subjects
 from lethe.evidence.store import ledger as ledger_table
 from lethe.kernel.errors import LetheError
 from lethe.kernel.subjects import subject_ref
-
-BulkSubjectStatus = Literal[
-    "pending", "erased", "incomplete", "failed", "held", "skipped", "joined"
-]
-"""Where one staged subject stands (the same values as `lethe.contracts.SubjectStatus`)."""
 
 STAGE_CHUNK = 5000
 """Rows per executemany when staging and when storing leaves."""
@@ -251,7 +253,7 @@ async def take(
     after_seq: int,
     limit: int,
     subject_key: bytes,
-    statuses: Sequence[BulkSubjectStatus] = ("pending",),
+    statuses: Sequence[SubjectStatus] = ("pending",),
 ) -> list[tuple[int, BulkSubject]]:
     """Up to `limit` staged subjects after `after_seq` whose status is one of `statuses`, in
     order, unsealed, each with its place."""
@@ -280,7 +282,7 @@ async def take(
 
 
 def _checked_status(status: str) -> str:
-    if status not in get_args(BulkSubjectStatus):
+    if status not in get_args(SubjectStatus):
         raise BulkMalformed(f"{status[:40]!r} is not a bulk subject's status")
     return status
 
@@ -288,7 +290,7 @@ def _checked_status(status: str) -> str:
 async def mark(
     engine: AsyncEngine,
     bulk_id: str,
-    statuses: Mapping[str, tuple[BulkSubjectStatus, str]],
+    statuses: Mapping[str, tuple[SubjectStatus, str]],
     batch: int | None,
 ) -> None:
     """Set staged subjects' status and detail (short text, never an id), by reference; and
@@ -334,7 +336,7 @@ async def counts(engine: AsyncEngine, bulk_id: str) -> dict[str, int]:
 
 async def statuses(
     engine: AsyncEngine, bulk_id: str, refs: Sequence[str]
-) -> dict[str, BulkSubjectStatus]:
+) -> dict[str, SubjectStatus]:
     """The status of each of `refs` staged in the request (a reference not staged is left out)."""
     async with engine.connect() as conn:
         return await _statuses(conn, bulk_id, refs)
@@ -342,8 +344,8 @@ async def statuses(
 
 async def _statuses(
     conn: AsyncConnection, bulk_id: str, refs: Sequence[str]
-) -> dict[str, BulkSubjectStatus]:
-    found: dict[str, BulkSubjectStatus] = {}
+) -> dict[str, SubjectStatus]:
+    found: dict[str, SubjectStatus] = {}
     for start in range(0, len(refs), IN_CHUNK):
         query = select(bulk_subjects.c.subject_ref, bulk_subjects.c.status).where(
             bulk_subjects.c.bulk_id == bulk_id,

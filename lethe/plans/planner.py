@@ -53,8 +53,17 @@ class Planner:
         digest = hashlib.sha256(datamap_path.read_bytes()).hexdigest()
         return cls(load_datamap(datamap_path), load_pack(pack_path), digest)
 
-    def plan(self, request: ErasureRequest, request_id: str, subject_ref: str) -> Plan:
-        """The plan for one request: every locator of every system, its action and its basis."""
+    def plan(
+        self,
+        request: ErasureRequest,
+        request_id: str,
+        subject_ref: str,
+        *,
+        check_identities: bool = True,
+    ) -> Plan:
+        """The plan for one request: every locator of every system, its action and its basis.
+        A bulk request plans once per tenant without identities (`check_identities=False`) and
+        checks each subject against `needed_identities` instead."""
         subject = request.subject
         home = routing.home_region(self.datamap, subject.tenant, request.region)
         # Only the systems that hold the subject's tenant: nothing of the subject goes to a
@@ -83,7 +92,8 @@ class Planner:
                 "whole backups of systems that do not hold them): list the tenant under the "
                 "`tenants` of the systems that hold them"
             )
-        self._check_identities(steps, subject.template_values(subject_ref))
+        if check_identities:
+            self._check_identities(steps, subject.template_values(subject_ref))
         special = sorted(
             {
                 d.category
@@ -200,6 +210,18 @@ class Planner:
                         f"step {step.id} needs {', '.join('{' + m + '}' for m in missing)}: "
                         "give it with --identity NAME=VALUE"
                     )
+
+
+def needed_identities(steps: Iterable[Step]) -> set[str]:
+    """The identities (`email`, ...) the destructive steps' templates need of every subject."""
+    return {
+        name.removeprefix("identity.")
+        for step in steps
+        if step.action != "retain"
+        for template in _templates(step)
+        for name in template_fields(template)
+        if name.startswith("identity.")
+    }
 
 
 def _shredded_topics(steps: list[Step], held: set[str], tenant: str) -> list[Step]:

@@ -433,7 +433,10 @@ class Client:
     async def release_hold(self, hold_id: str, *, released_by: str) -> Hold:
         """Release a hold and tell the erasures waiting on holds to check again."""
         hold = await holds.release(await self._store(), hold_id, released_by=released_by)
-        query = "LetheKind = 'erasure' AND LetheStatus = 'on_hold' AND ExecutionStatus = 'Running'"
+        query = (
+            "LetheKind IN ('erasure', 'erasure-bulk') AND LetheStatus = 'on_hold' "
+            "AND ExecutionStatus = 'Running'"
+        )
         async for execution in self.temporal.list_workflows(query):
             await self._signal(execution.id, ErasureWorkflow.holds_changed)
         return hold

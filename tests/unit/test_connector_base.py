@@ -73,15 +73,15 @@ def test_a_connector_takes_only_its_own_steps(kind: type[Connector[Any]]) -> Non
         kind.locator(_request(kind.kind, lacking))
 
 
-async def test_a_worker_s_activities_are_every_kind_s_four_under_their_workflow_names() -> None:
+async def test_a_worker_s_activities_are_every_kind_s_five_under_their_workflow_names() -> None:
     async with Clients() as clients:
         activities = Connectors(clients).activities()
     names = {getattr(a, "__temporal_activity_definition").name for a in activities}
     assert names == {
         f"{k}.{op}"
         for k in get_args(SystemKind)
-        for op in ("erase", "verify", "preflight", "sweep")
-    }
+        for op in ("erase", "verify", "preflight", "erase_batch", "sweep")
+    } | {"sql.subjects", "redis.subjects"}
 
 
 async def test_an_activity_refuses_a_step_of_another_kind_before_reading_any_connection(

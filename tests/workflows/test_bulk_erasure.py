@@ -1,0 +1,293 @@
+"""The bulk erasure workflow under time skipping, with the real activities on SQLite.
+
+A clinic's visits table: the subjects of a file are erased batch after batch (the workflow
+continues as new, its histories stay small), every other patient's rows are untouched, each
+batch's Merkle root is in the ledger and sampled subjects' proofs hold; subjects under a legal
+hold wait and go once it is released; subjects on the forget-list are skipped; a paused request
+takes no batch until resumed, and a cancelled one stops with what ran certified. The database is
+read back with SQL: the workflow's counts are checked against it, not trusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
+from sqlalchemy.ext.asyncio import create_async_engine
+from temporalio.client import WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from lethe.activities import bulk as bulk_activities
+from lethe.activities import ledger as control
+from lethe.activities.clients import Clients
+from lethe.activities.connectors import Connectors
+from lethe.contracts import BulkProgress, Subject
+from lethe.evidence import bulk, forget_list, ledger
+from lethe.evidence.store import engine_for
+from lethe.kernel.config import Settings, current_settings
+from lethe.kernel.database import dispose_all
+from lethe.kernel.subjects import subject_ref
+from lethe.sdk import bulk as bulk_sdk
+from lethe.sdk.client import Client
+from lethe.workflows.bulk_erasure import BulkErasureWorkflow
+
+CONTROL = "bulktest-control"
+REGION_QUEUE = "bulktest-eu"
+TENANT = "st-mary"
+
+DATAMAP = """
+version: 1
+regions: [eu]
+tenants:
+  st-mary: {region: eu}
+systems:
+  - name: clinic-db
+    kind: sql
+    region: eu
+    connection: LETHE_TEST_CLINIC_URL
+    tables:
+      - table: visits
+        subject_column: patient_id
+        columns:
+          note: user.contact.email
+"""
+PACK = """
+name: bulktest
+version: "1"
+erasure:
+  default: {strategy: delete, citation: "GDPR Art. 17(1)"}
+  deadline_months: 1
+  window: 30d
+"""
+
+visits = Table(
+    "visits",
+    MetaData(),
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("note", String(200), nullable=False),
+)
+
+
+@pytest.fixture
+async def setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Settings, str]]:
+    """A clinic database and a Lethe store of this test's own; the data map and pack."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'clinic.db'}"
+    (tmp_path / "datamap.yaml").write_text(DATAMAP)
+    (tmp_path / "pack.yaml").write_text(PACK)
+    monkeypatch.setenv("LETHE_TEST_CLINIC_URL", url)
+    monkeypatch.setenv("LETHE_STORE_URL", f"sqlite+aiosqlite:///{tmp_path / 'lethe.db'}")
+    monkeypatch.setenv("LETHE_DATAMAP", str(tmp_path / "datamap.yaml"))
+    monkeypatch.setenv("LETHE_POLICY", str(tmp_path / "pack.yaml"))
+    monkeypatch.setenv("LETHE_SUBJECT_KEY", base64.b64encode(os.urandom(32)).decode())
+    monkeypatch.setenv("LETHE_KEYS_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    monkeypatch.setenv("LETHE_CONTROL_QUEUE", CONTROL)
+    rows = [
+        {"id": n, "patient_id": f"p-{n % 300}", "note": f"visit {n}"} for n in range(600)
+    ]  # 300 patients, two visits each
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(visits.metadata.create_all)
+        await conn.execute(insert(visits), rows)
+    await engine.dispose()
+    yield current_settings(), url
+    await dispose_all()
+
+
+async def _rows(url: str) -> dict[int, tuple[Any, ...]]:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        found = {row.id: tuple(row) for row in await conn.execute(select(visits))}
+    await engine.dispose()
+    return found
+
+
+def _subjects_file(path: Path, ids: list[str]) -> Path:
+    path.write_text("subject_id\n" + "".join(f"{i}\n" for i in ids))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def _running(env: WorkflowEnvironment) -> AsyncIterator[None]:
+    """A control worker and region eu's worker, as `lethe worker --control` makes them."""
+    async with Clients() as clients:
+        control_worker = Worker(
+            env.client,
+            task_queue=CONTROL,
+            workflows=[BulkErasureWorkflow],
+            activities=[
+                bulk_activities.plan_bulk,
+                bulk_activities.stage_found,
+                bulk_activities.next_batch,
+                bulk_activities.record_batch,
+                bulk_activities.finish,
+                control.record,
+            ],
+        )
+        regional = Worker(
+            env.client, task_queue=REGION_QUEUE, activities=list(Connectors(clients).activities())
+        )
+        async with control_worker, regional:
+            yield
+
+
+async def _events_per_run(env: WorkflowEnvironment, workflow_id: str) -> list[int]:
+    """Each run's history length, from the last run back through each one it continued."""
+    counts, run_id = [], None
+    while True:
+        history = await env.client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        counts.append(len(history.events))
+        started = history.events[0].workflow_execution_started_event_attributes
+        if not started.continued_execution_run_id:
+            return counts
+        run_id = started.continued_execution_run_id
+
+
+@pytest.mark.timeout(240)
+async def test_a_bulk_erasure_erases_the_files_subjects_batch_by_batch_with_proofs(
+    time_skipping_env: WorkflowEnvironment, setup: tuple[Settings, str], tmp_path: Path
+) -> None:
+    settings, url = setup
+    before = await _rows(url)
+    targets = [f"p-{n}" for n in range(250)]
+    client = Client(time_skipping_env.client, settings)
+    async with _running(time_skipping_env):
+        bulk_id = await bulk_sdk.submit(
+            client,
+            tenant=TENANT,
+            subjects=_subjects_file(tmp_path / "subjects.csv", targets),
+            requested_by="dpo",
+            reason="clinic closes its patient portal",
+            batch_size=40,
+            batches_per_run=2,
+        )
+        handle: WorkflowHandle[Any, Any] = time_skipping_env.client.get_workflow_handle(bulk_id)
+        done = BulkProgress.model_validate(await handle.result())
+        runs = await _events_per_run(time_skipping_env, bulk_id)
+
+    after = await _rows(url)
+    kept = {i: row for i, row in before.items() if row[1] not in set(targets)}
+    assert after == kept  # every target's rows gone, every other row byte-identical
+    assert len(kept) == 100
+    assert done.state == "completed"
+    assert (done.counts.total, done.counts.erased, done.counts.failed) == (250, 250, 0)
+    (step,) = done.steps
+    assert step.affected == 500 and step.statuses == {"done": 250}
+    assert done.batches == 7  # 250 in batches of 40
+    assert len(runs) >= 2 and max(runs) < 400  # continued as new; no history grows with the file
+
+    store = await engine_for(settings.store_url.get_secret_value())
+    entries = [e for e in await ledger.entries(store) if e.request_id == bulk_id]
+    roots = [e for e in entries if e.action == "bulk.batch"]
+    assert len(roots) == 7 and all(e.subject_ref == "-" for e in entries)
+    assert [e.action for e in entries][-1] == "bulk.completed"
+    assert await bulk.verify_bulk(store, bulk_id) == []
+    for subject_id in ("p-0", "p-133", "p-249"):
+        (proof,) = await bulk_sdk.subject_proofs(client, TENANT, subject_id)
+        assert proof.status == "done" and proof.affected == 2
+        assert bulk.check_proof(proof)
+        assert proof.root in {e.details["root"] for e in roots}
+    listed = {e.subject_ref for e in await forget_list.entries(store)}
+    key = settings.subject_key_bytes
+    assert {subject_ref(TENANT, s, key) for s in targets} <= listed
+    assert subject_ref(TENANT, "p-299", key) not in listed
+
+
+@pytest.mark.timeout(240)
+async def test_held_subjects_wait_for_their_hold_and_erased_ones_are_skipped(
+    local_env: WorkflowEnvironment, setup: tuple[Settings, str], tmp_path: Path
+) -> None:
+    """On the dev server: releasing a hold finds the waiting request in visibility and wakes
+    it (the time-skipping server has no visibility queries)."""
+    settings, url = setup
+    client = Client(local_env.client, settings)
+    store = await engine_for(settings.store_url.get_secret_value())
+    key = settings.subject_key_bytes
+    erased_before = "p-7"
+    await forget_list.add(
+        store,
+        subject=Subject(tenant=TENANT, subject_id=erased_before),
+        subject_ref=subject_ref(TENANT, erased_before, key),
+        request_id="req-earlier",
+        systems=["clinic-db"],
+        subject_key=key,
+    )
+    held = ["p-3", "p-11"]
+    hold = await client.place_hold(
+        matter="litigation 42",
+        scope="subject",
+        value=subject_ref(TENANT, held[0], key),
+        placed_by="legal",
+        reason="litigation",
+    )
+    other_hold = await client.place_hold(
+        matter="litigation 43",
+        scope="subject",
+        value=subject_ref(TENANT, held[1], key),
+        placed_by="legal",
+        reason="litigation",
+    )
+    targets = [f"p-{n}" for n in range(20)]
+    async with _running(local_env):
+        bulk_id = await bulk_sdk.submit(
+            client,
+            tenant=TENANT,
+            subjects=_subjects_file(tmp_path / "subjects.csv", targets),
+            requested_by="dpo",
+            batch_size=8,
+        )
+        waiting = await bulk_sdk.follow(client, bulk_id, settled=("on_hold",), every=0.2)
+        assert waiting.phase == "held"
+        assert (waiting.counts.erased, waiting.counts.held, waiting.counts.skipped) == (17, 2, 1)
+        left = {row[1] for row in (await _rows(url)).values()}
+        assert set(held) | {erased_before} <= left  # held and skipped subjects untouched
+        await client.release_hold(hold.id, released_by="legal")
+        await client.release_hold(other_hold.id, released_by="legal")
+        done = await bulk_sdk.follow(client, bulk_id, every=0.2)
+
+    assert (done.counts.erased, done.counts.held, done.counts.skipped) == (19, 0, 1)
+    left = {row[1] for row in (await _rows(url)).values()}
+    assert left & set(targets) == {erased_before}  # on the forget-list: not erased again here
+    assert await bulk.verify_bulk(store, bulk_id) == []
+
+
+@pytest.mark.timeout(240)
+async def test_a_paused_bulk_takes_no_batch_and_a_cancelled_one_keeps_what_ran(
+    time_skipping_env: WorkflowEnvironment, setup: tuple[Settings, str], tmp_path: Path
+) -> None:
+    settings, url = setup
+    client = Client(time_skipping_env.client, settings)
+    targets = [f"p-{n}" for n in range(200)]
+    async with _running(time_skipping_env):
+        bulk_id = await bulk_sdk.submit(
+            client,
+            tenant=TENANT,
+            subjects=_subjects_file(tmp_path / "subjects.csv", targets),
+            requested_by="dpo",
+            batch_size=10,
+        )
+        await bulk_sdk.signal(client, bulk_id, "pause", "dpo")
+        paused = await bulk_sdk.follow(client, bulk_id, settled=("paused",), every=0.1)
+        taken = paused.counts.erased
+        assert taken < 200
+        assert (await bulk_sdk.progress(client, bulk_id)).counts.erased == taken
+        await bulk_sdk.signal(client, bulk_id, "cancel", "dpo")
+        done = await bulk_sdk.follow(client, bulk_id, every=0.1)
+
+    assert done.state == "cancelled" and done.cancelled_by == "dpo"
+    assert done.counts.erased == taken
+    gone = set(targets) - {row[1] for row in (await _rows(url)).values()}
+    assert len(gone) == taken  # exactly the batches that ran, no more
+    store = await engine_for(settings.store_url.get_secret_value())
+    assert await bulk.verify_bulk(store, bulk_id) == []
+    actions = [e.action for e in await ledger.entries(store) if e.request_id == bulk_id]
+    assert "bulk.paused" in actions and actions[-1] == "bulk.cancelled"

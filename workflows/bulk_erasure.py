@@ -1,0 +1,578 @@
+"""A bulk erasure: many subjects of one tenant, batch after batch, on the control queue.
+
+The subjects are staged in Lethe's store (sealed) before the workflow starts; its input and
+history hold only the request, a cursor and counts, and each batch's subjects travel once, in
+that batch's activity inputs (encrypted by the codec). The plan is made once for the tenant.
+
+Phases: `immediate` (SQL, Kafka, Redis, keys steps), then, once the erasure window has ended,
+`deferred` (blob and log steps) over the subjects the first phase took, then `held`: subjects set
+aside for a legal hold, taken again (every step) when holds change or after a backoff. Each batch:
+local activity `bulk.next_batch` (sets aside subjects erased before, subjects a single request is
+erasing, subjects under a hold), one `<kind>.erase_batch` activity per step on the step's region
+queue (no child workflow: residency is the queue and the worker's region check), then local
+activity `bulk.record_batch` (one ledger entry with the Merkle root over the batch's leaves).
+The DPO can pause, resume and cancel (cancel stops new batches; what ran stays recorded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from lethe.contracts import (
+        ApprovalDecision,
+        BatchStepOutcome,
+        BatchStepRequest,
+        BulkBatch,
+        BulkBatchQuery,
+        BulkBatchRecord,
+        BulkCounts,
+        BulkFound,
+        BulkPhase,
+        BulkProgress,
+        BulkRecorded,
+        BulkRequest,
+        BulkState,
+        BulkStepTotals,
+        BulkSubject,
+        LedgerRecord,
+        Plan,
+        Step,
+        StepRequest,
+        SubjectOutcome,
+        SubjectsPage,
+        SubjectsQuery,
+    )
+    from lethe.kernel.deadlines import add_months, window_end
+    from lethe.kernel.errors import failure_reason
+    from lethe.kernel.regions import task_queue
+    from lethe.temporal import search_attributes as sa
+    from lethe.workflows.erasure import (
+        CONTROL_RETRY,
+        CONTROL_TIMEOUT,
+        PREFLIGHT_RETRY,
+        RETRY_MARGIN,
+        preflight,
+    )
+    from lethe.workflows.regional_erasure import (
+        CONNECTOR_HEARTBEAT,
+        CONNECTOR_RETRY,
+        CONNECTOR_TIMEOUT,
+        MIN_RETRY_SPAN,
+    )
+
+Details = dict[str, str | int | float | bool | None]
+KIND = "erasure-bulk"
+"""The `LetheKind` of a bulk request."""
+LISTS_SUBJECTS = ("sql", "redis")
+"""Kinds of system whose connectors list a tenant's subjects (`<kind>.subjects`: the kinds
+`activities.connectors.SUBJECT_LISTS` registers)."""
+DISCOVERY_SPAN = timedelta(hours=1)
+"""How long one page of an offboarding's discovery may retry an unreachable system."""
+HELD_RECHECK = (timedelta(hours=1), timedelta(days=1))
+"""Subjects or steps under a hold are looked at again after the first, doubling to the second,
+or at once on `holds_changed`."""
+
+
+@workflow.defn
+class BulkErasureWorkflow:
+    """Erase many subjects of one tenant in batches, with one Merkle root per batch."""
+
+    @workflow.init
+    def __init__(self, request: BulkRequest) -> None:
+        self._p = request.progress or BulkProgress(
+            bulk_id=request.bulk_id,
+            tenant=request.tenant,
+            received_at=request.received_at,
+            counts=BulkCounts(total=request.total),
+            phase="discover" if request.source == "offboard" else "immediate",
+        )
+        self._rejection: ApprovalDecision | None = None
+        self._recheck = False
+        self._holds_changed = False
+        self._run_batches = 0
+        self._actions = 0
+        self._hold_delay = HELD_RECHECK[0]
+
+    # --- signals and the query ------------------------------------------------------------
+
+    @workflow.signal
+    def approve(self, decision: ApprovalDecision) -> None:
+        """The DPO approves the plan for every subject of the request."""
+        if self._rejection is None and self._p.approval is None:
+            self._p.approval = decision
+
+    @workflow.signal
+    def reject(self, decision: ApprovalDecision) -> None:
+        """The DPO rejects the request (before anything is erased)."""
+        if self._p.approval is None:
+            self._rejection = decision
+
+    @workflow.signal
+    def pause(self, by: str) -> None:
+        """Stop taking new batches (the batch running finishes) until `resume`."""
+        if self._p.cancelled_by is None:
+            self._p.paused_by = by
+
+    @workflow.signal
+    def resume(self, by: str) -> None:
+        """Take batches again after a pause."""
+        self._p.paused_by = None
+
+    @workflow.signal
+    def cancel(self, by: str) -> None:
+        """Take no new batch; what ran stays recorded and certified."""
+        self._p.cancelled_by = by
+
+    @workflow.signal
+    def recheck(self) -> None:
+        """The DPO fixed what the preflight found: check again now."""
+        self._recheck = True
+
+    @workflow.signal
+    def holds_changed(self) -> None:
+        """A hold was released (or placed): look at held subjects and steps again now."""
+        self._holds_changed = True
+
+    @workflow.query
+    def progress(self) -> BulkProgress:
+        """Where the request stands, by counts."""
+        return self._p
+
+    # --- the process ----------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, request: BulkRequest) -> BulkProgress:
+        p = self._p
+        if p.plan is None:
+            await self._plan(request)
+        plan = p.plan
+        assert plan is not None
+        if p.phase == "discover":
+            if not await self._discover(request, plan):
+                workflow.continue_as_new(request.model_copy(update={"progress": p}))
+            p.phase, p.cursor = "immediate", 0
+        if p.started_at is None:
+            if not await self._approved(request, plan):
+                return await self._finish(request, "rejected")
+            await self._start(request, plan)
+        phases: list[BulkPhase] = ["immediate", "deferred", "held"]
+        for phase in phases[phases.index(p.phase) :]:
+            if p.phase != phase:
+                p.phase, p.cursor = phase, 0
+            steps = _steps(plan, phase)
+            if phase == "deferred" and steps:
+                self._state("waiting_window")
+                await self._until_window_end_or_cancel()
+            if not steps and phase != "held":
+                continue
+            if not await self._run_phase(request, steps or _steps(plan, "held")):
+                workflow.continue_as_new(request.model_copy(update={"progress": p}))
+        return await self._finish(request, "cancelled" if p.cancelled_by else "completed")
+
+    async def _plan(self, request: BulkRequest) -> None:
+        """Plan the tenant's erasure once and record the request."""
+        p = self._p
+        plan: Plan = await workflow.execute_local_activity(
+            "bulk.plan",
+            request,
+            result_type=Plan,
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY,
+        )
+        p.plan = plan
+        p.deadline = add_months(p.received_at, plan.deadline_months)
+        await self._ledger(
+            request,
+            "bulk.requested",
+            {
+                "subjects": request.total,
+                "source": request.source,
+                "reason": request.reason,
+                "policy": plan.policy,
+                "datamap_digest": plan.datamap_digest,
+            },
+        )
+
+    async def _discover(self, request: BulkRequest, plan: Plan) -> bool:
+        """Offboarding: find the tenant's subjects in every system that can list them, page
+        by page, each page staged in Lethe's store (read only: nothing is touched). False when
+        the run should continue as new."""
+        p = self._p
+        self._state("discovering")
+        steps = [s for s in _steps(plan, "held") if s.kind in LISTS_SUBJECTS]
+        pages = 0
+        while p.discover_step < len(steps) and p.cancelled_by is None:
+            step = steps[p.discover_step]
+            page: SubjectsPage = await workflow.execute_activity(
+                f"{step.kind}.subjects",
+                SubjectsQuery(
+                    request_id=request.bulk_id,
+                    tenant=request.tenant,
+                    step=step,
+                    after=p.discover_after,
+                ),
+                result_type=SubjectsPage,
+                task_queue=task_queue(step.region, workflow.info().task_queue),
+                start_to_close_timeout=CONNECTOR_TIMEOUT,
+                retry_policy=CONNECTOR_RETRY,
+                schedule_to_close_timeout=DISCOVERY_SPAN,
+            )
+            added: int = await workflow.execute_local_activity(
+                "bulk.stage_found",
+                BulkFound(bulk_id=request.bulk_id, subjects=page.subjects),
+                result_type=int,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+            )
+            p.discovered[step.id] = p.discovered.get(step.id, 0) + len(page.subjects)
+            p.counts.total += added
+            p.discover_after = page.next_after
+            if page.next_after is None:
+                p.discover_step += 1
+            pages += 1
+            if pages >= request.batches_per_run or workflow.info().is_continue_as_new_suggested():
+                return p.discover_step >= len(steps)
+        found: Details = {f"found_{step}": n for step, n in sorted(p.discovered.items())}
+        await self._ledger(request, "bulk.discovered", {"subjects": p.counts.total, **found})
+        return True
+
+    async def _approved(self, request: BulkRequest, plan: Plan) -> bool:
+        """Wait for the DPO when the plan needs approval (an offboarding always does: its
+        counts are shown before anything is destroyed). False when rejected."""
+        p = self._p
+        needed = plan.approval_required or request.source == "offboard"
+        if needed and p.approval is None and p.cancelled_by is None:
+            self._state("awaiting_approval")
+            await workflow.wait_condition(
+                lambda: (
+                    p.approval is not None
+                    or self._rejection is not None
+                    or p.cancelled_by is not None
+                )
+            )
+        if self._rejection is not None:
+            await self._ledger(request, "bulk.rejected", actor=self._rejection.by)
+            return False
+        return True
+
+    async def _start(self, request: BulkRequest, plan: Plan) -> None:
+        """The erasure starts: the window runs from now."""
+        p = self._p
+        assert p.deadline is not None
+        p.started_at = workflow.now()
+        p.window_ends_at = window_end(
+            p.started_at,
+            plan.window_length,
+            p.deadline,
+            past_deadline=plan.window_ends_after_deadline,
+        )
+        await self._ledger(
+            request,
+            "bulk.started",
+            {
+                "subjects": p.counts.total,
+                "approved_by": p.approval.by if p.approval else None,
+                "window_ends_at": p.window_ends_at.isoformat(),
+            },
+        )
+
+    async def _run_phase(self, request: BulkRequest, steps: list[Step]) -> bool:
+        """Batches of this phase until none is left (True) or the run should continue as new."""
+        p = self._p
+        checked = False
+        while p.cancelled_by is None:
+            if p.paused_by is not None:
+                self._state("paused")
+                await self._ledger(request, "bulk.paused", actor=p.paused_by)
+                await workflow.wait_condition(
+                    lambda: p.paused_by is None or p.cancelled_by is not None
+                )
+                if p.cancelled_by is not None:
+                    break
+                await self._ledger(request, "bulk.resumed")
+            batch = await self._next(request, steps)
+            self._set_aside(batch)
+            if batch.blocked_by:
+                p.held_by = batch.blocked_by
+                await self._wait_for_holds()
+                continue
+            p.held_by = []
+            if not batch.subjects:
+                if batch.last_seq == p.cursor:
+                    if p.phase == "held" and p.counts.held:
+                        await self._wait_for_holds()
+                        p.cursor = 0
+                        continue
+                    return True
+                p.cursor = batch.last_seq
+                continue
+            if not checked:
+                await self._preflighted(steps, batch.subjects[0])
+                checked = True
+                if p.cancelled_by is not None:
+                    break
+            self._state("erasing")
+            outcomes = await self._erase(request, steps, batch)
+            await self._record(request, steps, batch, outcomes)
+            p.cursor = batch.last_seq
+            self._run_batches += 1
+            if (
+                self._run_batches >= request.batches_per_run
+                or workflow.info().is_continue_as_new_suggested()
+            ):
+                return False
+        return True
+
+    async def _next(self, request: BulkRequest, steps: list[Step]) -> BulkBatch:
+        p = self._p
+        batch: BulkBatch = await workflow.execute_local_activity(
+            "bulk.next_batch",
+            BulkBatchQuery(
+                bulk_id=request.bulk_id,
+                tenant=request.tenant,
+                phase=p.phase,
+                after_seq=p.cursor,
+                size=request.batch_size,
+                steps=steps,
+                held_again=p.phase == "held",
+            ),
+            result_type=BulkBatch,
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY,
+        )
+        return batch
+
+    def _set_aside(self, batch: BulkBatch) -> None:
+        self._counted(batch.counts)
+        missing = batch.set_aside.get("failed", 0)
+        if missing:
+            reason = "identity not known"
+            self._p.failures[reason] = self._p.failures.get(reason, 0) + missing
+
+    def _counted(self, statuses: dict[str, int]) -> None:
+        """The subjects' counts as Lethe's store has them (the store is the truth)."""
+        p = self._p
+        p.counts = BulkCounts(
+            total=p.counts.total,
+            **{k: n for k, n in statuses.items() if k in BulkCounts.model_fields and k != "total"},
+        )
+
+    async def _wait_for_holds(self) -> None:
+        """Wait until holds change (signal) or the backoff's timer, whichever is first."""
+        self._state("on_hold")
+        self._holds_changed = False
+        try:
+            await workflow.wait_condition(
+                lambda: self._holds_changed or self._p.cancelled_by is not None,
+                timeout=self._hold_delay,
+            )
+            self._hold_delay = HELD_RECHECK[0]
+        except TimeoutError:
+            self._hold_delay = min(self._hold_delay * 2, HELD_RECHECK[1])
+
+    async def _preflighted(self, steps: list[Step], first: BulkSubject) -> None:
+        """Check every step with the batch's first subject before anything is destroyed; on
+        problems wait (backing off, or until `recheck`) and check again."""
+        p = self._p
+        delay = PREFLIGHT_RETRY[0]
+        while p.cancelled_by is None:
+            now = workflow.now()
+
+            def request(step: Step, now: datetime = now) -> StepRequest:
+                return BatchStepRequest(
+                    request_id=p.bulk_id,
+                    batch=p.batches,
+                    step=step,
+                    subjects=[first],
+                    erasure_started_at=now,
+                    window_ends_at=p.window_ends_at or now,
+                ).single(first)
+
+            checks = await preflight(steps, request)
+            p.preflight = [check for check in checks if check.problems]
+            if not p.preflight:
+                return
+            self._state("preflight_failed")
+            self._recheck = False
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self._recheck or p.cancelled_by is not None, timeout=delay
+                )
+            delay = min(delay * 2, PREFLIGHT_RETRY[1])
+
+    async def _erase(
+        self, request: BulkRequest, steps: list[Step], batch: BulkBatch
+    ) -> list[BatchStepOutcome]:
+        """Every step of the phase for the batch, in parallel, each on its region's queue."""
+        p = self._p
+        assert p.started_at is not None and p.window_ends_at is not None and p.deadline
+        span = max(p.deadline - RETRY_MARGIN - workflow.now(), MIN_RETRY_SPAN)
+        number = p.batches
+
+        async def one(step: Step) -> BatchStepOutcome:
+            if step.action == "retain":
+                return _retained(step, batch.subjects)
+            work = BatchStepRequest(
+                request_id=request.bulk_id,
+                batch=number,
+                step=step,
+                subjects=batch.subjects,
+                erasure_started_at=p.started_at or workflow.now(),
+                window_ends_at=p.window_ends_at or workflow.now(),
+                found=batch.found,
+            )
+            try:
+                done: BatchStepOutcome = await workflow.execute_activity(
+                    f"{step.kind}.erase_batch",
+                    work,
+                    result_type=BatchStepOutcome,
+                    task_queue=task_queue(step.region, workflow.info().task_queue),
+                    activity_id=f"{number}-{step.id}",
+                    start_to_close_timeout=CONNECTOR_TIMEOUT,
+                    schedule_to_close_timeout=span,
+                    heartbeat_timeout=CONNECTOR_HEARTBEAT,
+                    retry_policy=CONNECTOR_RETRY,
+                )
+                return done
+            except ActivityError as error:
+                reason = failure_reason(error)
+                return BatchStepOutcome(
+                    step_id=step.id,
+                    outcomes=[
+                        SubjectOutcome(subject_ref=s.subject_ref, status="failed", detail=reason)
+                        for s in batch.subjects
+                    ],
+                    detail=reason,
+                )
+
+        return list(await asyncio.gather(*(one(step) for step in steps)))
+
+    async def _record(
+        self,
+        request: BulkRequest,
+        steps: list[Step],
+        batch: BulkBatch,
+        outcomes: list[BatchStepOutcome],
+    ) -> None:
+        p = self._p
+        plan = p.plan
+        assert plan is not None
+        recorded: BulkRecorded = await workflow.execute_local_activity(
+            "bulk.record_batch",
+            BulkBatchRecord(
+                bulk_id=request.bulk_id,
+                tenant=request.tenant,
+                phase=p.phase,
+                batch=p.batches,
+                subjects=[s.subject_ref for s in batch.subjects],
+                outcomes=outcomes,
+                systems=sorted({step.system for step in _steps(plan, "held")}),
+            ),
+            result_type=BulkRecorded,
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY,
+        )
+        p.batches += 1
+        p.roots += 1
+        _add_totals(p, steps, outcomes)
+        for reason, n in recorded.failures.items():
+            p.failures[reason] = p.failures.get(reason, 0) + n
+        self._counted(recorded.counts)
+
+    async def _until_window_end_or_cancel(self) -> None:
+        p = self._p
+        assert p.window_ends_at is not None
+        wait = p.window_ends_at - workflow.now()
+        if wait > timedelta(0):
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(lambda: p.cancelled_by is not None, timeout=wait)
+
+    async def _finish(self, request: BulkRequest, state: BulkState) -> BulkProgress:
+        p = self._p
+        p.completed_at = workflow.now()
+        self._state(state)
+        counts: Details = {f"subjects_{k}": v for k, v in p.counts.model_dump().items()}
+        await self._ledger(
+            request, f"bulk.{state}", {"batches": p.batches, **counts}, actor=p.cancelled_by
+        )
+        await workflow.execute_local_activity(
+            "bulk.finish",
+            p,
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY,
+        )
+        return p
+
+    # --- small helpers -------------------------------------------------------------------
+
+    def _state(self, state: BulkState) -> None:
+        if self._p.state != state:
+            self._p.state = state
+            workflow.upsert_search_attributes([sa.STATUS.value_set(state)])
+
+    async def _ledger(
+        self,
+        request: BulkRequest,
+        action: str,
+        details: Details | None = None,
+        *,
+        actor: str | None = None,
+    ) -> None:
+        """One ledger entry of the request (subject reference `-`: counts, never subjects)."""
+        self._actions += 1
+        key = f"{request.bulk_id}/{action}/{workflow.info().run_id}/{self._actions}"
+        await workflow.execute_local_activity(
+            "ledger.record",
+            [
+                LedgerRecord(
+                    idempotency_key=key,
+                    request_id=request.bulk_id,
+                    subject_ref="-",
+                    actor=actor or request.requested_by,
+                    action=action,
+                    details=details or {},
+                )
+            ],
+            result_type=list[str],
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY,
+        )
+
+
+def _steps(plan: Plan, phase: BulkPhase) -> list[Step]:
+    """The plan's steps a phase runs: `held` (subjects taken after a hold) runs every step."""
+    steps = [step for region in plan.regions for step in region.steps]
+    if phase == "held":
+        return steps
+    return [step for step in steps if step.phase == phase]
+
+
+def _retained(step: Step, subjects: Sequence[BulkSubject]) -> BatchStepOutcome:
+    basis = "; ".join(d.exception or d.citation for d in step.decisions if d.strategy == "retain")
+    return BatchStepOutcome(
+        step_id=step.id,
+        outcomes=[
+            SubjectOutcome(subject_ref=s.subject_ref, status="retained", detail=f"kept: {basis}")
+            for s in subjects
+        ],
+    )
+
+
+def _add_totals(p: BulkProgress, steps: list[Step], outcomes: list[BatchStepOutcome]) -> None:
+    by_id = {total.step_id: total for total in p.steps}
+    for step, outcome in zip(steps, outcomes, strict=True):
+        total = by_id.get(step.id)
+        if total is None:
+            total = BulkStepTotals(step_id=step.id, system=step.system, phase=step.phase)
+            p.steps.append(total)
+            by_id[step.id] = total
+        for one in outcome.outcomes:
+            total.statuses[one.status] = total.statuses.get(one.status, 0) + 1
+        total.affected += outcome.affected
