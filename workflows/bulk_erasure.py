@@ -365,9 +365,9 @@ class BulkErasureWorkflow:
         )
 
     async def _wait_for_holds(self) -> None:
-        """Wait until holds change (signal) or the backoff's timer, whichever is first."""
+        """Wait until holds change (signal) or the backoff's timer, whichever is first. A
+        signal that came while the last pass ran counts: the wait then ends at once."""
         self._state("on_hold")
-        self._holds_changed = False
         try:
             await workflow.wait_condition(
                 lambda: self._holds_changed or self._p.cancelled_by is not None,
@@ -376,6 +376,7 @@ class BulkErasureWorkflow:
             self._hold_delay = HELD_RECHECK[0]
         except TimeoutError:
             self._hold_delay = min(self._hold_delay * 2, HELD_RECHECK[1])
+        self._holds_changed = False
 
     async def _preflighted(self, steps: list[Step], first: BulkSubject) -> None:
         """Check every step with the batch's first subject before anything is destroyed; on

@@ -433,8 +433,10 @@ class Client:
     async def release_hold(self, hold_id: str, *, released_by: str) -> Hold:
         """Release a hold and tell the erasures waiting on holds to check again."""
         hold = await holds.release(await self._store(), hold_id, released_by=released_by)
+        # A bulk request is told whatever it is doing: a release while it erases a batch
+        # must not be lost (its held subjects are looked at after the batch).
         query = (
-            "LetheKind IN ('erasure', 'erasure-bulk') AND LetheStatus = 'on_hold' "
+            "((LetheKind = 'erasure' AND LetheStatus = 'on_hold') OR LetheKind = 'erasure-bulk') "
             "AND ExecutionStatus = 'Running'"
         )
         async for execution in self.temporal.list_workflows(query):

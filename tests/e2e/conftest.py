@@ -214,7 +214,7 @@ async def run_lethe(
     return CliResult(args, process.returncode, stdout.decode(), stderr.decode())
 
 
-def _patients(suffix: str) -> list[Patient]:
+def _patients(suffix: str, count: int = PATIENTS) -> list[Patient]:
     """Made-up patients whose ids and emails are unique to the run, so searches find only them."""
     return [
         dataclasses.replace(
@@ -222,7 +222,7 @@ def _patients(suffix: str) -> list[Patient]:
             patient_id=f"pt-{suffix}-{n}",
             email=f"patient{n}.{suffix}@st-mary.example",
         )
-        for n, patient in enumerate(sample_patients(PATIENTS, seed=None), 1)
+        for n, patient in enumerate(sample_patients(count, seed=None), 1)
     ]
 
 
@@ -259,11 +259,13 @@ def connections(
 
 @pytest.fixture(scope="module")
 async def hospital(
+    request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     stack_temporal: TemporalClient,
     connections: Connections,
 ) -> AsyncIterator[Hospital]:
-    """The sample hospital seeded under this module's names, with a store database of its own."""
+    """The sample hospital seeded under this module's names, with a store database of its own;
+    `PATIENTS` patients, unless the test module sets its own `PATIENTS`."""
     suffix = uuid.uuid4().hex[:8]
     workdir = tmp_path_factory.mktemp(f"hospital-{suffix}")
     store_url, admin = _store_database(suffix)
@@ -274,7 +276,7 @@ async def hospital(
         connections=connections,
         store_url=store_url,
         subject_key=base64.b64decode(stack_variable("LETHE_SUBJECT_KEY")),
-        patients=_patients(suffix),
+        patients=_patients(suffix, getattr(request.module, "PATIENTS", PATIENTS)),
     )
     template = Template((HERE / "hospital.datamap.yaml").read_text())
     found.datamap.write_text(

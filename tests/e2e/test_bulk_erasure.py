@@ -1,0 +1,281 @@
+"""A DPO erases many patients at once through the `lethe` CLI, on the real stack, and every
+system's own client checks the result.
+
+The sample hospital is seeded with `PATIENTS` patients in PostgreSQL, Kafka, Redis and Azurite;
+a worker process serves the run's region and control queue. The DPO hands `lethe erase
+--subjects-file` a CSV of most of them (id and email); a legal hold covers 1% of those. Approved,
+the bulk request erases in batches; the held patients wait until the hold is released. Then:
+every targeted patient is gone from each system (as the end-to-end pack decides: soft-deleted,
+pseudonymised, tombstoned, purged, backups deleted, logs redacted), every other patient's data is
+byte-identical, sampled patients' Merkle proofs hold, and `lethe audit verify` checks the roots.
+A worker killed mid-bulk leaves every SQL row changed once (a trigger logs each change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
+
+from lethe.examples.seed import (
+    BACKUPS_CONTAINER,
+    EXPORTS_CONTAINER,
+    LOG_PREFIX,
+    LOGS_CONTAINER,
+    Patient,
+    export_blob_name,
+)
+from lethe.sdk import bulk as bulk_sdk
+from tests.e2e.conftest import CliResult, Footprint, Hospital, WorkerProcess, footprint
+
+PATIENTS = 300
+"""Patients seeded for this module (the e2e conftest reads it)."""
+TARGETS = 250
+REDACTED = "[redacted]"
+
+
+def _subjects_file(hospital: Hospital, patients: list[Patient], name: str) -> Path:
+    path = hospital.workdir / name
+    path.write_text("subject_id,email\n" + "".join(f"{p.patient_id},{p.email}\n" for p in patients))
+    return path
+
+
+async def _bulk_status(hospital: Hospital, bulk_id: str) -> dict[str, Any]:
+    result = await hospital.lethe("bulk", "status", bulk_id, "--json")
+    assert result.code == 0, str(result)
+    found: dict[str, Any] = result.json()
+    return found
+
+
+async def _wait_for(
+    hospital: Hospital, bulk_id: str, state: str, timeout: float = 240
+) -> dict[str, Any]:
+    client = await hospital.sdk()
+    async with asyncio.timeout(timeout):
+        while (current := await bulk_sdk.progress(client, bulk_id)).state != state:
+            assert current.state not in ("cancelled", "rejected"), current
+            await asyncio.sleep(0.5)
+    return await _bulk_status(hospital, bulk_id)
+
+
+def _bulk_id(result: CliResult) -> str:
+    assert result.code == 0, str(result)
+    line = next(line for line in result.stderr.splitlines() if "bulk erasure request" in line)
+    return line.split()[-1]
+
+
+async def test_a_dpo_erases_many_patients_at_once_and_each_system_agrees(
+    hospital: Hospital, worker: WorkerProcess
+) -> None:
+    """Bulk request by file, approval, a 1% hold, release; then each system's own client."""
+    targets = hospital.patients[:TARGETS]
+    others = hospital.patients[TARGETS:]
+    before = await footprint(hospital)
+    held = targets[:3]  # 1% of the file, more or less
+    client = await hospital.sdk()
+    for patient in held:
+        placed = await hospital.lethe(
+            "hold", "place", "--matter", "case 7", "--scope", "subject",
+            "--tenant", hospital.tenant, "--subject", patient.patient_id,
+            "--by", "legal", "--reason", "litigation",
+        )  # fmt: skip
+        assert placed.code == 0, str(placed)
+
+    started = await hospital.lethe(
+        "erase", "--tenant", hospital.tenant,
+        "--subjects-file", str(_subjects_file(hospital, targets, "subjects.csv")),
+        "--reason", "the clinic closes", "--by", "clerk", "--batch-size", "60",
+        timeout=120,
+    )  # fmt: skip
+    bulk_id = _bulk_id(started)
+    assert f"lethe bulk approve {bulk_id}" in started.stderr  # the e2e pack wants approval
+    for patient in targets:  # no subject id, and nothing of the file, reaches the output
+        assert patient.patient_id not in started.stdout + started.stderr
+    approved = await hospital.lethe("bulk", "approve", bulk_id, "--by", "dpo")
+    assert approved.code == 0, str(approved)
+
+    waiting = await _wait_for(hospital, bulk_id, "on_hold")
+    counts = waiting["counts"]
+    assert counts["held"] == len(held), json.dumps(waiting["counts"])
+    # Kafka is `at_risk` with a zero-day window (its removal cannot be proven by the window's
+    # end), so the subjects are `incomplete`: honest, not `erased`.
+    assert counts["incomplete"] + counts["erased"] == TARGETS - len(held), json.dumps(waiting)
+    assert counts["failed"] == 0
+    holds = await client.list_holds()
+    for hold in holds:
+        await client.release_hold(hold.id, released_by="legal")
+    done = await _wait_for(hospital, bulk_id, "completed")
+    assert done["counts"]["total"] == TARGETS and done["counts"]["held"] == 0
+    assert done["counts"]["erased"] + done["counts"]["incomplete"] == TARGETS
+    statuses = {step["step_id"]: step["statuses"] for step in done["steps"]}
+    assert statuses["patient-events/0"] == {"at_risk": TARGETS}
+    assert all(set(s) == {"done"} for k, s in statuses.items() if k != "patient-events/0")
+
+    after = await footprint(hospital)
+    _check_sql(hospital, targets, before, after)
+    _check_redis(hospital, targets, before, after)
+    _check_kafka(targets, before, after)
+    _check_blobs(hospital, targets, before, after)
+    assert {p.patient_id for p in others}  # and every check above kept them byte-identical
+
+    for patient in (targets[0], targets[100], held[0]):
+        proof = await hospital.lethe(
+            "certificate", "--tenant", hospital.tenant, "--subject", patient.patient_id
+        )
+        assert proof.code == 0, str(proof)
+        assert "holds" in proof.stdout and "BROKEN" not in proof.stdout
+        assert patient.patient_id not in proof.stdout
+    verified = await hospital.lethe("audit", "verify")
+    assert verified.code == 0, str(verified)
+
+
+def _check_sql(
+    hospital: Hospital, targets: list[Patient], before: Footprint, after: Footprint
+) -> None:
+    """Targets soft-deleted and cleared, their visits and results pseudonymised; others' rows
+    exactly as seeded; no row removed."""
+    patients, appointments, lab_results = hospital.tables()
+    ids = {p.patient_id for p in targets}
+    visits = {a.id for p in targets for a in p.appointments}
+    theirs: dict[str, Callable[[tuple[Any, ...]], bool]] = {
+        patients.name: lambda r: r[0] in ids,
+        appointments.name: lambda r: r[1] in ids,
+        lab_results.name: lambda r: r[1] in visits,
+    }
+    for table, is_theirs in theirs.items():
+        assert len(before.sql[table]) == len(after.sql[table]), table
+        assert [r for r in before.sql[table] if not is_theirs(r)] == [
+            r for r in after.sql[table] if not is_theirs(r)
+        ], table
+    rows = [r for r in after.sql[patients.name] if r[0] in ids]
+    assert len(rows) == len(targets)
+    assert all(r[1:3] == ("erased", "erased@erased.invalid") for r in rows)
+
+
+def _check_redis(
+    hospital: Hospital, targets: list[Patient], before: Footprint, after: Footprint
+) -> None:
+    prefix = hospital.prefix
+    index = f"{prefix}patients:by-email"
+    theirs = {
+        key
+        for p in targets
+        for key in (
+            f"{prefix}patient:{p.patient_id}:profile",
+            f"{prefix}patient:{p.patient_id}:visits",
+            f"{prefix}session:{p.patient_id}",
+        )
+    }
+    assert theirs <= set(before.redis) and not theirs & set(after.redis)
+    emails = {p.email for p in targets}
+    assert after.redis[index] == {k: v for k, v in before.redis[index].items() if k not in emails}
+    assert {k: v for k, v in before.redis.items() if k not in theirs and k != index} == {
+        k: v for k, v in after.redis.items() if k != index
+    }
+
+
+def _check_kafka(targets: list[Patient], before: Footprint, after: Footprint) -> None:
+    """Each target's key ends in its one tombstone (or, compacted away, is gone); every other
+    key's latest record is the one it had (the topic compacts, so older records may go)."""
+    keys = {f"patient:{p.patient_id}".encode() for p in targets}
+    latest_before = {r[2]: r for r in before.kafka}
+    latest_after = {r[2]: r for r in after.kafka}
+    for key, record in latest_before.items():
+        if key in keys:
+            assert key not in latest_after or latest_after[key][3] is None
+            assert sum(1 for r in after.kafka if r[2] == key and r[3] is None) <= 1
+        else:
+            assert latest_after[key] == record
+    new = [r for r in after.kafka if r not in before.kafka]
+    assert all(r[2] in keys and r[3] is None for r in new)  # Lethe wrote tombstones only
+
+
+def _check_blobs(
+    hospital: Hospital, targets: list[Patient], before: Footprint, after: Footprint
+) -> None:
+    exports = {f"{EXPORTS_CONTAINER}/{export_blob_name(hospital.ref(p))}" for p in targets}
+    assert exports <= set(before.blobs) and not exports & set(after.blobs)
+    for name, content in before.blobs.items():
+        if name.startswith(EXPORTS_CONTAINER) and name not in exports:
+            assert after.blobs[name] == content and after.tags[name] == before.tags[name]
+    assert not [k for k in after.blobs if k.startswith(BACKUPS_CONTAINER)]  # whole backups gone
+    ids = {p.patient_id for p in targets}
+    logs = sorted(k for k in before.blobs if k.startswith(f"{LOGS_CONTAINER}/{LOG_PREFIX}"))
+    assert logs == sorted(k for k in after.blobs if k.startswith(LOGS_CONTAINER))
+    for name in logs:
+        old = before.blobs[name].decode().splitlines()
+        new = after.blobs[name].decode().splitlines()
+        assert len(old) == len(new)
+        for was, now in zip(old, new, strict=True):
+            record = json.loads(was)
+            if record.get("patient_id") in ids:
+                assert json.loads(now)["patient_id"] == REDACTED
+            else:
+                assert now == was
+
+
+TRIGGER = """
+CREATE TABLE IF NOT EXISTS {log} (at timestamptz DEFAULT now(), tbl text, op text, id text);
+CREATE OR REPLACE FUNCTION {log}_fn() RETURNS trigger AS $$
+BEGIN
+  INSERT INTO {log} (tbl, op, id) VALUES (TG_TABLE_NAME, TG_OP, OLD.{key}::text);
+  RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER {log}_trg AFTER UPDATE OR DELETE ON {table}
+  FOR EACH ROW EXECUTE FUNCTION {log}_fn();
+"""
+
+
+@pytest.mark.timeout(600)
+async def test_a_worker_killed_mid_bulk_changes_each_row_once(
+    hospital: Hospital, worker: WorkerProcess
+) -> None:
+    """SIGKILL the worker while batches run; a new worker finishes the request; a trigger on
+    the patients table shows each row updated once, whatever ran twice."""
+    await worker.stop()  # this test runs its own workers
+    patients, _, _ = hospital.tables()
+    log = f"{patients.name}_changes"
+    dsn = make_url(hospital.connections.sql_url).set(drivername="postgresql")
+    dsn_text = dsn.render_as_string(hide_password=False)
+    async with await psycopg.AsyncConnection.connect(dsn_text, autocommit=True) as conn:
+        await conn.execute(TRIGGER.format(log=log, table=patients.name, key="patient_id"))
+    targets = hospital.patients[TARGETS:]  # the ones the first test left alone
+    first = hospital.worker()
+    await first.start()
+    started = await hospital.lethe(
+        "erase", "--tenant", hospital.tenant,
+        "--subjects-file", str(_subjects_file(hospital, targets, "rest.csv")),
+        "--by", "clerk", "--batch-size", "5", "--no-wait",
+    )  # fmt: skip
+    bulk_id = _bulk_id(started)
+    approved = await hospital.lethe("bulk", "approve", bulk_id, "--by", "dpo")
+    assert approved.code == 0, str(approved)
+    client = await hospital.sdk()
+    async with asyncio.timeout(120):
+        while (await bulk_sdk.progress(client, bulk_id)).batches < 2:  # noqa: ASYNC110 - polling a query
+            await asyncio.sleep(0.05)
+    await first.kill()
+    second = hospital.worker()
+    await second.start()
+    done = await _wait_for(hospital, bulk_id, "completed")
+    await second.stop()
+    counts = done["counts"]
+    assert counts["erased"] + counts["incomplete"] == len(targets)  # Kafka: at_risk, see above
+    async with await psycopg.AsyncConnection.connect(dsn_text, autocommit=True) as conn:
+        rows = await (await conn.execute(f"SELECT id, op FROM {log}")).fetchall()
+    changed = [row[0] for row in rows if row[0] in {p.patient_id for p in targets}]
+    assert sorted(changed) == sorted(p.patient_id for p in targets)  # each exactly once
+    redis: Redis = Redis.from_url(hospital.connections.redis_url)
+    try:
+        assert (
+            await redis.exists(*(f"{hospital.prefix}session:{p.patient_id}" for p in targets)) == 0
+        )
+    finally:
+        await redis.aclose()
