@@ -28,7 +28,7 @@ from lethe.activities import bulk as bulk_activities
 from lethe.activities import ledger as control
 from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
-from lethe.contracts import BulkProgress, Subject
+from lethe.contracts import ApprovalDecision, BulkProgress, Subject
 from lethe.evidence import bulk, forget_list, ledger
 from lethe.evidence.store import engine_for
 from lethe.kernel.config import Settings, current_settings
@@ -291,3 +291,84 @@ async def test_a_paused_bulk_takes_no_batch_and_a_cancelled_one_keeps_what_ran(
     assert await bulk.verify_bulk(store, bulk_id) == []
     actions = [e.action for e in await ledger.entries(store) if e.request_id == bulk_id]
     assert "bulk.paused" in actions and actions[-1] == "bulk.cancelled"
+
+
+TWO_TENANTS = """
+version: 1
+regions: [eu]
+tenants:
+  st-mary: {region: eu}
+  st-luke: {region: eu}
+systems:
+  - name: clinic-db
+    kind: sql
+    region: eu
+    connection: LETHE_TEST_CLINIC_URL
+    tables:
+      - table: members
+        subject_column: patient_id
+        tenant_column: clinic
+        identities: {email: email}
+        columns:
+          email: user.contact.email
+"""
+
+members = Table(
+    "members",
+    MetaData(),
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("clinic", String(20), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("email", String(200)),
+)
+
+
+@pytest.mark.timeout(240)
+async def test_offboarding_finds_a_tenants_subjects_shows_counts_and_erases_only_them(
+    time_skipping_env: WorkflowEnvironment, setup: tuple[Settings, str], tmp_path: Path
+) -> None:
+    """Two clinics share a table; offboarding St Luke's lists its patients (nothing touched),
+    waits for the DPO with the count, then erases them and only them: St Mary's patients with
+    the same ids keep their rows."""
+    settings, url = setup
+    (tmp_path / "datamap.yaml").write_text(TWO_TENANTS)
+    rows = [
+        {
+            "id": n,
+            "clinic": "st-luke" if n % 3 else "st-mary",
+            "patient_id": f"p-{n // 2}",
+            "email": f"p{n}@example.org",
+        }
+        for n in range(400)
+    ]  # fmt: skip  (patient ids repeat across the two clinics: same id, other person)
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(members.metadata.create_all)
+        await conn.execute(insert(members), rows)
+    await engine.dispose()
+    luke = {r["patient_id"] for r in rows if r["clinic"] == "st-luke"}
+    client = Client(time_skipping_env.client, settings)
+    async with _running(time_skipping_env):
+        bulk_id = await bulk_sdk.offboard(
+            client, tenant="st-luke", requested_by="dpo", batch_size=50
+        )
+        waiting = await bulk_sdk.follow(client, bulk_id, settled=("awaiting_approval",), every=0.1)
+        engine = create_async_engine(url)
+        async with engine.connect() as conn:
+            untouched = len((await conn.execute(select(members))).all())
+        assert untouched == 400  # counted, nothing destroyed before approval
+        assert waiting.counts.total == len(luke)
+        assert waiting.discovered == {"clinic-db/0": len(luke)}
+        await bulk_sdk.decide(client, bulk_id, ApprovalDecision(by="dpo"), True)
+        done = await bulk_sdk.follow(client, bulk_id, every=0.1)
+
+    assert done.state == "completed" and done.counts.erased == len(luke)
+    async with engine.connect() as conn:
+        left = [tuple(r) for r in await conn.execute(select(members.c.clinic, members.c.id))]
+    await engine.dispose()
+    assert sorted(left) == sorted((r["clinic"], r["id"]) for r in rows if r["clinic"] == "st-mary")
+    store = await engine_for(settings.store_url.get_secret_value())
+    actions = [e.action for e in await ledger.entries(store) if e.request_id == bulk_id]
+    assert actions[:2] == ["bulk.requested", "bulk.discovered"]
+    assert actions[-1] == "bulk.completed"
+    assert actions.count("bulk.batch") == -(-len(luke) // 50)  # one root per batch of 50
