@@ -22,8 +22,10 @@ from typing import Any
 import psycopg
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
+from lethe.evidence.store import bulk_subjects, engine_for
 from lethe.examples.seed import (
     BACKUPS_CONTAINER,
     EXPORTS_CONTAINER,
@@ -279,3 +281,57 @@ async def test_a_worker_killed_mid_bulk_changes_each_row_once(
         )
     finally:
         await redis.aclose()
+
+
+async def _bulk_rows(hospital: Hospital) -> int:
+    """Subjects staged in the hospital's store, over every bulk request."""
+    engine = await engine_for(hospital.store_url)
+    async with engine.connect() as conn:
+        return int(
+            (await conn.execute(select(func.count()).select_from(bulk_subjects))).scalar_one()
+        )
+
+
+async def test_a_bad_subjects_file_is_refused_by_line_and_nothing_starts(
+    hospital: Hospital,
+) -> None:
+    """Duplicates, a missing column, a missing identity the plan needs, an unknown tenant, more
+    than a million lines: one clear error each (with the line where there is one), nothing
+    staged, no request started, no id quoted."""
+    client = await hospital.sdk()
+    query = f"LetheKind = 'erasure-bulk' AND LetheTenant = '{hospital.tenant}'"
+    started_before = [w.id async for w in client.temporal.list_workflows(query)]
+    staged_before = await _bulk_rows(hospital)
+    ada, grace = hospital.patients[0], hospital.patients[1]
+    big = hospital.workdir / "big.csv"
+    with big.open("w") as out:
+        out.write("subject_id,email\n")
+        out.writelines(f"x-{n},x{n}@example.org\n" for n in range(1_000_001))
+    cases = {
+        "dupes.csv": (
+            f"subject_id,email\n{ada.patient_id},{ada.email}\n\n{ada.patient_id},{ada.email}\n",
+            ["dupes.csv:4", "line 2"],
+        ),
+        "nocolumn.csv": (f"patient,email\n{ada.patient_id},{ada.email}\n", ["subject_id"]),
+        "noemail.csv": (
+            f"subject_id,email\n{ada.patient_id},{ada.email}\n{grace.patient_id},\n",
+            ["noemail.csv:3", "email"],
+        ),
+    }
+    for name, (content, _) in cases.items():
+        (hospital.workdir / name).write_text(content)
+    runs = [
+        (name, ["--tenant", hospital.tenant, "--subjects-file", str(hospital.workdir / name)], e)
+        for name, (_, e) in cases.items()
+    ]
+    runs.append(("unknown tenant", ["--tenant", "nobody", "--subjects-file", str(big)], ["nobody"]))
+    runs.append(("big", ["--tenant", hospital.tenant, "--subjects-file", str(big)], ["1,000,000"]))
+    for name, args, expected in runs:
+        result = await hospital.lethe("erase", *args, "--by", "clerk", timeout=120)
+        assert result.code != 0, f"{name}: {result}"
+        assert "Traceback" not in result.stderr, f"{name}: {result}"
+        for text in expected:
+            assert text in result.stderr, f"{name}: {result}"
+        assert ada.patient_id not in result.stderr and ada.email not in result.stderr
+    assert await _bulk_rows(hospital) == staged_before
+    assert [w.id async for w in client.temporal.list_workflows(query)] == started_before
