@@ -28,7 +28,7 @@ from lethe.activities import bulk as bulk_activities
 from lethe.activities import ledger as control
 from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
-from lethe.contracts import ApprovalDecision, BulkProgress, Subject
+from lethe.contracts import ApprovalDecision, BulkProgress, ErasureRequest, Subject
 from lethe.evidence import bulk, forget_list, ledger
 from lethe.evidence.store import engine_for
 from lethe.kernel.config import Settings, current_settings
@@ -203,7 +203,7 @@ async def test_a_bulk_erasure_erases_the_files_subjects_batch_by_batch_with_proo
 
 
 @pytest.mark.timeout(240)
-async def test_held_subjects_wait_for_their_hold_and_erased_ones_are_skipped(
+async def test_held_subjects_wait_erased_ones_are_skipped_and_running_ones_joined(
     local_env: WorkflowEnvironment, setup: tuple[Settings, str], tmp_path: Path
 ) -> None:
     """On the dev server: releasing a hold finds the waiting request in visibility and wakes
@@ -236,6 +236,10 @@ async def test_held_subjects_wait_for_their_hold_and_erased_ones_are_skipped(
         placed_by="legal",
         reason="litigation",
     )
+    # A single request for p-5 is running (no worker runs its workflow here): the bulk joins it.
+    single = await client.erase(
+        ErasureRequest(subject=Subject(tenant=TENANT, subject_id="p-5"), requested_by="dpo")
+    )
     targets = [f"p-{n}" for n in range(20)]
     async with _running(local_env):
         bulk_id = await bulk_sdk.submit(
@@ -247,16 +251,20 @@ async def test_held_subjects_wait_for_their_hold_and_erased_ones_are_skipped(
         )
         waiting = await bulk_sdk.follow(client, bulk_id, settled=("on_hold",), every=0.2)
         assert waiting.phase == "held"
-        assert (waiting.counts.erased, waiting.counts.held, waiting.counts.skipped) == (17, 2, 1)
+        counts = waiting.counts
+        assert (counts.erased, counts.held, counts.skipped, counts.joined) == (16, 2, 1, 1)
         left = {row[1] for row in (await _rows(url)).values()}
-        assert set(held) | {erased_before} <= left  # held and skipped subjects untouched
+        assert set(held) | {erased_before, "p-5"} <= left  # held, skipped, joined: untouched
         await client.release_hold(hold.id, released_by="legal")
         await client.release_hold(other_hold.id, released_by="legal")
         done = await bulk_sdk.follow(client, bulk_id, every=0.2)
 
-    assert (done.counts.erased, done.counts.held, done.counts.skipped) == (19, 0, 1)
+    await local_env.client.get_workflow_handle(single.workflow_id).terminate()
+    assert (done.counts.erased, done.counts.held, done.counts.skipped) == (18, 0, 1)
+    assert done.counts.joined == 1
     left = {row[1] for row in (await _rows(url)).values()}
-    assert left & set(targets) == {erased_before}  # on the forget-list: not erased again here
+    # On the forget-list: not erased again here; joined: the single request erases p-5.
+    assert left & set(targets) == {erased_before, "p-5"}
     assert await bulk.verify_bulk(store, bulk_id) == []
 
 
