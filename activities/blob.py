@@ -422,7 +422,10 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
     kind = "blob"
     locator_model = BlobBackupLocator
     actions = ("delete",)
-    batches = True
+    batching = (
+        "the batch's tagged blobs found by one range query over the tag (or one query a subject"
+        " when that reads less); whole backups judged once"
+    )
     checks = (
         "the container exists and the credentials open it; listing and finding by tag work; "
         "the shared access signature's permissions and expiry; the prefix and tag render"

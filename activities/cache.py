@@ -178,7 +178,10 @@ class CacheEraser(Connector[RedisLocator]):
     kind = "redis"
     locator_model = RedisLocator
     actions = ("purge",)
-    batches = True
+    batching = (
+        "one SCAN pass per glob pattern for the whole batch (exact keys need none); UNLINK, "
+        "HDEL and the checks pipelined"
+    )
     checks = (
         "every template renders; Redis answers to these credentials; hash_fields keys are "
         "hashes or absent; ACL DRYRUN, where the server answers it, allows each command"

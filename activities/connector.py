@@ -55,7 +55,8 @@ class ConnectorInfo(BaseModel):
     actions: list[Action]
     phase: Phase
     """When the erasure runs its steps: at once, or at the end of the erasure window."""
-    batches: bool
+    batching: str
+    """How a batch of subjects is erased (the same code erases one subject)."""
     preflight: str
     verify: str
     retry: str
@@ -68,8 +69,9 @@ class Connector(ABC, Generic[L]):
     kind: ClassVar[SystemKind]
     locator_model: ClassVar[type[BaseModel]]
     actions: ClassVar[tuple[Action, ...]]
-    batches: ClassVar[bool] = False
-    """Whether `erase_batch` erases a batch of subjects in few round trips (bulk erasure)."""
+    batching: ClassVar[str] = ""
+    """How `erase_batch` erases a batch of subjects in few round trips (bulk erasure); empty
+    when the connector erases no batches."""
     checks: ClassVar[str]
     """What `preflight` checks, touching nothing."""
     proves: ClassVar[str]
@@ -102,7 +104,7 @@ class Connector(ABC, Generic[L]):
     async def erase_batch(self, batch: BatchStepRequest) -> BatchStepOutcome:
         """Erase one step for a batch of subjects in few round trips, then verify it: one
         outcome per subject, in the batch's order (`done` only when verified). A connector
-        whose `batches` is false refuses."""
+        without `batching` refuses."""
         raise UnsupportedStep(f"the {self.kind} connector does not erase batches")
 
     async def verify_batch(
@@ -150,7 +152,7 @@ class Connector(ABC, Generic[L]):
             locator_fields=list(cls.locator_model.model_fields),
             actions=list(cls.actions),
             phase="deferred" if cls.kind in DEFERRED_KINDS else "immediate",
-            batches=cls.batches,
+            batching=cls.batching or "no batches: one subject a call",
             preflight=cls.checks,
             verify=cls.proves,
             retry=cls.retries,

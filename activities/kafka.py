@@ -774,7 +774,10 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
     kind = "kafka"
     locator_model = KafkaTopicLocator
     actions = ("tombstone", "expire")
-    batches = True
+    batching = (
+        "every tombstone of the batch produced, then one flush; read back once per partition; "
+        "the topic's settings judged once"
+    )
     checks = (
         "the cluster answers; the topic exists; the key or value template fills; what the "
         "broker lets this worker do (write, read, describe configs); compaction for value_field"

@@ -591,7 +591,10 @@ class LogRedactor(BlobConnector[LogLocator]):
     kind = "logs"
     locator_model = LogLocator
     actions = ("delete", "redact", "purge", "anonymize")
-    batches = True
+    batching = (
+        "each log blob read and rewritten once for the whole batch, with each subject's count "
+        "in its marks"
+    )
     checks = (
         "a value to find records by; the container exists and listing under the prefix works; "
         "the signature allows read, list and write; with tenant_field, records carry it"

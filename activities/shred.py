@@ -139,14 +139,14 @@ class KeyShredder(Connector[KeysLocator]):
     kind = "keys"
     locator_model = KeysLocator
     actions = ("shred",)
-    batches = True
+    batching = "every subject's data keys destroyed in one transaction; one canary for the batch"
     checks = (
         "the key store answers to these credentials; its tables and columns; the user's "
         "privileges (PostgreSQL); this worker's subject key makes the request's reference"
     )
     proves = (
         "no data key of the subject is left, the shredding is recorded, and a canary written "
-        "under the subject's key fails to decrypt with KeyShredded"
+        "under a shredded subject's key (one per batch) fails to decrypt with KeyShredded"
     )
     retries = "the key store's record of the first shredding, and the canary heartbeated"
 

@@ -316,7 +316,10 @@ class SqlEraser(Connector[SqlTableLocator]):
     kind = "sql"
     locator_model = SqlTableLocator
     actions = SQL_ACTIONS
-    batches = True
+    batching = (
+        "one statement per table for the whole batch (subject = ANY(:ids) on PostgreSQL, IN on "
+        "SQLite) in one transaction; one grouped query verifies it"
+    )
     checks = (
         "the database answers; tables, columns and join path exist as mapped; the subject id "
         "fits its column; anonymize can unlink; the role's privileges (PostgreSQL)"

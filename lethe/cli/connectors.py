@@ -19,6 +19,7 @@ MARKDOWN_COLUMNS = (
     "phase",
     "preflight checks",
     "verify proves",
+    "a batch of subjects",
     "retention sweep",
 )
 
@@ -37,6 +38,7 @@ def markdown(infos: list[ConnectorInfo]) -> str:
             info.phase,
             info.preflight,
             info.verify,
+            info.batching,
             info.sweep,
         )
         rows.append("| " + " | ".join(cells) + " |")
@@ -51,7 +53,7 @@ def _table(info: ConnectorInfo) -> Table:
     table.add_row("locator", f"{info.locator} ({', '.join(info.locator_fields)})")
     table.add_row("actions", ", ".join(info.actions))
     table.add_row("phase", info.phase)
-    table.add_row("batches", "yes" if info.batches else "no: one subject a call")
+    table.add_row("a batch of subjects", info.batching)
     table.add_row("preflight checks", info.preflight)
     table.add_row("verify proves", info.verify)
     table.add_row("after a lost worker", info.retry)

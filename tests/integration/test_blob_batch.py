@@ -145,7 +145,7 @@ async def test_a_batch_finds_its_tagged_blobs_by_one_range_query_and_leaves_ever
     seeded = await _seed(container)
     batch = _batch(container, seeded.subjects)
     eraser = BackupEraser.open(clients, blob_connection)
-    assert BackupEraser.batches and BackupEraser.describe().batches
+    assert BackupEraser.batching and BackupEraser.describe().batching == BackupEraser.batching
 
     outcome = await eraser.erase_batch(batch)
 

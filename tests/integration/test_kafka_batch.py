@@ -185,7 +185,7 @@ async def test_a_batch_tombstones_every_subjects_key_with_one_flush(
 
     outcome = await writer.erase_batch(batch)
 
-    assert TombstoneWriter.batches
+    assert TombstoneWriter.batching
     assert counting.flushes == 1 and counting.produced == SUBJECTS
     assert len(reads) == 3 and sum(reads) == SUBJECTS  # verified with one read a partition
     assert [o.subject_ref for o in outcome.outcomes] == [_ref(i) for i in range(SUBJECTS)]

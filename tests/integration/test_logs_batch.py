@@ -205,7 +205,7 @@ async def test_a_batch_drops_its_records_reading_and_writing_each_blob_once(
 ) -> None:
     seeded = await _seed(container)
     batch = _batch(seeded)
-    assert LogRedactor.batches and LogRedactor.describe().batches
+    assert LogRedactor.batching and LogRedactor.describe().batching == LogRedactor.batching
 
     outcome = await counted.erase_batch(batch)
 
