@@ -2,8 +2,9 @@
 
 `Connectors` is the object a region's worker makes at start over its `Clients`, which it closes
 when it stops (as in temporalio/samples-python `hello_activity_method`): its activities
-(`<kind>.erase`, `<kind>.verify`, `<kind>.preflight` for each kind) share those clients, and no
-client outlives the worker.
+(`<kind>.erase`, `<kind>.verify`, `<kind>.preflight`, `<kind>.erase_batch`, `<kind>.sweep` for
+each kind, `<kind>.subjects` for the kinds that list a tenant's subjects) share those clients,
+and no client outlives the worker.
 """
 
 from __future__ import annotations
