@@ -1,0 +1,1 @@
+"""The parts of the bulk-erasure benchmark (`bench/bulk.py`)."""
