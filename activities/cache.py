@@ -43,6 +43,7 @@ from lethe.activities.common import (
 )
 from lethe.activities.connector import Connector
 from lethe.activities.driver_errors import translated
+from lethe.activities.redis_glob import glob_regex, literal_prefix
 from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
 from lethe.contracts import (
     BatchStepOutcome,
@@ -676,11 +677,11 @@ class _Matcher:
     def __init__(self, owned: list[tuple[int, str]]) -> None:
         """`owned`: (the subject's position in the batch, its rendered glob)."""
         globs = list(dict.fromkeys(glob for _, glob in owned))
-        prefixes = [_literal_prefix(glob) for _, glob in owned]
+        prefixes = [literal_prefix(glob) for _, glob in owned]
         self.match = globs[0] if len(globs) == 1 else glob_escape(_common_prefix(prefixes)) + "*"
         self._by_prefix: dict[bytes, list[tuple[int, re.Pattern[bytes]]]] = {}
         for (owner, glob), prefix in zip(owned, prefixes, strict=True):
-            entry = (owner, _glob_regex(glob))
+            entry = (owner, re.compile(glob_regex(glob), re.DOTALL))
             self._by_prefix.setdefault(prefix.encode(), []).append(entry)
         self._lengths = sorted({len(prefix) for prefix in self._by_prefix})
 
@@ -701,71 +702,6 @@ def _common_prefix(texts: list[str]) -> str:
     while n < len(first) and first[n] == last[n]:
         n += 1
     return first[:n]
-
-
-def _literal_prefix(glob: str) -> str:
-    """The text every key `glob` matches starts with (up to its first glob character)."""
-    out: list[str] = []
-    i = 0
-    while i < len(glob):
-        if glob[i] == "\\" and i + 1 < len(glob):
-            out.append(glob[i + 1])
-            i += 2
-            continue
-        if glob[i] in "*?[":
-            break
-        out.append(glob[i])
-        i += 1
-    return "".join(out)
-
-
-def _glob_regex(glob: str) -> re.Pattern[bytes]:
-    """A regular expression matching (fullmatch) the keys a Redis glob matches."""
-    data, parts, i = glob.encode(), [], 0
-    while i < len(data):
-        byte = data[i : i + 1]
-        if byte == b"\\" and i + 1 < len(data):
-            parts.append(re.escape(data[i + 1 : i + 2]))
-            i += 2
-        elif byte == b"*":
-            parts.append(b".*")
-            i += 1
-        elif byte == b"?":
-            parts.append(b".")
-            i += 1
-        elif byte == b"[":
-            part, i = _glob_class(data, i + 1)
-            parts.append(part)
-        else:
-            parts.append(re.escape(byte))
-            i += 1
-    return re.compile(b"".join(parts), re.DOTALL)
-
-
-def _glob_class(data: bytes, i: int) -> tuple[bytes, int]:
-    """The regular expression of the `[...]` class starting after its `[` at `i`, and where
-    the glob goes on (Redis: `^` negates, `\\` escapes, `a-z` either way, open to the end)."""
-    negate = data[i : i + 1] == b"^"
-    i += negate
-    items: list[bytes] = []
-    while i < len(data):
-        byte = data[i : i + 1]
-        if byte == b"\\" and i + 1 < len(data):
-            items.append(re.escape(data[i + 1 : i + 2]))
-            i += 2
-        elif byte == b"]":
-            i += 1
-            break
-        elif i + 2 < len(data) and data[i + 1 : i + 2] == b"-":
-            low, high = sorted((data[i], data[i + 2]))
-            items.append(re.escape(bytes([low])) + b"-" + re.escape(bytes([high])))
-            i += 3
-        else:
-            items.append(re.escape(byte))
-            i += 1
-    if not items:
-        return (b"." if negate else b"(?!)"), i
-    return b"[" + (b"^" if negate else b"") + b"".join(items) + b"]", i
 
 
 def _raw(key: bytes | str) -> bytes:

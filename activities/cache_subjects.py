@@ -33,6 +33,7 @@ from lethe.activities.cache import SCAN_COUNT, glob_escape
 from lethe.activities.clients import Clients
 from lethe.activities.connector import UnsupportedStep
 from lethe.activities.driver_errors import DriverRefused, translated
+from lethe.activities.redis_glob import glob_regex, literal_prefix
 from lethe.activities.subject_pages import check_tenant, found_subject, log_left_out
 from lethe.classification.datamap import RedisLocator
 from lethe.contracts import Subject, SubjectsPage, SubjectsQuery
@@ -172,18 +173,6 @@ def scan_glob(templates: list[KeyTemplate]) -> str | None:
     return glob_escape(first[:n]) + "*" if n else None
 
 
-def literal_prefix(glob: str) -> str:
-    """The text every key `glob` matches starts with (up to its first glob character)."""
-    out: list[str] = []
-    i = 0
-    while i < len(glob) and glob[i] not in "*?[":
-        if glob[i] == "\\" and i + 1 < len(glob):
-            i += 1
-        out.append(glob[i])
-        i += 1
-    return "".join(out)
-
-
 def subject_of(
     templates: list[KeyTemplate], key: bytes, tenant: str, ref_key: bytes | None
 ) -> str | None:
@@ -203,48 +192,6 @@ def subject_of(
             continue
         return subject_id
     return None
-
-
-def glob_regex(glob: str) -> bytes:
-    """The regular expression (bytes) of a Redis glob: `*`, `?`, `[...]` (`^` negates, `a-z`),
-    `\\` escaping the next character."""
-    data, parts, i = glob.encode(), [], 0
-    while i < len(data):
-        byte = data[i : i + 1]
-        if byte == b"\\" and i + 1 < len(data):
-            parts.append(re.escape(data[i + 1 : i + 2]))
-            i += 2
-        elif byte in (b"*", b"?"):
-            parts.append(b".*" if byte == b"*" else b".")
-            i += 1
-        elif byte == b"[":
-            part, i = _glob_class(data, i + 1)
-            parts.append(part)
-        else:
-            parts.append(re.escape(byte))
-            i += 1
-    return b"".join(parts)
-
-
-def _glob_class(data: bytes, i: int) -> tuple[bytes, int]:
-    negate = data[i : i + 1] == b"^"
-    i += negate
-    items: list[bytes] = []
-    while i < len(data) and data[i : i + 1] != b"]":
-        if data[i : i + 1] == b"\\" and i + 1 < len(data):
-            items.append(re.escape(data[i + 1 : i + 2]))
-            i += 2
-        elif i + 2 < len(data) and data[i + 1 : i + 2] == b"-":
-            low, high = sorted((data[i], data[i + 2]))
-            items.append(re.escape(bytes([low])) + b"-" + re.escape(bytes([high])))
-            i += 3
-        else:
-            items.append(re.escape(data[i : i + 1]))
-            i += 1
-    i += 1  # the closing ]
-    if not items:
-        return (b"." if negate else b"(?!)"), i
-    return b"[" + (b"^" if negate else b"") + b"".join(items) + b"]", i
 
 
 def _ref_key() -> bytes:

@@ -1,0 +1,63 @@
+"""Redis glob patterns as Redis reads them, for matching keys in the worker: the literal text a
+pattern's keys start with, and the regular expression of the keys it matches."""
+
+from __future__ import annotations
+
+import re
+
+
+def literal_prefix(glob: str) -> str:
+    """The text every key `glob` matches starts with (up to its first glob character)."""
+    out: list[str] = []
+    i = 0
+    while i < len(glob) and glob[i] not in "*?[":
+        if glob[i] == "\\" and i + 1 < len(glob):
+            i += 1
+        out.append(glob[i])
+        i += 1
+    return "".join(out)
+
+
+def glob_regex(glob: str) -> bytes:
+    """The regular expression (bytes, for `fullmatch` with DOTALL) of the keys a Redis glob
+    matches: `*`, `?`, `[...]` (`^` negates, `a-z` either way), `\\` escaping the next
+    character, byte by byte as Redis compares."""
+    data, parts, i = glob.encode(), [], 0
+    while i < len(data):
+        byte = data[i : i + 1]
+        if byte == b"\\" and i + 1 < len(data):
+            parts.append(re.escape(data[i + 1 : i + 2]))
+            i += 2
+        elif byte in (b"*", b"?"):
+            parts.append(b".*" if byte == b"*" else b".")
+            i += 1
+        elif byte == b"[":
+            part, i = _glob_class(data, i + 1)
+            parts.append(part)
+        else:
+            parts.append(re.escape(byte))
+            i += 1
+    return b"".join(parts)
+
+
+def _glob_class(data: bytes, i: int) -> tuple[bytes, int]:
+    """The regular expression of the `[...]` class starting after its `[` at `i`, and where
+    the glob goes on (open to the end when it never closes)."""
+    negate = data[i : i + 1] == b"^"
+    i += negate
+    items: list[bytes] = []
+    while i < len(data) and data[i : i + 1] != b"]":
+        if data[i : i + 1] == b"\\" and i + 1 < len(data):
+            items.append(re.escape(data[i + 1 : i + 2]))
+            i += 2
+        elif i + 2 < len(data) and data[i + 1 : i + 2] == b"-":
+            low, high = sorted((data[i], data[i + 2]))
+            items.append(re.escape(bytes([low])) + b"-" + re.escape(bytes([high])))
+            i += 3
+        else:
+            items.append(re.escape(data[i : i + 1]))
+            i += 1
+    i += 1  # the closing ]
+    if not items:
+        return (b"." if negate else b"(?!)"), i
+    return b"[" + (b"^" if negate else b"") + b"".join(items) + b"]", i
