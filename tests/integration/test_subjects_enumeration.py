@@ -490,7 +490,7 @@ async def test_patterns_under_prefixes_and_references_of_the_tenant(
         found += [s.subject_id for s in page.subjects]
         if (after := page.next_after) is None:
             break
-    assert sorted(found) == ["p-4", "p-5", "p-8", "p:9"]
+    assert sorted(set(found)) == ["p-4", "p-5", "p-8", "p:9"]  # a later page may repeat one
 
 
 async def test_a_redis_page_refuses_what_is_no_cursor(clients: Clients, redis_url: str) -> None:
