@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lethe.classification.datamap import Locator, SystemKind
+from lethe.kernel.subjects_file import unprintable
 
 
 class Contract(BaseModel):
@@ -57,16 +57,6 @@ StepStatus = Literal[
 answers when the topic's settings delay or cannot guarantee removal."""
 
 
-def _unprintable(value: str) -> str:
-    """What makes an identifier unusable (says where, never quotes it), or ""."""
-    for index, char in enumerate(value):
-        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            return f"holds a control character (U+{ord(char):04X}) at position {index + 1}"
-    if value != value.strip():
-        return "starts or ends with white space"
-    return ""
-
-
 class Subject(Contract):
     """The person to erase. Their id and identities never print (repr) and never leave payloads."""
 
@@ -78,7 +68,7 @@ class Subject(Contract):
     @field_validator("subject_id")
     @classmethod
     def _printable_id(cls, subject_id: str) -> str:
-        problem = _unprintable(subject_id)
+        problem = unprintable(subject_id)
         if problem:
             raise ValueError(f"the subject id {problem}")
         return subject_id
@@ -93,7 +83,7 @@ class Subject(Contract):
                 )
             if not value or len(value) > 512:
                 raise ValueError(f"identity {name!r} must be 1 to 512 characters")
-            problem = _unprintable(value)
+            problem = unprintable(value)
             if problem:
                 raise ValueError(f"identity {name!r} {problem}")
         return identities

@@ -77,10 +77,8 @@ class SubjectsFileError(LetheError):
 
 
 def unprintable(value: str) -> str:
-    """What makes an identifier unusable (says where, never quotes it), or "".
-
-    The same verdict as `lethe.contracts._unprintable`, with a fast path for the usual value.
-    """
+    """What makes an identifier unusable (says where, never quotes it), or "": the one check
+    of subject ids and identities (`lethe.contracts.Subject` runs it too)."""
     if value.isprintable() and value == value.strip():
         return ""  # isprintable() is False for every category refused below
     for index, char in enumerate(value):
