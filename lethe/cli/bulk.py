@@ -231,6 +231,29 @@ async def _decide(bulk_id: str, decision: ApprovalDecision, approved: bool) -> i
     return 0
 
 
+async def bulk_certificate(client: Client, bulk_id: str, json: bool) -> int:
+    """A bulk request's certificate: its totals per step and system, failures by reason, and
+    every batch's Merkle root with the ledger entry holding it."""
+    current = await bulk.progress(client, bulk_id)
+    roots = await bulk.roots(client, bulk_id)
+    if json:
+        out.print_json(
+            data={
+                **current.model_dump(mode="json"),
+                "batch_roots": [r.model_dump(mode="json") for r in roots],
+            }
+        )
+        return 0
+    out.print(progress_view(current))
+    table = Table(title="Merkle roots, one per batch (lethe audit verify checks them)")
+    for column in ("batch", "phase", "subjects' outcomes", "root", "ledger entry"):
+        table.add_column(column)
+    for r in roots:
+        table.add_row(str(r.batch), r.phase, str(r.size), r.root, f"#{r.ledger_seq}")
+    out.print(table)
+    return 0
+
+
 def proofs_view(proofs: list[SubjectProof]) -> Table:
     """One subject's outcomes in a bulk request, each with whether its proof holds."""
     table = Table(title="the subject's outcomes in its bulk request (Merkle inclusion proofs)")

@@ -11,7 +11,7 @@ from rich.live import Live
 
 from lethe.classification.datamap import load_datamap
 from lethe.classification.routing import systems_of
-from lethe.cli.bulk import erase_many, progress_view, proofs_view
+from lethe.cli.bulk import bulk_certificate, erase_many, proofs_view
 from lethe.cli.common import (
     ByOption,
     JsonOption,
@@ -378,9 +378,7 @@ async def _certificate(
 ) -> int:
     client = await Client.connect()
     if request is not None and request.startswith("bulk-"):
-        current = await bulk.progress(client, request)
-        out.print_json(current.model_dump_json()) if json else out.print(progress_view(current))
-        return 0
+        return await bulk_certificate(client, request, json)
     try:
         found = await client.certificate(request_id(client, request, tenant, subject))
     except UnknownRequest:

@@ -608,6 +608,32 @@ def _batch_problems(
         yield f"{name}: its size differs from the one in ledger entry {entry.seq}"
 
 
+async def batches(engine: AsyncEngine, bulk_id: str) -> list[BatchRecord]:
+    """Every batch a bulk request recorded, in order: its root and the ledger entry holding it
+    (what a bulk certificate lists)."""
+    query = (
+        select(bulk_batches, ledger_table.c.seq)
+        .join(ledger_table, ledger_table.c.hash == bulk_batches.c.ledger_hash)
+        .where(bulk_batches.c.bulk_id == bulk_id)
+        .order_by(bulk_batches.c.batch, bulk_batches.c.phase)
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [
+        BatchRecord(
+            bulk_id=row.bulk_id,
+            phase=row.phase,
+            batch=row.batch,
+            size=row.size,
+            root=row.root,
+            ledger_seq=row.seq,
+            ledger_hash=row.ledger_hash,
+            recorded_at=_utc(row.recorded_at),
+        )
+        for row in rows
+    ]
+
+
 async def _trees(conn: AsyncConnection, bulk_id: str | None) -> dict[BatchId, tuple[str, int]]:
     """Each batch's root recomputed from its stored leaves, and how many leaves it has."""
     query = select(bulk_leaves).order_by(

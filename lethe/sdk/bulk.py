@@ -275,6 +275,12 @@ async def bulk_of(client: Client, tenant: str, subject_id: str) -> str | None:
         return str(first[0]) if first else ids[-1]
 
 
+async def roots(client: Client, bulk_id: str) -> list[bulk.BatchRecord]:
+    """Every batch's Merkle root of a bulk request, with the ledger entry holding it."""
+    engine = await engine_for(client.settings.store_url.get_secret_value())
+    return await bulk.batches(engine, bulk_id)
+
+
 async def subject_proofs(client: Client, tenant: str, subject_id: str) -> list[bulk.SubjectProof]:
     """This subject's outcomes in its bulk request, each with its Merkle inclusion proof."""
     bulk_id = await bulk_of(client, tenant, subject_id)

@@ -191,6 +191,11 @@ async def test_a_bulk_erasure_erases_the_files_subjects_batch_by_batch_with_proo
     assert len(roots) == 7 and all(e.subject_ref == "-" for e in entries)
     assert [e.action for e in entries][-1] == "bulk.completed"
     assert await bulk.verify_bulk(store, bulk_id) == []
+    batch_roots = await bulk_sdk.roots(client, bulk_id)  # what the bulk certificate lists
+    assert [(r.batch, r.root, r.ledger_hash) for r in batch_roots] == [
+        (e.details["batch"], e.details["root"], e.hash) for e in roots
+    ]
+    assert sum(r.size for r in batch_roots) == 250
     for subject_id in ("p-0", "p-133", "p-249"):
         (proof,) = await bulk_sdk.subject_proofs(client, TENANT, subject_id)
         assert proof.status == "done" and proof.affected == 2
