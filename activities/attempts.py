@@ -53,8 +53,8 @@ from lethe.contracts import BatchStepRequest, Evidence, StepRequest
 RECORD = "lethe_effect"
 """The key of a heartbeat's details that holds the step's record."""
 ALIVE_SECONDS = 15.0
-"""How long an attempt works before it heartbeats only to stay alive (the heartbeat timeout is
-a minute): until then its first heartbeat is kept for its plan."""
+"""How long an attempt works before it heartbeats only to stay alive (a step's heartbeat timeout
+is 20 seconds): until then its first heartbeat is kept for its plan."""
 CONFIRM_SECONDS = 2.0
 """How long a plan waits for the Temporal server to show it before the effect goes ahead."""
 

@@ -27,7 +27,9 @@ CONNECTOR_RETRY = RetryPolicy(
 """Transient failures (unreachable, timeouts, throttling) retry with capped backoff until the
 job's `retry_until`; configuration errors are non-retryable and fail at once."""
 CONNECTOR_TIMEOUT = timedelta(minutes=10)
-CONNECTOR_HEARTBEAT = timedelta(minutes=1)
+CONNECTOR_HEARTBEAT = timedelta(seconds=20)
+"""A lost worker's step runs again on another within this (the activity re-sends its last
+heartbeat every third of it while a statement is slow, so a live one is never taken for lost)."""
 MIN_RETRY_SPAN = timedelta(hours=1)
 """However close the deadline, a step gets at least this long to get through an outage."""
 LEGACY_RETRY = RetryPolicy(

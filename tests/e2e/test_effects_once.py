@@ -3,7 +3,7 @@ another worker must not make the effect a second time, and the certificate must 
 
 The dying worker is worker.py run by tests/e2e/crash_after_effect.py, which wraps the
 connector's method that makes the effect so the process ends (`os._exit(9)`) as soon as it
-returns. Temporal retries the activity once its heartbeat timeout (a minute) has passed, on a
+returns. Temporal retries the activity once its heartbeat timeout (20 seconds) has passed, on a
 normal worker started meanwhile. Each kind of system is one `Effect`: the method to end after,
 and how the system itself shows the effect happened once and matches the evidence.
 """

@@ -83,7 +83,7 @@ SWEEP_TABLE = "lethe.activities.sql_retention:sweep_table"
 """The function that runs (and commits) one batch; the dying worker ends once it returned."""
 RECOVERY_TIMEOUT = 150.0
 """From the new worker's start until the sweep closes: the killed batch is retried only after
-its heartbeat timeout (a minute)."""
+its heartbeat timeout (20 seconds), later when the machine is busy."""
 
 
 @dataclass

@@ -63,7 +63,7 @@ async def test_a_killed_worker_is_replaced_and_the_erasure_completes_once(
     without redoing anything: one ledger entry per step, one Kafka tombstone (a second erase
     would write a second one), the soft-delete stamp from before the crash, each step once in
     the certificate. Killing while an activity is in flight would rely on timing, and the
-    activity would be retried only after its heartbeat timeout (a minute): too slow and too
+    activity would be retried only after its heartbeat timeout (20 seconds): too slow and too
     flaky for this suite; activities' idempotency is covered by the integration tests.
     """
     ada = hospital.patients[0]
