@@ -57,10 +57,14 @@ StepStatus = Literal[
 answers when the topic's settings delay or cannot guarantee removal."""
 
 
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+"""A tenant's name: lower-case letters, digits, `_` and `-` (it goes into ids and queries)."""
+
+
 class Subject(Contract):
     """The person to erase. Their id and identities never print (repr) and never leave payloads."""
 
-    tenant: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    tenant: str = Field(pattern=TENANT_PATTERN)
     subject_id: str = Field(min_length=1, max_length=256, repr=False)
     identities: dict[str, str] = Field(default_factory=dict, repr=False)
     """Other identifiers by name (`email`, `mrn`, ...), for locators that need them."""
@@ -915,7 +919,7 @@ class BulkRequest(Contract):
     """What starts a bulk erasure: the subjects are staged in Lethe's store, never here."""
 
     bulk_id: str = Field(pattern=r"^bulk-[0-9a-f]{12}$")
-    tenant: str
+    tenant: str = Field(pattern=TENANT_PATTERN)
     region: str | None = None
     requested_by: str = Field(min_length=1, max_length=200)
     reason: str = Field(default="", max_length=500)

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lethe.cli.common import ByOption, JsonOption, actor, err, out, run, valid
+from lethe.cli.views import when
 from lethe.contracts import BULK_BATCH, ApprovalDecision, BulkProgress
 from lethe.evidence.bulk import SubjectProof, check_proof
 from lethe.sdk import bulk
@@ -153,6 +154,33 @@ def _next_step(current: BulkProgress) -> None:
     }
     if current.state in hints:
         err.print(hints[current.state])
+
+
+@bulk_app.command("list")
+def list_requests(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="how many, newest first")] = 20,
+    json: JsonOption = False,
+) -> None:
+    """List the latest bulk requests (file erasures and offboardings) and their states."""
+
+    async def show() -> int:
+        client = await Client.connect()
+        found = await bulk.recent(client, tenant=tenant, limit=limit)
+        if json:
+            out.print_json(data=[f.model_dump(mode="json") for f in found])
+            return 0
+        table = Table(title="bulk requests, newest first")
+        for column in ("request", "tenant", "state", "started", "closed"):
+            table.add_column(column)
+        for f in found:
+            table.add_row(
+                f.bulk_id, f.tenant or "", f.state or "", when(f.started_at), when(f.closed_at)
+            )
+        out.print(table)
+        return 0
+
+    run(show())
 
 
 @bulk_app.command("status")

@@ -11,6 +11,7 @@ proven by its leaf, its inclusion proof and the ledger entry.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -25,9 +26,11 @@ from lethe.classification.routing import systems_of
 from lethe.contracts import (
     BULK_BATCH,
     BULK_MAX_SUBJECTS,
+    TENANT_PATTERN,
     ApprovalDecision,
     BulkProgress,
     BulkRequest,
+    Contract,
     ErasureRequest,
     Subject,
 )
@@ -37,6 +40,7 @@ from lethe.kernel.errors import LetheError
 from lethe.kernel.subjects_file import SubjectsFileError, read_subjects
 from lethe.plans.planner import Planner, needed_identities
 from lethe.sdk.client import Client, UnknownRequest, answer
+from lethe.sdk.schedules import listed
 from lethe.temporal import search_attributes as sa
 from lethe.workflows.bulk_erasure import KIND, BulkErasureWorkflow
 
@@ -191,6 +195,35 @@ def _subjects(
         if missing:
             raise BulkRefused(f"the plan needs identity {', '.join(missing)} for every subject")
     return lambda: listed
+
+
+class BulkListed(Contract):
+    """A bulk request as visibility lists it (no query to its workflow)."""
+
+    bulk_id: str
+    tenant: str | None
+    state: str | None
+    started_at: datetime | None
+    closed_at: datetime | None
+
+
+async def recent(client: Client, *, tenant: str | None = None, limit: int = 20) -> list[BulkListed]:
+    """The latest bulk requests on this deployment's control queue, newest first."""
+    query = f"{sa.KIND.name} = '{KIND}' AND TaskQueue = '{client.settings.control_queue}'"
+    if tenant is not None:
+        if not re.fullmatch(TENANT_PATTERN, tenant):
+            raise BulkRefused("a tenant is lower-case letters, digits, _ and -")
+        query += f" AND {sa.TENANT.name} = '{tenant}'"
+    return [
+        BulkListed(
+            bulk_id=found.id,
+            tenant=found.typed_search_attributes.get(sa.TENANT),
+            state=found.typed_search_attributes.get(sa.STATUS),
+            started_at=found.start_time,
+            closed_at=found.close_time,
+        )
+        for found in await listed(client.temporal, query, limit)
+    ]
 
 
 async def progress(client: Client, bulk_id: str) -> BulkProgress:

@@ -265,6 +265,10 @@ async def test_held_subjects_wait_erased_ones_are_skipped_and_running_ones_joine
         done = await bulk_sdk.follow(client, bulk_id, every=0.2)
 
     await local_env.client.get_workflow_handle(single.workflow_id).terminate()
+    listed = await bulk_sdk.recent(client, tenant=TENANT)  # `lethe bulk list`
+    assert (bulk_id, TENANT) in [(b.bulk_id, b.tenant) for b in listed]
+    with pytest.raises(bulk_sdk.BulkRefused):
+        await bulk_sdk.recent(client, tenant="x' OR '1'='1")
     assert (done.counts.erased, done.counts.held, done.counts.skipped) == (18, 0, 1)
     assert done.counts.joined == 1
     left = {row[1] for row in (await _rows(url)).values()}
