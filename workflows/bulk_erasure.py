@@ -161,6 +161,8 @@ class BulkErasureWorkflow:
         if p.started_at is None:
             if not await self._approved(request, plan):
                 return await self._finish(request, "rejected")
+            if p.cancelled_by is not None:  # before anything was erased
+                return await self._finish(request, "cancelled")
             await self._start(request, plan)
         phases: list[BulkPhase] = ["immediate", "deferred", "held"]
         for phase in phases[phases.index(p.phase) :]:
@@ -352,7 +354,7 @@ class BulkErasureWorkflow:
     def _set_aside(self, batch: BulkBatch) -> None:
         self._counted(batch.counts)
         missing = batch.set_aside.get("failed", 0)
-        if missing:
+        if missing and self._p.phase != "deferred":  # the deferred phase sees them again
             reason = "identity not known"
             self._p.failures[reason] = self._p.failures.get(reason, 0) + missing
 
