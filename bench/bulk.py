@@ -100,6 +100,7 @@ def history_of(chain: Chain) -> History:
         workflow_tasks=chain.count(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED),
         local_activities=chain.count(EventType.EVENT_TYPE_MARKER_RECORDED),
         activities=chain.count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED),
+        bytes=chain.bytes,
     )
 
 

@@ -26,6 +26,7 @@ class _Activity:
 
 @dataclass
 class _Batch:
+    run: int
     activities: list[_Activity] = field(default_factory=list)
 
 
@@ -33,7 +34,7 @@ def _batches(chain: Chain) -> dict[int, _Batch]:
     """Each batch's erase_batch activities (the last attempt's start when retried)."""
     batches: dict[int, _Batch] = {}
     by_event: dict[int, _Activity] = {}
-    for run in chain.runs:
+    for run_index, run in enumerate(chain.runs):
         for event in run:
             at, kind = event_seconds(event), event.event_type
             if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
@@ -43,7 +44,7 @@ def _batches(chain: Chain) -> dict[int, _Batch]:
                     number = int(attributes.activity_id.split("-", 1)[0])
                     activity = _Activity(name.removesuffix(ERASE_BATCH), at)
                     by_event[event.event_id] = activity
-                    batches.setdefault(number, _Batch()).activities.append(activity)
+                    batches.setdefault(number, _Batch(run_index)).activities.append(activity)
             elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
                 scheduled = event.activity_task_started_event_attributes.scheduled_event_id
                 if scheduled in by_event:
@@ -58,7 +59,8 @@ def _batches(chain: Chain) -> dict[int, _Batch]:
 
 def batch_split(chain: Chain) -> Segments:
     """Per batch: the cycle (first scheduling to the next batch's), its activities' span, the
-    slowest queue wait, each kind's longest run, and the gap between batches."""
+    slowest queue wait, each kind's longest run, and the gap to the next batch (apart when a
+    new run of the chain starts in it)."""
     segments = Segments(note="per batch of the bulk request")
     batches = [b for _, b in sorted(_batches(chain).items())]
     for index, batch in enumerate(batches):
@@ -75,5 +77,11 @@ def batch_split(chain: Chain) -> Segments:
         for kind in sorted({a.kind for a in batch.activities}):
             ran = max(a.closed - a.started for a in batch.activities if a.kind == kind)
             segments.add(f"  {kind}.erase_batch ran (slowest step)", ran)
-        segments.add("between batches (record, next batch, workflow tasks)", end - last)
+        across = index + 1 < len(batches) and batches[index + 1].run != batch.run
+        gap = (
+            "between batches, across a continue-as-new (and the new run's preflight)"
+            if across
+            else "between batches (record, next batch, workflow tasks)"
+        )
+        segments.add(gap, end - last)
     return segments

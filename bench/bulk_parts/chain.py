@@ -32,6 +32,11 @@ class Chain:
         """History events over every run."""
         return sum(len(run) for run in self.runs)
 
+    @property
+    def bytes(self) -> int:
+        """The serialised size of every run's events."""
+        return sum(event.ByteSize() for run in self.runs for event in run)
+
     def count(self, kind: EventType.ValueType) -> int:
         """Events of one type over every run."""
         return sum(1 for run in self.runs for event in run if event.event_type == kind)

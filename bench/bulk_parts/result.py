@@ -26,6 +26,9 @@ class History(BaseModel):
     local_activities: int
     """Marker events: each local activity's result (bulk.next_batch, bulk.record_batch, ...)."""
     activities: int
+    bytes: int
+    """The histories' size (serialised events), most of it the batches' activity inputs and
+    results (encrypted payloads)."""
 
     def per_thousand(self, count: int, subjects: int) -> float:
         """`count` per 1,000 subjects."""
@@ -76,6 +79,7 @@ def show_result(console: Console, result: Result) -> None:
         f" / {h.per_thousand(h.activities, n):.0f}",
         "",
     )
+    table.add_row("history KB per 1,000 subjects", f"{h.per_thousand(h.bytes, n) / 1024:.0f}", "")
     table.add_row("continue-as-new runs", str(h.runs), "")
     for side, use, col in (("Lethe", result.cpu_lethe, 1), ("floor", result.cpu_floor, 2)):
         if use is None:
