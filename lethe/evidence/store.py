@@ -114,6 +114,7 @@ bulk_subjects = Table(
     Column("batch", Integer),
     PrimaryKeyConstraint("bulk_id", "seq", name="pk_lethe_bulk_subjects"),
     UniqueConstraint("bulk_id", "subject_ref", name="uq_lethe_bulk_subjects_ref"),
+    Index("ix_lethe_bulk_subjects_subject", "subject_ref"),  # a subject's bulk requests
 )
 
 bulk_batches = Table(

@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("bulk_id", "seq", name="pk_lethe_bulk_subjects"),
         sa.UniqueConstraint("bulk_id", "subject_ref", name="uq_lethe_bulk_subjects_ref"),
     )
+    op.create_index("ix_lethe_bulk_subjects_subject", "lethe_bulk_subjects", ["subject_ref"])
     op.create_table(
         "lethe_bulk_batches",
         sa.Column("bulk_id", sa.String(100), nullable=False),
@@ -57,4 +58,5 @@ def downgrade() -> None:
     op.drop_index("ix_lethe_bulk_leaves_subject", "lethe_bulk_leaves")
     op.drop_table("lethe_bulk_leaves")
     op.drop_table("lethe_bulk_batches")
+    op.drop_index("ix_lethe_bulk_subjects_subject", "lethe_bulk_subjects")
     op.drop_table("lethe_bulk_subjects")
