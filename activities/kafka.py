@@ -450,6 +450,12 @@ def _search_since(request: StepRequest | BatchStepRequest) -> int:
     return int((since - CLOCK_SKEW).timestamp() * 1000)
 
 
+def _first_attempt() -> bool:
+    """Whether this is an activity's first attempt (outside an activity, called directly, no
+    one can say: not)."""
+    return activity.in_activity() and activity.info().attempt == 1
+
+
 def _heartbeat(topic: str, offsets: Mapping[int, int]) -> None:
     """Tell a later attempt where to look: the step's tombstones, if any, are at or after
     `offsets` (per partition; nothing of them is earlier). Outside an activity, nothing."""
@@ -1244,10 +1250,15 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         The search starts where an earlier attempt's heartbeat says it was about to produce,
         else at the first record stamped after the erasure began, or after the activity's first
         attempt was scheduled if later (less the clock skew allowed): a bulk request's later
-        batches do not read the traffic since the request began. It ends at each partition's
+        batches do not read the traffic since the request began; a batch's first attempt reads
+        nothing. It ends at each partition's
         end when it began, and heartbeats as it reads.
         """
         since_ms = _search_since(job.request)
+        if job.batched and _first_attempt():
+            # A bulk batch's activity id is its own: before its first attempt nothing can have
+            # written its tombstones, so the search only notes where the partitions end.
+            since_ms = int(time.time() * 1000)
         earlier = _earlier_offsets(topic)
         search = await self._in_thread(_Search, self._bootstrap, topic, wanted, job.marks)
         try:

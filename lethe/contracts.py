@@ -758,6 +758,10 @@ class SweepReport(Contract):
 
 BULK_BATCH = 500
 """Subjects in one batch of a bulk erasure unless the request says otherwise."""
+BULK_MAX_BATCH = 2_000
+"""The most subjects in one batch: a batch's subjects travel in each step's activity input, and
+the workflow task scheduling a batch's steps must stay under gRPC's 4 MB (batches of 5,000 with
+five steps did not, measured by bench/bulk.py)."""
 BULK_MAX_SUBJECTS = 1_000_000
 """The most subjects one bulk request takes (a subjects file longer than this is refused)."""
 
@@ -905,6 +909,8 @@ class BulkProgress(Contract):
     held_by: list[str] = []
     """Holds blocking steps for every subject (tenant, system or category holds)."""
     preflight: list[StepCheck] = []
+    preflighted: list[BulkPhase] = []
+    """The phases whose steps the preflight has passed (once a phase, across continue-as-new)."""
     discovered: dict[str, int] = {}
     """An offboarding's subjects found per step (a subject found in several counts in each)."""
     discover_step: int = 0
@@ -926,7 +932,7 @@ class BulkRequest(Contract):
     source: Literal["file", "offboard"] = "file"
     total: int = Field(ge=0, le=BULK_MAX_SUBJECTS)
     systems: list[str] = []
-    batch_size: int = Field(default=BULK_BATCH, ge=1, le=5000)
+    batch_size: int = Field(default=BULK_BATCH, ge=1, le=BULK_MAX_BATCH)
     batches_per_run: int = Field(default=20, ge=1)
     received_at: datetime
     progress: BulkProgress | None = None

@@ -288,7 +288,6 @@ class BulkErasureWorkflow:
     async def _run_phase(self, request: BulkRequest, steps: list[Step]) -> bool:
         """Batches of this phase until none is left (True) or the run should continue as new."""
         p = self._p
-        checked = False
         while p.cancelled_by is None:
             if p.paused_by is not None:
                 self._state("paused")
@@ -315,11 +314,11 @@ class BulkErasureWorkflow:
                     return True
                 p.cursor = batch.last_seq
                 continue
-            if not checked:
+            if p.phase not in p.preflighted:
                 await self._preflighted(steps, batch.subjects[0])
-                checked = True
                 if p.cancelled_by is not None:
                     break
+                p.preflighted.append(p.phase)
             self._state("erasing")
             outcomes = await self._erase(request, steps, batch)
             await self._record(request, steps, batch, outcomes)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from lethe.cli.common import ByOption, JsonOption, actor, err, out, run, valid
 from lethe.cli.views import when
-from lethe.contracts import BULK_BATCH, ApprovalDecision, BulkProgress
+from lethe.contracts import BULK_BATCH, BULK_MAX_BATCH, ApprovalDecision, BulkProgress
 from lethe.evidence.bulk import SubjectProof, check_proof
 from lethe.sdk import bulk
 from lethe.sdk.client import Client
@@ -63,7 +63,7 @@ def offboard(
     reason: Annotated[str, typer.Option(help="why (recorded)")] = "",
     by: ByOption = "",
     batch_size: Annotated[
-        int, typer.Option(min=1, max=5000, help="subjects per batch")
+        int, typer.Option(min=1, max=BULK_MAX_BATCH, help="subjects per batch")
     ] = BULK_BATCH,
     json: JsonOption = False,
 ) -> None:

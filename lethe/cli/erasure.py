@@ -34,6 +34,7 @@ from lethe.cli.views import (
 )
 from lethe.contracts import (
     BULK_BATCH,
+    BULK_MAX_BATCH,
     ApprovalDecision,
     ErasureRequest,
     ErasureStatus,
@@ -109,7 +110,7 @@ def erase(
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option(min=1, max=5000, help="subjects per batch (--subjects-file)")
+        int, typer.Option(min=1, max=BULK_MAX_BATCH, help="subjects per batch (--subjects-file)")
     ] = BULK_BATCH,
 ) -> None:
     """Erase a subject everywhere the data map says their data lives (or --dry-run the plan);
