@@ -74,6 +74,7 @@ from bench.harness.databases import store_database
 from bench.harness.report import show_segments
 from bench.harness.stack import StackNotReady, load_stack_env, stack_variable, temporal_pid
 from bench.harness.worker_process import WorkerDidNotStart, WorkerProcess
+from lethe.contracts import BULK_MAX_BATCH
 from lethe.kernel.config import load_settings
 from lethe.kernel.errors import LetheError
 from lethe.sdk.client import Client
@@ -248,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
     args = parser.parse_args(argv)
-    if args.subjects < 1 or not 1 <= args.batch_size <= 5000:
-        parser.error("--subjects must be at least 1, --batch-size 1 to 5000")
+    if args.subjects < 1 or not 1 <= args.batch_size <= BULK_MAX_BATCH:
+        parser.error(f"--subjects must be at least 1, --batch-size 1 to {BULK_MAX_BATCH}")
     try:
         result = asyncio.run(
             stoppable(
