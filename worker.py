@@ -64,6 +64,8 @@ CONTROL_ACTIVITIES: Sequence[Callable[..., Any]] = (
     bulk.stage_found,
     bulk.next_batch,
     bulk.record_batch,
+    bulk.next_recheck,
+    bulk.record_recheck,
     bulk.finish,
 )
 

@@ -28,6 +28,8 @@ from lethe.contracts import (
     BulkBatchRecord,
     BulkFound,
     BulkProgress,
+    BulkRecheck,
+    BulkRecheckRecord,
     BulkRecorded,
     BulkRequest,
     BulkSubject,
@@ -230,6 +232,8 @@ async def record_batch(record: BulkBatchRecord) -> BulkRecorded:
         )
     except LetheError as exc:
         raise _typed(exc) from None
+    if record.phase in ("immediate", "held"):
+        await bulk.keep_rechecks(engine, record.bulk_id, record.batch, record.outcomes)
     statuses = _statuses(record.subjects, record.outcomes)
     if record.phase == "deferred":
         statuses = _worst(statuses, await bulk.statuses(engine, record.bulk_id, record.subjects))
@@ -318,6 +322,61 @@ async def _forget(engine: AsyncEngine, record: BulkBatchRecord, refs: Sequence[s
         ]
         if values:
             await conn.execute(insert(forget_list), values)
+
+
+@activity.defn(name="bulk.next_recheck")
+async def next_recheck(bulk_id: str) -> BulkRecheck | None:
+    """The next step of a batch to verify again (Kafka's `pending_compaction`), with the
+    batch's subjects; None when none is left."""
+    engine = await _store()
+    found = await bulk.next_recheck(engine, bulk_id)
+    if found is None:
+        return None
+    refs = [one.subject_ref for one in found.outcome.outcomes]
+    key = current_settings().subject_key_bytes
+    subjects = await bulk.subjects_of(engine, bulk_id, refs, key)
+    return BulkRecheck(
+        batch=found.batch, step_id=found.step_id, subjects=subjects, erased=found.outcome
+    )
+
+
+@activity.defn(name="bulk.record_recheck")
+async def record_recheck(record: BulkRecheckRecord) -> BulkRecorded:
+    """Record a step verified again: its leaves under one root in one ledger entry; a subject
+    it now proves gone is `erased` unless another step of its batch is still to verify."""
+    engine = await _store()
+    step_id = record.verified.step_id
+    leaves = [
+        bulk.Leaf(subject_ref=o.subject_ref, step_id=step_id, status=o.status, affected=o.affected)
+        for o in record.verified.outcomes
+    ]
+    try:
+        recorded = await bulk.record_batch(
+            engine, record.bulk_id, "recheck", record.batch, leaves, actor="lethe"
+        )
+    except LetheError as exc:
+        raise _typed(exc) from None
+    await bulk.recheck_done(engine, record.bulk_id, record.of_batch, step_id, record.verified)
+    waiting = await bulk.still_pending(engine, record.bulk_id, record.of_batch)
+    before = await bulk.statuses(
+        engine, record.bulk_id, [o.subject_ref for o in record.verified.outcomes]
+    )
+    statuses: dict[str, tuple[SubjectStatus, str]] = {}
+    for one in record.verified.outcomes:
+        if before.get(one.subject_ref) != "incomplete":
+            continue  # failed stays failed; held or other: not this step's to settle
+        if one.status == "failed":
+            statuses[one.subject_ref] = ("failed", "")
+        elif one.status in SETTLED and one.subject_ref not in waiting:
+            statuses[one.subject_ref] = ("erased", "")
+    await bulk.mark(engine, record.bulk_id, statuses, None)
+    return BulkRecorded(
+        root=recorded.root,
+        ledger_hash=recorded.ledger_hash,
+        statuses=dict(Counter(status for status, _ in statuses.values())),
+        failures=_failures([record.verified]),
+        counts=await bulk.counts(engine, record.bulk_id),
+    )
 
 
 @activity.defn(name="bulk.finish")

@@ -42,6 +42,7 @@ from lethe.contracts import (
     SubjectsQuery,
     SweepBatch,
     SweepResult,
+    VerifyBatch,
     VerifyRequest,
 )
 from lethe.kernel.config import connection
@@ -138,6 +139,16 @@ class Connectors:
                 step.system, step.region, lambda: self.connector(kind, batch).erase_batch(batch)
             )
 
+        @activity.defn(name=f"{name}.verify_batch")
+        async def verify_batch(check: VerifyBatch) -> BatchStepOutcome:
+            batch = check.request
+            step = batch.step
+            return await guarded(
+                step.system,
+                step.region,
+                lambda: self.connector(kind, batch).verify_batch(batch, check.erased),
+            )
+
         @activity.defn(name=f"{name}.sweep")
         async def sweep(batch: SweepBatch) -> SweepResult:
             task = batch.task
@@ -156,11 +167,13 @@ class Connectors:
         verify.__doc__ = f"Verify one {name} step of a subject again."
         preflight.__doc__ = f"Check one {name} step before anything is destroyed; touch nothing."
         erase_batch.__doc__ = f"Erase, then verify, one {name} step for a batch of subjects."
+        verify_batch.__doc__ = f"Verify again one {name} step of a batch (after the window)."
         sweep.__doc__ = f"One batch of a retention sweep over one {name} task (this region only)."
         return {
             f"{name}.erase": erase,
             f"{name}.verify": verify,
             f"{name}.preflight": preflight,
             f"{name}.erase_batch": erase_batch,
+            f"{name}.verify_batch": verify_batch,
             f"{name}.sweep": sweep,
         }

@@ -825,9 +825,10 @@ class BatchStepOutcome(Contract):
         return sum(outcome.affected for outcome in self.outcomes)
 
 
-BulkPhase = Literal["discover", "immediate", "deferred", "held"]
-"""`discover`: an offboarding finds the tenant's subjects (reading only); `held`: subjects set
-aside for a legal hold, taken again (every step) once it is released."""
+BulkPhase = Literal["discover", "immediate", "deferred", "recheck", "held"]
+"""`discover`: an offboarding finds the tenant's subjects (reading only); `recheck`: steps left
+`pending_compaction` verified again once the window has ended; `held`: subjects set aside for a
+legal hold, taken again (every step) once it is released."""
 BulkState = Literal[
     "planning",
     "discovering",
@@ -837,6 +838,7 @@ BulkState = Literal[
     "paused",
     "on_hold",
     "waiting_window",
+    "verifying",
     "completed",
     "cancelled",
     "rejected",
@@ -937,6 +939,35 @@ class BulkRequest(Contract):
     received_at: datetime
     progress: BulkProgress | None = None
     """Where a run continued-as-new left off."""
+
+
+class VerifyBatch(Contract):
+    """A batch's step to verify again, and what erasing it did."""
+
+    request: BatchStepRequest
+    erased: BatchStepOutcome
+
+
+class BulkRecheck(Contract):
+    """The next step of a batch to verify again: the batch's subjects (in its outcomes' order)
+    and what erasing it did."""
+
+    batch: int
+    step_id: str
+    subjects: list[BulkSubject]
+    erased: BatchStepOutcome
+
+
+class BulkRecheckRecord(Contract):
+    """A batch's step verified again, to record (its leaves under a root of their own)."""
+
+    bulk_id: str
+    tenant: str
+    batch: int
+    """The number of the recorded tree (the request's next batch number)."""
+    of_batch: int
+    """The batch whose step was verified again."""
+    verified: BatchStepOutcome
 
 
 class BulkFound(Contract):

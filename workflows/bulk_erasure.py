@@ -4,9 +4,11 @@ The subjects are staged in Lethe's store (sealed) before the workflow starts; it
 history hold only the request, a cursor and counts, and each batch's subjects travel once, in
 that batch's activity inputs (encrypted by the codec). The plan is made once for the tenant.
 
-Phases: `immediate` (SQL, Kafka, Redis, keys steps), then, once the erasure window has ended,
-`deferred` (blob and log steps) over the subjects the first phase took, then `held`: subjects set
-aside for a legal hold, taken again (every step) when holds change or after a backoff. Each batch:
+Phases: `discover` (an offboarding lists the tenant's subjects), `immediate` (SQL, Kafka, Redis,
+keys steps), then, once the erasure window has ended, `deferred` (blob and log steps) over the
+subjects the first phase took, `recheck` (steps left `pending_compaction` verified again), then
+`held`: subjects set aside for a legal hold, taken again (every step) when holds change or after
+a backoff. Each batch:
 local activity `bulk.next_batch` (sets aside subjects erased before, subjects a single request is
 erasing, subjects under a hold), one `<kind>.erase_batch` activity per step on the step's region
 queue (no child workflow: residency is the queue and the worker's region check), then local
@@ -36,6 +38,8 @@ with workflow.unsafe.imports_passed_through():
         BulkFound,
         BulkPhase,
         BulkProgress,
+        BulkRecheck,
+        BulkRecheckRecord,
         BulkRecorded,
         BulkRequest,
         BulkState,
@@ -48,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         SubjectOutcome,
         SubjectsPage,
         SubjectsQuery,
+        VerifyBatch,
     )
     from lethe.kernel.deadlines import add_months, window_end
     from lethe.kernel.errors import failure_reason
@@ -164,10 +169,14 @@ class BulkErasureWorkflow:
             if p.cancelled_by is not None:  # before anything was erased
                 return await self._finish(request, "cancelled")
             await self._start(request, plan)
-        phases: list[BulkPhase] = ["immediate", "deferred", "held"]
+        phases: list[BulkPhase] = ["immediate", "deferred", "recheck", "held"]
         for phase in phases[phases.index(p.phase) :]:
             if p.phase != phase:
                 p.phase, p.cursor = phase, 0
+            if phase == "recheck":
+                if not await self._verify_pending(request, plan):
+                    workflow.continue_as_new(request.model_copy(update={"progress": p}))
+                continue
             steps = _steps(plan, phase)
             if phase == "deferred" and steps:
                 self._state("waiting_window")
@@ -488,6 +497,98 @@ class BulkErasureWorkflow:
             p.failures[reason] = p.failures.get(reason, 0) + n
         self._counted(recorded.counts)
 
+    async def _verify_pending(self, request: BulkRequest, plan: Plan) -> bool:
+        """Once the window has ended, verify again each batch's step that left subjects
+        `pending_compaction` (Kafka), as a single request's re-check does. False when the run
+        should continue as new."""
+        p = self._p
+        waited = False
+        while p.cancelled_by is None:
+            found: BulkRecheck | None = await workflow.execute_local_activity(
+                "bulk.next_recheck",
+                request.bulk_id,
+                result_type=BulkRecheck | None,  # type: ignore[arg-type]
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+            )
+            if found is None:
+                return True
+            if not waited:
+                self._state("waiting_window")
+                await self._until_window_end_or_cancel()
+                waited = True
+                continue  # look again: nothing is lost by asking twice
+            step = next(s for s in _steps(plan, "held") if s.id == found.step_id)
+            self._state("verifying")
+            verified = await self._verify_again(request, step, found)
+            recorded: BulkRecorded = await workflow.execute_local_activity(
+                "bulk.record_recheck",
+                BulkRecheckRecord(
+                    bulk_id=request.bulk_id,
+                    tenant=request.tenant,
+                    batch=p.batches,
+                    of_batch=found.batch,
+                    verified=verified,
+                ),
+                result_type=BulkRecorded,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+            )
+            p.batches += 1
+            p.roots += 1
+            _move_totals(p, found.erased, verified)
+            self._counted(recorded.counts)
+            self._run_batches += 1
+            if (
+                self._run_batches >= request.batches_per_run
+                or workflow.info().is_continue_as_new_suggested()
+            ):
+                return False
+        return True
+
+    async def _verify_again(
+        self, request: BulkRequest, step: Step, found: BulkRecheck
+    ) -> BatchStepOutcome:
+        p = self._p
+        assert p.started_at is not None and p.window_ends_at is not None and p.deadline
+        span = max(p.deadline - RETRY_MARGIN - workflow.now(), MIN_RETRY_SPAN)
+        work = VerifyBatch(
+            request=BatchStepRequest(
+                request_id=request.bulk_id,
+                batch=found.batch,
+                step=step,
+                subjects=found.subjects,
+                erasure_started_at=p.started_at,
+                window_ends_at=p.window_ends_at,
+            ),
+            erased=found.erased,
+        )
+        try:
+            verified: BatchStepOutcome = await workflow.execute_activity(
+                f"{step.kind}.verify_batch",
+                work,
+                result_type=BatchStepOutcome,
+                task_queue=task_queue(step.region, workflow.info().task_queue),
+                activity_id=f"recheck-{found.batch}-{step.id}",
+                start_to_close_timeout=CONNECTOR_TIMEOUT,
+                schedule_to_close_timeout=span,
+                heartbeat_timeout=CONNECTOR_HEARTBEAT,
+                retry_policy=CONNECTOR_RETRY,
+            )
+            return verified
+        except ActivityError as error:
+            reason = failure_reason(error)
+            return found.erased.model_copy(
+                update={
+                    "outcomes": [
+                        o.model_copy(update={"status": "failed", "detail": reason})
+                        if o.status == "pending_compaction"
+                        else o
+                        for o in found.erased.outcomes
+                    ]
+                }
+            )
+
     async def _until_window_end_or_cancel(self) -> None:
         p = self._p
         assert p.window_ends_at is not None
@@ -565,6 +666,17 @@ def _retained(step: Step, subjects: Sequence[BulkSubject]) -> BatchStepOutcome:
             for s in subjects
         ],
     )
+
+
+def _move_totals(p: BulkProgress, before: BatchStepOutcome, after: BatchStepOutcome) -> None:
+    """A step verified again: its subjects move from the statuses they had to the new ones."""
+    total = next((t for t in p.steps if t.step_id == after.step_id), None)
+    if total is None:
+        return
+    for was, now in zip(before.outcomes, after.outcomes, strict=False):
+        total.statuses[was.status] = total.statuses.get(was.status, 0) - 1
+        total.statuses[now.status] = total.statuses.get(now.status, 0) + 1
+    total.statuses = {k: n for k, n in total.statuses.items() if n}
 
 
 def _add_totals(p: BulkProgress, steps: list[Step], outcomes: list[BatchStepOutcome]) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from lethe.contracts import (
     BULK_MAX_SUBJECTS,
+    BatchStepOutcome,
     BulkSubject,
     Contract,
     StepStatus,
@@ -34,7 +35,7 @@ from lethe.contracts import (
 )
 from lethe.evidence import ledger, merkle
 from lethe.evidence.forget_list import seal, unseal
-from lethe.evidence.store import bulk_batches, bulk_leaves, bulk_subjects
+from lethe.evidence.store import bulk_batches, bulk_leaves, bulk_rechecks, bulk_subjects
 from lethe.evidence.store import ledger as ledger_table
 from lethe.kernel.errors import LetheError
 from lethe.kernel.subjects import subject_ref
@@ -700,3 +701,114 @@ async def bulk_report(engine: AsyncEngine, bulk_id: str | None = None) -> BulkRe
 async def verify_bulk(engine: AsyncEngine, bulk_id: str | None = None) -> list[str]:
     """The problems `bulk_report` finds (none: every batch checks out)."""
     return (await bulk_report(engine, bulk_id)).problems
+
+
+# --- steps to verify again once the window has ended --------------------------------------------
+
+
+class Recheck(Contract):
+    """A step of a batch to verify again: what it did for the batch's subjects."""
+
+    batch: int
+    step_id: str
+    outcome: BatchStepOutcome
+
+
+async def keep_rechecks(
+    engine: AsyncEngine, bulk_id: str, batch: int, outcomes: Sequence[BatchStepOutcome]
+) -> int:
+    """Keep each step of the batch that left a subject `pending_compaction`, to verify again at
+    the window's end (once: kept again, it is left as it is); how many were new."""
+    pending = [o for o in outcomes if any(s.status == "pending_compaction" for s in o.outcomes)]
+    kept = 0
+    async with engine.begin() as conn:
+        for outcome in pending:
+            there = await conn.execute(
+                select(bulk_rechecks.c.done).where(
+                    bulk_rechecks.c.bulk_id == bulk_id,
+                    bulk_rechecks.c.batch == batch,
+                    bulk_rechecks.c.step_id == outcome.step_id,
+                )
+            )
+            if there.first() is None:
+                await conn.execute(
+                    insert(bulk_rechecks).values(
+                        bulk_id=bulk_id,
+                        batch=batch,
+                        step_id=outcome.step_id,
+                        outcome=outcome.model_dump(mode="json"),
+                        done=False,
+                    )
+                )
+                kept += 1
+    return kept
+
+
+async def next_recheck(engine: AsyncEngine, bulk_id: str) -> Recheck | None:
+    """The first step still to verify again, in batch and step order; None when none is left."""
+    query = (
+        select(bulk_rechecks)
+        .where(bulk_rechecks.c.bulk_id == bulk_id, bulk_rechecks.c.done.is_(False))
+        .order_by(bulk_rechecks.c.batch, bulk_rechecks.c.step_id)
+        .limit(1)
+    )
+    async with engine.connect() as conn:
+        row = (await conn.execute(query)).first()
+    if row is None:
+        return None
+    return Recheck(
+        batch=row.batch,
+        step_id=row.step_id,
+        outcome=BatchStepOutcome.model_validate(row.outcome),
+    )
+
+
+async def recheck_done(
+    engine: AsyncEngine, bulk_id: str, batch: int, step_id: str, verified: BatchStepOutcome
+) -> None:
+    """Mark a step verified again, keeping what the verification found."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(bulk_rechecks)
+            .where(
+                bulk_rechecks.c.bulk_id == bulk_id,
+                bulk_rechecks.c.batch == batch,
+                bulk_rechecks.c.step_id == step_id,
+            )
+            .values(done=True, outcome=verified.model_dump(mode="json"))
+        )
+
+
+async def still_pending(engine: AsyncEngine, bulk_id: str, batch: int) -> set[str]:
+    """The subjects of a batch that a step not yet verified again left `pending_compaction`."""
+    query = select(bulk_rechecks.c.outcome).where(
+        bulk_rechecks.c.bulk_id == bulk_id,
+        bulk_rechecks.c.batch == batch,
+        bulk_rechecks.c.done.is_(False),
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return {
+        one.subject_ref
+        for row in rows
+        for one in BatchStepOutcome.model_validate(row.outcome).outcomes
+        if one.status == "pending_compaction"
+    }
+
+
+async def subjects_of(
+    engine: AsyncEngine, bulk_id: str, refs: Sequence[str], subject_key: bytes
+) -> list[BulkSubject]:
+    """The staged subjects of `refs`, unsealed, in the order of `refs`."""
+    found: dict[str, BulkSubject] = {}
+    async with engine.connect() as conn:
+        for start in range(0, len(refs), 1000):
+            rows = await conn.execute(
+                select(bulk_subjects.c.subject_ref, bulk_subjects.c.sealed).where(
+                    bulk_subjects.c.bulk_id == bulk_id,
+                    bulk_subjects.c.subject_ref.in_(list(refs[start : start + 1000])),
+                )
+            )
+            for ref, sealed in rows:
+                found[ref] = BulkSubject(subject_ref=ref, subject=unseal(sealed, ref, subject_key))
+    return [found[ref] for ref in refs if ref in found]

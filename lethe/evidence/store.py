@@ -145,6 +145,18 @@ bulk_leaves = Table(
     Index("ix_lethe_bulk_leaves_subject", "bulk_id", "subject_ref"),
 )
 
+bulk_rechecks = Table(
+    "lethe_bulk_rechecks",
+    metadata,
+    Column("bulk_id", String(100), nullable=False),
+    Column("batch", Integer, nullable=False, autoincrement=False),
+    Column("step_id", String(200), nullable=False),
+    # The step's BatchStepOutcome for the batch: references, statuses, evidence; never ids.
+    Column("outcome", JSON, nullable=False),
+    Column("done", Boolean, nullable=False),
+    PrimaryKeyConstraint("bulk_id", "batch", "step_id", name="pk_lethe_bulk_rechecks"),
+)
+
 schema = Schema(
     key="store",
     name="Lethe's store",

@@ -35,10 +35,13 @@ from lethe.examples.seed import (
     export_blob_name,
 )
 from lethe.sdk import bulk as bulk_sdk
-from tests.e2e.conftest import CliResult, Footprint, Hospital, WorkerProcess, footprint
+from tests.e2e.conftest import HERE, CliResult, Footprint, Hospital, WorkerProcess, footprint
+from tests.e2e.test_erasure_completed import register_on
 
-PATIENTS = 300
+PATIENTS = 330
 """Patients seeded for this module (the e2e conftest reads it)."""
+KILLED = 50
+"""Patients of the worker-kill test, after the first test's; the last 30 are the re-check's."""
 TARGETS = 250
 REDACTED = "[redacted]"
 
@@ -255,7 +258,7 @@ async def test_a_worker_killed_mid_bulk_changes_each_row_once(
     dsn_text = dsn.render_as_string(hide_password=False)
     async with await psycopg.AsyncConnection.connect(dsn_text, autocommit=True) as conn:
         await conn.execute(TRIGGER.format(log=log, table=patients.name, key="patient_id"))
-    targets = hospital.patients[TARGETS:]  # the ones the first test left alone
+    targets = hospital.patients[TARGETS : TARGETS + KILLED]  # left alone by the first test
     first = hospital.worker()
     await first.start()
     started = await hospital.lethe(
@@ -342,3 +345,51 @@ async def test_a_bad_subjects_file_is_refused_by_line_and_nothing_starts(
         assert ada.patient_id not in result.stderr and ada.email not in result.stderr
     assert await _bulk_rows(hospital) == staged_before
     assert [w.id async for w in client.temporal.list_workflows(query)] == started_before
+
+
+@pytest.mark.timeout(300)
+async def test_kafka_steps_pending_compaction_are_verified_again_when_the_window_ends(
+    hospital: Hospital, worker: WorkerProcess
+) -> None:
+    """With a 30-second window, the bulk request's Kafka step is `pending_compaction` (removal
+    bounded inside the window, not yet past); the hospital keeps writing, the log cleaner
+    removes the shadowed profiles, and at the window's end the step is verified again: every
+    subject `erased`, the re-check's own Merkle root in the ledger."""
+    await worker.stop()  # this test's worker reads a pack with a window
+    pack = (HERE / "policy.yaml").read_text()
+    hospital.policy = hospital.workdir / "policy-window.yaml"
+    hospital.policy.write_text(pack.replace("window_days: 0", "window: 30s"))
+    windowed = hospital.worker()
+    await windowed.start()
+    targets = hospital.patients[TARGETS + KILLED :]
+    started = await hospital.lethe(
+        "erase", "--tenant", hospital.tenant,
+        "--subjects-file", str(_subjects_file(hospital, targets, "window.csv")),
+        "--by", "clerk", "--no-wait",
+    )  # fmt: skip
+    bulk_id = _bulk_id(started)
+    approved = await hospital.lethe("bulk", "approve", bulk_id, "--by", "dpo")
+    assert approved.code == 0, str(approved)
+    waiting = await _wait_for(hospital, bulk_id, "waiting_window")
+    kafka = next(s for s in waiting["steps"] if s["step_id"] == "patient-events/0")
+    assert kafka["statuses"] == {"pending_compaction": len(targets)}, waiting
+    assert waiting["counts"]["incomplete"] == len(targets)
+    await asyncio.sleep(1.5)  # past segment.ms: the next record rolls each tombstone's segment
+    partitions = {hospital.kafka_placed[p.patient_id][0] for p in targets}
+    for partition in sorted(partitions):
+        await asyncio.to_thread(
+            register_on,
+            hospital.connections.kafka_bootstrap,
+            hospital.topic,
+            partition,
+            hospital.suffix,
+        )
+
+    done = await _wait_for(hospital, bulk_id, "completed", timeout=180)
+    await windowed.stop()
+    assert done["counts"]["erased"] == len(targets), json.dumps(done["counts"])
+    kafka = next(s for s in done["steps"] if s["step_id"] == "patient-events/0")
+    assert kafka["statuses"] == {"done": len(targets)}, json.dumps(done["steps"])
+    client = await hospital.sdk()
+    roots = await bulk_sdk.roots(client, bulk_id)
+    assert [r.size for r in roots if r.phase == "recheck"] == [len(targets)]

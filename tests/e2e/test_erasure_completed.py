@@ -47,7 +47,7 @@ def windowed(hospital: Hospital) -> Hospital:
     return hospital
 
 
-def _register_on(bootstrap: str, topic: str, partition: int, suffix: str) -> Record:
+def register_on(bootstrap: str, topic: str, partition: int, suffix: str) -> Record:
     """A new patient's profile, keyed as the hospital keys them, on `partition` (blocking)."""
     producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
     partitions = len(producer.list_topics(topic, 10).topics[topic].partitions)
@@ -88,7 +88,7 @@ async def test_an_erasure_past_its_window_ends_done_in_every_system(windowed: Ho
     assert kafka["status"] == "pending_compaction", kafka
     await asyncio.sleep(SEGMENT_SECONDS * 1.5)
     registered = await asyncio.to_thread(
-        _register_on,
+        register_on,
         hospital.connections.kafka_bootstrap,
         hospital.topic,
         partition,

@@ -73,14 +73,14 @@ def test_a_connector_takes_only_its_own_steps(kind: type[Connector[Any]]) -> Non
         kind.locator(_request(kind.kind, lacking))
 
 
-async def test_a_worker_s_activities_are_every_kind_s_five_under_their_workflow_names() -> None:
+async def test_a_worker_s_activities_are_every_kind_s_six_under_their_workflow_names() -> None:
     async with Clients() as clients:
         activities = Connectors(clients).activities()
     names = {getattr(a, "__temporal_activity_definition").name for a in activities}
     assert names == {
         f"{k}.{op}"
         for k in get_args(SystemKind)
-        for op in ("erase", "verify", "preflight", "erase_batch", "sweep")
+        for op in ("erase", "verify", "preflight", "erase_batch", "verify_batch", "sweep")
     } | {"sql.subjects", "redis.subjects"}
 
 

@@ -129,6 +129,8 @@ async def _running(env: WorkflowEnvironment) -> AsyncIterator[None]:
                 bulk_activities.stage_found,
                 bulk_activities.next_batch,
                 bulk_activities.record_batch,
+                bulk_activities.next_recheck,
+                bulk_activities.record_recheck,
                 bulk_activities.finish,
                 control.record,
             ],

@@ -1,5 +1,6 @@
 """Bulk erasure: its subjects (sealed, with their status), its batches (each one's Merkle root
-and the ledger entry holding it) and the batches' leaves (one per subject and step)."""
+and the ledger entry holding it), the batches' leaves (one per subject and step), and the steps
+to verify again once the window has ended (Kafka's `pending_compaction`)."""
 
 from __future__ import annotations
 
@@ -51,10 +52,20 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("bulk_id", "phase", "batch", "idx", name="pk_lethe_bulk_leaves"),
     )
     op.create_index("ix_lethe_bulk_leaves_subject", "lethe_bulk_leaves", ["bulk_id", "subject_ref"])
+    op.create_table(
+        "lethe_bulk_rechecks",
+        sa.Column("bulk_id", sa.String(100), nullable=False),
+        sa.Column("batch", sa.Integer, nullable=False, autoincrement=False),
+        sa.Column("step_id", sa.String(200), nullable=False),
+        sa.Column("outcome", sa.JSON, nullable=False),
+        sa.Column("done", sa.Boolean, nullable=False),
+        sa.PrimaryKeyConstraint("bulk_id", "batch", "step_id", name="pk_lethe_bulk_rechecks"),
+    )
 
 
 def downgrade() -> None:
     """Drop the bulk tables, and every bulk erasure's subjects, batches and leaves in them."""
+    op.drop_table("lethe_bulk_rechecks")
     op.drop_index("ix_lethe_bulk_leaves_subject", "lethe_bulk_leaves")
     op.drop_table("lethe_bulk_leaves")
     op.drop_table("lethe_bulk_batches")
