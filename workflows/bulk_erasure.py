@@ -423,8 +423,7 @@ class BulkErasureWorkflow:
     ) -> list[BatchStepOutcome]:
         """Every step of the phase for the batch, in parallel, each on its region's queue."""
         p = self._p
-        assert p.started_at is not None and p.window_ends_at is not None and p.deadline
-        span = max(p.deadline - RETRY_MARGIN - workflow.now(), MIN_RETRY_SPAN)
+        assert p.started_at is not None and p.window_ends_at is not None
         number = p.batches
 
         async def one(step: Step) -> BatchStepOutcome:
@@ -440,18 +439,7 @@ class BulkErasureWorkflow:
                 found=batch.found,
             )
             try:
-                done: BatchStepOutcome = await workflow.execute_activity(
-                    f"{step.kind}.erase_batch",
-                    work,
-                    result_type=BatchStepOutcome,
-                    task_queue=task_queue(step.region, workflow.info().task_queue),
-                    activity_id=f"{number}-{step.id}",
-                    start_to_close_timeout=CONNECTOR_TIMEOUT,
-                    schedule_to_close_timeout=span,
-                    heartbeat_timeout=CONNECTOR_HEARTBEAT,
-                    retry_policy=CONNECTOR_RETRY,
-                )
-                return done
+                return await self._on_region(step, "erase_batch", work, f"{number}-{step.id}")
             except ActivityError as error:
                 reason = failure_reason(error)
                 return BatchStepOutcome(
@@ -550,8 +538,7 @@ class BulkErasureWorkflow:
         self, request: BulkRequest, step: Step, found: BulkRecheck
     ) -> BatchStepOutcome:
         p = self._p
-        assert p.started_at is not None and p.window_ends_at is not None and p.deadline
-        span = max(p.deadline - RETRY_MARGIN - workflow.now(), MIN_RETRY_SPAN)
+        assert p.started_at is not None and p.window_ends_at is not None
         work = VerifyBatch(
             request=BatchStepRequest(
                 request_id=request.bulk_id,
@@ -564,18 +551,9 @@ class BulkErasureWorkflow:
             erased=found.erased,
         )
         try:
-            verified: BatchStepOutcome = await workflow.execute_activity(
-                f"{step.kind}.verify_batch",
-                work,
-                result_type=BatchStepOutcome,
-                task_queue=task_queue(step.region, workflow.info().task_queue),
-                activity_id=f"recheck-{found.batch}-{step.id}",
-                start_to_close_timeout=CONNECTOR_TIMEOUT,
-                schedule_to_close_timeout=span,
-                heartbeat_timeout=CONNECTOR_HEARTBEAT,
-                retry_policy=CONNECTOR_RETRY,
+            return await self._on_region(
+                step, "verify_batch", work, f"recheck-{found.batch}-{step.id}"
             )
-            return verified
         except ActivityError as error:
             reason = failure_reason(error)
             return found.erased.model_copy(
@@ -588,6 +566,26 @@ class BulkErasureWorkflow:
                     ]
                 }
             )
+
+    async def _on_region(
+        self, step: Step, operation: str, work: BatchStepRequest | VerifyBatch, activity_id: str
+    ) -> BatchStepOutcome:
+        """`<kind>.<operation>` of a step on its region's queue, with the regional erasure's
+        timeouts, retrying until three days before the deadline (at least an hour)."""
+        assert self._p.deadline is not None
+        span = max(self._p.deadline - RETRY_MARGIN - workflow.now(), MIN_RETRY_SPAN)
+        done: BatchStepOutcome = await workflow.execute_activity(
+            f"{step.kind}.{operation}",
+            work,
+            result_type=BatchStepOutcome,
+            task_queue=task_queue(step.region, workflow.info().task_queue),
+            activity_id=activity_id,
+            start_to_close_timeout=CONNECTOR_TIMEOUT,
+            schedule_to_close_timeout=span,
+            heartbeat_timeout=CONNECTOR_HEARTBEAT,
+            retry_policy=CONNECTOR_RETRY,
+        )
+        return done
 
     async def _until_window_end_or_cancel(self) -> None:
         p = self._p
