@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 
-from sqlalchemy import and_, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.service import RPCError, RPCStatusCode
@@ -41,14 +39,8 @@ from lethe.contracts import (
     Subject,
     SubjectStatus,
 )
-from lethe.evidence import bulk, holds
-from lethe.evidence.store import (
-    bulk_leaves,
-    bulk_subjects,
-    certificates,
-    engine_for,
-    forget_list,
-)
+from lethe.evidence import bulk, certificates, forget_list, holds
+from lethe.evidence.store import engine_for
 from lethe.kernel.config import current_settings
 from lethe.kernel.errors import LetheError
 from lethe.plans.planner import needed_identities
@@ -113,7 +105,7 @@ async def next_batch(query: BulkBatchQuery) -> BulkBatch:
     for ref in _held(active, refs):
         aside[ref] = ("held", "a legal hold on the subject")
     if query.phase == "immediate" and not query.held_again:
-        for ref in await _listed(engine, refs):
+        for ref in await forget_list.listed_among(engine, refs):
             aside.setdefault(ref, ("skipped", "on the forget-list: erased before"))
         for ref, workflow_id in (await _running_singles(query.tenant, refs)).items():
             aside.setdefault(ref, ("joined", workflow_id))
@@ -139,24 +131,12 @@ async def next_batch(query: BulkBatchQuery) -> BulkBatch:
 async def _found(
     engine: AsyncEngine, query: BulkBatchQuery, subjects: Sequence[BulkSubject]
 ) -> list[str] | None:
-    """In the deferred phase, which of `subjects` the immediate phase found somewhere (a step
-    changed something of theirs): whole backups are touched only for them. None in the other
-    phases (every subject counts as found)."""
+    """In the deferred phase, which of `subjects` the immediate phase found somewhere: whole
+    backups are touched only for them. None in the other phases (every subject counts as
+    found)."""
     if query.phase != "deferred" or not subjects:
         return None
-    refs = [s.subject_ref for s in subjects]
-    async with engine.connect() as conn:
-        rows = await conn.execute(
-            select(bulk_leaves.c.subject_ref)
-            .where(
-                bulk_leaves.c.bulk_id == query.bulk_id,
-                bulk_leaves.c.phase == "immediate",
-                bulk_leaves.c.affected > 0,
-                bulk_leaves.c.subject_ref.in_(refs),
-            )
-            .distinct()
-        )
-        return sorted({row[0] for row in rows})
+    return await bulk.found(engine, query.bulk_id, [s.subject_ref for s in subjects])
 
 
 def _blocking_all(active: Sequence[Hold], tenant: str, steps: Sequence[Step]) -> list[str]:
@@ -180,14 +160,6 @@ def _blocking_all(active: Sequence[Hold], tenant: str, steps: Sequence[Step]) ->
 def _held(active: Sequence[Hold], refs: Iterable[str]) -> set[str]:
     held = {hold.value for hold in active if hold.active and hold.scope == "subject"}
     return held.intersection(refs)
-
-
-async def _listed(engine: AsyncEngine, refs: Sequence[str]) -> set[str]:
-    async with engine.connect() as conn:
-        rows = await conn.execute(
-            select(forget_list.c.subject_ref).where(forget_list.c.subject_ref.in_(refs))
-        )
-        return {row[0] for row in rows}
 
 
 async def _running_singles(tenant: str, refs: Sequence[str]) -> dict[str, str]:
@@ -238,7 +210,9 @@ async def record_batch(record: BulkBatchRecord) -> BulkRecorded:
     if record.phase == "deferred":
         statuses = _worst(statuses, await bulk.statuses(engine, record.bulk_id, record.subjects))
     await bulk.mark(engine, record.bulk_id, {r: (s, "") for r, s in statuses.items()}, record.batch)
-    await _forget(engine, record, record.subjects)
+    await bulk.forget(
+        engine, record.bulk_id, record.subjects, tenant=record.tenant, systems=record.systems
+    )
     return BulkRecorded(
         root=recorded.root,
         ledger_hash=recorded.ledger_hash,
@@ -288,40 +262,6 @@ def _reason(detail: str) -> str:
     first words (details never hold an id)."""
     head = detail.split(":", 1)[0].strip()
     return head[:80] or "failed"
-
-
-async def _forget(engine: AsyncEngine, record: BulkBatchRecord, refs: Sequence[str]) -> None:
-    """List the batch's subjects on the forget-list (those not listed already), with the sealed
-    subject copied from the staging table (both seal one way, bound to the reference)."""
-    async with engine.begin() as conn:
-        listed = {
-            row[0]
-            for row in await conn.execute(
-                select(forget_list.c.subject_ref).where(forget_list.c.subject_ref.in_(refs))
-            )
-        }
-        rows = await conn.execute(
-            select(bulk_subjects.c.subject_ref, bulk_subjects.c.sealed).where(
-                and_(
-                    bulk_subjects.c.bulk_id == record.bulk_id,
-                    bulk_subjects.c.subject_ref.in_([r for r in refs if r not in listed]),
-                )
-            )
-        )
-        now = datetime.now(UTC)
-        values = [
-            {
-                "subject_ref": ref,
-                "tenant": record.tenant,
-                "request_id": record.bulk_id,
-                "systems": record.systems,
-                "erased_at": now,
-                "sealed_subject": sealed,
-            }
-            for ref, sealed in rows
-        ]
-        if values:
-            await conn.execute(insert(forget_list), values)
 
 
 @activity.defn(name="bulk.next_recheck")
@@ -382,17 +322,4 @@ async def record_recheck(record: BulkRecheckRecord) -> BulkRecorded:
 @activity.defn(name="bulk.finish")
 async def finish(progress: BulkProgress) -> None:
     """Keep the bulk certificate (once, whatever the retries)."""
-    engine = await _store()
-    async with engine.begin() as conn:
-        kept = await conn.execute(
-            select(certificates.c.request_id).where(certificates.c.request_id == progress.bulk_id)
-        )
-        if kept.first() is None:
-            await conn.execute(
-                insert(certificates).values(
-                    request_id=progress.bulk_id,
-                    subject_ref="-",
-                    issued_at=datetime.now(UTC),
-                    body=progress.model_dump(mode="json"),
-                )
-            )
+    await certificates.keep(await _store(), progress.bulk_id, "-", progress)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
 from lethe.contracts import Certificate, ForgetListAdd, HoldQuery, LedgerRecord
-from lethe.evidence import forget_list, holds, ledger
-from lethe.evidence.store import certificates, engine_for
+from lethe.evidence import certificates, forget_list, holds, ledger
+from lethe.evidence.store import engine_for
 from lethe.kernel.config import current_settings
 from lethe.kernel.errors import LetheError
 
@@ -57,24 +54,9 @@ async def blocking(query: HoldQuery) -> dict[str, list[str]]:
 @activity.defn(name="certificate.issue")
 async def issue(certificate: Certificate) -> None:
     """Keep the certificate (once, whatever the retries)."""
-    engine = await _store()
-    async with engine.begin() as conn:
-        stored = (
-            await conn.execute(
-                select(certificates.c.request_id).where(
-                    certificates.c.request_id == certificate.request_id
-                )
-            )
-        ).first()
-        if stored is None:
-            await conn.execute(
-                insert(certificates).values(
-                    request_id=certificate.request_id,
-                    subject_ref=certificate.subject_ref,
-                    issued_at=datetime.now(UTC),
-                    body=certificate.model_dump(mode="json"),
-                )
-            )
+    await certificates.keep(
+        await _store(), certificate.request_id, certificate.subject_ref, certificate
+    )
 
 
 @activity.defn(name="forget_list.add")

@@ -33,7 +33,7 @@ from lethe.contracts import (
     Subject,
     SubjectStatus,
 )
-from lethe.evidence import ledger, merkle
+from lethe.evidence import forget_list, ledger, merkle
 from lethe.evidence.forget_list import seal, unseal
 from lethe.evidence.store import bulk_batches, bulk_leaves, bulk_rechecks, bulk_subjects
 from lethe.evidence.store import ledger as ledger_table
@@ -812,3 +812,35 @@ async def subjects_of(
             for ref, sealed in rows:
                 found[ref] = BulkSubject(subject_ref=ref, subject=unseal(sealed, ref, subject_key))
     return [found[ref] for ref in refs if ref in found]
+
+
+async def found(engine: AsyncEngine, bulk_id: str, refs: Sequence[str]) -> list[str]:
+    """Which of `refs` the immediate phase found somewhere (a step changed something of
+    theirs): whole backups are touched only for them."""
+    query = (
+        select(bulk_leaves.c.subject_ref)
+        .where(
+            bulk_leaves.c.bulk_id == bulk_id,
+            bulk_leaves.c.phase == "immediate",
+            bulk_leaves.c.affected > 0,
+            bulk_leaves.c.subject_ref.in_(list(refs)),
+        )
+        .distinct()
+    )
+    async with engine.connect() as conn:
+        return sorted(row[0] for row in await conn.execute(query))
+
+
+async def forget(
+    engine: AsyncEngine, bulk_id: str, refs: Sequence[str], *, tenant: str, systems: list[str]
+) -> None:
+    """List a batch's subjects on the forget-list (those not listed already), with the sealed
+    subject copied from the staging table (both seal one way, bound to the reference)."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(bulk_subjects.c.subject_ref, bulk_subjects.c.sealed).where(
+                bulk_subjects.c.bulk_id == bulk_id, bulk_subjects.c.subject_ref.in_(list(refs))
+            )
+        )
+        sealed = [(ref, text) for ref, text in rows]
+    await forget_list.add_sealed(engine, sealed, tenant=tenant, request_id=bulk_id, systems=systems)

@@ -9,6 +9,7 @@ stay effective (GDPR Art. 17(3)(b), Art. 5(2) accountability). Listing shows ref
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidTag
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from lethe.contracts import Contract, Subject
 from lethe.evidence.store import forget_list
@@ -74,30 +75,63 @@ async def add(
     subject_key: bytes,
 ) -> None:
     """Put a subject on the forget-list (once; a later erasure of the same subject is a no-op)."""
+    sealed = seal(subject, subject_ref, subject_key)
+    await add_sealed(
+        engine,
+        [(subject_ref, sealed)],
+        tenant=subject.tenant,
+        request_id=request_id,
+        systems=systems,
+    )
+
+
+async def add_sealed(
+    engine: AsyncEngine,
+    subjects: Sequence[tuple[str, str]],
+    *,
+    tenant: str,
+    request_id: str,
+    systems: list[str],
+) -> None:
+    """Put subjects already sealed (reference, sealed subject) on the forget-list, each once:
+    those listed by an earlier erasure keep their entry."""
+    now = datetime.now(UTC)
     async with engine.begin() as conn:
-        listed = (
-            await conn.execute(
-                select(forget_list.c.subject_ref).where(forget_list.c.subject_ref == subject_ref)
-            )
-        ).first()
-        if listed is None:
-            await conn.execute(
-                insert(forget_list).values(
-                    subject_ref=subject_ref,
-                    tenant=subject.tenant,
-                    request_id=request_id,
-                    systems=sorted(systems),
-                    erased_at=datetime.now(UTC),
-                    sealed_subject=seal(subject, subject_ref, subject_key),
-                )
-            )
+        listed = await _listed_among(conn, [ref for ref, _ in subjects])
+        rows = [
+            {
+                "subject_ref": ref,
+                "tenant": tenant,
+                "request_id": request_id,
+                "systems": sorted(systems),
+                "erased_at": now,
+                "sealed_subject": sealed,
+            }
+            for ref, sealed in subjects
+            if ref not in listed
+        ]
+        if rows:
+            await conn.execute(insert(forget_list), rows)
 
 
 async def listed(engine: AsyncEngine, subject_ref: str) -> bool:
     """Whether an earlier erasure put the subject on the forget-list."""
-    query = select(forget_list.c.subject_ref).where(forget_list.c.subject_ref == subject_ref)
+    return subject_ref in await listed_among(engine, [subject_ref])
+
+
+async def listed_among(engine: AsyncEngine, refs: Sequence[str]) -> set[str]:
+    """Which of `refs` an earlier erasure put on the forget-list."""
     async with engine.connect() as conn:
-        return (await conn.execute(query)).first() is not None
+        return await _listed_among(conn, refs)
+
+
+async def _listed_among(conn: AsyncConnection, refs: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for start in range(0, len(refs), 1000):
+        chunk = list(refs[start : start + 1000])
+        query = select(forget_list.c.subject_ref).where(forget_list.c.subject_ref.in_(chunk))
+        found.update(row[0] for row in await conn.execute(query))
+    return found
 
 
 async def entries(engine: AsyncEngine) -> list[ForgetListEntry]:
