@@ -903,7 +903,7 @@ class BulkProgress(Contract):
     cursor: int = 0
     """The last subject (by its place in the file) this phase has taken."""
     batches: int = 0
-    """Batches recorded so far, over both phases."""
+    """Batches recorded so far, over every phase: each one Merkle root in the ledger."""
     counts: BulkCounts = BulkCounts()
     steps: list[BulkStepTotals] = []
     failures: dict[str, int] = {}
@@ -918,8 +918,6 @@ class BulkProgress(Contract):
     discover_step: int = 0
     discover_after: str | None = None
     """Where an offboarding's discovery stands: the step it lists, and after which subject."""
-    roots: int = 0
-    """Merkle roots recorded (one per batch and phase; the roots themselves are in the ledger)."""
     plan: Plan | None = None
 
 

@@ -218,7 +218,6 @@ class BulkErasureWorkflow:
         p = self._p
         self._state("discovering")
         steps = [s for s in _steps(plan, "held") if s.kind in LISTS_SUBJECTS]
-        pages = 0
         while p.discover_step < len(steps) and p.cancelled_by is None:
             step = steps[p.discover_step]
             page: SubjectsPage = await workflow.execute_activity(
@@ -247,9 +246,9 @@ class BulkErasureWorkflow:
             p.discover_after = page.next_after
             if page.next_after is None:
                 p.discover_step += 1
-            pages += 1
-            if pages >= request.batches_per_run or workflow.info().is_continue_as_new_suggested():
+            if self._run_full(request):
                 return p.discover_step >= len(steps)
+        self._run_batches = 0  # the run's batches are counted apart from its discovery pages
         found: Details = {f"found_{step}": n for step, n in sorted(p.discovered.items())}
         await self._ledger(request, "bulk.discovered", {"subjects": p.counts.total, **found})
         return True
@@ -332,11 +331,7 @@ class BulkErasureWorkflow:
             outcomes = await self._erase(request, steps, batch)
             await self._record(request, steps, batch, outcomes)
             p.cursor = batch.last_seq
-            self._run_batches += 1
-            if (
-                self._run_batches >= request.batches_per_run
-                or workflow.info().is_continue_as_new_suggested()
-            ):
+            if self._run_full(request):
                 return False
         return True
 
@@ -479,7 +474,6 @@ class BulkErasureWorkflow:
             retry_policy=CONTROL_RETRY,
         )
         p.batches += 1
-        p.roots += 1
         _add_totals(p, steps, outcomes)
         for reason, n in recorded.failures.items():
             p.failures[reason] = p.failures.get(reason, 0) + n
@@ -523,14 +517,9 @@ class BulkErasureWorkflow:
                 retry_policy=CONTROL_RETRY,
             )
             p.batches += 1
-            p.roots += 1
             _move_totals(p, found.erased, verified)
             self._counted(recorded.counts)
-            self._run_batches += 1
-            if (
-                self._run_batches >= request.batches_per_run
-                or workflow.info().is_continue_as_new_suggested()
-            ):
+            if self._run_full(request):
                 return False
         return True
 
@@ -612,6 +601,15 @@ class BulkErasureWorkflow:
         return p
 
     # --- small helpers -------------------------------------------------------------------
+
+    def _run_full(self, request: BulkRequest) -> bool:
+        """Count one batch (or discovery page) of this run; whether the run should now continue
+        as new (`batches_per_run` of them, or Temporal suggests it)."""
+        self._run_batches += 1
+        return (
+            self._run_batches >= request.batches_per_run
+            or workflow.info().is_continue_as_new_suggested()
+        )
 
     def _state(self, state: BulkState) -> None:
         if self._p.state != state:

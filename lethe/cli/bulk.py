@@ -128,7 +128,7 @@ def progress_view(current: BulkProgress) -> Table:
     table.add_column("count", justify="right")
     for name, count in current.counts.model_dump().items():
         table.add_row(name, str(count))
-    table.add_row("batches (Merkle roots)", str(current.roots))
+    table.add_row("batches (one Merkle root each)", str(current.batches))
     for step in current.steps:
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(step.statuses.items()))
         table.add_row(f"step {step.step_id}", f"{statuses}; {step.affected} changed")

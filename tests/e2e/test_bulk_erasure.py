@@ -140,7 +140,7 @@ async def test_a_dpo_erases_many_patients_at_once_and_each_system_agrees(
     certificate = await hospital.lethe("certificate", bulk_id, "--json")
     assert certificate.code == 0, str(certificate)
     body = certificate.json()
-    assert body["counts"] == done["counts"] and body["roots"] == len(body["batch_roots"])
+    assert body["counts"] == done["counts"] and body["batches"] == len(body["batch_roots"])
     assert sum(r["size"] for r in body["batch_roots"] if r["phase"] == "immediate") == (
         (TARGETS - len(held)) * 5  # five immediate steps a subject; the held ones came later
     )
