@@ -18,10 +18,11 @@ async def _store() -> AsyncEngine:
 
 @activity.defn(name="ledger.record")
 async def record(entries: list[LedgerRecord]) -> list[str]:
-    """Append ledger entries in order (each once, whatever the retries); their hashes."""
+    """Append ledger entries in order, in one transaction (each once, whatever the retries);
+    their hashes."""
     engine = await _store()
     try:
-        return [(await ledger.append(engine, **entry.model_dump())).hash for entry in entries]
+        return [entry.hash for entry in await ledger.append_many(engine, entries)]
     except LetheError as exc:
         raise exc.to_application_error() from None
 

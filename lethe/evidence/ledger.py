@@ -2,21 +2,23 @@
 
 Each entry's hash covers its fields and the previous entry's hash. Entries carry the subject
 reference only, never an identifier. An append names an idempotency key, so an activity retried
-after a crash does not write its entry twice.
+after a crash does not write its entry twice. Several entries are appended in one transaction
+(`append_many`); `append` is a batch of one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from lethe.contracts import LedgerEntry
+from lethe.contracts import LedgerEntry, LedgerRecord
 from lethe.evidence.store import GENESIS_HASH, ledger, ledger_head
 
 Details = dict[str, str | int | float | bool | None]
@@ -61,45 +63,99 @@ async def append(
     details: Details | None = None,
 ) -> LedgerEntry:
     """Append an entry (or return the one already written under this idempotency key)."""
-    existing = await _by_key(engine, idempotency_key)
-    if existing is not None:
-        return existing
-    details = details or {}
-    at = datetime.now(UTC)
-    try:
-        async with engine.begin() as conn:
-            # Updating the head row first takes the write lock, so appends are serialised.
+    record = LedgerRecord(
+        idempotency_key=idempotency_key,
+        request_id=request_id,
+        subject_ref=subject_ref,
+        actor=actor,
+        action=action,
+        system=system,
+        details=details or {},
+    )
+    return (await append_many(engine, [record]))[0]
+
+
+async def append_many(engine: AsyncEngine, records: Sequence[LedgerRecord]) -> list[LedgerEntry]:
+    """Append entries in order in one transaction, as appending them one by one would: an entry
+    whose idempotency key is written already (or earlier in `records`) is returned as it was,
+    not chained again. One entry per record, in the records' order."""
+    if not records:
+        return []
+    keys = list(dict.fromkeys(record.idempotency_key for record in records))
+    found = await _by_keys(engine, keys)
+    # Each lost race leaves at least one more key written, so this ends.
+    for _ in range(len(keys) + 1):
+        missing = _first_of_each(
+            record for record in records if record.idempotency_key not in found
+        )
+        if not missing:
+            return [found[record.idempotency_key] for record in records]
+        try:
+            found.update(await _chain(engine, missing))
+        except IntegrityError:
+            # A concurrent append with one of these keys won the race: its entry is the one.
+            raced = await _by_keys(engine, [record.idempotency_key for record in missing])
+            if not raced:
+                raise
+            found.update(raced)
+    raise RuntimeError("the ledger's appends did not settle")  # pragma: no cover
+
+
+def _first_of_each(records: Iterable[LedgerRecord]) -> list[LedgerRecord]:
+    """The first record of each key, in order (a later one is the same entry)."""
+    first: dict[str, LedgerRecord] = {}
+    for record in records:
+        first.setdefault(record.idempotency_key, record)
+    return list(first.values())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _chain(engine: AsyncEngine, records: Sequence[LedgerRecord]) -> dict[str, LedgerEntry]:
+    """Chain `records` after the head in one transaction: lock and move the head, insert all."""
+    at = _now()
+    async with engine.begin() as conn:
+        # Updating the head row first takes the write lock, so appends are serialised.
+        head = (
             await conn.execute(
-                update(ledger_head).where(ledger_head.c.id == 1).values(seq=ledger_head.c.seq + 1)
+                update(ledger_head)
+                .where(ledger_head.c.id == 1)
+                .values(seq=ledger_head.c.seq + bindparam("count"))
+                .returning(ledger_head.c.seq, ledger_head.c.hash),
+                {"count": len(records)},
             )
-            head = (await conn.execute(select(ledger_head).where(ledger_head.c.id == 1))).one()
-            seq, prev_hash = head.seq, head.hash
-            digest = entry_hash(
-                seq, at, request_id, subject_ref, actor, action, system, details, prev_hash
+        ).one()
+        chained = _linked(records, at, head.seq - len(records) + 1, head.hash)
+        await conn.execute(
+            insert(ledger).values(
+                [
+                    {**entry.model_dump(), "idempotency_key": record.idempotency_key}
+                    for record, entry in zip(records, chained, strict=True)
+                ]
             )
-            entry = LedgerEntry(
-                seq=seq,
-                at=at,
-                request_id=request_id,
-                subject_ref=subject_ref,
-                actor=actor,
-                action=action,
-                system=system,
-                details=details,
-                prev_hash=prev_hash,
-                hash=digest,
-            )
-            await conn.execute(
-                insert(ledger).values(**entry.model_dump(), idempotency_key=idempotency_key)
-            )
-            await conn.execute(update(ledger_head).where(ledger_head.c.id == 1).values(hash=digest))
-    except IntegrityError:
-        # A concurrent append with the same key won the race: its entry is the one.
-        raced = await _by_key(engine, idempotency_key)
-        if raced is None:
-            raise
-        return raced
-    return entry
+        )
+        await conn.execute(
+            update(ledger_head).where(ledger_head.c.id == 1).values(hash=bindparam("last")),
+            {"last": chained[-1].hash},
+        )
+    return {record.idempotency_key: entry for record, entry in zip(records, chained, strict=True)}
+
+
+def _linked(
+    records: Sequence[LedgerRecord], at: datetime, seq: int, prev_hash: str
+) -> list[LedgerEntry]:
+    """The entries of `records`, numbered from `seq`, each linked to the one before."""
+    chained: list[LedgerEntry] = []
+    for offset, record in enumerate(records):
+        fields = record.model_dump(exclude={"idempotency_key"})
+        digest = entry_hash(seq=seq + offset, at=at, prev_hash=prev_hash, **fields)
+        chained.append(
+            LedgerEntry(seq=seq + offset, at=at, prev_hash=prev_hash, hash=digest, **fields)
+        )
+        prev_hash = digest
+    return chained
 
 
 def _entry(row: object) -> LedgerEntry:
@@ -110,12 +166,12 @@ def _entry(row: object) -> LedgerEntry:
     return LedgerEntry.model_validate(fields)
 
 
-async def _by_key(engine: AsyncEngine, idempotency_key: str) -> LedgerEntry | None:
+async def _by_keys(engine: AsyncEngine, keys: Sequence[str]) -> dict[str, LedgerEntry]:
+    """The entries already written under any of `keys`, by key."""
+    query = select(ledger).where(ledger.c.idempotency_key.in_(bindparam("keys", expanding=True)))
     async with engine.connect() as conn:
-        row = (
-            await conn.execute(select(ledger).where(ledger.c.idempotency_key == idempotency_key))
-        ).first()
-    return _entry(row) if row is not None else None
+        rows = await conn.execute(query, {"keys": list(keys)})
+        return {row.idempotency_key: _entry(row) for row in rows}
 
 
 async def entries(engine: AsyncEngine, request_id: str | None = None) -> list[LedgerEntry]:
