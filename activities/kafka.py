@@ -73,7 +73,14 @@ from lethe.activities.common import (
 from lethe.activities.connector import Connector
 from lethe.activities.driver_errors import lethe_error
 from lethe.activities.kafka_retention import TopicRetention
-from lethe.activities.kafka_scan import SUBJECT_HEADER, Match, ScanResult, TopicScan, reader
+from lethe.activities.kafka_scan import (
+    SUBJECT_HEADER,
+    Match,
+    ScanResult,
+    TopicScan,
+    reader,
+    take,
+)
 from lethe.classification.datamap import KafkaTopicLocator, MissingIdentity, render
 from lethe.contracts import (
     BatchStepOutcome,
@@ -105,6 +112,9 @@ SEARCH_SLICE_SECONDS = 5.0
 """How long the search for an earlier tombstone reads between two heartbeats."""
 SEARCH_BATCH = 500
 """How many records the search takes from the consumer at a time."""
+SETTINGS_REUSE_SECONDS = 2.0
+"""How recent erase's reading of the topic's settings must be for the verify that follows it
+in the same activity (the same writer) to judge by it instead of asking the broker again."""
 LONG_MAX = 9223372036854775807
 """Java's Long.MAX_VALUE: Kafka's `max.compaction.lag.ms` when compaction has no deadline."""
 TOPIC_SETTINGS = (
@@ -541,7 +551,7 @@ class _Search:
         while not self.finished and time.monotonic() < stop:
             # No more than are left, so the last batch need not wait out the timeout to fill.
             left = sum(self.ends[p] - self.nexts[p] for p in self._open)
-            messages = self._consumer.consume(max(1, min(SEARCH_BATCH, left)), timeout=0.5)
+            messages = take(self._consumer, max(1, min(SEARCH_BATCH, left)))
             if not messages:
                 if time.monotonic() > idle_until:
                     raise ServiceUnavailable(
@@ -688,10 +698,13 @@ class _ReadBack:
         consumer.assign([TopicPartition(self._topic, self._partition, offsets[0])])
         pending = list(offsets)
         deadline = time.monotonic() + TIMEOUT_SECONDS
+        position = offsets[0]
         while pending:
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(f"Kafka at {self._bootstrap}: no record read in time")
-            for message in consumer.consume(SEARCH_BATCH, timeout=0.5):
+            # No more than are left to the last wanted offset (fewer if compaction left gaps).
+            left = max(1, min(SEARCH_BATCH, pending[-1] - position + 1))
+            for message in take(consumer, left):
                 error, at = message.error(), message.offset()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:  # a compacted gap to the end
@@ -700,7 +713,7 @@ class _ReadBack:
                     continue
                 if at is None:
                     continue
-                deadline = time.monotonic() + TIMEOUT_SECONDS
+                deadline, position = time.monotonic() + TIMEOUT_SECONDS, at + 1
                 while pending and pending[0] <= at:
                     offset = pending.pop(0)
                     here = offset == at
@@ -807,6 +820,8 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         self._bootstrap = bootstrap
         self._producer = clients.kafka_producer(bootstrap, TIMEOUT_SECONDS)
         self._admin = clients.kafka_admin(bootstrap)
+        self._kept: dict[str, tuple[float, dict[str, str]]] = {}
+        """Per topic, erase's reading of its settings (when, what), for the verify after it."""
 
     @classmethod
     def open(cls, clients: Clients, connection: str) -> Self:
@@ -868,7 +883,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
                 erased.evidence,
                 ["the erase outcome records no tombstone partition, offset, time"],
             )
-        settings = await self._settings(request, topic)
+        settings = await self._settings(request, topic, recent=True)
         [read] = await self._read_back(topic, [(partition, offset, key)])
         evidence: Evidence = {
             **erased.evidence,
@@ -1010,7 +1025,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         places = json.loads(recorded) if isinstance(recorded, str) else None
         if not isinstance(places, list) or len(places) != len(batch.subjects):
             return _all_failed(batch, erased, "the erase outcome records no tombstones")
-        settings = await self._settings(batch, topic)
+        settings = await self._settings(batch, topic, recent=True)
         locator = self.locator(batch)
         checks: list[tuple[int, int, bytes]] = []
         indices: list[int] = []
@@ -1146,7 +1161,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
     ) -> BatchStepOutcome:
         job = _Job.of(batch)
         topic = job.topic
-        settings = await self._settings(batch, topic)
+        settings = await self._settings(batch, topic, recent=True)
         matches, errors = _matches(job)
         scan = await self._scan(job, topic, matches)
         still: dict[int, int] = {}
@@ -1200,7 +1215,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         topic = locator.topic
         # Reading the settings first also proves the topic exists, so a wrong name in the data
         # map cannot make the broker auto-create a topic when the tombstones are produced.
-        settings = await self._settings(job.request, topic)
+        settings = await self._settings(job.request, topic, keep=True)
         count = await self._partition_count(job.request, topic)
         keys: list[bytes | LetheError] = []
         for item in job.subjects:
@@ -1351,7 +1366,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
     ) -> tuple[StepStatus, datetime | None, Evidence, str]:
         """The topic's settings now (they may have changed) against the erasure window."""
         topic = TombstoneWriter.locator(request).topic
-        settings = await self._settings(request, topic)
+        settings = await self._settings(request, topic, recent=True)
         removal = _expiry(settings, _utc(request.erasure_started_at))
         status, gone_by, detail = removal_status(
             removal, _utc(request.window_ends_at), datetime.now(UTC)
@@ -1366,7 +1381,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
     async def _expire(self, request: StepRequest | BatchStepRequest) -> StepOutcome:
         """Nothing written: when the topic's retention has removed what predates the erasure."""
         topic = TombstoneWriter.locator(request).topic
-        settings = await self._settings(request, topic)
+        settings = await self._settings(request, topic, keep=True)
         removal = _expiry(settings, _utc(request.erasure_started_at))
         return StepOutcome(
             step_id=request.step.id,
@@ -1393,7 +1408,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         of the whole topic for the job), with one flush; a tombstone of an earlier attempt
         (the key's latest record, with the job's headers) is reused."""
         topic = job.topic
-        settings = await self._settings(job.request, topic)
+        settings = await self._settings(job.request, topic, keep=True)
         if "compact" not in _policies(settings):
             where = f"Kafka topic {topic!r} of system {job.request.step.system!r}"
             raise SchemaMismatch(_not_compacted(where, settings))
@@ -1456,7 +1471,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         """Read the topic again: no key's latest record is the subject's; then the deadline."""
         job = _Job.of(request)
         topic = job.topic
-        settings = await self._settings(request, topic)
+        settings = await self._settings(request, topic, recent=True)
         matches, errors = _matches(job)
         if errors:
             raise errors[0]
@@ -1513,15 +1528,31 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
             await asyncio.to_thread(scan.close)
 
     async def _settings(
-        self, request: StepRequest | BatchStepRequest, topic: str
+        self,
+        request: StepRequest | BatchStepRequest,
+        topic: str,
+        *,
+        keep: bool = False,
+        recent: bool = False,
     ) -> dict[str, str]:
-        """The topic's settings and the broker's, or SchemaMismatch if the topic is missing."""
+        """The topic's settings and the broker's, or SchemaMismatch if the topic is missing.
+
+        Erase reads them with `keep`; the verify that follows it in the same activity (a writer
+        is made per activity) asks with `recent` and takes that reading, once, if it is at most
+        SETTINGS_REUSE_SECONDS old, instead of describing the topic again. A re-check in a
+        later activity, or a reading too old, asks the broker."""
+        kept = self._kept.pop(topic, None) if recent else None
+        if kept is not None and time.monotonic() - kept[0] <= SETTINGS_REUSE_SECONDS:
+            return dict(kept[1])
         try:
             entries = await self._described(ConfigResource(ResourceType.TOPIC, topic))
         except KafkaException as exc:
             raise self._topic_error(request, topic, exc) from None
         settings = {name: entries[name] for name in TOPIC_SETTINGS if name in entries}
-        return {**await self._broker_settings(), **settings}
+        settings = {**await self._broker_settings(), **settings}
+        if keep:
+            self._kept[topic] = (time.monotonic(), dict(settings))
+        return settings
 
     async def _partition_count(self, request: StepRequest | BatchStepRequest, topic: str) -> int:
         try:

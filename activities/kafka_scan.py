@@ -21,6 +21,12 @@ from lethe.kernel.errors import ServiceUnavailable
 
 READ_BATCH = 500
 """How many records the scan takes from the consumer at a time."""
+READ_WAIT_SECONDS = 0.5
+"""How long a read waits for the next record before it looks at its deadline again."""
+END_WAIT_MS = 10
+"""How long the broker may hold a reader's fetch at a partition's end (`fetch.wait.max.ms`):
+a read that ends where compaction left a gap learns it only from that fetch (partition EOF),
+and Kafka's default of 500 ms made each such read wait half a second."""
 SUBJECT_HEADER = "lethe-subject"
 """The header of a batch's tombstone naming the subject's reference (not personal data)."""
 
@@ -148,8 +154,21 @@ def reader(bootstrap: str, group: str, *, partition_eof: bool = False) -> Consum
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": partition_eof,
+            "fetch.wait.max.ms": END_WAIT_MS,
         }
     )
+
+
+def take(consumer: Consumer, most: int, wait: float = READ_WAIT_SECONDS) -> list[Message]:
+    """Up to `most` records (or events, such as partition EOF): waits up to `wait` for the
+    first, then takes only those already fetched. consume() alone would wait out its whole
+    timeout for a batch that a read near a partition's end (or past a gap) never fills."""
+    first = consumer.poll(wait)
+    if first is None:
+        return []
+    if most <= 1:
+        return [first]
+    return [first, *consumer.consume(most - 1, timeout=0)]
 
 
 class TopicScan:
@@ -194,7 +213,7 @@ class TopicScan:
         now = time.monotonic()
         stop, idle_until = now + seconds, now + self._timeout
         while not self.finished and time.monotonic() < stop:
-            messages = self._consumer.consume(READ_BATCH, timeout=0.5)
+            messages = take(self._consumer, READ_BATCH)
             if not messages:
                 if time.monotonic() > idle_until:
                     raise ServiceUnavailable(
