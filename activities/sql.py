@@ -84,7 +84,6 @@ from sqlalchemy import (
     Integer,
     Interval,
     LargeBinary,
-    MetaData,
     Numeric,
     SmallInteger,
     String,
@@ -342,6 +341,8 @@ class SqlEraser(Connector[SqlTableLocator]):
         `open`; a cache of its own by default)."""
         self.engine = engine
         self.schemas = schemas or SchemaCache()
+        self._erased: tuple[BatchStepRequest, _Target] | None = None
+        """The batch erase has just done and its target, for the verify that follows."""
 
     @classmethod
     def open(cls, clients: Clients, connection: str) -> Self:
@@ -407,6 +408,7 @@ class SqlEraser(Connector[SqlTableLocator]):
         commit: one transaction for the batch."""
         step = batch.step
         locator = self.locator(batch)
+        self._erased = None
         async with database_errors(step.system), self.engine.connect() as conn:
             target = await _target(conn, batch, self.schemas)
             dialect = conn.dialect.name
@@ -416,12 +418,13 @@ class SqlEraser(Connector[SqlTableLocator]):
                 and target.unlink is None
             ):
                 why = f"every personal column of {locator.table} is kept"
-                return _Erasure(target, dialect, _Found(), 0, retained=why)
+                return self._done(batch, _Erasure(target, dialect, _Found(), 0, retained=why))
             values = dict(target.clear)
             if step.action == "soft_delete":
                 values.update(_soft_delete_value(batch, target))
             if not target.owners:
-                return _Erasure(target, dialect, _Found(), 0)  # no subject's id fits
+                # No subject's id fits.
+                return self._done(batch, _Erasure(target, dialect, _Found(), 0))
             found = await _found(conn, batch, target)
             await ledger.plan(batch, target, found)
             changed = await _change(conn, batch, target, found, values)
@@ -429,7 +432,20 @@ class SqlEraser(Connector[SqlTableLocator]):
             await ledger.confirm(changed)
             await self._commit(conn)
         ledger.erased(changed)
-        return _Erasure(target, dialect, found, changed)
+        return self._done(batch, _Erasure(target, dialect, found, changed))
+
+    def _done(self, batch: BatchStepRequest, done: _Erasure) -> _Erasure:
+        """Keep the target erase used for the verify that follows in this call: its tables
+        were checked against the database a moment ago (its statements would fail else)."""
+        self._erased = (batch, done.target)
+        return done
+
+    def _just_erased(self, batch: BatchStepRequest) -> _Target | None:
+        """The target erase used for `batch` just before, once; None for another batch."""
+        erased, self._erased = self._erased, None
+        if erased is None or (erased[0] is not batch and erased[0] != batch):
+            return None
+        return erased[1]
 
     async def _commit(self, conn: AsyncConnection) -> None:
         """Commit the step's transaction: once this returns, the effect is made (its own method,
@@ -450,8 +466,9 @@ class SqlEraser(Connector[SqlTableLocator]):
     ) -> tuple[_Target, list[tuple[str, ColumnElement[bool]]], dict[int, _Still]]:
         """The step's target, the checks of an erased row, and for each subject with rows
         still matching: how many, and how many fail each check (one query for the batch)."""
+        erased = self._just_erased(batch)
         async with database_errors(batch.step.system), self.engine.connect() as conn:
-            target = await _target(conn, batch, self.schemas, unlink=False)
+            target = erased or await _target(conn, batch, self.schemas, unlink=False)
             # Anonymised rows cannot be found any more: none may lead to the subject.
             action = batch.step.action
             checks = [] if action == "anonymize" else _checks(action, target)
@@ -535,33 +552,18 @@ class SqlEraser(Connector[SqlTableLocator]):
         the data map says, the subject id fits, `anonymize` can unlink the rows, and
         (PostgreSQL) the role may do the step."""
         step = request.step
-        locator = self.locator(request)
+        locator = self.locator(request)  # a step it cannot do is refused, not a problem
         async with database_errors(step.system), self.engine.connect() as conn:
             try:
-                # The preflight is the check: it reads the tables afresh.
-                target = await _target(conn, one_batch(request), self.schemas, fresh=True)
+                # A problem met on a kept description is confirmed on the tables read afresh.
+                target = await _target(conn, one_batch(request), self.schemas, confirm=True)
             except LetheError as exc:
                 return [f"{type(exc).__name__}: {exc}"]
             if 0 in target.unfit:
                 return [f"{SubjectIdDoesNotFit.__name__}: {target.unfit[0]}"]
             if conn.dialect.name != "postgresql":
                 return []  # SQLite has no privileges to check
-            needed = {locator.table: "DELETE" if step.action == "delete" else "UPDATE"}
-            return [
-                f"system {step.system!r}: the database role may not {privilege} on table {table!r}"
-                for table, privilege in [
-                    *needed.items(),
-                    *(
-                        (name, "SELECT")
-                        for name in [locator.table, *(h.table for h in locator.via)]
-                    ),
-                ]
-                if not (
-                    await conn.execute(
-                        select(func.has_table_privilege(literal(table), literal(privilege)))
-                    )
-                ).scalar_one()
-            ]
+            return await _privileges_missing(conn, step.system, locator, step.action)
 
 
 def one_batch(request: StepRequest) -> BatchStepRequest:
@@ -576,6 +578,26 @@ def one_batch(request: StepRequest) -> BatchStepRequest:
         window_ends_at=request.window_ends_at,
         found=None if request.subject_found else [],
     )
+
+
+async def _privileges_missing(
+    conn: AsyncConnection, system: str, locator: SqlTableLocator, action: str
+) -> list[str]:
+    """The privileges the step needs that the role lacks (PostgreSQL), all asked in one query."""
+    needed = [
+        (locator.table, "DELETE" if action == "delete" else "UPDATE"),
+        *((name, "SELECT") for name in [locator.table, *(h.table for h in locator.via)]),
+    ]
+    held = (
+        await conn.execute(
+            select(*(func.has_table_privilege(literal(t), literal(p)) for t, p in needed))
+        )
+    ).one()
+    return [
+        f"system {system!r}: the database role may not {privilege} on table {table!r}"
+        for (table, privilege), ok in zip(needed, held, strict=True)
+        if not ok
+    ]
 
 
 def _judged(
@@ -636,29 +658,14 @@ def table_names(locator: SqlTableLocator) -> list[str]:
 
 
 def described_tables(system: str, names: Sequence[str], reflected: Tables) -> dict[str, Table]:
-    """The tables `names` as `reflected` describes them, by name; SchemaMismatch naming one the
-    database lacks."""
-    metadata = MetaData()
+    """The tables `names` as `reflected` describes them, by name (the same `Table` objects for
+    as long as the description is kept); SchemaMismatch naming one the database lacks."""
     tables: dict[str, Table] = {}
     for name in names:
         described = reflected[name]
         if described is None:
             raise SchemaMismatch(f"system {system!r} has no table {name!r}")
-        schema, _, bare = name.rpartition(".")
-        tables[name] = Table(
-            bare,
-            metadata,
-            *(
-                Column(
-                    c["name"],
-                    c["type"],
-                    nullable=c["nullable"],
-                    primary_key=c["name"] in described.primary_key,
-                )
-                for c in described.columns
-            ),
-            schema=schema or None,
-        )
+        tables[name] = described.table(name)
     return tables
 
 
@@ -679,28 +686,52 @@ async def _target(
     *,
     unlink: bool = True,
     fresh: bool = False,
+    confirm: bool = False,
 ) -> _Target:
     """Describe the step's tables (kept, or `fresh`), check the data map against them, and
     build the batch's subjects' match (and, for `anonymize` unless `unlink` is False, how to
-    break the rows' link)."""
+    break the rows' link). With `confirm` (the preflight), any problem met on a kept
+    description, an id that does not fit included, counts only once the tables read afresh
+    show it too."""
     locator = SqlEraser.locator(batch)
     names = table_names(locator)
     reflected, kept = await schemas.tables(conn, names, locator.table, fresh=fresh)
     if kept:
-        # A kept description may be stale: any mismatch, or a described column the database
-        # no longer has, is checked against the tables read afresh before it counts.
-        try:
-            target = _target_of(batch, reflected, conn.dialect.name, unlink=unlink)
-            await _still_described(conn, target)
+        target = await _kept_target(conn, batch, reflected, unlink=unlink, confirm=confirm)
+        if target is not None:
             return target
-        except SchemaMismatch:
-            pass
-        except DBAPIError as exc:
-            if not undefined_name(exc):
-                raise
-            await conn.rollback()  # nothing was done yet: the failed probe only
         reflected, _ = await schemas.tables(conn, names, locator.table, fresh=True)
     return _target_of(batch, reflected, conn.dialect.name, unlink=unlink)
+
+
+async def _kept_target(
+    conn: AsyncConnection,
+    batch: BatchStepRequest,
+    reflected: Tables,
+    *,
+    unlink: bool,
+    confirm: bool,
+) -> _Target | None:
+    """The target on a kept description, or None when the tables must be read again: it may
+    be stale, so any mismatch, or a described column the database no longer has (and with
+    `confirm` any problem), is checked against the tables read afresh before it counts."""
+    try:
+        target = _target_of(batch, reflected, conn.dialect.name, unlink=unlink)
+        if confirm and target.unfit:
+            return None
+        await _still_described(conn, target)
+        return target
+    except SchemaMismatch:
+        return None
+    except LetheError:
+        if confirm:
+            return None
+        raise
+    except DBAPIError as exc:
+        if not undefined_name(exc):
+            raise
+        await conn.rollback()  # nothing was done yet: the failed probe only
+        return None
 
 
 async def _still_described(conn: AsyncConnection, target: _Target) -> None:

@@ -1,7 +1,8 @@
 """The live tables a SQL step uses, as the database describes them, kept for a short time.
 
-Reflecting a table costs several catalog queries; a step's erase and verify, and the next steps
-on the same tables, reuse one description for `TTL_SECONDS`. A description can go stale (a
+Reflecting a table costs several catalog queries; a step's preflight, erase and verify, and the
+next steps on the same tables, reuse one description, and the `Table` built from it, for
+`TTL_SECONDS`. A description can go stale (a
 column dropped after it was read): the statement then fails, and the SQL connector drops the
 description and reads the tables afresh, so a stale one is never used to build another statement
 (`lethe.activities.sql`).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import inspect
+from sqlalchemy import Column, MetaData, Table, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.interfaces import ReflectedColumn
 from sqlalchemy.exc import NoSuchTableError
@@ -30,6 +31,30 @@ class Reflected:
     primary_key: list[str] = field(default_factory=list)
     foreign_keys: set[str] = field(default_factory=set)
     """The columns a foreign key constrains."""
+    _tables: dict[str, Table] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def table(self, name: str) -> Table:
+        """The table `name` (schema-qualified or not) as described, built once: statements on
+        the same `Table` hit SQLAlchemy's compiled cache (its cache key is the `Table` itself,
+        so a new one per call would compile every statement again)."""
+        built = self._tables.get(name)
+        if built is None:
+            schema, _, bare = name.rpartition(".")
+            built = self._tables[name] = Table(
+                bare,
+                MetaData(),
+                *(
+                    Column(
+                        c["name"],
+                        c["type"],
+                        nullable=c["nullable"],
+                        primary_key=c["name"] in self.primary_key,
+                    )
+                    for c in self.columns
+                ),
+                schema=schema or None,
+            )
+        return built
 
 
 Tables = dict[str, Reflected | None]

@@ -34,6 +34,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine.interfaces import CacheStats
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateSchema, DropSchema
 from temporalio import activity, workflow
@@ -588,3 +589,45 @@ async def test_a_retry_through_temporal_reports_the_rows_the_lost_attempt_erased
     assert (outcome.evidence["attempt"], outcome.evidence["rows_changed"]) == (2, 0)
     assert outcome.evidence["earlier_found_rows_changed"] == 60
     assert "an earlier attempt had done it (2 row(s)" in outcome.outcomes[0].detail
+
+
+@contextmanager
+def _compiled(engine: AsyncEngine) -> Iterator[list[str]]:
+    """The statements compiled anew (not found in SQLAlchemy's compiled cache) while the block
+    runs."""
+    compiled: list[str] = []
+
+    def after(*args: Any) -> None:
+        context = args[4]
+        if context.cache_hit is not CacheStats.CACHE_HIT:
+            compiled.append(f"{context.cache_hit.name}: {args[2]}")
+
+    event.listen(engine.sync_engine, "after_cursor_execute", after)
+    try:
+        yield compiled
+    finally:
+        event.remove(engine.sync_engine, "after_cursor_execute", after)
+
+
+@pytest.mark.parametrize(("action", "table"), CASES)
+async def test_statements_are_compiled_once_per_description(
+    ward: Ward, action: Action, table: str
+) -> None:
+    """The tables' description is kept, and so are the statements compiled on it: the next
+    subjects' preflight, erase and verify compile nothing (each compile costs the worker CPU)."""
+    eraser = SqlEraser(ward.engine)
+    locator = _locator(ward, table)
+    first = batch_of(locator, action, [sid(0)])
+    assert await eraser.preflight(first.single(first.subjects[0])) == []
+    await eraser.erase_batch(first)
+    with _compiled(ward.engine) as compiled:
+        for n in range(1, 4):
+            batch = batch_of(locator, action, [sid(n)])
+            assert await eraser.preflight(batch.single(batch.subjects[0])) == []
+            outcome = await eraser.erase_batch(batch)
+            assert [(o.status, o.affected) for o in outcome.outcomes] == [
+                ("done", 1 if table == "patients" else 2)
+            ]
+            again = await eraser.verify_batch(batch, outcome)
+            assert [o.status for o in again.outcomes] == ["done"]
+    assert compiled == []

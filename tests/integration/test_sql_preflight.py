@@ -9,6 +9,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from lethe.activities.sql import SqlEraser
+from lethe.classification.datamap import SqlTableLocator
 from tests.integration.test_sql import (
     Hospital,
     hospital,
@@ -66,3 +67,42 @@ async def test_a_role_without_the_privilege_the_step_needs_is_named(
         async with hospital.engine.begin() as conn:
             await conn.execute(text(f"DROP OWNED BY {role}"))
             await conn.execute(text(f"DROP ROLE {role}"))
+
+
+async def test_a_preflight_uses_the_kept_description_checked_against_the_database(
+    hospital: Hospital,
+) -> None:
+    """Preflights and erasures share one description (the catalog read once); a column dropped
+    since it was read is still named."""
+    eraser = SqlEraser(hospital.engine)
+    request = request_for(patients_locator(hospital), "soft_delete")
+    assert await eraser.preflight(request) == []
+    assert await eraser.preflight(request) == []
+    assert (await eraser.erase(request)).affected == 1
+    assert await eraser.preflight(request) == []
+    assert eraser.schemas.reads == 1
+    async with hospital.engine.begin() as conn:
+        await conn.execute(text(f"ALTER TABLE {hospital.name('patients')} DROP COLUMN phone"))
+    [problem] = await eraser.preflight(request)
+    assert problem.startswith("SchemaMismatch: ") and "has no column 'phone'" in problem
+    assert eraser.schemas.reads == 2
+
+
+async def test_a_problem_met_on_a_kept_description_is_checked_on_the_tables_read_afresh(
+    hospital: Hospital,
+) -> None:
+    """An integer subject column made text since it was described: the id fits now, and the
+    stale description does not fail the step."""
+    table = hospital.name("visits")
+    async with hospital.engine.begin() as conn:
+        await conn.execute(text(f"CREATE TABLE {table} (id int PRIMARY KEY, patient_no int)"))
+    locator = SqlTableLocator(table=table, subject_column="patient_no", columns={"id": "user"})
+    request = request_for(locator, "delete", subject_id="abc")
+    eraser = SqlEraser(hospital.engine)
+    [problem] = await eraser.preflight(request)
+    assert problem.startswith("SubjectIdDoesNotFit: ") and "abc" not in problem
+    async with hospital.engine.begin() as conn:
+        await conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN patient_no TYPE text"))
+    reads = eraser.schemas.reads
+    assert await eraser.preflight(request) == []
+    assert eraser.schemas.reads == reads + 1
