@@ -3,12 +3,14 @@
 `Connectors` is the object a region's worker makes at start over its `Clients`, which it closes
 when it stops (as in temporalio/samples-python `hello_activity_method`): its activities
 (`<kind>.erase`, `<kind>.verify`, `<kind>.preflight`, `<kind>.erase_batch`, `<kind>.sweep` for
-each kind, `<kind>.subjects` for the kinds that list a tenant's subjects) share those clients,
-and no client outlives the worker.
+each kind, `<kind>.subjects` for the kinds that list a tenant's subjects, and
+`region.preflight`, which checks several steps of the region at once) share those clients, and
+no client outlives the worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -56,6 +58,7 @@ KINDS: tuple[type[Connector[Any]], ...] = (
     KeyShredder,
 )
 """Every connector, one per kind of system the data map knows."""
+BY_KIND: dict[str, type[Connector[Any]]] = {kind.kind: kind for kind in KINDS}
 
 
 SubjectLister = Callable[[Clients, SubjectsQuery], Awaitable[SubjectsPage]]
@@ -80,6 +83,7 @@ class Connectors:
             self._activities.update(self._activities_of(kind))
         for name, lister in SUBJECT_LISTS.items():
             self._activities[f"{name}.subjects"] = self._subjects_of(name, lister)
+        self._activities["region.preflight"] = self._region_preflight()
 
     def activities(self) -> Sequence[Callable[..., Awaitable[Any]]]:
         """Every connector activity, for a region's worker."""
@@ -95,6 +99,21 @@ class Connectors:
         """The connector for a step's system, over this worker's clients."""
         kind.locator(request)  # refuse a step of another kind before reading its connection
         return kind.open(self.clients, step_connection(request))
+
+    def _region_preflight(self) -> Callable[..., Awaitable[Any]]:
+        @activity.defn(name="region.preflight")
+        async def region_preflight(requests: list[StepRequest]) -> list[StepCheck]:
+            checks = (checked(r, self._connector_of(r)) for r in requests)
+            return list(await asyncio.gather(*checks))
+
+        region_preflight.__doc__ = (
+            "Check several steps of this region at once (each as `<kind>.preflight` would), "
+            "touching nothing: one activity for a request's share of the region."
+        )
+        return region_preflight
+
+    def _connector_of(self, request: StepRequest) -> Callable[[], Connector[Any]]:
+        return lambda: self.connector(BY_KIND[request.step.kind], request)
 
     def _subjects_of(self, name: str, lister: SubjectLister) -> Callable[..., Awaitable[Any]]:
         @activity.defn(name=f"{name}.subjects")

@@ -5,12 +5,13 @@ Kafka work done directly, without Temporal. That floor says what the data system
 not say what Temporal itself can do on the same machine. This module is the second floor: the
 shape the design mandates for the immediate phase, with nothing inside it.
 
-- `FloorErasureWorkflow` (the parent, on the control queue, like `ErasureWorkflow`): a local
-  activity that stands for planning, one `FloorRegionWorkflow` child on the region's queue
-  (`lethe-<region>`), awaited, and a local activity that stands for the ledger write; then it
-  returns, where Lethe starts its window timer.
-- `FloorRegionWorkflow` (the child, like `RegionalErasureWorkflow`): one activity per immediate
-  step, all in parallel (Lethe runs one erase-and-verify activity per step), then it returns.
+- `FloorErasureWorkflow` (on the control queue, like `ErasureWorkflow` since its patch
+  `steps-from-parent`): a local activity that stands for planning, one activity on the region's
+  queue (`lethe-<region>`) that stands for the region's preflight, two local activities that
+  stand for the ledger and the hold check, one activity per immediate step on the region's
+  queue, all in parallel (Lethe runs one erase-and-verify activity per step), and a local
+  activity that stands for the ledger write of their outcomes; then it returns, where Lethe
+  starts its window timer.
 - `floor_noop`, the only activity: it returns its input.
 
 The timeouts and retry policies are Lethe's, so the server keeps the same timers. What the floor
@@ -60,7 +61,7 @@ LOCAL_RETRY = RetryPolicy(
 )
 STEP_TIMEOUT = timedelta(minutes=10)
 """Lethe's connector activities' start-to-close timeout (`CONNECTOR_TIMEOUT`)."""
-STEP_HEARTBEAT = timedelta(minutes=1)
+STEP_HEARTBEAT = timedelta(seconds=20)
 """Lethe's connector activities' heartbeat timeout (`CONNECTOR_HEARTBEAT`)."""
 STEP_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -68,12 +69,14 @@ STEP_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=2),
     maximum_attempts=8,
 )
+PREFLIGHT_TIMEOUT = timedelta(minutes=2)
+"""Lethe's preflight's schedule-to-close timeout (`PREFLIGHT_TIMEOUT`), one attempt."""
 SHUTDOWN_GRACE = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
 class FloorJob:
-    """The parent's input: the region's task queue and how many steps the child runs."""
+    """The input: the region's task queue and how many step activities run on it."""
 
     region_queue: str
     steps: int
@@ -85,47 +88,43 @@ async def floor_noop(value: str) -> str:
     return value
 
 
-@workflow.defn(name="FloorRegionWorkflow")
-class FloorRegionWorkflow:
-    """The regional child: one no-op activity per step, all at once."""
-
-    @workflow.run
-    async def run(self, steps: int) -> list[str]:
-        return list(
-            await asyncio.gather(
-                *(
-                    workflow.execute_activity(
-                        floor_noop,
-                        f"step-{index}",
-                        start_to_close_timeout=STEP_TIMEOUT,
-                        heartbeat_timeout=STEP_HEARTBEAT,
-                        retry_policy=STEP_RETRY,
-                    )
-                    for index in range(steps)
-                )
-            )
-        )
+async def _local(what: str) -> None:
+    await workflow.execute_local_activity(
+        floor_noop, what, start_to_close_timeout=LOCAL_TIMEOUT, retry_policy=LOCAL_RETRY
+    )
 
 
 @workflow.defn(name=PARENT_WORKFLOW)
 class FloorErasureWorkflow:
-    """The erasure workflow's shape: plan, one regional child, ledger, done."""
+    """The erasure workflow's shape: plan, the region's preflight, its steps, the ledger."""
 
     @workflow.run
     async def run(self, job: FloorJob) -> int:
-        await workflow.execute_local_activity(
-            floor_noop, "plan", start_to_close_timeout=LOCAL_TIMEOUT, retry_policy=LOCAL_RETRY
-        )
-        info = workflow.info()
-        done = await workflow.execute_child_workflow(
-            FloorRegionWorkflow.run,
-            job.steps,
-            id=f"{info.workflow_id}-region-{info.run_id[:8]}",
+        await _local("plan")
+        await workflow.execute_activity(
+            floor_noop,
+            "preflight",
             task_queue=job.region_queue,
+            schedule_to_close_timeout=PREFLIGHT_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_attempts=1),
         )
-        await workflow.execute_local_activity(
-            floor_noop, "ledger", start_to_close_timeout=LOCAL_TIMEOUT, retry_policy=LOCAL_RETRY
+        await _local("ledger")
+        await _local("holds")
+        done = await asyncio.gather(
+            *(
+                workflow.execute_activity(
+                    floor_noop,
+                    f"step-{index}",
+                    task_queue=job.region_queue,
+                    activity_id=f"step-{index}",
+                    start_to_close_timeout=STEP_TIMEOUT,
+                    heartbeat_timeout=STEP_HEARTBEAT,
+                    retry_policy=STEP_RETRY,
+                )
+                for index in range(job.steps)
+            )
         )
+        await _local("ledger")
         return len(done)
 
 
@@ -140,7 +139,6 @@ async def serve(address: str, namespace: str, control_queue: str, region_queue: 
         Worker(
             client,
             task_queue=region_queue,
-            workflows=[FloorRegionWorkflow],
             activities=[floor_noop],
             graceful_shutdown_timeout=SHUTDOWN_GRACE,
         ),
@@ -171,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--address", required=True, help="the Temporal frontend, HOST:PORT")
     parser.add_argument("--namespace", default="default", help="the Temporal namespace")
     parser.add_argument("--control-queue", required=True, help="the parent workflow's queue")
-    parser.add_argument("--region-queue", required=True, help="the child workflow's queue")
+    parser.add_argument("--region-queue", required=True, help="the region's queue (its activities)")
     args = parser.parse_args(argv)
     try:
         asyncio.run(serve(args.address, args.namespace, args.control_queue, args.region_queue))

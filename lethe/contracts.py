@@ -423,7 +423,8 @@ class ErasureStatus(Contract):
     window_ends_at: datetime | None = None
     steps: list[StepProgress] = []
     children: list[str] = []
-    """The regional workflows running now; `Client.status` adds their finished steps."""
+    """The regional workflows running now (runs started before the steps ran from the request
+    itself); `Client.status` adds their finished steps."""
     preflight: list[StepCheck] = []
     """The steps whose last preflight found a problem: nothing is destroyed until none does."""
     next_preflight_at: datetime | None = None

@@ -2,7 +2,7 @@
 
 Workflow id `erasure-<subject reference>`, so a second request for the same subject joins the
 running one. It runs on the control queue (and so do its planning, hold, ledger and certificate
-activities); each region's steps run in a child workflow on that region's queue.
+activities); each region's preflight and steps run as activities on that region's queue.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ with workflow.unsafe.imports_passed_through():
     from lethe.kernel.errors import failure_reason
     from lethe.kernel.regions import task_queue
     from lethe.temporal import search_attributes as sa
-    from lethe.workflows.regional_erasure import RegionalErasureWorkflow
+    from lethe.workflows.regional_erasure import RegionalErasureWorkflow, step_outcome
 
 CONTROL_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -94,6 +94,11 @@ result comes back one task early, before the server's patch markers of the next 
 so the patch reads as absent (a nondeterminism error; every `lethe status` right after a submit
 could cause it). A run that took this patch has no marker of the patches above; older runs
 still decide each where they did. A new patch is decided at the top of `run` too (HOLD_BACKOFF)."""
+STEPS_FROM_PARENT = "steps-from-parent"
+"""Patch: the request schedules each step's activity on its region's queue itself, and checks
+each region's steps in one `region.preflight` activity, instead of one child workflow per region
+and one preflight activity per step: a third of the workflow tasks and history events (measured
+in `bench/erasure.py`). Runs started before it keep their children (`RegionalErasureWorkflow`)."""
 
 
 @workflow.defn
@@ -115,6 +120,7 @@ class ErasureWorkflow:
         self._subject_found = True
         self._patches_first = False
         self._hold_backoff = False
+        self._from_parent = False
 
     # --- signals and the query ------------------------------------------------------------
 
@@ -163,6 +169,7 @@ class ErasureWorkflow:
     async def run(self, start: ErasureStart) -> Certificate:
         self._patches_first = workflow.patched(PATCHES_FIRST)
         self._hold_backoff = workflow.patched(HOLD_BACKOFF)
+        self._from_parent = workflow.patched(STEPS_FROM_PARENT)
         request = start.request
         retry = self._retry_of(start)
         # A retry answers the original request: its deadline (and extension) still count.
@@ -390,64 +397,99 @@ class ErasureWorkflow:
         window: tuple[datetime, datetime],
         label: str,
     ) -> None:
-        regions = sorted({step.region for step in steps})
+        """Run `steps` (each region's at once, the regions in parallel) and record their
+        outcomes in the ledger in one call."""
         for step in steps:
             self._update_step(step.id, status="running", holds=[])
+        regions = sorted({step.region for step in steps})
+        jobs = [self._job(start, steps, region, window, label) for region in regions]
+        if self._from_parent:
+            found = await asyncio.gather(
+                *(self._step(job, step) for job in jobs for step in job.steps)
+            )
+        else:
+            found = [o for outcomes in await self._children(jobs, label) for o in outcomes]
+        entries = []
+        for outcome in found:
+            self._outcomes[outcome.step_id] = outcome
+            self._update_step(outcome.step_id, status=outcome.status, detail=outcome.detail)
+            step = next(s for s in steps if s.id == outcome.step_id)
+            details: dict[str, str | int | float | bool | None] = {
+                "step": step.id,
+                "action": step.action,
+                "affected": outcome.affected,
+                "verified": outcome.verified,
+            }
+            if step.action == "shred":
+                if not self._patches_first:
+                    workflow.deprecate_patch(SHRED_EVIDENCE_IN_LEDGER)
+                # Key destruction leaves no trace in any data system: the hash-chained
+                # ledger keeps its proof (versions destroyed, when, the canary's fate).
+                details.update({f"evidence.{k}": v for k, v in outcome.evidence.items()})
+            entries.append(
+                self._entry(
+                    start,
+                    f"step.{outcome.status}",
+                    details,
+                    system=step.system,
+                    key=f"{step.id}/{label}",
+                )
+            )
+        await self._record(*entries)
+
+    def _job(
+        self,
+        start: ErasureStart,
+        steps: list[Step],
+        region: str,
+        window: tuple[datetime, datetime],
+        label: str,
+    ) -> RegionJob:
+        """One region's share of `steps` (a re-check carries what each step erased)."""
+        return RegionJob(
+            request_id=start.request_id,
+            subject_ref=start.subject_ref,
+            subject=start.request.subject,
+            steps=[step for step in steps if step.region == region],
+            erasure_started_at=window[0],
+            window_ends_at=window[1],
+            erased={
+                step.id: self._outcomes[step.id]
+                for step in steps
+                if label.startswith("recheck") and step.id in self._outcomes
+            },
+            retry_until=self._retry_until(),
+            subject_found=self._subject_found,
+        )
+
+    async def _step(self, job: RegionJob, step: Step) -> StepOutcome:
+        """One step's activity on its region's queue, its activity id the step's id (so
+        `lethe status` finds its retries); its status shows as soon as it ends."""
+        outcome = await step_outcome(
+            job, step, lambda: step.id, task_queue(step.region, workflow.info().task_queue)
+        )
+        self._update_step(step.id, status=outcome.status, detail=outcome.detail)
+        return outcome
+
+    async def _children(self, jobs: list[RegionJob], label: str) -> list[list[StepOutcome]]:
+        """Runs started before STEPS_FROM_PARENT: one child workflow per region's job."""
         info = workflow.info()
+        regions = [job.steps[0].region for job in jobs]
         children = [f"{info.workflow_id}-{region}-{info.run_id[:8]}-{label}" for region in regions]
         self._set(children=children)
-        jobs = [
-            workflow.execute_child_workflow(
-                RegionalErasureWorkflow.run,
-                RegionJob(
-                    request_id=start.request_id,
-                    subject_ref=start.subject_ref,
-                    subject=start.request.subject,
-                    steps=[step for step in steps if step.region == region],
-                    erasure_started_at=window[0],
-                    window_ends_at=window[1],
-                    erased={
-                        step.id: self._outcomes[step.id]
-                        for step in steps
-                        if label.startswith("recheck") and step.id in self._outcomes
-                    },
-                    retry_until=self._retry_until(),
-                    subject_found=self._subject_found,
-                ),
-                id=child_id,
-                task_queue=task_queue(region, info.task_queue),
-            )
-            for region, child_id in zip(regions, children, strict=True)
-        ]
-        entries = []
-        for outcomes in await asyncio.gather(*jobs):
-            for outcome in outcomes:
-                self._outcomes[outcome.step_id] = outcome
-                self._update_step(outcome.step_id, status=outcome.status, detail=outcome.detail)
-                step = next(s for s in steps if s.id == outcome.step_id)
-                details: dict[str, str | int | float | bool | None] = {
-                    "step": step.id,
-                    "action": step.action,
-                    "affected": outcome.affected,
-                    "verified": outcome.verified,
-                }
-                if step.action == "shred":
-                    if not self._patches_first:
-                        workflow.deprecate_patch(SHRED_EVIDENCE_IN_LEDGER)
-                    # Key destruction leaves no trace in any data system: the hash-chained
-                    # ledger keeps its proof (versions destroyed, when, the canary's fate).
-                    details.update({f"evidence.{k}": v for k, v in outcome.evidence.items()})
-                entries.append(
-                    self._entry(
-                        start,
-                        f"step.{outcome.status}",
-                        details,
-                        system=step.system,
-                        key=f"{step.id}/{label}",
-                    )
+        outcomes = await asyncio.gather(
+            *(
+                workflow.execute_child_workflow(
+                    RegionalErasureWorkflow.run,
+                    job,
+                    id=child_id,
+                    task_queue=task_queue(region, info.task_queue),
                 )
+                for job, region, child_id in zip(jobs, regions, children, strict=True)
+            )
+        )
         self._set(children=[])
-        await self._record(*entries)
+        return list(outcomes)
 
     async def _plan(self, start: ErasureStart) -> Plan:
         """Plan the request from the data map and policy the control worker holds now."""
@@ -519,7 +561,8 @@ class ErasureWorkflow:
     ) -> list[StepCheck]:
         """Each step checked by its own region's worker, in parallel, touching nothing."""
         now = workflow.now()
-        return await preflight(
+        check = preflight_by_region if self._from_parent else preflight
+        return await check(
             steps,
             lambda step: StepRequest(
                 request_id=start.request_id,
@@ -752,14 +795,47 @@ async def preflight(steps: list[Step], request: Callable[[Step], StepRequest]) -
             )
             return found
         except ActivityError as error:
-            return StepCheck(
-                step_id=step.id,
-                problems=[
-                    f"the worker of region {step.region!r} did not check the step "
-                    f"({failure_reason(error)}); is `lethe worker --region "
-                    f"{step.region}` running?"
-                ],
-                transient=True,
-            )
+            return _unanswered(step, error)
 
     return list(await asyncio.gather(*(check(s) for s in steps if s.action != "retain")))
+
+
+async def preflight_by_region(
+    steps: list[Step], request: Callable[[Step], StepRequest]
+) -> list[StepCheck]:
+    """Each region's destructive steps checked by that region's worker in one activity
+    (`region.preflight`), the regions in parallel, touching nothing; the checks in the steps'
+    order. A region whose worker does not answer is a transient problem of each of its steps."""
+    destructive = [step for step in steps if step.action != "retain"]
+
+    async def check(region: str) -> list[StepCheck]:
+        mine = [step for step in destructive if step.region == region]
+        try:
+            found: list[StepCheck] = await workflow.execute_activity(
+                "region.preflight",
+                [request(step) for step in mine],
+                result_type=list[StepCheck],
+                task_queue=task_queue(region, workflow.info().task_queue),
+                schedule_to_close_timeout=PREFLIGHT_TIMEOUT,
+                retry_policy=RetryPolicy(maximum_attempts=1),
+            )
+            return found
+        except ActivityError as error:
+            return [_unanswered(step, error) for step in mine]
+
+    regions = sorted({step.region for step in destructive})
+    checks = {c.step_id: c for found in await asyncio.gather(*map(check, regions)) for c in found}
+    missing = ["the region's worker returned no check of the step"]
+    return [checks.get(s.id) or StepCheck(step_id=s.id, problems=missing) for s in destructive]
+
+
+def _unanswered(step: Step, error: ActivityError) -> StepCheck:
+    """The preflight of a step whose region's worker did not check it."""
+    return StepCheck(
+        step_id=step.id,
+        problems=[
+            f"the worker of region {step.region!r} did not check the step "
+            f"({failure_reason(error)}); is `lethe worker --region {step.region}` running?"
+        ],
+        transient=True,
+    )

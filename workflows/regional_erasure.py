@@ -1,13 +1,15 @@
-"""One region's share of an erasure: its steps run in parallel on `lethe-<region>`.
+"""A step of an erasure as one activity on its region's queue (`step_outcome`), and the child
+workflow that ran a region's steps for requests started before patch `steps-from-parent`.
 
 Each step is one activity that erases and then verifies. One failing step does not stop the
-others. The `progress` query answers which steps have finished, so `lethe status` shows them
-while the region still works.
+others. `RegionalErasureWorkflow` stays registered on every regional worker so that runs started
+with children finish; its `progress` query answers which of its steps have finished.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 
 from temporalio import workflow
@@ -59,56 +61,72 @@ class RegionalErasureWorkflow:
         return list(await asyncio.gather(*(self._step(job, step) for step in job.steps)))
 
     async def _step(self, job: RegionJob, step: Step) -> StepOutcome:
-        outcome = await self._outcome(job, step)
+        outcome = await step_outcome(job, step, lambda: self._activity_id(step))
         self._finished[step.id] = outcome
         return outcome
 
-    async def _outcome(self, job: RegionJob, step: Step) -> StepOutcome:
-        if step.action == "retain":
-            basis = "; ".join(
-                d.exception or d.citation for d in step.decisions if d.strategy == "retain"
-            )
-            return StepOutcome(step_id=step.id, status="retained", detail=f"kept: {basis}")
-        request = StepRequest(
-            request_id=job.request_id,
-            subject_ref=job.subject_ref,
-            subject=job.subject,
-            step=step,
-            erasure_started_at=job.erasure_started_at,
-            window_ends_at=job.window_ends_at,
-            subject_found=job.subject_found,
+    @staticmethod
+    def _activity_id(step: Step) -> str | None:
+        return step.id if workflow.patched(STEP_ACTIVITY_IDS) else None
+
+
+async def step_outcome(
+    job: RegionJob,
+    step: Step,
+    activity_id: Callable[[], str | None],
+    task_queue: str | None = None,
+) -> StepOutcome:
+    """One step of a region's job: retained in place, else one activity that erases and
+    verifies (or, for a step erased before, verifies again) on `task_queue` (default: the
+    workflow's own). `activity_id` is asked just before the activity is scheduled. A step
+    whose activity fails is a `failed` outcome with the reason: the other steps go on."""
+    if step.action == "retain":
+        basis = "; ".join(
+            d.exception or d.citation for d in step.decisions if d.strategy == "retain"
         )
-        erased = job.erased.get(step.id)
-        # Retries last until a margin before the deadline, not a fixed number of attempts.
-        retry, span = LEGACY_RETRY, None
-        if job.retry_until is not None:
-            retry, span = CONNECTOR_RETRY, max(job.retry_until - workflow.now(), MIN_RETRY_SPAN)
-        activity_id = step.id if workflow.patched(STEP_ACTIVITY_IDS) else None
-        try:
-            if erased is None:
-                # One activity erases and verifies: one round trip per step.
-                done: StepOutcome = await workflow.execute_activity(
-                    f"{step.kind}.erase",
-                    request,
-                    result_type=StepOutcome,
-                    activity_id=activity_id,
-                    start_to_close_timeout=CONNECTOR_TIMEOUT,
-                    schedule_to_close_timeout=span,
-                    heartbeat_timeout=CONNECTOR_HEARTBEAT,
-                    retry_policy=retry,
-                )
-                return done
-            # A re-check (e.g. pending compaction): verify again what was erased before.
-            checked: StepOutcome = await workflow.execute_activity(
-                f"{step.kind}.verify",
-                VerifyRequest(request=request, erased=erased),
+        return StepOutcome(step_id=step.id, status="retained", detail=f"kept: {basis}")
+    request = StepRequest(
+        request_id=job.request_id,
+        subject_ref=job.subject_ref,
+        subject=job.subject,
+        step=step,
+        erasure_started_at=job.erasure_started_at,
+        window_ends_at=job.window_ends_at,
+        subject_found=job.subject_found,
+    )
+    erased = job.erased.get(step.id)
+    # Retries last until a margin before the deadline, not a fixed number of attempts.
+    retry, span = LEGACY_RETRY, None
+    if job.retry_until is not None:
+        retry, span = CONNECTOR_RETRY, max(job.retry_until - workflow.now(), MIN_RETRY_SPAN)
+    named = activity_id()
+    try:
+        if erased is None:
+            # One activity erases and verifies: one round trip per step.
+            done: StepOutcome = await workflow.execute_activity(
+                f"{step.kind}.erase",
+                request,
                 result_type=StepOutcome,
-                activity_id=activity_id,
+                activity_id=named,
+                task_queue=task_queue,
                 start_to_close_timeout=CONNECTOR_TIMEOUT,
                 schedule_to_close_timeout=span,
                 heartbeat_timeout=CONNECTOR_HEARTBEAT,
                 retry_policy=retry,
             )
-            return checked
-        except ActivityError as error:
-            return StepOutcome(step_id=step.id, status="failed", detail=failure_reason(error))
+            return done
+        # A re-check (e.g. pending compaction): verify again what was erased before.
+        checked: StepOutcome = await workflow.execute_activity(
+            f"{step.kind}.verify",
+            VerifyRequest(request=request, erased=erased),
+            result_type=StepOutcome,
+            activity_id=named,
+            task_queue=task_queue,
+            start_to_close_timeout=CONNECTOR_TIMEOUT,
+            schedule_to_close_timeout=span,
+            heartbeat_timeout=CONNECTOR_HEARTBEAT,
+            retry_policy=retry,
+        )
+        return checked
+    except ActivityError as error:
+        return StepOutcome(step_id=step.id, status="failed", detail=failure_reason(error))

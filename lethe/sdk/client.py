@@ -193,13 +193,19 @@ class Client:
         if current.state not in SETTLED_STATES:
             # A failed workflow still answers queries with the state it failed in.
             await self._raise_if_failed(handle)
-        return await self._with_region_progress(current)
+        return await self._with_region_progress(handle, current)
 
-    async def _with_region_progress(self, current: ErasureStatus) -> ErasureStatus:
-        """Fill in steps the running regional workflows have finished, and the retries of
-        those still running (best effort)."""
+    async def _with_region_progress(
+        self, handle: WorkflowHandle[Any, Any], current: ErasureStatus
+    ) -> ErasureStatus:
+        """Fill in the retries of running steps, and (for requests started before the steps
+        ran from the request itself) the steps its regional workflows have finished (best
+        effort)."""
         finished: dict[str, StepOutcome] = {}
         retrying: dict[str, dict[str, object]] = {}
+        if not current.children and any(s.status == "running" for s in current.steps):
+            with contextlib.suppress(RPCError):
+                retrying.update(await self._retries(handle))
         for child in current.children:
             handle = self.temporal.get_workflow_handle_for(RegionalErasureWorkflow.run, child)
             with contextlib.suppress(RPCError, WorkflowQueryFailedError):

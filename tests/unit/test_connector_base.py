@@ -81,7 +81,31 @@ async def test_a_worker_s_activities_are_every_kind_s_six_under_their_workflow_n
         f"{k}.{op}"
         for k in get_args(SystemKind)
         for op in ("erase", "verify", "preflight", "erase_batch", "verify_batch", "sweep")
-    } | {"sql.subjects", "redis.subjects"}
+    } | {"sql.subjects", "redis.subjects", "region.preflight"}
+
+
+async def test_a_region_s_preflight_checks_each_step_in_order_and_never_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LETHE_STACK_SQL_URL", raising=False)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, task_queue="lethe-eu")
+    wrong_kind = _request("kafka", "tombstone")
+    wrong_kind = wrong_kind.model_copy(
+        update={"step": wrong_kind.step.model_copy(update={"kind": "sql", "id": "a"})}
+    )
+    elsewhere = _request("redis", "purge")
+    elsewhere = elsewhere.model_copy(
+        update={"step": elsewhere.step.model_copy(update={"region": "us", "id": "b"})}
+    )
+    async with Clients() as clients:
+        checks = await env.run(
+            Connectors(clients).activity("region.preflight"), [wrong_kind, elsewhere]
+        )
+    assert [c.step_id for c in checks] == ["a", "b"]
+    assert all(not c.ready and not c.transient for c in checks), checks
+    assert checks[0].problems[0].startswith("UnsupportedStep: ")
+    assert "us" in checks[1].problems[0], checks[1]
 
 
 async def test_an_activity_refuses_a_step_of_another_kind_before_reading_any_connection(

@@ -47,7 +47,12 @@ from lethe.evidence.store import engine_for
 from lethe.kernel.database import dispose_all
 from lethe.kernel.regions import task_queue
 from lethe.policies.model import PACKS_DIR
-from lethe.workflows.erasure import HOLD_BACKOFF, PATCHES_FIRST, ErasureWorkflow
+from lethe.workflows.erasure import (
+    HOLD_BACKOFF,
+    PATCHES_FIRST,
+    STEPS_FROM_PARENT,
+    ErasureWorkflow,
+)
 from lethe.workflows.regional_erasure import RegionalErasureWorkflow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +81,12 @@ class Calls:
     """Step -> the attempt that finally erased it."""
     evidence: dict[str, dict[str, str | int]] = field(default_factory=dict)
     """System -> the evidence its stand-in erase reports."""
+
+    def check(self, request: StepRequest) -> StepCheck:
+        """A stand-in preflight: the problem `unready` names for the step's system, if any."""
+        self.checked.append(request.step.id)
+        problem = self.unready.get(request.step.system)
+        return StepCheck(step_id=request.step.id, problems=[problem] if problem else [])
 
 
 def connectors(calls: Calls) -> list[Callable[..., Any]]:
@@ -113,12 +124,15 @@ def connectors(calls: Calls) -> list[Callable[..., Any]]:
 
         @activity.defn(name=f"{kind}.preflight")
         async def preflight(request: StepRequest) -> StepCheck:
-            calls.checked.append(request.step.id)
-            problem = calls.unready.get(request.step.system)
-            return StepCheck(step_id=request.step.id, problems=[problem] if problem else [])
+            return calls.check(request)
 
         made += [erase, verify, preflight]
-    return made
+
+    @activity.defn(name="region.preflight")
+    async def region_preflight(requests: list[StepRequest]) -> list[StepCheck]:
+        return [calls.check(request) for request in requests]
+
+    return [*made, region_preflight]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +210,7 @@ async def _begin(
     )
 
 
-HISTORIES = Path(__file__).parent / "histories" / "patches-first"
+HISTORIES = Path(__file__).parent / "histories" / "steps-from-parent"
 """Where LETHE_RECORD_HISTORIES=1 records: one folder per shape of the workflows. A versioned
 change records into a new folder and keeps the old ones, whose runs must still replay."""
 
@@ -224,8 +238,12 @@ def markers(history: WorkflowHistory) -> list[tuple[str, str]]:
 def assert_patches_decided_first(history: WorkflowHistory) -> None:
     """The run decided its patches before any local activity (see PATCHES_FIRST)."""
     found = markers(history)
-    first = [("core_patch", PATCHES_FIRST), ("core_patch", HOLD_BACKOFF)]
-    assert found[:2] == first, found[:3]
+    first = [
+        ("core_patch", PATCHES_FIRST),
+        ("core_patch", HOLD_BACKOFF),
+        ("core_patch", STEPS_FROM_PARENT),
+    ]
+    assert found[:3] == first, found[:4]
     assert [m for m in found if m[0] == "core_patch"] == first, found
 
 

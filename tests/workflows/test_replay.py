@@ -2,8 +2,10 @@
 
 The histories under histories/ were recorded from the erasure and key-rotation tests with
 `LETHE_RECORD_HISTORIES=1`, one folder per shape of the workflows (before-patches-first: runs
-that decided each patch where it applied; patches-first: runs that decide them all at once;
-key-rotation: the four runs of a rotation that continues as new three times). A
+that decided each patch where it applied; patches-first: runs that decide them all at once,
+with a child workflow per region; steps-from-parent: runs that schedule their steps on the
+regions' queues themselves; key-rotation: the four runs of a rotation that continues as new
+three times). A
 change to the workflows that would break runs already in flight fails here; record a new folder
 only for a deliberate, versioned change (workflow.patched), and keep the old ones.
 """
@@ -28,12 +30,16 @@ HISTORIES = sorted(FOLDER.rglob("*.json"))
 
 def test_histories_were_recorded() -> None:
     folders = {path.parent.name for path in HISTORIES}
-    assert folders == {"before-patches-first", "patches-first", "key-rotation"}
+    assert folders == {"before-patches-first", "patches-first", "steps-from-parent", "key-rotation"}
     assert len(HISTORIES) >= 16
     assert any(".child" in path.name for path in HISTORIES)
     # A shred step in both shapes of the erasure, and a rotation that crossed continue-as-new.
     shredded = [p for p in HISTORIES if p.name.startswith("a_shred_step")]
-    assert {p.parent.name for p in shredded} == {"before-patches-first", "patches-first"}
+    assert {p.parent.name for p in shredded} == {
+        "before-patches-first",
+        "patches-first",
+        "steps-from-parent",
+    }
     assert len([p for p in HISTORIES if p.parent.name == "key-rotation"]) >= 2
 
 
