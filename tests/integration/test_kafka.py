@@ -7,12 +7,21 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 import lethe.activities.kafka
+import lethe.activities.kafka_scan
 from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch
 from lethe.activities.connector import UnsupportedStep
@@ -33,6 +42,12 @@ FAST_COMPACTION = {
     "segment.ms": "1000",
     "max.compaction.lag.ms": "1000",
 }
+SLOW_COMPACTION = {
+    "cleanup.policy": "compact",
+    "segment.ms": "60000",
+    "max.compaction.lag.ms": "60000",
+}
+"""Compacted with a bound a minute away: a verified step is `pending_compaction`."""
 
 
 @pytest.fixture
@@ -541,3 +556,122 @@ async def test_an_unreachable_broker_is_retryable_and_names_no_key(
     # librdkafka's own text can quote keys; it never reaches the message.
     leaked = writer._unavailable(KafkaException("failed for key patient:secret-subject-7"))
     assert str(leaked) == "Kafka at 127.0.0.1:1 did not answer (KafkaException)"
+
+
+class CountingAdmin:
+    """The worker's admin client, counting the topics whose settings it is asked to describe."""
+
+    def __init__(self, admin: AdminClient) -> None:
+        self._admin = admin
+        self.topics_described = 0
+
+    def describe_configs(self, resources: list[ConfigResource], **kwargs: Any) -> Any:
+        """Count the topics among `resources`, then describe them."""
+        self.topics_described += sum(r.restype == ResourceType.TOPIC for r in resources)
+        return self._admin.describe_configs(resources, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._admin, name)
+
+
+async def test_verify_right_after_erase_judges_its_settings_and_a_later_check_reads_them(
+    clients: Clients,
+    kafka_bootstrap: str,
+    make_topic: MakeTopic,
+    admin: AdminClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Erase then verify in one activity (one writer) describe the topic once; a re-check (a
+    later activity's writer, or the same writer again) reads the settings as they are then."""
+    topic = make_topic(SLOW_COMPACTION)
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
+    counting = CountingAdmin(writer._admin)
+    monkeypatch.setattr(writer, "_admin", counting)
+
+    erased = await writer.erase(request)
+    verified = await writer.verify(request, erased)
+
+    assert verified.status == "pending_compaction"
+    assert counting.topics_described == 1
+    # The topic loses its compaction bound: every later check judges the settings it reads.
+    unbounded = ConfigEntry(
+        "max.compaction.lag.ms",
+        str(LONG_MAX),
+        incremental_operation=AlterConfigOpType.SET,
+    )
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[unbounded])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+    later = await TombstoneWriter.open(clients, kafka_bootstrap).verify(request, erased)
+    again = await writer.verify(request, erased)
+
+    assert later.status == again.status == "at_risk"
+    assert later.evidence["max_compaction_lag_ms"] == LONG_MAX
+    assert counting.topics_described == 2
+
+
+async def test_a_read_back_asks_for_no_more_records_than_remain_to_its_tombstone(
+    clients: Clients,
+    kafka_bootstrap: str,
+    make_topic: MakeTopic,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Later traffic on the partition is not waited for: the read back of one tombstone asks
+    the consumer for that one record."""
+    topic = make_topic(SLOW_COMPACTION, partitions=1)
+    _seed(kafka_bootstrap, topic)
+    request = _request(topic, "1")
+    writer = TombstoneWriter.open(clients, kafka_bootstrap)
+    erased = await writer.erase(request)
+    _produce(kafka_bootstrap, topic, [(b"patient:12", b'{"name": "Grace B."}')] * 20)
+    asked: list[int] = []
+    take = lethe.activities.kafka.take
+
+    def counted(consumer: Consumer, most: int, wait: float = 0.5) -> list[Message]:
+        asked.append(most)
+        return take(consumer, most, wait)
+
+    monkeypatch.setattr(lethe.activities.kafka, "take", counted)
+
+    verified = await writer.verify(request, erased)
+
+    assert verified.status == "pending_compaction"
+    assert verified.evidence["tombstone_present"] is True
+    offset = erased.evidence["offset"]
+    assert isinstance(offset, int)
+    assert verified.evidence["high_watermark"] == offset + 21  # the tombstone, then Grace's 20
+    assert asked == [1]
+
+
+async def test_a_read_back_past_the_last_record_ends_at_the_partitions_end(
+    kafka_bootstrap: str, make_topic: MakeTopic
+) -> None:
+    """An offset with no record up to the partition's end (here a transaction's commit
+    marker, as compaction leaves a gap) ends the read there (partition EOF): the record that
+    was there is gone from the log, and the read does not hang."""
+    topic = make_topic(SLOW_COMPACTION, partitions=1)
+    producer = Producer(
+        {"bootstrap.servers": kafka_bootstrap, "transactional.id": f"test-{uuid.uuid4().hex}"}
+    )
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    producer.produce(topic, key=b"patient:1", value=None, partition=0)
+    producer.commit_transaction(30)
+    # The coordinator writes the marker after the commit returns: wait until it is in the log.
+    watcher = lethe.activities.kafka_scan.reader(kafka_bootstrap, "test")
+    deadline = time.monotonic() + 20
+    while watcher.get_watermark_offsets(TopicPartition(topic, 0), 10)[1] < 2:
+        assert time.monotonic() < deadline, "the commit marker never reached the log"
+        await asyncio.sleep(0.05)
+    watcher.close()
+    read_back = lethe.activities.kafka._ReadBack(kafka_bootstrap, topic, 0)
+
+    # Offset 0 is the tombstone, offset 1 the commit marker (no record a consumer sees).
+    reads = await asyncio.to_thread(read_back.read, {0: b"patient:1", 1: b"patient:1"})
+    [marker] = (await asyncio.to_thread(read_back.read, {1: b"patient:1"})).values()
+
+    assert reads[0].offset == 0 and reads[0].key_matches and reads[0].is_tombstone
+    assert (reads[1].low, reads[1].high, reads[1].offset) == (0, 2, 2)
+    assert (marker.high, marker.offset) == (2, 2)
