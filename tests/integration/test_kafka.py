@@ -627,7 +627,7 @@ async def test_a_read_back_asks_for_no_more_records_than_remain_to_its_tombstone
     erased = await writer.erase(request)
     _produce(kafka_bootstrap, topic, [(b"patient:12", b'{"name": "Grace B."}')] * 20)
     asked: list[int] = []
-    take = lethe.activities.kafka.take
+    take = lethe.activities.kafka_scan.take
 
     def counted(consumer: Consumer, most: int, wait: float = 0.5) -> list[Message]:
         asked.append(most)
