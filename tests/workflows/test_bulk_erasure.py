@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowHandle, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -37,7 +37,10 @@ from lethe.kernel.subjects import subject_ref
 from lethe.sdk import bulk as bulk_sdk
 from lethe.sdk.client import Client
 from lethe.workflows.bulk_erasure import BulkErasureWorkflow
+from tests.workflows.test_erasure import save_history
 
+HISTORIES = Path(__file__).parent / "histories" / "bulk-one-batch-at-a-time"
+"""Where LETHE_RECORD_HISTORIES=1 records each run of a bulk request: one folder per shape."""
 CONTROL = "bulktest-control"
 REGION_QUEUE = "bulktest-eu"
 TENANT = "st-mary"
@@ -142,16 +145,30 @@ async def _running(env: WorkflowEnvironment) -> AsyncIterator[None]:
             yield
 
 
-async def _events_per_run(env: WorkflowEnvironment, workflow_id: str) -> list[int]:
-    """Each run's history length, from the last run back through each one it continued."""
-    counts, run_id = [], None
+async def _runs(env: WorkflowEnvironment, workflow_id: str) -> list[WorkflowHistory]:
+    """Each run's history, from the last run back through each one it continued."""
+    histories, run_id = [], None
     while True:
         history = await env.client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
-        counts.append(len(history.events))
+        histories.append(history)
         started = history.events[0].workflow_execution_started_event_attributes
         if not started.continued_execution_run_id:
-            return counts
+            return histories
         run_id = started.continued_execution_run_id
+
+
+async def _events_per_run(env: WorkflowEnvironment, workflow_id: str) -> list[int]:
+    """Each run's history length, from the last run back."""
+    return [len(history.events) for history in await _runs(env, workflow_id)]
+
+
+async def _keep_histories(env: WorkflowEnvironment, workflow_id: str, name: str) -> None:
+    """With LETHE_RECORD_HISTORIES=1, save every run of the request for the replay tests."""
+    if os.environ.get("LETHE_RECORD_HISTORIES") != "1":
+        return
+    HISTORIES.mkdir(parents=True, exist_ok=True)
+    for index, history in enumerate(reversed(await _runs(env, workflow_id))):
+        save_history(HISTORIES / f"{name}.run{index}.json", workflow_id, history)
 
 
 @pytest.mark.timeout(240)
@@ -175,6 +192,7 @@ async def test_a_bulk_erasure_erases_the_files_subjects_batch_by_batch_with_proo
         handle: WorkflowHandle[Any, Any] = time_skipping_env.client.get_workflow_handle(bulk_id)
         done = BulkProgress.model_validate(await handle.result())
         runs = await _events_per_run(time_skipping_env, bulk_id)
+        await _keep_histories(time_skipping_env, bulk_id, "batch_by_batch")
 
     after = await _rows(url)
     kept = {i: row for i, row in before.items() if row[1] not in set(targets)}
@@ -265,6 +283,7 @@ async def test_held_subjects_wait_erased_ones_are_skipped_and_running_ones_joine
         await client.release_hold(hold.id, released_by="legal")
         await client.release_hold(other_hold.id, released_by="legal")
         done = await bulk_sdk.follow(client, bulk_id, every=0.2)
+        await _keep_histories(local_env, bulk_id, "held_skipped_joined")
 
     await local_env.client.get_workflow_handle(single.workflow_id).terminate()
     listed = await bulk_sdk.recent(client, tenant=TENANT)  # `lethe bulk list`
@@ -301,6 +320,7 @@ async def test_a_paused_bulk_takes_no_batch_and_a_cancelled_one_keeps_what_ran(
         assert (await bulk_sdk.progress(client, bulk_id)).counts.erased == taken
         await bulk_sdk.signal(client, bulk_id, "cancel", "dpo")
         done = await bulk_sdk.follow(client, bulk_id, every=0.1)
+        await _keep_histories(time_skipping_env, bulk_id, "paused_then_cancelled")
 
     assert done.state == "cancelled" and done.cancelled_by == "dpo"
     assert done.counts.erased == taken
@@ -380,6 +400,7 @@ async def test_offboarding_finds_a_tenants_subjects_shows_counts_and_erases_only
         assert waiting.discovered == {"clinic-db/0": len(luke)}
         await bulk_sdk.decide(client, bulk_id, ApprovalDecision(by="dpo"), True)
         done = await bulk_sdk.follow(client, bulk_id, every=0.1)
+        await _keep_histories(time_skipping_env, bulk_id, "offboarding")
 
     assert done.state == "completed" and done.counts.erased == len(luke)
     async with engine.connect() as conn:

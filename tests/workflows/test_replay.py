@@ -5,7 +5,8 @@ The histories under histories/ were recorded from the erasure and key-rotation t
 that decided each patch where it applied; patches-first: runs that decide them all at once,
 with a child workflow per region; steps-from-parent: runs that schedule their steps on the
 regions' queues themselves; key-rotation: the four runs of a rotation that continues as new
-three times). A
+three times; bulk-one-batch-at-a-time: bulk requests that took one batch at a time, each run of
+them). A
 change to the workflows that would break runs already in flight fails here; record a new folder
 only for a deliberate, versioned change (workflow.patched), and keep the old ones.
 """
@@ -20,6 +21,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
 from lethe.codec import converter as codec
+from lethe.workflows.bulk_erasure import BulkErasureWorkflow
 from lethe.workflows.erasure import ErasureWorkflow
 from lethe.workflows.key_rotation import KeyRotationWorkflow
 from lethe.workflows.regional_erasure import RegionalErasureWorkflow
@@ -30,7 +32,13 @@ HISTORIES = sorted(FOLDER.rglob("*.json"))
 
 def test_histories_were_recorded() -> None:
     folders = {path.parent.name for path in HISTORIES}
-    assert folders == {"before-patches-first", "patches-first", "steps-from-parent", "key-rotation"}
+    assert folders == {
+        "before-patches-first",
+        "patches-first",
+        "steps-from-parent",
+        "key-rotation",
+        "bulk-one-batch-at-a-time",
+    }
     assert len(HISTORIES) >= 16
     assert any(".child" in path.name for path in HISTORIES)
     # A shred step in both shapes of the erasure, and a rotation that crossed continue-as-new.
@@ -41,6 +49,8 @@ def test_histories_were_recorded() -> None:
         "steps-from-parent",
     }
     assert len([p for p in HISTORIES if p.parent.name == "key-rotation"]) >= 2
+    bulk = [p.name for p in HISTORIES if p.parent.name == "bulk-one-batch-at-a-time"]
+    assert "batch_by_batch.run1.json" in bulk and "offboarding.run0.json" in bulk
 
 
 def _load(path: Path) -> WorkflowHistory:
@@ -53,7 +63,12 @@ def _load(path: Path) -> WorkflowHistory:
 )
 async def test_recorded_history_replays(path: Path, test_codec: codec.EncryptionCodec) -> None:
     replayer = Replayer(
-        workflows=[ErasureWorkflow, RegionalErasureWorkflow, KeyRotationWorkflow],
+        workflows=[
+            ErasureWorkflow,
+            RegionalErasureWorkflow,
+            KeyRotationWorkflow,
+            BulkErasureWorkflow,
+        ],
         data_converter=codec.data_converter(test_codec),
     )
     history = _load(path)
