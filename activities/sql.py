@@ -462,11 +462,11 @@ class SqlEraser(Connector[SqlTableLocator]):
         return counts.outcome(request, done)
 
     async def _checked(
-        self, batch: BatchStepRequest
+        self, batch: BatchStepRequest, erased: _Target | None
     ) -> tuple[_Target, list[tuple[str, ColumnElement[bool]]], dict[int, _Still]]:
-        """The step's target, the checks of an erased row, and for each subject with rows
-        still matching: how many, and how many fail each check (one query for the batch)."""
-        erased = self._just_erased(batch)
+        """The step's target (`erased`: the one erase used a moment ago, else described now),
+        the checks of an erased row, and for each subject with rows still matching: how many,
+        and how many fail each check (one query for the batch)."""
         async with database_errors(batch.step.system), self.engine.connect() as conn:
             target = erased or await _target(conn, batch, self.schemas, unlink=False)
             # Anonymised rows cannot be found any more: none may lead to the subject.
@@ -497,9 +497,11 @@ class SqlEraser(Connector[SqlTableLocator]):
         return target, checks, still
 
     async def _verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
+        batch = one_batch(request)
+        described = self._just_erased(batch)
         if erased.status in ("retained", "failed"):
             return erased
-        target, checks, still = await self._checked(one_batch(request))
+        target, checks, still = await self._checked(batch, described)
         if 0 in target.unfit:
             raise target.unfit[0]
         matching, failing = still.get(0, (0, [0] * len(checks)))
@@ -511,10 +513,11 @@ class SqlEraser(Connector[SqlTableLocator]):
     async def _verify_batch(
         self, batch: BatchStepRequest, erased: BatchStepOutcome
     ) -> BatchStepOutcome:
+        described = self._just_erased(batch)
         open_ = [i for i, o in enumerate(erased.outcomes) if o.status not in ("retained", "failed")]
         if not open_:
             return erased
-        _, checks, still = await self._checked(batch)
+        _, checks, still = await self._checked(batch, described)
         outcomes = list(erased.outcomes)
         matching_rows = 0
         for index in open_:

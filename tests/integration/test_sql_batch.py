@@ -631,3 +631,20 @@ async def test_statements_are_compiled_once_per_description(
             again = await eraser.verify_batch(batch, outcome)
             assert [o.status for o in again.outcomes] == ["done"]
     assert compiled == []
+
+
+async def test_a_verify_right_after_the_erase_checks_the_description_once(ward: Ward) -> None:
+    """Erase checks the kept description against the database (one `LIMIT 0` read of each
+    table); the verify that follows in the same call builds on it, a later verify checks again."""
+    eraser = SqlEraser(ward.engine)
+    locator = lab_results_locator(ward)
+    await eraser.erase_batch(batch_of(locator, "pseudonymize", [sid(0)]))  # described
+    batch = batch_of(locator, "pseudonymize", [sid(1), sid(2)])
+    with _statements(ward.engine) as erasing:
+        outcome = await eraser.erase_batch(batch)
+    with _statements(ward.engine) as verifying:
+        again = await eraser.verify_batch(batch, outcome)
+    assert [o.status for o in outcome.outcomes + again.outcomes] == ["done"] * 4
+    probes = [[s for s in sent if "LIMIT" in s] for sent in (erasing, verifying)]
+    assert [len(probe) for probe in probes] == [2, 2]  # lab_results and appointments, once each
+    assert eraser.schemas.reads == 1
