@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -80,6 +81,11 @@ LISTS_SUBJECTS = ("sql", "redis")
 `activities.connectors.SUBJECT_LISTS` registers)."""
 DISCOVERY_SPAN = timedelta(hours=1)
 """How long one page of an offboarding's discovery may retry an unreachable system."""
+BATCHES_OVERLAP = "batches-overlap"
+"""Patch: while a batch erases, the next one is taken (`bulk.next_batch`) and the one before is
+recorded (`bulk.record_batch`): the control plane's work between batches no longer adds to each
+batch's time. Runs before it took, erased and recorded one batch at a time
+(`tests/workflows/histories/bulk-one-batch-at-a-time`)."""
 HELD_RECHECK = (timedelta(hours=1), timedelta(days=1))
 """Subjects or steps under a hold are looked at again after the first, doubling to the second,
 or at once on `holds_changed`."""
@@ -104,6 +110,9 @@ class BulkErasureWorkflow:
         self._run_batches = 0
         self._actions = 0
         self._hold_delay = HELD_RECHECK[0]
+        self._overlap = False
+        self._hold_signals = 0
+        self._records = 0
 
     # --- signals and the query ------------------------------------------------------------
 
@@ -144,6 +153,7 @@ class BulkErasureWorkflow:
     def holds_changed(self) -> None:
         """A hold was released (or placed): look at held subjects and steps again now."""
         self._holds_changed = True
+        self._hold_signals += 1
 
     @workflow.query
     def progress(self) -> BulkProgress:
@@ -154,6 +164,7 @@ class BulkErasureWorkflow:
 
     @workflow.run
     async def run(self, request: BulkRequest) -> BulkProgress:
+        self._overlap = workflow.patched(BATCHES_OVERLAP)
         p = self._p
         if p.plan is None:
             await self._plan(request)
@@ -295,6 +306,12 @@ class BulkErasureWorkflow:
 
     async def _run_phase(self, request: BulkRequest, steps: list[Step]) -> bool:
         """Batches of this phase until none is left (True) or the run should continue as new."""
+        if self._overlap:
+            return await self._run_overlapped(request, steps)
+        return await self._one_at_a_time(request, steps)
+
+    async def _one_at_a_time(self, request: BulkRequest, steps: list[Step]) -> bool:
+        """Runs before BATCHES_OVERLAP: take a batch, erase it, record it, then the next."""
         p = self._p
         while p.cancelled_by is None:
             if p.paused_by is not None:
@@ -328,14 +345,122 @@ class BulkErasureWorkflow:
                     break
                 p.preflighted.append(p.phase)
             self._state("erasing")
-            outcomes = await self._erase(request, steps, batch)
-            await self._record(request, steps, batch, outcomes)
+            outcomes = await self._erase(request, steps, batch, p.batches)
+            await self._record(request, steps, batch, outcomes, p.batches)
             p.cursor = batch.last_seq
             if self._run_full(request):
                 return False
         return True
 
-    async def _next(self, request: BulkRequest, steps: list[Step]) -> BulkBatch:
+    async def _run_overlapped(self, request: BulkRequest, steps: list[Step]) -> bool:
+        """Batches of this phase, the next one taken and the last one recorded while one
+        erases (one batch erases at a time). Before a wait, the phase's end or a
+        continue-as-new, the batch taken ahead is let go (its subjects are taken again from
+        the cursor; what it set aside stays set aside) and the last record is awaited."""
+        p = self._p
+        overlap = _Overlap(taken_to=p.cursor, number=p.batches)
+        while p.cancelled_by is None and not self._run_ended(request):
+            if p.paused_by is not None:
+                await self._settle(overlap)
+                self._state("paused")
+                await self._ledger(request, "bulk.paused", actor=p.paused_by)
+                await workflow.wait_condition(
+                    lambda: p.paused_by is None or p.cancelled_by is not None
+                )
+                if p.cancelled_by is not None:
+                    break
+                await self._ledger(request, "bulk.resumed")
+            batch = await self._taken(request, steps, overlap)
+            if (batch.blocked_by or not batch.subjects) and overlap.busy:
+                await self._settle(overlap)
+                batch = await self._next(request, steps, overlap.taken_to)  # the counts of now
+                self._set_aside(batch)
+            if batch.blocked_by:
+                p.held_by = batch.blocked_by
+                await self._wait_for_holds()
+                continue
+            p.held_by = []
+            if not batch.subjects:
+                if batch.last_seq == p.cursor:
+                    if p.phase == "held" and p.counts.held:
+                        await self._wait_for_holds()
+                        p.cursor = overlap.taken_to = 0
+                        continue
+                    return True
+                p.cursor = overlap.taken_to = batch.last_seq
+                continue
+            if p.phase not in p.preflighted:
+                await self._preflighted(steps, batch.subjects[0])
+                if p.cancelled_by is not None:
+                    break
+                p.preflighted.append(p.phase)
+            self._state("erasing")
+            number = overlap.number
+            overlap.number += 1
+            erasing = asyncio.ensure_future(self._erase(request, steps, batch, number))
+            overlap.taken_to = batch.last_seq
+            self._run_batches += 1
+            if not self._run_ended(request) and p.paused_by is None and p.cancelled_by is None:
+                overlap.ahead = asyncio.ensure_future(self._ahead(request, steps, batch.last_seq))
+            outcomes = await erasing
+            if overlap.recording is not None:
+                await overlap.recording
+            overlap.recording = asyncio.ensure_future(
+                self._record_then_move(request, steps, batch, outcomes, number)
+            )
+        await self._settle(overlap)
+        return p.cancelled_by is not None or not self._run_ended(request)
+
+    async def _taken(self, request: BulkRequest, steps: list[Step], overlap: _Overlap) -> BulkBatch:
+        """The batch taken ahead if it is still good (no hold signalled since; its counts only
+        if no record came after it), else one taken now."""
+        ahead, overlap.ahead = overlap.ahead, None
+        if ahead is not None:
+            taken = await ahead
+            if taken.hold_signals == self._hold_signals:
+                self._set_aside(taken.batch, counts=taken.records == self._records)
+                return taken.batch
+            await self._settle(overlap)
+        batch = await self._next(request, steps, overlap.taken_to)
+        self._set_aside(batch)
+        return batch
+
+    async def _ahead(self, request: BulkRequest, steps: list[Step], after: int) -> _Ahead:
+        signals, records = self._hold_signals, self._records
+        return _Ahead(await self._next(request, steps, after), signals, records)
+
+    async def _settle(self, overlap: _Overlap) -> None:
+        """Let the batch taken ahead go, and wait for the last record."""
+        if overlap.ahead is not None:
+            await overlap.ahead
+            overlap.ahead = None
+        if overlap.recording is not None:
+            await overlap.recording
+            overlap.recording = None
+        overlap.taken_to = self._p.cursor
+
+    async def _record_then_move(
+        self,
+        request: BulkRequest,
+        steps: list[Step],
+        batch: BulkBatch,
+        outcomes: list[BatchStepOutcome],
+        number: int,
+    ) -> None:
+        await self._record(request, steps, batch, outcomes, number)
+        self._p.cursor = batch.last_seq
+
+    def _run_ended(self, request: BulkRequest) -> bool:
+        """Whether this run has taken its `batches_per_run` (or Temporal suggests a new run)."""
+        return (
+            self._run_batches >= request.batches_per_run
+            or workflow.info().is_continue_as_new_suggested()
+        )
+
+    async def _next(
+        self, request: BulkRequest, steps: list[Step], after: int | None = None
+    ) -> BulkBatch:
+        """The next batch after `after` (default: the cursor)."""
         p = self._p
         batch: BulkBatch = await workflow.execute_local_activity(
             "bulk.next_batch",
@@ -343,7 +468,7 @@ class BulkErasureWorkflow:
                 bulk_id=request.bulk_id,
                 tenant=request.tenant,
                 phase=p.phase,
-                after_seq=p.cursor,
+                after_seq=p.cursor if after is None else after,
                 size=request.batch_size,
                 steps=steps,
                 held_again=p.phase == "held",
@@ -354,8 +479,10 @@ class BulkErasureWorkflow:
         )
         return batch
 
-    def _set_aside(self, batch: BulkBatch) -> None:
-        self._counted(batch.counts)
+    def _set_aside(self, batch: BulkBatch, *, counts: bool = True) -> None:
+        """What the batch set aside; and its counts, unless told they are older than a record."""
+        if counts:
+            self._counted(batch.counts)
         missing = batch.set_aside.get("failed", 0)
         if missing and self._p.phase != "deferred":  # the deferred phase sees them again
             reason = "identity not known"
@@ -414,12 +541,11 @@ class BulkErasureWorkflow:
             delay = min(delay * 2, PREFLIGHT_RETRY[1])
 
     async def _erase(
-        self, request: BulkRequest, steps: list[Step], batch: BulkBatch
+        self, request: BulkRequest, steps: list[Step], batch: BulkBatch, number: int
     ) -> list[BatchStepOutcome]:
-        """Every step of the phase for the batch, in parallel, each on its region's queue."""
+        """Every step of the phase for batch `number`, in parallel, each on its region's queue."""
         p = self._p
         assert p.started_at is not None and p.window_ends_at is not None
-        number = p.batches
 
         async def one(step: Step) -> BatchStepOutcome:
             if step.action == "retain":
@@ -454,6 +580,7 @@ class BulkErasureWorkflow:
         steps: list[Step],
         batch: BulkBatch,
         outcomes: list[BatchStepOutcome],
+        number: int,
     ) -> None:
         p = self._p
         plan = p.plan
@@ -464,7 +591,7 @@ class BulkErasureWorkflow:
                 bulk_id=request.bulk_id,
                 tenant=request.tenant,
                 phase=p.phase,
-                batch=p.batches,
+                batch=number,
                 subjects=[s.subject_ref for s in batch.subjects],
                 outcomes=outcomes,
                 systems=sorted({step.system for step in _steps(plan, "held")}),
@@ -474,6 +601,7 @@ class BulkErasureWorkflow:
             retry_policy=CONTROL_RETRY,
         )
         p.batches += 1
+        self._records += 1
         _add_totals(p, steps, outcomes)
         for reason, n in recorded.failures.items():
             p.failures[reason] = p.failures.get(reason, 0) + n
@@ -686,3 +814,29 @@ def _add_totals(p: BulkProgress, steps: list[Step], outcomes: list[BatchStepOutc
         for one in outcome.outcomes:
             total.statuses[one.status] = total.statuses.get(one.status, 0) + 1
         total.affected += outcome.affected
+
+
+@dataclass
+class _Ahead:
+    """A batch taken while another erased, with what had happened when it was asked for."""
+
+    batch: BulkBatch
+    hold_signals: int
+    records: int
+
+
+@dataclass
+class _Overlap:
+    """A phase's batches in flight beside the one erasing."""
+
+    taken_to: int
+    """The last place taken (erasing or recorded): the batch after it is taken next."""
+    number: int
+    """The number the next batch to erase gets."""
+    ahead: asyncio.Task[_Ahead] | None = None
+    recording: asyncio.Task[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is still being taken ahead or recorded."""
+        return self.ahead is not None or self.recording is not None

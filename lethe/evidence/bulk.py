@@ -360,9 +360,12 @@ async def _statuses(
 
 
 def _leaves(given: Sequence[LeafLike]) -> list[Leaf]:
-    """The leaves as `Leaf`s, each (subject, step) once."""
+    """The leaves as `Leaf`s (those that are already one kept as they are: validated when
+    made), each (subject, step) once."""
     leaves = [
-        Leaf.model_validate(
+        item
+        if isinstance(item, Leaf)
+        else Leaf.model_validate(
             {
                 "subject_ref": item.subject_ref,
                 "step_id": item.step_id,

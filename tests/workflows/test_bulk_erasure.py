@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,7 +40,7 @@ from lethe.sdk.client import Client
 from lethe.workflows.bulk_erasure import BulkErasureWorkflow
 from tests.workflows.test_erasure import save_history
 
-HISTORIES = Path(__file__).parent / "histories" / "bulk-one-batch-at-a-time"
+HISTORIES = Path(__file__).parent / "histories" / "bulk-batches-overlap"
 """Where LETHE_RECORD_HISTORIES=1 records each run of a bulk request: one folder per shape."""
 CONTROL = "bulktest-control"
 REGION_QUEUE = "bulktest-eu"
@@ -162,6 +163,22 @@ async def _events_per_run(env: WorkflowEnvironment, workflow_id: str) -> list[in
     return [len(history.events) for history in await _runs(env, workflow_id)]
 
 
+def _overlaps(history: WorkflowHistory) -> set[str]:
+    """The local activities (`bulk.next_batch`, `bulk.record_batch`) that ran while a batch's
+    `erase_batch` activity was scheduled and not yet closed."""
+    open_since: dict[int, int] = {}
+    found: set[str] = set()
+    for event in history.events:
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            open_since[event.event_id] = event.event_id
+        elif event.HasField("activity_task_completed_event_attributes"):
+            open_since.pop(event.activity_task_completed_event_attributes.scheduled_event_id)
+        elif event.HasField("marker_recorded_event_attributes") and open_since:
+            meta = event.marker_recorded_event_attributes.details["data"].payloads[0].data
+            found.add(json.loads(meta)["activity_type"])
+    return found
+
+
 async def _keep_histories(env: WorkflowEnvironment, workflow_id: str, name: str) -> None:
     """With LETHE_RECORD_HISTORIES=1, save every run of the request for the replay tests."""
     if os.environ.get("LETHE_RECORD_HISTORIES") != "1":
@@ -192,6 +209,7 @@ async def test_a_bulk_erasure_erases_the_files_subjects_batch_by_batch_with_proo
         handle: WorkflowHandle[Any, Any] = time_skipping_env.client.get_workflow_handle(bulk_id)
         done = BulkProgress.model_validate(await handle.result())
         runs = await _events_per_run(time_skipping_env, bulk_id)
+        overlapped = set().union(*map(_overlaps, await _runs(time_skipping_env, bulk_id)))
         await _keep_histories(time_skipping_env, bulk_id, "batch_by_batch")
 
     after = await _rows(url)
@@ -204,6 +222,8 @@ async def test_a_bulk_erasure_erases_the_files_subjects_batch_by_batch_with_proo
     assert step.affected == 500 and step.statuses == {"done": 250}
     assert done.batches == 7  # 250 in batches of 40
     assert len(runs) >= 2 and max(runs) < 400  # continued as new; no history grows with the file
+    # The next batch was taken, and the last one recorded, while a batch erased.
+    assert {"bulk.next_batch", "bulk.record_batch"} <= overlapped, overlapped
 
     store = await engine_for(settings.store_url.get_secret_value())
     entries = [e for e in await ledger.entries(store) if e.request_id == bulk_id]

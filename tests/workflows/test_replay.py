@@ -6,7 +6,8 @@ that decided each patch where it applied; patches-first: runs that decide them a
 with a child workflow per region; steps-from-parent: runs that schedule their steps on the
 regions' queues themselves; key-rotation: the four runs of a rotation that continues as new
 three times; bulk-one-batch-at-a-time: bulk requests that took one batch at a time, each run of
-them). A
+them; bulk-batches-overlap: bulk requests that take the next batch and record the last while one
+erases). A
 change to the workflows that would break runs already in flight fails here; record a new folder
 only for a deliberate, versioned change (workflow.patched), and keep the old ones.
 """
@@ -38,6 +39,7 @@ def test_histories_were_recorded() -> None:
         "steps-from-parent",
         "key-rotation",
         "bulk-one-batch-at-a-time",
+        "bulk-batches-overlap",
     }
     assert len(HISTORIES) >= 16
     assert any(".child" in path.name for path in HISTORIES)
@@ -49,8 +51,9 @@ def test_histories_were_recorded() -> None:
         "steps-from-parent",
     }
     assert len([p for p in HISTORIES if p.parent.name == "key-rotation"]) >= 2
-    bulk = [p.name for p in HISTORIES if p.parent.name == "bulk-one-batch-at-a-time"]
-    assert "batch_by_batch.run1.json" in bulk and "offboarding.run0.json" in bulk
+    for shape in ("bulk-one-batch-at-a-time", "bulk-batches-overlap"):
+        bulk = [p.name for p in HISTORIES if p.parent.name == shape]
+        assert "batch_by_batch.run1.json" in bulk and "offboarding.run0.json" in bulk
 
 
 def _load(path: Path) -> WorkflowHistory:
