@@ -27,7 +27,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
@@ -43,7 +43,7 @@ from lethe.activities.common import (
 )
 from lethe.activities.connector import Connector
 from lethe.activities.driver_errors import translated
-from lethe.activities.redis_glob import glob_regex, literal_prefix
+from lethe.activities.redis_glob import glob_regex, split_glob
 from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
 from lethe.contracts import (
     BatchStepOutcome,
@@ -51,6 +51,7 @@ from lethe.contracts import (
     Evidence,
     StepOutcome,
     StepRequest,
+    Subject,
     SubjectOutcome,
     SweepBatch,
     SweepResult,
@@ -96,31 +97,63 @@ class _Targets:
     hash_fields: list[_HashField]
 
 
-def _pattern(index: int, template: str, values: dict[str, str]) -> _Pattern:
-    # Rendering every value as "" leaves the template's own text: if that holds no glob
-    # character, the pattern names exactly one key and needs no scan of the keyspace.
-    own_text = render(template, values, escape=lambda _: "")
-    literal = _GLOB_CHARACTERS.search(own_text) is None
+def _pattern(
+    index: int, template: str, values: dict[str, str], literal: bool | None = None
+) -> _Pattern:
+    """The pattern rendered for one subject; `literal`: whether the template names one key,
+    when already known (`_names_one_key`)."""
+    if literal is None:
+        literal = _names_one_key(template, values)
+    name = render(template, values)
     return _Pattern(
         index=index,
         match=render(template, values, escape=glob_escape),
-        key=render(template, values) if literal else None,
-        name=render(template, values),
+        key=name if literal else None,
+        name=name,
     )
+
+
+def _names_one_key(template: str, values: dict[str, str]) -> bool:
+    """Whether the template has no glob character of its own: it then names exactly one key
+    and needs no scan of the keyspace (rendering every value as "" leaves its own text)."""
+    return _GLOB_CHARACTERS.search(render(template, values, escape=lambda _: "")) is None
 
 
 def _hash_field(index: int, entry: RedisHashField, values: dict[str, str]) -> _HashField:
     return _HashField(index=index, key=render(entry.key, values), field=render(entry.field, values))
 
 
-def _targets(request: StepRequest) -> _Targets:
-    """Render every pattern and hash field first, so a missing identity destroys nothing."""
-    locator = CacheEraser.locator(request)
-    values = request.subject.template_values(request.subject_ref)
-    return _Targets(
-        patterns=[_pattern(i, t, values) for i, t in enumerate(locator.patterns)],
-        hash_fields=[_hash_field(i, e, values) for i, e in enumerate(locator.hash_fields)],
-    )
+class _Renderer:
+    """A locator's templates rendered for one subject after another, every one before anything
+    is touched, so a missing identity destroys nothing. Whether a pattern template names one
+    key is read once, from the first subject it renders for."""
+
+    def __init__(self, locator: RedisLocator) -> None:
+        """Render `locator`'s patterns and hash fields."""
+        self._locator = locator
+        self._literal: dict[int, bool] = {}
+
+    def subjects(self, items: Sequence[tuple[str, Subject]]) -> list[_Subject]:
+        """Each (subject_ref, subject) rendered, or its problem (a missing identity)."""
+        return [self.subject(ref, subject) for ref, subject in items]
+
+    def subject(self, ref: str, subject: Subject) -> _Subject:
+        """One subject's patterns and hash fields, or its problem (a missing identity)."""
+        values = subject.template_values(ref)
+        try:
+            patterns = [self._pattern(i, t, values) for i, t in enumerate(self._locator.patterns)]
+            hash_fields = [
+                _hash_field(i, e, values) for i, e in enumerate(self._locator.hash_fields)
+            ]
+        except MissingIdentity as exc:
+            return _Subject([], [], exc)
+        return _Subject(patterns, hash_fields)
+
+    def _pattern(self, index: int, template: str, values: dict[str, str]) -> _Pattern:
+        literal = self._literal.get(index)
+        if literal is None:
+            literal = self._literal[index] = _names_one_key(template, values)
+        return _pattern(index, template, values, literal)
 
 
 def _rendered(request: StepRequest) -> tuple[_Targets, list[str]]:
@@ -212,9 +245,9 @@ class CacheEraser(Connector[RedisLocator]):
     async def erase(self, request: StepRequest) -> StepOutcome:
         """Unlink the subject's keys and delete their hash fields; `running` until verified.
         The batch code (`erase_batch`) with a batch of one; a subject's problem is raised."""
-        self.locator(request)
+        rendered = [_Renderer(self.locator(request)).subject(request.subject_ref, request.subject)]
         journal = Journal.resume(request)
-        purged = await self._purge([request], journal)
+        purged = await self._purge(rendered, journal, _Globs())
         problem = purged.subjects[0].problem
         if problem is not None:
             journal.failed()
@@ -235,9 +268,9 @@ class CacheEraser(Connector[RedisLocator]):
 
     async def verify(self, request: StepRequest, erased: StepOutcome) -> StepOutcome:
         """Look again: `done` when no key matches any pattern and no hash field is left."""
-        self.locator(request)
+        rendered = [_Renderer(self.locator(request)).subject(request.subject_ref, request.subject)]
         journal = Journal.current(request) or Journal(request.request_id, request.step.id)
-        subjects, found = await self._call(lambda: self._state([request], journal))
+        subjects, found = await self._call(lambda: self._state(rendered, journal, _Globs()))
         problem = subjects[0].problem
         if problem is not None:
             raise problem
@@ -253,25 +286,27 @@ class CacheEraser(Connector[RedisLocator]):
     async def erase_batch(self, batch: BatchStepRequest) -> BatchStepOutcome:
         """Purge a batch of subjects: one SCAN pass per glob template for the whole batch,
         pipelined EXISTS, UNLINK, HEXISTS and HDEL; then verify it the same way. A subject
-        whose templates do not render, or whose hash key is not a hash, fails alone."""
+        whose templates do not render, or whose hash key is not a hash, fails alone. The
+        templates are rendered and the globs read once, for the purge and its verification."""
         locator = self.locator(batch)
-        requests = [batch.single(item) for item in batch.subjects]
+        rendered = _Renderer(locator).subjects(_items(batch))
+        globs = _Globs()
         journal = Journal.resume(batch)
-        purged = await self._purge(requests, journal)
-        checked, left = await self._call(lambda: self._state(requests, journal))
-        earlier = _Earlier.of(journal, len(requests))
+        purged = await self._purge(rendered, journal, globs)
+        checked, left = await self._call(lambda: self._state(rendered, journal, globs))
+        earlier = _Earlier.of(journal, len(rendered))
         outcomes = [
             _subject_outcome(
-                request.subject_ref,
+                item.subject_ref,
                 purged.subjects[i].problem or checked[i].problem,
                 left[i],
                 earlier.affected(i, purged.made[i]),
                 _subject_detail(journal, earlier, i, purged.made[i]),
             )
-            for i, request in enumerate(requests)
+            for i, item in enumerate(batch.subjects)
         ]
         evidence: Evidence = {
-            "subjects": len(requests),
+            "subjects": len(outcomes),
             "subjects_failed": sum(o.status == "failed" for o in outcomes),
             "patterns": len(locator.patterns),
             "hash_fields": len(locator.hash_fields),
@@ -296,17 +331,16 @@ class CacheEraser(Connector[RedisLocator]):
     ) -> BatchStepOutcome:
         """Look again for every subject of the batch (the same single pass per template):
         `done` for each with no key and no hash field left."""
-        self.locator(batch)
-        requests = [batch.single(item) for item in batch.subjects]
+        rendered = _Renderer(self.locator(batch)).subjects(_items(batch))
         journal = Journal.current(batch) or Journal(batch.request_id, batch.step.id)
-        checked, left = await self._call(lambda: self._state(requests, journal))
+        checked, left = await self._call(lambda: self._state(rendered, journal, _Globs()))
         before = {o.subject_ref: o for o in erased.outcomes}
         outcomes = []
-        for i, request in enumerate(requests):
-            earlier = before.get(request.subject_ref)
+        for i, item in enumerate(batch.subjects):
+            earlier = before.get(item.subject_ref)
             outcomes.append(
                 _subject_outcome(
-                    request.subject_ref,
+                    item.subject_ref,
                     checked[i].problem,
                     left[i],
                     earlier.affected if earlier is not None else 0,
@@ -414,15 +448,15 @@ class CacheEraser(Connector[RedisLocator]):
                 )
         return problems
 
-    async def _purge(self, requests: list[StepRequest], journal: Journal) -> _Purge:
+    async def _purge(self, rendered: list[_Subject], journal: Journal, globs: _Globs) -> _Purge:
         """The effect for every subject that renders: find (one pass per glob template),
         heartbeat the plan, then unlink and delete; per-subject counts."""
         try:
-            subjects = await self._call(lambda: self._prepared(requests))
+            subjects = await self._call(lambda: self._checked(rendered))
             purge = _Purge(subjects, [(0, 0)] * len(subjects))
             if all(subject.problem is not None for subject in subjects):
                 return purge
-            found = await self._call(lambda: self._find(subjects, journal))
+            found = await self._call(lambda: self._find(subjects, journal, globs))
             keys: dict[bytes, bool] = {}
             for each in found:
                 for key, exists in each.keys.items():
@@ -457,47 +491,44 @@ class CacheEraser(Connector[RedisLocator]):
         return purge
 
     async def _state(
-        self, requests: list[StepRequest], journal: Journal
+        self, rendered: list[_Subject], journal: Journal, globs: _Globs
     ) -> tuple[list[_Subject], list[_Found]]:
         """What each subject has in Redis now (the same search as the purge's)."""
-        subjects = await self._prepared(requests)
-        return subjects, await self._find(subjects, journal)
+        subjects = await self._checked(rendered)
+        return subjects, await self._find(subjects, journal, globs)
 
-    async def _prepared(self, requests: list[StepRequest]) -> list[_Subject]:
-        """Every subject's rendered templates, or its problem: a missing identity, a hash-field
-        key that holds something else than a hash (one pipelined TYPE per key)."""
-        subjects: list[_Subject] = []
-        for request in requests:
-            try:
-                targets = _targets(request)
-            except MissingIdentity as exc:
-                subjects.append(_Subject([], [], exc))
-                continue
-            subjects.append(_Subject(targets.patterns, targets.hash_fields))
-        hash_keys = list(dict.fromkeys(e.key for s in subjects for e in s.hash_fields))
+    async def _checked(self, rendered: list[_Subject]) -> list[_Subject]:
+        """The rendered subjects, each with its problem: a missing identity, or a hash-field
+        key that holds something else than a hash now (one pipelined TYPE per key)."""
+        hash_keys = list(dict.fromkeys(e.key for s in rendered for e in s.hash_fields))
         kinds = await self._pipelined(hash_keys, lambda pipe, key: pipe.type(key))
         wrong = {key for key, kind in zip(hash_keys, kinds, strict=True) if kind not in _HASHES}
-        for subject in subjects:
+        subjects = []
+        for subject in rendered:
             bad = [e.index for e in subject.hash_fields if e.key in wrong]
-            if bad:
-                subject.problem = SchemaMismatch(
+            problem = subject.problem
+            if bad and problem is None:
+                problem = SchemaMismatch(
                     f"Redis at {self._where}: the key of hash_fields {bad} is not a hash"
                 )
+            subjects.append(_Subject(subject.patterns, subject.hash_fields, problem))
         return subjects
 
-    async def _find(self, subjects: list[_Subject], journal: Journal) -> list[_Found]:
+    async def _find(
+        self, subjects: list[_Subject], journal: Journal, globs: _Globs
+    ) -> list[_Found]:
         """What each subject without a problem has now: the keys its glob patterns match (one
         SCAN pass per template for all subjects, matched here), the keys its literal patterns
         name (pipelined EXISTS), and its hash fields that exist (pipelined HEXISTS)."""
         found = [_Found() for _ in subjects]
         live = [(i, s) for i, s in enumerate(subjects) if s.problem is None]
-        globs: dict[int, list[tuple[int, str]]] = {}
+        by_template: dict[int, list[tuple[int, str]]] = {}
         for i, subject in live:
             for pattern in subject.patterns:
                 if pattern.key is None:
-                    globs.setdefault(pattern.index, []).append((i, pattern.match))
-        for index, owned in sorted(globs.items()):
-            matcher = _Matcher(owned)
+                    by_template.setdefault(pattern.index, []).append((i, pattern.match))
+        for index, owned in sorted(by_template.items()):
+            matcher = _Matcher(owned, globs)
             async for keys in self._scan(index, matcher.match, journal):
                 for key in map(_raw, keys):
                     for owner in matcher.owners(key):
@@ -669,20 +700,59 @@ def _pairs(value: object, size: int) -> list[list[int]]:
     return [[0, 0] for _ in range(size)]
 
 
+class _GlobParts(NamedTuple):
+    """A rendered glob read once: its literal prefix, and the test of what follows it."""
+
+    text: str
+    """The literal prefix, unescaped."""
+    prefix: bytes
+    """The same, as the bytes a key starts with."""
+    rest: re.Pattern[bytes] | None
+    """What the key holds after the prefix must match this whole; None: anything (`*`)."""
+
+
+class _Globs:
+    """A batch's rendered globs, each read once for all the passes over Redis (the purge and
+    its verification). A glob is its literal prefix and the rest: the rest is the same text
+    for every subject whose values come before the template's first glob character
+    (`patient:{subject_id}:*` -> `patient:<id>:` and `*`), so its regular expression is
+    compiled once for them all, and none is needed when the rest is only `*`."""
+
+    def __init__(self) -> None:
+        """No glob read yet."""
+        self._parts: dict[str, _GlobParts] = {}
+        self._rests: dict[str, re.Pattern[bytes] | None] = {}
+
+    def parts(self, glob: str) -> _GlobParts:
+        """`glob`'s literal prefix and the test of the rest."""
+        known = self._parts.get(glob)
+        if known is None:
+            text, rest = split_glob(glob)
+            known = self._parts[glob] = _GlobParts(text, text.encode(), self._rest(rest))
+        return known
+
+    def _rest(self, rest: str) -> re.Pattern[bytes] | None:
+        if rest not in self._rests:
+            anything = rest != "" and rest.strip("*") == ""
+            self._rests[rest] = None if anything else re.compile(glob_regex(rest), re.DOTALL)
+        return self._rests[rest]
+
+
 class _Matcher:
     """One glob template rendered for every subject of a batch: one SCAN MATCH for them all
     (their common literal prefix), and the subjects whose glob matches a key, as Redis
-    matches (byte-wise; `* ? [...] [^...] \\`)."""
+    matches (byte-wise; `* ? [...] [^...] \\`): the key starts with the glob's literal prefix
+    and the rest of the key matches the rest of the glob."""
 
-    def __init__(self, owned: list[tuple[int, str]]) -> None:
+    def __init__(self, owned: list[tuple[int, str]], globs: _Globs) -> None:
         """`owned`: (the subject's position in the batch, its rendered glob)."""
-        globs = list(dict.fromkeys(glob for _, glob in owned))
-        prefixes = [literal_prefix(glob) for _, glob in owned]
-        self.match = globs[0] if len(globs) == 1 else glob_escape(_common_prefix(prefixes)) + "*"
-        self._by_prefix: dict[bytes, list[tuple[int, re.Pattern[bytes]]]] = {}
-        for (owner, glob), prefix in zip(owned, prefixes, strict=True):
-            entry = (owner, re.compile(glob_regex(glob), re.DOTALL))
-            self._by_prefix.setdefault(prefix.encode(), []).append(entry)
+        parts = [globs.parts(glob) for _, glob in owned]
+        first = owned[0][1]
+        alike = all(glob == first for _, glob in owned)
+        self.match = first if alike else glob_escape(_common_prefix([p.text for p in parts])) + "*"
+        self._by_prefix: dict[bytes, list[tuple[int, re.Pattern[bytes] | None]]] = {}
+        for (owner, _), part in zip(owned, parts, strict=True):
+            self._by_prefix.setdefault(part.prefix, []).append((owner, part.rest))
         self._lengths = sorted({len(prefix) for prefix in self._by_prefix})
 
     def owners(self, key: bytes) -> list[int]:
@@ -691,9 +761,14 @@ class _Matcher:
             owner
             for n in self._lengths
             if len(key) >= n
-            for owner, regex in self._by_prefix.get(key[:n], ())
-            if regex.fullmatch(key)
+            for owner, rest in self._by_prefix.get(key[:n], ())
+            if rest is None or rest.fullmatch(key, n)
         ]
+
+
+def _items(batch: BatchStepRequest) -> list[tuple[str, Subject]]:
+    """The batch's (subject_ref, subject), in its order."""
+    return [(item.subject_ref, item.subject) for item in batch.subjects]
 
 
 def _common_prefix(texts: list[str]) -> str:

@@ -8,14 +8,22 @@ import re
 
 def literal_prefix(glob: str) -> str:
     """The text every key `glob` matches starts with (up to its first glob character)."""
-    out: list[str] = []
-    i = 0
-    while i < len(glob) and glob[i] not in "*?[":
-        if glob[i] == "\\" and i + 1 < len(glob):
-            i += 1
-        out.append(glob[i])
-        i += 1
-    return "".join(out)
+    return split_glob(glob)[0]
+
+
+def split_glob(glob: str) -> tuple[str, str]:
+    """`glob` as (its literal prefix, unescaped; the rest of the glob, from its first glob
+    character on): a key matches `glob` when it starts with the prefix and what follows it
+    matches the rest."""
+    literal = _LITERAL.match(glob)
+    end = literal.end() if literal else 0
+    return _ESCAPED.sub(r"\1", glob[:end]), glob[end:]
+
+
+_LITERAL = re.compile(r"(?:[^*?\[\\]|\\.|\\\Z)*", re.DOTALL)
+"""A glob's literal start: characters up to its first `* ? [`, a `\\` escaping the next (a last
+`\\` is itself)."""
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
 
 def glob_regex(glob: str) -> bytes:
