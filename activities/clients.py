@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from lethe.activities.kafka_scan import Readers
 from lethe.activities.sql_schema import SchemaCache
 from lethe.kernel.errors import ConfigurationError
 
@@ -39,6 +40,7 @@ class Clients:
     _blob: dict[str, BlobServiceClient] = field(default_factory=dict)
     _producers: dict[str, Producer] = field(default_factory=dict)
     _admins: dict[str, AdminClient] = field(default_factory=dict)
+    _readers: dict[str, Readers] = field(default_factory=dict)
     kafka_brokers: dict[str, dict[str, str]] = field(default_factory=dict)
     """The brokers' static settings per cluster, read once."""
     _closed: bool = False
@@ -131,14 +133,22 @@ class Clients:
             found = self._admins[bootstrap] = AdminClient({"bootstrap.servers": bootstrap})
         return found
 
+    def kafka_readers(self, bootstrap: str) -> Readers:
+        """The consumers that read a cluster's partitions, lent to one read at a time."""
+        found = self._readers.get(bootstrap)
+        if found is None:
+            self._check_open()
+            found = self._readers[bootstrap] = Readers(bootstrap)
+        return found
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the worker's connector clients are closed")
 
     async def close(self) -> None:
-        """Close every client: engines disposed, Redis and blob connections closed. What a
-        producer still holds is dropped: each step waits for its own deliveries, so only an
-        undelivered tombstone is left, and its activity runs again."""
+        """Close every client: engines disposed, Redis and blob connections and idle Kafka
+        readers closed. What a producer still holds is dropped: each step waits for its own
+        deliveries, so only an undelivered tombstone is left, and its activity runs again."""
         self._closed = True
         engines, redis, blobs = (
             list(self._sql.values()),
@@ -146,12 +156,14 @@ class Clients:
             list(self._blob.values()),
         )
         producers = list(self._producers.values())
+        readers = list(self._readers.values())
         self._sql.clear()
         self._schemas.clear()
         self._redis.clear()
         self._blob.clear()
         self._producers.clear()
         self._admins.clear()
+        self._readers.clear()
         for engine in engines:
             await engine.dispose()
         for client in redis:
@@ -161,6 +173,8 @@ class Clients:
         for producer in producers:
             producer.purge()
             await asyncio.to_thread(producer.flush, 1.0)
+        for kept in readers:
+            await asyncio.to_thread(kept.close)
 
     async def __aenter__(self) -> Self:
         return self

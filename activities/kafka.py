@@ -76,9 +76,9 @@ from lethe.activities.kafka_retention import TopicRetention
 from lethe.activities.kafka_scan import (
     SUBJECT_HEADER,
     Match,
+    Readers,
     ScanResult,
     TopicScan,
-    reader,
     take,
 )
 from lethe.classification.datamap import KafkaTopicLocator, MissingIdentity, render
@@ -112,6 +112,9 @@ SEARCH_SLICE_SECONDS = 5.0
 """How long the search for an earlier tombstone reads between two heartbeats."""
 SEARCH_BATCH = 500
 """How many records the search takes from the consumer at a time."""
+SEARCH_GROUP = "lethe-erase"
+VERIFY_GROUP = "lethe-verify"
+"""The group ids of the search's and the read back's consumers (assign() joins no group)."""
 SETTINGS_REUSE_SECONDS = 2.0
 """How recent erase's reading of the topic's settings must be for the verify that follows it
 in the same activity (the same writer) to judge by it instead of asking the broker again."""
@@ -499,16 +502,17 @@ class _Search:
 
     def __init__(
         self,
-        bootstrap: str,
+        readers: Readers,
         topic: str,
         wanted: Mapping[int, Collection[bytes]],
         marks: Sequence[tuple[str, bytes]],
     ) -> None:
-        self._bootstrap, self._topic = bootstrap, topic
+        self._readers, self._bootstrap, self._topic = readers, readers.bootstrap, topic
         self._wanted = {partition: set(keys) for partition, keys in wanted.items()}
         """Per partition, the keys whose tombstone is not found yet."""
         self._marks = list(marks)
-        self._consumer = reader(bootstrap, "lethe-erase", partition_eof=True)
+        self._consumer = readers.borrow(SEARCH_GROUP)
+        self._started = False
         self._open: set[int] = set()
         self.nexts: dict[int, int] = {}
         """Per partition, the first offset not read yet."""
@@ -524,6 +528,7 @@ class _Search:
     def start(self, since_ms: int, earlier: Mapping[int, int]) -> None:
         """Bound the search: each partition from `earlier` (an earlier attempt's heartbeat)
         when it fits the partition, else from the first record stamped at or after `since_ms`."""
+        self._started = True
         for partition in sorted(self._wanted):
             place = TopicPartition(self._topic, partition)
             low, high = self._consumer.get_watermark_offsets(place, timeout=TIMEOUT_SECONDS)
@@ -612,8 +617,8 @@ class _Search:
         }
 
     def close(self) -> None:
-        """Close the consumer."""
-        self._consumer.close()
+        """Give the consumer back: kept if the search ended, else closed."""
+        self._readers.give_back(SEARCH_GROUP, self._consumer, clean=self._started and self.finished)
 
 
 class _TombstoneSearch:
@@ -621,14 +626,14 @@ class _TombstoneSearch:
 
     def __init__(
         self,
-        bootstrap: str,
+        readers: Readers,
         topic: str,
         partition: int,
         key: bytes,
         marks: Sequence[tuple[str, bytes]],
     ) -> None:
         self._partition, self._key = partition, key
-        self._search = _Search(bootstrap, topic, {partition: [key]}, marks)
+        self._search = _Search(readers, topic, {partition: [key]}, marks)
 
     @property
     def next(self) -> int:
@@ -655,7 +660,7 @@ class _TombstoneSearch:
         return self._search.found.get(self._key)
 
     def close(self) -> None:
-        """Close the consumer."""
+        """Give the consumer back (`_Search.close`)."""
         self._search.close()
 
 
@@ -663,13 +668,13 @@ class _ReadBack:
     """Reads one partition from the first of some offsets to the last (blocking), telling for
     each offset whether the job's tombstone for its key is there, or gone from the log."""
 
-    def __init__(self, bootstrap: str, topic: str, partition: int) -> None:
-        self._bootstrap, self._topic, self._partition = bootstrap, topic, partition
+    def __init__(self, readers: Readers, topic: str, partition: int) -> None:
+        self._readers, self._topic, self._partition = readers, topic, partition
+        self._bootstrap = readers.bootstrap
 
     def read(self, wanted: Mapping[int, bytes]) -> dict[int, _Read]:
         """Per offset in `wanted` (offset -> key), what the log holds there now."""
-        consumer = reader(self._bootstrap, "lethe-verify", partition_eof=True)
-        try:
+        with self._readers.lent(VERIFY_GROUP) as consumer:
             low, high = consumer.get_watermark_offsets(
                 TopicPartition(self._topic, self._partition), timeout=TIMEOUT_SECONDS
             )
@@ -683,8 +688,6 @@ class _ReadBack:
             if inside:
                 self._follow(consumer, inside, wanted, reads, (low, high))
             return reads
-        finally:
-            consumer.close()
 
     def _follow(
         self,
@@ -820,6 +823,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         self._bootstrap = bootstrap
         self._producer = clients.kafka_producer(bootstrap, TIMEOUT_SECONDS)
         self._admin = clients.kafka_admin(bootstrap)
+        self._readers = clients.kafka_readers(bootstrap)
         self._kept: dict[str, tuple[float, dict[str, str]]] = {}
         """Per topic, erase's reading of its settings (when, what), for the verify after it."""
 
@@ -1275,7 +1279,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
             # written its tombstones, so the search only notes where the partitions end.
             since_ms = int(time.time() * 1000)
         earlier = _earlier_offsets(topic)
-        search = await self._in_thread(_Search, self._bootstrap, topic, wanted, job.marks)
+        search = await self._in_thread(_Search, self._readers, topic, wanted, job.marks)
         try:
             await self._in_thread(search.start, since_ms, earlier)
             while not search.finished:
@@ -1298,7 +1302,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         partitions = sorted(by_partition)
         reads = await asyncio.gather(
             *(
-                self._in_thread(_ReadBack(self._bootstrap, topic, p).read, by_partition[p])
+                self._in_thread(_ReadBack(self._readers, topic, p).read, by_partition[p])
                 for p in partitions
             )
         )
@@ -1511,7 +1515,7 @@ class TombstoneWriter(Connector[KafkaTopicLocator]):
         count = await self._partition_count(job.request, topic)
         scan = await self._in_thread(
             TopicScan,
-            self._bootstrap,
+            self._readers,
             topic,
             count,
             [match for _, match in matches],

@@ -6,16 +6,30 @@ to where it ended when the scan began, and keeps, per key, only where its latest
 which subjects of the batch (by their index) that record holds, or whether it is a tombstone this
 request's step (and batch) wrote. Values are parsed and compared in memory, never kept or shown;
 keys stay inside the connector.
+
+Every read of the connector (this scan, the search for earlier tombstones, the read back) uses a
+consumer lent by the worker's `Readers` for the cluster: one read at a time per consumer, given
+back unassigned when the read ends cleanly (closed otherwise), so that most reads skip a new
+client's connection and metadata.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from lethe.kernel.errors import ServiceUnavailable
 
@@ -27,6 +41,11 @@ END_WAIT_MS = 10
 """How long the broker may hold a reader's fetch at a partition's end (`fetch.wait.max.ms`):
 a read that ends where compaction left a gap learns it only from that fetch (partition EOF),
 and Kafka's default of 500 ms made each such read wait half a second."""
+READERS_KEPT = 4
+"""How many idle consumers a worker keeps per cluster and purpose; more are made while more
+reads run at once, and closed when given back to a full pool."""
+SCAN_GROUP = "lethe-scan"
+"""The group id of the scan's consumers (nothing is committed: assign() joins no group)."""
 SUBJECT_HEADER = "lethe-subject"
 """The header of a batch's tombstone naming the subject's reference (not personal data)."""
 
@@ -159,6 +178,66 @@ def reader(bootstrap: str, group: str, *, partition_eof: bool = False) -> Consum
     )
 
 
+class Readers:
+    """A cluster's consumers for reading partitions with assign(), lent to one read at a time
+    (a Consumer must not be used by two threads at once) and kept for the next read: a new
+    consumer costs a connection and a metadata round trip, and now and then librdkafka's first
+    partition-leader lookup of a new client waits about 0.7 s. Thread-safe."""
+
+    def __init__(self, bootstrap: str, kept: int = READERS_KEPT) -> None:
+        self.bootstrap = bootstrap
+        self._kept = kept
+        self._idle: dict[str, list[Consumer]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def borrow(self, group: str) -> Consumer:
+        """An idle consumer of `group`'s, or a new one (blocking: call it in a thread)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the worker's Kafka readers are closed")
+            idle = self._idle.get(group)
+            if idle:
+                return idle.pop()
+        return reader(self.bootstrap, group, partition_eof=True)
+
+    def give_back(self, group: str, consumer: Consumer, *, clean: bool) -> None:
+        """Keep a consumer whose read ended `clean`ly, unassigned, for the next read; close it
+        if the read failed (its state is unknown), if it cannot unassign, or if enough are kept."""
+        if clean:
+            try:
+                consumer.unassign()
+            except KafkaException:
+                clean = False
+        if clean:
+            with self._lock:
+                idle = self._idle.setdefault(group, [])
+                if not self._closed and len(idle) < self._kept:
+                    idle.append(consumer)
+                    return
+        consumer.close()
+
+    @contextmanager
+    def lent(self, group: str) -> Iterator[Consumer]:
+        """A consumer for the length of one read (blocking), given back after it."""
+        consumer = self.borrow(group)
+        clean = False
+        try:
+            yield consumer
+            clean = True
+        finally:
+            self.give_back(group, consumer, clean=clean)
+
+    def close(self) -> None:
+        """Close every idle consumer; consumers lent out are closed when given back."""
+        with self._lock:
+            self._closed = True
+            idle = [consumer for kept in self._idle.values() for consumer in kept]
+            self._idle.clear()
+        for consumer in idle:
+            consumer.close()
+
+
 def take(consumer: Consumer, most: int, wait: float = READ_WAIT_SECONDS) -> list[Message]:
     """Up to `most` records (or events, such as partition EOF): waits up to `wait` for the
     first, then takes only those already fetched. consume() alone would wait out its whole
@@ -177,16 +256,18 @@ class TopicScan:
 
     def __init__(
         self,
-        bootstrap: str,
+        readers: Readers,
         topic: str,
         partitions: int,
         matches: Sequence[Match],
         marks: Sequence[tuple[str, bytes]],
         timeout: float,
     ) -> None:
-        self._bootstrap, self._topic, self._matches = bootstrap, topic, Matches(matches)
+        self._readers, self._topic, self._matches = readers, topic, Matches(matches)
+        self._bootstrap = readers.bootstrap
         self._marks, self._timeout = list(marks), timeout
-        self._consumer = reader(bootstrap, "lethe-scan", partition_eof=True)
+        self._consumer = readers.borrow(SCAN_GROUP)
+        self._started = False
         self._ends: dict[int, int] = {}
         self._partitions = partitions
         self.result = ScanResult()
@@ -198,6 +279,7 @@ class TopicScan:
 
     def start(self) -> None:
         """Bound the scan: each partition from its start to its end now."""
+        self._started = True
         places = []
         for partition in range(self._partitions):
             place = TopicPartition(self._topic, partition)
@@ -277,5 +359,5 @@ class TopicScan:
         result.latest[key] = Latest(partition, offset, stamp, whose, ours, owner)
 
     def close(self) -> None:
-        """Close the consumer."""
-        self._consumer.close()
+        """Give the consumer back: kept if the scan read to its end, else closed."""
+        self._readers.give_back(SCAN_GROUP, self._consumer, clean=self._started and self.finished)

@@ -396,7 +396,7 @@ async def test_the_search_for_an_earlier_tombstone_is_bounded_by_offset_and_time
 
     def search(since_ms: int, earlier: int | None) -> tuple[int | None, int, int]:
         found = lethe.activities.kafka._TombstoneSearch(
-            kafka_bootstrap, topic, 0, b"patient:1", marks
+            clients.kafka_readers(kafka_bootstrap), topic, 0, b"patient:1", marks
         )
         try:
             found.start(since_ms, earlier)
@@ -646,7 +646,7 @@ async def test_a_read_back_asks_for_no_more_records_than_remain_to_its_tombstone
 
 
 async def test_a_read_back_past_the_last_record_ends_at_the_partitions_end(
-    kafka_bootstrap: str, make_topic: MakeTopic
+    clients: Clients, kafka_bootstrap: str, make_topic: MakeTopic
 ) -> None:
     """An offset with no record up to the partition's end (here a transaction's commit
     marker, as compaction leaves a gap) ends the read there (partition EOF): the record that
@@ -666,7 +666,7 @@ async def test_a_read_back_past_the_last_record_ends_at_the_partitions_end(
         assert time.monotonic() < deadline, "the commit marker never reached the log"
         await asyncio.sleep(0.05)
     watcher.close()
-    read_back = lethe.activities.kafka._ReadBack(kafka_bootstrap, topic, 0)
+    read_back = lethe.activities.kafka._ReadBack(clients.kafka_readers(kafka_bootstrap), topic, 0)
 
     # Offset 0 is the tombstone, offset 1 the commit marker (no record a consumer sees).
     reads = await asyncio.to_thread(read_back.read, {0: b"patient:1", 1: b"patient:1"})
@@ -675,3 +675,34 @@ async def test_a_read_back_past_the_last_record_ends_at_the_partitions_end(
     assert reads[0].offset == 0 and reads[0].key_matches and reads[0].is_tombstone
     assert (reads[1].low, reads[1].high, reads[1].offset) == (0, 2, 2)
     assert (marker.high, marker.offset) == (2, 2)
+
+
+async def test_reads_reuse_the_workers_consumers_and_a_failed_read_closes_its_own(
+    kafka_bootstrap: str, make_topic: MakeTopic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search and the read back borrow consumers from the worker's readers and give them
+    back: the next step makes none. A consumer whose read failed is closed, not kept."""
+    topic = make_topic(SLOW_COMPACTION)
+    _seed(kafka_bootstrap, topic)
+    made: list[str] = []
+    reader = lethe.activities.kafka_scan.reader
+
+    def counted(bootstrap: str, group: str, *, partition_eof: bool = False) -> Consumer:
+        made.append(group)
+        return reader(bootstrap, group, partition_eof=partition_eof)
+
+    monkeypatch.setattr(lethe.activities.kafka_scan, "reader", counted)
+    async with Clients() as clients:  # a worker of its own: no consumer kept yet
+        for subject in ("1", "12"):
+            writer = TombstoneWriter.open(clients, kafka_bootstrap)
+            request = _request(topic, subject)
+            verified = await writer.verify(request, await writer.erase(request))
+            assert verified.status == "pending_compaction"
+        assert sorted(made) == ["lethe-erase", "lethe-verify"]  # the first step's only
+
+        readers = clients.kafka_readers(kafka_bootstrap)
+        with pytest.raises(KafkaException), readers.lent("lethe-verify") as consumer:
+            consumer.get_watermark_offsets(TopicPartition(topic, 7), timeout=2)
+        with readers.lent("lethe-verify") as again:
+            assert again is not consumer
+        assert made[2:] == ["lethe-verify"]
