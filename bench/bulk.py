@@ -20,7 +20,8 @@ What is measured:
    sets its state to `waiting_window`, after the last immediate batch is erased, verified and
    in the ledger; then the progress query must show every subject settled and none failed.
    History events are summed over every run of the continue-as-new chain; CPU per subject of
-   the worker, the Temporal server and this process (psutil), and the worker's peak RSS.
+   the worker, the Temporal server, this process and the data services (PostgreSQL with its
+   backends, Redis, Kafka; psutil), and the worker's peak RSS.
 2. The raw floor, in the same run, on subjects N .. 2N-1: per batch, what the connectors do,
    done directly: per table, SELECT ... FOR UPDATE and one UPDATE in a transaction, then the
    verification GROUP BY; Redis TYPE, one SCAN pass for the batch, pipelined EXISTS/HEXISTS,
@@ -72,7 +73,13 @@ from bench.harness.cleanup import Cleanup, remove_tree, stoppable
 from bench.harness.cpu import CpuSample
 from bench.harness.databases import store_database
 from bench.harness.report import show_segments
-from bench.harness.stack import StackNotReady, load_stack_env, stack_variable, temporal_pid
+from bench.harness.stack import (
+    StackNotReady,
+    load_stack_env,
+    service_pids,
+    stack_variable,
+    temporal_pid,
+)
 from bench.harness.worker_process import WorkerDidNotStart, WorkerProcess
 from lethe.contracts import BULK_MAX_BATCH
 from lethe.kernel.config import load_settings
@@ -173,15 +180,16 @@ async def run(
         server = temporal_pid()
         shared = {"Temporal server (shared)": server} if server is not None else {}
         pids = {"worker": worker.pid, **shared, "bench (client)": os.getpid()}
+        services = {f"{name} (shared)": pid for name, pid in service_pids().items()}
 
         # --- Lethe ------------------------------------------------------------------------------
         console.print(f"Lethe: one bulk request of {subjects:,} subjects (worker {worker.pid})")
-        before = CpuSample.take(pids)
+        before = CpuSample.take(pids, services)
         async with PeakRss(worker.pid).sampling() as rss:
             lethe = await run_lethe(
                 client, subjects_file, subjects, batch_size, timeout=max(600.0, subjects / 50)
             )
-        cpu_lethe = cpu_use(before, CpuSample.take(pids), subjects)
+        cpu_lethe = cpu_use(before, CpuSample.take(pids, services), subjects)
         cleanup.undo(
             "the bulk request's runs",
             lambda: delete_chain(client.temporal, lethe.bulk_id, keep=keep_workflows),
@@ -193,9 +201,9 @@ async def run(
         console.print(f"floor: the same batches of {subjects:,} subjects, directly")
         floor = BulkFloor(seeded, names)
         floor_pids = {"bench (floor)": os.getpid(), **shared}
-        before = CpuSample.take(floor_pids)
+        before = CpuSample.take(floor_pids, services)
         floor_seconds = await floor.erase_all(floor_ids, batch_size)
-        cpu_floor = cpu_use(before, CpuSample.take(floor_pids), subjects)
+        cpu_floor = cpu_use(before, CpuSample.take(floor_pids, services), subjects)
         await check_erased(seeded, names, floor_ids)
 
         # --- what it comes to -------------------------------------------------------------------

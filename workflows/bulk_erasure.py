@@ -84,8 +84,12 @@ DISCOVERY_SPAN = timedelta(hours=1)
 BATCHES_OVERLAP = "batches-overlap"
 """Patch: while a batch erases, the next one is taken (`bulk.next_batch`) and the one before is
 recorded (`bulk.record_batch`): the control plane's work between batches no longer adds to each
-batch's time. Runs before it took, erased and recorded one batch at a time
+batch's time. Those local activities start after a timer of TICK, so that the workflow task
+that schedules the batch's activities ends first (a task with local activities running holds
+its commands until they finish). Runs before it took, erased and recorded one batch at a time
 (`tests/workflows/histories/bulk-one-batch-at-a-time`)."""
+TICK = timedelta(milliseconds=1)
+"""The timer that ends a workflow task before local activities start (see BATCHES_OVERLAP)."""
 HELD_RECHECK = (timedelta(hours=1), timedelta(days=1))
 """Subjects or steps under a hold are looked at again after the first, doubling to the second,
 or at once on `holds_changed`."""
@@ -358,7 +362,7 @@ class BulkErasureWorkflow:
         continue-as-new, the batch taken ahead is let go (its subjects are taken again from
         the cursor; what it set aside stays set aside) and the last record is awaited."""
         p = self._p
-        overlap = _Overlap(taken_to=p.cursor, number=p.batches)
+        overlap = _Overlap(request=request, taken_to=p.cursor, number=p.batches)
         while p.cancelled_by is None and not self._run_ended(request):
             if p.paused_by is not None:
                 await self._settle(overlap)
@@ -400,14 +404,19 @@ class BulkErasureWorkflow:
             erasing = asyncio.ensure_future(self._erase(request, steps, batch, number))
             overlap.taken_to = batch.last_seq
             self._run_batches += 1
+            # A workflow task that runs local activities sends its commands only once they are
+            # done: let the batch's activities go first, then record the last batch and take
+            # the next one while this one erases.
+            await workflow.sleep(TICK)
+            if overlap.unrecorded is not None:
+                overlap.recording = asyncio.ensure_future(self._record_later(request, overlap))
             if not self._run_ended(request) and p.paused_by is None and p.cancelled_by is None:
                 overlap.ahead = asyncio.ensure_future(self._ahead(request, steps, batch.last_seq))
             outcomes = await erasing
             if overlap.recording is not None:
                 await overlap.recording
-            overlap.recording = asyncio.ensure_future(
-                self._record_then_move(request, steps, batch, outcomes, number)
-            )
+                overlap.recording = None
+            overlap.unrecorded = _Erased(steps, batch, outcomes, number)
         await self._settle(overlap)
         return p.cancelled_by is not None or not self._run_ended(request)
 
@@ -430,25 +439,23 @@ class BulkErasureWorkflow:
         return _Ahead(await self._next(request, steps, after), signals, records)
 
     async def _settle(self, overlap: _Overlap) -> None:
-        """Let the batch taken ahead go, and wait for the last record."""
+        """Let the batch taken ahead go, and record the last batch erased."""
         if overlap.ahead is not None:
             await overlap.ahead
             overlap.ahead = None
         if overlap.recording is not None:
             await overlap.recording
             overlap.recording = None
+        if overlap.unrecorded is not None:
+            await self._record_later(overlap.request, overlap)
         overlap.taken_to = self._p.cursor
 
-    async def _record_then_move(
-        self,
-        request: BulkRequest,
-        steps: list[Step],
-        batch: BulkBatch,
-        outcomes: list[BatchStepOutcome],
-        number: int,
-    ) -> None:
-        await self._record(request, steps, batch, outcomes, number)
-        self._p.cursor = batch.last_seq
+    async def _record_later(self, request: BulkRequest, overlap: _Overlap) -> None:
+        """Record the batch erased last; the cursor moves past it."""
+        erased, overlap.unrecorded = overlap.unrecorded, None
+        assert erased is not None
+        await self._record(request, erased.steps, erased.batch, erased.outcomes, erased.number)
+        self._p.cursor = erased.batch.last_seq
 
     def _run_ended(self, request: BulkRequest) -> bool:
         """Whether this run has taken its `batches_per_run` (or Temporal suggests a new run)."""
@@ -825,18 +832,30 @@ class _Ahead:
     records: int
 
 
+@dataclass(frozen=True)
+class _Erased:
+    """A batch erased and not yet recorded."""
+
+    steps: list[Step]
+    batch: BulkBatch
+    outcomes: list[BatchStepOutcome]
+    number: int
+
+
 @dataclass
 class _Overlap:
     """A phase's batches in flight beside the one erasing."""
 
+    request: BulkRequest
     taken_to: int
     """The last place taken (erasing or recorded): the batch after it is taken next."""
     number: int
     """The number the next batch to erase gets."""
     ahead: asyncio.Task[_Ahead] | None = None
+    unrecorded: _Erased | None = None
     recording: asyncio.Task[None] | None = None
 
     @property
     def busy(self) -> bool:
-        """Whether a batch is still being taken ahead or recorded."""
-        return self.ahead is not None or self.recording is not None
+        """Whether a batch is taken ahead, or one erased is not recorded yet."""
+        return any(x is not None for x in (self.ahead, self.unrecorded, self.recording))

@@ -23,6 +23,19 @@ def _process_seconds(process: psutil.Process) -> float | None:
     return times.user + times.system
 
 
+def _tree_seconds(process: psutil.Process) -> float | None:
+    """CPU seconds of a server and its children, live or ended (PostgreSQL's backends)."""
+    own = _process_seconds(process)
+    if own is None:
+        return None
+    try:
+        times, children = process.cpu_times(), process.children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return own
+    live = sum(s for child in children if (s := _process_seconds(child)) is not None)
+    return own + times.children_user + times.children_system + live
+
+
 @dataclass(frozen=True)
 class CpuSample:
     """CPU seconds used so far: by the machine (busy and in all, over every core) and by a few
@@ -33,8 +46,9 @@ class CpuSample:
     processes: dict[str, float]
 
     @classmethod
-    def take(cls, pids: Mapping[str, int]) -> CpuSample:
-        """Sample the machine and the processes `pids` names (those already gone are left out)."""
+    def take(cls, pids: Mapping[str, int], trees: Mapping[str, int] | None = None) -> CpuSample:
+        """Sample the machine, the processes `pids` names and the servers `trees` names with
+        their children (those already gone are left out)."""
         machine = psutil.cpu_times()
         # The first eight fields, as Linux's /proc/stat counts them; guest time is in user.
         total = sum(
@@ -43,11 +57,12 @@ class CpuSample:
         )
         idle = machine.idle + getattr(machine, "iowait", 0.0)
         processes = {}
-        for name, pid in pids.items():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                seconds = _process_seconds(psutil.Process(pid))
-                if seconds is not None:
-                    processes[name] = seconds
+        for sample, named in ((_process_seconds, pids), (_tree_seconds, trees or {})):
+            for name, pid in named.items():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    seconds = sample(psutil.Process(pid))
+                    if seconds is not None:
+                        processes[name] = seconds
         return cls(busy=total - idle, total=total, processes=processes)
 
 

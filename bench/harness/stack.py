@@ -36,3 +36,23 @@ def temporal_pid() -> int | None:
         return int(TEMPORAL_PID.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+SERVICE_PIDS = {
+    "PostgreSQL": ROOT / ".stack" / "postgres" / "data" / "postmaster.pid",
+    "Redis": ROOT / ".stack" / "redis" / "pid",
+    "Kafka": ROOT / ".stack" / "kafka" / "pid",
+}
+"""Where `scripts/stack` (and PostgreSQL itself) keep the data services' process ids."""
+
+
+def service_pids() -> dict[str, int]:
+    """The stack's data services that are running, by name (PostgreSQL's postmaster: its
+    backends are its children)."""
+    found = {}
+    for name, path in SERVICE_PIDS.items():
+        try:
+            found[name] = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
