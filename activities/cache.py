@@ -15,16 +15,20 @@ One code path erases a batch of subjects (bulk erasure, `erase_batch`) and one s
 a batch of one). A pattern whose template has no glob character of its own names one key per
 subject: pipelined EXISTS and UNLINK, no SCAN. A glob template is one SCAN pass for the whole
 batch, over the subjects' common literal prefix (a batch of one: its own pattern), each key
-matched here against every subject's glob as Redis would. Hash fields: pipelined HEXISTS and
-HDEL. Each subject's counts are exact (one UNLINK or HDEL per key or field, pipelined) and ride
-in the batch's heartbeats, so a retry knows them; a subject whose templates do not render or
-whose hash key is not a hash fails alone.
+matched here against every subject's glob as Redis would (its literal prefix, then the rest of
+the glob: one regex for all subjects whose globs end alike, none for `*`). Hash fields:
+pipelined HEXISTS and HDEL. Each subject's counts are exact (one UNLINK for a subject's own
+keys, one for each key subjects share, one HDEL per field, pipelined) and ride in the batch's
+heartbeats, so a retry knows them; a subject whose templates do not render or whose hash key is
+not a hash fails alone. The templates are rendered and the globs read once per batch, for the
+purge and its verification.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Self, TypeVar
@@ -461,6 +465,7 @@ class CacheEraser(Connector[RedisLocator]):
             for each in found:
                 for key, exists in each.keys.items():
                     keys[key] = keys.get(key, False) or exists
+            groups, credited = _unlink_groups(found)
             fields = list(dict.fromkeys(pair for each in found for pair in each.fields))
             earlier = _Earlier.of(journal, len(subjects))
             journal.progress[_PER_SUBJECT] = {
@@ -470,16 +475,15 @@ class CacheEraser(Connector[RedisLocator]):
             await journal.plan(keys=sum(keys.values()), hash_fields=len(fields))
             answers = _Answers()
             purge.unlinked, purge.removed = await self._call(
-                lambda: self._remove(list(keys), fields, answers)
+                lambda: self._remove(groups, fields, answers)
             )
         except LetheError:
             journal.failed()
             raise
-        by_key = dict(zip(keys, answers.unlinked, strict=True))
         by_field = dict(zip(fields, answers.removed, strict=True))
         purge.made = [
-            (sum(by_key[k] for k in each.keys), sum(by_field[f] for f in each.fields))
-            for each in found
+            (sum(answers.unlinked[g] for g in mine), sum(by_field[f] for f in each.fields))
+            for mine, each in zip(credited, found, strict=True)
         ]
         journal.progress[_PER_SUBJECT] = {
             "made": [
@@ -554,12 +558,15 @@ class CacheEraser(Connector[RedisLocator]):
         return found
 
     async def _remove(
-        self, keys: list[bytes], hash_fields: list[tuple[str, str]], answers: _Answers
+        self,
+        keys: list[tuple[bytes, ...]],
+        hash_fields: list[tuple[str, str]],
+        answers: _Answers,
     ) -> tuple[int, int]:
-        """The effect: unlink `keys` and delete `hash_fields`, pipelined, one command each
-        (what each answered goes into `answers`, so each subject's count is exact); how many
-        of each went."""
-        unlinked = await self._pipelined(keys, lambda pipe, key: pipe.unlink(key))
+        """The effect: unlink `keys` (one UNLINK a group, `_unlink_groups`) and delete
+        `hash_fields` (one HDEL each), pipelined (what each answered goes into `answers`, so
+        each subject's count is exact); how many of each went."""
+        unlinked = await self._pipelined(keys, lambda pipe, group: pipe.unlink(*group))
         removed = await self._pipelined(hash_fields, lambda pipe, pair: pipe.hdel(*pair))
         answers.unlinked = [int(n) for n in unlinked]
         answers.removed = [int(n) for n in removed]
@@ -595,6 +602,31 @@ class CacheEraser(Connector[RedisLocator]):
             return await work()
 
 
+def _unlink_groups(found: list[_Found]) -> tuple[list[tuple[bytes, ...]], list[list[int]]]:
+    """The keys to unlink in groups whose UNLINK answers for one subject, and for each subject
+    the groups its count is the sum of: a subject's own keys (no other subject's pattern gives
+    them) together, UNLINK_GROUP at most a command; a key subjects share alone, counted for
+    each of them."""
+    owners = Counter(key for each in found for key in each.keys)
+    groups: list[tuple[bytes, ...]] = []
+    credited: list[list[int]] = []
+    alone: dict[bytes, int] = {}
+    for each in found:
+        own = [key for key in each.keys if owners[key] == 1]
+        mine = []
+        for start in range(0, len(own), UNLINK_GROUP):
+            mine.append(len(groups))
+            groups.append(tuple(own[start : start + UNLINK_GROUP]))
+        for key in each.keys:
+            if owners[key] > 1:
+                if key not in alone:
+                    alone[key] = len(groups)
+                    groups.append((key,))
+                mine.append(alone[key])
+        credited.append(mine)
+    return groups, credited
+
+
 def _erase_detail(journal: Journal, unlinked: int, removed: int) -> str:
     done = f"unlinked {unlinked} key(s), removed {removed} hash field(s)"
     earlier = journal.earlier
@@ -618,6 +650,8 @@ def _erase_detail(journal: Journal, unlinked: int, removed: int) -> str:
 
 PIPELINE_CHUNK = 1000
 """Commands in one pipelined round trip (TYPE, EXISTS, HEXISTS, UNLINK, HDEL)."""
+UNLINK_GROUP = 100
+"""Keys of one subject one UNLINK removes at most."""
 _PER_SUBJECT = "per_subject"
 """The key of a batch's heartbeat progress with each subject's counts, in the batch's order."""
 _HASHES = (b"hash", b"none", "hash", "none")

@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import ConnectionPool, Redis
 from temporalio.testing import ActivityEnvironment
 
-from lethe.activities.cache import SCAN_COUNT, CacheEraser, glob_escape
+from lethe.activities.cache import SCAN_COUNT, UNLINK_GROUP, CacheEraser, glob_escape
 from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
 from lethe.classification.datamap import RedisHashField, RedisLocator
@@ -402,3 +402,27 @@ async def test_the_batch_matches_keys_exactly_as_redis_does(
     assert kept == await left(single)
     assert 0 < len(kept) < len(set(relative))
     assert outcome.evidence["keys_unlinked"] == len(set(relative)) - len(kept)
+
+
+async def test_keys_subjects_share_count_for_each_and_many_own_keys_count_exactly(
+    clients: Clients, redis_url: str, raw: Redis, prefix: str
+) -> None:
+    """One UNLINK answers for a subject's own keys together (at most UNLINK_GROUP a command);
+    a key several subjects' globs match is unlinked alone and counted for each of them."""
+    locator = RedisLocator(patterns=[f"{prefix}:g:*{{subject_id}}*"], categories=["user.contact"])
+    own_a = [f"{prefix}:g:a{n}" for n in range(2 * UNLINK_GROUP + 7)]
+    own_b = [f"{prefix}:g:b1", f"{prefix}:g:xb"]
+    shared = [f"{prefix}:g:ab", f"{prefix}:g:ba", f"{prefix}:g:xaxb"]
+    await raw.mset(dict.fromkeys([*own_a, *own_b, *shared, f"{prefix}:g:c1"], "v"))
+
+    outcome = await CacheEraser.open(clients, redis_url).erase_batch(
+        _batch(locator, ["a", "b"], email=False)
+    )
+
+    assert _statuses(outcome) == {"done"}
+    assert [o.affected for o in outcome.outcomes] == [len(own_a) + 3, len(own_b) + 3]
+    assert f"unlinked {len(own_a) + 3} key(s)" in outcome.outcomes[0].detail
+    # The batch's total counts each key once.
+    assert outcome.evidence["keys_unlinked"] == len(own_a) + len(own_b) + len(shared)
+    left = {k async for k in raw.scan_iter(match=f"{glob_escape(prefix)}:g:*", count=1000)}
+    assert left == {f"{prefix}:g:c1".encode()}
