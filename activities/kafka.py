@@ -31,6 +31,12 @@ may still be a subject's. A topic that cannot be edited per subject (`removal: r
 nothing written: its steps (`expire`) give the date, once for a batch, by which the topic's
 retention has removed every record older than the erasure.
 
+Every read (the search, the read back, the scan) borrows a consumer from the worker's
+`Readers` and waits only for a record that can come: it takes what has been fetched, asks for
+no more than remain to its last offset, and learns of a partition's end (a compacted gap) within
+`END_WAIT_MS`. Verify right after erase, in the same activity, judges the settings erase read
+(at most `SETTINGS_REUSE_SECONDS` old); a re-check in a later activity reads them again.
+
 Preflight checks, touching nothing, that the cluster answers, the topic exists, the key or value
 template fills from the request, that a topic edited by value is compacted, and (where the
 broker reports it) that this worker may write the topic.
