@@ -47,7 +47,7 @@ from lethe.activities.common import (
 )
 from lethe.activities.connector import Connector
 from lethe.activities.driver_errors import translated
-from lethe.activities.redis_glob import glob_regex, split_glob
+from lethe.activities.redis_glob import glob_parts, glob_regex
 from lethe.classification.datamap import MissingIdentity, RedisHashField, RedisLocator, render
 from lethe.contracts import (
     BatchStepOutcome,
@@ -735,69 +735,102 @@ def _pairs(value: object, size: int) -> list[list[int]]:
 
 
 class _GlobParts(NamedTuple):
-    """A rendered glob read once: its literal prefix, and the test of what follows it."""
+    """A rendered glob read once: the literal bytes a key starts and ends with, and the test
+    of what is between them."""
 
-    text: str
-    """The literal prefix, unescaped."""
     prefix: bytes
-    """The same, as the bytes a key starts with."""
-    rest: re.Pattern[bytes] | None
-    """What the key holds after the prefix must match this whole; None: anything (`*`)."""
+    suffix: bytes
+    middle: re.Pattern[bytes] | None
+    """What the key holds between prefix and suffix must match this whole; None: anything."""
 
 
 class _Globs:
     """A batch's rendered globs, each read once for all the passes over Redis (the purge and
-    its verification). A glob is its literal prefix and the rest: the rest is the same text
-    for every subject whose values come before the template's first glob character
-    (`patient:{subject_id}:*` -> `patient:<id>:` and `*`), so its regular expression is
-    compiled once for them all, and none is needed when the rest is only `*`."""
+    its verification). A glob is the literal text its keys start with, its middle (from its
+    first glob character to its last) and the literal text they end with. The subject's
+    values are most often in the prefix or the suffix (`patient:{subject_id}:*` ->
+    `patient:<id>:`, `*`, ``; `{tenant}:*:{subject_id}` -> `<tenant>:`, `*`, `:<id>`), so the
+    middle is the same for every subject: its regular expression is compiled once for them
+    all, and none is needed when it is only `*`."""
 
     def __init__(self) -> None:
         """No glob read yet."""
         self._parts: dict[str, _GlobParts] = {}
-        self._rests: dict[str, re.Pattern[bytes] | None] = {}
+        self._middles: dict[bytes, re.Pattern[bytes] | None] = {}
 
     def parts(self, glob: str) -> _GlobParts:
-        """`glob`'s literal prefix and the test of the rest."""
+        """`glob`'s literal prefix and suffix, and the test of its middle."""
         known = self._parts.get(glob)
         if known is None:
-            text, rest = split_glob(glob)
-            known = self._parts[glob] = _GlobParts(text, text.encode(), self._rest(rest))
+            prefix, middle, suffix = glob_parts(glob)
+            known = self._parts[glob] = _GlobParts(prefix, suffix, self._middle(middle))
         return known
 
-    def _rest(self, rest: str) -> re.Pattern[bytes] | None:
-        if rest not in self._rests:
-            anything = rest != "" and rest.strip("*") == ""
-            self._rests[rest] = None if anything else re.compile(glob_regex(rest), re.DOTALL)
-        return self._rests[rest]
+    def _middle(self, middle: bytes) -> re.Pattern[bytes] | None:
+        if middle not in self._middles:
+            anything = middle != b"" and middle.strip(b"*") == b""
+            self._middles[middle] = None if anything else re.compile(glob_regex(middle), re.DOTALL)
+        return self._middles[middle]
 
 
 class _Matcher:
     """One glob template rendered for every subject of a batch: one SCAN MATCH for them all
     (their common literal prefix), and the subjects whose glob matches a key, as Redis
-    matches (byte-wise; `* ? [...] [^...] \\`): the key starts with the glob's literal prefix
-    and the rest of the key matches the rest of the glob."""
+    matches (byte-wise; `* ? [...] [^...] \\`): the key starts with the glob's literal prefix,
+    ends with its literal suffix, and what is between matches the glob's middle. Subjects are
+    looked up by the key's prefix, then its suffix: a key is tested against the middles of
+    only the subjects whose prefix and suffix it has."""
 
     def __init__(self, owned: list[tuple[int, str]], globs: _Globs) -> None:
         """`owned`: (the subject's position in the batch, its rendered glob)."""
         parts = [globs.parts(glob) for _, glob in owned]
         first = owned[0][1]
         alike = all(glob == first for _, glob in owned)
-        self.match = first if alike else glob_escape(_common_prefix([p.text for p in parts])) + "*"
-        self._by_prefix: dict[bytes, list[tuple[int, re.Pattern[bytes] | None]]] = {}
+        prefixes = [p.prefix.decode() for p in parts]
+        self.match = first if alike else glob_escape(_common_prefix(prefixes)) + "*"
+        self._by_prefix: dict[bytes, _Ends] = {}
         for (owner, _), part in zip(owned, parts, strict=True):
-            self._by_prefix.setdefault(part.prefix, []).append((owner, part.rest))
+            self._by_prefix.setdefault(part.prefix, _Ends()).add(owner, part)
         self._lengths = sorted({len(prefix) for prefix in self._by_prefix})
 
     def owners(self, key: bytes) -> list[int]:
         """The subjects (positions) whose glob matches `key`."""
-        return [
-            owner
-            for n in self._lengths
-            if len(key) >= n
-            for owner, rest in self._by_prefix.get(key[:n], ())
-            if rest is None or rest.fullmatch(key, n)
-        ]
+        size = len(key)
+        found: list[int] = []
+        for n in self._lengths:
+            if n > size:
+                break
+            ends = self._by_prefix.get(key[:n])
+            if ends is not None:
+                ends.owners(key, n, found)
+        return found
+
+
+class _Ends:
+    """The subjects of one literal prefix, by the literal suffix of their globs."""
+
+    def __init__(self) -> None:
+        """No subject yet."""
+        self._by_suffix: dict[bytes, list[tuple[int, re.Pattern[bytes] | None]]] = {}
+        self._lengths: list[int] = []
+
+    def add(self, owner: int, part: _GlobParts) -> None:
+        """Subject `owner`, whose glob is `part`."""
+        if part.suffix not in self._by_suffix and len(part.suffix) not in self._lengths:
+            self._lengths = sorted([*self._lengths, len(part.suffix)])
+        self._by_suffix.setdefault(part.suffix, []).append((owner, part.middle))
+
+    def owners(self, key: bytes, start: int, found: list[int]) -> None:
+        """Add to `found` the subjects whose glob matches `key`, whose first `start` bytes
+        are their prefix."""
+        size = len(key)
+        for m in self._lengths:
+            end = size - m
+            if end < start:
+                break
+            for owner, middle in self._by_suffix.get(key[end:], ()):
+                if middle is None or middle.fullmatch(key, start, end):
+                    found.append(owner)
 
 
 def _items(batch: BatchStepRequest) -> list[tuple[str, Subject]]:

@@ -4,6 +4,8 @@ pattern's keys start with, and the regular expression of the keys it matches."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import NamedTuple
 
 
 def literal_prefix(glob: str) -> str:
@@ -26,26 +28,60 @@ _LITERAL = re.compile(r"(?:[^*?\[\\]|\\.|\\\Z)*", re.DOTALL)
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
 
-def glob_regex(glob: str) -> bytes:
+def glob_regex(glob: str | bytes) -> bytes:
     """The regular expression (bytes, for `fullmatch` with DOTALL) of the keys a Redis glob
     matches: `*`, `?`, `[...]` (`^` negates, `a-z` either way), `\\` escaping the next
     character, byte by byte as Redis compares."""
-    data, parts, i = glob.encode(), [], 0
+    data = glob.encode() if isinstance(glob, str) else glob
+    return b"".join(token.regex for token in _tokens(data))
+
+
+def glob_parts(glob: str) -> tuple[bytes, bytes, bytes]:
+    """`glob` as (the bytes every key it matches starts with; the glob from its first glob
+    character to the end of its last; the bytes every key it matches ends with): a key
+    matches `glob` when it starts with the first, ends with the last, and what is between
+    them matches the middle (`glob_regex`). A glob without glob characters is all prefix."""
+    text, rest = split_glob(glob)
+    data = rest.encode()
+    suffix = bytearray()
+    last = 0
+    for token in _tokens(data):
+        if token.literal is None:
+            last = token.end
+            suffix.clear()
+        else:
+            suffix.extend(token.literal)
+    if not data:
+        return text.encode(), b"", b""
+    return text.encode(), data[:last], bytes(suffix)
+
+
+class _Token(NamedTuple):
+    regex: bytes
+    literal: bytes | None
+    """The byte the token stands for; None for `*`, `?` and a class."""
+    start: int
+    end: int
+
+
+def _tokens(data: bytes) -> Iterator[_Token]:
+    """A glob's tokens, as Redis reads them, in order."""
+    i = 0
     while i < len(data):
         byte = data[i : i + 1]
         if byte == b"\\" and i + 1 < len(data):
-            parts.append(re.escape(data[i + 1 : i + 2]))
+            yield _Token(re.escape(data[i + 1 : i + 2]), data[i + 1 : i + 2], i, i + 2)
             i += 2
         elif byte in (b"*", b"?"):
-            parts.append(b".*" if byte == b"*" else b".")
+            yield _Token(b".*" if byte == b"*" else b".", None, i, i + 1)
             i += 1
         elif byte == b"[":
-            part, i = _glob_class(data, i + 1)
-            parts.append(part)
+            part, end = _glob_class(data, i + 1)
+            yield _Token(part, None, i, end)
+            i = end
         else:
-            parts.append(re.escape(byte))
+            yield _Token(re.escape(byte), byte, i, i + 1)
             i += 1
-    return b"".join(parts)
 
 
 def _glob_class(data: bytes, i: int) -> tuple[bytes, int]:

@@ -1,8 +1,7 @@
 """The batch matcher of the Redis connector against the stack's Redis as the judge: for each
 template rendered for subjects whose ids hold glob characters, the subjects the matcher gives a
-key are exactly those whose own pattern Redis's SCAN MATCH returns the key for, on the fast
-path (the rest after the literal prefix shared, or only `*`) and on the slow one (the id in
-the rest)."""
+key are exactly those whose own pattern Redis's SCAN MATCH returns the key for: with the id in
+the glob's literal prefix, in its literal suffix, or in its middle."""
 
 from __future__ import annotations
 
@@ -17,9 +16,14 @@ from lethe.activities.cache import _Globs, _Matcher, glob_escape
 
 IDS = ["s1", "s10", "s", "*", "?", "[0-9]", "\\", "s1*", "-", "é", "]"]
 TAILS = ["", ":", ":x", ":a", ":ab", ":zz", "0", "0:x", "]", "]!", "]!!", ":é", "\\"]
-HEADS = ["p:", "c:[", "t1:b-", "tx:d:"]
+HEADS = ["p:", "p:x", "p:ab", "p:x:", "p:xy:", "c:[", "t1:b-", "tx:d:"]
 TEMPLATES = [
     "p:{id}:*",
+    "p:*:{id}",
+    "p:*{id}",
+    "p:?{id}:*",
+    "p:?:{id}",  # a middle of one byte between prefix and suffix
+    "p:[ab]?{id}",
     "p:{id}:?[a-c]*",
     "p:{id}:[^x]",
     "p:{id}*",

@@ -1,6 +1,7 @@
-"""Redis globs read in the worker: a glob split into its literal prefix and the rest, and the
-batch matcher's fast path (the rest's test compiled once for every subject whose glob ends
-alike, none for `*`) agreeing with the whole glob's regular expression, key by key."""
+"""Redis globs read in the worker: a glob split into its literal prefix, middle and literal
+suffix, and the batch matcher's fast path (subjects looked up by prefix and suffix, the middle's
+test compiled once for every subject whose middle is alike, none for `*`) agreeing with the
+whole glob's regular expression, key by key."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 import pytest
 
 from lethe.activities.cache import _Globs, _Matcher, glob_escape
-from lethe.activities.redis_glob import glob_regex, literal_prefix, split_glob
+from lethe.activities.redis_glob import glob_parts, glob_regex, literal_prefix, split_glob
 
 
 @pytest.mark.parametrize(
@@ -40,17 +41,22 @@ def _whole(glob: str, key: bytes) -> bool:
 
 
 TEMPLATES = [
-    "p:{id}:*",  # the rest is `*`: a prefix match is the whole test
+    "p:{id}:*",  # the middle is `*`: prefix (and an empty suffix) are the whole test
+    "p:*:{id}",  # the id in the suffix: looked up by it
+    "p:*{id}",
+    "p:?{id}:*",
+    "p:?:{id}",  # a middle of one byte between prefix and suffix
+    "p:[ab]?{id}",  # the id in the middle: one test per subject
     "p:{id}:**",
-    "p:{id}:?[a-c]*",  # the same rest for every subject, compiled once
+    "p:{id}:?[a-c]*",  # the same middle for every subject, compiled once
     "p:{id}:[^x]",
-    "p:{id}",  # no rest: the key is the prefix
-    "t?:[a-c]*:{id}",  # the id in the rest: one test per subject
+    "p:{id}",  # no glob character: the key is the prefix
+    "t?:[a-c]*:{id}",  # the id in the suffix, the middle shared
     "c:\\[{id}\\]?",
 ]
 IDS = ["s1", "s10", "s", "*", "?", "[0-9]", "\\", "s1*", "-", "é", "a\nb"]
 TAILS = ["", ":", ":x", ":a", ":ab", ":zz", "0", "0:x", "]", "]!", "]!!", "\n", ":é"]
-HEADS = ["p:", "c:[", "t1:b-", "tx:d:", "t:a:"]
+HEADS = ["p:", "p:x", "p:ab", "p:x:", "p:xy:", "c:[", "t1:b-", "tx:d:", "t:a:"]
 
 
 def _keys() -> list[bytes]:
@@ -80,14 +86,39 @@ def test_a_key_that_shares_the_prefix_but_not_the_rest_is_not_the_subject_s() ->
     assert matcher.match == "p:*"  # the common literal prefix, escaped, for SCAN
 
 
-def test_the_rest_is_read_once_for_every_subject_and_for_the_next_pass() -> None:
+def test_the_middle_is_read_once_for_every_subject_and_for_the_next_pass() -> None:
     globs = _Globs()
     first = [globs.parts(f"p:{glob_escape(i)}:?x*") for i in IDS]
     again = [globs.parts(f"p:{glob_escape(i)}:?x*") for i in IDS]
-    assert {id(part.rest) for part in first + again} == {id(first[0].rest)}
-    assert first[0].rest is not None
-    assert {globs.parts(f"p:{i}:*").rest for i in ("a", "b")} == {None}  # `*`: no regex
+    assert {id(part.middle) for part in first + again} == {id(first[0].middle)}
+    assert first[0].middle is not None
+    assert {globs.parts(f"p:{i}:*").middle for i in ("a", "b")} == {None}  # `*`: no regex
     assert [p.prefix for p in first[:4]] == [b"p:s1:", b"p:s10:", b"p:s:", b"p:*:"]
+    # The id after the glob: the suffix holds it, the middle is shared.
+    after = [globs.parts(f"t:*:{glob_escape(i)}") for i in ("s1", "*")]
+    assert [(p.prefix, p.suffix, p.middle) for p in after] == [
+        (b"t:", b":s1", None),
+        (b"t:", b":*", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("glob", "parts"),
+    [
+        ("p:s1:*", (b"p:s1:", b"*", b"")),
+        ("t:*:s1", (b"t:", b"*", b":s1")),
+        ("t?:[a-c]*:\\*", (b"t", b"?:[a-c]*", b":*")),
+        ("x[ab]y*z\\?", (b"x", b"[ab]y*", b"z?")),
+        ("c:\\[s1\\]?", (b"c:[s1]", b"?", b"")),
+        ("p:[a", (b"p:", b"[a", b"")),  # a class that never closes runs to the end
+        ("exact\\", (b"exact\\", b"", b"")),
+        ("é*é", ("é".encode(), b"*", "é".encode())),
+    ],
+)
+def test_glob_parts_gives_prefix_middle_and_suffix(
+    glob: str, parts: tuple[bytes, bytes, bytes]
+) -> None:
+    assert glob_parts(glob) == parts
 
 
 def test_one_subject_s_glob_is_its_own_scan_match() -> None:
