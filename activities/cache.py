@@ -15,13 +15,13 @@ One code path erases a batch of subjects (bulk erasure, `erase_batch`) and one s
 a batch of one). A pattern whose template has no glob character of its own names one key per
 subject: pipelined EXISTS and UNLINK, no SCAN. A glob template is one SCAN pass for the whole
 batch, over the subjects' common literal prefix (a batch of one: its own pattern), each key
-matched here against every subject's glob as Redis would (its literal prefix, then the rest of
-the glob: one regex for all subjects whose globs end alike, none for `*`). Hash fields:
-pipelined HEXISTS and HDEL. Each subject's counts are exact (one UNLINK for a subject's own
-keys, one for each key subjects share, one HDEL per field, pipelined) and ride in the batch's
-heartbeats, so a retry knows them; a subject whose templates do not render or whose hash key is
-not a hash fails alone. The templates are rendered and the globs read once per batch, for the
-purge and its verification.
+matched here against every subject's glob as Redis would (looked up by the glob's literal
+prefix and suffix; the middle between them one regex for all subjects whose middles are alike,
+none for `*`). Hash fields: pipelined HEXISTS and HDEL. Each subject's counts are exact (one
+UNLINK for a subject's own keys, one for each key subjects share, one HDEL per field,
+pipelined) and ride in the batch's heartbeats, so a retry knows them; a subject whose templates
+do not render or whose hash key is not a hash fails alone. The templates are rendered and the
+globs read once per batch, for the purge and its verification.
 """
 
 from __future__ import annotations
