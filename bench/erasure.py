@@ -287,7 +287,7 @@ async def run(
 
         # --- the orchestration floor ------------------------------------------------------------
         console.print(
-            f"orchestration floor: the same workflow shape with {steps} no-op activities, "
+            f"orchestration floor: the same workflow shape with {steps + 1} no-op activities, "
             f"{requests} one after another, {concurrent} at once"
         )
         shape = OrchestrationFloor(

@@ -86,8 +86,8 @@ def show_result(console: Console, result: Result) -> None:
         title="Erasure, immediate phase: Lethe against the raw floor and Temporal's own floor",
         caption=(
             "raw floor: the same data-system work without Temporal; Temporal shape, no work: "
-            f"the mandated workflows with no-op activities ({result.orchestration_steps} in "
-            "the child)"
+            f"Lethe's workflow shape with no-op activities (a preflight and "
+            f"{result.orchestration_steps} steps on the region's queue)"
         ),
     )
     for heading in (
