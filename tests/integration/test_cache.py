@@ -396,8 +396,9 @@ async def test_an_unreachable_redis_is_retryable_and_names_no_key(
 
 
 async def _state(client: Redis, prefix: str) -> dict[str, tuple[str, object, int]]:
-    """Every key under the test's prefix with its type, value and TTL: what a preflight must
-    leave exactly as it found it."""
+    """Every key under the test's prefix with its type, value and TTL (in whole minutes, begun:
+    a second's rounding between two reads on a slow machine is not a change): what a preflight
+    must leave exactly as it found it."""
     state: dict[str, tuple[str, object, int]] = {}
     async for key in client.scan_iter(match=f"{glob_escape(prefix)}:*"):
         kind = str(await client.type(key))
@@ -408,7 +409,8 @@ async def _state(client: Redis, prefix: str) -> dict[str, tuple[str, object, int
             value = await client.lrange(key, 0, -1)
         else:
             value = await client.hgetall(key)
-        state[str(key)] = (kind, value, int(await client.ttl(key)))
+        ttl = int(await client.pttl(key))
+        state[str(key)] = (kind, value, ttl if ttl < 0 else -(-ttl // 60_000))
     return state
 
 
