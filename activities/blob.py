@@ -31,6 +31,7 @@ from azure.core.exceptions import (
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from lethe.activities.attempts import Journal
+from lethe.activities.blob_checks import ContainerChecks
 from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch, verdict
 from lethe.activities.connector import Connector
@@ -305,16 +306,36 @@ class _Checked:
 class BlobConnector(Connector[L]):
     """A connector over one storage account: its connection string and the worker's client."""
 
-    def __init__(self, service: BlobServiceClient, connection_string: str) -> None:
-        """Use `service`, the client of the account `connection_string` opens."""
+    def __init__(
+        self,
+        service: BlobServiceClient,
+        connection_string: str,
+        checks: ContainerChecks | None = None,
+    ) -> None:
+        """Use `service`, the client of the account `connection_string` opens, and keep the
+        preflight's checks that pass in `checks` (the worker's, shared; else this
+        connector's own)."""
         self._service = service
         self._connection = connection_string
         self._endpoint = blob_endpoint(connection_string)
+        self._checks = checks if checks is not None else ContainerChecks()
 
     @classmethod
     def open(cls, clients: Clients, connection: str) -> Self:
-        """The connector for an Azure Storage connection string, over the worker's client."""
-        return cls(clients.blob_service(connection), connection)
+        """The connector for an Azure Storage connection string, over the worker's client
+        and its kept checks."""
+        return cls(clients.blob_service(connection), connection, clients.blob_checks(connection))
+
+    @contextmanager
+    def _errors(self, request: StepRequest | BatchStepRequest, locator: L) -> Iterator[None]:
+        """The SDK's errors as Lethe's (`blob_errors`); a container found gone drops its kept
+        checks, so the next preflight asks the service."""
+        try:
+            with blob_errors(self._endpoint, request.step.system, locator.container):
+                yield
+        except SchemaMismatch:
+            self._checks.forget(locator.container)
+            raise
 
     async def container_problems(
         self,
@@ -323,11 +344,39 @@ class BlobConnector(Connector[L]):
         prefixes: list[str],
         tag_query: str | None = None,
         kind: str = "blob",
+        *,
+        templates: list[str] | None = None,
     ) -> list[str]:
         """Touching nothing: the container exists, the credentials open it, and listing blobs under
         each prefix (and finding them by `tag_query`) works; one blob a listing at most. Raises
         ServiceUnavailable within PREFLIGHT_TIMEOUT_SECONDS when the service does not answer.
-        Problems name the `kind` system."""
+        Problems name the `kind` system.
+
+        A check that passed is kept for the worker (`blob_checks`) under the prefixes as the
+        locator writes them (`templates`, when some are rendered from the subject's values;
+        else `prefixes`) and whether a tag is looked up, never the subject's values: what the
+        credentials may list in a container does not hang on whose blobs are listed."""
+        key = (
+            kind,
+            container_name,
+            system,
+            tuple(dict.fromkeys(prefixes if templates is None else templates)),
+            tag_query is not None,
+        )
+        return await self._checks.problems(
+            key,
+            lambda: self._container_problems(system, container_name, prefixes, tag_query, kind),
+        )
+
+    async def _container_problems(
+        self,
+        system: str,
+        container_name: str,
+        prefixes: list[str],
+        tag_query: str | None,
+        kind: str,
+    ) -> list[str]:
+        """`container_problems` asked of the service."""
         endpoint = self._endpoint
         container = self._service.get_container_client(container_name)
         in_container = f"container {container_name!r}"
@@ -448,6 +497,7 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
         system = request.step.system
         problems: list[str] = []
         prefixes: list[str] = []
+        templates: list[str] = []
         tag_query: str | None = None
         if locator.subject_tag:
             if _TAG_VALUE.fullmatch(request.subject_ref):
@@ -466,15 +516,19 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
                         request.subject.template_values(request.subject_ref),
                     )
                 )
+                templates.append(locator.subject_prefix)
             except (ConfigurationError, MissingIdentity) as exc:
                 problems.append(f"blob system {system!r}: subject_prefix: {exc}")
         if locator.whole_backup_prefix is not None:
             prefixes.append(locator.whole_backup_prefix)
+            templates.append(locator.whole_backup_prefix)
         needs = {"r": "read", "l": "list", "d": "delete"}
         if locator.subject_tag:
             needs["f"] = "find by tags"
         problems += sas_problems(self._connection, system, needs)
-        problems += await self.container_problems(system, locator.container, prefixes, tag_query)
+        problems += await self.container_problems(
+            system, locator.container, prefixes, tag_query, templates=templates
+        )
         return problems
 
     async def erase(self, request: StepRequest) -> StepOutcome:
@@ -616,13 +670,6 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
         return await sweep_backups(self._service, self._endpoint, batch)
 
     # --- the steps ---------------------------------------------------------------------------
-
-    @contextmanager
-    def _errors(
-        self, request: StepRequest | BatchStepRequest, locator: BlobBackupLocator
-    ) -> Iterator[None]:
-        with blob_errors(self._endpoint, request.step.system, locator.container):
-            yield
 
     async def _erase(self, batch: BatchStepRequest, journal: Journal) -> _Erased:
         """The effect for a batch: its subjects' blobs and the whole backups past the window

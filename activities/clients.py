@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from lethe.activities.blob_checks import ContainerChecks
 from lethe.activities.kafka_scan import Readers
 from lethe.activities.sql_schema import SchemaCache
 from lethe.kernel.errors import ConfigurationError
@@ -38,6 +39,7 @@ class Clients:
     _schemas: dict[str, SchemaCache] = field(default_factory=dict)
     _redis: dict[str, Redis] = field(default_factory=dict)
     _blob: dict[str, BlobServiceClient] = field(default_factory=dict)
+    _blob_checks: dict[str, ContainerChecks] = field(default_factory=dict)
     _producers: dict[str, Producer] = field(default_factory=dict)
     _admins: dict[str, AdminClient] = field(default_factory=dict)
     _readers: dict[str, Readers] = field(default_factory=dict)
@@ -101,6 +103,10 @@ class Clients:
             self._blob[connection_string] = client
         return client
 
+    def blob_checks(self, connection_string: str) -> ContainerChecks:
+        """The preflight checks of the account's containers that passed, kept for a while."""
+        return self._blob_checks.setdefault(connection_string, ContainerChecks())
+
     def kafka_producer(self, bootstrap: str, timeout_seconds: float) -> Producer:
         """The idempotent producer for a cluster's bootstrap servers; a message not delivered
         within `timeout_seconds` fails."""
@@ -161,6 +167,7 @@ class Clients:
         self._schemas.clear()
         self._redis.clear()
         self._blob.clear()
+        self._blob_checks.clear()
         self._producers.clear()
         self._admins.clear()
         self._readers.clear()

@@ -28,8 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -47,7 +46,6 @@ from lethe.activities.blob import (
     PREFLIGHT_TIMEOUT_SECONDS,
     BlobConnector,
     batch_of_one,
-    blob_errors,
     counts_of,
     sas_problems,
 )
@@ -625,9 +623,8 @@ class LogRedactor(BlobConnector[LogLocator]):
         )
         problems += found
         if not found and locator.tenant_field is not None:
-            problem = await self._tenant_problem(request, locator)
-            if problem is not None:
-                problems.append(problem)
+            key = ("logs-tenant", locator.container, system, locator.prefix, locator.tenant_field)
+            problems += await self._checks.problems(key, lambda: self._tenant_problems(request))
         return problems
 
     async def erase(self, request: StepRequest) -> StepOutcome:
@@ -835,13 +832,15 @@ class LogRedactor(BlobConnector[LogLocator]):
         """The blob's content, etag and properties; None when it no longer exists."""
         return await read_blob(blob)
 
-    async def _tenant_problem(self, request: StepRequest, locator: LogLocator) -> str | None:
+    async def _tenant_problems(self, request: StepRequest) -> list[str] | None:
         """A problem when the first log blob under the prefix holds JSON records and none of
         the first SAMPLE_BYTES carries the tenant field: erasing would find none of the
-        subject's records (a misnamed field). Reads a range of one blob; changes nothing."""
+        subject's records (a misnamed field); None when the blob could not be read. Reads a
+        range of one blob; changes nothing."""
+        locator = self.locator(request)
         field = locator.tenant_field
         if field is None:
-            return None
+            return []
         system = request.step.system
         container = self._service.get_container_client(locator.container)
         with self._errors(request, locator):
@@ -854,7 +853,7 @@ class LogRedactor(BlobConnector[LogLocator]):
                     first = blob
                     break
                 if first is None or not first.size:
-                    return None
+                    return []
                 try:
                     download = await container.download_blob(
                         first.name, offset=0, length=min(SAMPLE_BYTES, first.size)
@@ -869,20 +868,13 @@ class LogRedactor(BlobConnector[LogLocator]):
             lines = lines[:-1]  # the last line may be cut short
         records = [record for record in map(json_record, lines) if record is not None]
         if not records or any(isinstance(r.get(field), str) for r in records):
-            return None
-        return (
+            return []
+        return [
             f"logs system {system!r}: none of the first {len(records)} record(s) of the first "
             f"log blob under prefix {locator.prefix!r} in container {locator.container!r} has "
             f"the tenant_field {field!r}, so an erasure would find none of the subject's "
             "records (is the field named right?)"
-        )
-
-    @contextmanager
-    def _errors(
-        self, request: StepRequest | BatchStepRequest, locator: LogLocator
-    ) -> Iterator[None]:
-        with blob_errors(self._endpoint, request.step.system, locator.container):
-            yield
+        ]
 
     async def _blob_names(self, container: ContainerClient, locator: LogLocator) -> list[str]:
         return [blob.name async for blob in container.list_blobs(name_starts_with=locator.prefix)]
