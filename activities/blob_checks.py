@@ -59,7 +59,8 @@ class ContainerChecks:
         if running is None:
             running = self._running[key] = asyncio.create_task(self._run(key, check))
             running.add_done_callback(_retrieved)
-        return list(await asyncio.shield(running) or [])
+        found = await asyncio.shield(running)
+        return list(found or [])
 
     def forget(self, container: str) -> None:
         """Drop every kept check of `container`: the next preflight asks the service."""
