@@ -447,7 +447,8 @@ class BackupEraser(BlobConnector[BlobBackupLocator]):
 
     Preflight touches nothing: it checks the container, the credentials and what they allow
     (listing; a shared access signature's permissions and expiry), and that the locator's
-    prefix and tag can be made from the request.
+    prefix and tag can be made from the request. What it asks the service, once it passed, is
+    kept for the worker for a short time (`blob_checks`); a problem is asked afresh each time.
 
     Verify returns `done` when nothing that must be gone by now remains. Pre-erasure backups
     still inside the window are not a failure: verify reports their count as

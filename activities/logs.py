@@ -584,6 +584,9 @@ class LogRedactor(BlobConnector[LogLocator]):
     so each blob is read once and, holding any of their records, rewritten once, its marks
     naming the batch (`<request>#<batch>`) with each subject's count (MARK_SUBJECTS). Verify
     reads each blob once more for the whole batch; outcomes are per subject.
+
+    Preflight's container and tenant-field checks, once they passed, are kept for the worker
+    for a short time (`blob_checks`); a problem is asked afresh each time.
     """
 
     kind = "logs"
