@@ -24,6 +24,7 @@ tenants (`held`).
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Callable, Sequence
@@ -65,7 +66,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 
-from lethe.activities.attempts import heartbeat
+from lethe.activities.attempts import CONFIRM_SECONDS, heartbeat, heartbeat_held
 from lethe.activities.common import SchemaMismatch
 from lethe.activities.connector import UnsupportedStep
 from lethe.activities.driver_errors import SchemaChanged
@@ -193,6 +194,10 @@ async def sweep_table(engine: AsyncEngine, schemas: SchemaCache, batch: SweepBat
             if result.removed:
                 # Told before the commit: a worker lost between the commit and the completion
                 # leaves the batch's count to the retry, which finds its range empty.
+                # Heartbeats go out asynchronously, so the commit waits (up to
+                # CONFIRM_SECONDS) until the server holds this one; it goes ahead either way,
+                # and a retry without it says what it may not count.
+                nonce = uuid.uuid4().hex
                 heartbeat(
                     {
                         "kind": RECORD,
@@ -202,8 +207,10 @@ async def sweep_table(engine: AsyncEngine, schemas: SchemaCache, batch: SweepBat
                         "to": to,
                         "kept": kept,
                         "result": result.model_dump(mode="json"),
+                        "nonce": nonce,
                     }
                 )
+                await heartbeat_held(functools.partial(_tells, nonce), CONFIRM_SECONDS)
             await conn.commit()
     except SchemaChanged:
         schemas.forget(table_names(locator))  # the retry reads the tables again
@@ -211,6 +218,11 @@ async def sweep_table(engine: AsyncEngine, schemas: SchemaCache, batch: SweepBat
     if earlier is None and _retried():
         result = result.model_copy(update={"detail": _unrecorded(plan, result)})
     return result
+
+
+def _tells(nonce: str, details: Sequence[Any]) -> bool:
+    """Whether heartbeat details are this attempt's record with `nonce`."""
+    return any(isinstance(d, dict) and d.get("nonce") == nonce for d in details)
 
 
 def _retried() -> bool:
