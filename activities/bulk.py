@@ -11,6 +11,7 @@ forget-list; `bulk.finish` keeps the bulk certificate.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -204,14 +205,18 @@ async def record_batch(record: BulkBatchRecord) -> BulkRecorded:
         )
     except LetheError as exc:
         raise _typed(exc) from None
-    if record.phase in ("immediate", "held"):
-        await bulk.keep_rechecks(engine, record.bulk_id, record.batch, record.outcomes)
     statuses = _statuses(record.subjects, record.outcomes)
     if record.phase == "deferred":
         statuses = _worst(statuses, await bulk.statuses(engine, record.bulk_id, record.subjects))
-    await bulk.mark(engine, record.bulk_id, {r: (s, "") for r, s in statuses.items()}, record.batch)
-    await bulk.forget(
-        engine, record.bulk_id, record.subjects, tenant=record.tenant, systems=record.systems
+    # Once the batch is in the ledger, the rest touch tables of their own: at once.
+    await asyncio.gather(
+        bulk.keep_rechecks(engine, record.bulk_id, record.batch, record.outcomes)
+        if record.phase in ("immediate", "held")
+        else asyncio.sleep(0),
+        bulk.mark(engine, record.bulk_id, {r: (s, "") for r, s in statuses.items()}, record.batch),
+        bulk.forget(
+            engine, record.bulk_id, record.subjects, tenant=record.tenant, systems=record.systems
+        ),
     )
     return BulkRecorded(
         root=recorded.root,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -84,12 +85,12 @@ DISCOVERY_SPAN = timedelta(hours=1)
 BATCHES_OVERLAP = "batches-overlap"
 """Patch: while a batch erases, the next one is taken (`bulk.next_batch`) and the one before is
 recorded (`bulk.record_batch`): the control plane's work between batches no longer adds to each
-batch's time. Those local activities start after a timer of TICK, so that the workflow task
-that schedules the batch's activities ends first (a task with local activities running holds
-its commands until they finish). Runs before it took, erased and recorded one batch at a time
+batch's time. Those local activities start once the first of the batch's activities has ended,
+in the workflow task that its end starts: a task with local activities running holds its
+commands until they finish, so the task that schedules the batch's activities must end without
+any (a 1 ms timer would do it too, but the server fires timers up to a second late). Runs before
+it took, erased and recorded one batch at a time
 (`tests/workflows/histories/bulk-one-batch-at-a-time`)."""
-TICK = timedelta(milliseconds=1)
-"""The timer that ends a workflow task before local activities start (see BATCHES_OVERLAP)."""
 HELD_RECHECK = (timedelta(hours=1), timedelta(days=1))
 """Subjects or steps under a hold are looked at again after the first, doubling to the second,
 or at once on `holds_changed`."""
@@ -117,6 +118,7 @@ class BulkErasureWorkflow:
         self._overlap = False
         self._hold_signals = 0
         self._records = 0
+        self._steps_ended = 0
 
     # --- signals and the query ------------------------------------------------------------
 
@@ -405,9 +407,12 @@ class BulkErasureWorkflow:
             overlap.taken_to = batch.last_seq
             self._run_batches += 1
             # A workflow task that runs local activities sends its commands only once they are
-            # done: let the batch's activities go first, then record the last batch and take
-            # the next one while this one erases.
-            await workflow.sleep(TICK)
+            # done: let the batch's activities go first (the task that schedules them ends),
+            # and record the last batch and take the next one in the task that the first of
+            # them to end starts, while the others still erase.
+            await workflow.wait_condition(
+                functools.partial(self._one_ended, self._steps_ended, erasing)
+            )
             if overlap.unrecorded is not None:
                 overlap.recording = asyncio.ensure_future(self._record_later(request, overlap))
             if not self._run_ended(request) and p.paused_by is None and p.cancelled_by is None:
@@ -419,6 +424,10 @@ class BulkErasureWorkflow:
             overlap.unrecorded = _Erased(steps, batch, outcomes, number)
         await self._settle(overlap)
         return p.cancelled_by is not None or not self._run_ended(request)
+
+    def _one_ended(self, ended: int, erasing: asyncio.Future[list[BatchStepOutcome]]) -> bool:
+        """Whether a step activity ended since `ended` were, or the whole batch did."""
+        return self._steps_ended > ended or erasing.done()
 
     async def _taken(self, request: BulkRequest, steps: list[Step], overlap: _Overlap) -> BulkBatch:
         """The batch taken ahead if it is still good (no hold signalled since; its counts only
@@ -578,6 +587,8 @@ class BulkErasureWorkflow:
                     ],
                     detail=reason,
                 )
+            finally:
+                self._steps_ended += 1
 
         return list(await asyncio.gather(*(one(step) for step in steps)))
 
