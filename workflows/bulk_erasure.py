@@ -320,15 +320,8 @@ class BulkErasureWorkflow:
         """Runs before BATCHES_OVERLAP: take a batch, erase it, record it, then the next."""
         p = self._p
         while p.cancelled_by is None:
-            if p.paused_by is not None:
-                self._state("paused")
-                await self._ledger(request, "bulk.paused", actor=p.paused_by)
-                await workflow.wait_condition(
-                    lambda: p.paused_by is None or p.cancelled_by is not None
-                )
-                if p.cancelled_by is not None:
-                    break
-                await self._ledger(request, "bulk.resumed")
+            if p.paused_by is not None and not await self._resumed(request):
+                break
             batch = await self._next(request, steps)
             self._set_aside(batch)
             if batch.blocked_by:
@@ -358,6 +351,17 @@ class BulkErasureWorkflow:
                 return False
         return True
 
+    async def _resumed(self, request: BulkRequest) -> bool:
+        """Paused: say so in the ledger and wait; True once resumed, False when cancelled."""
+        p = self._p
+        self._state("paused")
+        await self._ledger(request, "bulk.paused", actor=p.paused_by)
+        await workflow.wait_condition(lambda: p.paused_by is None or p.cancelled_by is not None)
+        if p.cancelled_by is not None:
+            return False
+        await self._ledger(request, "bulk.resumed")
+        return True
+
     async def _run_overlapped(self, request: BulkRequest, steps: list[Step]) -> bool:
         """Batches of this phase, the next one taken and the last one recorded while one
         erases (one batch erases at a time). Before a wait, the phase's end or a
@@ -368,14 +372,8 @@ class BulkErasureWorkflow:
         while p.cancelled_by is None and not self._run_ended(request):
             if p.paused_by is not None:
                 await self._settle(overlap)
-                self._state("paused")
-                await self._ledger(request, "bulk.paused", actor=p.paused_by)
-                await workflow.wait_condition(
-                    lambda: p.paused_by is None or p.cancelled_by is not None
-                )
-                if p.cancelled_by is not None:
+                if not await self._resumed(request):
                     break
-                await self._ledger(request, "bulk.resumed")
             batch = await self._taken(request, steps, overlap)
             if (batch.blocked_by or not batch.subjects) and overlap.busy:
                 await self._settle(overlap)

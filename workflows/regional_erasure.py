@@ -100,25 +100,17 @@ async def step_outcome(
     if job.retry_until is not None:
         retry, span = CONNECTOR_RETRY, max(job.retry_until - workflow.now(), MIN_RETRY_SPAN)
     named = activity_id()
+    # One activity erases and verifies (one round trip a step); a re-check (e.g. pending
+    # compaction) verifies again what was erased before.
+    operation, argument = (
+        ("erase", request)
+        if erased is None
+        else ("verify", VerifyRequest(request=request, erased=erased))
+    )
     try:
-        if erased is None:
-            # One activity erases and verifies: one round trip per step.
-            done: StepOutcome = await workflow.execute_activity(
-                f"{step.kind}.erase",
-                request,
-                result_type=StepOutcome,
-                activity_id=named,
-                task_queue=task_queue,
-                start_to_close_timeout=CONNECTOR_TIMEOUT,
-                schedule_to_close_timeout=span,
-                heartbeat_timeout=CONNECTOR_HEARTBEAT,
-                retry_policy=retry,
-            )
-            return done
-        # A re-check (e.g. pending compaction): verify again what was erased before.
-        checked: StepOutcome = await workflow.execute_activity(
-            f"{step.kind}.verify",
-            VerifyRequest(request=request, erased=erased),
+        done: StepOutcome = await workflow.execute_activity(
+            f"{step.kind}.{operation}",
+            argument,
             result_type=StepOutcome,
             activity_id=named,
             task_queue=task_queue,
@@ -127,6 +119,6 @@ async def step_outcome(
             heartbeat_timeout=CONNECTOR_HEARTBEAT,
             retry_policy=retry,
         )
-        return checked
+        return done
     except ActivityError as error:
         return StepOutcome(step_id=step.id, status="failed", detail=failure_reason(error))
