@@ -329,6 +329,12 @@ async def _confirmed(nonce: str) -> bool:
     return await heartbeat_held(carries_nonce, CONFIRM_SECONDS)
 
 
+async def last_heartbeat_held(details: Any, seconds: float = CONFIRM_SECONDS) -> bool:
+    """Wait until the Temporal server holds `details` (JSON-plain: what it decodes to) as this
+    attempt's last heartbeat; False when it does not within `seconds` (or cannot be asked)."""
+    return await heartbeat_held(lambda held: bool(held) and held[-1] == details, seconds)
+
+
 async def heartbeat_held(matches: Callable[[Sequence[Any]], bool], seconds: float) -> bool:
     """Wait until the Temporal server holds a heartbeat of this attempt of the activity whose
     details `matches`, asking it (describing the workflow: the pending activity's details);

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
@@ -209,15 +210,15 @@ async def record_batch(record: BulkBatchRecord) -> BulkRecorded:
     if record.phase == "deferred":
         statuses = _worst(statuses, await bulk.statuses(engine, record.bulk_id, record.subjects))
     # Once the batch is in the ledger, the rest touch tables of their own: at once.
-    await asyncio.gather(
-        bulk.keep_rechecks(engine, record.bulk_id, record.batch, record.outcomes)
-        if record.phase in ("immediate", "held")
-        else asyncio.sleep(0),
+    writes: list[Coroutine[Any, Any, object]] = [
         bulk.mark(engine, record.bulk_id, {r: (s, "") for r, s in statuses.items()}, record.batch),
         bulk.forget(
             engine, record.bulk_id, record.subjects, tenant=record.tenant, systems=record.systems
         ),
-    )
+    ]
+    if record.phase in ("immediate", "held"):
+        writes.append(bulk.keep_rechecks(engine, record.bulk_id, record.batch, record.outcomes))
+    await asyncio.gather(*writes)
     return BulkRecorded(
         root=recorded.root,
         ledger_hash=recorded.ledger_hash,

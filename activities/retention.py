@@ -32,8 +32,7 @@ async def next_batch(entries: list[LedgerRecord]) -> list[Hold]:
     the retries), then every legal hold in force, for the next."""
     store = await engine_for(current_settings().store_url.get_secret_value())
     try:
-        for entry in entries:
-            await ledger.append(store, **entry.model_dump())
+        await ledger.append_many(store, entries)
     except LetheError as exc:
         raise exc.to_application_error() from None
     return await holds.list_holds(store)

@@ -112,7 +112,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import NullType
 from temporalio import activity
 
-from lethe.activities.attempts import Journal, heartbeat, heartbeat_held
+from lethe.activities.attempts import Journal, heartbeat, last_heartbeat_held
 from lethe.activities.clients import Clients
 from lethe.activities.common import SchemaMismatch, retained_outcome, verdict
 from lethe.activities.connector import Connector
@@ -1424,10 +1424,7 @@ async def _confirmed(counted: _Counted) -> bool:
     COUNT_CONFIRM_SECONDS: erase asks before it commits, so that a retry after a lost worker
     finds the count; when it does not, the commit goes ahead and a retry says the count is not
     known."""
-    wanted = counted.model_dump()
-    return await heartbeat_held(
-        lambda details: bool(details) and details[-1] == wanted, COUNT_CONFIRM_SECONDS
-    )
+    return await last_heartbeat_held(counted.model_dump(), COUNT_CONFIRM_SECONDS)
 
 
 def _earlier_count(request: StepRequest) -> _Counted | None:

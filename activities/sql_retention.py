@@ -24,7 +24,6 @@ tenants (`held`).
 
 from __future__ import annotations
 
-import functools
 import json
 import uuid
 from collections.abc import Callable, Sequence
@@ -66,7 +65,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 
-from lethe.activities.attempts import CONFIRM_SECONDS, heartbeat, heartbeat_held
+from lethe.activities.attempts import heartbeat, last_heartbeat_held
 from lethe.activities.common import SchemaMismatch
 from lethe.activities.connector import UnsupportedStep
 from lethe.activities.driver_errors import SchemaChanged
@@ -197,20 +196,17 @@ async def sweep_table(engine: AsyncEngine, schemas: SchemaCache, batch: SweepBat
                 # Heartbeats go out asynchronously, so the commit waits (up to
                 # CONFIRM_SECONDS) until the server holds this one; it goes ahead either way,
                 # and a retry without it says what it may not count.
-                nonce = uuid.uuid4().hex
-                heartbeat(
-                    {
-                        "kind": RECORD,
-                        "run": batch.run_id,
-                        "task": task.id,
-                        "from": batch.cursor,
-                        "to": to,
-                        "kept": kept,
-                        "result": result.model_dump(mode="json"),
-                        "nonce": nonce,
-                    }
-                )
-                await heartbeat_held(functools.partial(_tells, nonce), CONFIRM_SECONDS)
+                told = {
+                    "kind": RECORD,
+                    "run": batch.run_id,
+                    "task": task.id,
+                    "from": batch.cursor,
+                    "to": to,
+                    "kept": kept,
+                    "result": result.model_dump(mode="json"),
+                }
+                heartbeat(told)
+                await last_heartbeat_held(told)
             await conn.commit()
     except SchemaChanged:
         schemas.forget(table_names(locator))  # the retry reads the tables again
@@ -218,11 +214,6 @@ async def sweep_table(engine: AsyncEngine, schemas: SchemaCache, batch: SweepBat
     if earlier is None and _retried():
         result = result.model_copy(update={"detail": _unrecorded(plan, result)})
     return result
-
-
-def _tells(nonce: str, details: Sequence[Any]) -> bool:
-    """Whether heartbeat details are this attempt's record with `nonce`."""
-    return any(isinstance(d, dict) and d.get("nonce") == nonce for d in details)
 
 
 def _retried() -> bool:

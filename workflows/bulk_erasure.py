@@ -750,10 +750,7 @@ class BulkErasureWorkflow:
         """Count one batch (or discovery page) of this run; whether the run should now continue
         as new (`batches_per_run` of them, or Temporal suggests it)."""
         self._run_batches += 1
-        return (
-            self._run_batches >= request.batches_per_run
-            or workflow.info().is_continue_as_new_suggested()
-        )
+        return self._run_ended(request)
 
     def _state(self, state: BulkState) -> None:
         if self._p.state != state:
