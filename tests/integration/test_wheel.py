@@ -24,6 +24,7 @@ LAYERS = [
     "activities",
     "workflows",
     "sdk",
+    "api",
     "cli",
     "examples",
 ]

@@ -1,0 +1,1 @@
+"""Lethe's HTTP face: the API (`lethe serve`) and the console, over the SDK."""
