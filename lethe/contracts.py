@@ -308,6 +308,8 @@ class Hold(Contract):
     placed_at: datetime
     released_by: str | None = None
     released_at: datetime | None = None
+    tenant: str | None = None
+    """The tenant it was placed for (a tenant-scope hold's value); None: all tenants."""
 
     @property
     def active(self) -> bool:
@@ -328,6 +330,8 @@ class LedgerEntry(Contract):
     details: dict[str, str | int | float | bool | None] = {}
     prev_hash: str
     hash: str
+    tenant: str | None = None
+    """The request's tenant; None for entries of no one tenant (and entries from before)."""
 
 
 # --- the erasure workflow ------------------------------------------------------------------------
@@ -490,6 +494,8 @@ class LedgerRecord(Contract):
     action: str
     system: str | None = None
     details: dict[str, str | int | float | bool | None] = {}
+    tenant: str | None = None
+    """The request's tenant; None for an entry of no one tenant (key rotation, sweeps)."""
 
 
 class HoldQuery(Contract):

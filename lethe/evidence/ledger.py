@@ -34,9 +34,11 @@ def entry_hash(
     system: str | None,
     details: Details,
     prev_hash: str,
+    tenant: str | None = None,
 ) -> str:
-    """SHA-256 over the canonical JSON of an entry's fields and the previous hash."""
-    body = {
+    """SHA-256 over the canonical JSON of an entry's fields and the previous hash. The tenant is
+    in the hashed body only when there is one, so entries from before tenants keep verifying."""
+    body: dict[str, object] = {
         "seq": seq,
         "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
         "request_id": request_id,
@@ -47,6 +49,8 @@ def entry_hash(
         "details": details,
         "prev_hash": prev_hash,
     }
+    if tenant is not None:
+        body["tenant"] = tenant
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -61,6 +65,7 @@ async def append(
     action: str,
     system: str | None = None,
     details: Details | None = None,
+    tenant: str | None = None,
 ) -> LedgerEntry:
     """Append an entry (or return the one already written under this idempotency key)."""
     record = LedgerRecord(
@@ -71,6 +76,7 @@ async def append(
         action=action,
         system=system,
         details=details or {},
+        tenant=tenant,
     )
     return (await append_many(engine, [record]))[0]
 
@@ -216,6 +222,7 @@ async def verify_chain(engine: AsyncEngine) -> ChainReport:
             entry.system,
             entry.details,
             entry.prev_hash,
+            entry.tenant,
         )
         if recomputed != entry.hash:
             problems.append(f"entry {entry.seq} was altered (its hash does not match)")

@@ -48,6 +48,12 @@ ledger = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
     Column("idempotency_key", String(300), nullable=False, unique=True),
+    # The request's tenant; NULL for entries of no one tenant (key rotation, sweeps, holds on
+    # all tenants) and for entries written before tenants were kept.
+    Column("tenant", String(100)),
+    # The audit query: a tenant's entries of an action over a period, newest first.
+    Index("ix_lethe_ledger_tenant_action_at", "tenant", "action", "at"),
+    Index("ix_lethe_ledger_tenant_at", "tenant", "at"),
 )
 
 ledger_head = Table(
@@ -70,6 +76,7 @@ holds = Table(
     Column("placed_at", DateTime(timezone=True), nullable=False),
     Column("released_by", String(200)),
     Column("released_at", DateTime(timezone=True)),
+    Column("tenant", String(100)),  # NULL: a hold on all tenants
 )
 
 forget_list = Table(
@@ -90,6 +97,7 @@ certificates = Table(
     Column("subject_ref", String(64), nullable=False, index=True),
     Column("issued_at", DateTime(timezone=True), nullable=False),
     Column("body", JSON, nullable=False),
+    Column("tenant", String(100)),
 )
 
 sweep_reports = Table(
@@ -100,6 +108,22 @@ sweep_reports = Table(
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("dry_run", Boolean, nullable=False),
     Column("body", JSON, nullable=False),
+    Column("tenant", String(100)),  # NULL: a sweep spans tenants
+)
+
+api_tokens = Table(
+    "lethe_api_tokens",
+    metadata,
+    Column("id", String(40), primary_key=True),  # the public part, "tok_<12 hex>"
+    Column("name", String(200), nullable=False),
+    Column("role", String(20), nullable=False),  # dpo | auditor | service | admin
+    Column("tenant", String(100)),  # NULL: all tenants (auditor, admin)
+    Column("secret_hash", String(64), nullable=False),  # SHA-256 hex of the secret
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("last_used_at", DateTime(timezone=True)),
 )
 
 bulk_subjects = Table(

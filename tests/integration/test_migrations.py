@@ -13,12 +13,14 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, MetaData, Text, inspect, text
+from sqlalchemy import Column, MetaData, Text, insert, inspect, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from lethe.contracts import LedgerEntry
 from lethe.evidence import ledger, store
 from lethe.kernel import database, migrations
 from lethe.kernel.migrations import ForeignSchema, Schema, SchemaBehind
@@ -84,6 +86,52 @@ async def _append(engine: AsyncEngine, n: int) -> str:
     return entry.hash
 
 
+OLD_LEDGER = migrations.baseline_tables(store.schema).tables["lethe_ledger"]
+OLD_HEAD = migrations.baseline_tables(store.schema).tables["lethe_ledger_head"]
+
+
+async def _append_before_migrations(engine: AsyncEngine, n: int) -> str:
+    """An entry appended as the code before migrations did (its columns, its hash)."""
+    details: ledger.Details = {"affected": n, "note": f"entry {n}"}
+    fields = {"request_id": f"req-{n}", "subject_ref": REF, "actor": "dpo", "action": "step.done"}
+    async with engine.begin() as conn:
+        head = (await conn.execute(select(OLD_HEAD).where(OLD_HEAD.c.id == 1))).one()
+        seq, at = head.seq + 1, datetime.now(UTC)
+        digest = ledger.entry_hash(
+            seq=seq,
+            at=at,
+            system="patients-db",
+            details=details,
+            prev_hash=head.hash,
+            **fields,
+        )
+        await conn.execute(
+            insert(OLD_LEDGER).values(
+                seq=seq,
+                at=at,
+                system="patients-db",
+                details=details,
+                prev_hash=head.hash,
+                hash=digest,
+                idempotency_key=f"req-{n}/step",
+                **fields,
+            )
+        )
+        await conn.execute(update(OLD_HEAD).where(OLD_HEAD.c.id == 1).values(seq=seq, hash=digest))
+    return digest
+
+
+async def _entries_before_migrations(engine: AsyncEngine) -> list[LedgerEntry]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(OLD_LEDGER).order_by(OLD_LEDGER.c.seq))
+        found = [dict(row._mapping) for row in rows]
+    for fields in found:
+        fields.pop("idempotency_key")
+        if fields["at"].tzinfo is None:
+            fields["at"] = fields["at"].replace(tzinfo=UTC)
+    return [LedgerEntry.model_validate(fields) for fields in found]
+
+
 async def _tables(engine: AsyncEngine) -> set[str]:
     async with engine.connect() as conn:
         return set(await conn.run_sync(lambda sync: inspect(sync).get_table_names()))
@@ -147,10 +195,10 @@ async def test_a_database_made_before_migrations_is_adopted_with_its_ledger_inta
     url: str,
 ) -> None:
     old = await _made_before_migrations(url)
-    before = [await _append(old, n) for n in range(5)]
+    before = [await _append_before_migrations(old, n) for n in range(5)]
     key = key_store.DataKeyRow(REF, 1, "st-mary", 1, b"wrapped-key", 0)
     assert await key_store.add_key(old, key) == "added"
-    entries_before = await ledger.entries(old)
+    entries_before = await _entries_before_migrations(old)
     await old.dispose()
 
     engine = await store.engine_for(url)  # LETHE_DB_MIGRATE=auto: adopt, then upgrade
@@ -174,7 +222,7 @@ async def test_a_database_made_before_migrations_is_adopted_with_its_ledger_inta
 
 async def test_the_cli_upgrade_adopts_and_says_from_where_to_where(url: str) -> None:
     old = await _made_before_migrations(url)
-    await _append(old, 1)
+    await _append_before_migrations(old, 1)
     await old.dispose()
     env = {**os.environ, "LETHE_STORE_URL": url, "LETHE_KEYS_STORE_URL": url}
 
@@ -188,17 +236,17 @@ async def test_the_cli_upgrade_adopts_and_says_from_where_to_where(url: str) -> 
     upgraded = await run_lethe(env, "db", "upgrade", "--store")
     assert upgraded.code == 0, upgraded
     assert "Lethe's store: upgraded from none (tables made before migrations" in upgraded.stdout
-    assert "adopted as" in upgraded.stdout and "store_0001) to store_0003" in upgraded.stdout
+    assert "adopted as" in upgraded.stdout and "store_0001) to store_0004" in upgraded.stdout
     assert "key store" not in upgraded.stdout
 
     status = await run_lethe(env, "db", "status", "--json")
     assert [(s["revision"], s["state"]) for s in status.json()] == [
-        ("store_0003", "current"),
+        ("store_0004", "current"),
         (None, "unversioned"),
     ]
     upgraded = await run_lethe(env, "db", "upgrade")
     assert upgraded.code == 0, upgraded
-    assert "Lethe's store: at store_0003, the head; nothing to do" in upgraded.stdout
+    assert "Lethe's store: at store_0004, the head; nothing to do" in upgraded.stdout
     assert "the key store: upgraded from none" in upgraded.stdout
 
     status = await run_lethe(env, "db", "status")
@@ -219,7 +267,7 @@ async def test_refuse_mode_names_the_store_its_revision_the_head_and_the_command
         await store.engine_for(url)
     message = str(refused.value)
     assert "Lethe's store is at revision none (no tables yet)" in message
-    assert "needs store_0003" in message
+    assert "needs store_0004" in message
     assert "`lethe db upgrade`" in message
     assert "@" not in message and "sqlite" not in message  # the store's name, not its URL
     engine = database.new_engine(url)
@@ -354,11 +402,11 @@ async def test_processes_starting_together_upgrade_once(url: str) -> None:
             await engine.dispose()
     assert sorted(d.from_revision or "none" for d in done) == [
         "none",
-        "store_0003",
-        "store_0003",
-        "store_0003",
+        "store_0004",
+        "store_0004",
+        "store_0004",
     ]
-    assert {d.to_revision for d in done} == {"store_0003"}
+    assert {d.to_revision for d in done} == {"store_0004"}
 
 
 async def test_a_worker_refusing_a_schema_behind_stops_at_start(tmp_path: Path) -> None:
