@@ -778,6 +778,7 @@ class BulkErasureWorkflow:
                     actor=actor or request.requested_by,
                     action=action,
                     details=details or {},
+                    tenant=request.tenant,
                 )
             ],
             result_type=list[str],

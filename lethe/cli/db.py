@@ -1,4 +1,5 @@
-"""`lethe db upgrade|status`: Lethe's store and the key store at the schema this Lethe needs."""
+"""`lethe db upgrade|status|grant-api`: Lethe's store and the key store at the schema this Lethe
+needs, and the API's role's rights on the store."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.engine import make_url
 
 from lethe.cli.common import JsonOption, err, out, run
-from lethe.evidence import store
+from lethe.evidence import api_role, store
 from lethe.kernel import database
 from lethe.kernel.config import Settings, load_settings
 from lethe.kernel.migrations import Schema, SchemaStatus
@@ -103,3 +105,30 @@ async def _status(only_store: bool, only_keys: bool, json: bool) -> int:
     if behind and not json:
         err.print(f"{len(behind)} of {len(found)} not at the head", highlight=False)
     return 1 if behind else 0
+
+
+@db_app.command("grant-api")
+def grant_api(
+    role: Annotated[str, typer.Argument(help="the API's PostgreSQL role (made by you first)")],
+) -> None:
+    """Grant the API's role its rights on Lethe's store (PostgreSQL only).
+
+    It reads every table and writes the ledger, legal holds and API tokens; row-level security
+    keeps each tenant to its rows. Make the role first, without BYPASSRLS:
+    CREATE ROLE lethe_api LOGIN PASSWORD '...' NOBYPASSRLS
+    """
+    run(_grant_api(role))
+
+
+async def _grant_api(role: str) -> int:
+    url = load_settings().store_url.get_secret_value()
+    api_role.check_dialect(make_url(url).get_backend_name())
+    engine = await store.engine_for(url)
+    async with engine.begin() as conn:
+        granted = await api_role.grant_api(conn, role)
+    for statement in granted:
+        out.print(escape(statement), highlight=False)
+    err.print(
+        f"{role[:63]} may now read Lethe's store, row-level security applied", highlight=False
+    )
+    return 0

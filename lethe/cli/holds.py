@@ -24,7 +24,13 @@ def place(
     value: Annotated[
         str | None, typer.Option(help="the tenant, system or category (not for subject)")
     ] = None,
-    tenant: Annotated[str | None, typer.Option(help="for a subject hold")] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option(
+            help="the tenant the hold is for (needed for a subject hold; a system or category "
+            "hold without it holds for every tenant)"
+        ),
+    ] = None,
     subject: Annotated[str | None, typer.Option(help="for a subject hold (never stored)")] = None,
     by: ByOption = "",
 ) -> None:
@@ -35,6 +41,10 @@ def place(
         raise typer.BadParameter("a subject hold needs --tenant and --subject")
     if scope != "subject" and not value:
         raise typer.BadParameter(f"a {scope} hold needs --value")
+    if scope == "tenant" and tenant and tenant != value:
+        raise typer.BadParameter(
+            "a tenant hold is for its --value; --tenant, if given, is the same"
+        )
     if scope == "category" and value:
         try:
             category(value)
@@ -58,10 +68,10 @@ async def _place(
         value = client.subject_ref(tenant, subject)
     assert value is not None
     hold = await client.place_hold(
-        matter=matter, scope=scope, value=value, placed_by=by, reason=reason
+        matter=matter, scope=scope, value=value, placed_by=by, reason=reason, tenant=tenant
     )
     out.print(hold.id)
-    err.print(f"placed {hold.id} on {scope} {value}")
+    err.print(f"placed {hold.id} on {scope} {value} for {hold.tenant or 'every tenant'}")
     return 0
 
 
@@ -84,15 +94,18 @@ async def _release(hold_id: str, by: str) -> int:
 @hold_app.command("list")
 def list_holds(
     all_holds: Annotated[bool, typer.Option("--all", help="include released holds")] = False,
+    tenant: Annotated[
+        str | None, typer.Option(help="only the holds placed for this tenant")
+    ] = None,
     json: JsonOption = False,
 ) -> None:
     """List legal holds."""
-    run(_list(all_holds, json))
+    run(_list(all_holds, tenant, json))
 
 
-async def _list(all_holds: bool, json: bool) -> int:
+async def _list(all_holds: bool, tenant: str | None, json: bool) -> int:
     client = await Client.connect()
-    found = await client.list_holds(include_released=all_holds)
+    found = await client.list_holds(include_released=all_holds, tenant=tenant)
     if json:
         out.print_json(jsonlib.dumps([h.model_dump(mode="json") for h in found]))
     else:

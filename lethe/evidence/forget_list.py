@@ -4,6 +4,7 @@ Re-applying an erasure to a restored database needs the subject's identifiers, w
 otherwise never stores. They are kept here sealed (AES-GCM under a key derived from
 LETHE_SUBJECT_KEY, bound to the subject reference), as the one record an erasure must keep to
 stay effective (GDPR Art. 17(3)(b), Art. 5(2) accountability). Listing shows references only.
+Reads keep to the current tenant scope.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import insert, select
+from sqlalchemy import Select, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from lethe.contracts import Contract, Subject
-from lethe.evidence.store import forget_list
+from lethe.evidence.store import forget_list, owned, visible
 from lethe.kernel.errors import LetheError
 from lethe.keys import sealing
 
@@ -95,7 +97,7 @@ async def add_sealed(
 ) -> None:
     """Put subjects already sealed (reference, sealed subject) on the forget-list, each once:
     those listed by an earlier erasure keep their entry."""
-    now = datetime.now(UTC)
+    now, tenant = datetime.now(UTC), str(owned(tenant, "a forget-list entry"))
     async with engine.begin() as conn:
         listed = await _listed_among(conn, [ref for ref, _ in subjects])
         rows = [
@@ -114,6 +116,11 @@ async def add_sealed(
             await conn.execute(insert(forget_list), rows)
 
 
+def _in_scope(query: Select[Any]) -> Select[Any]:
+    condition = visible(forget_list)
+    return query if condition is None else query.where(condition)
+
+
 async def listed(engine: AsyncEngine, subject_ref: str) -> bool:
     """Whether an earlier erasure put the subject on the forget-list."""
     return subject_ref in await listed_among(engine, [subject_ref])
@@ -129,14 +136,16 @@ async def _listed_among(conn: AsyncConnection, refs: Sequence[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(refs), 1000):
         chunk = list(refs[start : start + 1000])
-        query = select(forget_list.c.subject_ref).where(forget_list.c.subject_ref.in_(chunk))
+        query = _in_scope(select(forget_list.c.subject_ref)).where(
+            forget_list.c.subject_ref.in_(chunk)
+        )
         found.update(row[0] for row in await conn.execute(query))
     return found
 
 
 async def entries(engine: AsyncEngine) -> list[ForgetListEntry]:
     """Every entry, oldest first, without the sealed subject."""
-    query = select(forget_list).order_by(forget_list.c.erased_at)
+    query = _in_scope(select(forget_list).order_by(forget_list.c.erased_at))
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     return [
@@ -153,8 +162,10 @@ async def entries(engine: AsyncEngine) -> list[ForgetListEntry]:
 
 async def subjects(engine: AsyncEngine, subject_key: bytes) -> list[tuple[str, Subject]]:
     """Every listed subject, unsealed, with its reference: for replay only."""
-    query = select(forget_list.c.subject_ref, forget_list.c.sealed_subject).order_by(
-        forget_list.c.erased_at
+    query = _in_scope(
+        select(forget_list.c.subject_ref, forget_list.c.sealed_subject).order_by(
+            forget_list.c.erased_at
+        )
     )
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()

@@ -1,7 +1,9 @@
 """Legal holds: place, release, list, and find those that block a step.
 
 A hold's scope is a subject (by reference), a tenant, a system or a category (a hold on a parent
-category covers its children). Placing and releasing are written to the ledger.
+category covers its children). A hold placed for one tenant (a tenant-scope hold is its value's)
+blocks that tenant's steps only; one of no tenant blocks every tenant's. Placing and releasing are
+written to the ledger, under the hold's tenant. Reads keep to the current tenant scope.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from lethe.classification.taxonomy import matches
 from lethe.contracts import Hold, HoldScope
 from lethe.evidence import ledger
-from lethe.evidence.store import holds
+from lethe.evidence.store import holds, owned, visible
 from lethe.kernel.errors import LetheError
 
 
@@ -33,9 +35,19 @@ def _hold(row: object) -> Hold:
 
 
 async def place(
-    engine: AsyncEngine, *, matter: str, scope: HoldScope, value: str, placed_by: str, reason: str
+    engine: AsyncEngine,
+    *,
+    matter: str,
+    scope: HoldScope,
+    value: str,
+    placed_by: str,
+    reason: str,
+    tenant: str | None = None,
 ) -> Hold:
-    """Place a hold and record it in the ledger."""
+    """Place a hold for `tenant` (None: all tenants; a tenant-scope hold is its value's) and
+    record it in the ledger. Under one tenant's scope the hold is that tenant's (OutOfScope for
+    another)."""
+    tenant = owned(value if scope == "tenant" else tenant, "a legal hold")
     hold = Hold(
         id=f"hold-{uuid.uuid4().hex[:12]}",
         matter=matter,
@@ -44,6 +56,7 @@ async def place(
         reason=reason,
         placed_by=placed_by,
         placed_at=datetime.now(UTC),
+        tenant=tenant,
     )
     async with engine.begin() as conn:
         await conn.execute(insert(holds).values(**hold.model_dump()))
@@ -55,6 +68,7 @@ async def place(
         actor=placed_by,
         action="hold.placed",
         details={"matter": matter, "scope": scope, "value": value if scope != "subject" else None},
+        tenant=hold.tenant,
     )
     return hold
 
@@ -62,13 +76,14 @@ async def place(
 async def release(engine: AsyncEngine, hold_id: str, *, released_by: str) -> Hold:
     """Release a hold (releasing twice is harmless) and record it in the ledger."""
     now = datetime.now(UTC)
+    this = [c for c in (holds.c.id == hold_id, visible(holds)) if c is not None]
     async with engine.begin() as conn:
         await conn.execute(
             update(holds)
-            .where(holds.c.id == hold_id, holds.c.released_at.is_(None))
+            .where(*this, holds.c.released_at.is_(None))
             .values(released_at=now, released_by=released_by)
         )
-        row = (await conn.execute(select(holds).where(holds.c.id == hold_id))).first()
+        row = (await conn.execute(select(holds).where(*this))).first()
     if row is None:
         raise UnknownHold(f"no legal hold has the id {hold_id[:60]!r}")
     hold = _hold(row)
@@ -80,15 +95,22 @@ async def release(engine: AsyncEngine, hold_id: str, *, released_by: str) -> Hol
         actor=released_by,
         action="hold.released",
         details={"matter": hold.matter, "scope": hold.scope},
+        tenant=hold.tenant,
     )
     return hold
 
 
-async def list_holds(engine: AsyncEngine, *, include_released: bool = False) -> list[Hold]:
-    """Holds by placement time, active ones only unless asked."""
+async def list_holds(
+    engine: AsyncEngine, *, include_released: bool = False, tenant: str | None = None
+) -> list[Hold]:
+    """Holds by placement time (those the tenant scope sees), active ones only unless asked,
+    those placed for `tenant` only when given."""
     query = select(holds).order_by(holds.c.placed_at)
     if not include_released:
         query = query.where(holds.c.released_at.is_(None))
+    for condition in (visible(holds), None if tenant is None else holds.c.tenant == tenant):
+        if condition is not None:
+            query = query.where(condition)
     async with engine.connect() as conn:
         return [_hold(row) for row in await conn.execute(query)]
 
@@ -96,8 +118,9 @@ async def list_holds(engine: AsyncEngine, *, include_released: bool = False) -> 
 def blocks(
     hold: Hold, *, subject_ref: str, tenant: str, system: str, categories: Iterable[str]
 ) -> bool:
-    """True if an active hold covers a step on `system` touching `categories` of this subject."""
-    if not hold.active:
+    """True if an active hold covers a step on `system` touching `categories` of this subject
+    of `tenant` (a hold placed for another tenant does not)."""
+    if not hold.active or hold.tenant not in (None, tenant):
         return False
     if hold.scope == "subject":
         return hold.value == subject_ref

@@ -14,12 +14,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from lethe.contracts import LedgerEntry, LedgerRecord
-from lethe.evidence.store import GENESIS_HASH, ledger, ledger_head
+from lethe.evidence.store import GENESIS_HASH, OutOfScope, ledger, ledger_head, visible
+from lethe.kernel import tenancy
 
 Details = dict[str, str | int | float | bool | None]
 
@@ -87,6 +88,7 @@ async def append_many(engine: AsyncEngine, records: Sequence[LedgerRecord]) -> l
     not chained again. One entry per record, in the records' order."""
     if not records:
         return []
+    _check_scope(records)
     keys = list(dict.fromkeys(record.idempotency_key for record in records))
     found = await _by_keys(engine, keys)
     # Each lost race leaves at least one more key written, so this ends.
@@ -105,6 +107,14 @@ async def append_many(engine: AsyncEngine, records: Sequence[LedgerRecord]) -> l
                 raise
             found.update(raced)
     raise RuntimeError("the ledger's appends did not settle")  # pragma: no cover
+
+
+def _check_scope(records: Sequence[LedgerRecord]) -> None:
+    """Under one tenant's scope, entries of that tenant only (PostgreSQL's policy refuses the
+    others too)."""
+    scope = tenancy.tenant_only()
+    if scope is not None and any(record.tenant != scope for record in records):
+        raise OutOfScope("a ledger entry of another tenant is refused under one tenant's scope")
 
 
 def _first_of_each(records: Iterable[LedgerRecord]) -> list[LedgerRecord]:
@@ -174,17 +184,56 @@ def _entry(row: object) -> LedgerEntry:
 
 async def _by_keys(engine: AsyncEngine, keys: Sequence[str]) -> dict[str, LedgerEntry]:
     """The entries already written under any of `keys`, by key."""
-    query = select(ledger).where(ledger.c.idempotency_key.in_(bindparam("keys", expanding=True)))
+    query = _in_scope(select(ledger)).where(
+        ledger.c.idempotency_key.in_(bindparam("keys", expanding=True))
+    )
     async with engine.connect() as conn:
         rows = await conn.execute(query, {"keys": list(keys)})
         return {row.idempotency_key: _entry(row) for row in rows}
 
 
+def _in_scope(query: Select[tuple[object, ...]]) -> Select[tuple[object, ...]]:
+    condition = visible(ledger)
+    return query if condition is None else query.where(condition)
+
+
 async def entries(engine: AsyncEngine, request_id: str | None = None) -> list[LedgerEntry]:
-    """Entries in chain order, all of them or one request's."""
-    query = select(ledger).order_by(ledger.c.seq)
+    """Entries in chain order, all of them or one request's (those the tenant scope sees)."""
+    query = _in_scope(select(ledger).order_by(ledger.c.seq))
     if request_id is not None:
         query = query.where(ledger.c.request_id == request_id)
+    async with engine.connect() as conn:
+        return [_entry(row) for row in await conn.execute(query)]
+
+
+async def search(
+    engine: AsyncEngine,
+    *,
+    tenant: str | None = None,
+    request_id: str | None = None,
+    action: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before_seq: int | None = None,
+    limit: int = 50,
+) -> list[LedgerEntry]:
+    """One page of entries, newest first (the tenant scope applied): of `tenant`, `request_id`
+    and `action` when given, at or after `since` and before `until`; the next page is the one
+    `before_seq` the last entry's seq."""
+    query = _in_scope(select(ledger).order_by(ledger.c.seq.desc()).limit(limit))
+    for column, value in (
+        (ledger.c.tenant, tenant),
+        (ledger.c.request_id, request_id),
+        (ledger.c.action, action),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if since is not None:
+        query = query.where(ledger.c.at >= since)
+    if until is not None:
+        query = query.where(ledger.c.at < until)
+    if before_seq is not None:
+        query = query.where(ledger.c.seq < before_seq)
     async with engine.connect() as conn:
         return [_entry(row) for row in await conn.execute(query)]
 

@@ -28,8 +28,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
-from lethe.kernel import database
+from lethe.kernel import database, tenancy
+from lethe.kernel.errors import LetheError
 from lethe.kernel.migrations import Schema
 
 metadata = MetaData()
@@ -191,6 +193,32 @@ schema = Schema(
 )
 
 GENESIS_HASH = "0" * 64
+
+TENANT_TABLES = (ledger, holds, certificates, sweep_reports, forget_list)
+"""The tables whose rows belong to a tenant (PostgreSQL's row-level security covers them)."""
+
+
+class OutOfScope(LetheError):
+    """A write for another tenant (or for all tenants) under one tenant's scope."""
+
+
+def visible(table: Table) -> ColumnElement[bool] | None:
+    """The condition keeping `table`'s rows to the current tenant scope: None under the
+    all-tenants scope or none; under a tenant's, its rows only (rows of no tenant are hidden),
+    as PostgreSQL's row-level security does."""
+    tenant = tenancy.tenant_only()
+    return None if tenant is None else table.c.tenant == tenant
+
+
+def owned(tenant: str | None, what: str) -> str | None:
+    """The tenant a write of `what` is for: under a tenant's scope, that tenant (refused with
+    OutOfScope when another, or all tenants, is asked); else `tenant` as given."""
+    scope = tenancy.tenant_only()
+    if scope is None:
+        return tenant
+    if tenant is not None and tenant != scope:
+        raise OutOfScope(f"{what} for another tenant is refused under one tenant's scope")
+    return scope
 
 
 async def engine_for(url: str) -> AsyncEngine:

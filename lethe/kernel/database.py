@@ -12,12 +12,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from lethe.kernel import migrations
+from lethe.kernel import migrations, tenancy
 from lethe.kernel.config import current_settings
 from lethe.kernel.errors import ServiceUnavailable
 
@@ -33,6 +33,17 @@ def _sqlite_pragmas(dbapi_connection: object, _: object) -> None:
     cursor.close()
 
 
+_SET_SCOPE = text("select set_config('lethe.tenant', :scope, true)")
+
+
+def _scope_transaction(conn: Connection) -> None:
+    """Begin a PostgreSQL transaction under the current tenant scope (`lethe.tenant`, which the
+    store's row-level security checks), when one is set; with none, send nothing."""
+    scope = tenancy.current()
+    if scope is not None:
+        conn.execute(_SET_SCOPE, {"scope": scope})
+
+
 def new_engine(url: str) -> AsyncEngine:
     """An engine of its own for `url` (not cached): SQLite's folder made, its pragmas set."""
     parsed = make_url(url)
@@ -41,6 +52,8 @@ def new_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(url, pool_pre_ping=True)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    elif parsed.get_backend_name() == "postgresql":
+        event.listen(engine.sync_engine, "begin", _scope_transaction)
     return engine
 
 

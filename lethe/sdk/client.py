@@ -424,9 +424,17 @@ class Client:
         return started
 
     async def place_hold(
-        self, *, matter: str, scope: HoldScope, value: str, placed_by: str, reason: str
+        self,
+        *,
+        matter: str,
+        scope: HoldScope,
+        value: str,
+        placed_by: str,
+        reason: str,
+        tenant: str | None = None,
     ) -> Hold:
-        """Place a legal hold. For a subject hold, `value` is the subject reference."""
+        """Place a legal hold for `tenant` (None: all tenants; a tenant hold is its value's).
+        For a subject hold, `value` is the subject reference."""
         return await holds.place(
             await self._store(),
             matter=matter,
@@ -434,6 +442,7 @@ class Client:
             value=value,
             placed_by=placed_by,
             reason=reason,
+            tenant=tenant,
         )
 
     async def release_hold(self, hold_id: str, *, released_by: str) -> Hold:
@@ -449,9 +458,13 @@ class Client:
             await self._signal(execution.id, ErasureWorkflow.holds_changed)
         return hold
 
-    async def list_holds(self, *, include_released: bool = False) -> list[Hold]:
-        """Legal holds, active ones unless asked."""
-        return await holds.list_holds(await self._store(), include_released=include_released)
+    async def list_holds(
+        self, *, include_released: bool = False, tenant: str | None = None
+    ) -> list[Hold]:
+        """Legal holds, active ones unless asked, those placed for `tenant` only when given."""
+        return await holds.list_holds(
+            await self._store(), include_released=include_released, tenant=tenant
+        )
 
     async def _store(self) -> AsyncEngine:
         return await engine_for(self.settings.store_url.get_secret_value())
