@@ -666,6 +666,7 @@ class ErasureWorkflow:
             action=action,
             system=system,
             details=details,
+            tenant=start.request.subject.tenant,
         )
 
     def _retried(self, start: ErasureStart, retry: RetryOf, plan: Plan) -> LedgerRecord:
