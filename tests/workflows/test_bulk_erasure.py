@@ -238,6 +238,8 @@ async def test_a_bulk_erasure_erases_the_files_subjects_batch_by_batch_with_proo
     roots = [e for e in entries if e.action == "bulk.batch"]
     assert len(roots) == 7 and all(e.subject_ref == "-" for e in entries)
     assert [e.action for e in entries][-1] == "bulk.completed"
+    # The workflow's own entries carry the tenant (a batch's entry is lethe.evidence.bulk's).
+    assert {e.tenant for e in entries if e.action != "bulk.batch"} == {TENANT}
     assert await bulk.verify_bulk(store, bulk_id) == []
     batch_roots = await bulk_sdk.roots(client, bulk_id)  # what the bulk certificate lists
     assert [(r.batch, r.root, r.ledger_hash) for r in batch_roots] == [

@@ -322,6 +322,7 @@ async def test_approved_erasure_runs_immediate_steps_then_waits_the_window(
     assert report.intact, report.problems
     written = await ledger.entries(engine, start.request_id)
     assert [e.hash for e in written] == certificate.ledger_hashes
+    assert {e.tenant for e in written} == {start.request.subject.tenant}
     assert {"erasure.requested", "erasure.approved", "erasure.started", "erasure.erased"} <= {
         e.action for e in written
     }
