@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, event, insert, text
@@ -425,17 +426,24 @@ async def test_the_audit_query_pages_newest_first_on_its_index(url: str) -> None
                 tenant=tenant,
             )
     now = datetime.now(UTC)
-    year = {"since": now - timedelta(days=365), "until": now + timedelta(minutes=1)}
-    seen: list[tuple[str, object]] = []
+    since, until = now - timedelta(days=365), now + timedelta(minutes=1)
+    seen: list[tuple[str, dict[str, object]]] = []
 
-    def capture(*args: object) -> None:
-        seen.append((str(args[2]), args[3]))
+    def capture(*args: Any) -> None:
+        seen.append((str(args[2]), dict(args[3])))
 
     event.listen(engine.sync_engine, "before_cursor_execute", capture)
-    first = await ledger.search(engine, tenant=MARY, action="erasure.completed", limit=3, **year)
+    first = await ledger.search(
+        engine, tenant=MARY, action="erasure.completed", limit=3, since=since, until=until
+    )
     event.remove(engine.sync_engine, "before_cursor_execute", capture)
     rest = await ledger.search(
-        engine, tenant=MARY, action="erasure.completed", before_seq=first[-1].seq, **year
+        engine,
+        tenant=MARY,
+        action="erasure.completed",
+        before_seq=first[-1].seq,
+        since=since,
+        until=until,
     )
     assert [e.request_id for e in first + rest] == [f"{MARY}-{n}" for n in range(4, -1, -1)]
     statement, params = seen[-1]
