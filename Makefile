@@ -10,6 +10,11 @@ venv:
 demo: venv
 	$(BIN)/lethe demo
 
+# The same story on the running stack (`make stack` first), with all five kinds of system.
+.PHONY: demo-stack
+demo-stack: venv
+	if [ -f .stack/env ]; then . ./.stack/env; fi; $(BIN)/lethe demo --stack
+
 stack:
 	scripts/stack install
 	scripts/stack up

@@ -143,8 +143,18 @@ def demo(
             help="sweep six months of portal sessions instead, one patient on legal hold",
         ),
     ] = False,
+    stack: Annotated[
+        bool,
+        typer.Option(
+            "--stack",
+            help="the same story on the running stack (`make stack`), all five kinds of system",
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="also show what each step did (its evidence)")
+    ] = False,
 ) -> None:
     """Seed a small hospital in SQLite, erase one patient on the embedded server, certify it."""
     from lethe.cli.demo import run_demo, run_retention_demo
 
-    run(run_retention_demo() if retention else run_demo())
+    run(run_retention_demo() if retention else run_demo(stack=stack, verbose=verbose))

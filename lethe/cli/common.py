@@ -22,6 +22,9 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="also show what each step did (its evidence)")
+]
 ByOption = Annotated[
     str, typer.Option("--by", help="who is acting (recorded in the ledger)", show_default="you")
 ]

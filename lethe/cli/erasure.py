@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.live import Live
+from rich.text import Text
 
 from lethe.classification.datamap import load_datamap
 from lethe.classification.routing import systems_of
@@ -18,6 +20,7 @@ from lethe.cli.common import (
     RequestArgument,
     SubjectOption,
     TenantOption,
+    VerboseOption,
     actor,
     err,
     out,
@@ -27,6 +30,7 @@ from lethe.cli.common import (
 )
 from lethe.cli.views import (
     certificate_view,
+    changes,
     plan_table,
     preflight_view,
     status_view,
@@ -58,6 +62,8 @@ SETTLED = (
     "dry_run",
 )
 """States in which `erase` stops waiting: the next move is a person's, or time's."""
+ENDED = ("preflight_failed", "on_hold", "completed", "rejected", "failed")
+"""States past the erasure window: the request is over, or waits for a person."""
 PLANNED_WITHIN_SECONDS = 30
 """How long `erase --no-wait` waits for planning, so a request that cannot be planned fails."""
 
@@ -216,18 +222,70 @@ async def _planned(client: Client, workflow_id: str) -> ErasureStatus:
     return current
 
 
-async def follow(client: Client, workflow_id: str) -> ErasureStatus:
-    """Show the status live until the erasure settles; the last status."""
+class Watch:
+    """Shows one request's progress on stderr: redrawn in place on a terminal (rich's Live),
+    one line per change when stderr is not a terminal (a log, a pipe, CI).
+
+    `keep` leaves the last status's table on screen at the end (on a terminal the live
+    display stays; otherwise the table is printed once); `say` puts a message on lines of its
+    own, above the live display, never into a table.
+    """
+
+    def __init__(
+        self, *, keep: bool = True, verbose: bool = False, console: Console | None = None
+    ) -> None:
+        self.console = console or err
+        self.keep, self.verbose = keep, verbose
+        self.last: ErasureStatus | None = None
+        self._live: Live | None = None
+
+    def __enter__(self) -> Watch:
+        if self.console.is_terminal:
+            self._live = Live(
+                Text(""), console=self.console, refresh_per_second=4, transient=not self.keep
+            )
+            self._live.start()
+        return self
+
+    def show(self, current: ErasureStatus) -> None:
+        """Show a status: redraw the live display, or print one line per change."""
+        if self._live is not None:
+            self._live.update(status_view(current, verbose=self.verbose))
+        else:
+            for line in changes(self.last, current):
+                self.console.print(line, highlight=False, soft_wrap=True)
+        self.last = current
+
+    def say(self, message: str) -> None:
+        """A message on lines of its own (above the live display on a terminal)."""
+        self.console.print(message, highlight=False, soft_wrap=False)
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+        elif self.keep and kind is None and self.last is not None:
+            self.console.print(status_view(self.last, verbose=self.verbose))
+
+
+async def follow(
+    client: Client,
+    workflow_id: str,
+    *,
+    watch: Watch | None = None,
+    keep: bool = True,
+    until: tuple[str, ...] = SETTLED,
+) -> ErasureStatus:
+    """Show the status (in `watch`, else a new Watch) until the erasure is in a state of
+    `until` (by default: settled); the last status."""
+    if watch is None:
+        with Watch(keep=keep) as fresh:
+            return await follow(client, workflow_id, watch=fresh, until=until)
     current = await client.status(workflow_id)
-    with Live(status_view(current), console=err, refresh_per_second=4) as live:
-        try:
-            while current.state not in SETTLED:
-                await asyncio.sleep(POLL_SECONDS)
-                current = await client.status(workflow_id)
-                live.update(status_view(current))
-        except LetheError:
-            live.console.line()  # the error goes below the table, not onto its last line
-            raise
+    watch.show(current)
+    while current.state not in until:
+        await asyncio.sleep(POLL_SECONDS)
+        current = await client.status(workflow_id)
+        watch.show(current)
     return current
 
 
@@ -261,19 +319,31 @@ def status(
     tenant: TenantOption = None,
     subject: SubjectOption = None,
     watch: Annotated[bool, typer.Option(help="keep showing progress until it settles")] = False,
+    verbose: VerboseOption = False,
     json: JsonOption = False,
 ) -> None:
     """Show where an erasure stands, step by step."""
-    run(_status(request, tenant, subject, watch, json))
+    run(_status(request, tenant, subject, watch, verbose, json))
 
 
 async def _status(
-    request: str | None, tenant: str | None, subject: str | None, watch: bool, json: bool
+    request: str | None,
+    tenant: str | None,
+    subject: str | None,
+    watch: bool,
+    verbose: bool,
+    json: bool,
 ) -> int:
     client = await Client.connect()
     workflow_id = request_id(client, request, tenant, subject)
-    current = await (follow(client, workflow_id) if watch else client.status(workflow_id))
-    out.print_json(current.model_dump_json()) if json else out.print(status_view(current))
+    # Watching, the progress is drawn on stderr and goes; the settled status is printed once.
+    current = await (
+        follow(client, workflow_id, keep=False) if watch else client.status(workflow_id)
+    )
+    if json:
+        out.print_json(current.model_dump_json())
+    else:
+        out.print(status_view(current, verbose=verbose))
     return 0
 
 
@@ -368,14 +438,15 @@ def certificate(
     request: RequestArgument = None,
     tenant: TenantOption = None,
     subject: SubjectOption = None,
+    verbose: VerboseOption = False,
     json: JsonOption = False,
 ) -> None:
-    """Print the certificate of a finished erasure."""
-    run(_certificate(request, tenant, subject, json))
+    """Print the certificate of a finished erasure (each step's evidence with --verbose)."""
+    run(_certificate(request, tenant, subject, verbose, json))
 
 
 async def _certificate(
-    request: str | None, tenant: str | None, subject: str | None, json: bool
+    request: str | None, tenant: str | None, subject: str | None, verbose: bool, json: bool
 ) -> int:
     client = await Client.connect()
     if request is not None and request.startswith("bulk-"):
@@ -396,7 +467,7 @@ async def _certificate(
         # The summary (failures with reasons, caveats with dates) first, then the evidence.
         out.print_json(data={"summary": found.summary(), **found.model_dump(mode="json")})
     else:
-        out.print(certificate_view(found))
+        out.print(certificate_view(found, verbose=verbose))
     return 0
 
 
