@@ -202,7 +202,13 @@ async def record_batch(record: BulkBatchRecord) -> BulkRecorded:
     ]
     try:
         recorded = await bulk.record_batch(
-            engine, record.bulk_id, record.phase, record.batch, leaves, actor="lethe"
+            engine,
+            record.bulk_id,
+            record.phase,
+            record.batch,
+            leaves,
+            actor="lethe",
+            tenant=record.tenant,
         )
     except LetheError as exc:
         raise _typed(exc) from None
@@ -298,7 +304,13 @@ async def record_recheck(record: BulkRecheckRecord) -> BulkRecorded:
     ]
     try:
         recorded = await bulk.record_batch(
-            engine, record.bulk_id, "recheck", record.batch, leaves, actor="lethe"
+            engine,
+            record.bulk_id,
+            "recheck",
+            record.batch,
+            leaves,
+            actor="lethe",
+            tenant=record.tenant,
         )
     except LetheError as exc:
         raise _typed(exc) from None

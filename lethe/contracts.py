@@ -80,10 +80,12 @@ class Subject(Contract):
     @field_validator("identities")
     @classmethod
     def _identity_names(cls, identities: dict[str, str]) -> dict[str, str]:
-        for name, value in identities.items():
+        for position, (name, value) in enumerate(identities.items(), 1):
             if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", name):
+                # Not quoted: a name put where a value belongs would be personal data.
                 raise ValueError(
-                    f"identity name {name[:40]!r} must be lower-case letters, digits, _"
+                    f"identity name {position} must be 1 to 31 lower-case letters, digits or _, "
+                    "starting with a letter"
                 )
             if not value or len(value) > 512:
                 raise ValueError(f"identity {name!r} must be 1 to 512 characters")

@@ -123,6 +123,7 @@ class ErasureWorkflow:
         self._patches_first = False
         self._hold_backoff = False
         self._from_parent = False
+        self._plan_now: Plan | None = None
 
     # --- signals and the query ------------------------------------------------------------
 
@@ -164,6 +165,12 @@ class ErasureWorkflow:
     def status(self) -> ErasureStatus:
         """Where the request stands, step by step."""
         return self._status
+
+    @workflow.query
+    def plan(self) -> Plan | None:
+        """The plan the request follows (each step's action and legal basis); None until it
+        is planned."""
+        return self._plan_now
 
     # --- the process ----------------------------------------------------------------------
 
@@ -505,7 +512,8 @@ class ErasureWorkflow:
             retry_policy=CONTROL_RETRY,
         )
         retry = self._retry_of(start)
-        return plan if retry is None else _retry_plan(plan, retry)
+        self._plan_now = plan if retry is None else _retry_plan(plan, retry)
+        return self._plan_now
 
     async def _until_ready(
         self, start: ErasureStart, plan: Plan, *, replan: bool, steps: list[Step] | None = None

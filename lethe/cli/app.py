@@ -19,6 +19,7 @@ from lethe.cli import erasure as erasure_commands
 from lethe.cli import keys as keys_commands
 from lethe.cli import retention as retention_commands
 from lethe.cli import retry as retry_commands
+from lethe.cli import serve as serve_commands
 from lethe.cli.audit import audit_app
 from lethe.cli.bulk import bulk_app, offboard
 from lethe.cli.codec import codec_app
@@ -27,6 +28,7 @@ from lethe.cli.datamap import datamap_app
 from lethe.cli.db import db_app
 from lethe.cli.forget import forget_app
 from lethe.cli.holds import hold_app
+from lethe.cli.tokens import tokens_app
 from lethe.contracts import HealthCheckReport, HealthCheckRequest
 from lethe.kernel.config import load_settings
 from lethe.kernel.errors import LetheError
@@ -44,12 +46,14 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(forget_app, name="forget-list")
 app.add_typer(db_app, name="db")
 app.add_typer(datamap_app, name="datamap")
+app.add_typer(tokens_app, name="tokens")
 erasure_commands.register(app)
 retry_commands.register(app)
 codec_server_commands.register(app)
 keys_commands.register(app)
 retention_commands.register(app)
 connector_commands.register(app)
+serve_commands.register(app)
 
 RegionOption = Annotated[str, typer.Option("--region", help="a region, e.g. eu")]
 

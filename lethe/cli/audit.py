@@ -19,9 +19,9 @@ from lethe.evidence import audit, bulk, ledger
 from lethe.evidence.store import engine_for
 from lethe.kernel import database
 from lethe.kernel.config import load_settings
+from lethe.sdk import requests
 from lethe.sdk.client import Client
 from lethe.temporal import history as history_lib
-from lethe.temporal import search_attributes as sa
 
 audit_app = typer.Typer(help="For auditors: the ledger, histories, requests.", no_args_is_help=True)
 
@@ -178,16 +178,22 @@ def list_requests(
 
 async def _list(region: str | None, status: str | None, since: datetime | None, json: bool) -> int:
     client = await Client.connect()
-    query = audit.list_query(region=region, state=status, since=since)  # type: ignore[arg-type]
+    found = await requests.listed(
+        client,
+        region=region,
+        state=status,  # type: ignore[arg-type]
+        since=since,
+        limit=requests.MAX_LISTED,
+    )
     rows = [
         RequestSummary(
-            request=execution.id,
-            status=execution.typed_search_attributes.get(sa.STATUS),
-            regions=list(execution.typed_search_attributes.get(sa.REGIONS) or []),
-            started=execution.start_time,
-            closed=execution.close_time,
+            request=row.id,
+            status=row.state,
+            regions=row.regions,
+            started=row.started,
+            closed=row.closed,
         )
-        async for execution in client.temporal.list_workflows(query)
+        for row in found
     ]
     if json:
         out.print_json(jsonlib.dumps([row.model_dump(mode="json") for row in rows]))

@@ -19,22 +19,20 @@ from temporalio.client import Client as TemporalClient
 
 from lethe.cli.common import ByOption, JsonOption, actor, err, out, run, valid
 from lethe.cli.views import when
-from lethe.contracts import Contract
 from lethe.kernel import deadlines
 from lethe.kernel.config import load_settings
 from lethe.kernel.deadlines import format_duration
-from lethe.kernel.errors import LetheError
 from lethe.keys.kek import KekVersion
 from lethe.keys.rotation import (
     RotationProgress,
     RotationRequest,
 )
-from lethe.keys.service import KeyStatus, open_key_service
 from lethe.sdk.rotation import (
     QUERY_TIMEOUT,
+    KeysReport,
+    keys_report,
     rotation_ended,
     rotation_progress,
-    running_rotation,
     schedule_rotation,
     start_rotation,
 )
@@ -57,15 +55,6 @@ def register(app: typer.Typer) -> None:
     """Add `lethe keys ...` and `lethe schedule ...` to the `lethe` app."""
     app.add_typer(keys_app, name="keys")
     app.add_typer(schedule_app, name="schedule")
-
-
-class KeysReport(Contract):
-    """What `lethe keys status --json` prints."""
-
-    keys: KeyStatus
-    rotation: RotationProgress | None = None
-    rotation_note: str = ""
-    """Why no progress is shown: no rotation runs, or no worker answered."""
 
 
 # --- durations ----------------------------------------------------------------------------------
@@ -177,22 +166,11 @@ def status(json: JsonOption = False) -> None:
 
 async def _status(json: bool) -> int:
     settings = load_settings()
-    keys = await (await open_key_service(settings)).status()
-    rotation, note = None, ""
-    try:
-        temporal = await connect(settings)
-        workflow_id = await running_rotation(temporal, settings.control_queue)
-        if workflow_id is None:
-            note = "no key rotation is running"
-        else:
-            with err.status(
-                f"asking {workflow_id} for its progress (a control worker answers; "
-                f"waiting up to {QUERY_TIMEOUT.total_seconds():g}s)"
-            ):
-                rotation = await rotation_progress(temporal, workflow_id)
-    except LetheError as exc:
-        note = str(exc)
-    report = KeysReport(keys=keys, rotation=rotation, rotation_note=note)
+    with err.status(
+        "reading the key service, and the rotation's progress if one runs (a control worker "
+        f"answers; waiting up to {QUERY_TIMEOUT.total_seconds():g}s)"
+    ):
+        report = await keys_report(await connect(settings), settings)
     if json:
         out.print_json(report.model_dump_json())
     else:

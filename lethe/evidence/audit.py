@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 
 from temporalio.api.common.v1 import Payload
@@ -11,7 +12,7 @@ from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client as TemporalClient
 from temporalio.service import RPCError, RPCStatusCode
 
-from lethe.contracts import ErasureState, TimelineEvent
+from lethe.contracts import TENANT_PATTERN, ErasureState, TimelineEvent
 from lethe.kernel.errors import LetheError
 from lethe.kernel.regions import validate_region
 from lethe.temporal.history import iter_payloads
@@ -78,10 +79,18 @@ async def timeline(client: TemporalClient, workflow_id: str) -> list[TimelineEve
 
 
 def list_query(
-    *, region: str | None = None, state: ErasureState | None = None, since: datetime | None = None
+    *,
+    region: str | None = None,
+    state: ErasureState | None = None,
+    since: datetime | None = None,
+    tenant: str | None = None,
 ) -> str:
     """A visibility query for erasure requests; every value is validated, never pasted raw."""
     clauses = ["LetheKind = 'erasure'"]
+    if tenant is not None:
+        if not re.fullmatch(TENANT_PATTERN, tenant):
+            raise ValueError(f"tenant {tenant[:60]!r} is not a tenant name")
+        clauses.append(f"LetheTenant = '{tenant}'")
     if region is not None:
         clauses.append(f"LetheRegions = '{validate_region(region)}'")
     if state is not None:

@@ -443,6 +443,7 @@ async def record_batch(
     batch: int,
     leaves: Sequence[LeafLike],
     actor: str,
+    tenant: str | None = None,
 ) -> BatchRecord:
     """Record batch `batch` of a phase (`immediate`, `deferred`, ...): its leaves (in the order
     given), their Merkle root in one `bulk.batch` ledger entry, and the batch row. Recording the
@@ -464,6 +465,7 @@ async def record_batch(
         action=ACTION,
         system=None,
         details=_details(phase, batch, root, rows),
+        tenant=tenant,
     )
     if (entry.details.get("root"), entry.details.get("leaves")) != (root, len(rows)):
         raise BatchConflict(

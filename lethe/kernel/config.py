@@ -78,7 +78,39 @@ class Settings(BaseSettings):
     codec_server_bind: HostPort = "127.0.0.1:8888"
     """Where `lethe codec-server` listens."""
 
-    @field_validator("store_url", "keys_store_url")
+    api_bind: HostPort = "127.0.0.1:8700"
+    """Where `lethe serve` (the HTTP API and the console) listens."""
+    api_store_url: SecretStr | None = None
+    """SQLAlchemy URL of Lethe's store for the API: on PostgreSQL, a role without BYPASSRLS
+    (`lethe db grant-api ROLE`), so row-level security keeps tenants apart. Else LETHE_STORE_URL."""
+    api_public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    """The address people reach the API at (for links in the console); the bind address when unset."""
+    api_insecure_cookies: bool = False
+    """Send the console's session cookie without `Secure` (only for http://localhost)."""
+    api_session_key: SecretStr | None = None
+    """Base64 of 32 bytes that sign the console's sessions; a fresh key per start when unset
+    (sessions then end when the server restarts)."""
+    oidc_issuer: str | None = None
+    """The OpenID Connect issuer whose bearer tokens the API accepts (`iss`); off when unset."""
+    oidc_audience: str | None = None
+    """The audience (`aud`) those tokens must carry."""
+    oidc_jwks_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    """Where the issuer publishes its signing keys (JWKS)."""
+    oidc_role_claim: str = "lethe_role"
+    """The claim naming the principal's role: dpo, auditor, service or admin."""
+    oidc_tenant_claim: str = "lethe_tenant"
+    """The claim naming the principal's tenant (absent: all tenants, for auditor and admin)."""
+    oidc_client_id: str | None = None
+    """The console's client id at the issuer: set it to offer sign-in through OIDC (the
+    authorization-code flow with PKCE; endpoints from the issuer's openid-configuration)."""
+    oidc_client_secret: SecretStr | None = None
+    """The console's client secret at the issuer (unset: a public client, PKCE only)."""
+    oidc_redirect_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    """Where the issuer sends the browser back: `<public url>/console/oidc/callback` when unset."""
+    oidc_scopes: str = "openid"
+    """The scopes the console asks for (space-separated; `openid` among them)."""
+
+    @field_validator("store_url", "keys_store_url", "api_store_url")
     @classmethod
     def _store_url_parses(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
@@ -118,7 +150,7 @@ class Settings(BaseSettings):
                 )
         return value
 
-    @field_validator("subject_key", "keys_master_key")
+    @field_validator("subject_key", "keys_master_key", "api_session_key")
     @classmethod
     def _key_parses(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
@@ -131,6 +163,25 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():
             raise ValueError(f"file {value} does not exist")
         return value
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        given = [self.oidc_issuer, self.oidc_audience, self.oidc_jwks_url]
+        if any(given) and not all(given):
+            raise ValueError(
+                "LETHE_OIDC_ISSUER, LETHE_OIDC_AUDIENCE and LETHE_OIDC_JWKS_URL go together"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _oidc_login_complete(self) -> Settings:
+        if self.oidc_client_id and not self.oidc_issuer:
+            raise ValueError("LETHE_OIDC_CLIENT_ID needs LETHE_OIDC_ISSUER (and its JWKS URL)")
+        if self.oidc_client_secret and not self.oidc_client_id:
+            raise ValueError("LETHE_OIDC_CLIENT_SECRET needs LETHE_OIDC_CLIENT_ID")
+        if self.oidc_client_id and "openid" not in self.oidc_scopes.split():
+            raise ValueError("LETHE_OIDC_SCOPES must include openid")
+        return self
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:

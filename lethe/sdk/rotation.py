@@ -29,6 +29,8 @@ from temporalio.common import (
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from lethe.contracts import Contract
+from lethe.kernel.config import Settings
 from lethe.kernel.deadlines import format_duration
 from lethe.kernel.errors import LetheError, failure_reason
 from lethe.keys.rotation import (
@@ -39,6 +41,7 @@ from lethe.keys.rotation import (
     rotation_schedule_id,
     rotation_workflow_id,
 )
+from lethe.keys.service import KeyStatus, open_key_service
 from lethe.sdk.client import answer
 from lethe.sdk.schedules import listed, upsert_schedule
 from lethe.temporal import search_attributes as sa
@@ -142,3 +145,27 @@ async def schedule_rotation(
     )
     created, upcoming = await upsert_schedule(temporal, schedule_id, schedule)
     return schedule_id, created, upcoming
+
+
+class KeysReport(Contract):
+    """The key service's state and the rotation's progress (`lethe keys status`, the API)."""
+
+    keys: KeyStatus
+    rotation: RotationProgress | None = None
+    rotation_note: str = ""
+    """Why no progress is shown: no rotation runs, or no worker answered."""
+
+
+async def keys_report(temporal: TemporalClient, settings: Settings) -> KeysReport:
+    """KEK versions, data keys per version, shredded subjects, and the running rotation."""
+    keys = await (await open_key_service(settings)).status()
+    rotation, note = None, ""
+    try:
+        workflow_id = await running_rotation(temporal, settings.control_queue)
+        if workflow_id is None:
+            note = "no key rotation is running"
+        else:
+            rotation = await rotation_progress(temporal, workflow_id)
+    except LetheError as exc:
+        note = str(exc)
+    return KeysReport(keys=keys, rotation=rotation, rotation_note=note)

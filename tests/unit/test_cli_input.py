@@ -40,7 +40,8 @@ def _error_box(output: str) -> str:
         ),
         (
             ["erase", "--tenant", "st-mary", "--subject", "p-1", "--identity", "E-Mail=a"],
-            "identities: Value error, identity name 'E-Mail' must be lower-case letters, digits, _",
+            "identities: Value error, identity name 1 must be 1 to 31 lower-case letters, digits "
+            "or _, starting with a letter",
         ),
         (
             [

@@ -1,0 +1,80 @@
+"""The audit ledger over HTTP: entries by tenant, request, action and date range (newest first,
+a page at a time), and the chain's verification."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel
+
+from lethe.api.auth import require
+from lethe.api.principals import Principal
+from lethe.contracts import TENANT_PATTERN, LedgerEntry
+from lethe.evidence import ledger
+from lethe.evidence.store import engine_for
+from lethe.kernel import tenancy
+
+router = APIRouter(prefix="/v1/ledger", tags=["ledger"])
+PAGE_MAX = 500
+
+
+class LedgerPage(BaseModel):
+    """A page of entries, newest first; `next` asks for the page after it."""
+
+    entries: list[LedgerEntry]
+    next: str | None = None
+
+
+class ChainVerified(BaseModel):
+    """Whether the whole chain holds: no entry altered, removed or reordered."""
+
+    intact: bool
+    problems: list[str]
+    """Where it breaks, by sequence number (empty when intact)."""
+
+
+@router.get("", response_model=LedgerPage)
+async def entries(
+    request: Request,
+    principal: Annotated[Principal, Depends(require("ledger.read"))],
+    tenant: Annotated[str | None, Query(pattern=TENANT_PATTERN)] = None,
+    request_id: Annotated[str | None, Query(max_length=100)] = None,
+    action: Annotated[str | None, Query(max_length=100)] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before_seq: Annotated[int | None, Query(ge=1)] = None,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 50,
+) -> LedgerPage:
+    """Ledger entries visible to this principal, newest first."""
+    if principal.tenant is not None and tenant not in (None, principal.tenant):
+        return LedgerPage(entries=[])
+    found = await ledger.search(
+        await engine_for(request.app.state.client.settings.store_url.get_secret_value()),
+        tenant=tenant or principal.tenant,
+        request_id=request_id,
+        action=action,
+        since=since,
+        until=until,
+        before_seq=before_seq,
+        limit=limit,
+    )
+    following = None
+    if len(found) == limit:
+        query = request.url.include_query_params(before_seq=found[-1].seq).query
+        following = f"{request.url.path}?{query}"
+    return LedgerPage(entries=found, next=following)
+
+
+@router.get("/verify", response_model=ChainVerified)
+async def verify(
+    request: Request,
+    principal: Annotated[Principal, Depends(require("ledger.read"))],
+) -> ChainVerified:
+    """Check the whole chain. It spans every tenant, so it is read as a whole; only whether it
+    holds (and where not) is answered, never another tenant's entries."""
+    store = await engine_for(request.app.state.client.settings.store_url.get_secret_value())
+    with tenancy.scoped(tenancy.ALL):
+        report = await ledger.verify_chain(store)
+    return ChainVerified(intact=report.intact, problems=report.problems)

@@ -1,0 +1,56 @@
+"""`lethe serve`: the HTTP API and the console, served by uvicorn until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from pydantic import TypeAdapter, ValidationError
+
+from lethe.cli.common import err
+from lethe.kernel.config import HostPort, load_settings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the serve command to the `lethe` app."""
+    app.command("serve")(serve)
+
+
+def serve(
+    bind: Annotated[
+        str | None,
+        typer.Option("--bind", help="host:port to listen on", show_default="LETHE_API_BIND"),
+    ] = None,
+) -> None:
+    """Serve the HTTP API (/v1, OpenAPI at /openapi.json) and the console (/console)."""
+    if bind is not None:
+        try:
+            TypeAdapter(HostPort).validate_python(bind)
+        except ValidationError:
+            raise typer.BadParameter(
+                "takes host:port, e.g. 127.0.0.1:8700", param_hint="--bind"
+            ) from None
+    import uvicorn  # imported here: the other commands start without the web stack
+
+    from lethe.api.app import create_app
+
+    settings = load_settings()
+    host, _, port = (bind or settings.api_bind).rpartition(":")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    base = f"http://{host}:{port}"
+    err.print(
+        f"Lethe API on {base}/v1 (OpenAPI: {base}/openapi.json), console on {base}/console\n"
+        "  sign in with a token from `lethe tokens create --role dpo --tenant <tenant>`",
+        highlight=False,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=host.strip("[]"),
+        port=int(port),
+        log_config=None,
+        server_header=False,
+        proxy_headers=False,
+    )
