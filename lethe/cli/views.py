@@ -254,25 +254,20 @@ def certificate_view(
     return Group(_certificate_head(certificate), steps, Text(hint, style="dim"))
 
 
-def holds_table(found: list[Hold]) -> Table:
-    """Legal holds."""
+def holds_table(found: list[Hold]) -> Group:
+    """Legal holds: a table of short fields, then each hold's value and who placed (and
+    released) it on lines below."""
     table = Table(title="legal holds", title_justify="left")
-    for column in ("id", "matter", "scope"):
-        table.add_column(column, overflow="fold")
-    table.add_column("value", overflow="fold", min_width=8)
-    for column in ("placed by", "placed", "released"):
-        table.add_column(column, overflow="fold")
+    table.add_column("id", no_wrap=True)
+    table.add_column("matter", overflow="fold")
+    for column in ("scope", "placed", "state"):
+        table.add_column(column, no_wrap=True)
+    below: list[tuple[str, str | Text]] = []
     for hold in found:
-        released = (
-            f"{when(hold.released_at)} by {hold.released_by}" if hold.released_at else "active"
-        )
-        table.add_row(
-            hold.id,
-            hold.matter,
-            hold.scope,
-            hold.value,
-            hold.placed_by,
-            when(hold.placed_at),
-            released,
-        )
-    return table
+        state = "released" if hold.released_at else "active"
+        table.add_row(hold.id, hold.matter, hold.scope, when(hold.placed_at)[:10], state)
+        said = f"{hold.scope} {hold.value}; placed by {hold.placed_by} {when(hold.placed_at)}"
+        if hold.released_at:
+            said += f"; released by {hold.released_by} {when(hold.released_at)}"
+        below.append((hold.id, said))
+    return Group(table, notes(below))

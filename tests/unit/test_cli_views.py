@@ -13,11 +13,19 @@ from pathlib import Path
 from rich.console import Console, RenderableType
 
 from lethe.cli.erasure import Watch
-from lethe.cli.views import EVIDENCE_HINT, certificate_view, changes, plan_table, status_view
+from lethe.cli.views import (
+    EVIDENCE_HINT,
+    certificate_view,
+    changes,
+    holds_table,
+    plan_table,
+    status_view,
+)
 from lethe.contracts import (
     Certificate,
     ErasureRequest,
     ErasureStatus,
+    Hold,
     Plan,
     StepCheck,
     StepOutcome,
@@ -214,3 +222,23 @@ def test_progress_is_drawn_in_place_on_a_terminal() -> None:
     assert "\x1b[" in shown  # cursor movement: the table is redrawn, not printed again
     assert "approval required: special-category data" in shown
     assert "awaiting_approval: 2 planned" not in shown  # no change lines on a terminal
+
+
+def test_holds_fit_80_columns_with_each_value_whole() -> None:
+    held = Hold(
+        id="hold-d918272660e4",
+        matter="a long-running litigation matter",
+        scope="subject",
+        value="0123456789abcdef" * 2,
+        placed_by="dpo",
+        placed_at=NOW,
+        reason="pending claim",
+    )
+    released = held.model_copy(
+        update={"id": "hold-aaaa", "released_at": NOW, "released_by": "counsel"}
+    )
+    lines = _render(holds_table([held, released]))
+    _fits(lines)
+    shown = "\n".join(lines)
+    assert "0123456789abcdef" * 2 in shown  # a subject reference is never cut
+    assert "released by counsel" in shown and "│ active" in shown
