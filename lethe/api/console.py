@@ -286,7 +286,12 @@ async def submit_request(
 @router.get("/requests/{request_id}", response_class=HTMLResponse)
 async def request_page(request: Request, request_id: str, user: User) -> HTMLResponse:
     """A request: its state, plan with legal bases, decisions, live progress, certificate."""
-    view = await erasures.status(request_id, request, user)
+    try:
+        view = await erasures.status(request_id, request, user)
+    except LetheError as exc:
+        # Visible (checked first by `status`) but without a status: it ended in a failure.
+        owner = await erasures.visible(erasures.client_of(request), user, request_id)
+        return _page(request, "failed.html", request_id=request_id, owner=owner, problem=str(exc))
     plan = await erasures.plan_of(request_id, request, user)
     progress = {step.step_id: step for step in view.status.steps}
     return _page(
