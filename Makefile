@@ -15,6 +15,11 @@ demo: venv
 demo-stack: venv
 	if [ -f .stack/env ]; then . ./.stack/env; fi; $(BIN)/lethe demo --stack
 
+# The embedded demo, then kept running behind the web console, with a token for the demo DPO.
+.PHONY: demo-serve
+demo-serve: venv
+	$(BIN)/lethe demo --serve
+
 stack:
 	scripts/stack install
 	scripts/stack up

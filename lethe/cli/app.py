@@ -157,8 +157,16 @@ def demo(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="also show what each step did (its evidence)")
     ] = False,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="then keep the demo running behind the web console (LETHE_API_BIND), "
+            "with a token for the demo DPO, until Ctrl-C",
+        ),
+    ] = False,
 ) -> None:
     """Seed a small hospital in SQLite, erase one patient on the embedded server, certify it."""
     from lethe.cli.demo import run_demo, run_retention_demo
 
-    run(run_retention_demo() if retention else run_demo(stack=stack, verbose=verbose))
+    run(run_retention_demo() if retention else run_demo(stack=stack, verbose=verbose, serve=serve))

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 from rich.table import Table
@@ -43,6 +44,8 @@ from lethe.contracts import (
     Subject,
     SweepRequest,
 )
+from lethe.evidence import tokens
+from lethe.evidence.store import engine_for
 from lethe.examples.seed import (
     Patient,
     hospital_tables,
@@ -122,9 +125,9 @@ def _prepare_environment() -> Path:
     return patients_db
 
 
-async def run_demo(*, stack: bool = False, verbose: bool = False) -> int:
+async def run_demo(*, stack: bool = False, verbose: bool = False, serve: bool = False) -> int:
     """Seed, plan, erase, approve, certify, and show the result (on the running stack with
-    `stack`: every kind of system)."""
+    `stack`: every kind of system); with `serve`, then keep it running behind the console."""
     if stack:
         from lethe.cli.demo_stack import run_stack_demo
 
@@ -142,23 +145,61 @@ async def run_demo(*, stack: bool = False, verbose: bool = False) -> int:
         target = patients[0]
         certificate = await erase_one(client, request_for("st-mary", target), DEMO_DIR, verbose)
         out.print(await encrypted_line(env.client, certificate))
-    out.print()
-    out.print(await patients_table(url, target.patient_id))
+        out.print()
+        out.print(await patients_table(url, target.patient_id))
+        out.print(
+            "\nThis demo erased from one kind of system (SQL, in SQLite). "
+            "`lethe demo --stack` (or `make demo-stack`) runs the same story on the running "
+            "stack (`make stack`) with all five kinds: SQL, Kafka, Redis, blob backups and logs.",
+            highlight=False,
+        )
+        if serve:
+            await _serve_console(settings, client)
+        else:
+            out.print(
+                "`lethe demo --serve` (or `make demo-serve`) tells it and then keeps it running "
+                "behind the web console, with a token for the demo DPO.",
+                highlight=False,
+            )
     await dispose_all()
-    out.print(
-        "\nThis demo erased from one kind of system (SQL, in SQLite). "
-        "`lethe demo --stack` (or `make demo-stack`) runs the same story on the running stack "
-        "(`make stack`) with all five kinds: SQL, Kafka, Redis, blob backups and logs.",
-        highlight=False,
-    )
-    _console_hint(settings)
     return 0 if certificate.outcome == "erased" else 1
 
 
-def _console_hint(settings: Settings) -> None:
-    """Where the demo will print the console's address and a demo DPO's token once
-    `lethe serve` exists (issue 13); prints nothing yet."""
-    del settings
+async def _serve_console(settings: Settings, client: Client) -> None:
+    """Serve the API and the console over the demo until Ctrl-C, with a demo DPO's token."""
+    import uvicorn  # imported here: the demo without the console needs no web stack
+
+    from lethe.api.app import create_app
+
+    store = await engine_for(settings.store_url.get_secret_value())
+    _, token = await tokens.create(
+        store,
+        name="demo-dpo",
+        role="dpo",
+        tenant="st-mary",
+        lifetime=timedelta(days=1),
+        created_by="lethe demo",
+    )
+    host, _, port = settings.api_bind.rpartition(":")
+    local = settings.model_copy(update={"api_insecure_cookies": True})
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(local, client),
+            host=host,
+            port=int(port),
+            log_config=None,
+            access_log=False,
+            server_header=False,
+        )
+    )
+    out.print(
+        f"\nthe console: http://{host}:{port}/console (the API: http://{host}:{port}/docs)\n"
+        f"sign in as the demo DPO of st-mary with this token (valid for a day):\n{token}\n"
+        "Ctrl-C stops the demo.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    await server.serve()
 
 
 def request_for(tenant: str, patient: Patient) -> ErasureRequest:

@@ -9,11 +9,13 @@ import json
 import os
 import pty
 import re
+import socket
 import struct
 import subprocess
 import termios
 from pathlib import Path
 
+import httpx
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -205,3 +207,45 @@ def _on_a_terminal(env: dict[str, str], cwd: Path) -> str:
     os.close(leader)
     assert process.wait(timeout=120) == 0, b"".join(chunks).decode(errors="replace")
     return b"".join(chunks).decode(errors="replace")
+
+
+async def test_the_served_demo_gives_the_console_and_a_dpo_token(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**_clean(), "LETHE_API_BIND": f"127.0.0.1:{port}"}
+    process = await asyncio.create_subprocess_exec(
+        LETHE,
+        "demo",
+        "--serve",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(120):
+            shown = ""
+            while not re.search(r"lethe_tok_\S+", shown):
+                line = await process.stdout.readline()
+                assert line, f"the demo ended before giving a token:\n{shown}"
+                shown += line.decode()
+        assert f"http://127.0.0.1:{port}/console" in shown
+        token = re.findall(r"lethe_tok_\S+", shown)[-1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        me = await http.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+                        break
+                    except httpx.ConnectError:
+                        await asyncio.sleep(0.2)
+            assert me.json() == {"name": "demo-dpo", "role": "dpo", "tenant": "st-mary"}
+            listed = await http.get("/v1/erasures", headers={"Authorization": f"Bearer {token}"})
+            assert [r["state"] for r in listed.json()] == ["completed"]
+            assert (await http.get("/console/sign-in")).status_code == 200
+    finally:
+        process.send_signal(2)  # Ctrl-C
+        async with asyncio.timeout(60):
+            await process.wait()
