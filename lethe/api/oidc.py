@@ -71,7 +71,8 @@ class KeySet:
 
     async def jwk(self, kid: str | None) -> dict[str, Any]:
         """The JWK for `kid` (None: the only key of a set of one); refetches once if unknown."""
-        if kid not in self._keys or time.monotonic() - self._fetched_at > KEYS_KEPT_SECONDS:
+        known = kid in self._keys or (kid is None and len(self._keys) == 1)
+        if not known or time.monotonic() - self._fetched_at > KEYS_KEPT_SECONDS:
             await self._refresh()
         found = self._keys.get(kid)
         if found is None and kid is None and len(self._keys) == 1:

@@ -60,6 +60,27 @@ SIGNED_IN_PAGE = """<!doctype html>
 """
 
 
+class HideCallbackQuery(logging.Filter):
+    """Keeps the callback's code and state out of uvicorn's access log (the path stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the access line's path argument when it is the callback's."""
+        args = record.args
+        path = args[2] if isinstance(args, tuple) and len(args) > 2 else None
+        if isinstance(args, tuple) and isinstance(path, str) and path.startswith(CALLBACK_PATH):
+            record.args = (*args[:2], CALLBACK_PATH, *args[3:])
+        return True
+
+
+def hide_callback_query(logger: logging.Logger) -> None:
+    """Install `HideCallbackQuery` on `logger` once."""
+    if not any(isinstance(found, HideCallbackQuery) for found in logger.filters):
+        logger.addFilter(HideCallbackQuery())
+
+
+hide_callback_query(logging.getLogger("uvicorn.access"))
+
+
 class SignInFailed(Exception):
     """A sign-in that cannot finish; the message is a category, never a token or a claim."""
 
@@ -113,11 +134,16 @@ class CodeFlow:
         derived = HKDF(hashes.SHA256(), 32, salt=None, info=b"lethe console oidc flow")
         self._aead = AESGCM(derived.derive(key or secrets.token_bytes(32)))
         self._endpoints: Endpoints | None = None
+        self._asked_at = float("-inf")
         self._used: dict[str, float] = {}
 
     async def endpoints(self) -> Endpoints:
-        """The authorization and token endpoints, from the issuer's discovery document."""
+        """The authorization and token endpoints, from the issuer's discovery document (asked
+        again after a failure only once the refetch interval has passed)."""
         if self._endpoints is None:
+            if time.monotonic() - self._asked_at < self.verifier.keys.refetch_after:
+                raise SignInFailed("the discovery document was not fetched a moment ago")
+            self._asked_at = time.monotonic()
             url = self.verifier.issuer.rstrip("/") + "/.well-known/openid-configuration"
             document = await fetch_json(url)
             if not isinstance(document, dict) or document.get("issuer") != self.verifier.issuer:
