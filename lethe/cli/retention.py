@@ -70,14 +70,15 @@ def report_view(report: SweepReport) -> Group:
         ),
         title_justify="left",
     )
-    for column in ("task", "status", "rules", "action", verb, "held", "undated"):
+    # Short values only, so the table reads at 80 columns; the rules go on the lines below.
+    table.add_column("task", no_wrap=True)
+    for column in ("status", "action", verb, "held", "undated"):
         table.add_column(column, overflow="fold")
     ran = [task for task in report.tasks if task.status != "kept"]
     for task in ran:
         table.add_row(
             task.task_id,
             task.status,
-            ", ".join(task.rules) or "-",
             task.action or "-",
             str(task.removed),
             str(task.held),
@@ -85,7 +86,8 @@ def report_view(report: SweepReport) -> Group:
         )
     lines: list[str] = []
     for task in ran:
-        notes = [task.detail] if task.detail else []
+        notes = [f"rules {', '.join(task.rules)}"] if task.rules else []
+        notes += [task.detail] if task.detail else []
         notes += [
             f"{d.target} {d.setting} {d.found} -> {d.wanted}"
             + (" (fixed)" if d.fixed else "")
