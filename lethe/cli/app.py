@@ -169,4 +169,9 @@ def demo(
     """Seed a small hospital in SQLite, erase one patient on the embedded server, certify it."""
     from lethe.cli.demo import run_demo, run_retention_demo
 
+    if retention and (stack or serve):
+        raise typer.BadParameter(
+            "--retention runs on the embedded server only, without the console: "
+            "leave out --stack and --serve"
+        )
     run(run_retention_demo() if retention else run_demo(stack=stack, verbose=verbose, serve=serve))
