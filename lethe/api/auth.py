@@ -31,6 +31,13 @@ MAX_DELAY_SECONDS = 4.0
 _bearer = HTTPBearer(auto_error=False, description="an API token (lethe tokens create) or OIDC")
 
 
+def unauthorized(detail: str) -> ProblemError:
+    """401 with the challenge for a bearer token."""
+    return ProblemError(
+        401, "Unauthorized", detail, headers={"WWW-Authenticate": 'Bearer realm="lethe"'}
+    )
+
+
 class FailedSignIns:
     """Recent failures per client address; each one more doubles the wait before answering."""
 
@@ -82,9 +89,7 @@ class Authenticator:
         address = request.client.host if request.client else "-"
         await asyncio.sleep(self.failures.delay(address))
         self.failures.failed(address)
-        return ProblemError(
-            401, "Unauthorized", title, headers={"WWW-Authenticate": 'Bearer realm="lethe"'}
-        )
+        return unauthorized(title)
 
 
 async def principal(
@@ -108,7 +113,9 @@ async def principal(
         ):
             raise ProblemError(403, "Forbidden", "the CSRF token is missing or wrong")
         return session.principal
-    raise await auth.refuse(request, "sign in: send `Authorization: Bearer <token>`")
+    # No credentials guess nothing: refused at once, not counted (a probe or a first visit from
+    # a shared address must not slow down the next user's mistyped token).
+    raise unauthorized("sign in: send `Authorization: Bearer <token>`")
 
 
 def require(action: Action) -> Callable[..., Any]:
