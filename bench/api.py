@@ -55,13 +55,26 @@ from bench import BenchError
 from bench.api_parts import audit, ledger_seed
 from bench.api_parts.bare import PATH as BARE_PATH
 from bench.api_parts.load import Client, drive
-from bench.api_parts.result import Result, Row, audit_verdict, show, status_verdicts
+from bench.api_parts.result import (
+    Result,
+    Row,
+    audit_verdict,
+    percentiles,
+    show,
+    status_verdicts,
+)
 from bench.api_parts.servers import ServerDidNotStart, ServerProcess
-from bench.api_parts.status import awaiting_approval, dpo_tokens, write_policy
+from bench.api_parts.status import (
+    awaiting_approval,
+    dpo_tokens,
+    where_time_goes,
+    write_policy,
+)
 from bench.erasure_parts.config import write_config
 from bench.erasure_parts.sample_data import Names, seed_all
 from bench.harness.cleanup import Cleanup, remove_tree, stoppable
 from bench.harness.databases import store_database
+from bench.harness.report import show_segments
 from bench.harness.stack import (
     StackNotReady,
     load_stack_env,
@@ -69,6 +82,7 @@ from bench.harness.stack import (
     stack_variable,
     temporal_pid,
 )
+from bench.harness.timings import Segments
 from bench.harness.worker_process import WorkerDidNotStart, WorkerProcess
 from bench.harness.workflows import delete_workflows
 from lethe.kernel.config import load_settings
@@ -85,7 +99,8 @@ STACK_VARIABLES = (
     "LETHE_STACK_BLOB_CONNECTION",
     "LETHE_STORE_URL",
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)
+"""Wide enough for the tables when the output goes to a file."""
 
 
 @dataclass(frozen=True)
@@ -98,13 +113,15 @@ class Options:
     pace: float = 1.0
     """Seconds between a paced client's requests; 0: no paced measurement."""
     requests: int = 20
+    calls: int = 200
+    """Calls of each layer in the one-at-a-time breakdown of a status read."""
     entries: int = 10_000_000
     keep: bool = False
     status: bool = True
     audit: bool = True
 
 
-QUICK = Options(seconds=5.0, warmup=1.0, requests=5, entries=200_000)
+QUICK = Options(seconds=5.0, warmup=1.0, requests=5, calls=50, entries=200_000)
 
 
 def _pids(**named: int | None) -> dict[str, int]:
@@ -116,8 +133,11 @@ def _trees() -> dict[str, int]:
     return {"PostgreSQL": found["PostgreSQL"]} if "PostgreSQL" in found else {}
 
 
-async def measure_status(cleanup: Cleanup, options: Options, workdir: Path) -> list[Row]:
-    """Part 1: status against the bare route, back to back and paced."""
+async def measure_status(
+    cleanup: Cleanup, options: Options, workdir: Path
+) -> tuple[list[Row], Segments]:
+    """Part 1: where a status read's time goes, one at a time; then status against the bare
+    route, back to back and paced."""
     names = Names(secrets.token_hex(4))
     stack = {name: stack_variable(name) for name in STACK_VARIABLES}
     datamap, _ = write_config(names, workdir)
@@ -159,6 +179,8 @@ async def measure_status(cleanup: Cleanup, options: Options, workdir: Path) -> l
     for server in (lethe, bare):
         cleanup.undo(server.name, server.stop)
         await server.start()
+    console.print(f"status: where the time goes, {options.calls} calls of each layer")
+    layers = await where_time_goes(lethe.base, tokens[0], client, ids, options.calls)
     pids = _pids(
         lethe_serve=lethe.pid,
         bare_FastAPI=bare.pid,
@@ -189,7 +211,7 @@ async def measure_status(cleanup: Cleanup, options: Options, workdir: Path) -> l
                 trees=_trees(),
             )
             rows.append(Row.of(name, len(clients), pace, load))
-    return rows
+    return rows, layers
 
 
 async def measure_audit(
@@ -198,6 +220,8 @@ async def measure_audit(
     """Part 2: the audit query over the seeded ledger, and its raw floor; and its plan."""
     server_url = stack_variable("LETHE_STORE_URL")
     console.print(f"audit: a store with {options.entries:,} ledger entries")
+    if not options.keep:  # undone last: the role once the database with its grants is gone
+        cleanup.undo("the API's role", lambda: audit.drop_role(server_url, options.entries))
     seeded = await ledger_seed.seed(
         server_url, options.entries, lambda line: console.print(line), reuse=options.keep
     )
@@ -206,9 +230,7 @@ async def measure_audit(
             "the seeded store",
             lambda: asyncio.to_thread(ledger_seed.drop, server_url, options.entries),
         )
-    role_url = await audit.api_role_url(seeded.url)
-    if not options.keep:
-        cleanup.undo("the API's role", lambda: audit.drop_role(server_url))
+    role_url = await audit.api_role_url(seeded.url, options.entries)
     auditors = await audit.auditor_tokens(seeded.url)
     env = {**os.environ, "LETHE_STORE_URL": seeded.url, "LETHE_API_STORE_URL": role_url}
     env.pop("LETHE_CONTROL_QUEUE", None)
@@ -222,25 +244,43 @@ async def measure_audit(
         for tenant in tenants
     ]
     pids = _pids(lethe_serve=server.pid, bench_clients=os.getpid())
-    console.print(f"audit: {len(clients)} auditors, back to back, {options.seconds:.0f} s")
-    load = await drive(
-        server.base,
-        clients,
-        seconds=options.seconds,
-        warmup=options.warmup,
-        pids=pids,
-        trees=_trees(),
-    )
-    rows = [Row.of("audit", len(clients), 0.0, load)]
-    dsn = audit.owner_dsn(seeded.url)
-    plan = await audit.explain(dsn, window, ledger_seed.TENANTS[1], "step.done")
-    for connections in (1, options.clients):
-        console.print(f"audit floor: the query through psycopg, {connections} connection(s)")
-        floor = await audit.floor(
-            dsn, window, connections=connections, seconds=options.seconds, warmup=options.warmup
+    rows = []
+    for pace in [0.0, options.pace] if options.pace else [0.0]:
+        how = "back to back" if not pace else f"each every {pace * 1000:.0f} ms"
+        console.print(f"audit: {len(clients)} auditors, {how}, {options.seconds:.0f} s")
+        load = await drive(
+            server.base,
+            clients,
+            seconds=options.seconds,
+            warmup=options.warmup,
+            interval=pace,
+            pids=pids,
+            trees=_trees(),
         )
-        rows.append(Row.of("audit floor", connections, 0.0, floor))
-    return rows, seeded, plan
+        rows.append(Row.of("audit", len(clients), pace, load))
+    dsn = audit.owner_dsn(seeded.url)
+    built = await audit.search_statement(seeded.url, window)
+    statements = {"audit floor": built}
+    if (by_time := built.by_time()) is not None:
+        statements["floor by (at, seq)"] = by_time
+    plans = []
+    for name, statement in statements.items():
+        plan = await audit.explain(dsn, statement, window, ledger_seed.TENANTS[1], "step.done")
+        plans.append(f"{name}:\n{statement.text}\n{plan}")
+        for connections in (1, options.clients):
+            console.print(f"{name}: the statement through psycopg, {connections} connection(s)")
+            floor = await audit.floor(
+                dsn,
+                statement,
+                window,
+                connections=connections,
+                seconds=options.seconds,
+                warmup=options.warmup,
+                pids=_pids(bench_clients=os.getpid()),
+                trees=_trees(),
+            )
+            rows.append(Row.of(name, connections, 0.0, floor))
+    return rows, seeded, "\n\n".join(plans)
 
 
 async def run(options: Options, json_path: Path | None) -> Result:
@@ -251,19 +291,21 @@ async def run(options: Options, json_path: Path | None) -> Result:
         workdir = Path(tempfile.mkdtemp(prefix="lethe-bench-api-"))
         cleanup.undo("the work folder", lambda: remove_tree(workdir))
         if options.status:
-            rows = await measure_status(cleanup, options, workdir)
+            rows, layers = await measure_status(cleanup, options, workdir)
+            show_segments(console, "Where a status read's time goes", layers, "one client")
+            result.breakdown = {name: percentiles(values) for name, values in layers.values.items()}
             result.rows += rows
             for status, bare in zip(rows[::2], rows[1::2], strict=True):
                 result.verdicts += status_verdicts(status, bare)
         if options.audit:
             rows, seeded, plan = await measure_audit(cleanup, options, workdir)
             result.rows += rows
-            result.verdicts.append(audit_verdict(rows[0]))
+            result.verdicts += [audit_verdict(row) for row in rows if row.name == "audit"]
             result.seeded_entries = seeded.entries
             result.seed_seconds = seeded.seconds
             result.seed_reused = seeded.reused
             result.audit_plan = plan
-            console.print("The audit query's plan (tenant-1, step.done), as the owner:")
+            console.print("The audit query's plans (tenant-1, step.done), as the owner:")
             console.print(plan, highlight=False, markup=False)
     show(console, result)
     if json_path is not None:

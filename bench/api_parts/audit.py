@@ -3,7 +3,9 @@ tenant, the query's paths, and its raw floor (the same SQL through psycopg, no A
 
 The API reaches the store as a role without BYPASSRLS (`lethe db grant-api`), as a deployment
 does, so PostgreSQL's row-level security is in what is measured. The floor runs the statement
-`lethe.evidence.ledger.search` builds, compiled for psycopg, as the tables' owner.
+`lethe.evidence.ledger.search` sends (caught on its way to psycopg) directly through psycopg, as
+the tables' owner; and, while `search` orders by sequence alone, the same statement ordered by
+time then sequence, which the (tenant, action, at) index serves.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from sqlalchemy import select, text
-from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench import BenchError
 from bench.api_parts.ledger_seed import ACTIONS, TENANTS
 from bench.api_parts.load import Load, Paths
 from bench.harness.cpu import CpuSample, spent
-from lethe.evidence import api_role, store, tokens
+from lethe.evidence import api_role, ledger, store, tokens
 
-ROLE = "lethe_bench_api"
+ROLE = "lethe_bench_api_{entries}"
+"""The API's role, one per seeded store (kept with it)."""
 QUERIED_ACTIONS = tuple(action for action in ACTIONS if action != "retention.batch")
 """The actions a tenant's entries have (a retention sweep's are of no tenant)."""
 PAGE = 50
@@ -62,34 +65,35 @@ def owner_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def api_role_url(owner_url: str) -> str:
+async def api_role_url(owner_url: str, entries: int) -> str:
     """The API's role (made if missing, a new password each run) granted on the seeded store;
     the store's URL as that role."""
+    role = ROLE.format(entries=entries)
     password = secrets.token_hex(16)
     admin = create_async_engine(owner_url, isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as conn:
             found = await conn.execute(
-                text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": ROLE}
+                text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}
             )
             verb = "ALTER" if found.first() else "CREATE"
-            await conn.execute(text(f"{verb} ROLE {ROLE} LOGIN PASSWORD '{password}' NOBYPASSRLS"))
-            await api_role.grant_api(conn, ROLE)
+            await conn.execute(text(f"{verb} ROLE {role} LOGIN PASSWORD '{password}' NOBYPASSRLS"))
+            await api_role.grant_api(conn, role)
     finally:
         await admin.dispose()
     return (
         make_url(owner_url)
-        .set(username=ROLE, password=password)
+        .set(username=role, password=password)
         .render_as_string(hide_password=False)
     )
 
 
-async def drop_role(server_url: str) -> None:
-    """Drop the API's role (its grants went with the seeded database)."""
+async def drop_role(server_url: str, entries: int) -> None:
+    """Drop the API's role, once its seeded database (and so its grants) is gone."""
     admin = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as conn:
-            await conn.execute(text(f"DROP ROLE IF EXISTS {ROLE}"))
+            await conn.execute(text(f"DROP ROLE IF EXISTS {ROLE.format(entries=entries)}"))
     finally:
         await admin.dispose()
 
@@ -110,44 +114,88 @@ async def auditor_tokens(owner_url: str) -> dict[str, str]:
     return made
 
 
-def search_sql() -> tuple[str, list[str]]:
-    """The statement `ledger.search` builds for a tenant, an action and a range, first page,
-    compiled for psycopg; its text, and its parameters' names in the order given here."""
-    ledger = store.ledger
-    query = (
-        select(ledger)
-        .order_by(ledger.c.seq.desc())
-        .limit(PAGE)
-        .where(ledger.c.tenant == "t", ledger.c.action == "a")
-        .where(ledger.c.at >= datetime.now(), ledger.c.at < datetime.now())
-    )
-    compiled = query.compile(dialect=psycopg_dialect.dialect())  # type: ignore[no-untyped-call]
-    return str(compiled), list(compiled.params)
+@dataclass(frozen=True)
+class Statement:
+    """A statement as `ledger.search` sends it through psycopg, with its parameters' names."""
+
+    text: str
+    names: dict[str, str]
+    """Parameter name -> what it stands for: tenant, action, since, until or limit."""
+
+    def params(self, tenant: str, action: str, window: Window) -> dict[str, Any]:
+        """The parameters for one query of the first page."""
+        values = {
+            "tenant": tenant,
+            "action": action,
+            "since": window.since,
+            "until": window.until,
+            "limit": PAGE,
+        }
+        return {name: values[meaning] for name, meaning in self.names.items()}
+
+    def by_time(self) -> Statement | None:
+        """The same statement ordered by time, then sequence (None if it already is)."""
+        newest = "ORDER BY lethe_ledger.seq DESC"
+        if newest not in self.text:
+            return None
+        changed = "ORDER BY lethe_ledger.at DESC, lethe_ledger.seq DESC"
+        return Statement(self.text.replace(newest, changed), self.names)
 
 
-def floor_params(names: list[str], window: Window, rng: random.Random) -> dict[str, Any]:
-    """One query's parameters: a random tenant and action, the window, the page."""
-    values = [rng.choice(TENANTS), rng.choice(QUERIED_ACTIONS), window.since, window.until, PAGE]
-    return dict(zip(names, values, strict=True))
+async def search_statement(owner_url: str, window: Window) -> Statement:
+    """The statement `ledger.search` sends for a tenant, an action and a range, first page:
+    caught on its way to psycopg (so the floor runs whatever `search` builds today)."""
+    engine = create_async_engine(owner_url)
+    caught: list[tuple[str, dict[str, Any]]] = []
+
+    def catch(_c: object, _r: object, statement: str, params: Any, *_: object) -> None:
+        caught.append((statement, dict(params)))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", catch)
+    tenant, action = "tenant-x", "action-x"
+    marks = {"tenant": tenant, "action": action, "since": window.since}
+    marks |= {"until": window.until, "limit": PAGE}
+    try:
+        await ledger.search(
+            engine,
+            tenant=tenant,
+            action=action,
+            since=window.since,
+            until=window.until,
+            limit=PAGE,
+        )
+    finally:
+        await engine.dispose()
+    for statement, params in caught:
+        if "lethe_ledger" in statement and "ORDER BY" in statement:
+            names = {n: m for n, v in params.items() for m, mark in marks.items() if v == mark}
+            return Statement(statement, names)
+    raise BenchError("ledger.search sent no statement over the ledger")
 
 
-async def explain(dsn: str, window: Window, tenant: str, action: str) -> str:
-    """EXPLAIN (ANALYZE, BUFFERS) of the query, as the owner."""
-    statement, names = search_sql()
-    params = dict(zip(names, [tenant, action, window.since, window.until, PAGE], strict=True))
+async def explain(dsn: str, statement: Statement, window: Window, tenant: str, action: str) -> str:
+    """EXPLAIN (ANALYZE, BUFFERS) of the statement, as the owner."""
+    params = statement.params(tenant, action, window)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        rows = await (
-            await conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, params)
-        ).fetchall()
+        explained = "EXPLAIN (ANALYZE, BUFFERS) " + statement.text
+        rows = await (await conn.execute(explained, params)).fetchall()
     return "\n".join(row[0] for row in rows)
 
 
 async def floor(
-    dsn: str, window: Window, *, connections: int, seconds: float, warmup: float
+    dsn: str,
+    statement: Statement,
+    window: Window,
+    *,
+    connections: int,
+    seconds: float,
+    warmup: float,
+    pids: dict[str, int],
+    trees: dict[str, int],
 ) -> Load:
-    """The query run directly, `connections` at once, each looping, for `warmup` + `seconds`:
-    its latencies in the last `seconds` (each a round trip with the rows fetched)."""
-    statement, names = search_sql()
+    """The statement run directly, `connections` at once, each looping (a random tenant and
+    action each time), for `warmup` + `seconds`: the latencies of those sent in the last
+    `seconds` (each a round trip, rows fetched), and the CPU `pids` and `trees` used."""
     load = Load(seconds=seconds)
     conns = [
         await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(connections)
@@ -159,20 +207,20 @@ async def floor(
         rng = random.Random(index)
         while time.perf_counter() < counted[1]:
             sent = time.perf_counter()
-            rows = await (
-                await conn.execute(statement, floor_params(names, window, rng))
-            ).fetchall()
+            params = statement.params(rng.choice(TENANTS), rng.choice(QUERIED_ACTIONS), window)
+            query = await conn.execute(statement.text, params)
+            rows = await query.fetchall()
             done = time.perf_counter()
             if len(rows) != PAGE:
                 load.failures[f"{len(rows)} rows"] += 1
-            elif counted[0] <= sent and done <= counted[1]:
+            elif counted[0] <= sent < counted[1]:
                 load.latencies.append(done - sent)
 
     async def sample_cpu() -> None:
         await asyncio.sleep(warmup)
-        before = CpuSample.take({})
+        before = CpuSample.take(pids, trees)
         await asyncio.sleep(seconds)
-        load.cpu = spent(before, CpuSample.take({}))
+        load.cpu = spent(before, CpuSample.take(pids, trees))
 
     try:
         await asyncio.gather(sample_cpu(), *(run(i, c) for i, c in enumerate(conns)))

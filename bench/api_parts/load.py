@@ -37,7 +37,8 @@ class Load:
     """What the clients measured in the counted window."""
 
     latencies: list[float] = field(default_factory=list)
-    """Seconds, of each answer 200 sent and read inside the window."""
+    """Seconds, of each answer 200 to a request sent inside the window (those still running
+    when it closes are waited for)."""
     failures: Counter[str] = field(default_factory=Counter)
     """Other answers (by status) and errors (by type), over the whole run."""
     seconds: float = 0.0
@@ -45,7 +46,7 @@ class Load:
 
     @property
     def rate(self) -> float:
-        """Answers 200 per second in the window."""
+        """Requests sent in the window and answered 200, per second of the window."""
         return len(self.latencies) / self.seconds if self.seconds else 0.0
 
     def p(self, q: float) -> float:
@@ -67,7 +68,7 @@ async def _one(
     done = time.perf_counter()
     if status != 200:
         load.failures[f"HTTP {status}"] += 1
-    elif counted[0] <= sent and done <= counted[1]:
+    elif counted[0] <= sent < counted[1]:
         load.latencies.append(done - sent)
 
 

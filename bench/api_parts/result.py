@@ -3,12 +3,15 @@ and the table and verdicts it prints."""
 
 from __future__ import annotations
 
+import statistics
+
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
 from bench.api_parts.load import Load
 from bench.harness.report import ms
+from bench.harness.stats import percentile
 
 TARGET_STATUS_P95 = 0.050
 """Status p95, seconds."""
@@ -32,6 +35,8 @@ class Row(BaseModel):
     p99: float
     max: float
     failures: dict[str, int]
+    seconds: float
+    """The counted window."""
     cpu_cores: dict[str, float]
     """CPU used in the window, in cores (1.0: one core all the time), by process."""
     machine_busy: float | None
@@ -51,6 +56,7 @@ class Row(BaseModel):
             p99=load.p(99),
             max=max(load.latencies, default=float("nan")),
             failures=dict(load.failures),
+            seconds=load.seconds,
             cpu_cores={k: v / load.seconds for k, v in cpu.seconds.items()} if cpu else {},
             machine_busy=cpu.machine_busy if cpu else None,
         )
@@ -73,11 +79,22 @@ class Result(BaseModel):
     seed_seconds: float | None = None
     seed_reused: bool | None = None
     audit_plan: str | None = None
+    breakdown: dict[str, dict[str, float]] | None = None
+    """A status read's layers, one at a time: name -> mean, p50, p95 (seconds)."""
 
     @property
     def met(self) -> bool:
         """Every target met."""
         return all(v.met for v in self.verdicts)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """Mean, p50 and p95 of durations, seconds."""
+    return {
+        "mean": statistics.fmean(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+    }
 
 
 def status_verdicts(status: Row, bare: Row) -> list[Verdict]:
@@ -99,9 +116,10 @@ def status_verdicts(status: Row, bare: Row) -> list[Verdict]:
 
 
 def audit_verdict(audit: Row) -> Verdict:
-    """The audit query's target."""
+    """The audit query's target for one pace."""
+    pace = "back to back" if not audit.interval_ms else f"every {audit.interval_ms:.0f} ms"
     return Verdict(
-        target=f"audit query p95 <= 100 ms ({audit.clients} clients, back to back)",
+        target=f"audit query p95 <= 100 ms ({audit.clients} clients, {pace})",
         measured=f"{ms(audit.p95)} ms",
         met=audit.p95 <= TARGET_AUDIT_P95,
     )
@@ -136,15 +154,23 @@ def show(console: Console, result: Result) -> None:
             ", ".join(f"{k}: {v}" for k, v in row.failures.items()) or "0",
         )
     console.print(table)
-    cpu = Table(title="CPU in each measurement's window (cores busy; the machine has 2)")
+    cpu = Table(
+        title="CPU per answer (ms), by process, in each measurement's window",
+        caption="the machine has 2 cores, shared with whatever else ran (its busy share)",
+    )
     cpu.add_column("measurement")
+    cpu.add_column("pace", justify="right")
     names = list(dict.fromkeys(name for row in result.rows for name in row.cpu_cores))
     for name in [*names, "machine busy"]:
         cpu.add_column(name, justify="right")
     for row in result.rows:
-        cells = [f"{row.cpu_cores[n]:.2f}" if n in row.cpu_cores else "" for n in names]
+        per_answer = row.seconds / row.answers * 1000 if row.answers else float("nan")
+        cells = [
+            f"{row.cpu_cores[n] * per_answer:.2f}" if n in row.cpu_cores else "" for n in names
+        ]
         busy = f"{row.machine_busy:.0%}" if row.machine_busy is not None else ""
-        cpu.add_row(row.name, *cells, busy)
+        pace = "-" if not row.interval_ms else f"{row.interval_ms:.0f} ms"
+        cpu.add_row(f"{row.name} ({row.clients})", pace, *cells, busy)
     console.print(cpu)
     if result.seeded_entries is not None:
         how = "kept from an earlier run (--keep), seeded in" if result.seed_reused else "seeded in"

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+
+import aiohttp
 
 from bench import BenchError
 from bench.erasure_parts.config import POLICY
 from bench.erasure_parts.sample_data import TENANT, request_for
+from bench.harness.timings import Segments
 from lethe.evidence import tokens
 from lethe.evidence.store import engine_for
-from lethe.sdk.client import Client
+from lethe.sdk.client import QUERY_TIMEOUT, Client
+from lethe.workflows.erasure import ErasureWorkflow
 
 APPROVAL_OFF = "approval: {always: false, special_category: false}"
 APPROVAL_ON = "approval: {always: true, special_category: false}"
@@ -64,3 +69,54 @@ async def dpo_tokens(store_url: str, count: int) -> list[str]:
         )
         made.append(secret)
     return made
+
+
+async def _timed(count: int, call: Callable[[int], Awaitable[object]]) -> list[float]:
+    """`count` calls one after another; each one's seconds."""
+    found = []
+    for index in range(count):
+        started = time.perf_counter()
+        await call(index)
+        found.append(time.perf_counter() - started)
+    return found
+
+
+async def where_time_goes(
+    base: str, token: str, client: Client, ids: list[str], count: int
+) -> Segments:
+    """One client, one request at a time: what each layer of a status read costs. Over HTTP the
+    health route (framework, middleware), `/v1/me` (the same and the token's check) and the
+    status; in this process the SDK's status (a Temporal query the worker answers, and a
+    describe of the workflow) and each of its two calls alone."""
+    segments = Segments(note=f"{count} calls each, one at a time, latency as the caller sees it")
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(base, headers=headers) as session:
+
+        async def get(path: str) -> None:
+            async with session.get(path) as answer:
+                await answer.read()
+                if answer.status != 200:
+                    raise BenchError(f"GET {path.split('/')[2]} answered {answer.status}")
+
+        calls: list[tuple[str, Callable[[int], Awaitable[object]]]] = [
+            ("HTTP GET /v1/health (no sign-in)", lambda _: get("/v1/health")),
+            ("HTTP GET /v1/me (the token checked)", lambda _: get("/v1/me")),
+            ("HTTP GET /v1/erasures/{id}", lambda i: get(f"/v1/erasures/{ids[i % len(ids)]}")),
+            ("SDK Client.status (query + describe)", lambda i: client.status(ids[i % len(ids)])),
+            ("Temporal query alone", lambda i: _query(client, ids[i % len(ids)])),
+            ("Temporal describe alone", lambda i: _describe(client, ids[i % len(ids)])),
+        ]
+        for name, call in calls:
+            await _timed(max(count // 10, 3), call)  # warm
+            for seconds in await _timed(count, call):
+                segments.add(name, seconds)
+    return segments
+
+
+async def _query(client: Client, workflow_id: str) -> object:
+    handle = client.temporal.get_workflow_handle_for(ErasureWorkflow.run, workflow_id)
+    return await handle.query(ErasureWorkflow.status, rpc_timeout=QUERY_TIMEOUT)
+
+
+async def _describe(client: Client, workflow_id: str) -> object:
+    return await client.temporal.get_workflow_handle(workflow_id).describe()
