@@ -9,7 +9,7 @@ other, as for one that does not exist.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated
 
@@ -282,10 +282,23 @@ async def follow(
         await asyncio.sleep(FOLLOW_EVERY_SECONDS)
 
 
-async def _decided(request: Request, principal: Principal, request_id: str) -> Client:
+async def _decided(
+    request: Request,
+    principal: Principal,
+    request_id: str,
+    signal: Callable[[Client], Awaitable[None]],
+) -> Accepted:
+    """Send a DPO's decision to a request the principal sees; 409 once it has settled (the
+    request exists and is visible: a 404 would say it does not)."""
     client = client_of(request)
     await visible(client, principal, request_id)
-    return client
+    try:
+        await signal(client)
+    except UnknownRequest:
+        raise ProblemError(
+            409, "Conflict", "the request has settled: it takes no decision now"
+        ) from None
+    return Accepted(id=request_id, status=f"/v1/erasures/{request_id}")
 
 
 @router.post("/{request_id}/approve", status_code=202, response_model=Accepted)
@@ -296,9 +309,10 @@ async def approve(
     principal: Annotated[Principal, Depends(require("erasure.decide"))],
 ) -> Accepted:
     """Approve a request waiting for the DPO."""
-    client = await _decided(request, principal, request_id)
-    await client.approve(request_id, ApprovalDecision(by=principal.name, note=body.note))
-    return Accepted(id=request_id, status=f"/v1/erasures/{request_id}")
+    decision = ApprovalDecision(by=principal.name, note=body.note)
+    return await _decided(
+        request, principal, request_id, lambda client: client.approve(request_id, decision)
+    )
 
 
 @router.post("/{request_id}/reject", status_code=202, response_model=Accepted)
@@ -309,9 +323,10 @@ async def reject(
     principal: Annotated[Principal, Depends(require("erasure.decide"))],
 ) -> Accepted:
     """Reject a request waiting for the DPO."""
-    client = await _decided(request, principal, request_id)
-    await client.reject(request_id, ApprovalDecision(by=principal.name, note=body.note))
-    return Accepted(id=request_id, status=f"/v1/erasures/{request_id}")
+    decision = ApprovalDecision(by=principal.name, note=body.note)
+    return await _decided(
+        request, principal, request_id, lambda client: client.reject(request_id, decision)
+    )
 
 
 @router.post("/{request_id}/extend", status_code=202, response_model=Accepted)
@@ -322,11 +337,10 @@ async def extend(
     principal: Annotated[Principal, Depends(require("erasure.decide"))],
 ) -> Accepted:
     """Extend the request's deadline by one or two months, with the reason."""
-    client = await _decided(request, principal, request_id)
-    await client.extend(
-        request_id, Extension(months=body.months, reason=body.reason, by=principal.name)
+    extension = Extension(months=body.months, reason=body.reason, by=principal.name)
+    return await _decided(
+        request, principal, request_id, lambda client: client.extend(request_id, extension)
     )
-    return Accepted(id=request_id, status=f"/v1/erasures/{request_id}")
 
 
 @router.post("/{request_id}/recheck", status_code=202, response_model=Accepted)
@@ -336,9 +350,7 @@ async def recheck(
     principal: Annotated[Principal, Depends(require("erasure.decide"))],
 ) -> Accepted:
     """Run the request's preflight again now, after its problems were fixed."""
-    client = await _decided(request, principal, request_id)
-    await client.recheck(request_id)
-    return Accepted(id=request_id, status=f"/v1/erasures/{request_id}")
+    return await _decided(request, principal, request_id, lambda client: client.recheck(request_id))
 
 
 @router.get("/{request_id}/certificate", response_model=Certificate)
