@@ -22,7 +22,7 @@ from lethe.api.auth import require
 from lethe.api.bodies import Body
 from lethe.api.pages import certificate_page
 from lethe.api.principals import Principal
-from lethe.api.problems import ProblemError, not_found
+from lethe.api.problems import ProblemError, not_found, of_error
 from lethe.contracts import (
     ApprovalDecision,
     Certificate,
@@ -259,20 +259,34 @@ async def plan_of(
     return await requests.plan_of(client, request_id)
 
 
-@router.get("/{request_id}/events", response_class=EventSourceResponse)
-async def follow(
+async def _followed(
     request_id: str,
     request: Request,
     principal: Annotated[Principal, Depends(require("erasure.read"))],
+) -> str:
+    """The request id once the principal may see it: checked before the stream starts, so an
+    unseen request is a 404, not a stream that breaks."""
+    await visible(client_of(request), principal, request_id)
+    return request_id
+
+
+@router.get("/{request_id}/events", response_class=EventSourceResponse)
+async def follow(
+    followed: Annotated[str, Depends(_followed)],
+    request: Request,
 ) -> AsyncIterator[ServerSentEvent]:
     """The request's status as Server-Sent Events: one `status` event each time it changes,
-    until it settles (then the stream ends)."""
+    until it settles (then the stream ends); a `problem` event (a problem document) ends it when
+    the status cannot be read (a request that failed, say)."""
     client = client_of(request)
-    await visible(client, principal, request_id)
     last = ""
     deadline = asyncio.get_running_loop().time() + FOLLOW_AT_MOST_SECONDS
     while asyncio.get_running_loop().time() < deadline:
-        current = await client.status(request_id)
+        try:
+            current = await client.status(followed)
+        except LetheError as exc:
+            yield ServerSentEvent(event="problem", raw_data=of_error(exc).model_dump_json())
+            return
         body = current.model_dump_json()
         if body != last:
             last = body

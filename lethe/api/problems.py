@@ -113,11 +113,16 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _lethe(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, LetheError)
+def of_error(exc: LetheError) -> Problem:
+    """The problem document for one of Lethe's errors (its text never quotes personal data)."""
     name = type(exc).__name__
     status = 503 if isinstance(exc, ServiceUnavailable) else STATUS_OF.get(name, 400)
-    return _answer(Problem(title=name, status=status, detail=str(exc)))
+    return Problem(title=name, status=status, detail=str(exc))
+
+
+async def _lethe(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LetheError)
+    return _answer(of_error(exc))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
