@@ -25,6 +25,7 @@ from lethe.api.principals import Principal
 from lethe.api.problems import ProblemError, not_found, of_error
 from lethe.contracts import (
     ApprovalDecision,
+    BulkRequest,
     Certificate,
     DryRun,
     ErasureRequest,
@@ -201,7 +202,20 @@ async def bulk_progress(
         raise not_found("bulk request") from None
     if not principal.sees(progress.tenant):
         raise not_found("bulk request")
+    if principal.only_own and await _bulk_requester(client_of(request), bulk_id) != principal.name:
+        raise not_found("bulk request")
     return progress.model_dump(mode="json")
+
+
+async def _bulk_requester(client: Client, bulk_id: str) -> str | None:
+    """Who submitted a bulk request: from its current run's start (each run's input is the
+    BulkRequest, carried across continue-as-new)."""
+    handle = client.temporal.get_workflow_handle(bulk_id)
+    async for event in handle.fetch_history_events(page_size=1):
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        start = (await client.temporal.data_converter.decode(payloads, [BulkRequest]))[0]
+        return start.requested_by if isinstance(start, BulkRequest) else None
+    return None
 
 
 @router.get("", response_model=list[requests.RequestListed])
