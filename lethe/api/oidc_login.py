@@ -9,6 +9,11 @@ the token endpoint (client secret by HTTP Basic when configured, and the PKCE ve
 verifies the ID token (signature by the JWKS, issuer, audience = client id, lifetime, nonce),
 maps its claims to a principal as for bearer tokens, and starts a console session. A flow is
 used once. Any failure answers a plain page saying sign-in failed; why is logged as a category.
+
+The callback answers a page that moves on to `/console` (a meta refresh), not a 303: when the
+user signed in on the issuer's own form, the navigation back is the issuer's (cross-site), so a
+redirect would reach `/console` without the SameSite=Strict session cookie and show the sign-in
+page again (tests/browser/test_oidc_sign_in.py); the page's own navigation is same-site.
 """
 
 from __future__ import annotations

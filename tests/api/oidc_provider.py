@@ -9,18 +9,27 @@ shape with `sign()`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import html
 import secrets
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
 import jwt
+import uvicorn
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from pydantic import SecretStr
+
+from lethe.api.app import create_app
+from lethe.kernel.config import Settings
 
 CLIENT_ID = "lethe-console"
 CLIENT_SECRET = "console-secret-5e1f"
@@ -71,6 +80,9 @@ class Provider:
     base: str = ""
     claims: dict[str, Any] = field(default_factory=dict)
     """Claims the next sign-in's ID token carries (besides iss, aud, sub, iat, exp, nonce)."""
+    interactive: bool = False
+    """When set, the authorization endpoint shows a sign-in form first (as a real one does when
+    the user has no session there), and the redirect back follows the form's POST."""
     nonce_override: str | None = None
     """When set, ID tokens carry this nonce instead of the one the client sent."""
     grants: dict[str, Grant] = field(default_factory=dict)
@@ -112,19 +124,20 @@ class Provider:
             body, key.private, algorithm=key.alg, headers={"kid": key.kid} | (headers or {})
         )
 
-    async def start(self) -> None:
-        """Serve on a free port of 127.0.0.1."""
+    async def start(self, public_host: str = "127.0.0.1") -> None:
+        """Serve on a free port of 127.0.0.1, known as `public_host` (its issuer's host)."""
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         app.router.add_get("/jwks", self._jwks)
         app.router.add_get("/authorize", self._authorize)
+        app.router.add_post("/authorize", self._authorize)
         app.router.add_post("/token", self._token)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.base = f"http://127.0.0.1:{port}"
+        self.base = f"http://{public_host}:{port}"
 
     async def stop(self) -> None:
         """Stop serving."""
@@ -149,7 +162,18 @@ class Provider:
         return web.json_response({"keys": [key.jwk() for key in self.keys]})
 
     async def _authorize(self, request: web.Request) -> web.Response:
-        query = request.query
+        if self.interactive and request.method == "GET":
+            fields = "".join(
+                f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                for k, v in request.query.items()
+            )
+            return web.Response(
+                content_type="text/html",
+                text=f'<!doctype html><title>Provider</title><form method="post">{fields}'
+                '<button type="submit">Sign in at the provider</button></form>',
+            )
+        sent = await request.post() if request.method == "POST" else request.query
+        query = {name: value for name, value in sent.items() if isinstance(value, str)}
         if (
             query.get("client_id") != CLIENT_ID
             or query.get("response_type") != "code"
@@ -164,7 +188,7 @@ class Provider:
             query["redirect_uri"], query["code_challenge"], query.get("nonce"), dict(self.claims)
         )
         back = {"code": code, "state": query.get("state", "")}
-        raise web.HTTPFound(f"{query['redirect_uri']}?{urlencode(back)}")
+        raise web.HTTPSeeOther(f"{query['redirect_uri']}?{urlencode(back)}")
 
     async def _token(self, request: web.Request) -> web.Response:
         self.token_requests += 1
@@ -194,3 +218,34 @@ class Provider:
                 "id_token": id_token,
             }
         )
+
+
+def trusting(settings: Settings, provider: Provider) -> Settings:
+    """`settings` with OIDC on: bearer tokens and the console's sign-in at `provider`."""
+    return settings.model_copy(
+        update={
+            "oidc_issuer": provider.base,
+            "oidc_audience": AUDIENCE,
+            "oidc_jwks_url": f"{provider.base}/jwks",
+            "oidc_client_id": CLIENT_ID,
+            "oidc_client_secret": SecretStr(CLIENT_SECRET),
+        }
+    )
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[str]:
+    """`lethe serve`'s application for `settings` on a free port; yields its base URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_config=None)
+    )
+    served = asyncio.create_task(server.serve())
+    async with asyncio.timeout(30):
+        while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
+            await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await served

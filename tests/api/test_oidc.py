@@ -19,16 +19,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives import serialization
-from pydantic import SecretStr
 
-from lethe.api.app import create_app
 from lethe.api.oidc import REFETCH_AT_MOST_EVERY_SECONDS, OidcVerifier, TokenRefused
 from lethe.api.oidc_login import FLOW_COOKIE
 from lethe.api.sessions import SESSION_COOKIE
 from tests.api.conftest import Api, api_settings
-from tests.api.oidc_provider import AUDIENCE, CLIENT_ID, CLIENT_SECRET, Key, Provider
+from tests.api.oidc_provider import AUDIENCE, Key, Provider, serving, trusting
 
 pytestmark = pytest.mark.timeout(300)
 PROBLEM = "application/problem+json"
@@ -69,28 +66,8 @@ async def provider() -> AsyncIterator[Provider]:
 @pytest.fixture
 async def oidc_api(api: Api, provider: Provider) -> AsyncIterator[OidcApi]:
     """A second `lethe serve` app over the hospital, trusting the provider (bearer and sign-in)."""
-    settings = api_settings(api.hospital).model_copy(
-        update={
-            "oidc_issuer": provider.base,
-            "oidc_audience": AUDIENCE,
-            "oidc_jwks_url": f"{provider.base}/jwks",
-            "oidc_client_id": CLIENT_ID,
-            "oidc_client_secret": SecretStr(CLIENT_SECRET),
-        }
-    )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_config=None)
-    )
-    serving = asyncio.create_task(server.serve())
-    async with asyncio.timeout(30):
-        while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
-            await asyncio.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield OidcApi(f"http://127.0.0.1:{port}", provider, api)
-    finally:
-        server.should_exit = True
-        await serving
+    async with serving(trusting(api_settings(api.hospital), provider)) as base:
+        yield OidcApi(base, provider, api)
 
 
 def _b64(data: bytes) -> str:
@@ -304,7 +281,7 @@ async def _to_provider(oidc: OidcApi, browser: httpx.AsyncClient) -> str:
     assert "httponly" in cookie and "samesite=lax" in cookie and "path=/console/oidc" in cookie
     async with httpx.AsyncClient() as elsewhere:
         back = await elsewhere.get(target)
-    assert back.status_code == 302, back.text
+    assert back.status_code == 303, back.text
     callback: str = back.headers["location"]
     assert callback.startswith(f"{oidc.base}/console/oidc/callback?")
     return callback
