@@ -32,11 +32,13 @@ from lethe.api.sessions import SESSION_COOKIE, Session
 from lethe.contracts import ErasureState, ErasureStatus, Subject
 from lethe.kernel import tenancy
 from lethe.kernel.errors import LetheError
+from lethe.sdk import requests
 from lethe.sdk.client import SETTLED_STATES
 
 SIGN_IN_COOKIE = "lethe_sign_in"
 QUEUE_ROWS = 50
 DUE_SOON = timedelta(days=7)
+STATUS_WAIT_SECONDS = 3.0
 STATES: tuple[str, ...] = get_args(ErasureState)
 HOLD_SCOPES = ("subject", "tenant", "system", "category")
 TITLES = {401: "Sign in again", 403: "Not allowed", 404: "Not found", 409: "Conflict"}
@@ -204,19 +206,28 @@ async def sign_out(request: Request, user: User) -> Response:
 # --- the queue ----------------------------------------------------------------------------------
 
 
-def _due(status: ErasureStatus | None, now: datetime) -> str:
-    """`overdue`, `soon` (due within 7 days) or '' for a request still open."""
-    if status is None or status.state in SETTLED_STATES:
+def _due(item: requests.RequestListed, status: ErasureStatus | None, now: datetime) -> str:
+    """`overdue`, `soon` (due within 7 days) or '' (settled, or not due soon)."""
+    if status is not None:
+        if status.state in SETTLED_STATES:
+            return ""
+        if status.overdue:
+            return "overdue"
+    deadline = status.deadline if status else item.deadline
+    if deadline is None or not item.running:
         return ""
-    if status.overdue or status.deadline <= now:
+    if deadline <= now:
         return "overdue"
-    return "soon" if status.deadline - now <= DUE_SOON else ""
+    return "soon" if deadline - now <= DUE_SOON else ""
 
 
 async def _status_or_none(request: Request, request_id: str) -> ErasureStatus | None:
+    """The request's status, or None when it has none to give soon (failed, or no worker
+    answers its query): its row then shows what the listing knows."""
     try:
-        return await erasures.client_of(request).status(request_id)
-    except LetheError:
+        async with asyncio.timeout(STATUS_WAIT_SECONDS):
+            return await erasures.client_of(request).status(request_id)
+    except (LetheError, TimeoutError):
         return None
 
 
@@ -232,7 +243,7 @@ async def queue(request: Request, user: User, state: str = "") -> HTMLResponse:
     statuses = await asyncio.gather(*(_status_or_none(request, r.id) for r in listed))
     now = datetime.now(UTC)
     rows = [
-        {"listed": item, "status": status, "due": _due(status, now)}
+        {"listed": item, "status": status, "due": _due(item, status, now)}
         for item, status in zip(listed, statuses, strict=True)
     ]
     return _page(request, "queue.html", rows=rows, states=STATES, state=chosen or "")
