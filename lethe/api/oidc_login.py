@@ -156,6 +156,8 @@ class CodeFlow:
             found = document.get("authorization_endpoint"), document.get("token_endpoint")
             if not all(isinstance(u, str) and u.startswith(("https://", "http://")) for u in found):
                 raise SignInFailed("the discovery document lacks the endpoints")
+            if document.get("jwks_uri", self.verifier.keys.url) != self.verifier.keys.url:
+                log.warning("the issuer publishes its keys elsewhere than LETHE_OIDC_JWKS_URL")
             self._endpoints = Endpoints(str(found[0]), str(found[1]))
         return self._endpoints
 
