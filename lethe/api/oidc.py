@@ -51,12 +51,21 @@ async def fetch_json(url: str, *, data: Mapping[str, str] | None = None, **kwarg
         async with aiohttp.ClientSession(timeout=timeout) as http:
             method = "POST" if data is not None else "GET"
             async with http.request(method, url, data=data, allow_redirects=False, **kwargs) as r:
-                body = await r.content.read(MAX_DOCUMENT_BYTES + 1)
-                if r.status != 200 or len(body) > MAX_DOCUMENT_BYTES:
+                if r.status != 200:
                     raise TokenRefused(f"the issuer answered {r.status}")
-                return json.loads(body)
+                return json.loads(await _read_at_most(r.content, MAX_DOCUMENT_BYTES))
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
         raise TokenRefused(f"the issuer could not be reached ({type(error).__name__})") from None
+
+
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body, refused past `limit` bytes."""
+    body = bytearray()
+    async for chunk in stream.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise TokenRefused("the issuer's answer is too large")
+    return bytes(body)
 
 
 class KeySet:

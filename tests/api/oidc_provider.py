@@ -87,6 +87,8 @@ class Provider:
     """When set, ID tokens carry this nonce instead of the one the client sent."""
     grants: dict[str, Grant] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
+    jwks_padding: int = 0
+    """Bytes of filler in the JWKS document (an unknown member, as providers may add)."""
     jwks_fetches: int = 0
     token_requests: int = 0
     _runner: web.AppRunner | None = None
@@ -159,7 +161,10 @@ class Provider:
 
     async def _jwks(self, _: web.Request) -> web.Response:
         self.jwks_fetches += 1
-        return web.json_response({"keys": [key.jwk() for key in self.keys]})
+        document: dict[str, Any] = {"keys": [key.jwk() for key in self.keys]}
+        if self.jwks_padding:
+            document["filler"] = "x" * self.jwks_padding
+        return web.json_response(document)
 
     async def _authorize(self, request: web.Request) -> web.Response:
         if self.interactive and request.method == "GET":

@@ -21,7 +21,12 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from lethe.api.oidc import REFETCH_AT_MOST_EVERY_SECONDS, OidcVerifier, TokenRefused
+from lethe.api.oidc import (
+    MAX_DOCUMENT_BYTES,
+    REFETCH_AT_MOST_EVERY_SECONDS,
+    OidcVerifier,
+    TokenRefused,
+)
 from lethe.api.oidc_login import FLOW_COOKIE
 from lethe.api.sessions import SESSION_COOKIE
 from tests.api.conftest import Api, api_settings
@@ -211,6 +216,18 @@ async def test_each_bad_token_is_refused_for_its_own_reason(oidc_api: OidcApi) -
         assert await verifier.principal(token) is None
     good = oidc_api.token("auditor")
     assert verifier.principal_of(await verifier.claims(good, audience=AUDIENCE)).role == "auditor"
+
+
+async def test_a_large_key_set_is_read_whole_and_a_huge_one_refused(oidc_api: OidcApi) -> None:
+    provider = oidc_api.provider
+    settings = trusting(api_settings(oidc_api.api.hospital), provider)
+    good = oidc_api.token("auditor")
+    provider.jwks_padding = 200_000  # arrives in many chunks, under the limit
+    assert await OidcVerifier(settings).principal(good) is not None
+    provider.jwks_padding = MAX_DOCUMENT_BYTES + 1
+    verifier = OidcVerifier(settings)
+    with pytest.raises(TokenRefused, match="too large"):
+        await verifier.claims(good, audience=AUDIENCE)
 
 
 async def test_bad_bearer_tokens_are_refused_with_401(oidc_api: OidcApi) -> None:
