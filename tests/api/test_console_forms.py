@@ -9,13 +9,17 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from fastapi import Response
 
+from lethe.api import console
 from lethe.api.principals import Principal
 from lethe.api.sessions import SESSION_COOKIE, Sessions
+from lethe.contracts import Decision, ErasureStatus
+from lethe.sdk.requests import RequestListed
 from tests.api.conftest import Api
 from tests.api.test_erasure_api import _state
 
@@ -156,6 +160,33 @@ async def test_posts_without_or_with_a_wrong_csrf_token_are_refused_and_change_n
         assert done["status"]["approval"]["by"] == "dpo-a"
 
 
+async def test_a_subject_hold_from_the_console_keeps_only_the_reference(api: Api) -> None:
+    patient = api.hospital.patients[1]
+    async with _signed_in(api, "dpo-a") as (http, csrf):
+        before = await _hold_ids(api)
+        form = {"matter": "Case 12", "scope": "subject", "reason": "subpoena", "csrf": csrf}
+        missing = await http.post("/console/holds", data=form)
+        assert missing.status_code == 422  # a subject hold needs the subject
+        assert "subject" in missing.text
+        placed = await http.post("/console/holds", data=form | {"subject_id": patient.patient_id})
+        assert placed.status_code == 303, placed.text
+        (new,) = await _hold_ids(api) - before
+        page = await http.get("/console/holds")
+        assert "Case 12" in page.text
+        assert patient.patient_id not in page.text
+        async with api.client("dpo-a") as bearer:
+            held = [h for h in (await bearer.get("/v1/holds")).json() if h["id"] == new]
+        assert held[0]["value"] == api.hospital.ref(patient)
+        assert held[0]["tenant"] == api.tenant("A")
+        async with _signed_in(api, "dpo-b") as (other, other_csrf):
+            assert "Case 12" not in (await other.get("/console/holds")).text
+            stolen = await other.post(f"/console/holds/{new}/release", data={"csrf": other_csrf})
+            assert stolen.status_code == 404
+        released = await http.post(f"/console/holds/{new}/release", data={"csrf": csrf})
+        assert released.status_code == 303
+        assert new not in await _hold_ids(api)
+
+
 async def test_a_wrong_token_at_sign_in_is_refused_and_slowed(api: Api) -> None:
     async with api.client(follow_redirects=False) as http:
         took = []
@@ -257,3 +288,69 @@ async def test_console_pages_have_a_csp_and_no_inline_script_style_or_outside_ad
             answer = await anonymous.get(asset)
             assert answer.status_code == 200, asset
             assert not re.search(r"https?:|@import|url\(", answer.text), asset
+
+
+async def test_no_subject_id_in_any_access_log_line(api: Api) -> None:
+    lines = api.log.lines
+    assert any("/console/requests/" in line for line in lines)  # the log is being read
+    for patient in api.hospital.patients:
+        assert not [line for line in lines if patient.patient_id in line]
+        assert not [line for line in lines if patient.email in line]
+
+
+def _row(state: str, deadline: timedelta, *, overdue: bool = False) -> dict[str, object]:
+    now = datetime.now(UTC)
+    listed = RequestListed(
+        id=f"erasure-{state}{deadline.days}", tenant="t", state=state, running=True
+    )
+    status = ErasureStatus(
+        request_id=listed.id,
+        subject_ref="ref",
+        state=state,  # type: ignore[arg-type]
+        received_at=now - timedelta(days=20),
+        deadline=now + deadline,
+        overdue=overdue,
+    )
+    return {"listed": listed, "status": status, "due": console._due(listed, status, now)}
+
+
+def test_overdue_and_due_this_week_rows_stand_out_in_words_not_colour_alone() -> None:
+    rows = [
+        _row("erasing", timedelta(days=-1)),
+        _row("awaiting_approval", timedelta(days=3)),
+        _row("erasing", timedelta(days=20)),
+        _row("completed", timedelta(days=-5)),
+        _row("waiting_window", timedelta(days=9), overdue=True),
+    ]
+    assert [row["due"] for row in rows] == ["overdue", "soon", "", "", "overdue"]
+    page = console.templates.get_template("console/queue.html").render(
+        user=Principal("dpo", "dpo", "t", "session"),
+        csrf="c",
+        path="/console",
+        rows=rows,
+        states=console.STATES,
+        state="",
+    )
+    body = [tr for tr in re.findall(r"<tr[^>]*>.*?</tr>", page, re.DOTALL)][1:]
+    assert ['class="due-overdue"' in tr and "Overdue</span>" in tr for tr in body] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert ['class="due-soon"' in tr and "Due within 7 days</span>" in tr for tr in body] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
+def test_a_step_s_legal_bases_are_each_named_once() -> None:
+    decisions = [
+        Decision(rule="a", strategy="delete", citation="GDPR Art. 17(1)"),
+        Decision(rule="b", strategy="delete", citation="GDPR Art. 17(1); Art. 5(1)(e)"),
+    ]
+    assert console._bases(decisions) == "GDPR Art. 17(1); Art. 5(1)(e)"

@@ -143,6 +143,23 @@ async def test_a_dpo_erases_a_patient_from_the_console(browser: Browser, api: Ap
     await expect(row).to_contain_text("completed")
     await expect(row).to_contain_text("dpo-a")
     await _shot(page, "08-queue-after")
+
+    await page.get_by_role("link", name="Legal holds").click()
+    await expect(page.get_by_role("heading", name="Place a hold")).to_be_visible()
+    # The form shows the field that fits the scope: the subject id, or the value.
+    await expect(page.get_by_label("Subject id")).to_be_visible()
+    await expect(page.get_by_label("Tenant, system or category")).to_be_hidden()
+    await page.get_by_label("Scope", exact=True).select_option("system")
+    await expect(page.get_by_label("Subject id")).to_be_hidden()
+    await expect(page.get_by_label("Tenant, system or category")).to_be_visible()
+    await _shot(page, "09-holds")
+    await page.get_by_role("link", name="Ledger").click()
+    await expect(page.get_by_text("Intact")).to_be_visible()
+    await expect(page.get_by_role("cell", name="erasure.approved").first).to_be_visible()
+    await _shot(page, "10-ledger")
+    await page.get_by_role("link", name="Retention").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("Retention runs")
+    await _shot(page, "11-retention")
     assert not problems, problems  # no CSP violation, no script error
 
     # A DPO of another tenant: the request is not in their queue, and its page is a 404.
@@ -152,7 +169,7 @@ async def test_a_dpo_erases_a_patient_from_the_console(browser: Browser, api: Ap
     answer = await other.goto(f"/console/requests/{request_id}")
     assert answer is not None and answer.status == 404
     await expect(other.get_by_role("heading", level=1)).to_have_text("Not found")
-    await _shot(other, "09-other-tenant-not-found")
+    await _shot(other, "12-other-tenant-not-found")
 
 
 async def test_no_patient_id_or_email_in_any_access_log_line(api: Api) -> None:
