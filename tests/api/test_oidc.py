@@ -218,6 +218,23 @@ async def test_each_bad_token_is_refused_for_its_own_reason(oidc_api: OidcApi) -
     assert verifier.principal_of(await verifier.claims(good, audience=AUDIENCE)).role == "auditor"
 
 
+async def test_an_ec_key_signs_too_but_only_with_its_own_algorithm(oidc_api: OidcApi) -> None:
+    provider = oidc_api.provider
+    rsa_key, ec_key = provider.signing, Key.ec("ec-1")
+    provider.keys.append(ec_key)
+    verifier = OidcVerifier(trusting(api_settings(oidc_api.api.hospital), provider))
+    auditor = {"lethe_role": "auditor"}
+    found = await verifier.principal(provider.sign(auditor, key=ec_key))
+    assert found is not None and found.role == "auditor"
+    # An EC signature under the RSA key's id: the header's algorithm is not that key's.
+    confused = provider.sign(auditor, key=ec_key, headers={"kid": rsa_key.kid})
+    with pytest.raises(TokenRefused, match="not its key's"):
+        await verifier.claims(confused, audience=AUDIENCE)
+    # RS256 under the EC key's id (and the RSA key's private half): the key cannot be RSA's.
+    swapped = provider.sign(auditor, key=Key(ec_key.kid, rsa_key.private))
+    assert await verifier.principal(swapped) is None
+
+
 async def test_a_large_key_set_is_read_whole_and_a_huge_one_refused(oidc_api: OidcApi) -> None:
     provider = oidc_api.provider
     settings = trusting(api_settings(oidc_api.api.hospital), provider)
