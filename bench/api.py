@@ -117,6 +117,8 @@ class Options:
     """Calls of each layer in the one-at-a-time breakdown of a status read."""
     entries: int = 10_000_000
     keep: bool = False
+    profile: Path | None = None
+    """A folder for cProfile's output of each `lethe serve` (status.prof, audit.prof)."""
     status: bool = True
     audit: bool = True
 
@@ -174,7 +176,8 @@ async def measure_status(
     ids = await awaiting_approval(client, subjects)
     console.print(f"status: {len(ids)} requests awaiting approval; worker pid {worker.pid}")
     tokens = await dpo_tokens(store_url, options.clients)
-    lethe = ServerProcess.lethe(dict(os.environ), workdir / "serve-status.log")
+    profile = options.profile / "status.prof" if options.profile else None
+    lethe = ServerProcess.lethe(dict(os.environ), workdir / "serve-status.log", profile)
     bare = ServerProcess.bare(dict(os.environ), workdir / "bare.log")
     for server in (lethe, bare):
         cleanup.undo(server.name, server.stop)
@@ -234,7 +237,8 @@ async def measure_audit(
     auditors = await audit.auditor_tokens(seeded.url)
     env = {**os.environ, "LETHE_STORE_URL": seeded.url, "LETHE_API_STORE_URL": role_url}
     env.pop("LETHE_CONTROL_QUEUE", None)
-    server = ServerProcess.lethe(env, workdir / "serve-audit.log")
+    profile = options.profile / "audit.prof" if options.profile else None
+    server = ServerProcess.lethe(env, workdir / "serve-audit.log", profile)
     cleanup.undo("the audit API server", server.stop)
     await server.start()
     window = audit.Window.middle_year(seeded.first_at)
@@ -324,6 +328,9 @@ def options_from(argv: Sequence[str] | None) -> tuple[Options, Path | None, bool
     parser.add_argument("--entries", type=int, help="ledger entries seeded (10,000,000)")
     parser.add_argument("--keep", action="store_true", help="keep (and reuse) the seeded store")
     parser.add_argument("--only", choices=("status", "audit"), help="one part only")
+    parser.add_argument(
+        "--profile", type=Path, help="run each `lethe serve` under cProfile, its output here"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -343,6 +350,7 @@ def options_from(argv: Sequence[str] | None) -> tuple[Options, Path | None, bool
         options,
         **changes,  # type: ignore[arg-type]
         keep=args.keep,
+        profile=args.profile,
         status=args.only in (None, "status"),
         audit=args.only in (None, "audit"),
     )

@@ -45,10 +45,14 @@ class ServerProcess:
         self.process: asyncio.subprocess.Process | None = None
 
     @classmethod
-    def lethe(cls, env: dict[str, str], log: Path) -> ServerProcess:
-        """`lethe serve`, with the settings in `env`."""
-        command = str(Path(sys.executable).parent / "lethe")
-        return cls("lethe serve", [command, "serve"], env, log, "/v1/health")
+    def lethe(cls, env: dict[str, str], log: Path, profile: Path | None = None) -> ServerProcess:
+        """`lethe serve`, with the settings in `env`; under cProfile, written to `profile` when
+        it stops, if given."""
+        command = [str(Path(sys.executable).parent / "lethe"), "serve"]
+        if profile is not None:
+            profiled = ["-m", "bench.api_parts.profiled", "serve"]
+            command = [sys.executable, "-m", "cProfile", "-o", str(profile), *profiled]
+        return cls("lethe serve", command, env, log, "/v1/health")
 
     @classmethod
     def bare(cls, env: dict[str, str], log: Path) -> ServerProcess:
