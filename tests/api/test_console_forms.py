@@ -306,7 +306,7 @@ def _row(state: str, deadline: timedelta, *, overdue: bool = False) -> dict[str,
     status = ErasureStatus(
         request_id=listed.id,
         subject_ref="ref",
-        state=state,  # type: ignore[arg-type]
+        state=state,
         received_at=now - timedelta(days=20),
         deadline=now + deadline,
         overdue=overdue,
@@ -354,3 +354,11 @@ def test_a_step_s_legal_bases_are_each_named_once() -> None:
         Decision(rule="b", strategy="delete", citation="GDPR Art. 17(1); Art. 5(1)(e)"),
     ]
     assert console._bases(decisions) == "GDPR Art. 17(1); Art. 5(1)(e)"
+
+
+def test_the_sign_in_page_offers_the_organisation_s_sign_in_only_when_oidc_is_set() -> None:
+    form = console.templates.get_template("console/sign_in.html")
+    values = {"user": None, "csrf": "", "path": "/console/sign-in", "message": ""}
+    with_oidc = form.render(values | {"sign_in_csrf": "c", "oidc": True})
+    assert '<a href="/console/oidc/login">Sign in with your organisation</a>' in with_oidc
+    assert "/console/oidc/login" not in form.render(values | {"sign_in_csrf": "c", "oidc": False})
