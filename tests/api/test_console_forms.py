@@ -234,11 +234,34 @@ async def test_the_console_keeps_the_api_s_grants_and_tenants(api: Api) -> None:
         )
         assert refused.status_code == 403
         assert (await auditor.get("/console/requests/new")).status_code == 403
-    async with _signed_in(api, "dpo-b") as (other, _):
+    async with _signed_in(api, "dpo-b") as (other, other_csrf):
         assert (await other.get(f"/console/requests/{request_id}")).status_code == 404
         assert request_id not in (await other.get("/console")).text
-    async with api.client("dpo-a") as bearer:
-        assert (await bearer.post(f"/v1/erasures/{request_id}/reject", json={})).status_code == 202
+        stolen = await other.post(
+            f"/console/requests/{request_id}/reject", data={"csrf": other_csrf}
+        )
+        assert stolen.status_code == 404
+    async with _signed_in(api, "dpo-a") as (http, csrf):
+        # An extension is one or two months, with a reason; its page shows it.
+        extend = f"/console/requests/{request_id}/extend"
+        too_long = await http.post(extend, data={"months": "3", "reason": "volume", "csrf": csrf})
+        assert too_long.status_code == 422
+        assert "months" in too_long.text
+        extended = await http.post(
+            extend, data={"months": "2", "reason": "many requests this month", "csrf": csrf}
+        )
+        assert extended.status_code == 303, extended.text
+        async with asyncio.timeout(30):
+            page = await http.get(f"/console/requests/{request_id}")
+            while "extended 2 months by dpo-a: many requests this month" not in page.text:
+                await asyncio.sleep(0.3)
+                page = await http.get(f"/console/requests/{request_id}")
+        assert f'action="{extend}"' not in page.text  # one extension only
+        queue = await http.get("/console")
+        assert "2 months" in queue.text
+        rejected = await http.post(f"/console/requests/{request_id}/reject", data={"csrf": csrf})
+        assert rejected.status_code == 303
+    await _state(api, request_id, "rejected")
 
 
 async def test_console_pages_have_a_csp_and_no_inline_script_style_or_outside_address(

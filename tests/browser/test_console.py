@@ -104,6 +104,12 @@ async def test_a_dpo_erases_a_patient_from_the_console(browser: Browser, api: Ap
     await _sign_in(page, api.secrets["dpo-a"])
     await expect(page.get_by_role("heading", level=1)).to_have_text("Erasure requests")
     await _shot(page, "02-queue")
+    # The keyboard reaches the skip link first, and the focus can be seen.
+    await page.keyboard.press("Tab")
+    focused = page.locator(":focus")
+    await expect(focused).to_have_text("Skip to the content")
+    await expect(focused).to_be_in_viewport()
+    assert await focused.evaluate("e => getComputedStyle(e).outlineStyle") == "solid"
 
     await page.get_by_role("link", name="New request").click()
     await page.get_by_label("Subject id").fill(patient.patient_id)
