@@ -27,13 +27,13 @@ from lethe.api import erasures, holds, ledger, operations
 from lethe.api.auth import Authenticator, principal
 from lethe.api.pages import environment
 from lethe.api.principals import Action, Principal
-from lethe.api.problems import ProblemError
+from lethe.api.problems import STATUS_OF, ProblemError
 from lethe.api.sessions import SESSION_COOKIE, Session
 from lethe.contracts import Decision, ErasureState, ErasureStatus, Subject
 from lethe.kernel import tenancy
-from lethe.kernel.errors import LetheError
+from lethe.kernel.errors import LetheError, ServiceUnavailable
 from lethe.sdk import requests
-from lethe.sdk.client import SETTLED_STATES
+from lethe.sdk.client import SETTLED_STATES, RequestFailed
 
 SIGN_IN_COOKIE = "lethe_sign_in"
 QUEUE_ROWS = 50
@@ -41,7 +41,15 @@ DUE_SOON = timedelta(days=7)
 STATUS_WAIT_SECONDS = 3.0
 STATES: tuple[str, ...] = get_args(ErasureState)
 HOLD_SCOPES = ("subject", "tenant", "system", "category")
-TITLES = {401: "Sign in again", 403: "Not allowed", 404: "Not found", 409: "Conflict"}
+TITLES = {
+    400: "Not done",
+    401: "Sign in again",
+    403: "Not allowed",
+    404: "Not found",
+    409: "Conflict",
+    422: "Check the form",
+    503: "Unavailable",
+}
 
 templates = environment.overlay()
 
@@ -80,7 +88,7 @@ class ConsoleRoute(APIRoute):
             except ProblemError as exc:
                 return _error(request, exc.problem.status, exc.problem.detail, exc.headers)
             except LetheError as exc:
-                return _error(request, 409, type(exc).__name__)
+                return _error(request, _status_of(exc), f"{type(exc).__name__}: {exc}")
             except RequestValidationError as exc:
                 return _error(request, 422, _fields(exc.errors()))
 
@@ -88,6 +96,11 @@ class ConsoleRoute(APIRoute):
 
 
 router = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
+
+
+def _status_of(exc: LetheError) -> int:
+    """The status the API answers this error with."""
+    return 503 if isinstance(exc, ServiceUnavailable) else STATUS_OF.get(type(exc).__name__, 400)
 
 
 def _fields(errors: Iterable[Any]) -> str:
@@ -306,7 +319,7 @@ async def request_page(request: Request, request_id: str, user: User) -> HTMLRes
     """A request: its state, plan with legal bases, decisions, live progress, certificate."""
     try:
         view = await erasures.status(request_id, request, user)
-    except LetheError as exc:
+    except RequestFailed as exc:
         # Visible (checked first by `status`) but without a status: it ended in a failure.
         owner = await erasures.visible(erasures.client_of(request), user, request_id)
         return _page(request, "failed.html", request_id=request_id, owner=owner, problem=str(exc))
@@ -374,14 +387,21 @@ async def extend(
 async def holds_page(request: Request, user: User) -> HTMLResponse:
     """Legal holds of the user's tenant, and the form to place one."""
     _allowed(user, "holds.read")
+    return await _holds_page(request, user)
+
+
+async def _holds_page(
+    request: Request, user: Principal, status: int = 200, problem: str = ""
+) -> HTMLResponse:
     found = await holds.list_holds(request, user, include_released=False)
     return _page(
         request,
         "holds.html",
+        status,
         holds=found,
         scopes=HOLD_SCOPES,
         may_write=user.may("holds.write"),
-        problem="",
+        problem=problem,
     )
 
 
@@ -411,16 +431,7 @@ async def place_hold(
             }
         )
     except ValidationError as exc:
-        found = await holds.list_holds(request, user, include_released=False)
-        return _page(
-            request,
-            "holds.html",
-            422,
-            holds=found,
-            scopes=HOLD_SCOPES,
-            may_write=True,
-            problem=_fields(exc.errors()),
-        )
+        return await _holds_page(request, user, 422, _fields(exc.errors()))
     await holds.place(body, request, user)
     return _see_other("/console/holds")
 
