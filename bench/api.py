@@ -52,7 +52,7 @@ from dataclasses import dataclass, replace
 from rich.console import Console
 
 from bench import BenchError
-from bench.api_parts import audit, ledger_seed
+from bench.api_parts import audit, ledger_seed, served
 from bench.api_parts.bare import PATH as BARE_PATH
 from bench.api_parts.load import Client, drive
 from bench.api_parts.result import (
@@ -217,41 +217,15 @@ async def measure_status(
     return rows, layers
 
 
-async def measure_audit(
-    cleanup: Cleanup, options: Options, workdir: Path
-) -> tuple[list[Row], ledger_seed.Seeded, str]:
-    """Part 2: the audit query over the seeded ledger, and its raw floor; and its plan."""
-    server_url = stack_variable("LETHE_STORE_URL")
-    console.print(f"audit: a store with {options.entries:,} ledger entries")
-    if not options.keep:  # undone last: the role once the database with its grants is gone
-        cleanup.undo("the API's role", lambda: audit.drop_role(server_url, options.entries))
-    seeded = await ledger_seed.seed(
-        server_url, options.entries, lambda line: console.print(line), reuse=options.keep
-    )
-    if not options.keep:
-        cleanup.undo(
-            "the seeded store",
-            lambda: asyncio.to_thread(ledger_seed.drop, server_url, options.entries),
-        )
-    role_url = await audit.api_role_url(seeded.url, options.entries)
-    auditors = await audit.auditor_tokens(seeded.url)
-    env = {**os.environ, "LETHE_STORE_URL": seeded.url, "LETHE_API_STORE_URL": role_url}
-    env.pop("LETHE_CONTROL_QUEUE", None)
-    profile = options.profile / "audit.prof" if options.profile else None
-    server = ServerProcess.lethe(env, workdir / "serve-audit.log", profile)
-    cleanup.undo("the audit API server", server.stop)
-    await server.start()
-    window = audit.Window.middle_year(seeded.first_at)
-    tenants = [ledger_seed.TENANTS[i % len(ledger_seed.TENANTS)] for i in range(options.clients)]
-    clients = [
-        Client({"Authorization": f"Bearer {auditors[tenant]}"}, audit.paths(window, tenant))
-        for tenant in tenants
-    ]
+async def audit_reads(
+    server: ServerProcess, clients: list[Client], options: Options, name: str
+) -> list[Row]:
+    """The auditors' reads through one server, back to back, then paced."""
     pids = _pids(lethe_serve=server.pid, bench_clients=os.getpid())
     rows = []
     for pace in [0.0, options.pace] if options.pace else [0.0]:
         how = "back to back" if not pace else f"each every {pace * 1000:.0f} ms"
-        console.print(f"audit: {len(clients)} auditors, {how}, {options.seconds:.0f} s")
+        console.print(f"{name}: {len(clients)} auditors, {how}, {options.seconds:.0f} s")
         load = await drive(
             server.base,
             clients,
@@ -261,13 +235,15 @@ async def measure_audit(
             pids=pids,
             trees=_trees(),
         )
-        rows.append(Row.of("audit", len(clients), pace, load))
-    dsn = audit.owner_dsn(seeded.url)
-    built = await audit.search_statement(seeded.url, window)
-    statements = {"audit floor": built}
-    if (by_time := built.by_time()) is not None:
-        statements["floor by (at, seq)"] = by_time
-    plans = []
+        rows.append(Row.of(name, len(clients), pace, load))
+    return rows
+
+
+async def audit_floors(
+    dsn: str, statements: dict[str, audit.Statement], window: audit.Window, options: Options
+) -> tuple[list[Row], list[str]]:
+    """Each statement run directly, one connection then one per client; and their plans."""
+    rows, plans = [], []
     for name, statement in statements.items():
         plan = await audit.explain(dsn, statement, window, ledger_seed.TENANTS[1], "step.done")
         plans.append(f"{name}:\n{statement.text}\n{plan}")
@@ -284,7 +260,53 @@ async def measure_audit(
                 trees=_trees(),
             )
             rows.append(Row.of(name, connections, 0.0, floor))
-    return rows, seeded, "\n\n".join(plans)
+    return rows, plans
+
+
+async def measure_audit(
+    cleanup: Cleanup, options: Options, workdir: Path
+) -> tuple[list[Row], ledger_seed.Seeded, str]:
+    """Part 2: the audit query over the seeded ledger through the API, as `ledger.search`
+    builds it and (while that orders by seq alone) ordered by (at, seq); their raw floors; and
+    their plans."""
+    server_url = stack_variable("LETHE_STORE_URL")
+    console.print(f"audit: a store with {options.entries:,} ledger entries")
+    if not options.keep:  # undone last: the role once the database with its grants is gone
+        cleanup.undo("the API's role", lambda: audit.drop_role(server_url, options.entries))
+    seeded = await ledger_seed.seed(
+        server_url, options.entries, lambda line: console.print(line), reuse=options.keep
+    )
+    if not options.keep:
+        cleanup.undo(
+            "the seeded store",
+            lambda: asyncio.to_thread(ledger_seed.drop, server_url, options.entries),
+        )
+    role_url = await audit.api_role_url(seeded.url, options.entries)
+    auditors = await audit.auditor_tokens(seeded.url)
+    window = audit.Window.middle_year(seeded.first_at)
+    tenants = [ledger_seed.TENANTS[i % len(ledger_seed.TENANTS)] for i in range(options.clients)]
+    clients = [
+        Client({"Authorization": f"Bearer {auditors[tenant]}"}, audit.paths(window, tenant))
+        for tenant in tenants
+    ]
+    built = await audit.search_statement(seeded.url, window)
+    statements = {"audit floor": built}
+    variants: dict[str, dict[str, str]] = {"audit": {}}
+    if (by_time := built.by_time()) is not None:
+        statements["floor by (at, seq)"] = by_time
+        variants["audit by (at, seq)"] = {served.BY_TIME: "1"}
+    env = {**os.environ, "LETHE_STORE_URL": seeded.url, "LETHE_API_STORE_URL": role_url}
+    env.pop("LETHE_CONTROL_QUEUE", None)
+    rows = []
+    for name, extra in variants.items():
+        profile = options.profile / f"{name.replace(' ', '-')}.prof" if options.profile else None
+        server = ServerProcess.lethe({**env, **extra}, workdir / f"serve-{name}.log", profile)
+        cleanup.undo(f"the {name} API server", server.stop)
+        await server.start()
+        rows += await audit_reads(server, clients, options, name)
+        await server.stop()
+    floors, plans = await audit_floors(audit.owner_dsn(seeded.url), statements, window, options)
+    return rows + floors, seeded, "\n\n".join(plans)
 
 
 async def run(options: Options, json_path: Path | None) -> Result:
@@ -304,7 +326,10 @@ async def run(options: Options, json_path: Path | None) -> Result:
         if options.audit:
             rows, seeded, plan = await measure_audit(cleanup, options, workdir)
             result.rows += rows
-            result.verdicts += [audit_verdict(row) for row in rows if row.name == "audit"]
+            reads = [
+                row for row in rows if row.name.startswith("audit") and "floor" not in row.name
+            ]
+            result.verdicts += [audit_verdict(row) for row in reads]
             result.seeded_entries = seeded.entries
             result.seed_seconds = seeded.seconds
             result.seed_reused = seeded.reused

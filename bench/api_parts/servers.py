@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.api_parts import bare
+from bench.api_parts import bare, served
 from bench.harness.stack import ROOT
 
 LOG_TAIL = 3000
@@ -47,11 +47,12 @@ class ServerProcess:
     @classmethod
     def lethe(cls, env: dict[str, str], log: Path, profile: Path | None = None) -> ServerProcess:
         """`lethe serve`, with the settings in `env`; under cProfile, written to `profile` when
-        it stops, if given."""
+        it stops, if given; with the audit query by time if `env` sets BENCH_LEDGER_BY_TIME."""
         command = [str(Path(sys.executable).parent / "lethe"), "serve"]
+        if profile is not None or env.get(served.BY_TIME):
+            command = [sys.executable, "-m", "bench.api_parts.served", "serve"]
         if profile is not None:
-            profiled = ["-m", "bench.api_parts.profiled", "serve"]
-            command = [sys.executable, "-m", "cProfile", "-o", str(profile), *profiled]
+            command = [sys.executable, "-m", "cProfile", "-o", str(profile), *command[1:]]
         return cls("lethe serve", command, env, log, "/v1/health")
 
     @classmethod
