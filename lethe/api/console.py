@@ -29,7 +29,7 @@ from lethe.api.pages import environment
 from lethe.api.principals import Action, Principal
 from lethe.api.problems import STATUS_OF, ProblemError
 from lethe.api.sessions import SESSION_COOKIE, Session
-from lethe.contracts import Decision, ErasureState, ErasureStatus, Subject
+from lethe.contracts import ErasureState, ErasureStatus, Subject
 from lethe.kernel import tenancy
 from lethe.kernel.errors import LetheError, ServiceUnavailable
 from lethe.sdk import requests
@@ -58,14 +58,7 @@ def _when(moment: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
     return moment.astimezone(UTC).strftime(fmt) if moment else "—"
 
 
-def _bases(decisions: Iterable[Decision]) -> str:
-    """A step's legal bases: its decisions' citations, each part once, in order."""
-    parts = [part.strip() for d in decisions for part in d.citation.split(";")]
-    return "; ".join(dict.fromkeys(part for part in parts if part))
-
-
 templates.filters["when"] = _when
-templates.filters["bases"] = _bases
 templates.filters["day"] = lambda moment: _when(moment, "%Y-%m-%d")
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from lethe.contracts import Certificate
+from lethe.contracts import Certificate, Decision
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 STATIC = Path(__file__).resolve().parent / "static"
@@ -17,6 +18,15 @@ environment = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def legal_bases(decisions: Iterable[Decision]) -> str:
+    """A step's legal bases: its decisions' citations, each part once, in order."""
+    parts = [part.strip() for d in decisions for part in d.citation.split(";")]
+    return "; ".join(dict.fromkeys(part for part in parts if part))
+
+
+environment.filters["bases"] = legal_bases
 
 
 def certificate_page(certificate: Certificate) -> str:

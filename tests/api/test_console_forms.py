@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi import Response
 
-from lethe.api import console
+from lethe.api import console, pages
 from lethe.api.principals import Principal
 from lethe.api.sessions import SESSION_COOKIE, Sessions
 from lethe.contracts import Decision, ErasureStatus
@@ -376,7 +376,7 @@ def test_a_step_s_legal_bases_are_each_named_once() -> None:
         Decision(rule="a", strategy="delete", citation="GDPR Art. 17(1)"),
         Decision(rule="b", strategy="delete", citation="GDPR Art. 17(1); Art. 5(1)(e)"),
     ]
-    assert console._bases(decisions) == "GDPR Art. 17(1); Art. 5(1)(e)"
+    assert pages.legal_bases(decisions) == "GDPR Art. 17(1); Art. 5(1)(e)"
 
 
 def test_the_sign_in_page_offers_the_organisation_s_sign_in_only_when_oidc_is_set() -> None:
