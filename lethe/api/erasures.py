@@ -22,7 +22,7 @@ from lethe.api.auth import require
 from lethe.api.bodies import Body
 from lethe.api.pages import certificate_page
 from lethe.api.principals import Principal
-from lethe.api.problems import ProblemError, not_found, of_error
+from lethe.api.problems import EVERY_ENDPOINT, ProblemError, not_found, of_error, responses
 from lethe.contracts import (
     ApprovalDecision,
     BulkRequest,
@@ -39,10 +39,12 @@ from lethe.kernel.errors import LetheError
 from lethe.sdk import bulk, requests
 from lethe.sdk.client import SETTLED_STATES, Client, UnknownRequest
 
-router = APIRouter(prefix="/v1/erasures", tags=["erasures"])
+router = APIRouter(prefix="/v1/erasures", tags=["erasures"], responses=responses(*EVERY_ENDPOINT))
 FOLLOW_EVERY_SECONDS = 1.0
 FOLLOW_AT_MOST_SECONDS = 3600.0
 BULK_MAX_IN_BODY = 10_000
+DECIDED = responses(404, 409)
+"""A decision: to a request not seen (404), or one that has settled (409)."""
 
 
 def client_of(request: Request) -> Client:
@@ -148,7 +150,7 @@ async def submit(
     )
 
 
-@router.post("/plan", response_model=DryRun)
+@router.post("/plan", response_model=DryRun, responses=responses(409))
 async def plan(
     body: ErasureSubmit,
     request: Request,
@@ -189,7 +191,7 @@ async def submit_bulk(
     return Accepted(id=bulk_id, status=f"/v1/erasures/bulk/{bulk_id}")
 
 
-@router.get("/bulk/{bulk_id}")
+@router.get("/bulk/{bulk_id}", responses=responses(404))
 async def bulk_progress(
     bulk_id: str,
     request: Request,
@@ -243,7 +245,7 @@ async def list_requests(
     return found
 
 
-@router.get("/{request_id}", response_model=RequestView)
+@router.get("/{request_id}", response_model=RequestView, responses=responses(404, 409))
 async def status(
     request_id: str,
     request: Request,
@@ -260,7 +262,7 @@ async def status(
     )
 
 
-@router.get("/{request_id}/plan", response_model=Plan | None)
+@router.get("/{request_id}/plan", response_model=Plan | None, responses=responses(404))
 async def plan_of(
     request_id: str,
     request: Request,
@@ -284,7 +286,7 @@ async def _followed(
     return request_id
 
 
-@router.get("/{request_id}/events", response_class=EventSourceResponse)
+@router.get("/{request_id}/events", response_class=EventSourceResponse, responses=responses(404))
 async def follow(
     followed: Annotated[str, Depends(_followed)],
     request: Request,
@@ -329,7 +331,7 @@ async def _decided(
     return Accepted(id=request_id, status=f"/v1/erasures/{request_id}")
 
 
-@router.post("/{request_id}/approve", status_code=202, response_model=Accepted)
+@router.post("/{request_id}/approve", status_code=202, response_model=Accepted, responses=DECIDED)
 async def approve(
     request_id: str,
     body: Note,
@@ -343,7 +345,7 @@ async def approve(
     )
 
 
-@router.post("/{request_id}/reject", status_code=202, response_model=Accepted)
+@router.post("/{request_id}/reject", status_code=202, response_model=Accepted, responses=DECIDED)
 async def reject(
     request_id: str,
     body: Note,
@@ -357,7 +359,7 @@ async def reject(
     )
 
 
-@router.post("/{request_id}/extend", status_code=202, response_model=Accepted)
+@router.post("/{request_id}/extend", status_code=202, response_model=Accepted, responses=DECIDED)
 async def extend(
     request_id: str,
     body: ExtensionAsked,
@@ -371,7 +373,7 @@ async def extend(
     )
 
 
-@router.post("/{request_id}/recheck", status_code=202, response_model=Accepted)
+@router.post("/{request_id}/recheck", status_code=202, response_model=Accepted, responses=DECIDED)
 async def recheck(
     request_id: str,
     request: Request,
@@ -381,7 +383,7 @@ async def recheck(
     return await _decided(request, principal, request_id, lambda client: client.recheck(request_id))
 
 
-@router.get("/{request_id}/certificate", response_model=Certificate)
+@router.get("/{request_id}/certificate", response_model=Certificate, responses=responses(404))
 async def certificate(
     request_id: str,
     request: Request,
@@ -393,7 +395,7 @@ async def certificate(
     return await client.certificate(request_id)
 
 
-@router.get("/{request_id}/certificate.html", response_class=HTMLResponse)
+@router.get("/{request_id}/certificate.html", response_class=HTMLResponse, responses=responses(404))
 async def certificate_html(
     request_id: str,
     request: Request,

@@ -12,11 +12,11 @@ from lethe.api.auth import require
 from lethe.api.bodies import Body
 from lethe.api.erasures import client_of
 from lethe.api.principals import Principal
-from lethe.api.problems import ProblemError, not_found
+from lethe.api.problems import EVERY_ENDPOINT, ProblemError, not_found, responses
 from lethe.classification.taxonomy import UnknownCategory, category
 from lethe.contracts import TENANT_PATTERN, Hold
 
-router = APIRouter(prefix="/v1/holds", tags=["holds"])
+router = APIRouter(prefix="/v1/holds", tags=["holds"], responses=responses(*EVERY_ENDPOINT))
 
 
 class HoldSubject(Body):
@@ -90,7 +90,7 @@ async def place(
     )
 
 
-@router.post("/{hold_id}/release", response_model=Hold)
+@router.post("/{hold_id}/release", response_model=Hold, responses=responses(404))
 async def release(
     hold_id: str,
     request: Request,

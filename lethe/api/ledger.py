@@ -11,12 +11,13 @@ from pydantic import BaseModel
 
 from lethe.api.auth import require
 from lethe.api.principals import Principal
+from lethe.api.problems import EVERY_ENDPOINT, responses
 from lethe.contracts import TENANT_PATTERN, LedgerEntry
 from lethe.evidence import ledger
 from lethe.evidence.store import engine_for
 from lethe.kernel import tenancy
 
-router = APIRouter(prefix="/v1/ledger", tags=["ledger"])
+router = APIRouter(prefix="/v1/ledger", tags=["ledger"], responses=responses(*EVERY_ENDPOINT))
 PAGE_MAX = 500
 
 

@@ -12,6 +12,7 @@ from lethe.api.auth import require
 from lethe.api.bodies import Body
 from lethe.api.erasures import client_of
 from lethe.api.principals import Principal
+from lethe.api.problems import EVERY_ENDPOINT, responses
 from lethe.contracts import TENANT_PATTERN, SweepReport
 from lethe.evidence import tokens
 from lethe.evidence.store import engine_for
@@ -19,7 +20,7 @@ from lethe.kernel import tenancy
 from lethe.sdk import retention
 from lethe.sdk.rotation import KeysReport, keys_report
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], responses=responses(*EVERY_ENDPOINT))
 
 
 @router.get("/v1/keys", response_model=KeysReport)
@@ -44,7 +45,7 @@ async def retention_runs(
         return await retention.recent(client_of(request).settings, limit)
 
 
-@router.get("/v1/retention/runs/{run_id}", response_model=SweepReport)
+@router.get("/v1/retention/runs/{run_id}", response_model=SweepReport, responses=responses(404))
 async def retention_run(
     run_id: str,
     request: Request,
@@ -102,7 +103,7 @@ async def list_tokens(
     return await tokens.list_tokens(store, include_revoked=include_revoked)
 
 
-@router.delete("/v1/tokens/{token_id}", response_model=tokens.ApiToken)
+@router.delete("/v1/tokens/{token_id}", response_model=tokens.ApiToken, responses=responses(404))
 async def revoke_token(
     token_id: str,
     request: Request,

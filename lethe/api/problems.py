@@ -7,6 +7,8 @@ in a request body stays out of the answer and out of the logs.
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +19,7 @@ from starlette.exceptions import HTTPException
 from lethe.kernel.errors import LetheError, ServiceUnavailable
 
 MEDIA_TYPE = "application/problem+json"
+_STATUSES = {status.value for status in HTTPStatus}
 log = logging.getLogger("lethe.api")
 
 
@@ -46,6 +49,33 @@ class ProblemError(Exception):
         super().__init__(title)
         self.problem = Problem(title=title, status=status, detail=detail)
         self.headers = headers
+
+
+_DECLARED: dict[int, str] = {
+    400: "The body cannot be read (not JSON, not UTF-8), or Lethe refused the request (the "
+    "title names the reason)",
+    401: "No valid credentials: a bearer token, an OIDC token or a session",
+    403: "The role may not do this, or the request names another tenant",
+    404: "No such object, or not one this principal may see (the same answer for both)",
+    409: "The object is not in a state that allows this (settled, failed, still running)",
+    422: "The request does not have the expected shape (`errors` names the fields), or was "
+    "refused as a whole",
+    503: "A service Lethe needs does not answer",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI declarations of the problem documents an endpoint may answer with."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {
+        status: {"description": _DECLARED[status], "content": {MEDIA_TYPE: {"schema": schema}}}
+        for status in statuses
+    }
+
+
+EVERY_ENDPOINT = (400, 401, 403, 422, 503)
+"""What any endpoint that needs a principal may answer: an unreadable body, no principal, no
+grant, a bad shape, a service down."""
 
 
 def not_found(what: str) -> ProblemError:
@@ -106,7 +136,7 @@ async def _problem(request: Request, exc: Exception) -> JSONResponse:
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else ""
-    title = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, "Error")
+    title = HTTPStatus(exc.status_code).phrase if exc.status_code in _STATUSES else "Error"
     return _answer(
         Problem(title=title, status=exc.status_code, detail=detail),
         dict(exc.headers) if exc.headers else None,
@@ -131,8 +161,24 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _answer(Problem(title="Internal Server Error", status=500, detail=type(exc).__name__))
 
 
+def _schemas() -> dict[str, Any]:
+    """Problem and FieldProblem as OpenAPI component schemas."""
+    schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {**schema.pop("$defs"), "Problem": schema}
+
+
 def install(app: FastAPI) -> None:
-    """Answer every error of `app` with a problem document."""
+    """Answer every error of `app` with a problem document, and put the problem document's
+    schema in `app`'s OpenAPI document (for the routers' `responses(...)`)."""
+    generate = app.openapi
+
+    def documented() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(_schemas())
+        return app.openapi_schema or {}
+
+    app.openapi = documented  # type: ignore[method-assign]
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ProblemError, _problem)
     app.add_exception_handler(HTTPException, _http)

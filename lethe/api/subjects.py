@@ -13,13 +13,13 @@ from lethe.api.auth import require
 from lethe.api.bodies import Body
 from lethe.api.erasures import client_of
 from lethe.api.principals import Principal
-from lethe.api.problems import ProblemError
+from lethe.api.problems import EVERY_ENDPOINT, ProblemError, responses
 from lethe.contracts import TENANT_PATTERN
 from lethe.evidence.forget_list import ForgetListEntry
 from lethe.sdk import requests
 from lethe.sdk.client import UnknownRequest
 
-router = APIRouter(tags=["subjects"])
+router = APIRouter(tags=["subjects"], responses=responses(*EVERY_ENDPOINT))
 
 
 class SubjectLookup(Body):
