@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from lethe.cli.common import err
+from lethe.cli.common import err, run
 from lethe.kernel.config import HostPort, load_settings
+from lethe.sdk.client import Client
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -33,24 +34,34 @@ def serve(
             raise typer.BadParameter(
                 "takes host:port, e.g. 127.0.0.1:8700", param_hint="--bind"
             ) from None
+    run(_serve(bind))
+
+
+async def _serve(bind: str | None) -> int:
     import uvicorn  # imported here: the other commands start without the web stack
 
-    from lethe.api.app import create_app
+    from lethe.api.app import api_settings, create_app
 
-    settings = load_settings()
+    settings = api_settings(load_settings())
     host, _, port = (bind or settings.api_bind).rpartition(":")
+    # Connected before serving: a setting or a service that is missing is one clear line.
+    client = await Client.connect(settings)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, client),
+            host=host.strip("[]"),
+            port=int(port),
+            log_config=None,
+            server_header=False,
+            proxy_headers=False,
+        )
+    )
     base = f"http://{host}:{port}"
     err.print(
         f"Lethe API on {base}/v1 (OpenAPI: {base}/openapi.json), console on {base}/console\n"
         "  sign in with a token from `lethe tokens create --role dpo --tenant <tenant>`",
         highlight=False,
     )
-    uvicorn.run(
-        create_app(settings),
-        host=host.strip("[]"),
-        port=int(port),
-        log_config=None,
-        server_header=False,
-        proxy_headers=False,
-    )
+    await server.serve()
+    return 0
