@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from lethe.api.auth import require
 from lethe.api.bodies import Body
@@ -45,6 +45,20 @@ FOLLOW_AT_MOST_SECONDS = 3600.0
 BULK_MAX_IN_BODY = 10_000
 DECIDED = responses(404, 409)
 """A decision: to a request not seen (404), or one that has settled (409)."""
+
+
+def _in_range(moment: datetime) -> datetime:
+    """A moment that has a UTC time (year 1 with a positive offset, or 9999 with a negative one,
+    has none)."""
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time is out of range once in UTC") from None
+    return moment
+
+
+Moment = Annotated[datetime, AfterValidator(_in_range)]
+"""A time parameter: refused (422) when it cannot be expressed in UTC."""
 
 
 def client_of(request: Request) -> Client:
@@ -227,7 +241,7 @@ async def list_requests(
     tenant: Annotated[str | None, Query(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")] = None,
     state: ErasureState | None = None,
     region: Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9-]{0,30}$")] = None,
-    since: datetime | None = None,
+    since: Moment | None = None,
     limit: Annotated[int, Query(ge=1, le=requests.MAX_LISTED)] = 50,
 ) -> list[requests.RequestListed]:
     """Erasure requests, newest first: by tenant, state, region and start date."""

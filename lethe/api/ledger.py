@@ -3,13 +3,13 @@ a page at a time), and the chain's verification."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
 from lethe.api.auth import require
+from lethe.api.erasures import Moment
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, responses
 from lethe.contracts import TENANT_PATTERN, LedgerEntry
@@ -19,6 +19,10 @@ from lethe.kernel import tenancy
 
 router = APIRouter(prefix="/v1/ledger", tags=["ledger"], responses=responses(*EVERY_ENDPOINT))
 PAGE_MAX = 500
+PRINTABLE = r"^[!-~]+$"
+"""Ids and actions are printable ASCII (a NUL byte is refused here, not by PostgreSQL)."""
+SEQ_MAX = 2**63 - 1
+"""The largest sequence number the ledger's BIGINT holds."""
 
 
 class LedgerPage(BaseModel):
@@ -41,11 +45,11 @@ async def entries(
     request: Request,
     principal: Annotated[Principal, Depends(require("ledger.read"))],
     tenant: Annotated[str | None, Query(pattern=TENANT_PATTERN)] = None,
-    request_id: Annotated[str | None, Query(max_length=100)] = None,
-    action: Annotated[str | None, Query(max_length=100)] = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    before_seq: Annotated[int | None, Query(ge=1)] = None,
+    request_id: Annotated[str | None, Query(max_length=100, pattern=PRINTABLE)] = None,
+    action: Annotated[str | None, Query(max_length=100, pattern=PRINTABLE)] = None,
+    since: Moment | None = None,
+    until: Moment | None = None,
+    before_seq: Annotated[int | None, Query(ge=1, le=SEQ_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 50,
 ) -> LedgerPage:
     """Ledger entries visible to this principal, newest first."""
