@@ -14,9 +14,10 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from lethe.api.auth import require
 from lethe.api.bodies import Body
@@ -59,6 +60,11 @@ def _in_range(moment: datetime) -> datetime:
 
 Moment = Annotated[datetime, AfterValidator(_in_range)]
 """A time parameter: refused (422) when it cannot be expressed in UTC."""
+TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+"""Free text (a reason, a note): lines and tabs, no other control character (PostgreSQL refuses
+a NUL byte; the rest have no business in evidence)."""
+NAME = r"^[^\x00-\x1f\x7f]+$"
+"""A name on one line: no control character."""
 
 
 def client_of(request: Request) -> Client:
@@ -72,7 +78,7 @@ class ErasureSubmit(Body):
 
     subject: Subject
     region: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,30}$")
-    reason: str = Field(default="", max_length=500)
+    reason: str = Field(default="", max_length=500, pattern=TEXT)
 
 
 class BulkSubject(Body):
@@ -88,7 +94,7 @@ class BulkSubmit(Body):
     tenant: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     subjects: list[BulkSubject] = Field(min_length=1, max_length=BULK_MAX_IN_BODY)
     region: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,30}$")
-    reason: str = Field(default="", max_length=500)
+    reason: str = Field(default="", max_length=500, pattern=TEXT)
 
 
 class Accepted(BaseModel):
@@ -111,14 +117,14 @@ class RequestView(BaseModel):
 class Note(Body):
     """A DPO's note on an approval or a rejection."""
 
-    note: str = Field(default="", max_length=1000)
+    note: str = Field(default="", max_length=1000, pattern=TEXT)
 
 
 class ExtensionAsked(Body):
     """An Art. 12(3) extension: one or two months, with the reason."""
 
     months: int = Field(ge=1, le=2)
-    reason: str = Field(min_length=3, max_length=1000)
+    reason: str = Field(min_length=3, max_length=1000, pattern=TEXT)
 
 
 def _tenant_allowed(principal: Principal, tenant: str) -> None:
@@ -190,10 +196,7 @@ async def submit_bulk(
 ) -> Accepted:
     """Submit a bulk erasure of one tenant's subjects; it is checked whole, then starts."""
     _tenant_allowed(principal, body.tenant)
-    subjects = [
-        Subject(tenant=body.tenant, subject_id=s.subject_id, identities=s.identities)
-        for s in body.subjects
-    ]
+    subjects = _bulk_subjects(body)
     bulk_id = await bulk.submit(
         client_of(request),
         tenant=body.tenant,
@@ -203,6 +206,27 @@ async def submit_bulk(
         region=body.region,
     )
     return Accepted(id=bulk_id, status=f"/v1/erasures/bulk/{bulk_id}")
+
+
+def _bulk_subjects(body: BulkSubmit) -> list[Subject]:
+    """The body's subjects, each checked as a Subject is (a printable id, identity names and
+    values); a 422 naming the subject's place, as a body's own errors do."""
+    found = []
+    for place, given in enumerate(body.subjects):
+        try:
+            found.append(
+                Subject(
+                    tenant=body.tenant, subject_id=given.subject_id, identities=given.identities
+                )
+            )
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [
+                    {**error, "loc": ("body", "subjects", place, *error["loc"])}
+                    for error in exc.errors(include_input=False, include_context=False)
+                ]
+            ) from None
+    return found
 
 
 @router.get("/bulk/{bulk_id}", responses=responses(404))

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from lethe.api.auth import require
 from lethe.api.bodies import Body
-from lethe.api.erasures import client_of
+from lethe.api.erasures import NAME, TEXT, client_of
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, ProblemError, not_found, responses
 from lethe.classification.taxonomy import UnknownCategory, category
@@ -29,10 +29,10 @@ class HoldSubject(Body):
 class HoldPlace(Body):
     """A hold to place: on a subject, a tenant, a system or a category."""
 
-    matter: str = Field(min_length=1, max_length=200)
+    matter: str = Field(min_length=1, max_length=200, pattern=NAME)
     scope: Literal["subject", "tenant", "system", "category"]
-    reason: str = Field(min_length=1, max_length=1000)
-    value: str | None = Field(default=None, min_length=1, max_length=200)
+    reason: str = Field(min_length=1, max_length=1000, pattern=TEXT)
+    value: str | None = Field(default=None, min_length=1, max_length=200, pattern=NAME)
     """The tenant, system or category (not for a subject hold)."""
     subject: HoldSubject | None = None
     """For a subject hold."""

@@ -21,8 +21,8 @@ router = APIRouter(prefix="/v1/ledger", tags=["ledger"], responses=responses(*EV
 PAGE_MAX = 500
 PRINTABLE = r"^[!-~]+$"
 """Ids and actions are printable ASCII (a NUL byte is refused here, not by PostgreSQL)."""
-SEQ_MAX = 2**63 - 1
-"""The largest sequence number the ledger's BIGINT holds."""
+SEQ_MAX = 2**31 - 1
+"""The largest sequence number the ledger's INTEGER column holds."""
 
 
 class LedgerPage(BaseModel):

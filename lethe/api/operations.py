@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from lethe.api.auth import require
 from lethe.api.bodies import Body
-from lethe.api.erasures import client_of
+from lethe.api.erasures import NAME, client_of
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, responses
 from lethe.contracts import TENANT_PATTERN, SweepReport
@@ -60,7 +60,7 @@ async def retention_run(
 class TokenAsked(Body):
     """A token to create."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NAME)
     role: tokens.Role
     tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)
     days: int = Field(default=90, ge=1, le=366)
