@@ -5,7 +5,7 @@ Run it after `scripts/stack up`:
 
     .venv/bin/python bench/api.py [--clients 50] [--seconds 20] [--pace-ms 1000]
                                   [--entries 10000000] [--keep] [--json FILE] [--strict]
-    .venv/bin/python bench/api.py --quick      # a small run (~1 min), a smoke check
+    .venv/bin/python bench/api.py --quick      # a small run (~75 s), a smoke check
 
 1. Status. A deployment of the run's own (the erasure benchmark's sample systems, a store
    database, a worker on its own region and control queue) with a policy asking for approval;
@@ -123,7 +123,7 @@ class Options:
     audit: bool = True
 
 
-QUICK = Options(seconds=5.0, warmup=1.0, requests=5, calls=50, entries=200_000)
+QUICK = Options(seconds=3.0, warmup=1.0, requests=5, calls=30, entries=200_000)
 
 
 def _pids(**named: int | None) -> dict[str, int]:
@@ -345,7 +345,7 @@ async def run(options: Options, json_path: Path | None) -> Result:
 def options_from(argv: Sequence[str] | None) -> tuple[Options, Path | None, bool]:
     """The run's options, the JSON path and --strict, from the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a small run (~1 min)")
+    parser.add_argument("--quick", action="store_true", help="a small run (~75 s)")
     parser.add_argument("--clients", type=int, help="concurrent clients (50)")
     parser.add_argument("--seconds", type=float, help="each measurement's counted time (20)")
     parser.add_argument("--pace-ms", type=float, help="paced clients' interval (1000; 0: none)")
