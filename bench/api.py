@@ -4,29 +4,39 @@ a floor measured in the same run.
 Run it after `scripts/stack up`:
 
     .venv/bin/python bench/api.py [--clients 50] [--seconds 20] [--pace-ms 1000]
-                                  [--entries 10000000] [--keep] [--json FILE] [--strict]
+                                  [--entries 10000000] [--keep] [--only status|audit]
+                                  [--profile DIR] [--json FILE] [--strict]
     .venv/bin/python bench/api.py --quick      # a small run (~75 s), a smoke check
 
 1. Status. A deployment of the run's own (the erasure benchmark's sample systems, a store
    database, a worker on its own region and control queue) with a policy asking for approval;
    `--requests` erasures (20) submitted and left awaiting approval. `lethe serve` runs as a
    process of its own, and so does a bare FastAPI application with one route answering a
-   constant, with the same uvicorn settings. `--clients` clients (aiohttp, a session and a
-   connection each, a DPO token each) read `GET /v1/erasures/{id}` of a random request, then the
-   same clients read the bare route: back to back (each always has one request in flight, the
-   server saturated), then paced (each one request every `--pace-ms`, as consoles following a
-   request do). Targets: status p95 <= 50 ms, and <= 3x the bare route's p95.
+   constant, with the same uvicorn settings. First, one client, one call at a time, times each
+   layer of a status read: the health route, `/v1/me` (the token's check), the status, and in
+   this process the SDK's status and its Temporal query and describe alone. Then `--clients`
+   clients (aiohttp, a session and a connection each, a DPO token each) read
+   `GET /v1/erasures/{id}` of a random request, then the same clients read the bare route: back
+   to back (each always has one request in flight: the server saturated), then paced (each one
+   request every `--pace-ms`, as consoles following a request do). Targets: status p95 <= 50 ms,
+   and <= 3x the bare route's p95 at the same load.
 2. Audit query. A store database of its own with `--entries` ledger entries (10,000,000; five
-   tenants, a year's actions spread over three years; made in SQL, its hashes not chained),
-   ANALYZEd; kept between runs with `--keep`, since seeding takes minutes. `lethe serve` reaches
-   it as a role without BYPASSRLS (row-level security on). The clients, each an auditor of one
-   tenant, ask `GET /v1/ledger?tenant=T&action=A&since=..&until=..` (a random action, the middle
-   year, the first page of 50) back to back. The raw floor: the statement `ledger.search` builds,
-   run directly with psycopg as the tables' owner, one connection, then one per client. Its plan
-   (EXPLAIN ANALYZE) is printed. Target: p95 <= 100 ms.
+   tenants, their requests' actions spread evenly over three years; made in SQL, the hashes not
+   chained), ANALYZEd; kept between runs with `--keep`, since seeding takes minutes. `lethe
+   serve` reaches it as a role without BYPASSRLS (row-level security on). The clients, each an
+   auditor of one tenant, ask `GET /v1/ledger?tenant=T&action=A&since=..&until=..` (a random
+   action, the middle year, the first page of 50), back to back then paced. While
+   `ledger.search` orders by seq alone, the same reads go through a `lethe serve` whose search
+   orders by (at, seq) (`api_parts/served.py`), shown as a what-if outside the verdict. The raw
+   floor: the statement `ledger.search` sends, caught on its way to psycopg, run directly as the
+   tables' owner, one connection, then one per client (and the same ordered by (at, seq)). The
+   plans (EXPLAIN ANALYZE) are printed. Target: p95 <= 100 ms.
 
-The load generator shares the machine's cores with the servers, the worker, Temporal and
-PostgreSQL: the CPU each used in each window is printed beside the figures.
+Latency runs from the request sent to its body read; a request counts if it was sent in the
+window (after the warm-up). The load generator shares the machine's cores with the servers, the
+worker, Temporal and PostgreSQL (and whatever else runs): the CPU each process used per answer
+and how busy the machine was are printed beside the figures. `--profile DIR` runs each `lethe
+serve` under cProfile.
 
 This file is the wiring; the parts are in `bench/api_parts/` (the servers, the load, the status
 deployment, the seeded ledger, the audit query and its floor, the result) and `bench/harness/`.
