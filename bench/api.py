@@ -206,25 +206,48 @@ async def measure_status(
         for token in tokens
     ]
     bare_clients = [replace(c, paths=lambda _: BARE_PATH) for c in status_clients]
+    paces = [0.0, options.pace] if options.pace else [0.0]
     rows = []
-    for pace in [0.0, options.pace] if options.pace else [0.0]:
+    for pace in paces:
         for name, server, clients in (
             ("status", lethe, status_clients),
             ("bare", bare, bare_clients),
         ):
-            how = "back to back" if not pace else f"each every {pace * 1000:.0f} ms"
-            console.print(f"{name}: {len(clients)} clients, {how}, {options.seconds:.0f} s")
-            load = await drive(
-                server.base,
-                clients,
-                seconds=options.seconds,
-                warmup=options.warmup,
-                interval=pace,
-                pids=pids,
-                trees=_trees(),
-            )
-            rows.append(Row.of(name, len(clients), pace, load))
+            rows.append(await status_reads(server, clients, options, name, pace, pids))
+    await lethe.stop()
+    name = "status, answers kept"
+    env = {**os.environ, served.STATUS_KEPT: "1"}
+    kept = ServerProcess.lethe(env, workdir / "serve-status-kept.log")
+    cleanup.undo(f"the {name} API server", kept.stop)
+    await kept.start()
+    for pace in paces:
+        pids["lethe serve"] = kept.pid
+        rows.append(await status_reads(kept, status_clients, options, name, pace, pids))
+    await kept.stop()
     return rows, layers
+
+
+async def status_reads(
+    server: ServerProcess,
+    clients: list[Client],
+    options: Options,
+    name: str,
+    pace: float,
+    pids: dict[str, int],
+) -> Row:
+    """The clients' reads through one server at one pace."""
+    how = "back to back" if not pace else f"each every {pace * 1000:.0f} ms"
+    console.print(f"{name}: {len(clients)} clients, {how}, {options.seconds:.0f} s")
+    load = await drive(
+        server.base,
+        clients,
+        seconds=options.seconds,
+        warmup=options.warmup,
+        interval=pace,
+        pids=pids,
+        trees=_trees(),
+    )
+    return Row.of(name, len(clients), pace, load)
 
 
 async def audit_reads(
@@ -331,8 +354,10 @@ async def run(options: Options, json_path: Path | None) -> Result:
             show_segments(console, "Where a status read's time goes", layers, "one client")
             result.breakdown = {name: percentiles(values) for name, values in layers.values.items()}
             result.rows += rows
-            for status, bare in zip(rows[::2], rows[1::2], strict=True):
-                result.verdicts += status_verdicts(status, bare)
+            bare = {row.interval_ms: row for row in rows if row.name == "bare"}
+            for row in rows:
+                if row.name.startswith("status"):
+                    result.verdicts += status_verdicts(row, bare[row.interval_ms])
         if options.audit:
             rows, seeded, plan = await measure_audit(cleanup, options, workdir)
             result.rows += rows

@@ -19,6 +19,7 @@ TARGET_STATUS_RATIO = 3.0
 """Status p95 over the bare endpoint's p95, at most."""
 TARGET_AUDIT_P95 = 0.100
 """Audit query p95, seconds."""
+WHAT_IF = "what-if: not Lethe's code today"
 
 
 class Row(BaseModel):
@@ -100,19 +101,23 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def status_verdicts(status: Row, bare: Row) -> list[Verdict]:
-    """The status targets for one pace."""
+    """The status targets for one pace (what-ifs unless it is the status read as built)."""
     pace = "back to back" if not status.interval_ms else f"every {status.interval_ms:.0f} ms"
     ratio = status.p95 / bare.p95
+    what_if = status.name != "status"
+    tag = f" ({WHAT_IF})" if what_if else ""
     return [
         Verdict(
-            target=f"status p95 <= 50 ms ({status.clients} clients, {pace})",
+            target=f"{status.name} p95 <= 50 ms ({status.clients} clients, {pace}){tag}",
             measured=f"{ms(status.p95)} ms",
             met=status.p95 <= TARGET_STATUS_P95,
+            counts=not what_if,
         ),
         Verdict(
-            target=f"status p95 <= 3x bare p95 ({pace})",
+            target=f"{status.name} p95 <= 3x bare p95 ({pace}){tag}",
             measured=f"{ratio:.1f}x ({ms(status.p95)} / {ms(bare.p95)} ms)",
             met=ratio <= TARGET_STATUS_RATIO,
+            counts=not what_if,
         ),
     ]
 
@@ -123,7 +128,7 @@ def audit_verdict(audit: Row) -> Verdict:
     what_if = audit.name != "audit"
     return Verdict(
         target=f"{audit.name} p95 <= 100 ms ({audit.clients} clients, {pace})"
-        + (" (what-if: not Lethe's query today)" if what_if else ""),
+        + (f" ({WHAT_IF})" if what_if else ""),
         measured=f"{ms(audit.p95)} ms",
         met=audit.p95 <= TARGET_AUDIT_P95,
         counts=not what_if,
