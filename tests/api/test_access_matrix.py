@@ -359,7 +359,8 @@ async def _made(api: Api) -> World:
         await _until(dpo, f"/v1/erasures/{settled}", _state_is("rejected"))
         world.ids["request-A"] = settled
     async with api.client("dpo-b") as other:
-        world.ids["request-B"] = await _request(other, world.subjects["B"])
+        # Not the subject submissions name: a submission would start a new run of this one.
+        world.ids["request-B"] = await _request(other, subject(api.tenant("B"), "b-failed"))
         await _until(
             other, f"/v1/erasures/{world.ids['request-B']}", lambda r: r.status_code == 409
         )
