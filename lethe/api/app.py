@@ -126,7 +126,9 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
         """The server answers (no sign-in needed)."""
         return Health(ok=True)
 
-    @app.get("/v1/me", response_model=Me, tags=["meta"])
+    @app.get(
+        "/v1/me", response_model=Me, tags=["meta"], responses=problems.responses(400, 401)
+    )
     async def me(found: Annotated[Principal, Depends(principal)]) -> Me:
         """The principal this request is taken for."""
         return Me(name=found.name, role=found.role, tenant=found.tenant)

@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from lethe.api.auth import require
-from lethe.api.bodies import Body
+from lethe.api.bodies import TEXT, Body, Moment
 from lethe.api.pages import certificate_page
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, ProblemError, not_found, of_error, responses
 from lethe.contracts import (
     ApprovalDecision,
-    BulkRequest,
     Certificate,
     DryRun,
     ErasureRequest,
@@ -46,25 +44,6 @@ FOLLOW_AT_MOST_SECONDS = 3600.0
 BULK_MAX_IN_BODY = 10_000
 DECIDED = responses(404, 409)
 """A decision: to a request not seen (404), or one that has settled (409)."""
-
-
-def _in_range(moment: datetime) -> datetime:
-    """A moment that has a UTC time (year 1 with a positive offset, or 9999 with a negative one,
-    has none)."""
-    try:
-        moment.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("the time is out of range once in UTC") from None
-    return moment
-
-
-Moment = Annotated[datetime, AfterValidator(_in_range)]
-"""A time parameter: refused (422) when it cannot be expressed in UTC."""
-TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
-"""Free text (a reason, a note): lines and tabs, no other control character (PostgreSQL refuses
-a NUL byte; the rest have no business in evidence)."""
-NAME = r"^[^\x00-\x1f\x7f]+$"
-"""A name on one line: no control character."""
 
 
 def client_of(request: Request) -> Client:
@@ -242,20 +221,9 @@ async def bulk_progress(
         raise not_found("bulk request") from None
     if not principal.sees(progress.tenant):
         raise not_found("bulk request")
-    if principal.only_own and await _bulk_requester(client_of(request), bulk_id) != principal.name:
+    if principal.only_own and await bulk.requester(client_of(request), bulk_id) != principal.name:
         raise not_found("bulk request")
     return progress.model_dump(mode="json")
-
-
-async def _bulk_requester(client: Client, bulk_id: str) -> str | None:
-    """Who submitted a bulk request: from its current run's start (each run's input is the
-    BulkRequest, carried across continue-as-new)."""
-    handle = client.temporal.get_workflow_handle(bulk_id)
-    async for event in handle.fetch_history_events(page_size=1):
-        payloads = event.workflow_execution_started_event_attributes.input.payloads
-        start = (await client.temporal.data_converter.decode(payloads, [BulkRequest]))[0]
-        return start.requested_by if isinstance(start, BulkRequest) else None
-    return None
 
 
 @router.get("", response_model=list[requests.RequestListed])

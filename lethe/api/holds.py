@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field, model_validator
 
 from lethe.api.auth import require
-from lethe.api.bodies import Body
-from lethe.api.erasures import NAME, TEXT, client_of
+from lethe.api.bodies import NAME, TEXT, Body
+from lethe.api.erasures import client_of
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, ProblemError, not_found, responses
 from lethe.classification.taxonomy import UnknownCategory, category

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
 from lethe.api.auth import require
-from lethe.api.erasures import Moment
+from lethe.api.bodies import Moment
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, responses
 from lethe.contracts import TENANT_PATTERN, LedgerEntry

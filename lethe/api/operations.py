@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from lethe.api.auth import require
-from lethe.api.bodies import Body
-from lethe.api.erasures import NAME, client_of
+from lethe.api.bodies import NAME, Body
+from lethe.api.erasures import client_of
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, responses
 from lethe.contracts import TENANT_PATTERN, SweepReport

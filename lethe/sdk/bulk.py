@@ -321,3 +321,14 @@ async def subject_proofs(client: Client, tenant: str, subject_id: str) -> list[b
         raise UnknownRequest("no erasure request and no bulk request for this subject")
     engine = await engine_for(client.settings.store_url.get_secret_value())
     return await bulk.proofs(engine, bulk_id, client.subject_ref(tenant, subject_id))
+
+
+async def requester(client: Client, bulk_id: str) -> str | None:
+    """Who submitted a bulk request: from its current run's start (each run's input is the
+    BulkRequest, carried across continue-as-new)."""
+    handle = client.temporal.get_workflow_handle(bulk_id)
+    async for event in handle.fetch_history_events(page_size=1):
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        start = (await client.temporal.data_converter.decode(payloads, [BulkRequest]))[0]
+        return start.requested_by if isinstance(start, BulkRequest) else None
+    return None

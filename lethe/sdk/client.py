@@ -450,12 +450,14 @@ class Client:
         hold = await holds.release(await self._store(), hold_id, released_by=released_by)
         # A bulk request is told whatever it is doing: a release while it erases a batch
         # must not be lost (its held subjects are looked at after the batch).
+        # Only this deployment's (its control queue's); one that closed meanwhile is skipped.
         query = (
             "((LetheKind = 'erasure' AND LetheStatus = 'on_hold') OR LetheKind = 'erasure-bulk') "
-            "AND ExecutionStatus = 'Running'"
+            f"AND ExecutionStatus = 'Running' AND TaskQueue = '{self.settings.control_queue}'"
         )
         async for execution in self.temporal.list_workflows(query):
-            await self._signal(execution.id, ErasureWorkflow.holds_changed)
+            with contextlib.suppress(UnknownRequest):
+                await self._signal(execution.id, ErasureWorkflow.holds_changed)
         return hold
 
     async def list_holds(
