@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lethe.api import console, erasures, holds, ledger, oidc_login, operations, problems, subjects
 from lethe.api.auth import Authenticator, principal
+from lethe.api.erasures import STATUS_KEPT_SECONDS
+from lethe.api.kept import Kept
 from lethe.api.oidc import OidcVerifier
 from lethe.api.pages import STATIC
 from lethe.api.principals import Principal
@@ -94,6 +96,7 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.client = client or await Client.connect(settings)
+        app.state.statuses = Kept(STATUS_KEPT_SECONDS)
         store = await engine_for(settings.store_url.get_secret_value())
         key = settings.api_session_key
         app.state.auth = Authenticator(
@@ -126,9 +129,7 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
         """The server answers (no sign-in needed)."""
         return Health(ok=True)
 
-    @app.get(
-        "/v1/me", response_model=Me, tags=["meta"], responses=problems.responses(400, 401)
-    )
+    @app.get("/v1/me", response_model=Me, tags=["meta"], responses=problems.responses(400, 401))
     async def me(found: Annotated[Principal, Depends(principal)]) -> Me:
         """The principal this request is taken for."""
         return Me(name=found.name, role=found.role, tenant=found.tenant)

@@ -9,6 +9,7 @@ in the application layer everywhere). Failed sign-ins from one address are slowe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from lethe.api.kept import Kept
 from lethe.api.oidc import OidcVerifier
 from lethe.api.principals import Action, Principal
 from lethe.api.problems import ProblemError
@@ -28,6 +30,8 @@ from lethe.kernel import tenancy
 FAILURE_WINDOW_SECONDS = 300.0
 FIRST_DELAY_SECONDS = 0.25
 MAX_DELAY_SECONDS = 4.0
+TOKEN_KEPT_SECONDS = 5.0
+"""How long a checked API token's answer is kept (a revocation through this server is at once)."""
 _bearer = HTTPBearer(auto_error=False, description="an API token (lethe tokens create) or OIDC")
 
 
@@ -70,19 +74,25 @@ class Authenticator:
         self.sessions = sessions
         self.oidc = oidc
         self.failures = FailedSignIns()
+        self.checked: Kept[Principal | None] = Kept(TOKEN_KEPT_SECONDS)
 
     async def from_secret(self, presented: str) -> Principal | None:
-        """The principal a presented token stands for (an API token or an OIDC JWT)."""
+        """The principal a presented token stands for (an API token or an OIDC JWT). An API
+        token's answer is kept TOKEN_KEPT_SECONDS: a revocation elsewhere takes that long."""
         if tokens.looks_like_token(presented):
-            token = await tokens.authenticate(self.store, presented)
-            if token is None:
-                return None
-            return Principal(name=token.name, role=token.role, tenant=token.tenant, source="token")
+            digest = hashlib.sha256(presented.encode()).hexdigest()
+            return await self.checked.get(digest, lambda: self._api_token(presented))
         if self.oidc is not None and self.oidc.looks_like_jwt(presented):
             return await self.oidc.principal(presented)
         # Not a token's shape: compare anyway, so the answer takes as long as for a token.
         await tokens.authenticate(self.store, presented)
         return None
+
+    async def _api_token(self, presented: str) -> Principal | None:
+        token = await tokens.authenticate(self.store, presented)
+        if token is None:
+            return None
+        return Principal(name=token.name, role=token.role, tenant=token.tenant, source="token")
 
     async def refuse(self, request: Request, title: str) -> ProblemError:
         """401 after the address's wait; counts the failure."""

@@ -239,7 +239,7 @@ async def _status_or_none(request: Request, request_id: str) -> ErasureStatus | 
     answers its query): its row then shows what the listing knows."""
     try:
         async with asyncio.timeout(STATUS_WAIT_SECONDS):
-            return await erasures.client_of(request).status(request_id)
+            return await erasures.status_of(request, request_id)
     except (LetheError, TimeoutError):
         return None
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from lethe.api.auth import require
 from lethe.api.bodies import TEXT, Body, Moment
+from lethe.api.kept import Kept
 from lethe.api.pages import certificate_page
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, ProblemError, not_found, of_error, responses
@@ -40,6 +41,7 @@ from lethe.sdk.client import SETTLED_STATES, Client, UnknownRequest
 
 router = APIRouter(prefix="/v1/erasures", tags=["erasures"], responses=responses(*EVERY_ENDPOINT))
 FOLLOW_EVERY_SECONDS = 1.0
+STATUS_KEPT_SECONDS = 1.0
 FOLLOW_AT_MOST_SECONDS = 3600.0
 BULK_MAX_IN_BODY = 10_000
 DECIDED = responses(404, 409)
@@ -50,6 +52,13 @@ def client_of(request: Request) -> Client:
     """The SDK client the application holds."""
     client: Client = request.app.state.client
     return client
+
+
+async def status_of(request: Request, request_id: str) -> ErasureStatus:
+    """The request's status, kept STATUS_KEPT_SECONDS: readers of one request at once share
+    one query (a decision sent through this server drops it at once)."""
+    statuses: Kept[ErasureStatus] = request.app.state.statuses
+    return await statuses.get(request_id, lambda: client_of(request).status(request_id))
 
 
 class ErasureSubmit(Body):
@@ -264,7 +273,7 @@ async def status(
         id=request_id,
         tenant=owner.tenant,
         requested_by=owner.requested_by,
-        status=await client.status(request_id),
+        status=await status_of(request, request_id),
     )
 
 
@@ -300,12 +309,11 @@ async def follow(
     """The request's status as Server-Sent Events: one `status` event each time it changes,
     until it settles (then the stream ends); a `problem` event (a problem document) ends it when
     the status cannot be read (a request that failed, say)."""
-    client = client_of(request)
     last = ""
     deadline = asyncio.get_running_loop().time() + FOLLOW_AT_MOST_SECONDS
     while asyncio.get_running_loop().time() < deadline:
         try:
-            current = await client.status(followed)
+            current = await status_of(request, followed)
         except LetheError as exc:
             yield ServerSentEvent(event="problem", raw_data=of_error(exc).model_dump_json())
             return
@@ -334,6 +342,7 @@ async def _decided(
         raise ProblemError(
             409, "Conflict", "the request has settled: it takes no decision now"
         ) from None
+    request.app.state.statuses.forget(request_id)
     return Accepted(id=request_id, status=f"/v1/erasures/{request_id}")
 
 
