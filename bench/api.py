@@ -214,16 +214,6 @@ async def measure_status(
             ("bare", bare, bare_clients),
         ):
             rows.append(await status_reads(server, clients, options, name, pace, pids))
-    await lethe.stop()
-    name = "status, answers kept"
-    env = {**os.environ, served.STATUS_KEPT: "1"}
-    kept = ServerProcess.lethe(env, workdir / "serve-status-kept.log")
-    cleanup.undo(f"the {name} API server", kept.stop)
-    await kept.start()
-    for pace in paces:
-        pids["lethe serve"] = kept.pid
-        rows.append(await status_reads(kept, status_clients, options, name, pace, pids))
-    await kept.stop()
     return rows, layers
 
 
