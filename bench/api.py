@@ -214,6 +214,17 @@ async def measure_status(
             ("bare", bare, bare_clients),
         ):
             rows.append(await status_reads(server, clients, options, name, pace, pids))
+    await lethe.stop()
+    name = "status, refreshed"
+    refreshed = ServerProcess.lethe(
+        {**os.environ, served.REFRESHED: "1"}, workdir / "serve-status-refreshed.log"
+    )
+    cleanup.undo(f"the {name} API server", refreshed.stop)
+    await refreshed.start()
+    pids["lethe serve"] = refreshed.pid
+    for pace in paces:
+        rows.append(await status_reads(refreshed, status_clients, options, name, pace, pids))
+    await refreshed.stop()
     return rows, layers
 
 
