@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     """SQLAlchemy URL of Lethe's store for the API: on PostgreSQL, a role without BYPASSRLS
     (`lethe db grant-api ROLE`), so row-level security keeps tenants apart. Else LETHE_STORE_URL."""
     api_public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
-    """The address people reach the API at (for links in the console); the bind address when unset."""
+    """The address people reach the API at (the OIDC callback's); the bind address when unset."""
     api_insecure_cookies: bool = False
     """Send the console's session cookie without `Secure` (only for http://localhost)."""
     api_session_key: SecretStr | None = None
