@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Select, bindparam, insert, select, update
+from sqlalchemy import Select, bindparam, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -217,10 +217,15 @@ async def search(
     before_seq: int | None = None,
     limit: int = 50,
 ) -> list[LedgerEntry]:
-    """One page of entries, newest first (the tenant scope applied): of `tenant`, `request_id`
-    and `action` when given, at or after `since` and before `until`; the next page is the one
-    `before_seq` the last entry's seq."""
-    query = _in_scope(select(ledger).order_by(ledger.c.seq.desc()).limit(limit))
+    """One page of entries, newest first by time, then sequence (the tenant scope applied): of
+    `tenant`, `request_id` and `action` when given, at or after `since` and before `until`; the
+    next page is the one before the entry `before_seq` (the last entry's seq), in that order.
+
+    By time, so PostgreSQL reads a period's entries from the index that leads with the filters
+    ((tenant, action, at), (tenant, at), (at, seq)) and stops after a page; ordered by seq alone
+    it walked the primary key back from the newest entry, filtering (0.8-1.5 s over 10,000,000
+    entries for one tenant's action in a past year, bench/api.py)."""
+    query = _in_scope(select(ledger).order_by(ledger.c.at.desc(), ledger.c.seq.desc()).limit(limit))
     for column, value in (
         (ledger.c.tenant, tenant),
         (ledger.c.request_id, request_id),
@@ -233,7 +238,8 @@ async def search(
     if until is not None:
         query = query.where(ledger.c.at < until)
     if before_seq is not None:
-        query = query.where(ledger.c.seq < before_seq)
+        at_of = select(ledger.c.at).where(ledger.c.seq == before_seq).scalar_subquery()
+        query = query.where(tuple_(ledger.c.at, ledger.c.seq) < tuple_(at_of, before_seq))
     async with engine.connect() as conn:
         return [_entry(row) for row in await conn.execute(query)]
 

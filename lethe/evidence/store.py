@@ -56,6 +56,8 @@ ledger = Table(
     # The audit query: a tenant's entries of an action over a period, newest first.
     Index("ix_lethe_ledger_tenant_action_at", "tenant", "action", "at"),
     Index("ix_lethe_ledger_tenant_at", "tenant", "at"),
+    # Every tenant's entries newest first (an auditor of all tenants, the console's ledger page).
+    Index("ix_lethe_ledger_at_seq", "at", "seq"),
 )
 
 ledger_head = Table(

@@ -236,17 +236,17 @@ async def test_the_cli_upgrade_adopts_and_says_from_where_to_where(url: str) -> 
     upgraded = await run_lethe(env, "db", "upgrade", "--store")
     assert upgraded.code == 0, upgraded
     assert "Lethe's store: upgraded from none (tables made before migrations" in upgraded.stdout
-    assert "adopted as" in upgraded.stdout and "store_0001) to store_0004" in upgraded.stdout
+    assert "adopted as" in upgraded.stdout and "store_0001) to store_0005" in upgraded.stdout
     assert "key store" not in upgraded.stdout
 
     status = await run_lethe(env, "db", "status", "--json")
     assert [(s["revision"], s["state"]) for s in status.json()] == [
-        ("store_0004", "current"),
+        ("store_0005", "current"),
         (None, "unversioned"),
     ]
     upgraded = await run_lethe(env, "db", "upgrade")
     assert upgraded.code == 0, upgraded
-    assert "Lethe's store: at store_0004, the head; nothing to do" in upgraded.stdout
+    assert "Lethe's store: at store_0005, the head; nothing to do" in upgraded.stdout
     assert "the key store: upgraded from none" in upgraded.stdout
 
     status = await run_lethe(env, "db", "status")
@@ -267,7 +267,7 @@ async def test_refuse_mode_names_the_store_its_revision_the_head_and_the_command
         await store.engine_for(url)
     message = str(refused.value)
     assert "Lethe's store is at revision none (no tables yet)" in message
-    assert "needs store_0004" in message
+    assert "needs store_0005" in message
     assert "`lethe db upgrade`" in message
     assert "@" not in message and "sqlite" not in message  # the store's name, not its URL
     engine = database.new_engine(url)
@@ -402,11 +402,11 @@ async def test_processes_starting_together_upgrade_once(url: str) -> None:
             await engine.dispose()
     assert sorted(d.from_revision or "none" for d in done) == [
         "none",
-        "store_0004",
-        "store_0004",
-        "store_0004",
+        "store_0005",
+        "store_0005",
+        "store_0005",
     ]
-    assert {d.to_revision for d in done} == {"store_0004"}
+    assert {d.to_revision for d in done} == {"store_0005"}
 
 
 async def test_a_worker_refusing_a_schema_behind_stops_at_start(tmp_path: Path) -> None:
