@@ -18,9 +18,7 @@ Run it after `scripts/stack up`:
    clients (aiohttp, a session and a connection each, a DPO token each) read
    `GET /v1/erasures/{id}` of a random request, then the same clients read the bare route: back
    to back (each always has one request in flight: the server saturated), then paced (each one
-   request every `--pace-ms`, as consoles following a request do). The same status reads then
-   go through a `lethe serve` whose kept statuses are refreshed in the background
-   (`api_parts/served.py`), shown as a what-if outside the verdict. Targets: status p95 <= 50
+   request every `--pace-ms`, as consoles following a request do). Targets: status p95 <= 50
    ms, and <= 3x the bare route's p95 at the same load.
 2. Audit query. A store database of its own with `--entries` ledger entries (10,000,000; five
    tenants, their requests' actions spread evenly over three years; made in SQL, the hashes not
@@ -217,16 +215,6 @@ async def measure_status(
         ):
             rows.append(await status_reads(server, clients, options, name, pace, pids))
     await lethe.stop()
-    name = "status, refreshed"
-    refreshed = ServerProcess.lethe(
-        {**os.environ, served.REFRESHED: "1"}, workdir / "serve-status-refreshed.log"
-    )
-    cleanup.undo(f"the {name} API server", refreshed.stop)
-    await refreshed.start()
-    pids["lethe serve"] = refreshed.pid
-    for pace in paces:
-        rows.append(await status_reads(refreshed, status_clients, options, name, pace, pids))
-    await refreshed.stop()
     return rows, layers
 
 

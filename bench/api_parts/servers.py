@@ -49,7 +49,7 @@ class ServerProcess:
         """`lethe serve`, with the settings in `env`; under cProfile, written to `profile` when
         it stops, if given; with a what-if of `bench.api_parts.served` if `env` asks for one."""
         command = [str(Path(sys.executable).parent / "lethe"), "serve"]
-        if profile is not None or env.get(served.BY_TIME) or env.get(served.REFRESHED):
+        if profile is not None or env.get(served.BY_TIME):
             command = [sys.executable, "-m", "bench.api_parts.served", "serve"]
         if profile is not None:
             command = [sys.executable, "-m", "cProfile", "-o", str(profile), *command[1:]]

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lethe.api import console, erasures, holds, ledger, oidc_login, operations, problems, subjects
 from lethe.api.auth import Authenticator, principal
-from lethe.api.erasures import STATUS_KEPT_SECONDS
+from lethe.api.erasures import STATUS_KEPT_SECONDS, STATUS_REFRESHED_SECONDS
 from lethe.api.kept import Kept
 from lethe.api.oidc import OidcVerifier
 from lethe.api.pages import STATIC
@@ -96,7 +96,7 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.client = client or await Client.connect(settings)
-        app.state.statuses = Kept(STATUS_KEPT_SECONDS)
+        app.state.statuses = Kept(STATUS_KEPT_SECONDS, refreshed_until=STATUS_REFRESHED_SECONDS)
         store = await engine_for(settings.store_url.get_secret_value())
         key = settings.api_session_key
         app.state.auth = Authenticator(

@@ -442,7 +442,7 @@ async def ledger_page(request: Request, user: User) -> HTMLResponse:
     """Whether the ledger's chain holds, and the tenant's latest entries."""
     _allowed(user, "ledger.read")
     verified = await ledger.verify(request, user)
-    page = await ledger.entries(
+    answer = await ledger.entries(
         request,
         user,
         tenant=None,
@@ -453,6 +453,7 @@ async def ledger_page(request: Request, user: User) -> HTMLResponse:
         before_seq=None,
         limit=QUEUE_ROWS,
     )
+    page = ledger.LedgerPage.model_validate_json(bytes(answer.body))
     return _page(request, "ledger.html", verified=verified, entries=page.entries)
 
 

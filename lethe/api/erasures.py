@@ -42,6 +42,8 @@ from lethe.sdk.client import SETTLED_STATES, Client, UnknownRequest
 router = APIRouter(prefix="/v1/erasures", tags=["erasures"], responses=responses(*EVERY_ENDPOINT))
 FOLLOW_EVERY_SECONDS = 1.0
 STATUS_KEPT_SECONDS = 1.0
+STATUS_REFRESHED_SECONDS = 5.0
+"""A kept status older than 1 s is given at once while a fresher one is fetched, up to this age."""
 FOLLOW_AT_MOST_SECONDS = 3600.0
 BULK_MAX_IN_BODY = 10_000
 DECIDED = responses(404, 409)
@@ -55,8 +57,9 @@ def client_of(request: Request) -> Client:
 
 
 async def status_of(request: Request, request_id: str) -> ErasureStatus:
-    """The request's status, kept STATUS_KEPT_SECONDS: readers of one request at once share
-    one query (a decision sent through this server drops it at once)."""
+    """The request's status, kept STATUS_KEPT_SECONDS and then refreshed in the background up to
+    STATUS_REFRESHED_SECONDS: readers of one request share one query, and wait for one only when
+    none is kept (a decision sent through this server drops it at once)."""
     statuses: Kept[ErasureStatus] = request.app.state.statuses
     return await statuses.get(request_id, lambda: client_of(request).status(request_id))
 

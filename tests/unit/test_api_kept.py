@@ -53,3 +53,29 @@ async def test_a_failure_is_not_kept_and_a_cancelled_reader_does_not_cancel_the_
     impatient.cancel()
     assert await kept.get("k", flaky) == "up"  # the shared call went on
     assert attempts == 3
+
+
+async def test_a_refreshed_answer_is_given_at_once_while_the_next_is_fetched() -> None:
+    calls = 0
+    slow = asyncio.Event()
+
+    async def status() -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await slow.wait()
+        return calls
+
+    kept: Kept[int] = Kept(0.05, refreshed_until=0.3)
+    assert await kept.get("r", status) == 1
+    await asyncio.sleep(0.1)  # stale, but young enough to be refreshed behind the readers
+    assert await asyncio.gather(*(kept.get("r", status) for _ in range(20))) == [1] * 20
+    assert calls == 2  # one refresh, however many readers
+    slow.set()
+    await asyncio.sleep(0.01)
+    assert await kept.get("r", status) == 2  # the refresh landed
+    await asyncio.sleep(0.35)  # past refreshed_until: readers wait for a fresh answer
+    assert await kept.get("r", status) == 3
+    kept.forget("r")  # a refresh that lands after a forget is not kept
+    await asyncio.sleep(0.1)
+    assert await kept.get("r", status) == 4
