@@ -25,12 +25,10 @@ Run it after `scripts/stack up`:
    chained), ANALYZEd; kept between runs with `--keep`, since seeding takes minutes. `lethe
    serve` reaches it as a role without BYPASSRLS (row-level security on). The clients, each an
    auditor of one tenant, ask `GET /v1/ledger?tenant=T&action=A&since=..&until=..` (a random
-   action, the middle year, the first page of 50), back to back then paced. While
-   `ledger.search` orders by seq alone, the same reads go through a `lethe serve` whose search
-   orders by (at, seq) (`api_parts/served.py`), shown as a what-if outside the verdict. The raw
-   floor: the statement `ledger.search` sends, caught on its way to psycopg, run directly as the
-   tables' owner, one connection, then one per client (and the same ordered by (at, seq)). The
-   plans (EXPLAIN ANALYZE) are printed. Target: p95 <= 100 ms.
+   action, the middle year, the first page of 50), back to back then paced. The raw floor: the
+   statement `ledger.search` sends, caught on its way to psycopg, run directly as the tables'
+   owner, one connection, then one per client. The plans (EXPLAIN ANALYZE) are printed.
+   Target: p95 <= 100 ms.
 
 Latency runs from the request sent to its body read; a request counts if it was sent in the
 window (after the warm-up). The load generator shares the machine's cores with the servers, the
@@ -62,7 +60,7 @@ from dataclasses import dataclass, replace
 from rich.console import Console
 
 from bench import BenchError
-from bench.api_parts import audit, ledger_seed, served
+from bench.api_parts import audit, ledger_seed
 from bench.api_parts.bare import PATH as BARE_PATH
 from bench.api_parts.load import Client, drive
 from bench.api_parts.result import (
@@ -291,8 +289,7 @@ async def measure_audit(
     cleanup: Cleanup, options: Options, workdir: Path
 ) -> tuple[list[Row], ledger_seed.Seeded, str]:
     """Part 2: the audit query over the seeded ledger through the API, as `ledger.search`
-    builds it and (while that orders by seq alone) ordered by (at, seq); their raw floors; and
-    their plans."""
+    builds it; its raw floor; and its plan."""
     server_url = stack_variable("LETHE_STORE_URL")
     console.print(f"audit: a store with {options.entries:,} ledger entries")
     if not options.keep:  # undone last: the role once the database with its grants is gone
@@ -316,9 +313,6 @@ async def measure_audit(
     built = await audit.search_statement(seeded.url, window)
     statements = {"audit floor": built}
     variants: dict[str, dict[str, str]] = {"audit": {}}
-    if (by_time := built.by_time()) is not None:
-        statements["floor by (at, seq)"] = by_time
-        variants["audit by (at, seq)"] = {served.BY_TIME: "1"}
     env = {**os.environ, "LETHE_STORE_URL": seeded.url, "LETHE_API_STORE_URL": role_url}
     env.pop("LETHE_CONTROL_QUEUE", None)
     rows = []

@@ -133,14 +133,6 @@ class Statement:
         }
         return {name: values[meaning] for name, meaning in self.names.items()}
 
-    def by_time(self) -> Statement | None:
-        """The same statement ordered by time, then sequence (None if it already is)."""
-        newest = "ORDER BY lethe_ledger.seq DESC"
-        if newest not in self.text:
-            return None
-        changed = "ORDER BY lethe_ledger.at DESC, lethe_ledger.seq DESC"
-        return Statement(self.text.replace(newest, changed), self.names)
-
 
 async def search_statement(owner_url: str, window: Window) -> Statement:
     """The statement `ledger.search` sends for a tenant, an action and a range, first page:

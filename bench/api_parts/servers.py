@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.api_parts import bare, served
+from bench.api_parts import bare
 from bench.harness.stack import ROOT
 
 LOG_TAIL = 3000
@@ -49,7 +49,7 @@ class ServerProcess:
         """`lethe serve`, with the settings in `env`; under cProfile, written to `profile` when
         it stops, if given; with a what-if of `bench.api_parts.served` if `env` asks for one."""
         command = [str(Path(sys.executable).parent / "lethe"), "serve"]
-        if profile is not None or env.get(served.BY_TIME):
+        if profile is not None:
             command = [sys.executable, "-m", "bench.api_parts.served", "serve"]
         if profile is not None:
             command = [sys.executable, "-m", "cProfile", "-o", str(profile), *command[1:]]
