@@ -97,10 +97,10 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.client = client or await Client.connect(settings)
         app.state.statuses = Kept(STATUS_KEPT_SECONDS, refreshed_until=STATUS_REFRESHED_SECONDS)
-        store = await engine_for(settings.store_url.get_secret_value())
+        app.state.store = await engine_for(settings.store_url.get_secret_value())
         key = settings.api_session_key
         app.state.auth = Authenticator(
-            store,
+            app.state.store,
             Sessions(
                 base64.b64decode(key.get_secret_value()) if key else None,
                 secure=not settings.api_insecure_cookies,

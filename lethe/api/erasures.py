@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from lethe.api.auth import require
 from lethe.api.bodies import TEXT, Body, Moment
@@ -54,6 +55,12 @@ def client_of(request: Request) -> Client:
     """The SDK client the application holds."""
     client: Client = request.app.state.client
     return client
+
+
+def store_of(request: Request) -> AsyncEngine:
+    """Lethe's store as the application reaches it (LETHE_API_STORE_URL's role when set)."""
+    store: AsyncEngine = request.app.state.store
+    return store
 
 
 async def status_of(request: Request, request_id: str) -> ErasureStatus:

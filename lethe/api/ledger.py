@@ -10,11 +10,11 @@ from pydantic import BaseModel
 
 from lethe.api.auth import require
 from lethe.api.bodies import Moment
+from lethe.api.erasures import store_of
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, responses
 from lethe.contracts import TENANT_PATTERN, LedgerEntry
 from lethe.evidence import ledger
-from lethe.evidence.store import engine_for
 from lethe.kernel import tenancy
 
 router = APIRouter(prefix="/v1/ledger", tags=["ledger"], responses=responses(*EVERY_ENDPOINT))
@@ -57,7 +57,7 @@ async def entries(
     if principal.tenant is not None and tenant not in (None, principal.tenant):
         return _page(LedgerPage(entries=[]))
     found = await ledger.search(
-        await engine_for(request.app.state.client.settings.store_url.get_secret_value()),
+        store_of(request),
         tenant=tenant or principal.tenant,
         request_id=request_id,
         action=action,
@@ -84,7 +84,7 @@ async def verify(
 ) -> ChainVerified:
     """Check the whole chain. It spans every tenant, so it is read as a whole; only whether it
     holds (and where not) is answered, never another tenant's entries."""
-    store = await engine_for(request.app.state.client.settings.store_url.get_secret_value())
+    store = store_of(request)
     with tenancy.scoped(tenancy.ALL):
         report = await ledger.verify_chain(store)
     return ChainVerified(intact=report.intact, problems=report.problems)

@@ -10,12 +10,11 @@ from pydantic import BaseModel, Field
 
 from lethe.api.auth import require
 from lethe.api.bodies import NAME, Body
-from lethe.api.erasures import client_of
+from lethe.api.erasures import client_of, store_of
 from lethe.api.principals import Principal
 from lethe.api.problems import EVERY_ENDPOINT, responses
 from lethe.contracts import TENANT_PATTERN, SweepReport
 from lethe.evidence import tokens
-from lethe.evidence.store import engine_for
 from lethe.kernel import tenancy
 from lethe.sdk import retention
 from lethe.sdk.rotation import KeysReport, keys_report
@@ -80,7 +79,7 @@ async def create_token(
     principal: Annotated[Principal, Depends(require("tokens.manage"))],
 ) -> TokenCreated:
     """Create an API token; its secret is in this answer only."""
-    store = await engine_for(client_of(request).settings.store_url.get_secret_value())
+    store = store_of(request)
     token, secret = await tokens.create(
         store,
         name=body.name,
@@ -99,7 +98,7 @@ async def list_tokens(
     include_revoked: bool = False,
 ) -> list[tokens.ApiToken]:
     """API tokens (never their secrets)."""
-    store = await engine_for(client_of(request).settings.store_url.get_secret_value())
+    store = store_of(request)
     return await tokens.list_tokens(store, include_revoked=include_revoked)
 
 
@@ -110,7 +109,7 @@ async def revoke_token(
     principal: Annotated[Principal, Depends(require("tokens.manage"))],
 ) -> tokens.ApiToken:
     """Revoke a token: it stops working at once on this server (on others within 5 s)."""
-    store = await engine_for(client_of(request).settings.store_url.get_secret_value())
+    store = store_of(request)
     revoked = await tokens.revoke(store, token_id, by=principal.name)
     request.app.state.auth.checked.forget()
     return revoked

@@ -60,7 +60,6 @@ class Sessions:
             "n": principal.name,
             "r": principal.role,
             "t": principal.tenant,
-            "s": principal.source,
             "c": session.csrf,
             "e": session.expires,
         }

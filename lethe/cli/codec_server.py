@@ -8,11 +8,10 @@ import signal
 from typing import Annotated
 
 import typer
-from pydantic import TypeAdapter, ValidationError
 
-from lethe.cli.common import err, run
+from lethe.cli.common import checked_bind, err, run
 from lethe.codec.server import app_from_settings, serving
-from lethe.kernel.config import HostPort, load_settings
+from lethe.kernel.config import load_settings
 
 
 def register(app: typer.Typer) -> None:
@@ -29,13 +28,7 @@ def codec_server(
     ] = None,
 ) -> None:
     """Serve the codec to the Temporal UI and CLI, for holders of a token, until SIGTERM/SIGINT."""
-    if bind is not None:
-        try:
-            TypeAdapter(HostPort).validate_python(bind)
-        except ValidationError:
-            raise typer.BadParameter(
-                "takes host:port, e.g. 127.0.0.1:8888", param_hint="--bind"
-            ) from None
+    checked_bind(bind, "127.0.0.1:8888")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     run(_serve(bind))
 

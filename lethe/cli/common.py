@@ -10,9 +10,10 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 
+from lethe.kernel.config import HostPort
 from lethe.kernel.errors import LetheError
 from lethe.sdk.client import Client, UnknownRequest, erasure_workflow_id
 
@@ -88,3 +89,15 @@ def request_id(client: Client, request: str | None, tenant: str | None, subject:
     if tenant and subject:
         return erasure_workflow_id(client.subject_ref(tenant, subject))
     raise UnknownRequest("name the request: its id (erasure-...), or --tenant and --subject")
+
+
+def checked_bind(bind: str | None, example: str) -> str | None:
+    """A `--bind` option's host:port, or a usage error showing `example`."""
+    if bind is not None:
+        try:
+            TypeAdapter(HostPort).validate_python(bind)
+        except ValidationError:
+            raise typer.BadParameter(
+                f"takes host:port, e.g. {example}", param_hint="--bind"
+            ) from None
+    return bind

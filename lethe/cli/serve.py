@@ -6,10 +6,9 @@ import logging
 from typing import Annotated
 
 import typer
-from pydantic import TypeAdapter, ValidationError
 
-from lethe.cli.common import err, run
-from lethe.kernel.config import HostPort, load_settings
+from lethe.cli.common import checked_bind, err, run
+from lethe.kernel.config import load_settings
 from lethe.sdk.client import Client
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -27,13 +26,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the HTTP API (/v1, OpenAPI at /openapi.json) and the console (/console)."""
-    if bind is not None:
-        try:
-            TypeAdapter(HostPort).validate_python(bind)
-        except ValidationError:
-            raise typer.BadParameter(
-                "takes host:port, e.g. 127.0.0.1:8700", param_hint="--bind"
-            ) from None
+    checked_bind(bind, "127.0.0.1:8700")
     run(_serve(bind))
 
 
